@@ -1,0 +1,24 @@
+"""User-facing errors: each carries one sentence that says what is wrong and how to fix it.
+
+`flaxalign.main` catches `FlaxalignError`, prints the sentence and exits with status 2.
+"""
+
+
+class FlaxalignError(Exception):
+  """Base class of every error caused by user input (flags, configs, files)."""
+
+
+class ConfigError(FlaxalignError):
+  """A config value or flag is invalid."""
+
+
+class DataError(FlaxalignError):
+  """A data file or corpus is missing, empty or malformed."""
+
+
+class MeshError(FlaxalignError):
+  """The device mesh does not fit the devices or a parameter/batch dimension."""
+
+
+class CheckpointError(FlaxalignError):
+  """A checkpoint cannot be read or does not match the model."""
