@@ -5,20 +5,20 @@
 
 
 class FlaxalignError(Exception):
-  """Base class of every error caused by user input (flags, configs, files)."""
+    """Base class of every error caused by user input (flags, configs, files)."""
 
 
 class ConfigError(FlaxalignError):
-  """A config value or flag is invalid."""
+    """A config value or flag is invalid."""
 
 
 class DataError(FlaxalignError):
-  """A data file or corpus is missing, empty or malformed."""
+    """A data file or corpus is missing, empty or malformed."""
 
 
 class MeshError(FlaxalignError):
-  """The device mesh does not fit the devices or a parameter/batch dimension."""
+    """The device mesh does not fit the devices or a parameter/batch dimension."""
 
 
 class CheckpointError(FlaxalignError):
-  """A checkpoint cannot be read or does not match the model."""
+    """A checkpoint cannot be read or does not match the model."""
