@@ -1,0 +1,111 @@
+"""Model hyper-parameters and the preset registry.
+
+A preset is a plain dict of `ModelConfig` fields so that configs can put it into an `ml_collections.ConfigDict`
+(`config.model`) where every field can be overridden from the command line (`--config.model.n_layers=4`).
+"""
+
+import dataclasses
+from typing import Any
+
+from flaxalign import errors
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    head_dim: int = 0  # 0 = d_model // n_heads
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    # Llama-3.1 style frequency scaling; 0 factor = off.
+    rope_scaling_factor: float = 0.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    rms_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    attention: str = "jnp"  # "jnp" (plain einsum softmax) or "dot_product" (jax.nn.dot_product_attention)
+    remat: str = "none"  # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise errors.ConfigError(
+                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}.")
+        if self.attention not in ("jnp", "dot_product"):
+            raise errors.ConfigError(f"model.attention must be 'jnp' or 'dot_product', not {self.attention!r}.")
+        if self.remat not in REMAT_POLICIES:
+            raise errors.ConfigError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, not {self.remat!r}.")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise errors.ConfigError(f"model.dtype must be float32, bfloat16 or float16, not {self.dtype!r}.")
+
+    @classmethod
+    def from_dict(cls, values: Any) -> "ModelConfig":
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise errors.ConfigError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        d, f, h, k, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
+        attn = d * hd * (h + 2 * k) + h * hd * d + (hd * (h + 2 * k) if self.qkv_bias else 0)
+        per_layer = attn + 3 * d * f + 2 * d
+        total = self.n_layers * per_layer + d
+        if include_embedding:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        elif not self.tie_embeddings:
+            total += self.vocab_size * d  # the LM head is a matmul like any other
+        return total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per matmul weight (q, k, v, o, gate, up, down and the LM head; forward 2 +
+        backward 4) plus causal attention 12·L·T·H·Dh (scores and values, counted in full: the PaLM convention)."""
+        d, hd = self.d_model, self.head_dim
+        per_layer = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 3 * d * self.d_ff
+        matmul_weights = self.n_layers * per_layer + d * self.vocab_size
+        attention = 12 * self.n_layers * seq_len * self.n_heads * hd
+        return 6.0 * matmul_weights + attention
+
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests and the demo: each jit compiles in seconds.
+    "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256,
+                 tie_embeddings=True),
+    # Benchmarks on CPU.
+    "small": dict(vocab_size=8000, d_model=512, n_layers=6, n_heads=8, n_kv_heads=8, d_ff=1536, max_seq_len=1024),
+    # Real shapes (HF config.json values).
+    "smollm2_135m": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
+                         max_seq_len=8192, rope_theta=100000.0, rms_eps=1e-5, tie_embeddings=True,
+                         init_std=0.041666666666666664),
+    "llama3_8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                      max_seq_len=8192, rope_theta=500000.0, rms_eps=1e-5),
+    "llama3_1_8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                        max_seq_len=131072, rope_theta=500000.0, rms_eps=1e-5, rope_scaling_factor=8.0,
+                        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192),
+    "qwen2_7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944,
+                     max_seq_len=32768, rope_theta=1000000.0, rms_eps=1e-6, qkv_bias=True),
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The field values of a named preset, as a new dict."""
+    if name not in PRESETS:
+        raise errors.ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return dict(PRESETS[name])

@@ -1,0 +1,206 @@
+"""A Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, SmolLM).
+
+Layers are stacked along a leading "layers" axis and run with `jax.lax.scan`, so compile time does not grow with
+depth. Every parameter carries `logical_axes` metadata that `flaxalign.sharding` maps onto the mesh. Parameters are
+float32; computation runs in `config.dtype` (norms, softmax and RoPE in float32).
+
+The module returns final hidden states; the LM head is applied by the loss in chunks (`flaxalign.losses.lm`) so
+that `[B, T, V]` float32 logits never exist at once during training.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxalign.models.config import ModelConfig
+from flaxalign.sharding import constrain
+
+BATCH_LENGTH_EMBED = ("act_batch", "act_length", "act_embed")
+
+
+def _param(rngs: nnx.Rngs, shape, std, logical_axes, stack=()):
+    """A normally initialised parameter; `stack` prepends the scanned layer dimension."""
+    value = std * jax.random.normal(rngs.params(), tuple(stack) + tuple(shape), jnp.float32)
+    return nnx.Param(value, logical_axes=("layers",) * len(stack) + tuple(logical_axes))
+
+
+def _const_param(value, shape, logical_axes, stack=()):
+    return nnx.Param(jnp.full(tuple(stack) + tuple(shape), value, jnp.float32),
+                     logical_axes=("layers",) * len(stack) + tuple(logical_axes))
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x²) + eps) · scale, computed in float32."""
+
+    def __init__(self, dim: int, eps: float, *, stack=()):
+        self.eps = eps
+        self.scale = _const_param(1.0, (dim,), ("norm",), stack)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies θ^(-2i/d), with Llama-3.1 wavelength-dependent scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if config.rope_scaling_factor:
+        factor = config.rope_scaling_factor
+        low_wavelen = config.rope_original_max_len / config.rope_low_freq_factor
+        high_wavelen = config.rope_original_max_len / config.rope_high_freq_factor
+        wavelen = 2 * jnp.pi / inv_freq
+        smooth = ((config.rope_original_max_len / wavelen - config.rope_low_freq_factor)
+                  / (config.rope_high_freq_factor - config.rope_low_freq_factor))
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = jnp.where(wavelen > low_wavelen, inv_freq / factor,
+                             jnp.where(wavelen < high_wavelen, inv_freq, smoothed))
+    return inv_freq
+
+
+def rope_cos_sin(positions_BxT, config: ModelConfig):
+    angles = positions_BxT.astype(jnp.float32)[..., None] * rope_frequencies(config)
+    angles = jnp.concatenate([angles, angles], axis=-1)  # HF "rotate_half" layout
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x_BxTxNxH, cos, sin):
+    x = x_BxTxNxH.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+def attention_mask(segment_ids_BxT):
+    """Causal and within-document: token t attends to s ≤ t of the same segment. Shape [B, 1, T, T]."""
+    length = segment_ids_BxT.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+    same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    return (causal[None] & same_segment)[:, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, *, stack=()):
+        c = config
+        self.config = c
+        self.q = _param(rngs, (c.d_model, c.n_heads, c.head_dim), c.init_std, ("embed", "heads", "head_dim"), stack)
+        self.k = _param(rngs, (c.d_model, c.n_kv_heads, c.head_dim), c.init_std,
+                        ("embed", "kv_heads", "head_dim"), stack)
+        self.v = _param(rngs, (c.d_model, c.n_kv_heads, c.head_dim), c.init_std,
+                        ("embed", "kv_heads", "head_dim"), stack)
+        self.o = _param(rngs, (c.n_heads, c.head_dim, c.d_model), c.init_std, ("heads", "head_dim", "embed"), stack)
+        if c.qkv_bias:
+            self.q_bias = _const_param(0.0, (c.n_heads, c.head_dim), ("heads", "head_dim"), stack)
+            self.k_bias = _const_param(0.0, (c.n_kv_heads, c.head_dim), ("kv_heads", "head_dim"), stack)
+            self.v_bias = _const_param(0.0, (c.n_kv_heads, c.head_dim), ("kv_heads", "head_dim"), stack)
+
+    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
+        c = self.config
+        dtype = x_BxTxD.dtype
+        q = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.q[...].astype(dtype))
+        k = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.k[...].astype(dtype))
+        v = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.v[...].astype(dtype))
+        if c.qkv_bias:
+            q, k, v = (q + self.q_bias[...].astype(dtype), k + self.k_bias[...].astype(dtype),
+                       v + self.v_bias[...].astype(dtype))
+        q = constrain(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
+        k = constrain(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
+        if c.attention == "dot_product":
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxT)
+        else:
+            out = _einsum_attention(q, k, v, mask_Bx1xTxT)
+        return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dtype))
+
+
+def _einsum_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
+    """softmax(q·kᵀ/√h + mask)·v with grouped-query heads (N = K·G), softmax in float32."""
+    b, t, n, h = q_BxTxNxH.shape
+    kv_heads = k_BxSxKxH.shape[2]
+    q = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH).astype(jnp.float32) / jnp.sqrt(jnp.float32(h))
+    scores = jnp.where(mask_Bx1xTxS[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+    return out.reshape(b, t, n, h)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate·x) ⊙ up·x)."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, *, stack=()):
+        c = config
+        self.gate = _param(rngs, (c.d_model, c.d_ff), c.init_std, ("embed", "mlp"), stack)
+        self.up = _param(rngs, (c.d_model, c.d_ff), c.init_std, ("embed", "mlp"), stack)
+        self.down = _param(rngs, (c.d_ff, c.d_model), c.init_std, ("mlp", "embed"), stack)
+
+    def __call__(self, x_BxTxD):
+        dtype = x_BxTxD.dtype
+        gate = jnp.einsum("btd,df->btf", x_BxTxD, self.gate[...].astype(dtype))
+        up = jnp.einsum("btd,df->btf", x_BxTxD, self.up[...].astype(dtype))
+        hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
+        return jnp.einsum("btf,fd->btd", hidden, self.down[...].astype(dtype))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, *, stack=()):
+        self.attn_norm = RMSNorm(config.d_model, config.rms_eps, stack=stack)
+        self.attn = Attention(config, rngs, stack=stack)
+        self.mlp_norm = RMSNorm(config.d_model, config.rms_eps, stack=stack)
+        self.mlp = MLP(config, rngs, stack=stack)
+
+    def __call__(self, x_BxTxD, cos, sin, mask):
+        x = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), cos, sin, mask)
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, BATCH_LENGTH_EMBED)
+
+
+_REMAT = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class CausalLM(nnx.Module):
+    """Token embedding → L scanned decoder layers → final RMSNorm. `unembedding()` gives the LM head `[D, V]`."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.embed = _param(rngs, (c.vocab_size, c.d_model), c.init_std, ("vocab", "embed"))
+        self.layers = DecoderLayer(c, rngs, stack=(c.n_layers,))
+        self.final_norm = RMSNorm(c.d_model, c.rms_eps)
+        if not c.tie_embeddings:
+            self.lm_head = _param(rngs, (c.d_model, c.vocab_size), c.init_std, ("embed", "vocab"))
+
+    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+        c = self.config
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+        if segment_ids_BxT is None:
+            segment_ids_BxT = jnp.ones_like(tokens_BxT)
+        x = jnp.take(self.embed[...].astype(c.dtype), tokens_BxT, axis=0)
+        x = constrain(x, BATCH_LENGTH_EMBED)
+        cos, sin = rope_cos_sin(positions_BxT, c)
+        mask = attention_mask(segment_ids_BxT)
+
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer_step(x, layer_params):
+            return nnx.merge(graphdef, layer_params)(x, cos, sin, mask), None
+
+        if c.remat != "none":
+            layer_step = jax.checkpoint(layer_step, policy=_REMAT[c.remat], prevent_cse=False)
+        x, _ = jax.lax.scan(layer_step, x, stacked)
+        return self.final_norm(x)
+
+    def unembedding(self):
+        """The LM-head matrix `[D, V]` in the compute dtype (the transposed embedding when tied)."""
+        w = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+        return w.astype(self.config.dtype)
+
+    def logits(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+        """Full float32 logits `[B, T, V]`: for evaluation and tests, not for training steps."""
+        hidden = self(tokens_BxT, positions_BxT, segment_ids_BxT)
+        return jnp.einsum("btd,dv->btv", hidden, self.unembedding()).astype(jnp.float32)
