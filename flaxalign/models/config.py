@@ -51,7 +51,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: Any) -> "ModelConfig":
-        values = dict(values)
+        values = values.to_dict() if hasattr(values, "to_dict") else dict(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -1,0 +1,44 @@
+"""Language-modelling losses, computed in chunks over the sequence so `[B, T, V]` float32 logits never exist.
+
+Every loss returns `(sum, count)` rather than a mean: the caller divides by the global token count once, so that
+gradient accumulation and data-parallel sharding give exactly the update of one big batch.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def chunked_token_logps(hidden_BxTxD, unembed_DxV, targets_BxT, *, chunk_size: int = 256):
+    """log p(target_t | x_≤t) for every position: logits_t = h_t · W, log_softmax over V, gathered at the target.
+
+    The sequence is processed `chunk_size` positions at a time inside a rematerialised scan, so the forward pass
+    holds `[B, chunk, V]` logits and the backward pass recomputes them chunk by chunk. Returns float32 `[B, T]`.
+    """
+    batch, length, dim = hidden_BxTxD.shape
+    chunk = min(chunk_size, length)
+    pad = -length % chunk
+    if pad:
+        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+        targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+    n_chunks = (length + pad) // chunk
+    hidden_CxBxLxD = hidden_BxTxD.reshape(batch, n_chunks, chunk, dim).swapaxes(0, 1)
+    targets_CxBxL = targets_BxT.reshape(batch, n_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_logps(hidden_BxLxD, targets_BxL):
+        logits = jnp.einsum("bld,dv->blv", hidden_BxLxD, unembed_DxV).astype(jnp.float32)
+        target_logits = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
+        return target_logits - jax.nn.logsumexp(logits, axis=-1)
+
+    def body(_, xs):
+        return None, chunk_logps(*xs)
+
+    _, logps_CxBxL = jax.lax.scan(body, None, (hidden_CxBxLxD, targets_CxBxL))
+    return logps_CxBxL.swapaxes(0, 1).reshape(batch, n_chunks * chunk)[:, :length]
+
+
+def token_cross_entropy(hidden_BxTxD, unembed_DxV, targets_BxT, mask_BxT, *, chunk_size: int = 256):
+    """Σ_t m_t · (−log p(y_t | x_≤t)) and Σ_t m_t: the summed next-token loss and the number of loss tokens."""
+    logps = chunked_token_logps(hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size=chunk_size)
+    mask = mask_BxT.astype(jnp.float32)
+    return -jnp.sum(logps * mask), jnp.sum(mask)

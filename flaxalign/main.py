@@ -1,0 +1,108 @@
+"""The `flaxalign` command line.
+
+    flaxalign train --config=configs/clm.py:tiny --workdir=runs/clm [--config.steps=200 ...]
+
+A user error (bad flag, missing file, indivisible mesh, unknown preset) prints one sentence and exits 2.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from flaxalign import errors
+
+COMMANDS = ("train",)
+
+config_flags.DEFINE_config_file("config", None, "Stage config file and preset, e.g. configs/clm.py:tiny.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, TensorBoard events and the report.")
+flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU devices (to try meshes without accelerators).")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process jax.distributed.")
+flags.DEFINE_integer("num_processes", 0, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
+FLAGS = flags.FLAGS
+
+
+def fail(message: str) -> None:
+    print(f"flaxalign: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors (exit 2) instead of a usage dump."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        fail(_first_sentence(e))
+    except errors.FlaxalignError as e:  # raised by a config file's get_config, e.g. an unknown preset
+        fail(str(e))
+
+
+def _first_sentence(e: Exception) -> str:
+    text = str(e).strip()
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, errors.FlaxalignError):
+        return str(cause)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def setup_jax():
+    """Device emulation and multi-process set-up; must run before JAX touches a backend."""
+    import jax
+    if FLAGS.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    from flaxalign import sharding
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
+
+def train(config, workdir: str) -> None:
+    import jax
+
+    from flaxalign import sharding
+    from flaxalign.stages import STAGES
+    from flaxalign.train import loop, report
+
+    if config.stage not in STAGES:
+        raise errors.ConfigError(f"unknown stage {config.stage!r}; known stages: {sorted(STAGES)}.")
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    logging.info("Mesh %s on %d devices (%d processes).", dict(mesh.shape), jax.device_count(),
+                 jax.process_count())
+    task = STAGES[config.stage](config, workdir, mesh)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    started = time.time()
+    result = loop.train(task, config, workdir, mesh)
+    if jax.process_index() == 0:
+        path = report.write_report(workdir, config, result, time.time() - started)
+        print(f"flaxalign: {config.stage} finished at step {result.final_step}"
+              f"{' (preempted: checkpoint saved)' if result.preempted else ''}; outputs in {workdir} "
+              f"(report {path}).")
+
+
+def main(argv: list[str]) -> None:
+    commands = [a for a in argv[1:] if not a.startswith("-")]
+    if len(commands) != 1 or commands[0] not in COMMANDS:
+        fail(f"expected one command from {list(COMMANDS)}, got {commands or 'none'}.")
+    if FLAGS.config is None:
+        fail("--config is required, e.g. --config=configs/clm.py:tiny.")
+    if not FLAGS.workdir:
+        fail("--workdir is required.")
+    try:
+        setup_jax()
+        train(FLAGS.config, FLAGS.workdir)
+    except errors.FlaxalignError as e:
+        fail(str(e))
+
+
+def run() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,94 @@
+"""Causal-LM pretraining: L = −Σ_t log p_θ(w_t | w_<t), normalised by the global number of loss tokens."""
+
+import functools
+import math
+
+import jax
+import numpy as np
+import optax
+
+from flaxalign import errors, models
+from flaxalign.data.loader import BatchIterator, build_clm_datasets
+from flaxalign.losses.lm import token_cross_entropy
+from flaxalign.train.optim import learning_rate_schedule, make_optimizer
+from flaxalign.train.step import accumulated_gradients, apply_gradients
+from flaxalign.train.task import Task
+
+
+def clm_loss(params, frozen, batch, rng, *, graphdef, chunk_size):
+    """(Σ token losses, (loss-token count, {})) of one batch of packed sequences."""
+    del frozen, rng  # the CLM loss uses neither
+    model = models.merge(graphdef, params)
+    hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    loss_sum, count = token_cross_entropy(hidden, model.unembedding(), batch["targets"], batch["loss_mask"],
+                                          chunk_size=chunk_size)
+    return loss_sum, (count, {})
+
+
+def clm_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int, chunk_size: int):
+    """One optimizer update from one global batch (split into `grad_accum` micro-batches)."""
+    rng, step_rng = jax.random.split(state.rng)
+    loss_fn = functools.partial(clm_loss, graphdef=graphdef, chunk_size=chunk_size)
+    grads, loss, count, _ = accumulated_gradients(loss_fn, state.params, state.frozen, batch, step_rng, grad_accum)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "loss_tokens": count,
+               "lr": schedule(state.step)}
+    return apply_gradients(state, grads, optimizer, rng), metrics
+
+
+def clm_eval_step(state, batch, *, graphdef, chunk_size):
+    loss_sum, (count, _) = clm_loss(state.params, state.frozen, batch, None, graphdef=graphdef,
+                                    chunk_size=chunk_size)
+    return {"loss": loss_sum, "count": count}
+
+
+def build_task(config, workdir: str, mesh) -> Task:
+    """Model, data and steps of a CLM run, from the resolved config."""
+    model_config = models.ModelConfig.from_dict(config.model)
+    data_cfg = config.data
+    if data_cfg.seq_len > model_config.max_seq_len:
+        raise errors.ConfigError(
+            f"data.seq_len={data_cfg.seq_len} exceeds model.max_seq_len={model_config.max_seq_len}.")
+    if data_cfg.batch_size % config.grad_accum:
+        raise errors.ConfigError(
+            f"data.batch_size={data_cfg.batch_size} is not divisible by grad_accum={config.grad_accum}.")
+    # Check the batch against the mesh before any data work, so a bad mesh fails fast.
+    from flaxalign import sharding
+    sharding.batch_sharding(mesh, data_cfg.batch_size // config.grad_accum)
+
+    data = build_clm_datasets(data_cfg, workdir)
+    if data.tokenizer.vocab_size > model_config.vocab_size:
+        raise errors.ConfigError(
+            f"the tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size={model_config.vocab_size}.")
+    if jax.process_count() > 1 and data_cfg.batch_size % jax.process_count():
+        raise errors.ConfigError(
+            f"data.batch_size={data_cfg.batch_size} is not divisible by the {jax.process_count()} processes.")
+    train_data = BatchIterator(data.train, data_cfg.batch_size, seed=config.seed, shuffle=True,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+
+    def eval_batches():
+        rows = len(data.eval["inputs"])
+        n = min(config.eval_batches, math.ceil(rows / data_cfg.batch_size))
+        it = BatchIterator(data.eval, data_cfg.batch_size, seed=0, shuffle=False,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+        return (next(it) for _ in range(n))
+
+    graphdef, abstract_params, logical = models.abstract_model(model_config)
+    optimizer = make_optimizer(config.optim)
+    tokens = data_cfg.batch_size * data_cfg.seq_len
+    return Task(
+        name="clm",
+        abstract_params=abstract_params,
+        params_logical=logical,
+        init_params=lambda shardings: models.init_params(model_config, config.seed, shardings),
+        optimizer=optimizer,
+        train_step=functools.partial(clm_step, graphdef=graphdef, optimizer=optimizer,
+                                     schedule=learning_rate_schedule(config.optim), grad_accum=config.grad_accum,
+                                     chunk_size=config.loss_chunk),
+        eval_step=functools.partial(clm_eval_step, graphdef=graphdef, chunk_size=config.loss_chunk),
+        train_data=train_data,
+        eval_batches=eval_batches,
+        tokens_per_step=tokens,
+        flops_per_step=tokens * model_config.flops_per_token(data_cfg.seq_len),
+        metadata={"stage": "clm", "model": model_config.to_dict(), "tokenizer": data.tokenizer.model_path,
+                  "data": {k: (int(v) if isinstance(v, (np.integer,)) else v) for k, v in data.stats.items()}},
+    )

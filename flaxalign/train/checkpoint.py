@@ -1,0 +1,56 @@
+"""Orbax checkpoints: train state + data-iterator position + metadata, async, keep-N, atomic.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run killed mid-save leaves
+the previous checkpoints intact and the half-written one is ignored on restore.
+"""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from flaxalign import errors
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict, metadata: dict) -> None:
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(metadata)), force=True)
+
+    def restore(self, step: int, target_shardings: Any, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """Restores onto `target_shardings` (any mesh shape or process count), not the one it was saved with."""
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              abstract_state, target_shardings)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise errors.CheckpointError(
+                f"checkpoint {self.directory}/{step} does not match this run's model or optimizer "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
+        return restored["state"], restored["data"], restored["meta"]
+
+    def restore_metadata(self, step: int) -> dict:
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

@@ -1,0 +1,152 @@
+"""The generic training loop: step → log → eval → checkpoint, with automatic resume and SIGTERM handling."""
+
+import dataclasses
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from flaxalign import errors, sharding
+from flaxalign.train import mfu
+from flaxalign.train.checkpoint import Checkpointer
+from flaxalign.train.jit import CompiledEval, CompiledStep, state_shardings
+from flaxalign.train.metrics import MetricsWriter, console_line
+from flaxalign.train.state import TrainState, create_state
+from flaxalign.train.task import Task
+
+# Fault injection for tests: SIGKILL this process right after the given step (once its checkpoint is durable).
+FAULT_KILL_ENV = "FLAXALIGN_FAULT_SIGKILL_AT_STEP"
+
+
+@dataclasses.dataclass
+class LoopResult:
+    final_step: int
+    preempted: bool
+    last_metrics: dict
+    state: TrainState
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (TPU preemption, `kill`) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.raised
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.raised))))
+
+
+def initial_state(task: Task, seed: int, mesh: Mesh, checkpointer: Checkpointer):
+    """A fresh state, or the latest checkpoint restored onto this mesh. Returns (state, shardings, restored_step)."""
+    abstract = jax.eval_shape(lambda p, f: create_state(p, task.optimizer, seed, f),
+                              task.abstract_params, task.abstract_frozen)
+    shardings = state_shardings(abstract, task.params_logical, task.frozen_logical, mesh)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        saved_model = checkpointer.restore_metadata(latest).get("model")
+        if saved_model != task.metadata.get("model"):
+            raise errors.CheckpointError(
+                f"the checkpoint at step {latest} in {checkpointer.directory} was trained with a different model "
+                "config; use a new --workdir or the same model settings.")
+        state, data_state, _ = checkpointer.restore(latest, shardings, abstract)
+        task.train_data.set_state(data_state)
+        return state, shardings, latest
+    params = task.init_params(shardings.params)
+    frozen = task.init_frozen(shardings.frozen)
+    state = jax.jit(lambda p, f: create_state(p, task.optimizer, seed, f), out_shardings=shardings)(params, frozen)
+    return state, shardings, None
+
+
+def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
+    """Runs `cfg.steps` steps of `task` (resuming from `workdir/checkpoints` if there is a checkpoint)."""
+    is_main = jax.process_index() == 0
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+    state, shardings, restored = initial_state(task, cfg.seed, mesh, checkpointer)
+    start = int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
+    if restored is not None:
+        logging.info("Resumed from checkpoint at step %d.", restored)
+    step_fn = CompiledStep(task.train_step, mesh, shardings)
+    eval_fn = CompiledEval(task.eval_step, mesh, shardings) if task.eval_step else None
+    peak, peak_source = mfu.peak_flops()
+    logging.info("MFU peak %.3g FLOP/s (%s); %.3g FLOPs/step.", peak, peak_source, task.flops_per_step)
+    kill_at = int(os.environ.get(FAULT_KILL_ENV, "0"))
+
+    started = time.time()
+    last_log_time, last_log_step = None, start
+    metrics, preempted, step = {}, False, start
+    with _SigtermFlag() as sigterm:
+        while step < cfg.steps:
+            batch = sharding.global_batch(next(task.train_data), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            if last_log_time is None:  # the first step includes compilation: time from its end
+                jax.block_until_ready(metrics)
+                last_log_time, last_log_step = time.time(), step
+                logging.info("First step (compile included) done after %.1fs.", last_log_time - started)
+            row = {}
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.time()
+                if step > last_log_step:
+                    step_time = (now - last_log_time) / (step - last_log_step)
+                    row.update(step_time=step_time, tokens_per_sec=task.tokens_per_step / step_time,
+                               mfu=task.flops_per_step / step_time / peak)
+                last_log_time, last_log_step = now, step
+            if eval_fn and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                row.update(evaluate(eval_fn, state, task, mesh))
+                last_log_time = time.time()  # eval time is not train throughput
+            if row:
+                writer.write(step, row)
+                if is_main:
+                    logging.info(console_line(step, cfg.steps, row, started))
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpointer.save(step, state, task.train_data.get_state(), task.metadata)
+            if kill_at and step == kill_at:
+                checkpointer.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+            if sigterm.any_process():
+                logging.warning("SIGTERM received: saving a checkpoint at step %d and stopping.", step)
+                preempted = True
+                break
+    if checkpointer.latest_step() != step:
+        checkpointer.save(step, state, task.train_data.get_state(), task.metadata)
+    checkpointer.close()
+    writer.close()
+    return LoopResult(final_step=step, preempted=preempted, last_metrics=metrics, state=state)
+
+
+def evaluate(eval_fn: CompiledEval, state, task: Task, mesh: Mesh) -> dict:
+    """Sums each eval metric over the eval set, divides by the summed "count", reports `eval_`-prefixed means."""
+    totals: dict = {}
+    for local in task.eval_batches():
+        sums = jax.device_get(eval_fn(state, sharding.global_batch(local, mesh)))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    count = max(totals.pop("count", 0.0), 1.0)
+    out = {f"eval_{k}": v / count for k, v in totals.items()}
+    if "eval_loss" in out:
+        out["eval_perplexity"] = float(np.exp(min(out["eval_loss"], 50.0)))
+    return out

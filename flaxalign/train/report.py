@@ -1,0 +1,35 @@
+"""The short markdown report written at the end of every run."""
+
+import json
+import os
+
+
+def write_report(workdir: str, config, result, seconds: float) -> str:
+    rows = []
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    throughput = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r]
+    mfus = [r["mfu"] for r in rows if "mfu" in r]
+    lines = [f"# flaxalign {config.stage} run", "",
+             f"- workdir: `{os.path.abspath(workdir)}`",
+             f"- steps: {result.final_step} of {config.steps}" + (" (stopped by SIGTERM)" if result.preempted else ""),
+             f"- wall-clock: {seconds:.1f} s"]
+    if train_rows:
+        lines.append(f"- train loss: {train_rows[0]['loss']:.4f} (step {train_rows[0]['step']}) → "
+                     f"{train_rows[-1]['loss']:.4f} (step {train_rows[-1]['step']})")
+    if eval_rows:
+        last = eval_rows[-1]
+        lines.append(f"- eval loss: {last['eval_loss']:.4f}, perplexity {last.get('eval_perplexity', float('nan')):.2f}"
+                     f" (step {last['step']})")
+    if throughput:
+        lines.append(f"- throughput: {sorted(throughput)[len(throughput) // 2]:,.0f} tokens/s (median), "
+                     f"MFU {100 * sorted(mfus)[len(mfus) // 2]:.1f}% (median)")
+    lines += ["", "Files: `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `config.json`.", ""]
+    out = os.path.join(workdir, "report.md")
+    with open(out, "w") as f:
+        f.write("\n".join(lines))
+    return out

@@ -1,0 +1,58 @@
+"""Pieces every stage's train step is made of: accumulated gradients and the optimizer update."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flaxalign.train.state import TrainState
+
+# loss_fn(params, frozen, batch, rng) -> (loss_sum, (count, metric_sums)) where metric_sums is a dict of sums that
+# are divided by the total count after accumulation.
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, tuple[jax.Array, dict]]]
+
+
+def split_micro_batches(batch: dict, num_micro: int) -> dict:
+    """[B, ...] → [num_micro, B/num_micro, ...], micro-batch k taking rows k, k+num_micro, … so every device keeps
+    its share of each micro-batch (rows are sharded contiguously over data×fsdp)."""
+
+    def split(x):
+        if x.shape[0] % num_micro:
+            raise ValueError(f"batch {x.shape[0]} is not divisible into {num_micro} micro-batches")
+        return x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulated_gradients(loss_fn: LossFn, params, frozen, batch: dict, rng, num_micro: int = 1):
+    """Σ over micro-batches of ∇ loss_sum, then ÷ the global loss-token count: the gradient of the token-mean loss
+    of the whole batch, whatever `num_micro` is. Returns (grads, loss, count, metrics)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_micro == 1:
+        (loss_sum, (count, metric_sums)), grad_sum = grad_fn(params, frozen, batch, rng)
+    else:
+        micro = split_micro_batches(batch, num_micro)
+        rngs = jax.random.split(rng, num_micro)
+
+        def body(carry, xs):
+            mb, mb_rng = xs
+            (loss_sum, (count, metric_sums)), grads = grad_fn(params, frozen, mb, mb_rng)
+            return jax.tree.map(jnp.add, carry, (grads, loss_sum, count, metric_sums)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(grad_fn, params, frozen, first, rngs[0])
+        (loss0, (count0, metrics0)), grads0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        init = (grads0, loss0, count0, metrics0)
+        (grad_sum, loss_sum, count, metric_sums), _ = jax.lax.scan(body, init, (micro, rngs))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grad_sum)
+    metrics = {k: v / denom for k, v in metric_sums.items()}
+    return grads, loss_sum / denom, count, metrics
+
+
+def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation, rng) -> TrainState:
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state, rng=rng)

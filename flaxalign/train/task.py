@@ -1,0 +1,37 @@
+"""What a stage hands to the generic loop: its step functions, data and bookkeeping. The loop never asks which
+algorithm it is running."""
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import optax
+
+
+class ResumableIterator(Protocol):
+    def __next__(self) -> dict: ...
+    def get_state(self) -> dict: ...
+    def set_state(self, state: dict) -> None: ...
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    # params
+    abstract_params: Any  # ShapeDtypeStructs
+    params_logical: Any  # logical axis names per parameter
+    init_params: Callable[[Any], Any]  # shardings -> params created in place
+    optimizer: optax.GradientTransformation
+    # steps: pure functions, jitted by the loop
+    train_step: Callable[[Any, dict], tuple[Any, dict]]  # (state, batch) -> (state, metrics)
+    eval_step: Callable[[Any, dict], dict] | None  # (state, batch) -> sums, with a "count" key
+    # data: local (this process's) numpy batches
+    train_data: ResumableIterator
+    eval_batches: Callable[[], Iterable[dict]] | None
+    # bookkeeping
+    tokens_per_step: int  # global tokens processed per step (for tokens/s)
+    flops_per_step: float  # global training FLOPs per step (for MFU)
+    metadata: dict  # saved with every checkpoint; `model` must match on resume
+    abstract_frozen: Any = dataclasses.field(default_factory=dict)
+    frozen_logical: Any = dataclasses.field(default_factory=dict)
+    init_frozen: Callable[[Any], Any] = lambda shardings: {}
