@@ -12,6 +12,7 @@ Settings that matter (see `Tokenizer.train`):
 
 import io
 import os
+import re
 
 import sentencepiece as spm
 
@@ -144,12 +145,24 @@ def _train_model_bytes(documents, model_path, vocab_size, model_type, user_defin
             minloglevel=2,
         )
     except RuntimeError as error:
-        detail = str(error).split("] ", 1)[-1].strip()
-        raise DataError(
-            f"cannot train tokenizer '{model_path}' with vocab_size {vocab_size}: "
-            f"SentencePiece says \"{detail}\""
-        ) from None
+        raise DataError(_training_error_sentence(str(error), model_path, vocab_size)) from None
     return writer.getvalue()
+
+
+def _training_error_sentence(message, model_path, vocab_size):
+    """Rewrites a SentencePiece training error as one sentence about our settings."""
+    needed = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if needed:
+        # SentencePiece suggests --character_coverage, which we do not expose.
+        return (
+            f"vocab_size {vocab_size} is too small for tokenizer '{model_path}': this corpus "
+            f"needs at least {needed.group(1)} (byte pieces, special ids and its common characters)."
+        )
+    detail = message.split("] ", 1)[-1].strip()
+    return (
+        f"cannot train tokenizer '{model_path}' with vocab_size {vocab_size}: "
+        f"SentencePiece says \"{detail}\""
+    )
 
 
 def _training_lines(documents):

@@ -88,3 +88,6 @@ def test_impossible_vocab_sizes(tmp_path):
     with pytest.raises(DataError, match="Vocabulary size too high"):
         Tokenizer.train(["tiny corpus"], str(tmp_path / "b.model"), vocab_size=5000)
     assert not (tmp_path / "b.model").exists()
+    many_characters = "".join(chr(code) for code in range(0x4E00, 0x4E00 + 200))
+    with pytest.raises(DataError, match="vocab_size 300 is too small .* needs at least 4"):
+        Tokenizer.train([many_characters], str(tmp_path / "c.model"), vocab_size=300)
