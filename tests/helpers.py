@@ -1,0 +1,59 @@
+"""Shared test helpers: tiny configs, synthetic packed batches, tasks built without a corpus."""
+
+import functools
+
+import jax
+import ml_collections
+import numpy as np
+
+from flaxalign import models, sharding
+from flaxalign.stages import clm
+from flaxalign.train.optim import learning_rate_schedule, make_optimizer
+from flaxalign.train.task import Task
+
+
+def tiny_model_config(**overrides) -> models.ModelConfig:
+    return models.ModelConfig.from_dict({**models.preset("tiny"), **overrides})
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    values = dict(lr=1e-2, warmup_steps=2, total_steps=20, schedule="cosine", final_lr_fraction=0.1, b1=0.9,
+                  b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
+    values.update(overrides)
+    return ml_collections.ConfigDict(values)
+
+
+def packed_batch(batch_size=8, seq_len=32, vocab=512, seed=0) -> dict:
+    """Rows of two packed documents each, plus a padded tail, like `data.packing` produces."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, vocab, size=(batch_size, seq_len + 1)).astype(np.int32)
+    split = rng.integers(seq_len // 4, seq_len // 2, size=batch_size)
+    pad = rng.integers(0, seq_len // 4, size=batch_size)
+    cols = np.arange(seq_len)[None]
+    segment_ids = np.where(cols < split[:, None], 1, 2).astype(np.int32)
+    segment_ids = np.where(cols >= seq_len - pad[:, None], 0, segment_ids)
+    positions = np.where(segment_ids == 2, cols - split[:, None], cols).astype(np.int32)
+    positions = np.where(segment_ids == 0, 0, positions)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids,
+            "positions": positions, "loss_mask": (segment_ids > 0).astype(np.float32)}
+
+
+def clm_task(model_config, optim_cfg=None, *, grad_accum=1, seed=0, chunk_size=16) -> Task:
+    optim_cfg = optim_cfg or optim_config()
+    graphdef, abstract, logical = models.abstract_model(model_config)
+    optimizer = make_optimizer(optim_cfg)
+    return Task(
+        name="clm", abstract_params=abstract, params_logical=logical,
+        init_params=lambda sh: models.init_params(model_config, seed, sh), optimizer=optimizer,
+        train_step=functools.partial(clm.clm_step, graphdef=graphdef, optimizer=optimizer,
+                                     schedule=learning_rate_schedule(optim_cfg), grad_accum=grad_accum,
+                                     chunk_size=chunk_size),
+        eval_step=functools.partial(clm.clm_eval_step, graphdef=graphdef, chunk_size=chunk_size),
+        train_data=None, eval_batches=None, tokens_per_step=0, flops_per_step=0.0,
+        metadata={"model": model_config.to_dict()})
+
+
+def mesh(shape):
+    data, fsdp, tensor = shape
+    devices = jax.devices()[: data * fsdp * tensor]
+    return sharding.make_mesh(data, fsdp, tensor, devices=devices)
