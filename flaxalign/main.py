@@ -5,7 +5,7 @@
 A user error (bad flag, missing file, indivisible mesh, unknown preset) prints one sentence and exits 2.
 """
 
-import json
+import logging as pylogging
 import os
 import sys
 import time
@@ -40,6 +40,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(_first_sentence(e))
     except errors.FlaxalignError as e:  # raised by a config file's get_config, e.g. an unknown preset
         fail(str(e))
+    except (AttributeError, KeyError) as e:  # ml_collections: --config.<field> names no field
+        field = str(e).strip("\"'")
+        fail(f"unknown config field {field!r} in a --config.* flag; see the config file for the known fields.")
 
 
 def _first_sentence(e: Exception) -> str:
@@ -48,6 +51,18 @@ def _first_sentence(e: Exception) -> str:
     if isinstance(cause, errors.FlaxalignError):
         return str(cause)
     return text.splitlines()[0] if text else type(e).__name__
+
+
+class _OnlyOurInfo(pylogging.Filter):
+    """Orbax and JAX log dozens of INFO lines per checkpoint; keep their warnings, drop their chatter."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "flaxalign" in record.pathname
+
+
+def setup_logging():
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_OnlyOurInfo())
 
 
 def setup_jax():
@@ -93,6 +108,7 @@ def main(argv: list[str]) -> None:
         fail("--config is required, e.g. --config=configs/clm.py:tiny.")
     if not FLAGS.workdir:
         fail("--workdir is required.")
+    setup_logging()
     try:
         setup_jax()
         train(FLAGS.config, FLAGS.workdir)

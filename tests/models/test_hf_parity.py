@@ -1,0 +1,127 @@
+"""flaxalign logits equal transformers' logits for converted tiny random Llama, Mistral and Qwen2 models."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from flaxalign import models
+from flaxalign.interop import hf
+
+pytestmark = pytest.mark.parity
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOLERANCE = 1e-4  # float32 on both sides
+BATCH, LENGTH = 2, 32
+DOC_LENGTHS = (10, 7, 15)  # one packed row of three documents
+
+# Shared tiny shapes; initializer_range makes q·k scores and logits O(1), so a layout error cannot hide in noise.
+BASE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256, max_position_embeddings=128, initializer_range=0.15, rms_norm_eps=1e-5)
+
+CASES = {
+    "llama_gqa_untied": ("LlamaForCausalLM", "LlamaConfig", dict(tie_word_embeddings=False)),
+    # head_dim 32 ≠ d/heads, one kv head (multi-query), tied head
+    "llama_tied_mqa": ("LlamaForCausalLM", "LlamaConfig",
+                       dict(tie_word_embeddings=True, head_dim=32, num_key_value_heads=1)),
+    "qwen2_bias": ("Qwen2ForCausalLM", "Qwen2Config", dict(rope_theta=50000.0, tie_word_embeddings=False)),
+    # original length 64 puts the head_dim=16 wavelengths on all three branches of the Llama-3.1 scaling
+    "llama3_rope": ("LlamaForCausalLM", "LlamaConfig",
+                    dict(rope_theta=10000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                               high_freq_factor=4.0,
+                                                               original_max_position_embeddings=64))),
+    # window longer than every test sequence: full attention is then what Mistral computes
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=64, tie_word_embeddings=False)),
+}
+
+
+def _build_hf(case: str):
+    """A random float32 eager HF model whose norms and biases are moved off their 1/0 initial values."""
+    model_cls, config_cls, overrides = CASES[case]
+    torch.manual_seed(sum(map(ord, case)))
+    hf_config = getattr(transformers, config_cls)(**{**BASE, **overrides}, attn_implementation="eager")
+    model = getattr(transformers, model_cls)(hf_config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.3 * torch.randn_like(param))
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def converted(request):
+    """(HF model, flaxalign config, flaxalign params) for one case."""
+    model = _build_hf(request.param)
+    config = hf.model_config_from_hf(model.config.to_dict())
+    state = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
+    return model, config, hf.params_from_hf_state_dict(config, state)
+
+
+def _packed_batch(vocab_size: int):
+    """Rows 0..BATCH-1: random tokens, default positions; last row: DOC_LENGTHS documents packed, positions
+    restarting at each document. One batch, so each (case, attention) compiles once."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab_size, (BATCH + 1, LENGTH), dtype=np.int32)
+    positions = np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH + 1, 1))
+    segment_ids = np.ones((BATCH + 1, LENGTH), np.int32)
+    positions[-1] = np.concatenate([np.arange(n) for n in DOC_LENGTHS])
+    segment_ids[-1] = np.concatenate([np.full(n, i + 1) for i, n in enumerate(DOC_LENGTHS)])
+    return tokens, positions, segment_ids
+
+
+@pytest.fixture(scope="module", params=["jnp", "dot_product"])
+def flax_run(request, converted):
+    """(HF model, tokens, flaxalign logits) of the packed batch under one attention implementation."""
+    model, config, params = converted
+    config = dataclasses.replace(config, attention=request.param)
+    tokens, positions, segment_ids = _packed_batch(config.vocab_size)
+    graphdef, _, _ = models.abstract_model(config)
+    logits = jax.jit(lambda p, t, pos, seg: models.merge(graphdef, p).logits(t, pos, seg))
+    return model, tokens, np.asarray(logits(params, tokens, positions, segment_ids))
+
+
+def _hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
+
+
+def test_config_mapping(converted):
+    model, config, _ = converted
+    hf_config = model.config
+    assert (config.d_model, config.n_layers, config.n_heads, config.n_kv_heads, config.d_ff, config.vocab_size) == (
+        hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.num_attention_heads,
+        hf_config.num_key_value_heads, hf_config.intermediate_size, hf_config.vocab_size)
+    assert config.head_dim == (getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
+    assert config.tie_embeddings == hf_config.tie_word_embeddings
+    assert config.qkv_bias == isinstance(model, transformers.Qwen2ForCausalLM)
+    assert config.rms_eps == hf_config.rms_norm_eps
+
+
+def test_logits_match(flax_run):
+    model, tokens, ours = flax_run
+    theirs = _hf_logits(model, tokens[:BATCH])
+    assert np.abs(theirs).max() > 0.5  # the comparison is not between two near-zero tensors
+    np.testing.assert_allclose(ours[:BATCH], theirs, atol=TOLERANCE, rtol=0)
+
+
+def test_packed_documents_match_separate_runs(flax_run):
+    model, tokens, ours = flax_run
+    starts = np.cumsum((0,) + DOC_LENGTHS)
+    for start, end in zip(starts[:-1], starts[1:]):
+        theirs = _hf_logits(model, tokens[-1:, start:end])
+        np.testing.assert_allclose(ours[-1:, start:end], theirs, atol=TOLERANCE, rtol=0)
+
+
+def test_state_dict_round_trip(converted):
+    model, config, params = converted
+    back = hf.params_to_hf_state_dict(config, params)
+    state = model.state_dict()
+    for name, value in back.items():
+        np.testing.assert_array_equal(value, state[name].numpy(), err_msg=name)
+    # the only HF tensor not written back is the tied head, which HF's safetensors files omit as well
+    assert set(state) - set(back) == ({"lm_head.weight"} if config.tie_embeddings else set())

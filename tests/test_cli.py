@@ -1,0 +1,137 @@
+"""End-to-end runs of `flaxalign train` in subprocesses: resume after SIGKILL, SIGTERM, multi-process, bad input."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from flaxalign.data.corpus import stdlib_corpus
+from flaxalign.data.tokenizer import Tokenizer
+from tests import cli_helpers as cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus_and_tokenizer(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    docs = stdlib_corpus(max_chars=300_000)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(docs))
+    tokenizer = Tokenizer.train(docs, str(root / "tok.model"), vocab_size=512)
+    return str(corpus), tokenizer.model_path
+
+
+def _losses(rows, first, last):
+    return {r["step"]: r["loss"] for r in rows if first <= r["step"] <= last and "loss" in r}
+
+
+def test_resume_after_sigkill_is_bitwise_identical(corpus_and_tokenizer, tmp_path):
+    corpus, tok = corpus_and_tokenizer
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    flags = dict(steps=20, checkpoint_every=10)
+    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, straight, **flags))
+    assert rc == 0, err[-2000:]
+
+    rc, _, _ = cli.run(cli.small_run_flags(corpus, tok, killed, **flags), FLAXALIGN_FAULT_SIGKILL_AT_STEP="13")
+    assert rc == -signal.SIGKILL
+    assert max(r["step"] for r in cli.metrics(killed)) == 13
+    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, killed, **flags))
+    assert rc == 0, err[-2000:]
+    assert "Resumed from checkpoint at step 10" in err
+
+    resumed = cli.metrics(killed)
+    assert [r["step"] for r in resumed] == list(range(1, 21)), "metrics.jsonl must read as one run"
+    expected, got = _losses(cli.metrics(straight), 11, 20), _losses(resumed, 11, 20)
+    assert len(expected) == 10 and got == expected  # floats compared exactly
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(corpus_and_tokenizer, tmp_path):
+    corpus, tok = corpus_and_tokenizer
+    workdir = str(tmp_path / "run")
+    proc = cli.start(cli.small_run_flags(corpus, tok, workdir, steps=100000))
+    deadline = time.time() + cli.TIMEOUT
+    while time.time() < deadline and proc.poll() is None:
+        if any(r["step"] >= 3 for r in cli.metrics(workdir)):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    rc, out, err = cli.finish(proc, timeout=120)
+    assert rc == 0, err[-2000:]
+    last = max(r["step"] for r in cli.metrics(workdir))
+    assert "preempted: checkpoint saved" in out
+    assert last >= 3 and os.path.isdir(os.path.join(workdir, "checkpoints", str(last)))
+
+
+def test_two_processes_match_one_process(corpus_and_tokenizer, tmp_path):
+    corpus, tok = corpus_and_tokenizer
+    one = str(tmp_path / "one")
+    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, one, steps=3))
+    assert rc == 0, err[-2000:]
+
+    two = str(tmp_path / "two")
+    address = f"127.0.0.1:{cli.free_port()}"
+    procs = [cli.start(cli.small_run_flags(corpus, tok, two, steps=3) + [
+        f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"], cpu_devices=4)
+        for i in range(2)]
+    try:
+        results = [cli.finish(p) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rc, _, err in results:
+        assert rc == 0, err[-2000:]
+    expected, got = _losses(cli.metrics(one), 1, 3), _losses(cli.metrics(two), 1, 3)
+    assert len(got) == 3
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def workdir_with_checkpoint(corpus_and_tokenizer, tmp_path_factory):
+    corpus, tok = corpus_and_tokenizer
+    workdir = str(tmp_path_factory.mktemp("existing"))
+    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, workdir, steps=2))
+    assert rc == 0, err[-2000:]
+    return workdir
+
+
+def _tree_digest(root: str) -> str:
+    digest = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(os.path.join(root, "checkpoints"))):
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            digest.update(path.encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+BAD_INPUTS = {
+    "missing corpus": (["--config.data.train=/no/such/corpus.txt"], "does not exist"),
+    "empty corpus": (["--config.data.train={empty}"], "empty"),
+    "indivisible mesh": (["--config.mesh.tensor=3"], "'tensor' has size 3"),
+    "unknown preset": (["--config=configs/clm.py:bogus"], "unknown preset 'bogus'"),
+    "bad flag value": (["--config.steps=many"], "steps"),
+    "unknown config field": (["--config.stepz=3"], "unknown config field 'stepz'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_sentence(case, corpus_and_tokenizer, workdir_with_checkpoint, tmp_path):
+    corpus, tok = corpus_and_tokenizer
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    extra, expected = BAD_INPUTS[case]
+    extra = [e.format(empty=empty) for e in extra]
+    before = _tree_digest(workdir_with_checkpoint)
+    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, workdir_with_checkpoint) + extra)
+    assert rc == 2, err[-2000:]
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("flaxalign: error: ") and expected in last_line, err[-2000:]
+    assert "Traceback" not in err
+    assert _tree_digest(workdir_with_checkpoint) == before, "a failed run changed the existing checkpoint"
