@@ -107,7 +107,7 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
                 last_log_time, last_log_step = time.time(), step
                 logging.info("First step (compile included) done after %.1fs.", last_log_time - started)
             row = {}
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.time()
                 if step > last_log_step:
