@@ -96,7 +96,8 @@ def test_config_mapping(converted):
     assert (config.d_model, config.n_layers, config.n_heads, config.n_kv_heads, config.d_ff, config.vocab_size) == (
         hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.num_attention_heads,
         hf_config.num_key_value_heads, hf_config.intermediate_size, hf_config.vocab_size)
-    assert config.head_dim == (getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    assert config.head_dim == head_dim
     assert config.tie_embeddings == hf_config.tie_word_embeddings
     assert config.qkv_bias == isinstance(model, transformers.Qwen2ForCausalLM)
     assert config.rms_eps == hf_config.rms_norm_eps

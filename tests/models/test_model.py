@@ -21,7 +21,7 @@ FULL = dataclasses.replace(TINY, tie_embeddings=False, qkv_bias=True)
 @functools.cache
 def _random_params(config, seed=0):
     """Random numpy params (no compile): std 0.12 kernels so attention scores are of order one, not uniform;
-    norms and biases off their 1/0 initial values, so layouts and masks show in the outputs."""
+    norms and biases off their 1/0 initial values, so layouts and masks show in the outputs. Cached: read only."""
     _, abstract, _ = models.abstract_model(config)
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree.flatten_with_path(abstract)
