@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 TOLERANCE = 1e-4  # float32 on both sides
 BATCH, LENGTH = 2, 32
 DOC_LENGTHS = (10, 7, 15)  # one packed row of three documents
+ATTENTION = ("jnp", "dot_product")
 
 # Shared tiny shapes; initializer_range makes q·k scores and logits O(1), so a layout error cannot hide in noise.
 BASE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -64,7 +65,7 @@ def converted(request):
 
 def _packed_batch(vocab_size: int):
     """Rows 0..BATCH-1: random tokens, default positions; last row: DOC_LENGTHS documents packed, positions
-    restarting at each document. One batch, so each (case, attention) compiles once."""
+    restarting at each document. One batch shape, so each case compiles once."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab_size, (BATCH + 1, LENGTH), dtype=np.int32)
     positions = np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH + 1, 1))
@@ -74,15 +75,16 @@ def _packed_batch(vocab_size: int):
     return tokens, positions, segment_ids
 
 
-@pytest.fixture(scope="module", params=["jnp", "dot_product"])
-def flax_run(request, converted):
-    """(HF model, tokens, flaxalign logits) of the packed batch under one attention implementation."""
+@pytest.fixture(scope="module")
+def flax_runs(converted):
+    """(HF model, tokens, {attention: flaxalign logits}) of the packed batch. Both attention implementations run
+    in one jit: one compile per case, which is most of this file's time."""
     model, config, params = converted
-    config = dataclasses.replace(config, attention=request.param)
     tokens, positions, segment_ids = _packed_batch(config.vocab_size)
-    graphdef, _, _ = models.abstract_model(config)
-    logits = jax.jit(lambda p, t, pos, seg: models.merge(graphdef, p).logits(t, pos, seg))
-    return model, tokens, np.asarray(logits(params, tokens, positions, segment_ids))
+    graphdefs = {impl: models.abstract_model(dataclasses.replace(config, attention=impl))[0] for impl in ATTENTION}
+    logits = jax.jit(lambda p: {impl: models.merge(g, p).logits(tokens, positions, segment_ids)
+                                for impl, g in graphdefs.items()})
+    return model, tokens, jax.tree.map(np.asarray, logits(params))
 
 
 def _hf_logits(model, tokens):
@@ -103,15 +105,19 @@ def test_config_mapping(converted):
     assert config.rms_eps == hf_config.rms_norm_eps
 
 
-def test_logits_match(flax_run):
-    model, tokens, ours = flax_run
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_logits_match(flax_runs, attention):
+    model, tokens, runs = flax_runs
+    ours = runs[attention]
     theirs = _hf_logits(model, tokens[:BATCH])
     assert np.abs(theirs).max() > 0.5  # the comparison is not between two near-zero tensors
     np.testing.assert_allclose(ours[:BATCH], theirs, atol=TOLERANCE, rtol=0)
 
 
-def test_packed_documents_match_separate_runs(flax_run):
-    model, tokens, ours = flax_run
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_packed_documents_match_separate_runs(flax_runs, attention):
+    model, tokens, runs = flax_runs
+    ours = runs[attention]
     starts = np.cumsum((0,) + DOC_LENGTHS)
     for start, end in zip(starts[:-1], starts[1:]):
         theirs = _hf_logits(model, tokens[-1:, start:end])
