@@ -1,14 +1,11 @@
 """Shared test helpers: tiny configs, synthetic packed batches, tasks built without a corpus."""
 
-import functools
-
 import jax
 import ml_collections
 import numpy as np
 
 from flaxalign import models, sharding
 from flaxalign.stages import clm
-from flaxalign.train.optim import learning_rate_schedule, make_optimizer
 from flaxalign.train.task import Task
 
 
@@ -39,18 +36,8 @@ def packed_batch(batch_size=8, seq_len=32, vocab=512, seed=0) -> dict:
 
 
 def clm_task(model_config, optim_cfg=None, *, grad_accum=1, seed=0, chunk_size=16) -> Task:
-    optim_cfg = optim_cfg or optim_config()
-    graphdef, abstract, logical = models.abstract_model(model_config)
-    optimizer = make_optimizer(optim_cfg)
-    return Task(
-        name="clm", abstract_params=abstract, params_logical=logical,
-        init_params=lambda sh: models.init_params(model_config, seed, sh), optimizer=optimizer,
-        train_step=functools.partial(clm.clm_step, graphdef=graphdef, optimizer=optimizer,
-                                     schedule=learning_rate_schedule(optim_cfg), grad_accum=grad_accum,
-                                     chunk_size=chunk_size),
-        eval_step=functools.partial(clm.clm_eval_step, graphdef=graphdef, chunk_size=chunk_size),
-        train_data=None, eval_batches=None, tokens_per_step=0, flops_per_step=0.0,
-        metadata={"model": model_config.to_dict()})
+    return clm.make_task(model_config, optim_cfg or optim_config(), seed=seed, grad_accum=grad_accum,
+                         chunk_size=chunk_size)
 
 
 def mesh(shape):

@@ -26,7 +26,7 @@ def chunked_token_logps(hidden_BxTxD, unembed_DxV, targets_BxT, *, chunk_size: i
 
     @jax.checkpoint
     def chunk_logps(hidden_BxLxD, targets_BxL):
-        logits = jnp.einsum("bld,dv->blv", hidden_BxLxD, unembed_DxV).astype(jnp.float32)
+        logits = jnp.einsum("bld,dv->blv", hidden_BxLxD, unembed_DxV, preferred_element_type=jnp.float32)
         target_logits = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
         return target_logits - jax.nn.logsumexp(logits, axis=-1)
 

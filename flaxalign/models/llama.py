@@ -118,7 +118,8 @@ def _einsum_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
     b, t, n, h = q_BxTxNxH.shape
     kv_heads = k_BxSxKxH.shape[2]
     q = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH).astype(jnp.float32) / jnp.sqrt(jnp.float32(h))
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(h))
     scores = jnp.where(mask_Bx1xTxS[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
@@ -203,4 +204,4 @@ class CausalLM(nnx.Module):
     def logits(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
         """Full float32 logits `[B, T, V]`: for evaluation and tests, not for training steps."""
         hidden = self(tokens_BxT, positions_BxT, segment_ids_BxT)
-        return jnp.einsum("btd,dv->btv", hidden, self.unembedding()).astype(jnp.float32)
+        return jnp.einsum("btd,dv->btv", hidden, self.unembedding(), preferred_element_type=jnp.float32)

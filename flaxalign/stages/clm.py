@@ -4,7 +4,6 @@ import functools
 import math
 
 import jax
-import numpy as np
 import optax
 
 from flaxalign import errors, models
@@ -72,23 +71,34 @@ def build_task(config, workdir: str, mesh) -> Task:
                            process_index=jax.process_index(), process_count=jax.process_count())
         return (next(it) for _ in range(n))
 
-    graphdef, abstract_params, logical = models.abstract_model(model_config)
-    optimizer = make_optimizer(config.optim)
     tokens = data_cfg.batch_size * data_cfg.seq_len
+    return make_task(
+        model_config, config.optim, seed=config.seed, grad_accum=config.grad_accum, chunk_size=config.loss_chunk,
+        train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens,
+        flops_per_step=tokens * model_config.flops_per_token(data_cfg.seq_len),
+        metadata={"stage": "clm", "model": model_config.to_dict(), "tokenizer": data.tokenizer.model_path,
+                  "data": dict(data.stats)})
+
+
+def make_task(model_config: models.ModelConfig, optim_cfg, *, seed: int = 0, grad_accum: int = 1,
+              chunk_size: int = 256, train_data=None, eval_batches=None, tokens_per_step: int = 0,
+              flops_per_step: float = 0.0, metadata: dict | None = None) -> Task:
+    """The CLM task from a model config and an `optim` config block; data is optional (tests, benchmarks)."""
+    graphdef, abstract_params, logical = models.abstract_model(model_config)
+    optimizer = make_optimizer(optim_cfg)
     return Task(
         name="clm",
         abstract_params=abstract_params,
         params_logical=logical,
-        init_params=lambda shardings: models.init_params(model_config, config.seed, shardings),
+        init_params=lambda shardings: models.init_params(model_config, seed, shardings),
         optimizer=optimizer,
         train_step=functools.partial(clm_step, graphdef=graphdef, optimizer=optimizer,
-                                     schedule=learning_rate_schedule(config.optim), grad_accum=config.grad_accum,
-                                     chunk_size=config.loss_chunk),
-        eval_step=functools.partial(clm_eval_step, graphdef=graphdef, chunk_size=config.loss_chunk),
+                                     schedule=learning_rate_schedule(optim_cfg), grad_accum=grad_accum,
+                                     chunk_size=chunk_size),
+        eval_step=functools.partial(clm_eval_step, graphdef=graphdef, chunk_size=chunk_size),
         train_data=train_data,
         eval_batches=eval_batches,
-        tokens_per_step=tokens,
-        flops_per_step=tokens * model_config.flops_per_token(data_cfg.seq_len),
-        metadata={"stage": "clm", "model": model_config.to_dict(), "tokenizer": data.tokenizer.model_path,
-                  "data": {k: (int(v) if isinstance(v, (np.integer,)) else v) for k, v in data.stats.items()}},
+        tokens_per_step=tokens_per_step,
+        flops_per_step=flops_per_step,
+        metadata=metadata if metadata is not None else {"stage": "clm", "model": model_config.to_dict()},
     )
