@@ -35,6 +35,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     attention: str = "jnp"  # "jnp" (plain einsum softmax) or "dot_product" (jax.nn.dot_product_attention)
     remat: str = "none"  # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"
+    scan_layers: bool = True  # False unrolls the layer loop (longer compile; see BUILD_NOTES for when it is faster)
 
     def __post_init__(self):
         if self.head_dim == 0:

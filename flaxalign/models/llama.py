@@ -97,10 +97,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
         c = self.config
+        b, t, d = x_BxTxD.shape
         dtype = x_BxTxD.dtype
-        q = jnp.einsum("btd,dnh->btnh", x_BxTxD, self.q[...].astype(dtype))
-        k = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.k[...].astype(dtype))
-        v = jnp.einsum("btd,dkh->btkh", x_BxTxD, self.v[...].astype(dtype))
+        # Matmuls on [B·T, D] rows: XLA CPU runs the weight gradients of 2-D dots ~1.5x faster than of 3-D einsums.
+        x_NxD = x_BxTxD.reshape(b * t, d)
+        q = _dense(x_NxD, self.q[...], dtype).reshape(b, t, c.n_heads, c.head_dim)
+        k = _dense(x_NxD, self.k[...], dtype).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = _dense(x_NxD, self.v[...], dtype).reshape(b, t, c.n_kv_heads, c.head_dim)
         if c.qkv_bias:
             q, k, v = (q + self.q_bias[...].astype(dtype), k + self.k_bias[...].astype(dtype),
                        v + self.v_bias[...].astype(dtype))
@@ -110,20 +113,30 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxT)
         else:
             out = _einsum_attention(q, k, v, mask_Bx1xTxT)
-        return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(dtype))
+        o_KxD = self.o[...].reshape(c.n_heads * c.head_dim, d)
+        return _dense(out.reshape(b * t, c.n_heads * c.head_dim), o_KxD, dtype).reshape(b, t, d)
+
+
+def _dense(x_NxK, w, dtype):
+    """x · W with W's trailing dims flattened: `[N, K] × [K, …] → [N, prod(…)]`."""
+    return x_NxK @ w.reshape(w.shape[0], -1).astype(dtype)
 
 
 def _einsum_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
-    """softmax(q·kᵀ/√h + mask)·v with grouped-query heads (N = K·G), softmax in float32."""
-    b, t, n, h = q_BxTxNxH.shape
-    kv_heads = k_BxSxKxH.shape[2]
-    q = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH,
-                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(h))
-    scores = jnp.where(mask_Bx1xTxS[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-    return out.reshape(b, t, n, h)
+    """softmax(q·kᵀ/√h + mask)·v, scores and softmax in float32. Grouped-query k/v heads are repeated to the N query
+    heads (query head n reads kv head n // (N/K)): XLA CPU runs 4-D `bnts` einsums ~2x faster than 5-D grouped
+    ones, and the explicit max-subtracted softmax fuses better than `jax.nn.softmax`."""
+    heads, head_dim = q_BxTxNxH.shape[2:]
+    groups = heads // k_BxSxKxH.shape[2]
+    if groups > 1:
+        k_BxSxKxH = jnp.repeat(k_BxSxKxH, groups, axis=2)
+        v_BxSxKxH = jnp.repeat(v_BxSxKxH, groups, axis=2)
+    scores = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH * (head_dim ** -0.5), k_BxSxKxH,
+                        preferred_element_type=jnp.float32)
+    scores = scores + jnp.where(mask_Bx1xTxS, 0.0, -1e30)
+    exp = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    probs = (exp / exp.sum(axis=-1, keepdims=True)).astype(v_BxSxKxH.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v_BxSxKxH)
 
 
 class MLP(nnx.Module):
@@ -136,11 +149,12 @@ class MLP(nnx.Module):
         self.down = _param(rngs, (c.d_ff, c.d_model), c.init_std, ("mlp", "embed"), stack)
 
     def __call__(self, x_BxTxD):
+        b, t, d = x_BxTxD.shape
         dtype = x_BxTxD.dtype
-        gate = jnp.einsum("btd,df->btf", x_BxTxD, self.gate[...].astype(dtype))
-        up = jnp.einsum("btd,df->btf", x_BxTxD, self.up[...].astype(dtype))
-        hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_length", "act_mlp"))
-        return jnp.einsum("btf,fd->btd", hidden, self.down[...].astype(dtype))
+        x_NxD = x_BxTxD.reshape(b * t, d)
+        gate, up = _dense(x_NxD, self.gate[...], dtype), _dense(x_NxD, self.up[...], dtype)
+        hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_mlp"))
+        return _dense(hidden, self.down[...], dtype).reshape(b, t, d)
 
 
 class DecoderLayer(nnx.Module):
@@ -193,7 +207,11 @@ class CausalLM(nnx.Module):
 
         if c.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=_REMAT[c.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(layer_step, x, stacked)
+        if c.scan_layers:
+            x, _ = jax.lax.scan(layer_step, x, stacked)
+        else:  # unrolled: compile time grows with depth, but XLA CPU schedules the backward pass better
+            for i in range(c.n_layers):
+                x, _ = layer_step(x, jax.tree.map(lambda w: w[i], stacked))
         return self.final_norm(x)
 
     def unembedding(self):

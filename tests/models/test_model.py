@@ -263,3 +263,11 @@ def test_remat_policies_keep_the_gradient():
         np.testing.assert_allclose(remat_loss, loss, rtol=1e-6, err_msg=policy)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=policy),
                      remat_grad, grad)
+
+
+def test_unrolled_layers_equal_scanned_layers():
+    params = _random_params(FULL)
+    tokens, positions, segment_ids = _batch(FULL)
+    scanned = _logits_fn(FULL)(params, tokens, positions, segment_ids)
+    unrolled = _logits_fn(dataclasses.replace(FULL, scan_layers=False))(params, tokens, positions, segment_ids)
+    np.testing.assert_allclose(unrolled, scanned, rtol=1e-5, atol=1e-5)
