@@ -3,7 +3,6 @@
 import hashlib
 import os
 import signal
-import subprocess
 import time
 
 import pytest

@@ -12,25 +12,15 @@ import pytest
 from flaxalign import errors, models, sharding
 from flaxalign.interop import hf
 from flaxalign.models import llama
+from tests import helpers
 
 TINY = models.ModelConfig(**models.preset("tiny"))
 # untied head and q/k/v biases, so the round trip and the axes cover every parameter kind
 FULL = dataclasses.replace(TINY, tie_embeddings=False, qkv_bias=True)
 
 
-@functools.cache
-def _random_params(config, seed=0):
-    """Random numpy params (no compile): std 0.12 kernels so attention scores are of order one, not uniform;
-    norms and biases off their 1/0 initial values, so layouts and masks show in the outputs. Cached: read only."""
-    _, abstract, _ = models.abstract_model(config)
-    rng = np.random.default_rng(seed)
-    leaves, treedef = jax.tree.flatten_with_path(abstract)
-    out = []
-    for path, leaf in leaves:
-        noise = rng.normal(size=leaf.shape).astype(np.float32)
-        name = jax.tree_util.keystr(path)
-        out.append(1.0 + 0.3 * noise if "scale" in name else 0.3 * noise if "bias" in name else 0.12 * noise)
-    return jax.tree.unflatten(treedef, out)
+# Cached: treat as read only.
+_random_params = functools.cache(helpers.random_params)
 
 
 @functools.cache

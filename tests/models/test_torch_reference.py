@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flaxalign import models
+from tests import helpers
 
 pytestmark = pytest.mark.parity
 
@@ -38,19 +39,6 @@ CONFIGS = {
 }
 
 
-def _random_params(config):
-    """Random numpy params with std 0.12 kernels (order-one attention scores) and norms and biases off 1/0."""
-    _, abstract, _ = models.abstract_model(config)
-    rng = np.random.default_rng(0)
-    leaves, treedef = jax.tree.flatten_with_path(abstract)
-    out = []
-    for path, leaf in leaves:
-        noise = rng.normal(size=leaf.shape).astype(np.float32)
-        name = jax.tree_util.keystr(path)
-        out.append(1.0 + 0.3 * noise if "scale" in name else 0.3 * noise if "bias" in name else 0.12 * noise)
-    return jax.tree.unflatten(treedef, out)
-
-
 def _batch(config):
     """Row 0: documents of 12 and 20 tokens packed, positions restarting; row 1: one 32-token document."""
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 32), dtype=np.int32)
@@ -62,7 +50,7 @@ def _batch(config):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_torch_reference_logits_match_flaxalign(name):
     config = CONFIGS[name]
-    params = _random_params(config)
+    params = helpers.random_params(config)
     tokens, positions, segment_ids = _batch(config)
     graphdef, _, _ = models.abstract_model(config)
     ours = np.asarray(jax.jit(lambda p: models.merge(graphdef, p).logits(tokens, positions, segment_ids))(params))
