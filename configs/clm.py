@@ -26,6 +26,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.seed = 0
     c.steps = TRAIN[arg]["steps"]
     c.model = preset(arg)
+    c.model.dtype = "auto"  # bfloat16 compute on GPU/TPU, float32 on CPU; params stay float32
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "builtin:stdlib"  # a text file, folder or glob; builtin:stdlib = Python's own documentation

@@ -32,7 +32,7 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     init_std: float = 0.02
-    dtype: str = "float32"  # compute dtype; parameters are always float32
+    dtype: str = "float32"  # compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU); params are float32
     attention: str = "jnp"  # "jnp" (plain einsum softmax) or "dot_product" (jax.nn.dot_product_attention)
     remat: str = "none"  # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"
     scan_layers: bool = True  # False unrolls the layer loop (longer compile; see BUILD_NOTES for when it is faster)
@@ -47,8 +47,12 @@ class ModelConfig:
             raise errors.ConfigError(f"model.attention must be 'jnp' or 'dot_product', not {self.attention!r}.")
         if self.remat not in REMAT_POLICIES:
             raise errors.ConfigError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, not {self.remat!r}.")
+        if self.dtype == "auto":
+            import jax
+            object.__setattr__(self, "dtype", "float32" if jax.default_backend() == "cpu" else "bfloat16")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise errors.ConfigError(f"model.dtype must be float32, bfloat16 or float16, not {self.dtype!r}.")
+            raise errors.ConfigError(
+                f"model.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}.")
 
     @classmethod
     def from_dict(cls, values: Any) -> "ModelConfig":
@@ -61,6 +65,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def checkpoint_identity(self) -> dict[str, Any]:
+        """The fields that define the function the params compute: a checkpoint restores only into a model with
+        the same identity. Compute settings (dtype, attention kernel, remat, scan) may change between runs."""
+        return {k: v for k, v in self.to_dict().items() if k not in COMPUTE_ONLY_FIELDS}
 
     def num_params(self, include_embedding: bool = True) -> int:
         d, f, h, k, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
@@ -83,6 +92,7 @@ class ModelConfig:
         return 6.0 * matmul_weights + attention
 
 
+COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "scan_layers")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 PRESETS: dict[str, dict[str, Any]] = {

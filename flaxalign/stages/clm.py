@@ -76,8 +76,7 @@ def build_task(config, workdir: str, mesh) -> Task:
         model_config, config.optim, seed=config.seed, grad_accum=config.grad_accum, chunk_size=config.loss_chunk,
         train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens,
         flops_per_step=tokens * model_config.flops_per_token(data_cfg.seq_len),
-        metadata={"stage": "clm", "model": model_config.to_dict(), "tokenizer": data.tokenizer.model_path,
-                  "data": dict(data.stats)})
+        metadata={"tokenizer": data.tokenizer.model_path, "data": dict(data.stats)})
 
 
 def make_task(model_config: models.ModelConfig, optim_cfg, *, seed: int = 0, grad_accum: int = 1,
@@ -100,5 +99,6 @@ def make_task(model_config: models.ModelConfig, optim_cfg, *, seed: int = 0, gra
         eval_batches=eval_batches,
         tokens_per_step=tokens_per_step,
         flops_per_step=flops_per_step,
-        metadata=metadata if metadata is not None else {"stage": "clm", "model": model_config.to_dict()},
+        metadata={"stage": "clm", "model": model_config.to_dict(),
+                  "resume_identity": model_config.checkpoint_identity(), **(metadata or {})},
     )

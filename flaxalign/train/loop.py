@@ -69,11 +69,13 @@ def initial_state(task: Task, seed: int, mesh: Mesh, checkpointer: Checkpointer)
     shardings = state_shardings(abstract, task.params_logical, task.frozen_logical, mesh)
     latest = checkpointer.latest_step()
     if latest is not None:
-        saved_model = checkpointer.restore_metadata(latest).get("model")
-        if saved_model != task.metadata.get("model"):
+        saved = checkpointer.restore_metadata(latest).get("resume_identity")
+        if saved != task.metadata.get("resume_identity"):
+            changed = sorted(k for k in set(saved or {}) | set(task.metadata.get("resume_identity", {}))
+                             if (saved or {}).get(k) != task.metadata["resume_identity"].get(k))
             raise errors.CheckpointError(
                 f"the checkpoint at step {latest} in {checkpointer.directory} was trained with a different model "
-                "config; use a new --workdir or the same model settings.")
+                f"config (changed: {', '.join(changed)}); use a new --workdir or the same model settings.")
         state, data_state, _ = checkpointer.restore(latest, shardings, abstract)
         task.train_data.set_state(data_state)
         return state, shardings, latest

@@ -31,7 +31,7 @@ class Task:
     # bookkeeping
     tokens_per_step: int  # global tokens processed per step (for tokens/s)
     flops_per_step: float  # global training FLOPs per step (for MFU)
-    metadata: dict  # saved with every checkpoint; `model` must match on resume
+    metadata: dict  # saved with every checkpoint; its `resume_identity` must match to resume
     abstract_frozen: Any = dataclasses.field(default_factory=dict)
     frozen_logical: Any = dataclasses.field(default_factory=dict)
     init_frozen: Callable[[Any], Any] = lambda shardings: {}
