@@ -7,6 +7,7 @@ A user error (bad flag, missing file, indivisible mesh, unknown preset) prints o
 
 import logging as pylogging
 import os
+import re
 import sys
 import time
 
@@ -41,8 +42,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     except errors.FlaxalignError as e:  # raised by a config file's get_config, e.g. an unknown preset
         fail(str(e))
     except (AttributeError, KeyError) as e:  # ml_collections: --config.<field> names no field
-        field = str(e).strip("\"'")
-        fail(f"unknown config field {field!r} in a --config.* flag; see the config file for the known fields.")
+        fail(_unknown_field_message(str(e)))
+
+
+def _unknown_field_message(text: str) -> str:
+    names = re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", text)
+    field = names[0] if names else "?"
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    hint = f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""
+    return f"unknown config field {field!r} in a --config.* flag{hint}."
 
 
 def _first_sentence(e: Exception) -> str:
