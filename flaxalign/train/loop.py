@@ -62,6 +62,25 @@ class _SigtermFlag:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.raised))))
 
 
+class _Throughput:
+    """Step time, tokens/s and MFU averaged over the steps since the last log row."""
+
+    def __init__(self, task: Task, peak_flops: float):
+        self.task, self.peak = task, peak_flops
+        self.time, self.step = time.time(), 0
+
+    def reset(self, step: int) -> None:
+        self.time, self.step = time.time(), step
+
+    def since_last(self, step: int) -> dict:
+        if step <= self.step:
+            return {}
+        step_time = (time.time() - self.time) / (step - self.step)
+        self.reset(step)
+        return {"step_time": step_time, "tokens_per_sec": self.task.tokens_per_step / step_time,
+                "mfu": self.task.flops_per_step / step_time / self.peak}
+
+
 def initial_state(task: Task, seed: int, mesh: Mesh, checkpointer: Checkpointer):
     """A fresh state, or the latest checkpoint restored onto this mesh. Returns (state, shardings, restored_step)."""
     abstract = jax.eval_shape(lambda p, f: create_state(p, task.optimizer, seed, f),
@@ -69,10 +88,10 @@ def initial_state(task: Task, seed: int, mesh: Mesh, checkpointer: Checkpointer)
     shardings = state_shardings(abstract, task.params_logical, task.frozen_logical, mesh)
     latest = checkpointer.latest_step()
     if latest is not None:
-        saved = checkpointer.restore_metadata(latest).get("resume_identity")
-        if saved != task.metadata.get("resume_identity"):
-            changed = sorted(k for k in set(saved or {}) | set(task.metadata.get("resume_identity", {}))
-                             if (saved or {}).get(k) != task.metadata["resume_identity"].get(k))
+        saved = checkpointer.restore_metadata(latest).get("resume_identity") or {}
+        current = task.metadata.get("resume_identity") or {}
+        changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+        if changed:
             raise errors.CheckpointError(
                 f"the checkpoint at step {latest} in {checkpointer.directory} was trained with a different model "
                 f"config (changed: {', '.join(changed)}); use a new --workdir or the same model settings.")
@@ -101,29 +120,24 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
     kill_at = int(os.environ.get(FAULT_KILL_ENV, "0"))
 
     started = time.time()
-    last_log_time, last_log_step = None, start
+    throughput = _Throughput(task, peak)
     metrics, preempted, step = {}, False, start
     with _SigtermFlag() as sigterm:
         while step < cfg.steps:
             batch = sharding.global_batch(next(task.train_data), mesh)
             state, metrics = step_fn(state, batch)
             step += 1
-            if last_log_time is None:  # the first step includes compilation: time from its end
+            if step == start + 1:  # the first step includes compilation: throughput is timed from its end
                 jax.block_until_ready(metrics)
-                last_log_time, last_log_step = time.time(), step
-                logging.info("First step (compile included) done after %.1fs.", last_log_time - started)
+                logging.info("First step (compile included) done after %.1fs.", time.time() - started)
+                throughput.reset(step)
             row = {}
             if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.time()
-                if step > last_log_step:
-                    step_time = (now - last_log_time) / (step - last_log_step)
-                    row.update(step_time=step_time, tokens_per_sec=task.tokens_per_step / step_time,
-                               mfu=task.flops_per_step / step_time / peak)
-                last_log_time, last_log_step = now, step
+                row.update(throughput.since_last(step))
             if eval_fn and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 row.update(evaluate(eval_fn, state, task, mesh))
-                last_log_time = time.time()  # eval time is not train throughput
+                throughput.reset(step)  # eval time is not train throughput
             if row:
                 writer.write(step, row)
                 if is_main:
