@@ -1,0 +1,274 @@
+"""Built-in records for the demo and the tests: no download, generated at run time.
+
+* `sft_pairs`: SFT prompt/completion pairs from the standard library's own
+  documentation.  For each public function, class and public method that the
+  modules of `corpus.STDLIB_MODULES` define, the prompt asks what it does
+  ("What does `json.dumps(obj, *, skipkeys, ...)` do?") and the completion is
+  the first sentence of its docstring.  Only parameter names appear in the
+  signature: default values can be object addresses or paths that differ
+  between runs and machines.
+* `arithmetic_tasks`: verifiable prompts "What is 37 + 58?" with the exact
+  answer "95", for PPO/GRPO rewards.
+* `arithmetic_preferences`: the same questions with chosen = "The answer is
+  95." and rejected = a wrong answer, for reward models and DPO.
+
+Everything depends only on the arguments and the Python build.  `read_records`
+reads them through `builtin:` specs (`BUILTIN_KINDS`); the arithmetic specs
+and `builtin:sft` take optional parameters, e.g.
+`builtin:arithmetic_prompts?n=512&seed=1` or `builtin:sft?n=1000`.
+"""
+
+import functools
+import gzip
+import inspect
+import json
+import random
+import re
+import urllib.parse
+import warnings
+
+from flaxalign.data.atomic import write_atomically
+from flaxalign.data.corpus import STDLIB_MODULES, _import_quietly, stdlib_corpus
+from flaxalign.errors import DataError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_KINDS = {
+    "builtin:stdlib": "text",
+    "builtin:sft": "sft",
+    "builtin:arithmetic_prompts": "prompt",
+    "builtin:arithmetic_preferences": "preference",
+}
+DEFAULT_ARITHMETIC_N = 4096
+DEFAULT_ARITHMETIC_SEED = 0
+
+# Completions outside these bounds are fragments ("Foo.") or whole paragraphs.
+MIN_SENTENCE_CHARS = 20
+MAX_SENTENCE_CHARS = 300
+# Longer parameter lists end in "..." so that prompts stay short.
+MAX_SIGNATURE_CHARS = 60
+
+# A first docstring paragraph like "S.find(sub[, start[, end]]) -> int" is a
+# signature written by hand in C modules, not prose.
+_SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
+# The end of the first sentence: ". " before a capital letter, or the end.
+_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)[.!?](?=\s+[A-Z`'\"(]|$)")
+
+
+def write_jsonl(records, path: str) -> None:
+    """Writes records as JSON lines (UTF-8, gzip if `path` ends in .gz), atomically."""
+    data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
+    if path.endswith(".gz"):
+        # mtime=0 keeps the file identical for identical records.
+        data = gzip.compress(data, mtime=0)
+    write_atomically(path, lambda handle: handle.write(data))
+
+
+def sft_pairs(max_examples: int | None = None) -> list[dict]:
+    """Returns stdlib "What does `f(...)` do?" -> first-sentence pairs, in fixed order.
+
+    `max_examples` (None = all) keeps the first that many.
+    """
+    pairs = [dict(pair) for pair in _all_sft_pairs()]
+    return pairs if max_examples is None else pairs[:max_examples]
+
+
+@functools.cache
+def _all_sft_pairs():
+    """All pairs as a tuple of (key, value) tuples, computed once per process."""
+    pairs = []
+    seen = set()
+    for module_name in STDLIB_MODULES:
+        module = _import_quietly(module_name)
+        if module is None:
+            continue
+        with warnings.catch_warnings():
+            # Reading some attributes (typing.io) warns about deprecation.
+            warnings.simplefilter("ignore")
+            for prompt, doc in _documented_names(module):
+                completion = first_sentence(doc)
+                if completion and prompt not in seen:
+                    seen.add(prompt)
+                    pairs.append((("prompt", prompt), ("completion", completion)))
+    return tuple(pairs)
+
+
+def _documented_names(module):
+    """Yields (prompt, docstring) for the public functions, classes and methods of a module."""
+    for name, value in sorted(vars(module).items()):
+        if name.startswith("_") or getattr(value, "__module__", None) != module.__name__:
+            continue  # Private, or re-exported and documented where it is defined.
+        dotted = f"{module.__name__}.{name}"
+        if inspect.isclass(value):
+            yield f"What is the class `{dotted}`?", _own_doc(value)
+            for member_name, member in sorted(vars(value).items()):
+                function = _unwrap(member)
+                if not member_name.startswith("_") and inspect.isroutine(function):
+                    yield _function_prompt(f"{dotted}.{member_name}", function), _own_doc(function)
+        elif inspect.isroutine(value):
+            yield _function_prompt(dotted, value), _own_doc(value)
+
+
+def _unwrap(member):
+    """The function inside a classmethod/staticmethod."""
+    return member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+
+
+def _own_doc(obj):
+    """obj.__doc__ if it is a string (slots can make it a descriptor), else ""."""
+    doc = getattr(obj, "__doc__", None)
+    return doc if isinstance(doc, str) else ""
+
+
+def _function_prompt(dotted, function):
+    return f"What does `{dotted}({_parameter_names(function)})` do?"
+
+
+def _parameter_names(function):
+    """The parameters of a function by name only ("a, /, b, *, c, **kw")."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return "..."  # C functions without a text signature.
+    parts = [str(parameter.replace(default=parameter.empty, annotation=parameter.empty))
+             for parameter in signature.parameters.values()]
+    if parts and parts[0] in ("self", "cls"):
+        parts = parts[1:]
+    text = ", ".join(_with_markers(parts, signature))
+    if len(text) > MAX_SIGNATURE_CHARS:
+        text = text[: text.rfind(", ", 0, MAX_SIGNATURE_CHARS)] + ", ..."
+    return text
+
+
+def _with_markers(parts, signature):
+    """`str(signature)`'s "/" and "*" markers, rebuilt for the name-only parts."""
+    params = list(signature.parameters.values())
+    params = params[len(params) - len(parts):]
+    out = []
+    for index, (part, param) in enumerate(zip(parts, params)):
+        if param.kind == param.KEYWORD_ONLY and (index == 0 or params[index - 1].kind
+                                                  not in (param.KEYWORD_ONLY, param.VAR_POSITIONAL)):
+            out.append("*")
+        out.append(part)
+        following = params[index + 1].kind if index + 1 < len(params) else None
+        if param.kind == param.POSITIONAL_ONLY and following != param.POSITIONAL_ONLY:
+            out.append("/")
+    return out
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first prose paragraph, or "" if unusable.
+
+    Lines are joined with single spaces; a sentence shorter than
+    MIN_SENTENCE_CHARS, longer than MAX_SENTENCE_CHARS or without a final
+    period is unusable, and so is one that starts with "Deprecated".
+    """
+    paragraphs = [p for p in inspect.cleandoc(doc).split("\n\n") if p.strip()]
+    while paragraphs and _SIGNATURE_LINE.match(paragraphs[0].strip().split("\n")[0]):
+        paragraphs = paragraphs[1:]
+    if not paragraphs:
+        return ""
+    text = " ".join(paragraphs[0].split())
+    match = _SENTENCE_END.search(text)
+    sentence = text[: match.end()] if match else ""
+    if not sentence.endswith(".") or not MIN_SENTENCE_CHARS <= len(sentence) <= MAX_SENTENCE_CHARS:
+        return ""
+    if sentence.startswith("Deprecated"):
+        return ""  # Says nothing about what the name does.
+    return sentence
+
+
+def arithmetic_tasks(n: int, seed: int = DEFAULT_ARITHMETIC_SEED) -> list[dict]:
+    """Returns n prompt records {"prompt": "What is 37 + 58?", "answer": "95"}.
+
+    Operations are a + b and a - b with 0 <= b <= a <= 99 (answers are never
+    negative) and a * b with 2 <= a, b <= 12, each a third of the time.
+    """
+    rng = random.Random(seed)
+    return [{"prompt": _question(a, op, b), "answer": str(value)}
+            for a, op, b, value in (_problem(rng) for _ in range(n))]
+
+
+def arithmetic_preferences(n: int, seed: int = DEFAULT_ARITHMETIC_SEED) -> list[dict]:
+    """Returns n preference records about the questions of `arithmetic_tasks(n, seed)`.
+
+    chosen is "The answer is {correct}."; rejected is, half the time, the same
+    sentence with an answer off by 1 to 3, else a hedging sentence with an
+    answer off by 4 to 10.
+    """
+    rng = random.Random(seed)
+    # A second generator, so that the questions equal arithmetic_tasks'.
+    wrong_rng = random.Random(f"wrong answers {seed}")
+    records = []
+    for a, op, b, value in (_problem(rng) for _ in range(n)):
+        records.append({
+            "prompt": _question(a, op, b),
+            "chosen": f"The answer is {value}.",
+            "rejected": _wrong_answer(wrong_rng, a, op, b, value),
+        })
+    return records
+
+
+def _problem(rng):
+    """One random (a, op, b, a op b)."""
+    op = rng.choice("+-*")
+    if op == "*":
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        return a, op, b, a * b
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+        return a, op, b, a - b
+    return a, op, b, a + b
+
+
+def _question(a, op, b):
+    return f"What is {a} {op} {b}?"
+
+
+def _wrong_answer(rng, a, op, b, value):
+    """A wrong answer: a near miss in the chosen format, or a hedge further off."""
+    if rng.random() < 0.5:
+        return f"The answer is {value + rng.choice((-3, -2, -1, 1, 2, 3))}."
+    wrong = value + rng.choice((-1, 1)) * rng.randint(4, 10)
+    return f"Hmm, {a} {op} {b} is tricky. I think it is about {wrong}, but I am not sure."
+
+
+def builtin_records(spec: str, kind: str) -> list[dict]:
+    """Returns the records of a `builtin:NAME[?n=N&seed=S]` spec read as `kind`."""
+    base, _, query = spec.partition("?")
+    if base not in BUILTIN_KINDS:
+        raise DataError(f"unknown built-in data {base!r}; built-ins are {', '.join(BUILTIN_KINDS)}.")
+    if BUILTIN_KINDS[base] != kind:
+        raise DataError(f"{base} holds {BUILTIN_KINDS[base]} records, not {kind} records.")
+    params = _builtin_params(spec, query, allowed=_BUILTIN_PARAMS[base])
+    if base == "builtin:stdlib":
+        return [{"text": document} for document in stdlib_corpus()]
+    if base == "builtin:sft":
+        return sft_pairs(params.get("n"))
+    n = params.get("n", DEFAULT_ARITHMETIC_N)
+    seed = params.get("seed", DEFAULT_ARITHMETIC_SEED)
+    if base == "builtin:arithmetic_prompts":
+        return arithmetic_tasks(n, seed)
+    return arithmetic_preferences(n, seed)
+
+
+_BUILTIN_PARAMS = {
+    "builtin:stdlib": (),
+    "builtin:sft": ("n",),
+    "builtin:arithmetic_prompts": ("n", "seed"),
+    "builtin:arithmetic_preferences": ("n", "seed"),
+}
+
+
+def _builtin_params(spec, query, allowed):
+    """Parses "n=512&seed=1" into ints, rejecting names not in `allowed`."""
+    params = {}
+    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        if name not in allowed:
+            accepted = ", ".join(allowed) if allowed else "none"
+            raise DataError(f"{spec}: unknown parameter {name!r} (accepted: {accepted}).")
+        if not re.fullmatch(r"\d+", value) or (name == "n" and int(value) == 0):
+            sign = "positive" if name == "n" else "non-negative"
+            raise DataError(f"{spec}: parameter {name!r} must be a {sign} integer, got {value!r}.")
+        params[name] = int(value)
+    return params
