@@ -1,5 +1,11 @@
-"""A SentencePiece tokenizer that is trained in-process and round-trips text.
+"""Tokenizers behind one small interface: SentencePiece models and HF tokenizer.json files.
 
+Both classes have `encode(text)` (no bos/eos added), `encode_batch(texts)`,
+`decode(ids)`, `token_to_id(token)`, `vocab_size`, `model_path` and the
+special ids `pad_id`, `eos_id`, `bos_id`, `unk_id`.  `load_tokenizer(path)`
+picks the class from the path.
+
+`Tokenizer` wraps a SentencePiece model trained in-process (or loaded).
 Settings that matter (see `Tokenizer.train`):
 
 * ids: pad=0, unk=1, bos=2, eos=3; pad differs from eos so padding is never
@@ -7,17 +13,30 @@ Settings that matter (see `Tokenizer.train`):
 * byte fallback, identity normalisation, no dummy prefix and no whitespace
   clean-up, so `decode(encode(text)) == text` for any text (the one exception
   is SentencePiece's own space marker U+2581, which decodes as a space);
-* deterministic training: one thread, input in order, no sampling.
+* deterministic training: one thread, input in order, no sampling;
+* `user_defined_symbols` (e.g. the chat tokens "<|im_start|>", "<|im_end|>")
+  are single pieces, also when they appear inside text.
+
+`HFTokenizer` wraps a Hugging Face `tokenizer.json` (the format Llama-3, Qwen2
+and SmolLM ship) through the `tokenizers` package; see its docstring for how
+the special ids are found.  Pad always differs from EOS: a tokenizer without
+such a pad gets a new special token "<|pad|>".
 """
 
 import io
+import json
+import logging
 import os
 import re
+from typing import Protocol
 
 import sentencepiece as spm
+import tokenizers
 
 from flaxalign.data.atomic import write_atomically
 from flaxalign.errors import DataError
+
+_LOG = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -31,6 +50,71 @@ MAX_LINE_BYTES = 1 << 16
 
 # More threads than this give no speed-up on batched encoding.
 MAX_ENCODE_THREADS = 16
+
+# The token added to HF tokenizers that have no pad distinct from EOS.
+ADDED_PAD_TOKEN = "<|pad|>"
+
+# Files next to tokenizer.json that name the special tokens; a later file
+# overrides an earlier one, as in transformers.
+SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+class TextTokenizer(Protocol):
+    """What the data pipeline needs from a tokenizer (`Tokenizer`, `HFTokenizer`).
+
+    Read-only: model_path (str), vocab_size, pad_id, eos_id (int), bos_id and
+    unk_id (int, or None for HF tokenizers that have none).
+    """
+
+    @property
+    def model_path(self) -> str: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def pad_id(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int | None: ...
+
+    @property
+    def unk_id(self) -> int | None: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts) -> list[list[int]]: ...
+
+    def decode(self, ids) -> str: ...
+
+    def token_to_id(self, token: str) -> int | None: ...
+
+
+def load_tokenizer(path: str, **special_tokens) -> "Tokenizer | HFTokenizer":
+    """Loads a SentencePiece `.model` file, a `tokenizer.json`, or a folder with a tokenizer.json.
+
+    `special_tokens` (bos_token=..., eos_token=..., pad_token=..., unk_token=...)
+    are passed to `HFTokenizer`; SentencePiece models carry their own ids.
+    """
+    if os.path.isdir(path):
+        json_path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(json_path):
+            raise DataError(f"tokenizer folder '{path}' has no tokenizer.json file.")
+        return HFTokenizer(json_path, **special_tokens)
+    if not os.path.exists(path):
+        raise DataError(f"tokenizer '{path}' does not exist.")
+    if path.endswith(".model"):
+        return Tokenizer.load(path)
+    if path.endswith(".json"):
+        return HFTokenizer(path, **special_tokens)
+    raise DataError(
+        f"tokenizer '{path}' is neither a SentencePiece .model file, "
+        "a tokenizer.json file nor a folder holding one."
+    )
 
 
 class Tokenizer:
@@ -73,7 +157,16 @@ class Tokenizer:
             raise DataError(f"tokenizer model '{model_path}' does not exist.")
         with open(model_path, "rb") as handle:
             model_bytes = handle.read()
-        return cls(_processor_from_bytes(model_bytes, model_path), model_path)
+        processor = _processor_from_bytes(model_bytes, model_path)
+        # Models trained elsewhere (e.g. Llama-2's) may have pad_id=-1, which
+        # would silently index outside the embedding table.
+        if processor.eos_id() < 0 or processor.pad_id() < 0 or processor.pad_id() == processor.eos_id():
+            raise DataError(
+                f"tokenizer model '{model_path}' needs an EOS id and a different pad id "
+                f"(it has eos_id={processor.eos_id()}, pad_id={processor.pad_id()}); "
+                "train one with flaxalign or use a tokenizer.json."
+            )
+        return cls(processor, model_path)
 
     @property
     def model_path(self) -> str:
@@ -109,8 +202,185 @@ class Tokenizer:
         return self._processor.encode(list(texts), out_type=int, num_threads=num_threads)
 
     def decode(self, ids) -> str:
-        """Returns the text of token ids (numpy arrays are accepted)."""
+        """Returns the text of token ids (numpy arrays are accepted).
+
+        Control pieces (pad, bos, eos) decode to nothing; user-defined symbols
+        such as "<|im_end|>" decode to their text.
+        """
         return self._processor.decode([int(token) for token in ids])
+
+    def token_to_id(self, token: str) -> int | None:
+        """Returns the id of a piece (e.g. "<|im_start|>", "</s>"), or None if there is none."""
+        token_id = self._processor.piece_to_id(token)
+        # SentencePiece maps unknown pieces to the unk id instead of failing.
+        if token_id == self._processor.unk_id() and token != self._processor.id_to_piece(token_id):
+            return None
+        return token_id
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (Llama-3, Qwen2, SmolLM, ...) with `Tokenizer`'s interface.
+
+    Special tokens come, lowest priority first, from `tokenizer_config.json`,
+    then `special_tokens_map.json` (both next to tokenizer.json, when present;
+    values are strings or {"content": ...} dicts), then the constructor's
+    arguments, which is transformers' order.  EOS is required; bos and unk may
+    be None.  If there is no pad, or pad equals EOS, the special token
+    "<|pad|>" is added in memory (vocab_size grows by one, the file is not
+    changed) and a notice is logged.
+
+    `encode` adds no bos/eos (the file's post-processor is not applied), and
+    special tokens written in the text (e.g. "<|im_start|>") become their ids.
+    Padding and truncation settings stored in the file are switched off.
+    """
+
+    def __init__(self, model_path: str, *, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, unk_token: str | None = None):
+        self._model_path = model_path
+        self._tokenizer = _read_tokenizer_json(model_path)
+        arguments = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token,
+                     "unk_token": unk_token}
+        tokens = _special_token_names(model_path, arguments)
+        ids = {key: self._special_id(key, *tokens[key]) for key in tokens}
+        if ids.get("eos_token") is None:
+            raise DataError(
+                f"tokenizer '{model_path}' has no known EOS token: add a tokenizer_config.json "
+                "with eos_token next to it or pass eos_token."
+            )
+        self._eos_id = ids["eos_token"]
+        self._bos_id = ids.get("bos_token")
+        self._unk_id = ids.get("unk_token", self._model_unk_id())
+        self._pad_id = ids.get("pad_token")
+        if self._pad_id is None or self._pad_id == self._eos_id:
+            self._pad_id = self._add_pad_token()
+        # The vocabulary is fixed from here on; get_vocab copies it (128k entries for Llama-3).
+        self._vocab_size = _vocab_size(self._tokenizer)
+
+    @classmethod
+    def load(cls, model_path: str, **special_tokens) -> "HFTokenizer":
+        """Same as the constructor; mirrors `Tokenizer.load`."""
+        return cls(model_path, **special_tokens)
+
+    @property
+    def model_path(self) -> str:
+        return self._model_path
+
+    @property
+    def vocab_size(self) -> int:
+        """One more than the largest id, added tokens included (the embedding rows needed)."""
+        return self._vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._unk_id
+
+    def encode(self, text: str) -> list[int]:
+        """Returns the token ids of text, without bos or eos."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        """Encodes many texts at once, in parallel Rust threads (no offsets computed)."""
+        encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
+    def decode(self, ids) -> str:
+        """Returns the text of token ids, special tokens included (numpy arrays are accepted)."""
+        return self._tokenizer.decode([int(token) for token in ids], skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Returns the id of a token (e.g. "<|im_start|>"), or None if there is none."""
+        return self._tokenizer.token_to_id(token)
+
+    def _special_id(self, key, token, source):
+        """Returns the id of a configured special token, or None when it is unset."""
+        if token is None:
+            return None
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise DataError(f"{key} '{token}' from {source} is not a token of '{self._model_path}'.")
+        return token_id
+
+    def _model_unk_id(self):
+        """Returns the id of the model's own unk token (BPE/WordPiece), if it has one."""
+        unk_token = getattr(self._tokenizer.model, "unk_token", None)
+        return self._tokenizer.token_to_id(unk_token) if unk_token else None
+
+    def _add_pad_token(self):
+        """Adds "<|pad|>" as a special token (or reuses it) and returns its id."""
+        pad_id = self._tokenizer.token_to_id(ADDED_PAD_TOKEN)
+        if pad_id is None:
+            self._tokenizer.add_special_tokens([tokenizers.AddedToken(ADDED_PAD_TOKEN, special=True)])
+            pad_id = self._tokenizer.token_to_id(ADDED_PAD_TOKEN)
+        _LOG.info("tokenizer %s has no pad token distinct from EOS; using %s as pad, id %d "
+                  "(vocab_size %d).", self._model_path, ADDED_PAD_TOKEN, pad_id, _vocab_size(self._tokenizer))
+        return pad_id
+
+
+def _vocab_size(tokenizer):
+    """Returns one more than the largest id; ids of added tokens may leave gaps."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def _read_tokenizer_json(model_path):
+    """Returns the `tokenizers.Tokenizer` of a file, with padding and truncation off."""
+    if not os.path.isfile(model_path):
+        raise DataError(f"tokenizer file '{model_path}' does not exist.")
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(model_path)
+    except Exception:  # noqa: BLE001 - tokenizers raises plain Exception for any parse error.
+        raise DataError(f"tokenizer file '{model_path}' is not a valid tokenizer.json.") from None
+    # A file may ask for padding or truncation; encode must return every token.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def _special_token_names(model_path, arguments):
+    """Returns {key: (token or None, source)} for the special-token keys that are set anywhere."""
+    names = {}
+    folder = os.path.dirname(os.path.abspath(model_path))
+    for file_name in SPECIAL_TOKEN_FILES:
+        config_path = os.path.join(folder, file_name)
+        if os.path.isfile(config_path):
+            names.update(_special_tokens_in_file(config_path))
+    for key, token in arguments.items():
+        if token is not None:
+            names[key] = (token, f"the {key} argument")
+    return names
+
+
+def _special_tokens_in_file(config_path):
+    """Reads bos/eos/pad/unk tokens from a tokenizer_config.json-style file."""
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise DataError(f"tokenizer config '{config_path}' is not readable JSON ({error}).") from None
+    if not isinstance(config, dict):
+        raise DataError(f"tokenizer config '{config_path}' is not a JSON object.")
+    names = {}
+    for key in SPECIAL_TOKEN_KEYS:
+        if key not in config:
+            continue
+        value = config[key]
+        if isinstance(value, dict):
+            value = value.get("content")
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{key} in tokenizer config '{config_path}' is neither a string nor a dict with content.")
+        names[key] = (value, f"'{config_path}'")
+    return names
 
 
 def _train_model_bytes(documents, model_path, vocab_size, model_type, user_defined_symbols):

@@ -91,3 +91,36 @@ def test_impossible_vocab_sizes(tmp_path):
     many_characters = "".join(chr(code) for code in range(0x4E00, 0x4E00 + 200))
     with pytest.raises(DataError, match="vocab_size 300 is too small .* needs at least 4"):
         Tokenizer.train([many_characters], str(tmp_path / "c.model"), vocab_size=300)
+
+
+def test_chat_symbols_are_single_ids_in_text(documents, tmp_path):
+    tokenizer = Tokenizer.train(
+        documents[:200], str(tmp_path / "chat.model"), vocab_size=400,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+    )
+    start, end = tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")
+    assert (start, end) == (4, 5)  # right after pad, unk, bos, eos
+    ids = tokenizer.encode("<|im_start|>user\nHi there<|im_end|>\n")
+    assert ids[0] == start and ids.count(end) == 1
+    assert ids == [start] + tokenizer.encode("user\nHi there") + [end] + tokenizer.encode("\n")
+    assert tokenizer.decode(ids) == "<|im_start|>user\nHi there<|im_end|>\n"
+    assert Tokenizer.load(tokenizer.model_path).token_to_id("<|im_end|>") == end
+
+
+def test_token_to_id(tokenizer):
+    assert tokenizer.token_to_id("</s>") == tokenizer.eos_id
+    assert tokenizer.token_to_id("<unk>") == tokenizer.unk_id
+    assert tokenizer.token_to_id("<|im_start|>") is None
+    assert tokenizer.encode("\n") == [tokenizer.token_to_id("<0x0A>")]  # a byte-fallback piece
+
+
+def test_models_without_a_distinct_pad_are_refused(tmp_path):
+    import sentencepiece as spm
+
+    model_prefix = str(tmp_path / "foreign")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a small corpus of words", "more words here"]), model_prefix=model_prefix,
+        vocab_size=20, pad_id=-1, minloglevel=2,
+    )
+    with pytest.raises(DataError, match=r"tokenizer model '.*foreign.model' needs an EOS id and a different pad id"):
+        Tokenizer.load(model_prefix + ".model")
