@@ -1,0 +1,217 @@
+"""Chat templates: a conversation becomes token ids plus a mask of the tokens to train on.
+
+A conversation is a list of {"role": ..., "content": ...} messages; roles are
+"system" (first message only), "user" and "assistant"; content is a string.
+
+Templates (the text `render_chat_text` returns):
+
+* `chatml` (Qwen2, SmolLM2-Instruct, ...), per message
+  `<|im_start|>{role}\\n{content}<|im_end|>\\n`; generation prompt
+  `<|im_start|>assistant\\n`.  No default system message is inserted.
+* `llama3` (Meta-Llama-3-Instruct), `<|begin_of_text|>` once, then per message
+  `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>`;
+  generation prompt `<|start_header_id|>assistant<|end_header_id|>\\n\\n`.
+* `plain`, for tokenizers without chat tokens: messages `System: {content}`,
+  `User: {content}` and `Assistant: {content}{EOS}` joined by a blank line
+  ("\\n\\n"); generation prompt `Assistant:` (after a blank line).  The space
+  after "Assistant:" belongs to the answer, so a prompt never ends in a space.
+  The EOS is the tokenizer's EOS id; in the text it is `eos_token`.
+
+The assistant mask is 1 on the tokens of each assistant message's content and
+its end token (`<|im_end|>`, `<|eot_id|>`, or EOS for `plain`; for `plain`
+also the space before the content) and 0 elsewhere: role headers, system and
+user messages, separators and the generation prompt.
+
+Ids are built segment by segment so that the mask is exact: special tokens
+become their ids directly, and each run of text with the same mask value is
+encoded on its own, so no token is half prompt, half answer.  This equals
+encoding the whole rendered text when the tokenizer's pre-tokenizer already
+splits at the edges of the answers, which byte-level BPE (Llama-3, Qwen2 and
+GPT-2/SmolLM styles) and flaxalign's SentencePiece models do for answers that
+start with a non-space character (llama3 strips answers).  When an answer
+starts with whitespace a GPT-2-style tokenizer may merge it with the header's
+newline in the whole text; the segment-wise ids are kept then, like TRL's
+DPOTrainer, which encodes prompt and completion separately.
+"""
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from flaxalign.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+
+# The special tokens each template needs as single ids in the tokenizer.
+TEMPLATE_TOKENS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "plain": (),
+}
+TEMPLATES = tuple(TEMPLATE_TOKENS)
+
+PLAIN_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTokens:
+    """Token ids of a rendered conversation and a 0/1 mask of the assistant tokens."""
+
+    ids: list[int]
+    assistant_mask: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+    """A stretch of the rendered conversation: text, a special token, or the EOS id."""
+
+    kind: str  # "text", "token" (value is the token's string) or "eos"
+    value: str
+    trained: bool  # the assistant-mask value of its tokens
+
+
+def render_chat_text(messages, template: str, add_generation_prompt: bool = False, *,
+                     eos_token: str = "", source: str = "") -> str:
+    """Returns the conversation rendered as one string.
+
+    `eos_token` is the text written where the `plain` template puts the EOS
+    id (e.g. "</s>"; other templates ignore it).  `source` names where the
+    messages come from (e.g. "'train.jsonl' line 3") in error messages.
+    """
+    pieces = _render_pieces(messages, template, add_generation_prompt, source)
+    return "".join(eos_token if piece.kind == "eos" else piece.value for piece in pieces)
+
+
+def render_chat(messages, tokenizer, template: str, *, add_generation_prompt: bool = False,
+                source: str = "") -> ChatTokens:
+    """Returns the conversation's token ids and assistant mask (see the module docstring).
+
+    `tokenizer` is a `Tokenizer` or `HFTokenizer`; no bos is added beyond
+    what the template writes (llama3's `<|begin_of_text|>`).  `source` names
+    where the messages come from in error messages.
+    """
+    pieces = _render_pieces(messages, template, add_generation_prompt, source)
+    token_ids = _template_token_ids(tokenizer, template)
+    ids, mask = [], []
+    for piece in _merge_text(pieces):
+        if piece.kind == "text":
+            piece_ids = tokenizer.encode(piece.value)
+        elif piece.kind == "token":
+            piece_ids = [token_ids[piece.value]]
+        else:
+            piece_ids = [tokenizer.eos_id]
+        ids.extend(piece_ids)
+        mask.extend([int(piece.trained)] * len(piece_ids))
+    return ChatTokens(ids=ids, assistant_mask=mask)
+
+
+def _render_pieces(messages, template, add_generation_prompt, source):
+    """Checks the messages and returns the template's pieces for them."""
+    if template not in TEMPLATE_TOKENS:
+        raise DataError(f"chat template '{template}' is unknown; use one of {', '.join(TEMPLATES)}.")
+    _check_messages(messages, source or "the conversation")
+    render = {"chatml": _chatml_pieces, "llama3": _llama3_pieces, "plain": _plain_pieces}[template]
+    return render(messages, add_generation_prompt)
+
+
+def _chatml_pieces(messages, add_generation_prompt):
+    """`<|im_start|>{role}\\n{content}<|im_end|>\\n` per message."""
+    pieces = []
+    for message in messages:
+        trained = message["role"] == "assistant"
+        pieces += [
+            _token("<|im_start|>"), _text(message["role"] + "\n"),
+            _text(message["content"], trained), _token("<|im_end|>", trained), _text("\n"),
+        ]
+    if add_generation_prompt:
+        pieces += [_token("<|im_start|>"), _text("assistant\n")]
+    return pieces
+
+
+def _llama3_pieces(messages, add_generation_prompt):
+    """`<|begin_of_text|>`, then a header, the stripped content and `<|eot_id|>` per message."""
+    pieces = [_token("<|begin_of_text|>")]
+    for message in messages:
+        trained = message["role"] == "assistant"
+        # Meta's template applies Jinja's `trim`, which is str.strip().
+        pieces += _llama3_header(message["role"]) + [
+            _text(message["content"].strip(), trained), _token("<|eot_id|>", trained),
+        ]
+    if add_generation_prompt:
+        pieces += _llama3_header("assistant")
+    return pieces
+
+
+def _llama3_header(role):
+    return [_token("<|start_header_id|>"), _text(role), _token("<|end_header_id|>"), _text("\n\n")]
+
+
+def _plain_pieces(messages, add_generation_prompt):
+    """`Role: content` per message, blank lines between, EOS after each assistant answer."""
+    pieces = []
+    for index, message in enumerate(messages):
+        trained = message["role"] == "assistant"
+        if index:
+            pieces.append(_text("\n\n"))
+        pieces += [_text(PLAIN_ROLE_NAMES[message["role"]] + ":"), _text(" " + message["content"], trained)]
+        if trained:
+            pieces.append(_Piece("eos", "", True))
+    if add_generation_prompt:
+        pieces += [_text("\n\n"), _text("Assistant:")]
+    return pieces
+
+
+def _text(value, trained=False):
+    return _Piece("text", value, trained)
+
+
+def _token(value, trained=False):
+    return _Piece("token", value, trained)
+
+
+def _merge_text(pieces):
+    """Joins neighbouring text pieces with the same mask value, so that only
+    special tokens and the edges of assistant answers split the encoding."""
+    merged = []
+    for piece in pieces:
+        previous = merged[-1] if merged else None
+        if (piece.kind == "text" and previous is not None and previous.kind == "text"
+                and previous.trained == piece.trained):
+            merged[-1] = _text(previous.value + piece.value, piece.trained)
+        elif piece.kind != "text" or piece.value:
+            merged.append(piece)
+    return merged
+
+
+def _template_token_ids(tokenizer, template):
+    """Returns {token: id} for the template's special tokens, or a DataError naming a missing one."""
+    token_ids = {}
+    for token in TEMPLATE_TOKENS[template]:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise DataError(
+                f"tokenizer '{tokenizer.model_path}' has no '{token}' token, which chat template "
+                f"'{template}' needs; use a tokenizer that has it or the 'plain' template."
+            )
+        token_ids[token] = token_id
+    return token_ids
+
+
+def _check_messages(messages, where):
+    """Raises a DataError naming the first message that is not a valid chat message."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise DataError(f"{where} has no messages; it must be a non-empty list of role/content dicts.")
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise DataError(f"message {index} of {where} is not a dict with 'role' and 'content'.")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise DataError(
+                f"message {index} of {where} has role {role!r}; roles are system, user and assistant."
+            )
+        if not isinstance(content, str):
+            raise DataError(
+                f"message {index} of {where} has content of type {type(content).__name__}; "
+                "content must be a string."
+            )
+        if role == "system" and index > 0:
+            raise DataError(f"message {index} of {where} is a system message; only the first message may be one.")
