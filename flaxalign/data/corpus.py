@@ -127,6 +127,14 @@ def _stdlib_texts():
                 yield from _module_docstrings(module)
 
 
+def _defined_in(member, module_name):
+    """False for methods other packages patched onto a stdlib class (transformers adds some to logging.Logger),
+    which would make the corpus depend on what else the process imported."""
+    target = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
+    owner = getattr(target, "__module__", None)
+    return owner is None or owner == module_name
+
+
 def _import_quietly(module_name):
     """Imports a stdlib module, or returns None if this build lacks it."""
     try:
@@ -152,7 +160,7 @@ def _module_docstrings(module):
         if inspect.isclass(value):
             yield _doc_of(value)
             for member_name, member in sorted(vars(value).items()):
-                if _is_public_or_dunder(member_name):
+                if _is_public_or_dunder(member_name) and _defined_in(member, module.__name__):
                     yield _member_doc(member)
         elif callable(value):
             yield _doc_of(value)

@@ -48,9 +48,23 @@ def test_stdlib_corpus_is_deterministic_across_processes(imports_first):
     env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(REPO_ROOT))
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, cwd=REPO_ROOT,
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, timeout=120,
     )
     assert result.stdout.strip().splitlines()[-1] == _digest(stdlib_corpus())
+
+
+def test_methods_patched_onto_stdlib_classes_are_not_read(monkeypatch):
+    """transformers adds documented methods to logging.Logger on import; the corpus must not change."""
+    import logging
+
+    before = _digest(stdlib_corpus())
+
+    def warning_advice(self):
+        """A docstring from a third-party package that must not enter the corpus."""
+
+    warning_advice.__module__ = "some_package.logging"
+    monkeypatch.setattr(logging.Logger, "warning_advice", warning_advice, raising=False)
+    assert _digest(stdlib_corpus()) == before
 
 
 def test_max_chars_keeps_a_prefix_of_the_corpus():
