@@ -1,0 +1,131 @@
+"""Tests of flaxalign.data.prefetch.Prefetcher: same batches, exact resume, errors, shutdown."""
+
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from flaxalign import sharding
+from flaxalign.data.loader import BatchIterator
+from flaxalign.data.prefetch import Prefetcher
+
+
+def _iterator(**overrides):
+    rows = np.arange(37)
+    arrays = {"row": rows, "pair": np.stack([rows, -rows], axis=1)}
+    return BatchIterator(arrays, 8, seed=overrides.pop("seed", 5), **overrides)
+
+
+def _take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def _assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for batch_a, batch_b in zip(first, second):
+        assert batch_a.keys() == batch_b.keys()
+        for key in batch_a:
+            np.testing.assert_array_equal(np.asarray(batch_a[key]), np.asarray(batch_b[key]))
+
+
+class _FailingSource:
+    """A resumable source whose batch number `fail_at` raises."""
+
+    def __init__(self, fail_at):
+        self.position, self.fail_at = 0, fail_at
+
+    def __next__(self):
+        if self.position == self.fail_at:
+            raise ValueError(f"bad record at batch {self.position}")
+        self.position += 1
+        return {"x": np.array([self.position])}
+
+    def get_state(self):
+        return {"position": self.position}
+
+    def set_state(self, state):
+        self.position = state["position"]
+
+
+def test_same_batches_as_the_plain_iterator():
+    with Prefetcher(_iterator(), depth=3) as prefetcher:
+        _assert_same_batches(_take(prefetcher, 20), _take(_iterator(), 20))
+
+
+def test_state_is_the_consumers_position_not_the_producers():
+    prefetcher = Prefetcher(_iterator(), depth=4)
+    _take(prefetcher, 3)
+    time.sleep(0.2)  # let the producer run ahead and fill the queue
+    state = prefetcher.get_state()
+    assert state["batches_consumed"] == 3
+    assert prefetcher._iterator.batches_consumed > 3  # the source itself is ahead
+    expected = _take(prefetcher, 5)
+    prefetcher.close()
+
+    resumed = _iterator()
+    resumed.set_state(state)
+    with Prefetcher(resumed, depth=2) as restarted:
+        _assert_same_batches(_take(restarted, 5), expected)
+
+
+def test_set_state_on_a_running_prefetcher_discards_prefetched_batches():
+    reference = _take(_iterator(), 12)
+    with Prefetcher(_iterator(), depth=4) as prefetcher:
+        _take(prefetcher, 2)
+        state = prefetcher.get_state()
+        _take(prefetcher, 7)
+        prefetcher.set_state(state)
+        assert prefetcher.get_state() == state
+        _assert_same_batches(_take(prefetcher, 10), reference[2:12])
+
+
+def test_transform_runs_ahead_and_state_still_matches():
+    mesh = sharding.make_mesh(8, 1, 1)
+    with Prefetcher(_iterator(), depth=2,
+                    transform=lambda batch: sharding.global_batch(batch, mesh)) as prefetcher:
+        batches = _take(prefetcher, 4)
+        assert all(isinstance(batch["row"], jax.Array) for batch in batches)
+        assert batches[0]["row"].sharding.spec == sharding.batch_sharding(mesh, 8, 1).spec
+        _assert_same_batches(batches, _take(_iterator(), 4))
+        assert prefetcher.get_state()["batches_consumed"] == 4
+
+
+def test_a_source_exception_surfaces_in_the_consumer_after_the_good_batches():
+    prefetcher = Prefetcher(_FailingSource(fail_at=3), depth=2)
+    assert [int(next(prefetcher)["x"][0]) for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="bad record at batch 3"):
+        next(prefetcher)
+    assert prefetcher.get_state() == {"position": 3}
+    with pytest.raises(ValueError, match="bad record"):
+        next(prefetcher)  # stays failed instead of hanging
+    assert prefetcher.close(timeout=5)
+
+
+def test_a_transform_exception_surfaces_too():
+    def transform(batch):
+        raise RuntimeError("device is full")
+
+    with Prefetcher(_iterator(), transform=transform) as prefetcher, \
+            pytest.raises(RuntimeError, match="device is full"):
+        next(prefetcher)
+
+
+def test_close_stops_the_thread_even_with_a_full_queue():
+    before = {thread.ident for thread in threading.enumerate()}
+    prefetcher = Prefetcher(_iterator(), depth=1)
+    next(prefetcher)
+    time.sleep(0.1)  # the producer is now blocked on the full queue
+    producer = prefetcher._thread
+    assert producer.daemon and producer.is_alive()
+    assert prefetcher.close(timeout=5)
+    assert not producer.is_alive()
+    assert {thread.ident for thread in threading.enumerate()} <= before
+    with pytest.raises(RuntimeError, match="closed"):
+        next(prefetcher)
+
+
+def test_depth_must_be_positive():
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        Prefetcher(_iterator(), depth=0)
