@@ -1,0 +1,184 @@
+"""Times the data loader on synthetic token examples and compares it with the model's train-step throughput.
+
+    python bench/data_loader.py                              # 50k SFT examples, 20k pairs, 50k documents
+    python bench/data_loader.py --model_tokens_per_sec=732  # the `small` model's tokens/s (bench/clm_step.py)
+
+Pipelines (examples arrive as Python lists of token ids, as tokenizers return them; making them is not timed):
+  SFT         truncate_examples + pack_sft, then one epoch of BatchIterator batches; also from numpy arrays
+  preference  truncate_examples + preference_batch (all pairs at once) + stack_pairs, then one epoch of batches
+  preference  per batch: preference_batch on each batch of pairs (the alternative to building all rows at once)
+  CLM         pack_documents, then one epoch of batches
+and the per-batch cost of BatchIterator alone and through Prefetcher.
+tokens = real (input, target) positions delivered, padding excluded; the ratio divides them by the model's tokens/s,
+which counts every position of its batches, so the ratio is a lower bound.  Each timing is the best of --repeats.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from flaxalign.data.batching import (  # noqa: E402
+    pack_sft,
+    preference_batch,
+    stack_pairs,
+    truncate_examples,
+)
+from flaxalign.data.loader import BatchIterator  # noqa: E402
+from flaxalign.data.packing import pack_documents  # noqa: E402
+from flaxalign.data.prefetch import Prefetcher  # noqa: E402
+
+VOCAB = 32_000
+PAD, BOS, EOS = 0, 1, 2
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--examples", type=int, default=50_000, help="SFT examples and CLM documents")
+    p.add_argument("--pairs", type=int, default=20_000, help="preference pairs")
+    p.add_argument("--min_len", type=int, default=32)
+    p.add_argument("--max_len", type=int, default=512)
+    p.add_argument("--seq_len", type=int, default=512, help="row length of SFT and CLM rows")
+    p.add_argument("--pair_len", type=int, default=384, help="row length of preference rows")
+    p.add_argument("--batch", type=int, default=8, help="global batch size (rows, or pairs)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--model_tokens_per_sec", type=float, default=732.0,
+                   help="the `small` model's train-step tokens/s on this CPU (bench/clm_step.py)")
+    return p.parse_args()
+
+
+def sft_examples(count, min_len, max_len, rng):
+    """(ids, mask) lists: a prompt of 10-90 % of the tokens with mask 0, then the completion with mask 1."""
+    examples = []
+    for length in rng.integers(min_len, max_len + 1, size=count).tolist():
+        prompt = int(length * rng.uniform(0.1, 0.9))
+        examples.append((rng.integers(3, VOCAB, size=length).tolist(),
+                         [0] * prompt + [1] * (length - prompt)))
+    return examples
+
+
+def preference_pairs(count, min_len, max_len, rng):
+    """(prompt, chosen, rejected) lists; each part is min_len/2 .. max_len/2 tokens."""
+    lengths = rng.integers(min_len // 2, max_len // 2 + 1, size=(count, 3)).tolist()
+    return [tuple(rng.integers(3, VOCAB, size=n).tolist() for n in parts) for parts in lengths]
+
+
+def as_numpy(examples):
+    """The same examples as int32/int8 arrays, as a record reader might give them."""
+    return [(np.asarray(ids, np.int32), np.asarray(mask, np.int8)) for ids, mask in examples]
+
+
+def documents(count, min_len, max_len, rng):
+    return [rng.integers(3, VOCAB, size=n).tolist() for n in rng.integers(min_len, max_len + 1, size=count)]
+
+
+def one_epoch(arrays, batch, prefetch=False):
+    """Reads every row once in batches (as the training loop does); returns the number of batches."""
+    num_rows = len(next(iter(arrays.values())))
+    steps = -(-num_rows // batch)
+    iterator = BatchIterator(arrays, batch, seed=0)
+    batches = Prefetcher(iterator, depth=2) if prefetch else iterator
+    for _ in range(steps):
+        next(batches)
+    if prefetch:
+        batches.close()
+    return steps
+
+
+def build_sft(examples, args):
+    kept, stats = truncate_examples(examples, args.seq_len + 1, "truncate_prompt_left")
+    rows = pack_sft(kept, args.seq_len, pad_id=PAD)
+    note = (f"{stats['truncated']} truncated, {len(rows['inputs'])} rows, "
+            f"fill {np.mean(rows['segment_ids'] > 0):.0%}")
+    return rows, int((rows["segment_ids"] > 0).sum()), note
+
+
+def build_preference(pairs, args):
+    kept, stats = truncate_examples(pairs, args.pair_len + 1, "truncate_prompt_left")
+    rows = stack_pairs(preference_batch(kept, args.pair_len, pad_id=PAD))
+    note = (f"{stats['truncated']} truncated, [2×{len(kept)}, {args.pair_len}] rows, "
+            f"fill {np.mean(rows['segment_ids'] > 0):.0%}")
+    return rows, int((rows["segment_ids"] > 0).sum()), note
+
+
+def build_preference_per_batch(pairs, args):
+    """Builds the rows batch by batch instead (nothing left to iterate)."""
+    kept, _ = truncate_examples(pairs, args.pair_len + 1, "truncate_prompt_left")
+    tokens = 0
+    for start in range(0, len(kept), args.batch):
+        tokens += int(preference_batch(kept[start:start + args.batch], args.pair_len,
+                                       pad_id=PAD)["segment_ids"].sum())
+    return None, tokens, f"{-(-len(kept) // args.batch)} calls of {args.batch} pairs"
+
+
+def build_clm(docs, args):
+    rows = pack_documents(docs, args.seq_len, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+    return rows, int(rows["loss_mask"].sum()), f"{len(rows['inputs'])} rows, fill {rows['loss_mask'].mean():.0%}"
+
+
+def best_time(build, data, args):
+    """Returns (build seconds, epoch seconds, tokens, note) of the fastest of the repeats."""
+    best = None
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        rows, tokens, note = build(data, args)
+        built = time.perf_counter()
+        if rows is not None:
+            one_epoch(rows, args.batch)
+        timing = (built - start, time.perf_counter() - built, tokens, note)
+        if best is None or sum(timing[:2]) < sum(best[:2]):
+            best = timing
+    return best
+
+
+def prefetch_overhead(rows, args):
+    """Returns (plain, prefetched) microseconds per batch over one epoch, best of the repeats."""
+    results = []
+    for prefetch in (False, True):
+        seconds = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            steps = one_epoch(rows, args.batch, prefetch=prefetch)
+            seconds.append((time.perf_counter() - start) / steps)
+        results.append(1e6 * min(seconds))
+    return results
+
+
+def main():
+    args = parse_args()
+    rng = np.random.default_rng(0)
+    print(f"making synthetic data: {args.examples:,} SFT examples and CLM documents, {args.pairs:,} pairs, "
+          f"lengths {args.min_len}-{args.max_len} ...", flush=True)
+    sft = sft_examples(args.examples, args.min_len, args.max_len, rng)
+    pairs = preference_pairs(args.pairs, args.min_len, args.max_len, rng)
+    cases = [
+        ("SFT", build_sft, sft, args.examples),
+        ("SFT, numpy inputs", build_sft, as_numpy(sft), args.examples),
+        ("preference", build_preference, pairs, args.pairs),
+        ("preference per batch", build_preference_per_batch, pairs, args.pairs),
+        ("CLM pack_documents", build_clm, documents(args.examples, args.min_len, args.max_len, rng),
+         args.examples),
+    ]
+    header = (f"{'pipeline':21} {'examples':>8} {'tokens':>11} {'build s':>7} {'epoch s':>7} "
+              f"{'examples/s':>10} {'tokens/s':>11} {'× model':>7}  notes")
+    print(header)
+    print("-" * len(header))
+    for name, build, data, count in cases:
+        build_seconds, epoch_seconds, tokens, note = best_time(build, data, args)
+        seconds = build_seconds + epoch_seconds
+        ratio = tokens / seconds / args.model_tokens_per_sec
+        print(f"{name:21} {count:8,} {tokens:11,} {build_seconds:7.3f} {epoch_seconds:7.3f} "
+              f"{count / seconds:10,.0f} {tokens / seconds:11,.0f} {ratio:7,.0f}  {note}", flush=True)
+    print(f"model: {args.model_tokens_per_sec:,.0f} tokens/s (`small` train step, --model_tokens_per_sec); "
+          f"target: loader ≥ 10× model")
+    plain, prefetched = prefetch_overhead(build_sft(sft, args)[0], args)
+    print(f"per batch of {args.batch} SFT rows: BatchIterator {plain:.0f} µs, through Prefetcher {prefetched:.0f} µs "
+          f"(a thread hand-off; the `small` step takes ≈ {args.batch * args.seq_len / args.model_tokens_per_sec:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
