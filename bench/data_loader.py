@@ -177,7 +177,8 @@ def main():
           f"target: loader ≥ 10× model")
     plain, prefetched = prefetch_overhead(build_sft(sft, args)[0], args)
     print(f"per batch of {args.batch} SFT rows: BatchIterator {plain:.0f} µs, through Prefetcher {prefetched:.0f} µs "
-          f"(a thread hand-off; the `small` step takes ≈ {args.batch * args.seq_len / args.model_tokens_per_sec:.1f} s)")
+          f"(a thread hand-off; a {args.batch}×{args.seq_len} step at {args.model_tokens_per_sec:,.0f} tokens/s takes "
+          f"{args.batch * args.seq_len / args.model_tokens_per_sec:.1f} s)")
 
 
 if __name__ == "__main__":
