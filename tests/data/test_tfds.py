@@ -74,16 +74,13 @@ def test_jsonl_round_trips_exactly_without_tensorflow(tmp_path, kind, records):
 
 
 @pytest.mark.parametrize("kind, records", [("kto", KTO), ("prompt", PROMPTS), ("text", [{"text": "a b"}])])
-def test_other_kinds_round_trip(tmp_path, kind, records):
+def test_other_kinds_round_trip(tmp_path, monkeypatch, kind, records):
     folder = tfds_io.records_to_tfds({"train": records}, str(tmp_path), "data", kind)
     assert tfds_io.read_tfds(folder, kind) == records
     # By name under data_dir, and under TFDS_DATA_DIR.
     assert sources.read_records("tfds:data", kind, data_dir=str(tmp_path)) == records
-    os.environ["TFDS_DATA_DIR"] = str(tmp_path)
-    try:
-        assert sources.read_records("tfds:data:train", kind) == records
-    finally:
-        del os.environ["TFDS_DATA_DIR"]
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    assert sources.read_records("tfds:data:train", kind) == records
 
 
 def test_labels_are_python_bools(tmp_path):
