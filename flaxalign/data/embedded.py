@@ -28,7 +28,7 @@ import urllib.parse
 import warnings
 
 from flaxalign.data.atomic import write_atomically
-from flaxalign.data.corpus import STDLIB_MODULES, _import_quietly, stdlib_corpus
+from flaxalign.data.corpus import STDLIB_MODULES, _defined_in, _import_quietly, stdlib_corpus
 from flaxalign.errors import DataError
 
 BUILTIN_PREFIX = "builtin:"
@@ -102,7 +102,10 @@ def _documented_names(module):
             yield f"What is the class `{dotted}`?", _own_doc(value)
             for member_name, member in sorted(vars(value).items()):
                 function = _unwrap(member)
-                if not member_name.startswith("_") and inspect.isroutine(function):
+                # _defined_in skips methods other packages patch onto stdlib
+                # classes (transformers on logging.Logger).
+                if (not member_name.startswith("_") and inspect.isroutine(function)
+                        and _defined_in(member, module.__name__)):
                     yield _function_prompt(f"{dotted}.{member_name}", function), _own_doc(function)
         elif inspect.isroutine(value):
             yield _function_prompt(dotted, value), _own_doc(value)

@@ -42,7 +42,7 @@ def test_sft_pairs_max_examples_is_a_prefix():
     assert embedded.sft_pairs(1)[0]["prompt"] != "changed"
 
 
-@pytest.mark.parametrize("imports_first", ["", "import jax, flax; "])
+@pytest.mark.parametrize("imports_first", ["", "import jax, flax, ml_collections; "])
 def test_sft_pairs_are_deterministic_across_processes(imports_first):
     script = (
         f"{imports_first}import hashlib, json; from flaxalign.data.embedded import sft_pairs; "
@@ -54,6 +54,24 @@ def test_sft_pairs_are_deterministic_across_processes(imports_first):
         check=True, timeout=120,
     )
     assert result.stdout.strip().splitlines()[-1] == _digest(embedded.sft_pairs())
+
+
+def test_methods_patched_onto_stdlib_classes_are_not_read(monkeypatch):
+    """transformers adds documented methods to logging.Logger on import; the pairs must not change."""
+    import logging
+
+    before = embedded.sft_pairs()
+
+    def warning_advice(self):
+        """A docstring from a third-party package that must not become a pair."""
+
+    warning_advice.__module__ = "some_package.logging"
+    monkeypatch.setattr(logging.Logger, "warning_advice", warning_advice, raising=False)
+    embedded._all_sft_pairs.cache_clear()
+    try:
+        assert embedded.sft_pairs() == before
+    finally:
+        embedded._all_sft_pairs.cache_clear()
 
 
 @pytest.mark.parametrize("doc, expected", [
