@@ -11,6 +11,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from flaxalign import errors, sharding
+from flaxalign.data.prefetch import Prefetcher
 from flaxalign.train import mfu
 from flaxalign.train.checkpoint import Checkpointer
 from flaxalign.train.jit import CompiledEval, CompiledStep, state_shardings
@@ -122,10 +123,11 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
     started = time.time()
     throughput = _Throughput(task, peak)
     metrics, preempted, step = {}, False, start
-    with _SigtermFlag() as sigterm:
+    # Batches are read and placed on the devices one step ahead, on a thread; its state is the consumer's position.
+    data = Prefetcher(task.train_data, depth=2, transform=lambda local: sharding.global_batch(local, mesh))
+    with _SigtermFlag() as sigterm, data:
         while step < cfg.steps:
-            batch = sharding.global_batch(next(task.train_data), mesh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, next(data))
             step += 1
             if step == start + 1:  # the first step includes compilation: throughput is timed from its end
                 jax.block_until_ready(metrics)
@@ -143,7 +145,7 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
                 if is_main:
                     logging.info(console_line(step, cfg.steps, row, started))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpointer.save(step, state, task.train_data.get_state(), task.metadata)
+                checkpointer.save(step, state, data.get_state(), task.metadata)
             if kill_at and step == kill_at:
                 checkpointer.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -152,7 +154,7 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
                 preempted = True
                 break
     if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, task.train_data.get_state(), task.metadata)
+        checkpointer.save(step, state, data.get_state(), task.metadata)
     checkpointer.close()
     writer.close()
     return LoopResult(final_step=step, preempted=preempted, last_metrics=metrics, state=state)
