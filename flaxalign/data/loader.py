@@ -17,9 +17,10 @@ import zipfile
 import numpy as np
 
 from flaxalign.data.atomic import write_atomically
-from flaxalign.data.corpus import load_corpus
+from flaxalign.data.corpus import truncate_documents
 from flaxalign.data.packing import PACKED_KEYS, pack_documents
-from flaxalign.data.tokenizer import Tokenizer
+from flaxalign.data.sources import read_records
+from flaxalign.data.tokenizer import Tokenizer, load_tokenizer
 from flaxalign.errors import DataError
 
 # Bump when the cached arrays would change for the same inputs.
@@ -192,11 +193,17 @@ def build_clm_datasets(data_cfg, workdir: str, *, log=print) -> ClmData:
 
 def _train_and_eval_documents(data_cfg, max_chars):
     """Returns the training and evaluation documents for the config."""
-    train_docs = load_corpus(data_cfg.train, max_chars)
+    train_docs = _text_documents(data_cfg.train, max_chars)
     eval_spec = getattr(data_cfg, "eval", "") or ""
     if eval_spec:
-        return train_docs, load_corpus(eval_spec, max_chars)
+        return train_docs, _text_documents(eval_spec, max_chars)
     return split_every_kth(train_docs, float(getattr(data_cfg, "eval_fraction", 0.02)), data_cfg.train)
+
+
+def _text_documents(spec, max_chars):
+    """Documents of a `text` source: text files/folders, JSONL(.gz) with a `text` field, `tfds:NAME[:split]`, or
+    `builtin:stdlib`."""
+    return truncate_documents([record["text"] for record in read_records(spec, "text")], max_chars)
 
 
 def split_every_kth(documents, eval_fraction: float, corpus_name: str = "corpus"):
@@ -230,7 +237,7 @@ def _get_tokenizer(data_cfg, workdir, train_docs, log):
     configured = getattr(data_cfg, "tokenizer", "") or ""
     if configured:
         log(f"data: using tokenizer {configured}")
-        return Tokenizer.load(configured)
+        return load_tokenizer(configured)
     model_path = os.path.join(workdir, "tokenizer.model")
     if os.path.exists(model_path):
         log(f"data: using tokenizer {model_path}")

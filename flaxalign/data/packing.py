@@ -17,7 +17,7 @@ import numpy as np
 PACKED_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
-def pack_documents(token_docs, seq_len: int, *, bos_id: int, eos_id: int, pad_id: int) -> dict:
+def pack_documents(token_docs, seq_len: int, *, bos_id: int | None, eos_id: int, pad_id: int) -> dict:
     """Packs token documents into rows; see the module docstring.
 
     Returns int32 arrays `inputs`, `targets`, `segment_ids`, `positions` and a
@@ -38,20 +38,23 @@ def pack_documents(token_docs, seq_len: int, *, bos_id: int, eos_id: int, pad_id
 
 
 def _concatenate_with_bos_eos(token_docs, bos_id, eos_id):
-    """Returns all [bos] + doc + [eos] sequences back to back, their starts and lengths."""
+    """Returns all [bos] + doc + [eos] sequences back to back, their starts and lengths (no bos when the
+    tokenizer has none, as some HF tokenizers do)."""
+    lead = 0 if bos_id is None else 1
     doc_lengths = np.array([len(doc) for doc in token_docs], dtype=np.int64)
-    sequence_lengths = doc_lengths + 2
+    sequence_lengths = doc_lengths + 1 + lead
     sequence_starts = _exclusive_cumsum(sequence_lengths)
     sequences = np.empty(int(sequence_lengths.sum()), dtype=np.int32)
-    sequences[sequence_starts] = bos_id
+    if lead:
+        sequences[sequence_starts] = bos_id
     sequences[sequence_starts + sequence_lengths - 1] = eos_id
     if doc_lengths.sum() > 0:
         tokens = np.concatenate([np.asarray(doc, dtype=np.int64) for doc in token_docs])
         if tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max:
             raise ValueError("token ids must fit in int32 and be >= 0.")
-        # Token j of document d sits after the d bos/eos pairs before it and its own bos.
+        # Token j of document d sits after the d (bos, eos) pairs before it and its own bos.
         document_of_token = np.repeat(np.arange(len(doc_lengths)), doc_lengths)
-        sequences[np.arange(len(tokens)) + 2 * document_of_token + 1] = tokens
+        sequences[np.arange(len(tokens)) + (1 + lead) * document_of_token + lead] = tokens
     return sequences, sequence_starts, sequence_lengths
 
 

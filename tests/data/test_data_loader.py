@@ -183,3 +183,60 @@ def test_unreadable_cache_is_rebuilt(corpus_folder, tmp_path):
     rebuilt = build_clm_datasets(config, str(tmp_path), log=lambda message: None)
     assert rebuilt.stats["cache_hit"] is False
     assert build_clm_datasets(config, str(tmp_path), log=lambda message: None).stats["cache_hit"]
+
+
+def test_jsonl_tfds_and_text_sources_give_the_same_rows(corpus_folder, tmp_path, monkeypatch):
+    """`data.train` may be text files, JSONL with a `text` field, or a tfds dataset: same documents, same rows."""
+    from flaxalign.data.embedded import write_jsonl
+    from flaxalign.data.tfds_io import jsonl_to_tfds
+
+    documents = [(corpus_folder / name).read_text(encoding="utf-8") for name in sorted(os.listdir(corpus_folder))]
+    jsonl = tmp_path / "corpus.jsonl"
+    write_jsonl([{"text": doc} for doc in documents], str(jsonl))
+    jsonl_to_tfds({"train": str(jsonl)}, str(tmp_path / "tfds"), "clm_corpus", "text")
+    tokenizer = Tokenizer.train(documents, str(tmp_path / "tok.model"), 400)
+
+    def rows(spec, **extra):
+        config = _config(spec, tokenizer=tokenizer.model_path, **extra)
+        return build_clm_datasets(config, str(tmp_path / f"work{len(extra)}{abs(hash(spec))}"),
+                                  log=lambda message: None).train
+
+    expected = rows(str(corpus_folder))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    for spec in (str(jsonl), "tfds:clm_corpus"):
+        got = rows(spec)
+        for key, value in expected.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{spec}: {key}")
+
+
+def test_hf_tokenizer_json_drives_the_clm_data(corpus_folder, tmp_path):
+    import tokenizers
+
+    from tests.data.test_tokenizer_hf import build_hf_tokenizer
+
+    documents = [(corpus_folder / name).read_text(encoding="utf-8") for name in sorted(os.listdir(corpus_folder))]
+    path = tmp_path / "hf" / "tokenizer.json"
+    path.parent.mkdir()
+    build_hf_tokenizer(path, documents[:100], special_tokens=["<|begin_of_text|>", "<|end_of_text|>"])
+    (path.parent / "tokenizer_config.json").write_text(
+        '{"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}')
+    data = build_clm_datasets(_config(corpus_folder, tokenizer=str(path.parent)), str(tmp_path / "work"),
+                              log=lambda message: None)
+    reference = tokenizers.Tokenizer.from_file(str(path))
+    first_doc = reference.encode(documents[0], add_special_tokens=False).ids
+    row = data.train["inputs"][0]
+    bos, eos = reference.token_to_id("<|begin_of_text|>"), reference.token_to_id("<|end_of_text|>")
+    expected = ([bos] + first_doc)[: len(row)]
+    np.testing.assert_array_equal(row[: len(expected)], expected)
+    assert (data.train["targets"] == eos).sum() == data.stats["train_documents"]  # one EOS closes each document
+    assert data.tokenizer.pad_id not in (bos, eos)
+
+
+def test_hf_tokenizer_without_bos_packs_eos_separated_documents(tmp_path):
+    from flaxalign.data.packing import pack_documents
+
+    packed = pack_documents([[5, 6, 7], [8, 9]], 8, bos_id=None, eos_id=3, pad_id=0)
+    np.testing.assert_array_equal(packed["inputs"][0], [5, 6, 7, 8, 9, 0, 0, 0])
+    np.testing.assert_array_equal(packed["targets"][0], [6, 7, 3, 9, 3, 0, 0, 0])
+    np.testing.assert_array_equal(packed["segment_ids"][0], [1, 1, 1, 2, 2, 0, 0, 0])
+    np.testing.assert_array_equal(packed["positions"][0], [0, 1, 2, 0, 1, 0, 0, 0])
