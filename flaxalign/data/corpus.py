@@ -17,12 +17,11 @@ check that other hash seeds, and importing jax and flax first, change nothing.
 The text is under the Python Software Foundation License, like Python itself.
 """
 
-import glob
 import importlib
 import inspect
-import os
 import warnings
 
+from flaxalign.data.paths import list_files
 from flaxalign.errors import DataError
 
 BUILTIN_STDLIB = "builtin:stdlib"
@@ -215,7 +214,7 @@ def read_text_documents(path: str) -> list[str]:
     one document, except files above 64 KiB, which are split on blank lines
     into chunks of at most 16 KiB characters (most close to it), in order.
     """
-    files = _list_text_files(path)
+    files = list_files(path, suffixes=TEXT_SUFFIXES, label="corpus path")
     documents = []
     for file_path in files:
         text = _read_utf8(file_path)
@@ -225,35 +224,6 @@ def read_text_documents(path: str) -> list[str]:
         what = "the file" if len(files) == 1 else f"none of its {len(files)} text files"
         raise DataError(f"corpus '{path}' is empty: {what} contains any non-blank text.")
     return documents
-
-
-def _list_text_files(path):
-    """Returns the sorted files that `path` (file, folder or glob) names."""
-    if os.path.isfile(path):
-        return [path]
-    if os.path.isdir(path):
-        return _text_files_under(path)
-    if glob.has_magic(path):
-        files = []
-        for match in sorted(glob.glob(path, recursive=True)):
-            files.extend(_text_files_under(match) if os.path.isdir(match) else [match])
-        if files:
-            return files
-        raise DataError(f"corpus path '{path}' does not exist (the glob matches no file).")
-    raise DataError(f"corpus path '{path}' does not exist.")
-
-
-def _text_files_under(folder):
-    """Returns the text files below `folder`, sorted by relative path."""
-    found = []
-    for root, dirs, names in os.walk(folder):
-        # Hidden folders (.git, .cache) hold no corpus text.
-        dirs[:] = [name for name in dirs if not name.startswith(".")]
-        for name in names:
-            if not name.startswith(".") and os.path.splitext(name)[1] in TEXT_SUFFIXES:
-                found.append(os.path.join(root, name))
-    # Sort by relative path so the order does not depend on the file system.
-    return sorted(found, key=lambda file_path: os.path.relpath(file_path, folder))
 
 
 def _read_utf8(file_path):

@@ -33,15 +33,14 @@ that holds any JSON files is read as those JSON files only (so a README next
 to the data is not a record), in sorted path order.
 """
 
-import glob
 import gzip
 import json
-import os
 import zlib
 from collections.abc import Iterator
 
 from flaxalign.data import embedded
 from flaxalign.data.corpus import read_text_documents
+from flaxalign.data.paths import list_files
 from flaxalign.errors import ConfigError, DataError
 
 KINDS = ("text", "sft", "preference", "kto", "prompt")
@@ -80,7 +79,7 @@ def read_records(spec: str, kind: str, *, data_dir: str | None = None) -> list[d
         from flaxalign.data import tfds_io
 
         return tfds_io.read_tfds_spec(spec, kind, data_dir=data_dir)
-    json_files = [path for path in _list_files(spec) if is_json_file(path)]
+    json_files = [path for path in list_files(spec) if is_json_file(path)]
     if not json_files:
         if kind != "text":
             raise DataError(
@@ -96,31 +95,6 @@ def read_records(spec: str, kind: str, *, data_dir: str | None = None) -> list[d
 def is_json_file(path: str) -> bool:
     """True if `path` is read as JSON records (by its suffix)."""
     return path.endswith(JSON_SUFFIXES)
-
-
-def _list_files(spec):
-    """Returns the files that a path, folder or glob names, in sorted order."""
-    if os.path.isfile(spec):
-        return [spec]
-    if os.path.isdir(spec):
-        return _files_under(spec)
-    if glob.has_magic(spec):
-        files = []
-        for match in sorted(glob.glob(spec, recursive=True)):
-            files.extend(_files_under(match) if os.path.isdir(match) else [match])
-        if files:
-            return files
-        raise DataError(f"data path '{spec}' does not exist (the glob matches no file).")
-    raise DataError(f"data path '{spec}' does not exist.")
-
-
-def _files_under(folder):
-    """Returns the non-hidden files below `folder`, sorted by relative path."""
-    found = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [name for name in dirs if not name.startswith(".")]
-        found.extend(os.path.join(root, name) for name in names if not name.startswith("."))
-    return sorted(found, key=lambda path: os.path.relpath(path, folder))
 
 
 def iter_file_records(path: str, kind: str) -> Iterator[dict]:
