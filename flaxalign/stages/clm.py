@@ -4,13 +4,12 @@ import functools
 import math
 
 import jax
-import optax
 
-from flaxalign import errors, models
+from flaxalign import errors, models, sharding
 from flaxalign.data.loader import BatchIterator, build_clm_datasets
 from flaxalign.losses.lm import token_cross_entropy
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
-from flaxalign.train.step import accumulated_gradients, apply_gradients
+from flaxalign.train.step import gradient_step
 from flaxalign.train.task import Task
 
 
@@ -26,12 +25,8 @@ def clm_loss(params, frozen, batch, rng, *, graphdef, chunk_size):
 
 def clm_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int, chunk_size: int):
     """One optimizer update from one global batch (split into `grad_accum` micro-batches)."""
-    rng, step_rng = jax.random.split(state.rng)
     loss_fn = functools.partial(clm_loss, graphdef=graphdef, chunk_size=chunk_size)
-    grads, loss, count, _ = accumulated_gradients(loss_fn, state.params, state.frozen, batch, step_rng, grad_accum)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "loss_tokens": count,
-               "lr": schedule(state.step)}
-    return apply_gradients(state, grads, optimizer, rng), metrics
+    return gradient_step(loss_fn, state, batch, optimizer=optimizer, schedule=schedule, grad_accum=grad_accum)
 
 
 def clm_eval_step(state, batch, *, graphdef, chunk_size):
@@ -51,7 +46,6 @@ def build_task(config, workdir: str, mesh) -> Task:
         raise errors.ConfigError(
             f"data.batch_size={data_cfg.batch_size} is not divisible by grad_accum={config.grad_accum}.")
     # Check the batch against the mesh before any data work, so a bad mesh fails fast.
-    from flaxalign import sharding
     sharding.batch_sharding(mesh, data_cfg.batch_size // config.grad_accum)
 
     data = build_clm_datasets(data_cfg, workdir)
@@ -89,7 +83,7 @@ def make_task(model_config: models.ModelConfig, optim_cfg, *, seed: int = 0, gra
         name="clm",
         abstract_params=abstract_params,
         params_logical=logical,
-        init_params=lambda shardings: models.init_params(model_config, seed, shardings),
+        init_params=lambda shardings, frozen: models.init_params(model_config, seed, shardings),
         optimizer=optimizer,
         train_step=functools.partial(clm_step, graphdef=graphdef, optimizer=optimizer,
                                      schedule=learning_rate_schedule(optim_cfg), grad_accum=grad_accum,

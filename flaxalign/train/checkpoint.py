@@ -54,3 +54,43 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _checkpoint_dir(path: str) -> str:
+    """A run's workdir or its `checkpoints/` folder → the folder holding the step directories."""
+    nested = os.path.join(path, "checkpoints")
+    return nested if os.path.isdir(nested) else path
+
+
+def latest_checkpoint(path: str) -> tuple[ocp.CheckpointManager, int]:
+    directory = _checkpoint_dir(path)
+    if not os.path.isdir(directory):
+        raise errors.CheckpointError(f"checkpoint path '{path}' does not exist.")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "meta"),
+                                    options=ocp.CheckpointManagerOptions(create=False))
+    step = manager.latest_step()
+    if step is None:
+        raise errors.CheckpointError(f"'{path}' holds no finished checkpoint.")
+    return manager, step
+
+
+def read_metadata(path: str) -> dict:
+    """The metadata (model config, tokenizer, …) of the latest checkpoint of a run."""
+    manager, step = latest_checkpoint(path)
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def load_params(path: str, abstract_params: Any, shardings: Any) -> Any:
+    """Only the trained params of the latest checkpoint of another run (e.g. SFT starting from CLM), placed
+    directly into `shardings`; the optimizer state and everything else are not read."""
+    manager, step = latest_checkpoint(path)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise errors.CheckpointError(
+            f"the params in {path} (step {step}) do not match this model "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
+    return restored["state"]["params"]

@@ -99,8 +99,8 @@ def initial_state(task: Task, seed: int, mesh: Mesh, checkpointer: Checkpointer)
         state, data_state, _ = checkpointer.restore(latest, shardings, abstract)
         task.train_data.set_state(data_state)
         return state, shardings, latest
-    params = task.init_params(shardings.params)
     frozen = task.init_frozen(shardings.frozen)
+    params = task.init_params(shardings.params, frozen)
     state = jax.jit(lambda p, f: create_state(p, task.optimizer, seed, f), out_shardings=shardings)(params, frozen)
     return state, shardings, None
 
@@ -125,6 +125,11 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
     metrics, preempted, step = {}, False, start
     # Batches are read and placed on the devices one step ahead, on a thread; its state is the consumer's position.
     data = Prefetcher(task.train_data, depth=2, transform=lambda local: sharding.global_batch(local, mesh))
+    if eval_fn and cfg.get("eval_at_start", False) and restored is None:
+        row = evaluate(eval_fn, state, task, mesh)
+        writer.write(step, row)
+        if is_main:
+            logging.info(console_line(step, cfg.steps, row, started))
     with _SigtermFlag() as sigterm, data:
         while step < cfg.steps:
             state, metrics = step_fn(state, next(data))

@@ -56,3 +56,15 @@ def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransform
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state, rng=rng)
+
+
+def gradient_step(loss_fn: LossFn, state: TrainState, batch: dict, *, optimizer: optax.GradientTransformation,
+                  schedule: optax.Schedule, grad_accum: int) -> tuple[TrainState, dict]:
+    """One optimizer update of `state.params` from one global batch, split into `grad_accum` micro-batches.
+    Metrics: token-mean loss, global grad norm, loss-token count, learning rate, and the loss's own means."""
+    rng, step_rng = jax.random.split(state.rng)
+    grads, loss, count, extra = accumulated_gradients(loss_fn, state.params, state.frozen, batch, step_rng,
+                                                      grad_accum)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "loss_tokens": count,
+               "lr": schedule(state.step), **extra}
+    return apply_gradients(state, grads, optimizer, rng), metrics

@@ -20,7 +20,7 @@ class Task:
     # params
     abstract_params: Any  # ShapeDtypeStructs
     params_logical: Any  # logical axis names per parameter
-    init_params: Callable[[Any], Any]  # shardings -> params created in place
+    init_params: Callable[[Any, Any], Any]  # (shardings, frozen params) -> trained params, created in place
     optimizer: optax.GradientTransformation
     # steps: pure functions, jitted by the loop
     train_step: Callable[[Any, dict], tuple[Any, dict]]  # (state, batch) -> (state, metrics)

@@ -1,0 +1,57 @@
+"""SFT data: records → token examples with a loss mask on the completion (or assistant) tokens → packed rows.
+
+Prompt/completion records are encoded as `[bos] prompt completion [eos]` with the loss on `completion [eos]` (TRL's
+completion-only loss for non-conversational data). Conversational records (`messages`) are rendered with the chat
+template and trained on the assistant tokens only.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from flaxalign.data.batching import pack_sft, truncate_examples
+from flaxalign.data.chat import render_chat
+from flaxalign.data.loader import split_every_kth
+from flaxalign.data.sources import read_records
+
+
+@dataclasses.dataclass
+class SftData:
+    train: dict
+    eval: dict
+    stats: dict
+
+
+def sft_example(record: dict, tokenizer, template: str, *, source: str = "") -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of one validated `sft` record."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    if "messages" in record:
+        chat = render_chat(record["messages"], tokenizer, template, source=source)
+        lead = bos if template == "plain" else []  # chatml has no bos; llama3 writes <|begin_of_text|> itself
+        return lead + chat.ids, [0] * len(lead) + chat.assistant_mask
+    prompt = bos + tokenizer.encode(record["prompt"])
+    completion = tokenizer.encode(record["completion"]) + [tokenizer.eos_id]
+    return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+
+
+def build_sft_datasets(data_cfg, tokenizer, *, log=print) -> SftData:
+    """`data_cfg`: `train`, `eval` (record specs; "" = hold out `eval_fraction` of train), `eval_fraction`,
+    `chat_template`, `seq_len`, `overlong` ("truncate_prompt_left" | "drop"), `max_examples` (0 = all)."""
+    train_records = read_records(data_cfg.train, "sft")
+    if data_cfg.eval:
+        eval_records = read_records(data_cfg.eval, "sft")
+    else:
+        train_records, eval_records = split_every_kth(train_records, float(data_cfg.eval_fraction), data_cfg.train)
+    if data_cfg.max_examples:
+        train_records = train_records[: int(data_cfg.max_examples)]
+    splits, stats = {}, {}
+    for name, records in (("train", train_records), ("eval", eval_records)):
+        examples = [sft_example(r, tokenizer, data_cfg.chat_template, source=f"{name} record {i}")
+                    for i, r in enumerate(records)]
+        kept, counts = truncate_examples(examples, int(data_cfg.seq_len) + 1, data_cfg.overlong)
+        splits[name] = pack_sft(kept, int(data_cfg.seq_len), pad_id=tokenizer.pad_id)
+        stats.update({f"{name}_{key}": int(value) for key, value in counts.items()})
+        stats[f"{name}_rows"] = len(splits[name]["inputs"])
+        stats[f"{name}_loss_tokens"] = int(np.sum(splits[name]["loss_mask"]))
+    log("data: " + ", ".join(f"{key}={value}" for key, value in stats.items()))
+    return SftData(train=splits["train"], eval=splits["eval"], stats=stats)
