@@ -1,0 +1,524 @@
+"""LoRA, rsLoRA and DoRA as pure functions over the parameter tree (optax / `jax.tree` style).
+
+The base params never change and no copy of them is kept: the step calls `apply_lora(params, lora_params, config)`
+and runs the model on the effective weights it returns. Only `lora_params` (plus any `modules_to_save`) train.
+
+Which params are linear weights, and how they split into input and output axes, comes from the logical axes tree
+(`models.abstract_model`). A leading "layers" axis (the scanned stack) is kept as a batch axis: the adapter of a
+stacked weight is stacked too, one independent adapter per layer. Of the rest,
+
+    (..., "embed")          input = every axis before "embed", output = ("embed",)      attn o, mlp down
+    (first, ...rest)        input = (first,),                  output = rest            q/k/v, gate/up, lm_head
+
+A lookup table (first axis "vocab": the token embedding) and 1-D params (norm scales, biases) are never targets.
+For a weight W [*L, *in, *out] with I = prod(in), O = prod(out) and rank r the adapter is
+
+    a          [*L, *in, r]     logical axes (*L, *in, None)     kaiming-uniform(a=√5) = U(±1/√I), or N(0, (1/r)²)
+    b          [*L, r, *out]    logical axes (*L, None, *out)    zeros, so the adapted model equals the base at init
+    magnitude  [*L, *out]       logical axes (*L, *out)          DoRA only: ‖W‖ over the input axes
+
+so A and B shard like the matching axes of W. Paths are '/'-joined keys, e.g. "layers/attn/q".
+"""
+
+import dataclasses
+import functools
+import math
+import re
+import string
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from flaxalign import errors
+
+VARIANTS = ("lora", "rslora", "dora")
+INITS = ("kaiming", "gaussian")
+ALL_LINEAR = "all-linear"
+LM_HEAD = "lm_head"  # excluded from "all-linear", as in PEFT
+LAYERS_AXIS = "layers"
+LOOKUP_AXIS = "vocab"  # a weight whose *first* axis is the vocabulary is indexed by token ids, not multiplied
+
+
+# --- config ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters (PEFT names in brackets). Hashable, so it can be a static argument of `jax.jit`.
+
+    rank            [r] adapter rank; 0 turns LoRA off.
+    alpha           [lora_alpha] scale numerator: s = α/r (lora, dora) or α/√r (rslora).
+    targets         [target_modules] "all-linear" (every linear weight but the LM head), a list of names matched
+                    at a '/' boundary ("q" matches "layers/attn/q"; entries may be regexes), or one regex string
+                    matched against the whole path ("layers/attn/(q|v)").
+    exclude         [exclude_modules] names or regexes, matched like list targets.
+    variant         "lora", "rslora" [use_rslora] or "dora" [use_dora].
+    dropout         [lora_dropout] see `apply_lora`: applied to the rows of A, an approximation of PEFT's.
+    init            "kaiming" [init_lora_weights=True] or "gaussian" [init_lora_weights="gaussian"].
+    rank_pattern    [rank_pattern] {regex: rank}, matched like list targets; the first match wins.
+    alpha_pattern   [alpha_pattern] {regex: alpha}, likewise.
+    modules_to_save [modules_to_save] names of params trained fully (e.g. ["lm_head"]); see `trainable_mask`.
+    """
+
+    rank: int = 0
+    alpha: float = 8.0
+    targets: str | tuple[str, ...] = ALL_LINEAR
+    exclude: tuple[str, ...] = ()
+    variant: str = "lora"
+    dropout: float = 0.0
+    init: str = "kaiming"
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        # Lists and dicts become tuples so that the config stays hashable (a jit static argument).
+        set_field = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        if not isinstance(self.targets, str):
+            set_field("targets", tuple(self.targets))
+        set_field("exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
+        set_field("modules_to_save", (self.modules_to_save,) if isinstance(self.modules_to_save, str)
+                  else tuple(self.modules_to_save))
+        set_field("rank_pattern", tuple((str(k), int(v)) for k, v in dict(self.rank_pattern).items()))
+        set_field("alpha_pattern", tuple((str(k), float(v)) for k, v in dict(self.alpha_pattern).items()))
+        self._validate()
+
+    def _validate(self):
+        if self.rank < 0:
+            raise errors.ConfigError(f"lora.rank must be 0 (off) or positive, not {self.rank}.")
+        if self.alpha < 0:
+            raise errors.ConfigError(f"lora.alpha must not be negative, got {self.alpha}.")
+        if self.variant not in VARIANTS:
+            raise errors.ConfigError(f"lora.variant must be one of {list(VARIANTS)}, not {self.variant!r}.")
+        if self.init not in INITS:
+            raise errors.ConfigError(f"lora.init must be one of {list(INITS)}, not {self.init!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise errors.ConfigError(f"lora.dropout must be in [0, 1), not {self.dropout}.")
+        for pattern, rank in self.rank_pattern:
+            if rank < 1:
+                raise errors.ConfigError(
+                    f"lora.rank_pattern[{pattern!r}] = {rank} must be positive; use lora.exclude to skip a path.")
+        for pattern, alpha in self.alpha_pattern:
+            if alpha < 0:
+                raise errors.ConfigError(f"lora.alpha_pattern[{pattern!r}] = {alpha} must not be negative.")
+        patterns = ([] if self.targets == ALL_LINEAR else [self.targets] if isinstance(self.targets, str)
+                    else list(self.targets))
+        patterns += list(self.exclude) + [p for p, _ in self.rank_pattern + self.alpha_pattern]
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise errors.ConfigError(f"lora pattern {pattern!r} is not a valid regular expression: {e}.") from e
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @classmethod
+    def from_dict(cls, values: Any) -> "LoraConfig":
+        """From a dict or an `ml_collections.ConfigDict` (e.g. `config.lora`); unknown keys are a `ConfigError`."""
+        values = values.to_dict() if hasattr(values, "to_dict") else dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise errors.ConfigError(f"unknown lora config field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (lists and dicts), the inverse of `from_dict`."""
+        return dict(rank=self.rank, alpha=self.alpha,
+                    targets=self.targets if isinstance(self.targets, str) else list(self.targets),
+                    exclude=list(self.exclude), variant=self.variant, dropout=self.dropout, init=self.init,
+                    rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern),
+                    modules_to_save=list(self.modules_to_save))
+
+
+# --- the maths -------------------------------------------------------------------------------------------------
+
+
+def lora_scale(alpha: float, rank: int, variant: str) -> float:
+    """s = α/r for LoRA and DoRA; s = α/√r for rsLoRA (Kalajdzievski 2023), which keeps the update's scale
+    independent of r."""
+    return alpha / math.sqrt(rank) if variant == "rslora" else alpha / rank
+
+
+def low_rank_delta(a: jax.Array, b: jax.Array, n_layers: int) -> jax.Array:
+    """ΔW = A·B contracted over the rank: [*L, *in, r] × [*L, r, *out] → [*L, *in, *out], in float32 at full
+    precision. An einsum over named dims (no reshape to [I, O]) keeps W's sharding for GSPMD to follow."""
+    letters = iter(string.ascii_letters)
+    layers = "".join(next(letters) for _ in range(n_layers))
+    inputs = "".join(next(letters) for _ in range(a.ndim - 1 - n_layers))
+    outputs = "".join(next(letters) for _ in range(b.ndim - 1 - n_layers))
+    rank = next(letters)
+    spec = f"{layers}{inputs}{rank},{layers}{rank}{outputs}->{layers}{inputs}{outputs}"
+    return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def column_norm(w: jax.Array, n_layers: int, n_inputs: int) -> jax.Array:
+    """‖W‖ per output feature: sqrt(Σ_in W²) over the input axes, [*L, *in, *out] → [*L, *out] (PEFT's
+    `weight_norm`, the L2 norm of each row of HF's [out, in] weight)."""
+    input_axes = tuple(range(n_layers, n_layers + n_inputs))
+    return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=input_axes))
+
+
+def lora_weight(w: jax.Array, delta: jax.Array, scale: float) -> jax.Array:
+    """W' = W + s·A·B."""
+    return w.astype(jnp.float32) + scale * delta
+
+
+def dora_weight(w: jax.Array, delta: jax.Array, norm_delta: jax.Array, magnitude: jax.Array, scale: float,
+                n_layers: int, n_inputs: int) -> jax.Array:
+    """W' = m ⊙ (W + s·A·B) / sg(‖W + s·A·B‖), the norm per output feature over the input axes (Liu et al. 2024).
+
+    sg = stop_gradient: as PEFT does (it detaches `weight_norm`, DoRA paper §4.3), the norm is a constant in the
+    backward pass, so A and B get the gradient of the direction's numerator only and the memory of the norm's
+    backward is saved. The forward value is the exact DoRA weight. `norm_delta` is the ΔW the norm is taken of:
+    `delta` itself, or the undropped ΔW when `delta` has LoRA dropout applied (PEFT's norm never sees dropout).
+    """
+    direction = lora_weight(w, delta, scale)
+    norm = jax.lax.stop_gradient(column_norm(lora_weight(w, norm_delta, scale), n_layers, n_inputs))
+    per_input = tuple(range(n_layers, n_layers + n_inputs))
+    return direction * jnp.expand_dims(magnitude.astype(jnp.float32) / norm, per_input)
+
+
+def dropout_rows(a: jax.Array, keep_rows: jax.Array, rate: float) -> jax.Array:
+    """A with each input row [*L, i, :] kept (`keep_rows` [*L, *in, 1] true) and scaled by 1/(1-p), else zeroed."""
+    return jnp.where(keep_rows, a / (1.0 - rate), 0.0).astype(a.dtype)
+
+
+# --- which params are targets ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearLayout:
+    """How a weight's logical axes split: the scanned layer axes, then input axes, then output axes."""
+
+    layer_axes: tuple[str, ...]
+    input_axes: tuple[str | None, ...]
+    output_axes: tuple[str | None, ...]
+
+
+def linear_layout(logical_axes: tuple[str | None, ...]) -> LinearLayout | None:
+    """The split of one weight (module docstring), or None if it is not a linear weight."""
+    n_layers = 0
+    while n_layers < len(logical_axes) and logical_axes[n_layers] == LAYERS_AXIS:
+        n_layers += 1
+    axes = tuple(logical_axes[n_layers:])
+    if len(axes) < 2 or axes[0] == LOOKUP_AXIS:
+        return None
+    split = len(axes) - 1 if axes[-1] == "embed" else 1
+    return LinearLayout(tuple(logical_axes[:n_layers]), axes[:split], axes[split:])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    path: str
+    layout: LinearLayout
+    shape: tuple[int, ...]
+    rank: int
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layout.layer_axes)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.shape[self.n_layers:self.n_layers + len(self.layout.input_axes)]
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.shape[self.n_layers + len(self.layout.input_axes):]
+
+
+def _name_matches(pattern: str, path: str) -> bool:
+    """PEFT's list / pattern rule: the pattern matches the whole path or a suffix starting after a '/'."""
+    return re.fullmatch(rf"(?:.*/)?(?:{pattern})", path) is not None
+
+
+def _is_target(path: str, config: LoraConfig) -> bool:
+    if any(_name_matches(pattern, path) for pattern in config.exclude):
+        return False
+    if config.targets == ALL_LINEAR:
+        return path.split("/")[-1] != LM_HEAD
+    if isinstance(config.targets, str):
+        return re.fullmatch(config.targets, path) is not None
+    return any(_name_matches(pattern, path) for pattern in config.targets)
+
+
+def _first_match(patterns: tuple[tuple[str, Any], ...], path: str, default: Any) -> Any:
+    return next((value for pattern, value in patterns if _name_matches(pattern, path)), default)
+
+
+def rank_for(path: str, config: LoraConfig) -> int:
+    """The rank of one target: the first `rank_pattern` entry that matches its path, else `config.rank`."""
+    return _first_match(config.rank_pattern, path, config.rank)
+
+
+def alpha_for(path: str, config: LoraConfig) -> float:
+    """The alpha of one target: the first `alpha_pattern` entry that matches its path, else `config.alpha`."""
+    return _first_match(config.alpha_pattern, path, config.alpha)
+
+
+def _targets(params: Any, logical_axes: Any, config: LoraConfig) -> list[_Target]:
+    """The targets in path order, checked: something matched and every rank fits its weight."""
+    if not config.enabled:
+        return []
+    shapes = {path: tuple(leaf.shape) for path, leaf in _flatten(params).items()}
+    linear = {path: layout for path, axes in _flatten(logical_axes).items()
+              if (layout := linear_layout(axes)) is not None}
+    chosen = [_Target(path, linear[path], shapes[path], rank_for(path, config))
+              for path in sorted(linear) if _is_target(path, config)]
+    if not chosen:
+        raise errors.ConfigError(
+            f"lora.targets={_show(config.targets)} with lora.exclude={list(config.exclude)} matches no linear "
+            f"parameter; available: {sorted(linear)[:12]}.")
+    for target in chosen:
+        fan_in, fan_out = math.prod(target.input_shape), math.prod(target.output_shape)
+        if target.rank > min(fan_in, fan_out):
+            raise errors.ConfigError(
+                f"lora rank {target.rank} for {target.path!r} exceeds min(input {fan_in}, output {fan_out}) of "
+                f"its weight; lower lora.rank or set lora.rank_pattern for this path.")
+    return chosen
+
+
+def target_paths(params: Any, logical_axes: Any, config: LoraConfig) -> list[str]:
+    """The '/'-joined paths that get adapters, sorted; [] when LoRA is off. Raises the same errors as
+    `init_lora`."""
+    return [target.path for target in _targets(params, logical_axes, config)]
+
+
+# --- init / apply / merge --------------------------------------------------------------------------------------
+
+
+def init_lora(params: Any, logical_axes: Any, config: LoraConfig, rng: jax.Array) -> tuple[dict, dict]:
+    """(lora_params, lora_logical_axes): nested dicts like `params` holding only the targets, each replaced by
+    {"a", "b"[, "magnitude"]} (shapes and init in the module docstring). B = 0, so `apply_lora` returns the base
+    weights exactly at init. The A's are cut, in path order, from one draw of `rng`. Both trees are ({}, {}) when LoRA
+    is off."""
+    targets = tuple(_targets(params, logical_axes, config))
+    flat_params = _flatten(params)
+    dora_weights = {t.path: flat_params[t.path] for t in targets} if config.variant == "dora" else {}
+    lora_flat = _init_adapters(targets, config, rng, dora_weights) if targets else {}
+    lora_axes = {}
+    for target in targets:
+        layers, inputs, outputs = target.layout.layer_axes, target.layout.input_axes, target.layout.output_axes
+        axes = {"a": layers + inputs + (None,), "b": layers + (None,) + outputs}
+        if config.variant == "dora":
+            axes["magnitude"] = layers + outputs
+        lora_axes[target.path] = axes
+    return _unflatten(lora_flat), _unflatten(lora_axes)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_adapters(targets: tuple[_Target, ...], config: LoraConfig, rng: jax.Array,
+                   dora_weights: dict[str, jax.Array]) -> dict[str, dict[str, jax.Array]]:
+    """{path: adapter} in one compiled call. All A's come from one draw, cut into pieces: XLA CPU compile time
+    grows steeply with the number of separate threefry draws (7 draws ~17 s against ~0.5 s for one)."""
+    a_shapes = [t.shape[:t.n_layers] + t.input_shape + (t.rank,) for t in targets]
+    sizes = [math.prod(shape) for shape in a_shapes]
+    if config.init == "kaiming":
+        noise = jax.random.uniform(rng, (sum(sizes),), jnp.float32, -1.0, 1.0)
+    else:
+        noise = jax.random.normal(rng, (sum(sizes),), jnp.float32)
+    adapters = {}
+    offset = 0
+    for target, a_shape, size in zip(targets, a_shapes, sizes):
+        piece = noise[offset:offset + size].reshape(a_shape)
+        offset += size
+        if config.init == "kaiming":
+            # torch's kaiming_uniform_(a=√5) on A's [r, I] weight: gain √(2/(1+5)), bound gain·√(3/I) = 1/√I
+            a = piece / math.sqrt(math.prod(target.input_shape))
+        else:  # PEFT's "gaussian": normal with std 1/r
+            a = piece / target.rank
+        layer_shape = target.shape[:target.n_layers]
+        adapter = {"a": a, "b": jnp.zeros(layer_shape + (target.rank,) + target.output_shape, jnp.float32)}
+        if config.variant == "dora":
+            adapter["magnitude"] = column_norm(dora_weights[target.path], target.n_layers,
+                                               len(target.layout.input_axes))
+        adapters[target.path] = adapter
+    return adapters
+
+
+def _adapted_weight(path: str, w: jax.Array, adapter: Mapping[str, jax.Array], config: LoraConfig,
+                    keep_rows: jax.Array | None) -> jax.Array:
+    a, b = adapter["a"], adapter["b"]
+    n_layers = a.ndim + b.ndim - 2 - w.ndim  # w [*L, *in, *out], a [*L, *in, r], b [*L, r, *out]
+    n_inputs = a.ndim - 1 - n_layers
+    scale = lora_scale(alpha_for(path, config), a.shape[-1], config.variant)
+    delta = low_rank_delta(a, b, n_layers)
+    dropped = delta
+    if keep_rows is not None:
+        dropped = low_rank_delta(dropout_rows(a, keep_rows, config.dropout), b, n_layers)
+    if config.variant == "dora":
+        if "magnitude" not in adapter:
+            raise errors.ConfigError(f"lora.variant is 'dora' but the adapter of {path!r} has no magnitude; "
+                                     "were the lora params initialised with another variant?")
+        new = dora_weight(w, dropped, delta, adapter["magnitude"], scale, n_layers, n_inputs)
+    else:
+        new = lora_weight(w, dropped, scale)
+    return new.astype(w.dtype)
+
+
+def apply_lora(params: Any, lora_params: Any, config: LoraConfig, *, dropout_rng: jax.Array | None = None) -> Any:
+    """The effective params (same structure as `params`): every adapted weight W replaced by, in float32,
+
+        lora / rslora:   W' = W + s·A·B
+        dora:            W' = m ⊙ (W + s·A·B) / sg(‖W + s·A·B‖)      (see `dora_weight` for the stop-gradient)
+
+    Call it inside the step, under the same `jax.grad` as the loss: the base params are read, never copied or
+    changed, and untouched leaves are returned as the same objects.
+
+    Dropout, an approximation: PEFT drops the *input activations* of the adapter branch, x ↦ B(A(dropout(x))), a
+    fresh mask per token, which a transform of the weights cannot express. Here, only when `dropout_rng` is given
+    (training; evaluation passes none), each input row of A is dropped with probability p and the kept rows are
+    scaled by 1/(1-p): one mask per layer per step, shared by every token of the batch. E[A_dropped] = A, so the
+    expected update is PEFT's, but the noise is correlated across tokens. For DoRA the dropout reaches the
+    direction's numerator only; the norm uses the undropped A, as PEFT's norm does. We keep it rather than refuse
+    p > 0 because it costs one extra [I, r]×[r, O] product per weight and still regularises the adapter; set
+    lora.dropout=0 for the exact PEFT forward.
+    """
+    adapters = _adapters(params, lora_params)
+    if not adapters:
+        return params
+    keep = {}
+    if dropout_rng is not None and config.dropout > 0:
+        keep = _keep_rows({path: adapter["a"].shape for path, (_, adapter) in adapters.items()}, config.dropout,
+                          dropout_rng)
+    updated = {path: _adapted_weight(path, w, adapter, config, keep.get(path)) for path, (w, adapter) in
+               adapters.items()}
+    return _replace(params, updated)
+
+
+def _keep_rows(a_shapes: Mapping[str, tuple[int, ...]], rate: float, rng: jax.Array) -> dict[str, jax.Array]:
+    """{path: keep mask [*L, *in, 1]} cut from one Bernoulli(1-p) draw (one threefry, not one per weight: see
+    `_init_adapters` on compile time)."""
+    shapes = {path: shape[:-1] + (1,) for path, shape in sorted(a_shapes.items())}
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (sum(math.prod(s) for s in shapes.values()),))
+    masks, offset = {}, 0
+    for path, shape in shapes.items():
+        masks[path] = keep[offset:offset + math.prod(shape)].reshape(shape)
+        offset += math.prod(shape)
+    return masks
+
+
+def merge(params: Any, lora_params: Any, config: LoraConfig) -> Any:
+    """The merged params for export or inference: `apply_lora` without dropout, exact in float32."""
+    return apply_lora(params, lora_params, config)
+
+
+def unmerge(merged: Any, lora_params: Any, config: LoraConfig) -> Any:
+    """The base params back from `merge`'s output, for LoRA and rsLoRA: W = W' − s·A·B (float32 rounding apart).
+
+    DoRA raises a `ConfigError`: W' = m ⊙ V/‖V‖ keeps only the direction of V = W + s·A·B, and for each output
+    feature any length t of V, W = t·W'/m − s·A·B, is consistent with W', m, A and B. PEFT can unmerge only because
+    it caches ‖V‖ at merge time; here the base params are never modified (`apply_lora` runs inside the step), so
+    keep them instead of unmerging.
+    """
+    if config.variant == "dora":
+        raise errors.ConfigError("unmerge is not defined for lora.variant='dora' because the merged weight has lost "
+                                 "the norm of W + s·A·B; keep the unmerged base params instead.")
+    adapters = _adapters(merged, lora_params)
+    updated = {}
+    for path, (w, adapter) in adapters.items():
+        a, b = adapter["a"], adapter["b"]
+        n_layers = a.ndim + b.ndim - 2 - w.ndim
+        scale = lora_scale(alpha_for(path, config), a.shape[-1], config.variant)
+        updated[path] = (w.astype(jnp.float32) - scale * low_rank_delta(a, b, n_layers)).astype(w.dtype)
+    return _replace(merged, updated) if updated else merged
+
+
+def reference_params(params: Any, lora_params: Any) -> Any:
+    """The reference model of DPO/PPO/KL terms: the same model with the adapter disabled, which is the base params
+    themselves (no copy, no extra memory). `lora_params` is taken only to make call sites say what they mean."""
+    del lora_params
+    return params
+
+
+# --- trainable parts -------------------------------------------------------------------------------------------
+
+
+def modules_to_save_paths(params: Any, config: LoraConfig) -> list[str]:
+    """The '/'-joined paths of the base params trained fully (`config.modules_to_save`), sorted."""
+    if not config.modules_to_save:
+        return []
+    paths = sorted(_flatten(params))
+    chosen = [p for p in paths if any(_name_matches(name, p) for name in config.modules_to_save)]
+    if not chosen:
+        raise errors.ConfigError(
+            f"lora.modules_to_save={list(config.modules_to_save)} matches no parameter (a tied LM head has no "
+            f"'lm_head'); available: {paths[:12]}.")
+    return chosen
+
+
+def trainable_mask(params: Any, config: LoraConfig) -> Any:
+    """A bool tree like `params`: True for the leaves in `modules_to_save`, False for the frozen base. (Every leaf
+    of `lora_params` is trainable.) With LoRA off everything is trainable: it is full fine-tuning."""
+    if not config.enabled:
+        return jax.tree.map(lambda _: True, params)
+    saved = set(modules_to_save_paths(params, config))
+    return _unflatten({path: path in saved for path in _flatten(params)})
+
+
+def count_params(tree: Any) -> int:
+    """The number of scalars in a tree of arrays (e.g. `lora_params`: the adapter's size)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+# --- nested-dict helpers ---------------------------------------------------------------------------------------
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'/'-joined path: leaf} of a nested mapping; tuples (logical axes) and arrays are leaves."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}/{key}" if prefix else str(key)))
+    return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        _set(tree, path, value)
+    return tree
+
+
+def _set(tree: dict, path: str, value: Any) -> None:
+    *parents, last = path.split("/")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[last] = value
+
+
+def _adapters(params: Any, lora_params: Any, prefix: str = "") -> dict[str, tuple[Any, Mapping]]:
+    """{path: (base weight, adapter dict)}, walking both trees together so that a param named "a" or "b" can never
+    be taken for an adapter."""
+    found = {}
+    for key, node in (lora_params or {}).items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if key not in params:
+            raise ValueError(f"lora params have {path!r}, which the base params do not")
+        if isinstance(params[key], Mapping):
+            found.update(_adapters(params[key], node, path))
+        else:
+            found[path] = (params[key], node)
+    return found
+
+
+def _replace(tree: Mapping, updated: Mapping[str, Any], prefix: str = "") -> dict:
+    """A copy of the dict spine of `tree` with the leaves at `updated`'s paths replaced; other leaves are shared."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out[key] = _replace(value, updated, path) if any(p.startswith(path + "/") for p in updated) else value
+        else:
+            out[key] = updated.get(path, value)
+    return out
+
+
+def _show(targets: str | tuple[str, ...]) -> str:
+    return repr(targets) if isinstance(targets, str) else repr(list(targets))
