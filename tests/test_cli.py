@@ -136,15 +136,55 @@ def test_bad_input_exits_2_with_one_sentence(case, corpus_and_tokenizer, workdir
     assert _tree_digest(workdir_with_checkpoint) == before, "a failed run changed the existing checkpoint"
 
 
-def test_demo_config_learns(tmp_path):
-    """The demo's run (tiny preset, built-in corpus, 300 steps): the loss falls by at least 30 % from its first
-    value and eval loss is reported."""
-    workdir = str(tmp_path / "demo")
+@pytest.fixture(scope="module")
+def clm_demo_run(tmp_path_factory):
+    """The demo's run: tiny preset, built-in corpus, 300 steps, one CPU device."""
+    workdir = str(tmp_path_factory.mktemp("clm_demo"))
     rc, out, err = cli.run(["--config=configs/clm.py:tiny", f"--workdir={workdir}"], cpu_devices=1)
     assert rc == 0, err[-2000:]
+    return workdir, out
+
+
+def test_demo_config_learns(clm_demo_run):
+    """The loss falls by at least 30 % from its first value and eval loss is reported."""
+    workdir, out = clm_demo_run
     rows = cli.metrics(workdir)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert rows[0]["step"] == 1 and rows[-1]["step"] == 300
     assert losses[-1] <= 0.7 * losses[0], f"loss {losses[0]:.3f} → {losses[-1]:.3f}"
     assert rows[-1]["eval_loss"] < 0.7 * losses[0]
     assert os.path.exists(os.path.join(workdir, "report.md")) and "report" in out
+
+
+def _sft_flags(workdir, clm_workdir, *extra):
+    return ["--config=configs/sft.py:tiny", f"--workdir={workdir}",
+            f"--config.init_from=checkpoint:{clm_workdir}", *extra]
+
+
+def test_sft_from_the_clm_checkpoint_lowers_held_out_completion_loss(clm_demo_run, tmp_path):
+    clm_workdir, _ = clm_demo_run
+    workdir = str(tmp_path / "sft")
+    rc, _, err = cli.run(_sft_flags(workdir, clm_workdir), cpu_devices=1)
+    assert rc == 0, err[-2000:]
+    evals = [(r["step"], r["eval_loss"]) for r in cli.metrics(workdir) if "eval_loss" in r]
+    assert evals[0][0] == 0, "the starting checkpoint is evaluated before the first step"
+    assert evals[-1][1] <= 0.75 * evals[0][1], f"held-out completion loss {evals[0][1]:.3f} → {evals[-1][1]:.3f}"
+
+
+def test_resuming_sft_with_another_lora_rank_is_refused(clm_demo_run, tmp_path):
+    clm_workdir, _ = clm_demo_run
+    workdir = str(tmp_path / "lora")
+    rc, _, err = cli.run(_sft_flags(workdir, clm_workdir, "--config.lora.rank=4", "--config.steps=2",
+                                    "--config.eval_at_start=False"))
+    assert rc == 0, err[-2000:]
+    rc, _, err = cli.run(_sft_flags(workdir, clm_workdir, "--config.lora.rank=8", "--config.steps=4"))
+    assert rc == 2
+    assert "different model config (changed: lora)" in err.strip().splitlines()[-1]
+
+
+def test_lora_target_matching_nothing_exits_2(clm_demo_run, tmp_path):
+    clm_workdir, _ = clm_demo_run
+    rc, _, err = cli.run(_sft_flags(str(tmp_path / "w"), clm_workdir, "--config.lora.rank=4",
+                                    "--config.lora.targets=nothing_like_this"))
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("flaxalign: error: ")

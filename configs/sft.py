@@ -1,0 +1,59 @@
+"""Supervised fine-tuning, full or LoRA. Presets: `tiny` (CPU tests, the demo pipeline).
+
+    flaxalign train --config=configs/sft.py:tiny --workdir=runs/sft --config.init_from=checkpoint:runs/clm
+    flaxalign train --config=configs/sft.py:tiny --workdir=runs/sft_lora --config.init_from=checkpoint:runs/clm \
+        --config.lora.rank=8
+"""
+
+import ml_collections
+
+from flaxalign import errors
+from flaxalign.models import preset
+
+PRESETS = {
+    "tiny": dict(steps=400, lr=3e-3, warmup_steps=10, seq_len=128, batch_size=16),
+}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise errors.ConfigError(f"unknown preset {arg!r} for configs/sft.py; choose one of {sorted(PRESETS)}.")
+    p = PRESETS[arg]
+    c = ml_collections.ConfigDict()
+    c.stage = "sft"
+    c.seed = 0
+    c.steps = p["steps"]
+    c.init_from = ""  # checkpoint:DIR of a CLM/SFT run: its model, weights and tokenizer; "" = random init
+    c.model = preset(arg)  # used only without init_from; compute settings (dtype, remat, …) always apply
+    c.model.dtype = "auto"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "builtin:sft"  # sft records: prompt+completion or messages (JSONL, tfds:NAME, builtin:sft)
+    c.data.eval = ""  # "" = hold out eval_fraction of the training records
+    c.data.eval_fraction = 0.05
+    c.data.max_examples = 0  # 0 = all
+    c.data.tokenizer = ""  # "" = the init_from checkpoint's tokenizer
+    c.data.chat_template = "plain"  # for `messages` records: plain | chatml | llama3
+    c.data.overlong = "truncate_prompt_left"  # or "drop"; counted in the data log line
+    c.data.seq_len = p["seq_len"]
+    c.data.batch_size = p["batch_size"]
+
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
+        rank_pattern={}, alpha_pattern={}, modules_to_save=[]))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=p["lr"], warmup_steps=p["warmup_steps"], schedule="cosine", final_lr_fraction=0.1, b1=0.9, b2=0.95,
+        eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+    c.optim.total_steps = c.get_ref("steps")
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.grad_accum = 1
+    c.loss_chunk = 256
+    c.log_every = 10
+    c.eval_every = 100
+    c.eval_at_start = True
+    c.eval_batches = 8
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 3
+    return c

@@ -1,0 +1,137 @@
+"""Supervised fine-tuning: L = −Σ_t m_t log p_θ(y_t | x, y_<t), the mask m on completion (or assistant) tokens only,
+normalised by the global number of loss tokens. Full fine-tuning, or LoRA on a frozen base (`lora.rank > 0`)."""
+
+import functools
+import math
+
+import jax
+
+from flaxalign import errors, models, sharding
+from flaxalign.data.loader import BatchIterator
+from flaxalign.data.sft_data import build_sft_datasets
+from flaxalign.data.tokenizer import load_tokenizer
+from flaxalign.peft import lora
+from flaxalign.stages.clm import clm_loss
+from flaxalign.train import checkpoint
+from flaxalign.train.optim import learning_rate_schedule, make_optimizer
+from flaxalign.train.step import gradient_step
+from flaxalign.train.task import Task
+
+
+def sft_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size, lora_config):
+    """The masked token cross-entropy of the model whose params are `trainable` (full fine-tuning) or
+    `apply_lora(frozen, trainable)` (LoRA: the base stays frozen and is never copied)."""
+    params = trainable if lora_config is None else lora.apply_lora(frozen, trainable, lora_config)
+    return clm_loss(params, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size)
+
+
+def sft_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int, chunk_size: int, lora_config):
+    """One optimizer update of the trained params (all weights, or the LoRA leaves) from one global batch."""
+    loss_fn = functools.partial(sft_loss, graphdef=graphdef, chunk_size=chunk_size, lora_config=lora_config)
+    return gradient_step(loss_fn, state, batch, optimizer=optimizer, schedule=schedule, grad_accum=grad_accum)
+
+
+def sft_eval_step(state, batch, *, graphdef, chunk_size, lora_config):
+    loss_sum, (count, _) = sft_loss(state.params, state.frozen, batch, None, graphdef=graphdef,
+                                    chunk_size=chunk_size, lora_config=lora_config)
+    return {"loss": loss_sum, "count": count}
+
+
+def _parse_init_from(spec: str) -> str:
+    kind, _, path = spec.partition(":")
+    if kind != "checkpoint" or not path:
+        raise errors.ConfigError(
+            f"init_from={spec!r} is not supported; use checkpoint:DIR (a CLM or SFT workdir).")
+    return path
+
+
+def abstract_lora_params(abstract_base, base_logical, lora_config):
+    """(ShapeDtypeStructs, logical axes) of the LoRA params, without allocating them."""
+    logical = {}
+
+    def init(params):
+        lora_params, logical["axes"] = lora.init_lora(params, base_logical, lora_config, jax.random.PRNGKey(0))
+        return lora_params
+
+    return jax.eval_shape(init, abstract_base), logical["axes"]
+
+
+def make_task(model_config: models.ModelConfig, optim_cfg, *, lora_config=None, seed: int = 0,
+              grad_accum: int = 1, chunk_size: int = 256, init_base=None, train_data=None, eval_batches=None,
+              tokens_per_step: int = 0, flops_per_step: float = 0.0, metadata: dict | None = None) -> Task:
+    """The SFT task. `init_base(shardings) -> params` gives the starting weights (random if None)."""
+    graphdef, abstract_base, base_logical = models.abstract_model(model_config)
+    init_base = init_base or (lambda shardings: models.init_params(model_config, seed, shardings))
+    optimizer = make_optimizer(optim_cfg)
+    step_kwargs = dict(graphdef=graphdef, chunk_size=chunk_size, lora_config=lora_config)
+    identity = {"model": model_config.checkpoint_identity(),
+                "lora": lora_config.to_dict() if lora_config else None}
+    if lora_config is None:
+        trained = dict(abstract_params=abstract_base, params_logical=base_logical,
+                       init_params=lambda shardings, frozen: init_base(shardings))
+    else:
+        abstract_lora, lora_logical = abstract_lora_params(abstract_base, base_logical, lora_config)
+
+        def init_lora_params(shardings, frozen):
+            return jax.jit(lambda p: lora.init_lora(p, base_logical, lora_config, jax.random.PRNGKey(seed))[0],
+                           out_shardings=shardings)(frozen)
+
+        trained = dict(abstract_params=abstract_lora, params_logical=lora_logical, init_params=init_lora_params,
+                       abstract_frozen=abstract_base, frozen_logical=base_logical, init_frozen=init_base)
+    return Task(
+        name="sft", optimizer=optimizer,
+        train_step=functools.partial(sft_step, optimizer=optimizer, schedule=learning_rate_schedule(optim_cfg),
+                                     grad_accum=grad_accum, **step_kwargs),
+        eval_step=functools.partial(sft_eval_step, **step_kwargs),
+        train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens_per_step,
+        flops_per_step=flops_per_step,
+        metadata={"stage": "sft", "model": model_config.to_dict(), "resume_identity": identity,
+                  "lora": identity["lora"], **(metadata or {})},
+        **trained)
+
+
+def build_task(config, workdir: str, mesh) -> Task:
+    """Model and tokenizer from `init_from` (a CLM/SFT run), SFT data from `data.train`, LoRA from `lora`."""
+    data_cfg = config.data
+    init_path = _parse_init_from(config.init_from) if config.init_from else ""
+    meta = checkpoint.read_metadata(init_path) if init_path else {}
+    if init_path:  # the architecture is the checkpoint's; only compute settings come from this config
+        compute = {k: config.model[k] for k in models.config.COMPUTE_ONLY_FIELDS if k in config.model}
+        model_config = models.ModelConfig.from_dict({**meta["model"], **compute})
+    else:
+        model_config = models.ModelConfig.from_dict(config.model)
+    tokenizer_path = data_cfg.tokenizer or meta.get("tokenizer", "")
+    if not tokenizer_path:
+        raise errors.ConfigError("SFT needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise errors.ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}.")
+    if data_cfg.seq_len > model_config.max_seq_len:
+        raise errors.ConfigError(
+            f"data.seq_len={data_cfg.seq_len} exceeds model.max_seq_len={model_config.max_seq_len}.")
+    if data_cfg.batch_size % config.grad_accum:
+        raise errors.ConfigError(
+            f"data.batch_size={data_cfg.batch_size} is not divisible by grad_accum={config.grad_accum}.")
+    sharding.batch_sharding(mesh, data_cfg.batch_size // config.grad_accum)
+    lora_config = lora.LoraConfig.from_dict(config.lora) if config.lora.rank else None
+
+    data = build_sft_datasets(data_cfg, tokenizer)
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_data = BatchIterator(data.train, data_cfg.batch_size, seed=config.seed, shuffle=True, **process)
+
+    def eval_batches():
+        n = min(config.eval_batches, math.ceil(len(data.eval["inputs"]) / data_cfg.batch_size))
+        it = BatchIterator(data.eval, data_cfg.batch_size, seed=0, shuffle=False, **process)
+        return (next(it) for _ in range(n))
+
+    tokens = data_cfg.batch_size * data_cfg.seq_len
+    _, abstract_base, base_logical = models.abstract_model(model_config)
+    init_base = None
+    if init_path:
+        init_base = functools.partial(checkpoint.load_params, init_path, abstract_base)
+    return make_task(
+        model_config, config.optim, lora_config=lora_config, seed=config.seed, grad_accum=config.grad_accum,
+        chunk_size=config.loss_chunk, init_base=init_base, train_data=train_data, eval_batches=eval_batches,
+        tokens_per_step=tokens, flops_per_step=tokens * model_config.flops_per_token(data_cfg.seq_len),
+        metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from, "data": data.stats})

@@ -1,0 +1,106 @@
+"""SFT: completion-only and assistant-only loss, LoRA on a frozen base, and the SFT run from a CLM checkpoint."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from flaxalign import models, sharding
+from flaxalign.data.batching import pack_sft
+from flaxalign.data.corpus import stdlib_corpus
+from flaxalign.data.sft_data import sft_example
+from flaxalign.data.tokenizer import Tokenizer
+from flaxalign.peft import lora
+from flaxalign.stages import sft
+from tests import helpers
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tok.model"
+    return Tokenizer.train(stdlib_corpus(max_chars=200_000), str(path), vocab_size=512)
+
+
+def _loss(params, batch, lora_config=None, frozen=None):
+    graphdef, _, _ = models.abstract_model(helpers.tiny_model_config())
+    loss_sum, (count, _) = jax.jit(functools.partial(sft.sft_loss, graphdef=graphdef, chunk_size=16,
+                                                     lora_config=lora_config))(params, frozen, batch, None)
+    return float(loss_sum), float(count)
+
+
+def _changed_labels(batch, where):
+    """The batch with the target tokens at `where` replaced by other ids."""
+    changed = dict(batch, targets=batch["targets"].copy())
+    changed["targets"][where] = (changed["targets"][where] + 7) % 500 + 4
+    return changed
+
+
+def _check_only_masked_tokens_count(tokenizer, records, template="plain"):
+    examples = [sft_example(r, tokenizer, template) for r in records]
+    batch = pack_sft(examples, 128, pad_id=tokenizer.pad_id)
+    params = models.init_params(helpers.tiny_model_config(), 0)
+    loss, count = _loss(params, batch)
+    assert count == sum(sum(mask[1:]) for _, mask in examples)  # each trained token once (the first is never a target)
+    outside = (batch["loss_mask"] == 0) & (batch["segment_ids"] > 0)
+    assert outside.any()
+    assert _loss(params, _changed_labels(batch, outside)) == (loss, count), "non-trained labels changed the loss"
+    inside = batch["loss_mask"] > 0
+    assert _loss(params, _changed_labels(batch, inside))[0] != loss
+    return examples
+
+
+def test_prompt_tokens_do_not_contribute(tokenizer):
+    records = [{"prompt": "What does `len(obj)` do?", "completion": " Return the number of items."},
+               {"prompt": "What is 2 + 3?", "completion": " The answer is 5."}]
+    examples = _check_only_masked_tokens_count(tokenizer, records)
+    ids, mask = examples[0]
+    prompt_len = 1 + len(tokenizer.encode(records[0]["prompt"]))  # bos + prompt
+    assert mask == [0] * prompt_len + [1] * (len(ids) - prompt_len) and ids[-1] == tokenizer.eos_id
+
+
+def test_multi_turn_only_assistant_tokens_contribute(tokenizer):
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "What is 2 + 3?"},
+                {"role": "assistant", "content": "5."},
+                {"role": "user", "content": "And 4 + 4?"},
+                {"role": "assistant", "content": "8."}]
+    examples = _check_only_masked_tokens_count(tokenizer, [{"messages": messages}])
+    ids, mask = examples[0]
+    trained = tokenizer.decode([i for i, m in zip(ids, mask) if m and i != tokenizer.eos_id])
+    assert trained == " 5. 8."
+
+
+def _lora_task(rank=4):
+    config = helpers.tiny_model_config()
+    lora_config = lora.LoraConfig.from_dict(dict(rank=rank, alpha=8.0, targets="all-linear"))
+    return sft.make_task(config, helpers.optim_config(warmup_steps=0), lora_config=lora_config, chunk_size=16), \
+        lora_config
+
+
+def test_lora_sft_trains_only_the_adapters(tmp_path):
+    from flaxalign.train import loop
+    from flaxalign.train.checkpoint import Checkpointer
+    from flaxalign.train.jit import CompiledStep
+
+    task, lora_config = _lora_task()
+    mesh = helpers.mesh((2, 2, 2))
+    state, shardings, _ = loop.initial_state(task, 0, mesh, Checkpointer(str(tmp_path / "ckpt")))
+    base = jax.tree.map(np.asarray, state.frozen)
+    batch = helpers.packed_batch()
+    # at init the adapted model is the base model
+    loss_lora, _ = _loss(state.params, batch, lora_config, state.frozen)
+    assert loss_lora == _loss(state.frozen, batch)[0]
+    step = CompiledStep(task.train_step, mesh, shardings)
+    losses = []
+    for i in range(3):
+        state, metrics = step(state, sharding.global_batch(helpers.packed_batch(seed=i % 1), mesh))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    for after, before in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(after), before)  # the base is bitwise unchanged
+    assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(
+        jax.tree.map(lambda leaf: leaf, state.params)) if b.ndim >= 2)
+    n_lora = sum(x.size for x in jax.tree.leaves(state.params))
+    n_base = sum(x.size for x in jax.tree.leaves(state.frozen))
+    assert n_lora < 0.2 * n_base
