@@ -75,14 +75,14 @@ class LoraConfig:
 
     def __post_init__(self):
         # Lists and dicts become tuples so that the config stays hashable (a jit static argument).
-        set_field = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        normalised = dict(
+            exclude=_as_tuple(self.exclude), modules_to_save=_as_tuple(self.modules_to_save),
+            rank_pattern=tuple((str(k), int(v)) for k, v in dict(self.rank_pattern).items()),
+            alpha_pattern=tuple((str(k), float(v)) for k, v in dict(self.alpha_pattern).items()))
         if not isinstance(self.targets, str):
-            set_field("targets", tuple(self.targets))
-        set_field("exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
-        set_field("modules_to_save", (self.modules_to_save,) if isinstance(self.modules_to_save, str)
-                  else tuple(self.modules_to_save))
-        set_field("rank_pattern", tuple((str(k), int(v)) for k, v in dict(self.rank_pattern).items()))
-        set_field("alpha_pattern", tuple((str(k), float(v)) for k, v in dict(self.alpha_pattern).items()))
+            normalised["targets"] = tuple(self.targets)
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
         self._validate()
 
     def _validate(self):
@@ -170,7 +170,7 @@ def lora_weight(w: jax.Array, delta: jax.Array, scale: float) -> jax.Array:
 
 def dora_weight(w: jax.Array, delta: jax.Array, norm_delta: jax.Array, magnitude: jax.Array, scale: float,
                 n_layers: int, n_inputs: int) -> jax.Array:
-    """W' = m ⊙ (W + s·A·B) / sg(‖W + s·A·B‖), the norm per output feature over the input axes (Liu et al. 2024).
+    """W' = m ⊙ (W + s·A·B) / sg(‖W + s·A·B‖), norm per output feature over the input axes (Liu et al. 2024).
 
     sg = stop_gradient: as PEFT does (it detaches `weight_norm`, DoRA paper §4.3), the norm is a constant in the
     backward pass, so A and B get the gradient of the direction's numerator only and the memory of the norm's
@@ -300,7 +300,7 @@ def init_lora(params: Any, logical_axes: Any, config: LoraConfig, rng: jax.Array
     targets = tuple(_targets(params, logical_axes, config))
     flat_params = _flatten(params)
     dora_weights = {t.path: flat_params[t.path] for t in targets} if config.variant == "dora" else {}
-    lora_flat = _init_adapters(targets, config, rng, dora_weights) if targets else {}
+    lora_flat = _init_adapters(targets, config.init, config.variant, rng, dora_weights) if targets else {}
     lora_axes = {}
     for target in targets:
         layers, inputs, outputs = target.layout.layer_axes, target.layout.input_axes, target.layout.output_axes
@@ -311,14 +311,15 @@ def init_lora(params: Any, logical_axes: Any, config: LoraConfig, rng: jax.Array
     return _unflatten(lora_flat), _unflatten(lora_axes)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init_adapters(targets: tuple[_Target, ...], config: LoraConfig, rng: jax.Array,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _init_adapters(targets: tuple[_Target, ...], init: str, variant: str, rng: jax.Array,
                    dora_weights: dict[str, jax.Array]) -> dict[str, dict[str, jax.Array]]:
-    """{path: adapter} in one compiled call. All A's come from one draw, cut into pieces: XLA CPU compile time
-    grows steeply with the number of separate threefry draws (7 draws ~17 s against ~0.5 s for one)."""
+    """{path: adapter} in one compiled call (static: only what shapes the graph, so that configs differing in alpha
+    or dropout share it). All A's come from one draw, cut into pieces: XLA CPU compile time grows steeply with the
+    number of separate threefry draws (7 draws ~17 s against ~0.5 s for one)."""
     a_shapes = [t.shape[:t.n_layers] + t.input_shape + (t.rank,) for t in targets]
     sizes = [math.prod(shape) for shape in a_shapes]
-    if config.init == "kaiming":
+    if init == "kaiming":
         noise = jax.random.uniform(rng, (sum(sizes),), jnp.float32, -1.0, 1.0)
     else:
         noise = jax.random.normal(rng, (sum(sizes),), jnp.float32)
@@ -327,14 +328,14 @@ def _init_adapters(targets: tuple[_Target, ...], config: LoraConfig, rng: jax.Ar
     for target, a_shape, size in zip(targets, a_shapes, sizes):
         piece = noise[offset:offset + size].reshape(a_shape)
         offset += size
-        if config.init == "kaiming":
+        if init == "kaiming":
             # torch's kaiming_uniform_(a=√5) on A's [r, I] weight: gain √(2/(1+5)), bound gain·√(3/I) = 1/√I
             a = piece / math.sqrt(math.prod(target.input_shape))
         else:  # PEFT's "gaussian": normal with std 1/r
             a = piece / target.rank
         layer_shape = target.shape[:target.n_layers]
         adapter = {"a": a, "b": jnp.zeros(layer_shape + (target.rank,) + target.output_shape, jnp.float32)}
-        if config.variant == "dora":
+        if variant == "dora":
             adapter["magnitude"] = column_norm(dora_weights[target.path], target.n_layers,
                                                len(target.layout.input_axes))
         adapters[target.path] = adapter
@@ -518,6 +519,11 @@ def _replace(tree: Mapping, updated: Mapping[str, Any], prefix: str = "") -> dic
         else:
             out[key] = updated.get(path, value)
     return out
+
+
+def _as_tuple(names: str | Any) -> tuple[str, ...]:
+    """One name or a list of names as a tuple."""
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def _show(targets: str | tuple[str, ...]) -> str:
