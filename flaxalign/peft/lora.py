@@ -377,8 +377,8 @@ def apply_lora(params: Any, lora_params: Any, config: LoraConfig, *, dropout_rng
     scaled by 1/(1-p): one mask per layer per step, shared by every token of the batch. E[A_dropped] = A, so the
     expected update is PEFT's, but the noise is correlated across tokens. For DoRA the dropout reaches the
     direction's numerator only; the norm uses the undropped A, as PEFT's norm does. We keep it rather than refuse
-    p > 0 because it costs one extra [I, r]×[r, O] product per weight and still regularises the adapter; set
-    lora.dropout=0 for the exact PEFT forward.
+    p > 0 because it costs one mask of I numbers per weight (and, for DoRA, a second A·B for the norm) and still
+    regularises the adapter; set lora.dropout=0 for the exact PEFT forward.
     """
     adapters = _adapters(params, lora_params)
     if not adapters:
