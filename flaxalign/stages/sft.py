@@ -20,8 +20,13 @@ from flaxalign.train.task import Task
 
 def sft_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size, lora_config):
     """The masked token cross-entropy of the model whose params are `trainable` (full fine-tuning) or
-    `apply_lora(frozen, trainable)` (LoRA: the base stays frozen and is never copied)."""
-    params = trainable if lora_config is None else lora.apply_lora(frozen, trainable, lora_config)
+    `apply_lora(frozen, trainable)` (LoRA: the base stays frozen and is never copied). LoRA dropout runs in training
+    steps only (eval passes no rng)."""
+    if lora_config is None:
+        params = trainable
+    else:
+        dropout_rng = rng if lora_config.dropout > 0 else None
+        params = lora.apply_lora(frozen, trainable, lora_config, dropout_rng=dropout_rng)
     return clm_loss(params, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size)
 
 

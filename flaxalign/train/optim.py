@@ -7,7 +7,7 @@ import optax
 
 from flaxalign import errors
 
-NO_DECAY_NAMES = ("scale", "bias")  # RMSNorm scales and q/k/v biases are not decayed
+NO_DECAY_NAMES = ("scale", "bias", "magnitude")  # norm scales, biases and DoRA magnitudes are not decayed
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
