@@ -5,6 +5,7 @@ A preset is a plain dict of `ModelConfig` fields so that configs can put it into
 """
 
 import dataclasses
+import re
 from typing import Any
 
 from flaxalign import errors
@@ -36,6 +37,13 @@ class ModelConfig:
     attention: str = "jnp"  # "jnp" (plain einsum softmax) or "dot_product" (jax.nn.dot_product_attention)
     remat: str = "none"  # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"
     scan_layers: bool = True  # False unrolls the layer loop (longer compile; see BUILD_NOTES for when it is faster)
+    # Bottleneck adapters (Houlsby et al. 2019, Pfeiffer et al. 2020; `flaxalign.models.adapters`). The defaults
+    # build exactly the plain model.
+    adapter_placement: str = "none"  # "none", "houlsby" (after attention and after MLP) or "pfeiffer" (after MLP)
+    adapter_reduction: int = 16  # bottleneck width = d_model // adapter_reduction
+    adapter_activation: str = "relu"  # "relu" (as in the papers), "silu" or "gelu" (exact erf form)
+    adapter_names: tuple[str, ...] = ()  # named adapter sets in one parameter tree (one per task)
+    active_adapter: str = ""  # the set that runs; "" = none: the base model (the reference, no copy)
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -53,6 +61,52 @@ class ModelConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise errors.ConfigError(
                 f"model.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}.")
+        self._check_adapters()
+
+    def _check_adapters(self):
+        if isinstance(self.adapter_names, str):
+            raise errors.ConfigError(
+                f"model.adapter_names must be a tuple of names, not the string {self.adapter_names!r}.")
+        # JSON metadata and ConfigDicts hand back lists; a tuple keeps the config hashable.
+        object.__setattr__(self, "adapter_names", tuple(self.adapter_names))
+        names, placement = self.adapter_names, self.adapter_placement
+        if placement not in ADAPTER_SITES:
+            raise errors.ConfigError(
+                f"model.adapter_placement must be one of {sorted(ADAPTER_SITES)}, not {placement!r}.")
+        if self.adapter_activation not in ADAPTER_ACTIVATIONS:
+            raise errors.ConfigError(f"model.adapter_activation must be one of {list(ADAPTER_ACTIVATIONS)}, "
+                                     f"not {self.adapter_activation!r}.")
+        bad = [n for n in names if not isinstance(n, str) or not _ADAPTER_NAME.fullmatch(n)]
+        if bad:
+            raise errors.ConfigError(
+                f"model.adapter_names entries {bad} must use only letters, digits, '_' and '-'.")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise errors.ConfigError(f"model.adapter_names lists {duplicates} more than once.")
+        if placement == "none" and names:
+            raise errors.ConfigError(
+                f"model.adapter_names={list(names)} needs model.adapter_placement 'houlsby' or 'pfeiffer'.")
+        if placement != "none" and not names:
+            raise errors.ConfigError(
+                f"model.adapter_placement={placement!r} needs at least one name in model.adapter_names.")
+        if self.active_adapter and self.active_adapter not in names:
+            raise errors.ConfigError(f"model.active_adapter={self.active_adapter!r} is not one of "
+                                     f"model.adapter_names={list(names)} ('' runs the base model).")
+        # The reduction only matters when adapters exist: a plain model of any width stays valid.
+        reduction = self.adapter_reduction
+        if placement != "none" and (not isinstance(reduction, int) or reduction < 1 or self.d_model % reduction):
+            raise errors.ConfigError(f"model.adapter_reduction={reduction!r} must be a positive divisor of "
+                                     f"model.d_model={self.d_model}.")
+
+    @property
+    def adapter_sites(self) -> tuple[str, ...]:
+        """The sub-layers whose output goes through an adapter: ("attn", "mlp"), ("mlp",) or ()."""
+        return ADAPTER_SITES[self.adapter_placement]
+
+    @property
+    def adapter_dim(self) -> int:
+        """Bottleneck width d_model / reduction."""
+        return self.d_model // self.adapter_reduction
 
     @classmethod
     def from_dict(cls, values: Any) -> "ModelConfig":
@@ -68,8 +122,14 @@ class ModelConfig:
 
     def checkpoint_identity(self) -> dict[str, Any]:
         """The fields that define the function the params compute: a checkpoint restores only into a model with
-        the same identity. Compute settings (dtype, attention kernel, remat, scan) may change between runs."""
-        return {k: v for k, v in self.to_dict().items() if k not in COMPUTE_ONLY_FIELDS}
+        the same identity. Compute settings (dtype, attention kernel, remat, scan, active adapter) may change
+        between runs. Without adapters the adapter fields are left out, so identities (and checkpoints) from before
+        adapters existed still match; tuples become lists, as they come back from the JSON metadata."""
+        identity = {k: list(v) if isinstance(v, tuple) else v
+                    for k, v in self.to_dict().items() if k not in COMPUTE_ONLY_FIELDS}
+        if self.adapter_placement == "none":
+            identity = {k: v for k, v in identity.items() if k not in ADAPTER_FIELDS}
+        return identity
 
     def num_params(self, include_embedding: bool = True) -> int:
         d, f, h, k, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
@@ -80,19 +140,35 @@ class ModelConfig:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         elif not self.tie_embeddings:
             total += self.vocab_size * d  # the LM head is a matmul like any other
-        return total
+        return total + self.num_adapter_params()
+
+    def num_adapter_params(self) -> int:
+        """All adapter sets: L · sets · sites · (2·D·D/r + D/r + D) (down and up matrices and their biases)."""
+        if not self.adapter_sites:  # the reduction is not validated without adapters
+            return 0
+        d, b = self.d_model, self.adapter_dim
+        return self.n_layers * len(self.adapter_names) * len(self.adapter_sites) * (2 * d * b + b + d)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 per matmul weight (q, k, v, o, gate, up, down and the LM head; forward 2 +
-        backward 4) plus causal attention 12·L·T·H·Dh (scores and values, counted in full: the PaLM convention)."""
+        backward 4) plus causal attention 12·L·T·H·Dh (scores and values, counted in full: the PaLM convention).
+        The active adapter's down and up matrices count like the other weights."""
         d, hd = self.d_model, self.head_dim
         per_layer = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 3 * d * self.d_ff
+        if self.active_adapter:
+            per_layer += len(self.adapter_sites) * 2 * d * self.adapter_dim
         matmul_weights = self.n_layers * per_layer + d * self.vocab_size
         attention = 12 * self.n_layers * seq_len * self.n_heads * hd
         return 6.0 * matmul_weights + attention
 
 
-COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "scan_layers")
+# `active_adapter` picks which adapter set runs: outputs change, the parameter tree does not.
+COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "scan_layers", "active_adapter")
+ADAPTER_FIELDS = ("adapter_placement", "adapter_reduction", "adapter_activation", "adapter_names", "active_adapter")
+# placement -> the sub-layers (in layer order) whose output passes through an adapter before the residual add
+ADAPTER_SITES = {"none": (), "houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
+ADAPTER_ACTIVATIONS = ("relu", "silu", "gelu")
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flaxalign.models import adapters
 from flaxalign.models.config import ModelConfig
 from flaxalign.sharding import constrain
 
@@ -157,16 +158,28 @@ class MLP(nnx.Module):
         return _dense(hidden, self.down[...], dtype).reshape(b, t, d)
 
 
+def _no_adapter(site, h):
+    return h
+
+
 class DecoderLayer(nnx.Module):
+    """x ← x + A_attn(attn(norm(x))); x ← x + A_mlp(mlp(norm(x))), where A is the active bottleneck adapter at that
+    site (`models.adapters`) or the identity."""
+
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs, *, stack=()):
         self.attn_norm = RMSNorm(config.d_model, config.rms_eps, stack=stack)
         self.attn = Attention(config, rngs, stack=stack)
         self.mlp_norm = RMSNorm(config.d_model, config.rms_eps, stack=stack)
         self.mlp = MLP(config, rngs, stack=stack)
+        self.active_adapter = config.active_adapter  # static: switching sets retraces, the params stay the same
+        if config.adapter_placement != "none":
+            self.adapters = adapters.adapter_sets(config, rngs, stack=stack)
 
     def __call__(self, x_BxTxD, cos, sin, mask):
-        x = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), cos, sin, mask)
-        x = x + self.mlp(self.mlp_norm(x))
+        # No active set (the base model) traces exactly the plain layer's ops: adapters cost nothing when off.
+        adapter = self.adapters[self.active_adapter] if self.active_adapter else _no_adapter
+        x = x_BxTxD + adapter("attn", self.attn(self.attn_norm(x_BxTxD), cos, sin, mask))
+        x = x + adapter("mlp", self.mlp(self.mlp_norm(x)))
         return constrain(x, BATCH_LENGTH_EMBED)
 
 
