@@ -1,0 +1,319 @@
+"""Memory and speed of one SFT train step: full fine-tuning vs LoRA vs bottleneck adapters.
+
+    python bench/peft_memory.py                                  # small (batch 8 × 256) and smollm2_135m (2 × 256)
+    python bench/peft_memory.py --presets=small --steps=5 --json=/tmp/peft.json
+
+For each preset and method it reports, from the abstract train state (`jax.eval_shape`, nothing allocated):
+trainable-parameter bytes, optimizer-state bytes (AdamW moments + counts) and frozen bytes; from XLA's compiled
+step (`memory_analysis()`): argument, output, temporary, aliased (donated) and generated-code bytes, and the peak
+estimate
+
+    peak ≈ arguments + outputs − aliased + temporaries
+
+i.e. every input buffer, the outputs that do not reuse a donated input buffer, and XLA's scratch. (The aliased
+outputs are counted inside `outputs`, so `arguments + temporaries − aliased` would subtract the donated state once
+too often.) XLA's own `peak_memory_in_bytes` is printed beside it, as reported. Then the best wall time of a few
+steps after compilation.
+
+Methods:
+  full      `sft.make_task(lora_config=None)`: every weight trains, AdamW state for all of them.
+  lora      `sft.make_task(lora_config=LoRA r=8, α=16, all-linear)`: LoRA leaves train, the base is frozen.
+  adapters  Houlsby bottleneck adapters (reduction 16, one set, active): adapter params train, the base is frozen
+            (`models.adapters.split_trainable` / `join`), with the same loss, optimizer and `gradient_step`.
+
+The models are random-weight: `smollm2_135m` has the real SmolLM2-135M shapes. Everything runs on one device, in
+float32 (this bench is for the CPU; on an accelerator the same script measures that device's compiled step).
+"""
+
+import argparse
+import functools
+import gc
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from flaxalign import models, sharding  # noqa: E402
+from flaxalign.models import adapters  # noqa: E402
+from flaxalign.peft import lora  # noqa: E402
+from flaxalign.stages import sft  # noqa: E402
+from flaxalign.stages.clm import clm_loss  # noqa: E402
+from flaxalign.train import loop  # noqa: E402
+from flaxalign.train.checkpoint import Checkpointer  # noqa: E402
+from flaxalign.train.jit import CompiledStep  # noqa: E402
+from flaxalign.train.optim import learning_rate_schedule, make_optimizer  # noqa: E402
+from flaxalign.train.state import create_state  # noqa: E402
+from flaxalign.train.step import gradient_step  # noqa: E402
+from flaxalign.train.task import Task  # noqa: E402
+
+# (batch, seq) per preset: the project's CPU benchmark shape for `small`, and a batch that keeps a
+# SmolLM2-135M full fine-tuning step within seconds on a 2-core CPU.
+SHAPES = {"tiny": (4, 64), "small": (8, 256), "smollm2_135m": (2, 256)}
+METHODS = ("full", "lora", "adapters")
+LORA = dict(rank=8, alpha=16, targets="all-linear")
+ADAPTER = dict(adapter_placement="houlsby", adapter_reduction=16, adapter_names=("task",), active_adapter="task")
+# The targets the project set for LoRA against full fine-tuning.
+TARGET_TRAIN_STATE_RATIO = 0.02
+TARGET_PEAK_RATIO = 0.60
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                 "generated_code_size_in_bytes", "peak_memory_in_bytes")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", default="small,smollm2_135m", help="comma-separated model presets")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,lora,adapters")
+    p.add_argument("--steps", type=int, default=2, help="timed steps after the compile (the best one is reported)")
+    p.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
+    p.add_argument("--seq", type=int, default=0, help="override the preset's sequence length")
+    p.add_argument("--loss_chunk", type=int, default=256)
+    p.add_argument("--json", default="", help="also write the results to this file")
+    return p.parse_args(argv)
+
+
+def optim_config():
+    # The same AdamW (with clipping and a weight-decay mask) for every method, so only what trains differs.
+    return ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, total_steps=1000, schedule="constant",
+                                          final_lr_fraction=1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+                                          clip_norm=1.0))
+
+
+def random_batch(config, batch, seq, seed=0):
+    """Every token a loss token: SFT masking only changes which tokens count, not the step's memory or time."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.vocab_size, size=(batch, seq + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((batch, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+            "loss_mask": np.ones((batch, seq), np.float32)}
+
+
+# --- the adapter task ------------------------------------------------------------------------------------------
+
+
+def adapter_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size):
+    """The CLM/SFT token loss of the model whose params are the frozen base joined with the trained adapters
+    (`join` only rebuilds dicts: the base is not copied)."""
+    return clm_loss(adapters.join(trainable, frozen), None, batch, rng, graphdef=graphdef,
+                    chunk_size=chunk_size)
+
+
+def adapter_step(state, batch, *, graphdef, optimizer, schedule, chunk_size):
+    loss_fn = functools.partial(adapter_loss, graphdef=graphdef, chunk_size=chunk_size)
+    return gradient_step(loss_fn, state, batch, optimizer=optimizer, schedule=schedule, grad_accum=1)
+
+
+def adapter_task(model_config, optim_cfg, *, seed=0, chunk_size=256) -> Task:
+    """Like `sft.make_task` does for LoRA: `params` = the adapter leaves (trained, with AdamW state), `frozen` = the
+    base. `model_config` must have an active adapter set."""
+    graphdef, abstract_full, logical_full = models.abstract_model(model_config)
+    abstract_adapters, abstract_base = adapters.split_trainable(abstract_full)
+    adapters_logical, base_logical = adapters.split_trainable(logical_full)
+    optimizer = make_optimizer(optim_cfg)
+    pending = {}
+
+    # The model inits base and adapters together (the adapter keys are derived from the params stream); the loop
+    # asks for the frozen half first, so the adapter half is kept until it asks for the trained one.
+    def init_frozen(shardings):
+        pending["adapters"], base = adapters.split_trainable(models.init_params(model_config, seed))
+        return jax.device_put(base, shardings)
+
+    def init_params(shardings, frozen):
+        return jax.device_put(pending.pop("adapters"), shardings)
+
+    return Task(
+        name="sft_adapters", abstract_params=abstract_adapters, params_logical=adapters_logical,
+        init_params=init_params, optimizer=optimizer,
+        train_step=functools.partial(adapter_step, graphdef=graphdef, optimizer=optimizer,
+                                     schedule=learning_rate_schedule(optim_cfg), chunk_size=chunk_size),
+        eval_step=None, train_data=None, eval_batches=None, tokens_per_step=0, flops_per_step=0.0,
+        metadata={"stage": "sft_adapters", "model": model_config.to_dict()},
+        abstract_frozen=abstract_base, frozen_logical=base_logical, init_frozen=init_frozen)
+
+
+def make_method_task(method, base_config, optim_cfg, chunk_size):
+    """(model config, task) of one method on the preset's base model."""
+    if method == "full":
+        return base_config, sft.make_task(base_config, optim_cfg, lora_config=None, chunk_size=chunk_size)
+    if method == "lora":
+        return base_config, sft.make_task(base_config, optim_cfg, lora_config=lora.LoraConfig.from_dict(LORA),
+                                          chunk_size=chunk_size)
+    if method == "adapters":
+        config = models.ModelConfig.from_dict({**base_config.to_dict(), **ADAPTER})
+        return config, adapter_task(config, optim_cfg, chunk_size=chunk_size)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+# --- measuring -------------------------------------------------------------------------------------------------
+
+
+def tree_bytes(tree) -> int:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def tree_count(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def state_bytes(task: Task) -> dict:
+    """Bytes of the train state's parts, from its abstract shape (as `loop.initial_state` builds it)."""
+    abstract = jax.eval_shape(lambda p, f: create_state(p, task.optimizer, 0, f),
+                              task.abstract_params, task.abstract_frozen)
+    return {"trainable_params": tree_count(abstract.params), "trainable_bytes": tree_bytes(abstract.params),
+            "optimizer_bytes": tree_bytes(abstract.opt_state), "frozen_params": tree_count(abstract.frozen),
+            "frozen_bytes": tree_bytes(abstract.frozen), "state_bytes": tree_bytes(abstract)}
+
+
+def compiled_memory(compiled) -> dict:
+    """The compiled step's memory analysis; None for a field this backend does not report."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return {f: None for f in MEMORY_FIELDS} | {"peak_estimate_bytes": None}
+    out = {f: getattr(analysis, f, None) for f in MEMORY_FIELDS}
+    arg, res, alias, temp = (out[f] for f in MEMORY_FIELDS[:4])
+    out["peak_estimate_bytes"] = (arg + res - alias + temp) if None not in (arg, res, alias, temp) else None
+    return out
+
+
+def measure(method, preset, args, mesh, workdir) -> dict:
+    base_config = models.ModelConfig.from_dict({**models.preset(preset), "dtype": "float32"})
+    default_batch, default_seq = SHAPES.get(preset, (8, 256))
+    batch_size, seq = args.batch or default_batch, args.seq or default_seq
+    config, task = make_method_task(method, base_config, optim_config(), args.loss_chunk)
+    result = {"preset": preset, "method": method, "batch": batch_size, "seq": seq, **state_bytes(task)}
+
+    state, shardings, _ = loop.initial_state(task, 0, mesh, Checkpointer(os.path.join(workdir, preset, method)))
+    step = CompiledStep(task.train_step, mesh, shardings)
+    batch = sharding.global_batch(random_batch(config, batch_size, seq), mesh)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        # Run the executable that was analysed (jit's own call path would compile the same step a second time).
+        compiled = step._jitted.lower(state, batch).compile()
+    result["compile_seconds"] = time.perf_counter() - start
+    result.update(compiled_memory(compiled))
+
+    times, losses = [], []
+    with jax.set_mesh(mesh):
+        # No untimed warm-up: on CPU the first run after compile is not systematically slower, and each
+        # SmolLM2-sized step costs seconds; the best of the timed steps is the figure reported.
+        for _ in range(max(args.steps, 1)):
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state.params, metrics))
+            times.append(time.perf_counter() - start)
+            losses.append(float(metrics["loss"]))
+    result.update(step_seconds=min(times), step_seconds_all=times, losses=losses,
+                  tokens_per_sec=batch_size * seq / min(times))
+    del state, compiled, step, batch
+    gc.collect()
+    return result
+
+
+# --- reporting -------------------------------------------------------------------------------------------------
+
+
+def mib(n):
+    return "n/a" if n is None else f"{n / 2**20:,.1f}"
+
+
+def ratios(rows) -> dict:
+    """Per preset: LoRA / full (trainable + optimizer bytes) and LoRA / full peak, and the same for adapters."""
+    out = {}
+    by_key = {(r["preset"], r["method"]): r for r in rows}
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        full = by_key.get((preset, "full"))
+        if full is None:
+            continue
+        for method in ("lora", "adapters"):
+            peft = by_key.get((preset, method))
+            if peft is None:
+                continue
+            train = (peft["trainable_bytes"] + peft["optimizer_bytes"]) / (full["trainable_bytes"]
+                                                                            + full["optimizer_bytes"])
+            peak = (peft["peak_estimate_bytes"] / full["peak_estimate_bytes"]
+                    if peft["peak_estimate_bytes"] and full["peak_estimate_bytes"] else None)
+            out[f"{preset}/{method}"] = {"train_state_ratio": train, "peak_ratio": peak,
+                                         "step_time_ratio": peft["step_seconds"] / full["step_seconds"]}
+    return out
+
+
+def print_report(rows, ratio_table):
+    device = jax.devices()[0]
+    print(f"SFT train step memory, {device.platform} ({device.device_kind}), float32, AdamW; MiB = 2^20 bytes")
+    head = (f"{'preset':<13}{'method':<9}{'batch×seq':>10}{'trainable':>12}{'train MiB':>11}{'optim MiB':>11}"
+            f"{'frozen MiB':>11}{'args MiB':>10}{'out MiB':>10}{'alias MiB':>10}{'temp MiB':>10}{'code MiB':>9}"
+            f"{'peak≈ MiB':>11}{'XLA peak':>10}{'compile s':>10}{'step ms':>10}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        shape = f"{r['batch']}×{r['seq']}"
+        print(f"{r['preset']:<13}{r['method']:<9}{shape:>10}{r['trainable_params']:>12,}"
+              f"{mib(r['trainable_bytes']):>11}{mib(r['optimizer_bytes']):>11}{mib(r['frozen_bytes']):>11}"
+              f"{mib(r['argument_size_in_bytes']):>10}{mib(r['output_size_in_bytes']):>10}"
+              f"{mib(r['alias_size_in_bytes']):>10}{mib(r['temp_size_in_bytes']):>10}"
+              f"{mib(r['generated_code_size_in_bytes']):>9}{mib(r['peak_estimate_bytes']):>11}"
+              f"{mib(r['peak_memory_in_bytes']):>10}{r['compile_seconds']:>10.1f}{r['step_seconds'] * 1e3:>10.0f}")
+    zero = sorted({f for r in rows for f in MEMORY_FIELDS if not r[f]})
+    if zero:
+        print(f"  reported as 0/None on this backend: {', '.join(zero)}")
+    print("  peak≈ = args + out − alias + temp (every input buffer, the outputs not written into a donated input, "
+          "XLA's scratch).")
+    cpu_style = all(r["peak_memory_in_bytes"] is not None and r["argument_size_in_bytes"] is not None
+                    and abs(r["peak_memory_in_bytes"] - (r["argument_size_in_bytes"] + r["output_size_in_bytes"]
+                                                         - r["alias_size_in_bytes"])) < 4096 for r in rows)
+    if cpu_style:
+        print("  XLA peak = memory_analysis().peak_memory_in_bytes as reported; here it equals args + out − alias "
+              "to within a few bytes, i.e. it leaves the temporaries out: use peak≈.")
+    else:
+        print("  XLA peak = memory_analysis().peak_memory_in_bytes as reported.")
+    print("  step ms = best of the timed steps after compile.")
+    print()
+    for key, r in ratio_table.items():
+        preset, method = key.split("/")
+        train_ok = "OK" if r["train_state_ratio"] <= TARGET_TRAIN_STATE_RATIO else "MISSED"
+        peak = r["peak_ratio"]
+        line = f"{preset:<13}{method:<9} (optimizer + trainable) / full = {100 * r['train_state_ratio']:6.2f} %"
+        line += f"  [target ≤ 2 %: {train_ok}]" if method == "lora" else " " * 24
+        line += f"   peak / full = {'n/a' if peak is None else f'{100 * peak:5.1f} %'}"
+        if method == "lora" and peak is not None:
+            line += f"  [target ≤ 60 %: {'OK' if peak <= TARGET_PEAK_RATIO else 'MISSED'}]"
+        elif method == "lora" or any(k.endswith("/lora") for k in ratio_table):
+            line += " " * 24
+        line += f"   step time / full = {r['step_time_ratio']:.2f}"
+        print(line)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    presets = [p for p in args.presets.split(",") if p]
+    methods = [m for m in args.methods.split(",") if m]
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    import tempfile
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:  # the Checkpointer wants a directory; nothing is saved
+        for preset in presets:
+            for method in methods:
+                row = measure(method, preset, args, mesh, workdir)
+                print(f"  measured {preset}/{method}: compile {row['compile_seconds']:.1f} s, "
+                      f"step {row['step_seconds'] * 1e3:.0f} ms", flush=True)
+                rows.append(row)
+    ratio_table = ratios(rows)
+    print()
+    print_report(rows, ratio_table)
+    result = {"device": jax.devices()[0].device_kind, "rows": rows, "ratios": ratio_table,
+              "targets": {"lora_train_state_ratio_max": TARGET_TRAIN_STATE_RATIO,
+                          "lora_peak_ratio_max": TARGET_PEAK_RATIO}}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""bench/peft_memory.py runs end to end on the tiny preset and its byte accounting adds up."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+
+def _load_bench():
+    # bench/ is a folder of scripts, not a package: load the module from its path
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "peft_memory.py"
+    spec = importlib.util.spec_from_file_location("peft_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peft_memory_tiny(tmp_path, capsys):
+    bench = _load_bench()
+    out = tmp_path / "peft.json"
+    result = bench.main(["--presets=tiny", "--batch=2", "--seq=16", "--loss_chunk=16", "--steps=1",
+                         f"--json={out}"])
+    assert json.loads(out.read_text())["ratios"].keys() == result["ratios"].keys() == {"tiny/lora", "tiny/adapters"}
+    rows = {r["method"]: r for r in result["rows"]}
+    full, lora, adapters = rows["full"], rows["lora"], rows["adapters"]
+    # Full fine-tuning trains every weight; the PEFT methods freeze exactly the base model.
+    assert full["frozen_bytes"] == 0 and lora["frozen_bytes"] == adapters["frozen_bytes"] == full["trainable_bytes"]
+    for r in rows.values():
+        # AdamW: two float32 moments per trainable param, plus a few scalar counts.
+        assert 2 * r["trainable_bytes"] <= r["optimizer_bytes"] <= 2 * r["trainable_bytes"] + 64
+        assert r["step_seconds"] > 0 and all(math.isfinite(x) for x in r["losses"])
+        assert r["peak_estimate_bytes"] >= r["argument_size_in_bytes"] > 0
+    assert 0 < adapters["trainable_params"] < lora["trainable_params"] < full["trainable_params"]
+    assert result["ratios"]["tiny/lora"]["train_state_ratio"] < 1
+    assert "(optimizer + trainable) / full" in capsys.readouterr().out
