@@ -15,8 +15,9 @@ DPO/PPO/KL with no extra copy). The base stays frozen by splitting the tree: `sp
 (adapter params, base params), `join` puts them back; both are dict operations that never copy an array.
 
 Sharding: the bottleneck dimension has logical axis `None` (replicated). It is small (D/16), and sharding it over
-"tensor" would add an all-reduce of the [B·T, D] up-projection output per adapter per layer for a matmul that costs
-~1/(6r) of the layer's; the D dimension follows "embed" (FSDP-sharded, like every other weight).
+"tensor" would add an all-reduce of the [B·T, D] up-projection output per adapter per layer, for matmuls that cost
+~1/(3r) of the layer's (4·D²/r against ~12·D² FLOPs per token). The D dimension follows "embed" (FSDP-sharded,
+like every other weight).
 """
 
 import math
