@@ -202,7 +202,14 @@ class CausalLM(nnx.Module):
         if not c.tie_embeddings:
             self.lm_head = _param(rngs, (c.d_model, c.vocab_size), c.init_std, ("embed", "vocab"))
 
-    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *, layer_transform=None):
+        """Final hidden states `[B, T, D]`.
+
+        `layer_transform = (fn, stacked_extra)` rewrites each layer's params inside the scan:
+        `fn(layer_params, extra_slice) -> layer_params`, with `stacked_extra` sliced along its leading layers axis
+        like the params. LoRA uses it so that adapted weights exist for one layer at a time (and their gradients
+        are reduced to the low-rank factors per layer) instead of for the whole stack at once.
+        """
         c = self.config
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -214,17 +221,22 @@ class CausalLM(nnx.Module):
         mask = attention_mask(segment_ids_BxT)
 
         graphdef, stacked = nnx.split(self.layers)
+        transform, extra = layer_transform if layer_transform is not None else (None, None)
 
-        def layer_step(x, layer_params):
+        def layer_step(x, xs):
+            layer_params, layer_extra = xs
+            if transform is not None:
+                layer_params = transform(nnx.to_pure_dict(layer_params), layer_extra)
             return nnx.merge(graphdef, layer_params)(x, cos, sin, mask), None
 
         if c.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=_REMAT[c.remat], prevent_cse=False)
+
         if c.scan_layers:
-            x, _ = jax.lax.scan(layer_step, x, stacked)
+            x, _ = jax.lax.scan(layer_step, x, (stacked, extra))
         else:  # unrolled: compile time grows with depth, but XLA CPU schedules the backward pass better
             for i in range(c.n_layers):
-                x, _ = layer_step(x, jax.tree.map(lambda w: w[i], stacked))
+                x, _ = layer_step(x, jax.tree.map(lambda w: w[i], (stacked, extra)))
         return self.final_norm(x)
 
     def unembedding(self):

@@ -13,11 +13,12 @@ from flaxalign.train.step import gradient_step
 from flaxalign.train.task import Task
 
 
-def clm_loss(params, frozen, batch, rng, *, graphdef, chunk_size):
-    """(Σ token losses, (loss-token count, {})) of one batch of packed sequences."""
+def clm_loss(params, frozen, batch, rng, *, graphdef, chunk_size, layer_transform=None):
+    """(Σ token losses, (loss-token count, {})) of one batch of packed sequences. `layer_transform`: see
+    `CausalLM.__call__` (LoRA applied per layer)."""
     del frozen, rng  # the CLM loss uses neither
     model = models.merge(graphdef, params)
-    hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"], layer_transform=layer_transform)
     loss_sum, count = token_cross_entropy(hidden, model.unembedding(), batch["targets"], batch["loss_mask"],
                                           chunk_size=chunk_size)
     return loss_sum, (count, {})

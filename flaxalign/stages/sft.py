@@ -20,14 +20,27 @@ from flaxalign.train.task import Task
 
 def sft_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size, lora_config):
     """The masked token cross-entropy of the model whose params are `trainable` (full fine-tuning) or
-    `apply_lora(frozen, trainable)` (LoRA: the base stays frozen and is never copied). LoRA dropout runs in training
-    steps only (eval passes no rng)."""
+    `apply_lora(frozen, trainable)` (LoRA: the base stays frozen and is never copied). The scanned layers are adapted
+    inside the layer scan, one layer at a time, so the adapted weights and their full-size gradients never exist for
+    the whole stack at once. LoRA dropout runs in training steps only (eval passes no rng)."""
     if lora_config is None:
-        params = trainable
-    else:
-        dropout_rng = rng if lora_config.dropout > 0 else None
-        params = lora.apply_lora(frozen, trainable, lora_config, dropout_rng=dropout_rng)
-    return clm_loss(params, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size)
+        return clm_loss(trainable, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size)
+    layer_rng, top_rng = jax.random.split(rng) if rng is not None and lora_config.dropout > 0 else (None, None)
+    top = {k: v for k, v in trainable.items() if k != "layers"}  # e.g. an adapted lm_head
+    params = lora.apply_lora(frozen, top, lora_config, dropout_rng=top_rng) if top else frozen
+    layer_transform = None
+    if "layers" in trainable:
+        n_layers = jax.tree.leaves(frozen["layers"])[0].shape[0]
+        rngs = None if layer_rng is None else jax.random.split(layer_rng, n_layers)
+
+        def adapt_layer(layer_params, extra):
+            lora_layer, rng_layer = extra
+            return lora.apply_lora({"layers": layer_params}, {"layers": lora_layer}, lora_config,
+                                   dropout_rng=rng_layer)["layers"]
+
+        layer_transform = (adapt_layer, (trainable["layers"], rngs))
+    return clm_loss(params, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size,
+                    layer_transform=layer_transform)
 
 
 def sft_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int, chunk_size: int, lora_config):

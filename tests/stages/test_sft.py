@@ -104,3 +104,19 @@ def test_lora_sft_trains_only_the_adapters(tmp_path):
     n_lora = sum(x.size for x in jax.tree.leaves(state.params))
     n_base = sum(x.size for x in jax.tree.leaves(state.frozen))
     assert n_lora < 0.2 * n_base
+
+
+def test_lora_applied_inside_the_layer_scan_equals_lora_applied_to_the_whole_tree():
+    config = helpers.tiny_model_config(tie_embeddings=False)
+    lora_config = lora.LoraConfig.from_dict(dict(rank=4, alpha=8.0, targets=["q", "v", "down", "lm_head"]))
+    graphdef, _, logical = models.abstract_model(config)
+    base = models.init_params(config, 0)
+    adapters, _ = lora.init_lora(base, logical, lora_config, jax.random.PRNGKey(1))
+    adapters = jax.tree.map(lambda x: x + 0.05, adapters)  # B ≠ 0, so the adapters change the output
+    batch = helpers.packed_batch()
+    per_layer = jax.jit(functools.partial(sft.sft_loss, graphdef=graphdef, chunk_size=16, lora_config=lora_config))
+    whole_tree = jax.jit(functools.partial(sft.clm_loss, graphdef=graphdef, chunk_size=16))
+    got, _ = per_layer(adapters, base, batch, None)
+    expected, _ = whole_tree(lora.apply_lora(base, adapters, lora_config), None, batch, None)
+    assert got == pytest.approx(float(expected), rel=1e-6)
+    assert got != pytest.approx(float(whole_tree(base, None, batch, None)[0]), rel=1e-5)
