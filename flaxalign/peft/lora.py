@@ -462,6 +462,17 @@ def trainable_mask(params: Any, config: LoraConfig) -> Any:
     return _unflatten({path: path in saved for path in _flatten(params)})
 
 
+def select_leaves(tree: Any, paths: list[str]) -> dict:
+    """The nested sub-dict of `tree` holding only the leaves at `paths` (e.g. the modules to save)."""
+    flat = _flatten(tree)
+    return _unflatten({path: flat[path] for path in paths})
+
+
+def replace_leaves(tree: Any, subtree: Any) -> dict:
+    """`tree` with the leaves of `subtree` put in at their paths; the other leaves are shared, not copied."""
+    return _replace(tree, _flatten(subtree)) if subtree else tree
+
+
 def count_params(tree: Any) -> int:
     """The number of scalars in a tree of arrays (e.g. `lora_params`: the adapter's size)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))

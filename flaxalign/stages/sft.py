@@ -5,6 +5,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 
 from flaxalign import errors, models, sharding
 from flaxalign.data.loader import BatchIterator
@@ -19,18 +20,21 @@ from flaxalign.train.task import Task
 
 
 def sft_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size, lora_config):
-    """The masked token cross-entropy of the model whose params are `trainable` (full fine-tuning) or
-    `apply_lora(frozen, trainable)` (LoRA: the base stays frozen and is never copied). The scanned layers are adapted
-    inside the layer scan, one layer at a time, so the adapted weights and their full-size gradients never exist for
-    the whole stack at once. LoRA dropout runs in training steps only (eval passes no rng)."""
+    """The masked token cross-entropy of the model whose params are `trainable` (full fine-tuning) or, with LoRA,
+    the frozen base with `trainable["saved"]` (modules trained fully) put in and `trainable["lora"]` applied — the
+    base is never copied. The scanned layers are adapted inside the layer scan, one layer at a time, so adapted
+    weights and their full-size gradients never exist for the whole stack at once. LoRA dropout runs in training
+    steps only (eval passes no rng)."""
     if lora_config is None:
         return clm_loss(trainable, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size)
+    adapters = trainable["lora"]
+    base = lora.replace_leaves(frozen, trainable["saved"])
     layer_rng, top_rng = jax.random.split(rng) if rng is not None and lora_config.dropout > 0 else (None, None)
-    top = {k: v for k, v in trainable.items() if k != "layers"}  # e.g. an adapted lm_head
-    params = lora.apply_lora(frozen, top, lora_config, dropout_rng=top_rng) if top else frozen
+    top = {k: v for k, v in adapters.items() if k != "layers"}  # e.g. an adapted lm_head
+    params = lora.apply_lora(base, top, lora_config, dropout_rng=top_rng) if top else base
     layer_transform = None
-    if "layers" in trainable:
-        n_layers = jax.tree.leaves(frozen["layers"])[0].shape[0]
+    if "layers" in adapters:
+        n_layers = jax.tree.leaves(base["layers"])[0].shape[0]
         rngs = None if layer_rng is None else jax.random.split(layer_rng, n_layers)
 
         def adapt_layer(layer_params, extra):
@@ -38,7 +42,7 @@ def sft_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size, lora_config
             return lora.apply_lora({"layers": layer_params}, {"layers": lora_layer}, lora_config,
                                    dropout_rng=rng_layer)["layers"]
 
-        layer_transform = (adapt_layer, (trainable["layers"], rngs))
+        layer_transform = (adapt_layer, (adapters["layers"], rngs))
     return clm_loss(params, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size,
                     layer_transform=layer_transform)
 
@@ -89,13 +93,18 @@ def make_task(model_config: models.ModelConfig, optim_cfg, *, lora_config=None, 
                        init_params=lambda shardings, frozen: init_base(shardings))
     else:
         abstract_lora, lora_logical = abstract_lora_params(abstract_base, base_logical, lora_config)
+        saved = lora.modules_to_save_paths(abstract_base, lora_config)
 
-        def init_lora_params(shardings, frozen):
-            return jax.jit(lambda p: lora.init_lora(p, base_logical, lora_config, jax.random.PRNGKey(seed))[0],
-                           out_shardings=shardings)(frozen)
+        def init_trained(shardings, frozen):
+            def create(base):
+                adapters, _ = lora.init_lora(base, base_logical, lora_config, jax.random.PRNGKey(seed))
+                return {"lora": adapters, "saved": jax.tree.map(jnp.copy, lora.select_leaves(base, saved))}
+            return jax.jit(create, out_shardings=shardings)(frozen)
 
-        trained = dict(abstract_params=abstract_lora, params_logical=lora_logical, init_params=init_lora_params,
-                       abstract_frozen=abstract_base, frozen_logical=base_logical, init_frozen=init_base)
+        trained = dict(abstract_params={"lora": abstract_lora, "saved": lora.select_leaves(abstract_base, saved)},
+                       params_logical={"lora": lora_logical, "saved": lora.select_leaves(base_logical, saved)},
+                       init_params=init_trained, abstract_frozen=abstract_base, frozen_logical=base_logical,
+                       init_frozen=init_base)
     return Task(
         name="sft", optimizer=optimizer,
         train_step=functools.partial(sft_step, optimizer=optimizer, schedule=learning_rate_schedule(optim_cfg),

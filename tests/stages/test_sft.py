@@ -99,8 +99,7 @@ def test_lora_sft_trains_only_the_adapters(tmp_path):
     assert losses[-1] < losses[0]
     for after, before in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(base)):
         np.testing.assert_array_equal(np.asarray(after), before)  # the base is bitwise unchanged
-    assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(
-        jax.tree.map(lambda leaf: leaf, state.params)) if b.ndim >= 2)
+    assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(state.params["lora"]) if b.ndim >= 2)
     n_lora = sum(x.size for x in jax.tree.leaves(state.params))
     n_base = sum(x.size for x in jax.tree.leaves(state.frozen))
     assert n_lora < 0.2 * n_base
@@ -116,7 +115,26 @@ def test_lora_applied_inside_the_layer_scan_equals_lora_applied_to_the_whole_tre
     batch = helpers.packed_batch()
     per_layer = jax.jit(functools.partial(sft.sft_loss, graphdef=graphdef, chunk_size=16, lora_config=lora_config))
     whole_tree = jax.jit(functools.partial(sft.clm_loss, graphdef=graphdef, chunk_size=16))
-    got, _ = per_layer(adapters, base, batch, None)
+    got, _ = per_layer({"lora": adapters, "saved": {}}, base, batch, None)
     expected, _ = whole_tree(lora.apply_lora(base, adapters, lora_config), None, batch, None)
     assert got == pytest.approx(float(expected), rel=1e-6)
     assert got != pytest.approx(float(whole_tree(base, None, batch, None)[0]), rel=1e-5)
+
+
+def test_modules_to_save_are_trained_fully_beside_the_adapters(tmp_path):
+    from flaxalign.train import loop
+    from flaxalign.train.checkpoint import Checkpointer
+    from flaxalign.train.jit import CompiledStep
+
+    config = helpers.tiny_model_config(tie_embeddings=False)
+    lora_config = lora.LoraConfig.from_dict(dict(rank=4, alpha=8.0, targets="all-linear", modules_to_save=["lm_head"]))
+    task = sft.make_task(config, helpers.optim_config(warmup_steps=0), lora_config=lora_config, chunk_size=16)
+    mesh = helpers.mesh((2, 2, 2))
+    state, shardings, _ = loop.initial_state(task, 0, mesh, Checkpointer(str(tmp_path / "ckpt")))
+    head = np.asarray(state.frozen["lm_head"])
+    np.testing.assert_array_equal(np.asarray(state.params["saved"]["lm_head"]), head)  # starts as the base's
+    state, _ = CompiledStep(task.train_step, mesh, shardings)(state, sharding.global_batch(helpers.packed_batch(), mesh))
+    assert np.abs(np.asarray(state.params["saved"]["lm_head"]) - head).max() > 0  # the trained copy moved
+    np.testing.assert_array_equal(np.asarray(state.frozen["lm_head"]), head)  # the base did not
+    adam_moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == head.shape]
+    assert len(adam_moments) == 2  # the optimizer state covers the saved module (mu and nu)
