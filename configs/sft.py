@@ -42,6 +42,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
         rank_pattern={}, alpha_pattern={}, modules_to_save=[]))
 
+    # Bottleneck adapters on the frozen base instead (placement houlsby | pfeiffer); named sets for multi-task.
+    c.adapters = ml_collections.ConfigDict(dict(
+        placement="none", reduction=16, names=["task"], active="", activation="relu"))
+
     c.optim = ml_collections.ConfigDict(dict(
         lr=p["lr"], warmup_steps=p["warmup_steps"], schedule="cosine", final_lr_fraction=0.1, b1=0.9, b2=0.95,
         eps=1e-8, weight_decay=0.0, clip_norm=1.0))

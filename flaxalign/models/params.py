@@ -31,11 +31,13 @@ def _to_plain_dict(state: Any) -> Any:
     return state
 
 
-def init_params(config: ModelConfig, seed: int, shardings: Any = None) -> Any:
-    """Initialised float32 params, created directly in their shardings (no full copy on one device first)."""
+def init_params(config: ModelConfig, seed: int, shardings: Any = None, select=None) -> Any:
+    """Initialised float32 params, created directly in their shardings (no full copy on one device first).
+    `select(params) -> part` keeps only a part (e.g. the adapters): XLA then never materialises the rest."""
 
     def create():
-        return nnx.to_pure_dict(nnx.state(CausalLM(config, nnx.Rngs(params=seed))))
+        params = nnx.to_pure_dict(nnx.state(CausalLM(config, nnx.Rngs(params=seed))))
+        return params if select is None else select(params)
 
     return jax.jit(create, out_shardings=shardings)()
 

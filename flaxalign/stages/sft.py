@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxalign import errors, models, sharding
+from flaxalign.models import adapters
 from flaxalign.data.loader import BatchIterator
 from flaxalign.data.sft_data import build_sft_datasets
 from flaxalign.data.tokenizer import load_tokenizer
@@ -19,21 +20,23 @@ from flaxalign.train.step import gradient_step
 from flaxalign.train.task import Task
 
 
-def sft_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size, lora_config):
+def sft_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size, lora_config, adapters_only=False):
     """The masked token cross-entropy of the model whose params are `trainable` (full fine-tuning) or, with LoRA,
     the frozen base with `trainable["saved"]` (modules trained fully) put in and `trainable["lora"]` applied — the
     base is never copied. The scanned layers are adapted inside the layer scan, one layer at a time, so adapted
     weights and their full-size gradients never exist for the whole stack at once. LoRA dropout runs in training
-    steps only (eval passes no rng)."""
+    steps only (eval passes no rng). With `adapters_only`, `trainable` is the bottleneck adapters of a frozen base."""
+    if adapters_only:
+        return clm_loss(adapters.join(trainable, frozen), None, batch, rng, graphdef=graphdef, chunk_size=chunk_size)
     if lora_config is None:
         return clm_loss(trainable, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size)
-    adapters = trainable["lora"]
+    lora_tree = trainable["lora"]
     base = lora.replace_leaves(frozen, trainable["saved"])
     layer_rng, top_rng = jax.random.split(rng) if rng is not None and lora_config.dropout > 0 else (None, None)
-    top = {k: v for k, v in adapters.items() if k != "layers"}  # e.g. an adapted lm_head
+    top = {k: v for k, v in lora_tree.items() if k != "layers"}  # e.g. an adapted lm_head
     params = lora.apply_lora(base, top, lora_config, dropout_rng=top_rng) if top else base
     layer_transform = None
-    if "layers" in adapters:
+    if "layers" in lora_tree:
         n_layers = jax.tree.leaves(base["layers"])[0].shape[0]
         rngs = None if layer_rng is None else jax.random.split(layer_rng, n_layers)
 
@@ -42,21 +45,34 @@ def sft_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size, lora_config
             return lora.apply_lora({"layers": layer_params}, {"layers": lora_layer}, lora_config,
                                    dropout_rng=rng_layer)["layers"]
 
-        layer_transform = (adapt_layer, (adapters["layers"], rngs))
+        layer_transform = (adapt_layer, (lora_tree["layers"], rngs))
     return clm_loss(params, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size,
                     layer_transform=layer_transform)
 
 
-def sft_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int, chunk_size: int, lora_config):
-    """One optimizer update of the trained params (all weights, or the LoRA leaves) from one global batch."""
-    loss_fn = functools.partial(sft_loss, graphdef=graphdef, chunk_size=chunk_size, lora_config=lora_config)
+def sft_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int, chunk_size: int, lora_config,
+             adapters_only=False):
+    """One optimizer update of the trained params (all weights, the LoRA leaves or the bottleneck adapters)."""
+    loss_fn = functools.partial(sft_loss, graphdef=graphdef, chunk_size=chunk_size, lora_config=lora_config,
+                                adapters_only=adapters_only)
     return gradient_step(loss_fn, state, batch, optimizer=optimizer, schedule=schedule, grad_accum=grad_accum)
 
 
-def sft_eval_step(state, batch, *, graphdef, chunk_size, lora_config):
+def sft_eval_step(state, batch, *, graphdef, chunk_size, lora_config, adapters_only=False):
     loss_sum, (count, _) = sft_loss(state.params, state.frozen, batch, None, graphdef=graphdef,
-                                    chunk_size=chunk_size, lora_config=lora_config)
+                                    chunk_size=chunk_size, lora_config=lora_config, adapters_only=adapters_only)
     return {"loss": loss_sum, "count": count}
+
+
+def _adapter_fields(config) -> dict:
+    """Model-config fields for bottleneck adapters trained on a frozen base (`adapters.placement` != "none")."""
+    block = config.get("adapters")
+    if block is None or block.placement == "none":
+        return {}
+    names = tuple(block.names)
+    return {"adapter_placement": block.placement, "adapter_reduction": int(block.reduction),
+            "adapter_names": names, "adapter_activation": block.activation,
+            "active_adapter": block.active or names[0]}
 
 
 def _parse_init_from(spec: str) -> str:
@@ -81,14 +97,30 @@ def abstract_lora_params(abstract_base, base_logical, lora_config):
 def make_task(model_config: models.ModelConfig, optim_cfg, *, lora_config=None, seed: int = 0,
               grad_accum: int = 1, chunk_size: int = 256, init_base=None, train_data=None, eval_batches=None,
               tokens_per_step: int = 0, flops_per_step: float = 0.0, metadata: dict | None = None) -> Task:
-    """The SFT task. `init_base(shardings) -> params` gives the starting weights (random if None)."""
-    graphdef, abstract_base, base_logical = models.abstract_model(model_config)
-    init_base = init_base or (lambda shardings: models.init_params(model_config, seed, shardings))
+    """The SFT task. `init_base(shardings) -> params` gives the starting weights (random if None). Trained params:
+    everything (full fine-tuning), the LoRA leaves (`lora_config`), or the bottleneck adapters (when the model
+    config has an adapter placement; the base is frozen)."""
+    adapters_only = model_config.adapter_placement != "none"
+    if adapters_only and lora_config is not None:
+        raise errors.ConfigError("use either LoRA (lora.rank > 0) or bottleneck adapters, not both at once.")
+    graphdef, abstract_full, full_logical = models.abstract_model(model_config)
+    abstract_base, base_logical = abstract_full, full_logical
+    if adapters_only:
+        abstract_adapters, abstract_base = adapters.split_trainable(abstract_full)
+        adapter_logical, base_logical = adapters.split_trainable(full_logical)
+    base_only = (lambda p: adapters.split_trainable(p)[1]) if adapters_only else None
+    init_base = init_base or (lambda shardings: models.init_params(model_config, seed, shardings, select=base_only))
     optimizer = make_optimizer(optim_cfg)
-    step_kwargs = dict(graphdef=graphdef, chunk_size=chunk_size, lora_config=lora_config)
+    step_kwargs = dict(graphdef=graphdef, chunk_size=chunk_size, lora_config=lora_config, adapters_only=adapters_only)
     identity = {"model": model_config.checkpoint_identity(),
                 "lora": lora_config.to_dict() if lora_config else None}
-    if lora_config is None:
+    if adapters_only:
+        trained = dict(
+            abstract_params=abstract_adapters, params_logical=adapter_logical,
+            init_params=lambda shardings, frozen: models.init_params(
+                model_config, seed, shardings, select=lambda p: adapters.split_trainable(p)[0]),
+            abstract_frozen=abstract_base, frozen_logical=base_logical, init_frozen=init_base)
+    elif lora_config is None:
         trained = dict(abstract_params=abstract_base, params_logical=base_logical,
                        init_params=lambda shardings, frozen: init_base(shardings))
     else:
@@ -97,8 +129,8 @@ def make_task(model_config: models.ModelConfig, optim_cfg, *, lora_config=None, 
 
         def init_trained(shardings, frozen):
             def create(base):
-                adapters, _ = lora.init_lora(base, base_logical, lora_config, jax.random.PRNGKey(seed))
-                return {"lora": adapters, "saved": jax.tree.map(jnp.copy, lora.select_leaves(base, saved))}
+                lora_params, _ = lora.init_lora(base, base_logical, lora_config, jax.random.PRNGKey(seed))
+                return {"lora": lora_params, "saved": jax.tree.map(jnp.copy, lora.select_leaves(base, saved))}
             return jax.jit(create, out_shardings=shardings)(frozen)
 
         trained = dict(abstract_params={"lora": abstract_lora, "saved": lora.select_leaves(abstract_base, saved)},
@@ -124,9 +156,10 @@ def build_task(config, workdir: str, mesh) -> Task:
     meta = checkpoint.read_metadata(init_path) if init_path else {}
     if init_path:  # the architecture is the checkpoint's; only compute settings come from this config
         compute = {k: config.model[k] for k in models.config.COMPUTE_ONLY_FIELDS if k in config.model}
-        model_config = models.ModelConfig.from_dict({**meta["model"], **compute})
+        model_values = {**meta["model"], **compute}
     else:
-        model_config = models.ModelConfig.from_dict(config.model)
+        model_values = config.model.to_dict()
+    model_config = models.ModelConfig.from_dict({**model_values, **_adapter_fields(config)})
     tokenizer_path = data_cfg.tokenizer or meta.get("tokenizer", "")
     if not tokenizer_path:
         raise errors.ConfigError("SFT needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
@@ -153,7 +186,9 @@ def build_task(config, workdir: str, mesh) -> Task:
         return (next(it) for _ in range(n))
 
     tokens = data_cfg.batch_size * data_cfg.seq_len
-    _, abstract_base, base_logical = models.abstract_model(model_config)
+    _, abstract_base, _ = models.abstract_model(model_config)
+    if model_config.adapter_placement != "none":  # the checkpoint holds the base only
+        abstract_base = adapters.split_trainable(abstract_base)[1]
     init_base = None
     if init_path:
         init_base = functools.partial(checkpoint.load_params, init_path, abstract_base)

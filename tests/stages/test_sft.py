@@ -138,3 +138,29 @@ def test_modules_to_save_are_trained_fully_beside_the_adapters(tmp_path):
     np.testing.assert_array_equal(np.asarray(state.frozen["lm_head"]), head)  # the base did not
     adam_moments = [x for x in jax.tree.leaves(state.opt_state) if x.shape == head.shape]
     assert len(adam_moments) == 2  # the optimizer state covers the saved module (mu and nu)
+
+
+def test_adapter_sft_trains_only_the_adapters(tmp_path):
+    from flaxalign.models import adapters
+    from flaxalign.train import loop
+    from flaxalign.train.checkpoint import Checkpointer
+    from flaxalign.train.jit import CompiledStep
+
+    config = helpers.tiny_model_config(adapter_placement="houlsby", adapter_reduction=16,
+                                       adapter_names=("task",), active_adapter="task")
+    task = sft.make_task(config, helpers.optim_config(warmup_steps=0), chunk_size=16)
+    mesh = helpers.mesh((2, 2, 2))
+    state, shardings, _ = loop.initial_state(task, 0, mesh, Checkpointer(str(tmp_path / "ckpt")))
+    assert set(state.params["layers"]) == {adapters.ADAPTERS_KEY} and adapters.ADAPTERS_KEY not in state.frozen["layers"]
+    base = jax.tree.map(np.asarray, state.frozen)
+    plain = models.init_params(helpers.tiny_model_config(), 0)
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(plain)):  # the same base weights as without adapters
+        np.testing.assert_array_equal(a, np.asarray(b))
+    step = CompiledStep(task.train_step, mesh, shardings)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, sharding.global_batch(helpers.packed_batch(), mesh))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    for after, before in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(np.asarray(after), before)
