@@ -26,7 +26,6 @@ float32 (this bench is for the CPU; on an accelerator the same script measures t
 """
 
 import argparse
-import functools
 import gc
 import json
 import math
@@ -41,16 +40,13 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flaxalign import models, sharding  # noqa: E402
-from flaxalign.models import adapters  # noqa: E402
 from flaxalign.peft import lora  # noqa: E402
 from flaxalign.stages import sft  # noqa: E402
-from flaxalign.stages.clm import clm_loss  # noqa: E402
+from bench.clm_step import random_batch  # noqa: E402
 from flaxalign.train import loop  # noqa: E402
 from flaxalign.train.checkpoint import Checkpointer  # noqa: E402
 from flaxalign.train.jit import CompiledStep  # noqa: E402
-from flaxalign.train.optim import learning_rate_schedule, make_optimizer  # noqa: E402
 from flaxalign.train.state import create_state  # noqa: E402
-from flaxalign.train.step import gradient_step  # noqa: E402
 from flaxalign.train.task import Task  # noqa: E402
 
 # (batch, seq) per preset: the project's CPU benchmark shape for `small`, and a batch that keeps a
@@ -85,58 +81,6 @@ def optim_config():
                                           clip_norm=1.0))
 
 
-def random_batch(config, batch, seq, seed=0):
-    """Every token a loss token: SFT masking only changes which tokens count, not the step's memory or time."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, config.vocab_size, size=(batch, seq + 1)).astype(np.int32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((batch, seq), np.int32),
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-            "loss_mask": np.ones((batch, seq), np.float32)}
-
-
-# --- the adapter task ------------------------------------------------------------------------------------------
-
-
-def adapter_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size):
-    """The CLM/SFT token loss of the model whose params are the frozen base joined with the trained adapters
-    (`join` only rebuilds dicts: the base is not copied)."""
-    return clm_loss(adapters.join(trainable, frozen), None, batch, rng, graphdef=graphdef,
-                    chunk_size=chunk_size)
-
-
-def adapter_step(state, batch, *, graphdef, optimizer, schedule, chunk_size):
-    loss_fn = functools.partial(adapter_loss, graphdef=graphdef, chunk_size=chunk_size)
-    return gradient_step(loss_fn, state, batch, optimizer=optimizer, schedule=schedule, grad_accum=1)
-
-
-def adapter_task(model_config, optim_cfg, *, seed=0, chunk_size=256) -> Task:
-    """Like `sft.make_task` does for LoRA: `params` = the adapter leaves (trained, with AdamW state), `frozen` = the
-    base. `model_config` must have an active adapter set."""
-    graphdef, abstract_full, logical_full = models.abstract_model(model_config)
-    abstract_adapters, abstract_base = adapters.split_trainable(abstract_full)
-    adapters_logical, base_logical = adapters.split_trainable(logical_full)
-    optimizer = make_optimizer(optim_cfg)
-    pending = {}
-
-    # The model inits base and adapters together (the adapter keys are derived from the params stream); the loop
-    # asks for the frozen half first, so the adapter half is kept until it asks for the trained one.
-    def init_frozen(shardings):
-        pending["adapters"], base = adapters.split_trainable(models.init_params(model_config, seed))
-        return jax.device_put(base, shardings)
-
-    def init_params(shardings, frozen):
-        return jax.device_put(pending.pop("adapters"), shardings)
-
-    return Task(
-        name="sft_adapters", abstract_params=abstract_adapters, params_logical=adapters_logical,
-        init_params=init_params, optimizer=optimizer,
-        train_step=functools.partial(adapter_step, graphdef=graphdef, optimizer=optimizer,
-                                     schedule=learning_rate_schedule(optim_cfg), chunk_size=chunk_size),
-        eval_step=None, train_data=None, eval_batches=None, tokens_per_step=0, flops_per_step=0.0,
-        metadata={"stage": "sft_adapters", "model": model_config.to_dict()},
-        abstract_frozen=abstract_base, frozen_logical=base_logical, init_frozen=init_frozen)
-
-
 def make_method_task(method, base_config, optim_cfg, chunk_size):
     """(model config, task) of one method on the preset's base model."""
     if method == "full":
@@ -146,7 +90,7 @@ def make_method_task(method, base_config, optim_cfg, chunk_size):
                                           chunk_size=chunk_size)
     if method == "adapters":
         config = models.ModelConfig.from_dict({**base_config.to_dict(), **ADAPTER})
-        return config, adapter_task(config, optim_cfg, chunk_size=chunk_size)
+        return config, sft.make_task(config, optim_cfg, chunk_size=chunk_size)  # trains the adapters only
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 

@@ -5,9 +5,10 @@ import math
 
 import jax
 
-from flaxalign import errors, models, sharding
+from flaxalign import errors, models
 from flaxalign.data.loader import BatchIterator, build_clm_datasets
 from flaxalign.losses.lm import token_cross_entropy
+from flaxalign.stages.checks import check_shapes
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
 from flaxalign.train.step import gradient_step
 from flaxalign.train.task import Task
@@ -40,14 +41,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     """Model, data and steps of a CLM run, from the resolved config."""
     model_config = models.ModelConfig.from_dict(config.model)
     data_cfg = config.data
-    if data_cfg.seq_len > model_config.max_seq_len:
-        raise errors.ConfigError(
-            f"data.seq_len={data_cfg.seq_len} exceeds model.max_seq_len={model_config.max_seq_len}.")
-    if data_cfg.batch_size % config.grad_accum:
-        raise errors.ConfigError(
-            f"data.batch_size={data_cfg.batch_size} is not divisible by grad_accum={config.grad_accum}.")
-    # Check the batch against the mesh before any data work, so a bad mesh fails fast.
-    sharding.batch_sharding(mesh, data_cfg.batch_size // config.grad_accum)
+    check_shapes(config, model_config, mesh)
 
     data = build_clm_datasets(data_cfg, workdir)
     if data.tokenizer.vocab_size > model_config.vocab_size:

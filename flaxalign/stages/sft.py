@@ -7,12 +7,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from flaxalign import errors, models, sharding
+from flaxalign import errors, models
 from flaxalign.models import adapters
 from flaxalign.data.loader import BatchIterator
 from flaxalign.data.sft_data import build_sft_datasets
 from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.peft import lora
+from flaxalign.stages.checks import check_shapes
 from flaxalign.stages.clm import clm_loss
 from flaxalign.train import checkpoint
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
@@ -167,13 +168,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     if tokenizer.vocab_size > model_config.vocab_size:
         raise errors.ConfigError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}.")
-    if data_cfg.seq_len > model_config.max_seq_len:
-        raise errors.ConfigError(
-            f"data.seq_len={data_cfg.seq_len} exceeds model.max_seq_len={model_config.max_seq_len}.")
-    if data_cfg.batch_size % config.grad_accum:
-        raise errors.ConfigError(
-            f"data.batch_size={data_cfg.batch_size} is not divisible by grad_accum={config.grad_accum}.")
-    sharding.batch_sharding(mesh, data_cfg.batch_size // config.grad_accum)
+    check_shapes(config, model_config, mesh)
     lora_config = lora.LoraConfig.from_dict(config.lora) if config.lora.rank else None
 
     data = build_sft_datasets(data_cfg, tokenizer)
