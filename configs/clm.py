@@ -25,6 +25,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.stage = "clm"
     c.seed = 0
     c.steps = TRAIN[arg]["steps"]
+    c.init_from = ""  # checkpoint:DIR continues pretraining from another run (its model, weights, tokenizer)
     c.model = preset(arg)
     c.model.dtype = "auto"  # bfloat16 compute on GPU/TPU, float32 on CPU; params stay float32
 
@@ -37,6 +38,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.vocab_size = c.model.get_ref("vocab_size")
     c.data.seq_len = DATA[arg]["seq_len"]
     c.data.batch_size = DATA[arg]["batch_size"]  # global, in sequences
+
+    # Parameter-efficient training on a frozen base (as in configs/sft.py): LoRA (rank > 0) or bottleneck adapters.
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
+        rank_pattern={}, alpha_pattern={}, modules_to_save=[]))
+    c.adapters = ml_collections.ConfigDict(dict(
+        placement="none", reduction=16, names=["task"], active="", activation="relu"))
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = TRAIN[arg]["lr"]

@@ -179,7 +179,7 @@ def test_resuming_sft_with_another_lora_rank_is_refused(clm_demo_run, tmp_path):
     assert rc == 0, err[-2000:]
     rc, _, err = cli.run(_sft_flags(workdir, clm_workdir, "--config.lora.rank=8", "--config.steps=4"))
     assert rc == 2
-    assert "different model config (changed: lora)" in err.strip().splitlines()[-1]
+    assert "different model config (changed: lora.rank)" in err.strip().splitlines()[-1]
 
 
 def test_lora_target_matching_nothing_exits_2(clm_demo_run, tmp_path):
@@ -188,3 +188,18 @@ def test_lora_target_matching_nothing_exits_2(clm_demo_run, tmp_path):
                                     "--config.lora.targets=nothing_like_this"))
     assert rc == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("flaxalign: error: ")
+
+
+def test_clm_continues_from_a_checkpoint_with_lora(clm_demo_run, tmp_path):
+    """configs/clm.py takes init_from, lora and adapters like configs/sft.py: continued pretraining with LoRA starts
+    from the checkpoint's weights and tokenizer (its first loss is the trained model's, not a random one's)."""
+    clm_workdir, _ = clm_demo_run
+    workdir = str(tmp_path / "more")
+    rc, _, err = cli.run(["--config=configs/clm.py:tiny", f"--workdir={workdir}",
+                          f"--config.init_from=checkpoint:{clm_workdir}", "--config.lora.rank=4",
+                          "--config.steps=3", "--config.log_every=1"], cpu_devices=1)
+    assert rc == 0, err[-2000:]
+    trained_loss = [r["loss"] for r in cli.metrics(clm_workdir) if "loss" in r][-1]
+    first = cli.metrics(workdir)[0]["loss"]
+    assert first == pytest.approx(trained_loss, rel=0.1)
+    assert not os.path.exists(os.path.join(workdir, "tokenizer.model"))  # the checkpoint's tokenizer is reused

@@ -82,6 +82,16 @@ class _Throughput:
                 "mfu": self.task.flops_per_step / step_time / self.peak}
 
 
+def _flat(tree, prefix=""):
+    """{"model.d_ff": 192, …}: nested config dicts as dotted keys, so a refusal can name the changed field."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def initial_state(task: Task, seed: int, mesh: Mesh, checkpointer: Checkpointer):
     """A fresh state, or the latest checkpoint restored onto this mesh. Returns (state, shardings, restored_step)."""
     abstract = jax.eval_shape(lambda p, f: create_state(p, task.optimizer, seed, f),
@@ -89,8 +99,8 @@ def initial_state(task: Task, seed: int, mesh: Mesh, checkpointer: Checkpointer)
     shardings = state_shardings(abstract, task.params_logical, task.frozen_logical, mesh)
     latest = checkpointer.latest_step()
     if latest is not None:
-        saved = checkpointer.restore_metadata(latest).get("resume_identity") or {}
-        current = task.metadata.get("resume_identity") or {}
+        saved = _flat(checkpointer.restore_metadata(latest).get("resume_identity") or {})
+        current = _flat(task.metadata.get("resume_identity") or {})
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         if changed:
             raise errors.CheckpointError(

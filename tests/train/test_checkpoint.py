@@ -58,7 +58,7 @@ def test_restore_refuses_a_different_model(tmp_path):
     state, _, _ = loop.initial_state(task, 0, mesh, checkpointer)
     checkpointer.save(0, state, task.train_data.get_state(), task.metadata)
     checkpointer.close()
-    with pytest.raises(errors.CheckpointError, match=r"different model config \(changed: d_ff\)"):
+    with pytest.raises(errors.CheckpointError, match=r"different model config \(changed: model.d_ff\)"):
         loop.initial_state(_task(d_ff=128), 0, mesh, Checkpointer(directory))
     assert os.listdir(directory) == ["0"]
     # compute-only settings may change between runs

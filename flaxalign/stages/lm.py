@@ -1,0 +1,189 @@
+"""What the language-modelling stages (CLM, SFT) share: the masked token loss over full, LoRA or adapter params,
+their train/eval steps, and the task builder with `init_from`. CLM and SFT differ only in their data.
+
+Trained params: everything (full training), the LoRA leaves (`lora.rank > 0`; plus `lora.modules_to_save`), or the
+bottleneck adapters (`adapters.placement`); in the last two the base is frozen in `state.frozen` and never copied.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from flaxalign import errors, models
+from flaxalign.losses.lm import token_cross_entropy
+from flaxalign.models import adapters
+from flaxalign.peft import lora
+from flaxalign.train import checkpoint
+from flaxalign.train.optim import learning_rate_schedule, make_optimizer
+from flaxalign.train.step import gradient_step
+from flaxalign.train.task import Task
+
+
+def clm_loss(params, frozen, batch, rng, *, graphdef, chunk_size, layer_transform=None):
+    """(Σ token losses, (loss-token count, {})) of one batch of packed sequences. `layer_transform`: see
+    `CausalLM.__call__` (LoRA applied per layer)."""
+    del frozen, rng  # the CLM loss uses neither
+    model = models.merge(graphdef, params)
+    hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"], layer_transform=layer_transform)
+    loss_sum, count = token_cross_entropy(hidden, model.unembedding(), batch["targets"], batch["loss_mask"],
+                                          chunk_size=chunk_size)
+    return loss_sum, (count, {})
+
+
+def lm_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size, lora_config, adapters_only=False):
+    """The masked token cross-entropy of the model whose params are `trainable` (full fine-tuning) or, with LoRA,
+    the frozen base with `trainable["saved"]` (modules trained fully) put in and `trainable["lora"]` applied — the
+    base is never copied. The scanned layers are adapted inside the layer scan, one layer at a time, so adapted
+    weights and their full-size gradients never exist for the whole stack at once. LoRA dropout runs in training
+    steps only (eval passes no rng). With `adapters_only`, `trainable` is the bottleneck adapters of a frozen base."""
+    if adapters_only:
+        return clm_loss(adapters.join(trainable, frozen), None, batch, rng, graphdef=graphdef, chunk_size=chunk_size)
+    if lora_config is None:
+        return clm_loss(trainable, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size)
+    lora_tree = trainable["lora"]
+    base = lora.replace_leaves(frozen, trainable["saved"])
+    layer_rng, top_rng = jax.random.split(rng) if rng is not None and lora_config.dropout > 0 else (None, None)
+    top = {k: v for k, v in lora_tree.items() if k != "layers"}  # e.g. an adapted lm_head
+    params = lora.apply_lora(base, top, lora_config, dropout_rng=top_rng) if top else base
+    layer_transform = None
+    if "layers" in lora_tree:
+        n_layers = jax.tree.leaves(base["layers"])[0].shape[0]
+        rngs = None if layer_rng is None else jax.random.split(layer_rng, n_layers)
+
+        def adapt_layer(layer_params, extra):
+            lora_layer, rng_layer = extra
+            return lora.apply_lora({"layers": layer_params}, {"layers": lora_layer}, lora_config,
+                                   dropout_rng=rng_layer)["layers"]
+
+        layer_transform = (adapt_layer, (lora_tree["layers"], rngs))
+    return clm_loss(params, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size,
+                    layer_transform=layer_transform)
+
+
+def lm_step(state, batch, *, graphdef, optimizer, schedule, grad_accum: int, chunk_size: int, lora_config,
+             adapters_only=False):
+    """One optimizer update of the trained params (all weights, the LoRA leaves or the bottleneck adapters)."""
+    loss_fn = functools.partial(lm_loss, graphdef=graphdef, chunk_size=chunk_size, lora_config=lora_config,
+                                adapters_only=adapters_only)
+    return gradient_step(loss_fn, state, batch, optimizer=optimizer, schedule=schedule, grad_accum=grad_accum)
+
+
+def lm_eval_step(state, batch, *, graphdef, chunk_size, lora_config, adapters_only=False):
+    loss_sum, (count, _) = lm_loss(state.params, state.frozen, batch, None, graphdef=graphdef,
+                                    chunk_size=chunk_size, lora_config=lora_config, adapters_only=adapters_only)
+    return {"loss": loss_sum, "count": count}
+
+
+def adapter_fields(config) -> dict:
+    """Model-config fields for bottleneck adapters trained on a frozen base (`adapters.placement` != "none")."""
+    block = config.get("adapters")
+    if block is None or block.placement == "none":
+        return {}
+    names = tuple(block.names)
+    return {"adapter_placement": block.placement, "adapter_reduction": int(block.reduction),
+            "adapter_names": names, "adapter_activation": block.activation,
+            "active_adapter": block.active or names[0]}
+
+
+def parse_init_from(spec: str) -> str:
+    kind, _, path = spec.partition(":")
+    if kind != "checkpoint" or not path:
+        raise errors.ConfigError(
+            f"init_from={spec!r} is not supported; use checkpoint:DIR (a CLM or SFT workdir).")
+    return path
+
+
+def resolve_model(config) -> tuple[models.ModelConfig, dict, str]:
+    """(model config, metadata of the `init_from` run or {}, its path or ""). With `init_from` the architecture is
+    the checkpoint's and only compute settings (dtype, attention, remat, scan) come from this config; the
+    `adapters` block adds bottleneck adapters on top."""
+    init_path = parse_init_from(config.init_from) if config.get("init_from") else ""
+    meta = checkpoint.read_metadata(init_path) if init_path else {}
+    if init_path:
+        compute = {k: config.model[k] for k in models.config.COMPUTE_ONLY_FIELDS if k in config.model}
+        values = {**meta["model"], **compute}
+    else:
+        values = config.model.to_dict()
+    return models.ModelConfig.from_dict({**values, **adapter_fields(config)}), meta, init_path
+
+
+def lora_from(config):
+    block = config.get("lora")
+    return lora.LoraConfig.from_dict(block) if block is not None and block.rank else None
+
+
+def base_initializer(model_config: models.ModelConfig, init_path: str):
+    """`init_base(shardings)` reading the base weights of the `init_from` run, or None (random init)."""
+    if not init_path:
+        return None
+    _, abstract_base, _ = models.abstract_model(model_config)
+    if model_config.adapter_placement != "none":  # the checkpoint holds the base only
+        abstract_base = adapters.split_trainable(abstract_base)[1]
+    return functools.partial(checkpoint.load_params, init_path, abstract_base)
+
+
+def abstract_lora_params(abstract_base, base_logical, lora_config):
+    """(ShapeDtypeStructs, logical axes) of the LoRA params, without allocating them."""
+    logical = {}
+
+    def init(params):
+        lora_params, logical["axes"] = lora.init_lora(params, base_logical, lora_config, jax.random.PRNGKey(0))
+        return lora_params
+
+    return jax.eval_shape(init, abstract_base), logical["axes"]
+
+
+def make_task(name: str, model_config: models.ModelConfig, optim_cfg, *, lora_config=None, seed: int = 0,
+              grad_accum: int = 1, chunk_size: int = 256, init_base=None, train_data=None, eval_batches=None,
+              tokens_per_step: int = 0, flops_per_step: float = 0.0, metadata: dict | None = None) -> Task:
+    """The task of an LM stage (`name`: "clm", "sft"). `init_base(shardings) -> params` gives the starting weights
+    (random if None). Trained params: everything, the LoRA leaves (`lora_config`), or the bottleneck adapters (when
+    the model config has an adapter placement; the base is frozen)."""
+    adapters_only = model_config.adapter_placement != "none"
+    if adapters_only and lora_config is not None:
+        raise errors.ConfigError("use either LoRA (lora.rank > 0) or bottleneck adapters, not both at once.")
+    graphdef, abstract_full, full_logical = models.abstract_model(model_config)
+    abstract_base, base_logical = abstract_full, full_logical
+    if adapters_only:
+        abstract_adapters, abstract_base = adapters.split_trainable(abstract_full)
+        adapter_logical, base_logical = adapters.split_trainable(full_logical)
+    base_only = (lambda p: adapters.split_trainable(p)[1]) if adapters_only else None
+    init_base = init_base or (lambda shardings: models.init_params(model_config, seed, shardings, select=base_only))
+    optimizer = make_optimizer(optim_cfg)
+    step_kwargs = dict(graphdef=graphdef, chunk_size=chunk_size, lora_config=lora_config, adapters_only=adapters_only)
+    identity = {"model": model_config.checkpoint_identity(),
+                "lora": lora_config.to_dict() if lora_config else None}
+    if adapters_only:
+        trained = dict(
+            abstract_params=abstract_adapters, params_logical=adapter_logical,
+            init_params=lambda shardings, frozen: models.init_params(
+                model_config, seed, shardings, select=lambda p: adapters.split_trainable(p)[0]),
+            abstract_frozen=abstract_base, frozen_logical=base_logical, init_frozen=init_base)
+    elif lora_config is None:
+        trained = dict(abstract_params=abstract_base, params_logical=base_logical,
+                       init_params=lambda shardings, frozen: init_base(shardings))
+    else:
+        abstract_lora, lora_logical = abstract_lora_params(abstract_base, base_logical, lora_config)
+        saved = lora.modules_to_save_paths(abstract_base, lora_config)
+
+        def init_trained(shardings, frozen):
+            def create(base):
+                lora_params, _ = lora.init_lora(base, base_logical, lora_config, jax.random.PRNGKey(seed))
+                return {"lora": lora_params, "saved": jax.tree.map(jnp.copy, lora.select_leaves(base, saved))}
+            return jax.jit(create, out_shardings=shardings)(frozen)
+
+        trained = dict(abstract_params={"lora": abstract_lora, "saved": lora.select_leaves(abstract_base, saved)},
+                       params_logical={"lora": lora_logical, "saved": lora.select_leaves(base_logical, saved)},
+                       init_params=init_trained, abstract_frozen=abstract_base, frozen_logical=base_logical,
+                       init_frozen=init_base)
+    return Task(
+        name=name, optimizer=optimizer,
+        train_step=functools.partial(lm_step, optimizer=optimizer, schedule=learning_rate_schedule(optim_cfg),
+                                     grad_accum=grad_accum, **step_kwargs),
+        eval_step=functools.partial(lm_eval_step, **step_kwargs),
+        train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens_per_step,
+        flops_per_step=flops_per_step,
+        metadata={"stage": name, "model": model_config.to_dict(), "resume_identity": identity,
+                  "lora": identity["lora"], **(metadata or {})},
+        **trained)
