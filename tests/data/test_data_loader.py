@@ -11,6 +11,7 @@ from flaxalign.data.corpus import stdlib_corpus
 from flaxalign.data.loader import BatchIterator, build_clm_datasets, split_every_kth
 from flaxalign.data.tokenizer import Tokenizer
 from flaxalign.errors import DataError
+from tests.data.batch_asserts import assert_same_batches, take
 
 
 def _rows(num_rows):
@@ -19,34 +20,22 @@ def _rows(num_rows):
     return {"row": ids, "pair": np.stack([ids, -ids], axis=1)}
 
 
-def _take(iterator, count):
-    return [next(iterator) for _ in range(count)]
-
-
-def _assert_same_batches(first, second):
-    assert len(first) == len(second)
-    for batch_a, batch_b in zip(first, second):
-        assert batch_a.keys() == batch_b.keys()
-        for key in batch_a:
-            np.testing.assert_array_equal(batch_a[key], batch_b[key])
-
-
 def test_same_seed_same_batches_other_seed_other_batches():
-    first = _take(BatchIterator(_rows(50), 8, seed=3), 10)
-    _assert_same_batches(first, _take(BatchIterator(_rows(50), 8, seed=3), 10))
-    other = _take(BatchIterator(_rows(50), 8, seed=4), 10)
+    first = take(BatchIterator(_rows(50), 8, seed=3), 10)
+    assert_same_batches(first, take(BatchIterator(_rows(50), 8, seed=3), 10))
+    other = take(BatchIterator(_rows(50), 8, seed=4), 10)
     assert any(not np.array_equal(a["row"], b["row"]) for a, b in zip(first, other))
     np.testing.assert_array_equal(first[0]["pair"][:, 1], -first[0]["row"])
 
 
 def test_unshuffled_reads_rows_in_order():
-    batches = _take(BatchIterator(_rows(10), 4, seed=0, shuffle=False), 3)
+    batches = take(BatchIterator(_rows(10), 4, seed=0, shuffle=False), 3)
     assert [batch["row"].tolist() for batch in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1]]
 
 
 def test_batches_straddle_epochs_and_cover_each_row_once_per_epoch():
     iterator = BatchIterator(_rows(10), 4, seed=7)
-    stream = np.concatenate([batch["row"] for batch in _take(iterator, 10)])  # 4 epochs
+    stream = np.concatenate([batch["row"] for batch in take(iterator, 10)])  # 4 epochs
     for epoch in range(4):
         assert sorted(stream[epoch * 10:(epoch + 1) * 10]) == list(range(10))
     assert iterator.epoch == 4
@@ -61,21 +50,21 @@ def test_batch_larger_than_the_dataset_wraps_epochs():
 
 
 def test_resume_from_state_continues_the_same_stream():
-    uninterrupted = _take(BatchIterator(_rows(37), 6, seed=1), 20)
+    uninterrupted = take(BatchIterator(_rows(37), 6, seed=1), 20)
     first_run = BatchIterator(_rows(37), 6, seed=1)
-    _take(first_run, 13)
+    take(first_run, 13)
     state = json.loads(json.dumps(first_run.get_state()))  # as stored in a checkpoint
     assert state["batches_consumed"] == 13
     resumed = BatchIterator(_rows(37), 6, seed=1)
     resumed.set_state(state)
-    _assert_same_batches(_take(resumed, 7), uninterrupted[13:])
+    assert_same_batches(take(resumed, 7), uninterrupted[13:])
 
 
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_slices_make_up_the_global_batch(process_count):
-    global_batches = _take(BatchIterator(_rows(23), 8, seed=5), 9)
+    global_batches = take(BatchIterator(_rows(23), 8, seed=5), 9)
     local = [
-        _take(BatchIterator(_rows(23), 8, seed=5, process_index=index, process_count=process_count), 9)
+        take(BatchIterator(_rows(23), 8, seed=5, process_index=index, process_count=process_count), 9)
         for index in range(process_count)
     ]
     for step, global_batch in enumerate(global_batches):

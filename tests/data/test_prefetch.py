@@ -10,24 +10,13 @@ import pytest
 from flaxalign import sharding
 from flaxalign.data.loader import BatchIterator
 from flaxalign.data.prefetch import Prefetcher
+from tests.data.batch_asserts import assert_same_batches, take
 
 
 def _iterator(**overrides):
     rows = np.arange(37)
     arrays = {"row": rows, "pair": np.stack([rows, -rows], axis=1)}
     return BatchIterator(arrays, 8, seed=overrides.pop("seed", 5), **overrides)
-
-
-def _take(iterator, count):
-    return [next(iterator) for _ in range(count)]
-
-
-def _assert_same_batches(first, second):
-    assert len(first) == len(second)
-    for batch_a, batch_b in zip(first, second):
-        assert batch_a.keys() == batch_b.keys()
-        for key in batch_a:
-            np.testing.assert_array_equal(np.asarray(batch_a[key]), np.asarray(batch_b[key]))
 
 
 class _FailingSource:
@@ -51,44 +40,44 @@ class _FailingSource:
 
 def test_same_batches_as_the_plain_iterator():
     with Prefetcher(_iterator(), depth=3) as prefetcher:
-        _assert_same_batches(_take(prefetcher, 20), _take(_iterator(), 20))
+        assert_same_batches(take(prefetcher, 20), take(_iterator(), 20))
 
 
 def test_state_is_the_consumers_position_not_the_producers():
     prefetcher = Prefetcher(_iterator(), depth=4)
-    _take(prefetcher, 3)
+    take(prefetcher, 3)
     time.sleep(0.2)  # let the producer run ahead and fill the queue
     state = prefetcher.get_state()
     assert state["batches_consumed"] == 3
     assert prefetcher._iterator.batches_consumed > 3  # the source itself is ahead
-    expected = _take(prefetcher, 5)
+    expected = take(prefetcher, 5)
     prefetcher.close()
 
     resumed = _iterator()
     resumed.set_state(state)
     with Prefetcher(resumed, depth=2) as restarted:
-        _assert_same_batches(_take(restarted, 5), expected)
+        assert_same_batches(take(restarted, 5), expected)
 
 
 def test_set_state_on_a_running_prefetcher_discards_prefetched_batches():
-    reference = _take(_iterator(), 12)
+    reference = take(_iterator(), 12)
     with Prefetcher(_iterator(), depth=4) as prefetcher:
-        _take(prefetcher, 2)
+        take(prefetcher, 2)
         state = prefetcher.get_state()
-        _take(prefetcher, 7)
+        take(prefetcher, 7)
         prefetcher.set_state(state)
         assert prefetcher.get_state() == state
-        _assert_same_batches(_take(prefetcher, 10), reference[2:12])
+        assert_same_batches(take(prefetcher, 10), reference[2:12])
 
 
 def test_transform_runs_ahead_and_state_still_matches():
     mesh = sharding.make_mesh(8, 1, 1)
     with Prefetcher(_iterator(), depth=2,
                     transform=lambda batch: sharding.global_batch(batch, mesh)) as prefetcher:
-        batches = _take(prefetcher, 4)
+        batches = take(prefetcher, 4)
         assert all(isinstance(batch["row"], jax.Array) for batch in batches)
         assert batches[0]["row"].sharding.spec == sharding.batch_sharding(mesh, 8, 1).spec
-        _assert_same_batches(batches, _take(_iterator(), 4))
+        assert_same_batches(batches, take(_iterator(), 4))
         assert prefetcher.get_state()["batches_consumed"] == 4
 
 
