@@ -44,3 +44,12 @@ def token_cross_entropy(hidden_BxTxD, unembed_DxV, targets_BxT, mask_BxT, *, chu
     logps = chunked_token_logps(hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size=chunk_size)
     mask = mask_BxT.astype(jnp.float32)
     return -jnp.sum(logps * mask), jnp.sum(mask)
+
+
+def sequence_logps(hidden_BxTxD, unembed_DxV, targets_BxT, mask_BxT, *, chunk_size: int = 256):
+    """(Σ_t m_t log p(y_t | x_≤t), Σ_t m_t) per row, each float32 `[B]`: the log-probability of each row's completion
+    and its token count (divide for the length-averaged variants). Rows of a `[chosen; rejected]` batch give both
+    halves from one forward pass; the logits are chunked as in `chunked_token_logps`."""
+    logps = chunked_token_logps(hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size=chunk_size)
+    mask = mask_BxT.astype(jnp.float32)
+    return jnp.sum(logps * mask, axis=-1), jnp.sum(mask, axis=-1)
