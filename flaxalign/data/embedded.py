@@ -11,6 +11,8 @@
   answer "95", for PPO/GRPO rewards.
 * `arithmetic_preferences`: the same questions with chosen = "The answer is
   95." and rejected = a wrong answer, for reward models and DPO.
+* `arithmetic_kto`: the same pairs unpaired for KTO (`unpair_preferences`):
+  the chosen answer labelled true, then the rejected one labelled false.
 
 Everything depends only on the arguments and the Python build.  `read_records`
 reads them through `builtin:` specs (`BUILTIN_KINDS`); the arithmetic specs
@@ -37,6 +39,7 @@ BUILTIN_KINDS = {
     "builtin:sft": "sft",
     "builtin:arithmetic_prompts": "prompt",
     "builtin:arithmetic_preferences": "preference",
+    "builtin:arithmetic_kto": "kto",
 }
 DEFAULT_ARITHMETIC_N = 4096
 DEFAULT_ARITHMETIC_SEED = 0
@@ -211,6 +214,26 @@ def arithmetic_preferences(n: int, seed: int = DEFAULT_ARITHMETIC_SEED) -> list[
     return records
 
 
+def unpair_preferences(records) -> list[dict]:
+    """Returns the KTO records of string-form preference records (TRL's `unpair_preference_dataset`).
+
+    Each {"prompt", "chosen", "rejected"} becomes {"prompt", "completion": chosen, "label": True} followed by
+    {"prompt", "completion": rejected, "label": False}, so the output has twice as many records, interleaved.
+    """
+    unpaired = []
+    for index, record in enumerate(records):
+        parts = [record.get(name) for name in ("prompt", "chosen", "rejected")]
+        if not all(isinstance(part, str) for part in parts):
+            raise DataError(
+                f"preference record {index} is not a string prompt/chosen/rejected record, so it cannot be "
+                "unpaired into kto records."
+            )
+        prompt, chosen, rejected = parts
+        unpaired.append({"prompt": prompt, "completion": chosen, "label": True})
+        unpaired.append({"prompt": prompt, "completion": rejected, "label": False})
+    return unpaired
+
+
 def _problem(rng):
     """One random (a, op, b, a op b)."""
     op = rng.choice("+-*")
@@ -252,6 +275,8 @@ def builtin_records(spec: str, kind: str) -> list[dict]:
     seed = params.get("seed", DEFAULT_ARITHMETIC_SEED)
     if base == "builtin:arithmetic_prompts":
         return arithmetic_tasks(n, seed)
+    if base == "builtin:arithmetic_kto":
+        return unpair_preferences(arithmetic_preferences(n, seed))
     return arithmetic_preferences(n, seed)
 
 
@@ -260,6 +285,7 @@ _BUILTIN_PARAMS = {
     "builtin:sft": ("n",),
     "builtin:arithmetic_prompts": ("n", "seed"),
     "builtin:arithmetic_preferences": ("n", "seed"),
+    "builtin:arithmetic_kto": ("n", "seed"),
 }
 
 

@@ -143,6 +143,8 @@ def test_write_jsonl_round_trips_plain_and_gzip(tmp_path):
     ("builtin:arithmetic_prompts?n=7&seed=2", "prompt", lambda: embedded.arithmetic_tasks(7, 2)),
     ("builtin:arithmetic_preferences?seed=1", "preference",
      lambda: embedded.arithmetic_preferences(embedded.DEFAULT_ARITHMETIC_N, 1)),
+    ("builtin:arithmetic_kto?n=3", "kto",
+     lambda: embedded.unpair_preferences(embedded.arithmetic_preferences(3, embedded.DEFAULT_ARITHMETIC_SEED))),
 ])
 def test_builtin_specs(spec, kind, expected):
     assert read_records(spec, kind) == expected()
