@@ -31,32 +31,39 @@ def clm_loss(params, frozen, batch, rng, *, graphdef, chunk_size, layer_transfor
     return loss_sum, (count, {})
 
 
-def lm_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size, lora_config, adapters_only=False):
-    """The masked token cross-entropy of the model whose params are `trainable` (full fine-tuning) or, with LoRA,
-    the frozen base with `trainable["saved"]` (modules trained fully) put in and `trainable["lora"]` applied — the
-    base is never copied. The scanned layers are adapted inside the layer scan, one layer at a time, so adapted
-    weights and their full-size gradients never exist for the whole stack at once. LoRA dropout runs in training
-    steps only (eval passes no rng). With `adapters_only`, `trainable` is the bottleneck adapters of a frozen base."""
+def model_params(trainable, frozen, rng, *, lora_config, adapters_only=False):
+    """(params, layer_transform) of the trained model, for `CausalLM.__call__`: the trained params themselves (full
+    training), the bottleneck adapters joined to the frozen base, or — with LoRA — the frozen base with
+    `trainable["saved"]` (modules trained fully) put in and `trainable["lora"]` applied. The base is never copied:
+    scanned layers are adapted inside the layer scan, one layer at a time, so adapted weights and their full-size
+    gradients never exist for the whole stack at once. LoRA dropout runs only when an rng is given (training)."""
     if adapters_only:
-        return clm_loss(adapters.join(trainable, frozen), None, batch, rng, graphdef=graphdef, chunk_size=chunk_size)
+        return adapters.join(trainable, frozen), None
     if lora_config is None:
-        return clm_loss(trainable, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size)
+        return trainable, None
     lora_tree = trainable["lora"]
     base = lora.replace_leaves(frozen, trainable["saved"])
     layer_rng, top_rng = jax.random.split(rng) if rng is not None and lora_config.dropout > 0 else (None, None)
     top = {k: v for k, v in lora_tree.items() if k != "layers"}  # e.g. an adapted lm_head
     params = lora.apply_lora(base, top, lora_config, dropout_rng=top_rng) if top else base
-    layer_transform = None
-    if "layers" in lora_tree:
-        n_layers = jax.tree.leaves(base["layers"])[0].shape[0]
-        rngs = None if layer_rng is None else jax.random.split(layer_rng, n_layers)
+    if "layers" not in lora_tree:
+        return params, None
+    n_layers = jax.tree.leaves(base["layers"])[0].shape[0]
+    rngs = None if layer_rng is None else jax.random.split(layer_rng, n_layers)
 
-        def adapt_layer(layer_params, extra):
-            lora_layer, rng_layer = extra
-            return lora.apply_lora({"layers": layer_params}, {"layers": lora_layer}, lora_config,
-                                   dropout_rng=rng_layer)["layers"]
+    def adapt_layer(layer_params, extra):
+        lora_layer, rng_layer = extra
+        return lora.apply_lora({"layers": layer_params}, {"layers": lora_layer}, lora_config,
+                               dropout_rng=rng_layer)["layers"]
 
-        layer_transform = (adapt_layer, (lora_tree["layers"], rngs))
+    return params, (adapt_layer, (lora_tree["layers"], rngs))
+
+
+def lm_loss(trainable, frozen, batch, rng, *, graphdef, chunk_size, lora_config, adapters_only=False):
+    """The masked token cross-entropy of the model whose params are `trainable` (full fine-tuning), the LoRA leaves
+    on the frozen base, or the bottleneck adapters of a frozen base (`adapters_only`); see `model_params`."""
+    params, layer_transform = model_params(trainable, frozen, rng, lora_config=lora_config,
+                                           adapters_only=adapters_only)
     return clm_loss(params, None, batch, rng, graphdef=graphdef, chunk_size=chunk_size,
                     layer_transform=layer_transform)
 
@@ -134,49 +141,71 @@ def abstract_lora_params(abstract_base, base_logical, lora_config):
     return jax.eval_shape(init, abstract_base), logical["axes"]
 
 
-def make_task(name: str, model_config: models.ModelConfig, optim_cfg, *, lora_config=None, seed: int = 0,
-              grad_accum: int = 1, chunk_size: int = 256, init_base=None, train_data=None, eval_batches=None,
-              tokens_per_step: int = 0, flops_per_step: float = 0.0, metadata: dict | None = None) -> Task:
-    """The task of an LM stage (`name`: "clm", "sft"). `init_base(shardings) -> params` gives the starting weights
-    (random if None). Trained params: everything, the LoRA leaves (`lora_config`), or the bottleneck adapters (when
-    the model config has an adapter placement; the base is frozen)."""
+def param_layout(model_config: models.ModelConfig, lora_config=None, *, seed: int = 0, init_base=None,
+                 reference_copy: bool = False) -> dict:
+    """Which params a stage trains and which it keeps frozen, as the `Task` fields `abstract_params`,
+    `params_logical`, `init_params`, `abstract_frozen`, `frozen_logical`, `init_frozen`.
+
+    Trained: everything (frozen = {}, or with `reference_copy` a frozen copy of the starting weights: the reference
+    model of DPO-style stages), the LoRA leaves (`lora_config`; frozen = the base), or the bottleneck adapters (when
+    the model config has an adapter placement; frozen = the base). In the last two the frozen base doubles as the
+    reference model, with no copy. `init_base(shardings) -> params` gives the starting weights (random if None)."""
     adapters_only = model_config.adapter_placement != "none"
     if adapters_only and lora_config is not None:
         raise errors.ConfigError("use either LoRA (lora.rank > 0) or bottleneck adapters, not both at once.")
-    graphdef, abstract_full, full_logical = models.abstract_model(model_config)
+    _, abstract_full, full_logical = models.abstract_model(model_config)
     abstract_base, base_logical = abstract_full, full_logical
     if adapters_only:
         abstract_adapters, abstract_base = adapters.split_trainable(abstract_full)
         adapter_logical, base_logical = adapters.split_trainable(full_logical)
     base_only = (lambda p: adapters.split_trainable(p)[1]) if adapters_only else None
     init_base = init_base or (lambda shardings: models.init_params(model_config, seed, shardings, select=base_only))
-    optimizer = make_optimizer(optim_cfg)
-    step_kwargs = dict(graphdef=graphdef, chunk_size=chunk_size, lora_config=lora_config, adapters_only=adapters_only)
-    identity = {"model": model_config.checkpoint_identity(),
-                "lora": lora_config.to_dict() if lora_config else None}
     if adapters_only:
-        trained = dict(
-            abstract_params=abstract_adapters, params_logical=adapter_logical,
-            init_params=lambda shardings, frozen: models.init_params(
+        return {
+            "abstract_params": abstract_adapters, "params_logical": adapter_logical,
+            "init_params": lambda shardings, frozen: models.init_params(
                 model_config, seed, shardings, select=lambda p: adapters.split_trainable(p)[0]),
-            abstract_frozen=abstract_base, frozen_logical=base_logical, init_frozen=init_base)
-    elif lora_config is None:
-        trained = dict(abstract_params=abstract_base, params_logical=base_logical,
-                       init_params=lambda shardings, frozen: init_base(shardings))
-    else:
-        abstract_lora, lora_logical = abstract_lora_params(abstract_base, base_logical, lora_config)
-        saved = lora.modules_to_save_paths(abstract_base, lora_config)
+            "abstract_frozen": abstract_base, "frozen_logical": base_logical, "init_frozen": init_base}
+    if lora_config is None and reference_copy:
+        return {"abstract_params": abstract_base, "params_logical": base_logical,
+                    "init_params": lambda shardings, frozen: jax.jit(
+                        lambda f: jax.tree.map(jnp.copy, f), out_shardings=shardings)(frozen),
+                    "abstract_frozen": abstract_base, "frozen_logical": base_logical, "init_frozen": init_base}
+    if lora_config is None:
+        return {"abstract_params": abstract_base, "params_logical": base_logical,
+                    "init_params": lambda shardings, frozen: init_base(shardings)}
+    abstract_lora, lora_logical = abstract_lora_params(abstract_base, base_logical, lora_config)
+    saved = lora.modules_to_save_paths(abstract_base, lora_config)
 
-        def init_trained(shardings, frozen):
-            def create(base):
-                lora_params, _ = lora.init_lora(base, base_logical, lora_config, jax.random.PRNGKey(seed))
-                return {"lora": lora_params, "saved": jax.tree.map(jnp.copy, lora.select_leaves(base, saved))}
-            return jax.jit(create, out_shardings=shardings)(frozen)
+    def init_trained(shardings, frozen):
+        def create(base):
+            lora_params, _ = lora.init_lora(base, base_logical, lora_config, jax.random.PRNGKey(seed))
+            return {"lora": lora_params, "saved": jax.tree.map(jnp.copy, lora.select_leaves(base, saved))}
+        return jax.jit(create, out_shardings=shardings)(frozen)
 
-        trained = dict(abstract_params={"lora": abstract_lora, "saved": lora.select_leaves(abstract_base, saved)},
-                       params_logical={"lora": lora_logical, "saved": lora.select_leaves(base_logical, saved)},
-                       init_params=init_trained, abstract_frozen=abstract_base, frozen_logical=base_logical,
-                       init_frozen=init_base)
+    return {"abstract_params": {"lora": abstract_lora, "saved": lora.select_leaves(abstract_base, saved)},
+                "params_logical": {"lora": lora_logical, "saved": lora.select_leaves(base_logical, saved)},
+                "init_params": init_trained, "abstract_frozen": abstract_base, "frozen_logical": base_logical,
+                "init_frozen": init_base}
+
+
+def resume_identity(model_config: models.ModelConfig, lora_config, **more) -> dict:
+    """What a checkpoint must have been trained with to be resumed by this run."""
+    return {"model": model_config.checkpoint_identity(), "lora": lora_config.to_dict() if lora_config else None,
+            **more}
+
+
+def make_task(name: str, model_config: models.ModelConfig, optim_cfg, *, lora_config=None, seed: int = 0,
+              grad_accum: int = 1, chunk_size: int = 256, init_base=None, train_data=None, eval_batches=None,
+              tokens_per_step: int = 0, flops_per_step: float = 0.0, metadata: dict | None = None) -> Task:
+    """The task of an LM stage (`name`: "clm", "sft"). `init_base(shardings) -> params` gives the starting weights
+    (random if None). Trained params: see `param_layout`."""
+    layout = param_layout(model_config, lora_config, seed=seed, init_base=init_base)
+    graphdef, _, _ = models.abstract_model(model_config)
+    optimizer = make_optimizer(optim_cfg)
+    step_kwargs = {"graphdef": graphdef, "chunk_size": chunk_size, "lora_config": lora_config,
+                       "adapters_only": model_config.adapter_placement != "none"}
+    identity = resume_identity(model_config, lora_config)
     return Task(
         name=name, optimizer=optimizer,
         train_step=functools.partial(lm_step, optimizer=optimizer, schedule=learning_rate_schedule(optim_cfg),
@@ -186,4 +215,4 @@ def make_task(name: str, model_config: models.ModelConfig, optim_cfg, *, lora_co
         flops_per_step=flops_per_step,
         metadata={"stage": name, "model": model_config.to_dict(), "resume_identity": identity,
                   "lora": identity["lora"], **(metadata or {})},
-        **trained)
+        **layout)
