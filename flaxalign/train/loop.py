@@ -171,6 +171,10 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
     if checkpointer.latest_step() != step:
         checkpointer.save(step, state, data.get_state(), task.metadata)
     checkpointer.close()
+    if task.finalize is not None and not preempted and step >= cfg.steps:
+        summary = task.finalize(state)
+        if is_main and summary:
+            logging.info("%s: %s", task.name, ", ".join(f"{k}={v}" for k, v in summary.items()))
     writer.close()
     return LoopResult(final_step=step, preempted=preempted, last_metrics=metrics, state=state)
 
@@ -184,6 +188,8 @@ def evaluate(eval_fn: CompiledEval, state, task: Task, mesh: Mesh) -> dict:
             totals[key] = totals.get(key, 0.0) + float(value)
     count = max(totals.pop("count", 0.0), 1.0)
     out = {f"eval_{k}": v / count for k, v in totals.items()}
-    if "eval_loss" in out:
+    if "eval_loss" in out and task.name in ("clm", "sft"):
         out["eval_perplexity"] = float(np.exp(min(out["eval_loss"], 50.0)))
+    if task.eval_extra is not None:
+        out.update({f"eval_{k}": v for k, v in task.eval_extra(state).items()})
     return out

@@ -35,3 +35,7 @@ class Task:
     abstract_frozen: Any = dataclasses.field(default_factory=dict)
     frozen_logical: Any = dataclasses.field(default_factory=dict)
     init_frozen: Callable[[Any], Any] = lambda shardings: {}
+    # run once after the last step of a finished run (not a preempted one), e.g. a reward model's normalisation
+    finalize: Callable[[Any], dict] | None = None
+    # extra evaluation beyond the batched eval_step (e.g. sampling from the policy): state -> {name: mean}
+    eval_extra: Callable[[Any], dict] | None = None

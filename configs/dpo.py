@@ -1,0 +1,77 @@
+"""Preference optimisation: DPO and its variants, ORPO, SimPO, CPO and KTO — `loss.loss_type` picks the method.
+Presets: `tiny` (CPU tests, the demo).
+
+    flaxalign train --config=configs/dpo.py:tiny --workdir=runs/dpo --config.init_from=checkpoint:runs/sft
+    flaxalign train --config=configs/dpo.py:tiny --workdir=runs/dpo_lora --config.init_from=checkpoint:runs/sft \
+        --config.lora.rank=8                         # reference = the base with the adapter off: no copy
+    flaxalign train --config=configs/dpo.py:tiny --workdir=runs/ipo --config.init_from=checkpoint:runs/sft \
+        --config.loss.loss_type=ipo --config.loss.beta=0.5
+    flaxalign train --config=configs/dpo.py:tiny --workdir=runs/kto --config.init_from=checkpoint:runs/sft \
+        --config.loss.loss_type=kto --config.data.train=builtin:arithmetic_kto
+"""
+
+import ml_collections
+
+from flaxalign import errors
+from flaxalign.models import preset
+
+PRESETS = {
+    "tiny": dict(steps=120, lr=5e-4, warmup_steps=10, seq_len=64, batch_size=16),
+}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise errors.ConfigError(f"unknown preset {arg!r} for configs/dpo.py; choose one of {sorted(PRESETS)}.")
+    p = PRESETS[arg]
+    c = ml_collections.ConfigDict()
+    c.stage = "dpo"
+    c.seed = 0
+    c.steps = p["steps"]
+    c.init_from = ""  # checkpoint:DIR of an SFT run: the starting policy (and reference) and its tokenizer
+    c.model = preset(arg)
+    c.model.dtype = "auto"
+
+    # sigmoid (DPO; label_smoothing > 0 = cDPO) robust hinge ipo sigmoid_norm exo_pair nca_pair bco_pair sppo_hard
+    # aot aot_unpaired apo_zero apo_down discopop | orpo simpo cpo (no reference) | kto (unpaired data)
+    c.loss = ml_collections.ConfigDict(dict(
+        loss_type="sigmoid", beta=0.1, label_smoothing=0.0, discopop_tau=0.05, simpo_gamma=0.5, cpo_alpha=1.0,
+        desirable_weight=1.0, undesirable_weight=1.0))
+    c.reference = "auto"  # auto | copy (frozen copy) | base (LoRA/adapters off) | precomputed (log-probs stored once)
+    c.reference_from = ""  # checkpoint:DIR of another reference model (same vocabulary); "" = the starting policy
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "builtin:arithmetic_preferences"  # preference records; kto records (or builtin:arithmetic_kto)
+    c.data.eval = ""  # "" = hold out eval_fraction of the training records
+    c.data.eval_fraction = 0.1
+    c.data.max_examples = 0
+    c.data.tokenizer = ""  # "" = the init_from checkpoint's tokenizer
+    c.data.chat_template = "plain"
+    c.data.overlong = "truncate_prompt_left"
+    c.data.seq_len = p["seq_len"]
+    c.data.batch_size = p["batch_size"]
+
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
+        rank_pattern={}, alpha_pattern={}, modules_to_save=[]))
+    c.adapters = ml_collections.ConfigDict(dict(
+        placement="none", reduction=16, names=["task"], active="", activation="relu"))
+
+    # KL(policy ‖ reference) on held-out prompts at every evaluation, from sampled responses (0 prompts = off)
+    c.eval_kl = ml_collections.ConfigDict(dict(num_prompts=32, max_new_tokens=24))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=p["lr"], warmup_steps=p["warmup_steps"], schedule="cosine", final_lr_fraction=0.1, b1=0.9, b2=0.95,
+        eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+    c.optim.total_steps = c.get_ref("steps")
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.grad_accum = 1
+    c.loss_chunk = 256
+    c.log_every = 10
+    c.eval_every = 40
+    c.eval_at_start = True
+    c.eval_batches = 8
+    c.checkpoint_every = 40
+    c.keep_checkpoints = 2
+    return c

@@ -1,0 +1,440 @@
+"""Preference optimisation without RL: the DPO family, ORPO / SimPO / CPO and KTO, one stage, `loss_type` picks.
+
+DPO (Rafailov et al. 2023):  L = −log σ(β[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))]),
+and its variants in `losses.preference.DPO_LOSS_TYPES`. Log-probs are sums over completion tokens; the chosen and
+rejected rows of a batch go through the model in one forward pass ([chosen; rejected] layout).
+
+The reference model π_ref (`reference`):
+  "copy"         a frozen copy of the starting weights (full fine-tuning; or `reference_from` another checkpoint),
+  "base"         with LoRA or bottleneck adapters: the same frozen base with the adapters off — no extra memory,
+  "precomputed"  log π_ref of every pair computed once before training and stored with the data
+                 (`ref_logps.npz` in the workdir), so no reference weights are held at all.
+ORPO, SimPO and CPO need no reference. KTO (`loss_type="kto"`) trains on unpaired desirable/undesirable examples;
+its KL anchor z₀ is estimated from mismatched prompt/completion pairs over the whole global batch before the
+micro-batches run, so it does not depend on `grad_accum`.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxalign import errors, models, sharding
+from flaxalign.data.batching import left_pad_prompts, unstack_pairs
+from flaxalign.data.preference_data import build_kto_datasets, build_preference_datasets
+from flaxalign.data.tokenizer import load_tokenizer
+from flaxalign.generate import sample
+from flaxalign.losses import (
+    cpo_loss,
+    dpo_loss,
+    kto_loss,
+    orpo_loss,
+    sequence_logps,
+    simpo_loss,
+)
+from flaxalign.losses.preference import DPO_LOSS_TYPES
+from flaxalign.models import adapters
+from flaxalign.stages import lm
+from flaxalign.stages.checks import check_shapes
+from flaxalign.stages.reward import pair_iterators, prompt_ids
+from flaxalign.train import checkpoint
+from flaxalign.train.optim import learning_rate_schedule, make_optimizer
+from flaxalign.train.state import TrainState
+from flaxalign.train.step import gradient_step
+from flaxalign.train.task import Task
+
+REFERENCE_FREE = ("orpo", "simpo", "cpo")
+LOSS_TYPES = DPO_LOSS_TYPES + REFERENCE_FREE + ("kto",)
+REFERENCES = ("auto", "copy", "base", "precomputed")
+ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "completion_mask")
+REF_LOGPS_FILE = "ref_logps.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """The loss and its hyper-parameters (`configs/dpo.py`'s `loss` block, validated)."""
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise errors.ConfigError(f"unknown loss_type {self.loss_type!r}; valid: {', '.join(LOSS_TYPES)}.")
+        if not self.beta > 0:
+            raise errors.ConfigError(f"loss.beta must be > 0, got {self.beta}.")
+        if self.loss_type in ("robust", "exo_pair") and not 0 < self.label_smoothing < 0.5:
+            raise errors.ConfigError(
+                f"loss_type={self.loss_type!r} needs 0 < loss.label_smoothing < 0.5, got {self.label_smoothing}.")
+        if not 0 <= self.label_smoothing < 1:
+            raise errors.ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type not in REFERENCE_FREE
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """Static pieces a step needs to run the policy and the reference."""
+    graphdef: object
+    reference_graphdef: object  # the adapters-off model for bottleneck adapters, else the same graphdef
+    lora_config: object
+    adapters_only: bool
+    reference: str  # "copy" | "base" | "precomputed" | "none"
+    chunk_size: int
+
+
+def policy_logps(trainable, frozen, rows, rng, m: Models):
+    """(Σ completion log-probs, completion length) of each row under the policy, `[N]` each."""
+    params, transform = lm.model_params(trainable, frozen, rng, lora_config=m.lora_config,
+                                        adapters_only=m.adapters_only)
+    model = models.merge(m.graphdef, params)
+    hidden = model(rows["inputs"], rows["positions"], rows["segment_ids"], layer_transform=transform)
+    return sequence_logps(hidden, model.unembedding(), rows["targets"], rows["completion_mask"],
+                          chunk_size=m.chunk_size)
+
+
+def reference_logps(trainable, frozen, rows, m: Models):
+    """Σ completion log-probs of each row under the reference (no gradient): the frozen copy, or the frozen base
+    with the LoRA / adapters switched off."""
+    if m.adapters_only:
+        params, graphdef = adapters.join(trainable, frozen), m.reference_graphdef
+    else:
+        params, graphdef = frozen, m.graphdef
+    model = models.merge(graphdef, jax.lax.stop_gradient(params))
+    hidden = model(rows["inputs"], rows["positions"], rows["segment_ids"])
+    logps, _ = sequence_logps(hidden, model.unembedding(), rows["targets"], rows["completion_mask"],
+                              chunk_size=m.chunk_size)
+    return jax.lax.stop_gradient(logps)
+
+
+def _sums(losses, metrics):
+    n = losses.shape[0]
+    sums = {k: jnp.sum(v) if jnp.ndim(v) else v * n for k, v in metrics.items()}
+    return jnp.sum(losses), (jnp.asarray(n, jnp.float32), sums)
+
+
+def pair_loss(trainable, frozen, batch, rng, *, method: Method, m: Models):
+    """(Σ per-pair losses, (pair count, Σ metrics)) of a `[B, 2, T]` batch of (chosen, rejected) pairs."""
+    rows = unstack_pairs({k: batch[k] for k in ROW_KEYS})
+    logps, lengths = policy_logps(trainable, frozen, rows, rng, m)
+    (chosen, rejected), (chosen_len, rejected_len) = jnp.split(logps, 2), jnp.split(lengths, 2)
+    chosen_avg, rejected_avg = chosen / jnp.maximum(chosen_len, 1), rejected / jnp.maximum(rejected_len, 1)
+    t = method.loss_type
+    if t == "orpo":
+        losses, metrics = orpo_loss(chosen_avg, rejected_avg, beta=method.beta)
+    elif t == "simpo":
+        losses, metrics = simpo_loss(chosen_avg, rejected_avg, beta=method.beta, gamma=method.simpo_gamma,
+                                     label_smoothing=method.label_smoothing)
+    elif t == "cpo":
+        losses, metrics = cpo_loss(chosen, rejected, beta=method.beta, label_smoothing=method.label_smoothing,
+                                   cpo_alpha=method.cpo_alpha, chosen_nll=-chosen_avg)
+    else:
+        if m.reference == "precomputed":
+            ref_chosen, ref_rejected = batch["ref_logps"][:, 0], batch["ref_logps"][:, 1]
+        else:
+            ref_chosen, ref_rejected = jnp.split(reference_logps(trainable, frozen, rows, m), 2)
+        losses, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=method.beta, loss_type=t,
+                                   label_smoothing=method.label_smoothing, chosen_lengths=chosen_len,
+                                   rejected_lengths=rejected_len, discopop_tau=method.discopop_tau)
+    # the policy's own ranking of the pair, comparable across models and with the SFT model (π = π_ref)
+    metrics = {**metrics, "pref_accuracy": (chosen > rejected).astype(jnp.float32),
+               "logps/chosen": chosen, "logps/rejected": rejected}
+    return _sums(losses, metrics)
+
+
+def _kto_rows(batch, which: int):
+    return {k: batch[k][:, which] for k in ROW_KEYS}
+
+
+def kto_anchor(trainable, frozen, batch, m: Models):
+    """z₀ = max(0, mean over the batch of log π(y'|x) − log π_ref(y'|x)) on mismatched pairs (x, y'), no gradient."""
+    rows = _kto_rows(batch, 1)
+    logps, _ = policy_logps(jax.lax.stop_gradient(trainable), frozen, rows, None, m)
+    if m.reference == "precomputed":
+        ref = batch["ref_logps"][:, 1]
+    else:
+        ref = reference_logps(trainable, frozen, rows, m)
+    return jax.lax.stop_gradient(jnp.maximum(jnp.mean(logps - ref), 0.0))
+
+
+def kto_example_loss(trainable, frozen, batch, rng, *, method: Method, m: Models):
+    """(Σ per-example KTO losses, (example count, Σ metrics)); the anchor z₀ comes in `batch["kl"]`."""
+    rows = _kto_rows(batch, 0)
+    logps, _ = policy_logps(trainable, frozen, rows, rng, m)
+    ref = batch["ref_logps"][:, 0] if m.reference == "precomputed" else reference_logps(trainable, frozen, rows, m)
+    desirable = batch["label"] > 0.5
+    losses, metrics = kto_loss(logps, ref, desirable, beta=method.beta, kl=batch["kl"][0],
+                               desirable_weight=method.desirable_weight,
+                               undesirable_weight=method.undesirable_weight)
+    metrics = {k: v for k, v in metrics.items() if k != "kl"}
+    return _sums(losses, {**metrics, "desirable": desirable.astype(jnp.float32)})
+
+
+def dpo_step(state: TrainState, batch: dict, *, method: Method, m: Models, optimizer, schedule, grad_accum: int):
+    """One optimizer update from a global batch of pairs (or, for KTO, of unpaired examples)."""
+    if method.loss_type == "kto":
+        z0 = kto_anchor(state.params, state.frozen, batch, m)
+        batch = {**batch, "kl": jnp.full(batch["label"].shape, z0)}
+        loss_fn = functools.partial(kto_example_loss, method=method, m=m)
+        state, metrics = gradient_step(loss_fn, state, batch, optimizer=optimizer, schedule=schedule,
+                                       grad_accum=grad_accum)
+        return state, {**metrics, "kl": z0}
+    loss_fn = functools.partial(pair_loss, method=method, m=m)
+    return gradient_step(loss_fn, state, batch, optimizer=optimizer, schedule=schedule, grad_accum=grad_accum)
+
+
+def dpo_eval_step(state: TrainState, batch: dict, *, method: Method, m: Models) -> dict:
+    if method.loss_type == "kto":
+        z0 = kto_anchor(state.params, state.frozen, batch, m)
+        batch = {**batch, "kl": jnp.full(batch["label"].shape, z0)}
+        loss_sum, (count, sums) = kto_example_loss(state.params, state.frozen, batch, None, method=method, m=m)
+        return {"loss": loss_sum, "count": count, "kl": z0 * count, **sums}
+    loss_sum, (count, sums) = pair_loss(state.params, state.frozen, batch, None, method=method, m=m)
+    return {"loss": loss_sum, "count": count, **sums}
+
+
+def sampled_kl(state: TrainState, prompts: dict, rng, *, m: Models, max_new_tokens: int, eos_id: int,
+               pad_id: int) -> dict:
+    """KL(π‖π_ref) on prompts, estimated by sampling y ~ π and averaging Σ_t log π(y_t|·) − log π_ref(y_t|·) over
+    the samples (an unbiased estimate of the sequence KL; exactly 0 while π = π_ref). Sums over the prompts of
+    `kl` and `response_length`, and `count`."""
+    params, transform = lm.model_params(state.params, state.frozen, None, lora_config=m.lora_config,
+                                        adapters_only=m.adapters_only)
+    out = sample(m.graphdef, params, prompts, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                 layer_transform=transform)
+    tokens, mask = out["tokens"], out["mask"]
+    prompt_len = prompts["input_ids"].shape[1]
+    is_response = jnp.arange(tokens.shape[1] - 1)[None, :] + 1 >= prompt_len
+    rows = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": mask[:, :-1],
+            "positions": jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)[:, :-1],
+            "completion_mask": (mask[:, 1:] * is_response).astype(jnp.float32)}
+    logps, lengths = policy_logps(state.params, state.frozen, rows, None, m)
+    ref = reference_logps(state.params, state.frozen, rows, m)
+    return {"kl": jnp.sum(logps - ref), "response_length": jnp.sum(lengths),
+            "count": jnp.asarray(logps.shape[0], jnp.float32)}
+
+
+def resolve_reference(config, method: Method, lora_config, adapters_only: bool) -> str:
+    """The reference mode a config asks for: "none" for reference-free losses, "auto" → "base" with LoRA or
+    adapters and "copy" for full fine-tuning."""
+    if not method.needs_reference:
+        return "none"
+    ref = config.reference
+    if ref not in REFERENCES:
+        raise errors.ConfigError(f"unknown reference {ref!r}; valid: {', '.join(REFERENCES)}.")
+    partial = lora_config is not None or adapters_only
+    if ref == "auto":
+        ref = "base" if partial else "copy"
+    if ref == "base" and not partial:
+        raise errors.ConfigError("reference='base' needs LoRA (lora.rank > 0) or adapters; full fine-tuning uses "
+                                 "'copy' or 'precomputed'.")
+    if ref == "copy" and partial:
+        raise errors.ConfigError("with LoRA or adapters the reference is the frozen base: use reference='base' or "
+                                 "'precomputed'.")
+    if config.reference_from and ref == "base":
+        raise errors.ConfigError("reference_from needs reference='copy' or 'precomputed' (the 'base' reference is "
+                                 "the policy's own frozen base).")
+    return ref
+
+
+def check_same_vocabulary(policy_meta: dict, reference_path: str, model_config) -> dict:
+    """The reference run's metadata, after checking it scores the same tokens as the policy."""
+    meta = checkpoint.read_metadata(reference_path)
+    ref_vocab = meta.get("model", {}).get("vocab_size")
+    if ref_vocab != model_config.vocab_size:
+        raise errors.ConfigError(
+            f"the reference checkpoint {reference_path} has vocab_size={ref_vocab} but the policy has "
+            f"{model_config.vocab_size}; the reference must use the policy's vocabulary.")
+    ref_tok, policy_tok = meta.get("tokenizer", ""), policy_meta.get("tokenizer", "")
+    if ref_tok and policy_tok and _file_digest(ref_tok) != _file_digest(policy_tok):
+        raise errors.ConfigError(
+            f"the reference checkpoint {reference_path} was trained with tokenizer {ref_tok}, which differs from the "
+            f"policy's {policy_tok}; the reference must use the policy's vocabulary.")
+    arch = {k: v for k, v in meta.get("model", {}).items() if k not in models.config.COMPUTE_ONLY_FIELDS}
+    return {**model_config.to_dict(), **arch}
+
+
+def _file_digest(path: str) -> str:
+    if not os.path.isfile(path):
+        return path
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def precompute_reference_logps(data: dict, *, params, model_config, mesh, batch_size: int, chunk_size: int,
+                               kto: bool) -> np.ndarray:
+    """log π_ref of both rows of every `[N, 2, T]` example, float32 `[N, 2]`, in batches of `batch_size`."""
+    graphdef, _, _ = models.abstract_model(model_config)
+    m = Models(graphdef, graphdef, None, False, "copy", chunk_size)
+
+    @jax.jit
+    def logps_of(params, batch):
+        rows = unstack_pairs(batch)
+        return jnp.stack(jnp.split(reference_logps({}, params, rows, m), 2), axis=1)
+
+    n = len(data["inputs"])
+    out = []
+    with jax.set_mesh(mesh):
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, start + batch_size) % n  # the last batch wraps around: one compiled shape
+            batch = {k: data[k][idx] for k in ROW_KEYS}
+            out.append(np.asarray(jax.device_get(logps_of(params, batch)))[: n - start])
+    del kto
+    return np.concatenate(out).astype(np.float32)
+
+
+def attach_reference_logps(data, *, workdir, reference_path, model_config, mesh, config, init_base) -> dict:
+    """Adds `ref_logps` to the train and eval arrays, reading `workdir/ref_logps.npz` when it was computed for the
+    same reference and data, else computing and writing it."""
+    key = hashlib.sha256(json.dumps({"ref": reference_path, "model": model_config.checkpoint_identity(),
+                                     "stats": data.stats, "seq_len": config.data.seq_len},
+                                    sort_keys=True, default=str).encode()).hexdigest()
+    path = os.path.join(workdir, REF_LOGPS_FILE)
+    if os.path.exists(path):
+        stored = np.load(path)
+        if str(stored["key"]) == key:
+            return {"train": stored["train"], "eval": stored["eval"], "cached": True}
+    _, abstract, logical = models.abstract_model(model_config)
+    params = init_base(sharding.tree_shardings(logical, abstract, mesh))
+    kwargs = {"params": params, "model_config": model_config, "mesh": mesh, "batch_size": config.data.batch_size,
+              "chunk_size": config.loss_chunk, "kto": config.loss.loss_type == "kto"}
+    result = {"train": precompute_reference_logps(data.train, **kwargs),
+              "eval": precompute_reference_logps(data.eval, **kwargs)}
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, key=key, **result)
+        os.replace(tmp, path)
+    return {**result, "cached": False}
+
+
+def make_method(config) -> Method:
+    block = config.loss
+    return Method(loss_type=block.loss_type, beta=float(block.beta), label_smoothing=float(block.label_smoothing),
+                  discopop_tau=float(block.discopop_tau), simpo_gamma=float(block.simpo_gamma),
+                  cpo_alpha=float(block.cpo_alpha), desirable_weight=float(block.desirable_weight),
+                  undesirable_weight=float(block.undesirable_weight))
+
+
+def make_task(model_config: models.ModelConfig, optim_cfg, method: Method, *, reference: str, lora_config=None,
+              seed: int = 0, grad_accum: int = 1, chunk_size: int = 256, init_base=None, init_reference=None,
+              train_data=None, eval_batches=None, eval_extra=None, tokens_per_step: int = 0,
+              flops_per_step: float = 0.0, metadata: dict | None = None) -> Task:
+    """The DPO-family task. `init_base(shardings)` gives the starting policy weights (random if None);
+    `init_reference(shardings)`, for reference="copy", a reference other than the starting weights."""
+    adapters_only = model_config.adapter_placement != "none"
+    layout = lm.param_layout(model_config, lora_config, seed=seed, init_base=init_base,
+                             reference_copy=reference == "copy")
+    if reference == "copy" and init_reference is not None:
+        layout = {**layout, "init_frozen": init_reference,
+                  "init_params": lambda shardings, frozen: (init_base or layout["init_frozen"])(shardings)}
+    graphdef, _, _ = models.abstract_model(model_config)
+    reference_graphdef = graphdef
+    if adapters_only:
+        reference_graphdef, _, _ = models.abstract_model(dataclasses.replace(model_config, active_adapter=""))
+    m = Models(graphdef, reference_graphdef, lora_config, adapters_only, reference, chunk_size)
+    optimizer = make_optimizer(optim_cfg)
+    identity = lm.resume_identity(model_config, lora_config, loss=dataclasses.asdict(method), reference=reference)
+    return Task(
+        name="dpo" if method.loss_type != "kto" else "kto", optimizer=optimizer,
+        train_step=functools.partial(dpo_step, method=method, m=m, optimizer=optimizer,
+                                     schedule=learning_rate_schedule(optim_cfg), grad_accum=grad_accum),
+        eval_step=functools.partial(dpo_eval_step, method=method, m=m),
+        train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens_per_step,
+        flops_per_step=flops_per_step, eval_extra=functools.partial(eval_extra, m=m) if eval_extra else None,
+        metadata={"stage": "dpo", "model": model_config.to_dict(), "resume_identity": identity,
+                  "lora": identity["lora"], "loss": dataclasses.asdict(method), "reference": reference,
+                  **(metadata or {})},
+        **layout)
+
+
+def build_task(config, workdir: str, mesh) -> Task:
+    """Policy and tokenizer from `init_from` (an SFT run), pairs (or KTO examples) from `data.train`."""
+    data_cfg = config.data
+    method = make_method(config)
+    model_config, meta, init_path = lm.resolve_model(config)
+    tokenizer_path = data_cfg.tokenizer or meta.get("tokenizer", "")
+    if not tokenizer_path:
+        raise errors.ConfigError("DPO needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise errors.ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}.")
+    check_shapes(config, model_config, mesh)
+    lora_config = lm.lora_from(config)
+    adapters_only = model_config.adapter_placement != "none"
+    reference = resolve_reference(config, method, lora_config, adapters_only)
+    reference_path = lm.parse_init_from(config.reference_from) if config.reference_from else ""
+    if reference_path:
+        check_same_vocabulary(meta or {"tokenizer": tokenizer.model_path}, reference_path, model_config)
+    init_base = lm.base_initializer(model_config, init_path)
+    init_reference = lm.base_initializer(model_config, reference_path) if reference_path else None
+
+    data = (build_kto_datasets if method.loss_type == "kto" else build_preference_datasets)(data_cfg, tokenizer)
+    if reference == "precomputed":
+        source = init_reference or init_base or (
+            lambda shardings: models.init_params(model_config, config.seed, shardings))
+        ref = attach_reference_logps(data, workdir=workdir, reference_path=reference_path or init_path,
+                                     model_config=model_config, mesh=mesh, config=config, init_base=source)
+        data.train["ref_logps"], data.eval["ref_logps"] = ref["train"], ref["eval"]
+        print(f"reference log-probs: {'read from' if ref['cached'] else 'computed into'} "
+              f"{os.path.join(workdir, REF_LOGPS_FILE)}")
+    train_data, eval_batches = pair_iterators(data, config)
+
+    eval_extra = None
+    kl_cfg = config.eval_kl
+    if kl_cfg.num_prompts and reference in ("copy", "base"):
+        prompts = left_pad_prompts(prompt_ids(data.eval)[: kl_cfg.num_prompts], pad_id=tokenizer.pad_id)
+        if prompts["input_ids"].shape[1] + kl_cfg.max_new_tokens > model_config.max_seq_len:
+            raise errors.ConfigError(
+                f"eval_kl: prompts of {prompts['input_ids'].shape[1]} tokens + max_new_tokens="
+                f"{kl_cfg.max_new_tokens} exceed model.max_seq_len={model_config.max_seq_len}.")
+        eval_extra = functools.partial(
+            _kl_eval, prompts=prompts, mesh=mesh, seed=config.seed, max_new_tokens=kl_cfg.max_new_tokens,
+            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+
+    tokens = 2 * data_cfg.batch_size * data_cfg.seq_len  # two rows per example: (chosen, rejected) or (y, KL y')
+    passes = training_passes(method, reference)
+    return make_task(
+        model_config, config.optim, method, reference=reference, lora_config=lora_config, seed=config.seed,
+        grad_accum=config.grad_accum, chunk_size=config.loss_chunk, init_base=init_base,
+        init_reference=init_reference, train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens,
+        flops_per_step=passes * tokens * model_config.flops_per_token(data_cfg.seq_len),
+        metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from,
+                  "reference_from": config.reference_from, "data": data.stats}, eval_extra=eval_extra)
+
+
+def training_passes(method: Method, reference: str) -> float:
+    """FLOPs of a step in units of "training (forward + backward = 3 forward passes) on both rows": pairs train
+    both rows and run the reference forward on both (8/6); KTO trains one row, runs the reference on it and the
+    policy and reference forward on the KL row (6/6); precomputed references skip their forward passes."""
+    has_ref = reference in ("copy", "base")
+    if method.loss_type == "kto":
+        return (3 + 1 + (2 if has_ref else 0)) / 6
+    return (6 + (2 if has_ref else 0)) / 6
+
+
+_KL_CACHE: dict = {}
+
+
+def _kl_eval(state, *, m, prompts, mesh, seed, max_new_tokens, eos_id, pad_id) -> dict:
+    """`eval_kl` and `eval_response_length` (means over the held-out prompts), for the loop's evaluation."""
+    key = (id(m), max_new_tokens)
+    if key not in _KL_CACHE:
+        _KL_CACHE[key] = jax.jit(functools.partial(sampled_kl, m=m, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                                   pad_id=pad_id))
+    with jax.set_mesh(mesh):
+        sums = jax.device_get(_KL_CACHE[key](state, prompts, jax.random.PRNGKey(seed)))
+    count = float(sums["count"])
+    return {"kl": float(sums["kl"]) / count, "response_length": float(sums["response_length"]) / count}
