@@ -58,3 +58,20 @@ def mesh(shape):
     data, fsdp, tensor = shape
     devices = jax.devices()[: data * fsdp * tensor]
     return sharding.make_mesh(data, fsdp, tensor, devices=devices)
+
+
+def pair_batch(num_pairs=8, seq_len=32, vocab=512, seed=0, kto=False) -> dict:
+    """`[num_pairs, 2, seq_len]` preference rows (prompt + chosen, prompt + rejected) of random tokens and lengths,
+    as `data.preference_data` builds them; with `kto`, a `label` per example (alternating 1, 0)."""
+    from flaxalign.data.batching import preference_batch, stack_pairs
+
+    rng = np.random.default_rng(seed)
+
+    def tokens(lo, hi):
+        return list(rng.integers(4, vocab, size=int(rng.integers(lo, hi))))
+
+    pairs = [(tokens(2, seq_len // 3), tokens(1, seq_len // 3), tokens(1, seq_len // 2)) for _ in range(num_pairs)]
+    batch = stack_pairs(preference_batch(pairs, seq_len, pad_id=0))
+    if kto:
+        batch["label"] = (np.arange(num_pairs) % 2 == 0).astype(np.float32)
+    return batch

@@ -147,8 +147,10 @@ def pair_loss(trainable, frozen, batch, rng, *, method: Method, m: Models):
         losses, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=method.beta, loss_type=t,
                                    label_smoothing=method.label_smoothing, chosen_lengths=chosen_len,
                                    rejected_lengths=rejected_len, discopop_tau=method.discopop_tau)
-    # the policy's own ranking of the pair, comparable across models and with the SFT model (π = π_ref)
+    # The policy's own ranking of the pair — comparable across models, and defined for the SFT model, whose implicit
+    # reward against itself is 0: by total log-likelihood, and per token (free of the bias towards short answers).
     metrics = {**metrics, "pref_accuracy": (chosen > rejected).astype(jnp.float32),
+               "pref_accuracy_per_token": (chosen_avg > rejected_avg).astype(jnp.float32),
                "logps/chosen": chosen, "logps/rejected": rejected}
     return _sums(losses, metrics)
 
@@ -177,8 +179,11 @@ def kto_example_loss(trainable, frozen, batch, rng, *, method: Method, m: Models
     losses, metrics = kto_loss(logps, ref, desirable, beta=method.beta, kl=batch["kl"][0],
                                desirable_weight=method.desirable_weight,
                                undesirable_weight=method.undesirable_weight)
-    metrics = {k: v for k, v in metrics.items() if k != "kl"}
-    return _sums(losses, {**metrics, "desirable": desirable.astype(jnp.float32)})
+    # classified right: a desirable example's reward above the anchor, an undesirable one's below it
+    above = metrics["rewards"] > method.beta * batch["kl"][0]
+    metrics = {"rewards": metrics["rewards"], "desirable": metrics["desirable"],
+               "accuracy": (above == desirable).astype(jnp.float32)}
+    return _sums(losses, metrics)
 
 
 def dpo_step(state: TrainState, batch: dict, *, method: Method, m: Models, optimizer, schedule, grad_accum: int):
@@ -336,9 +341,9 @@ def make_task(model_config: models.ModelConfig, optim_cfg, method: Method, *, re
     adapters_only = model_config.adapter_placement != "none"
     layout = lm.param_layout(model_config, lora_config, seed=seed, init_base=init_base,
                              reference_copy=reference == "copy")
-    if reference == "copy" and init_reference is not None:
-        layout = {**layout, "init_frozen": init_reference,
-                  "init_params": lambda shardings, frozen: (init_base or layout["init_frozen"])(shardings)}
+    if reference == "copy" and init_reference is not None:  # the policy starts from init_base, not the reference
+        init_policy = init_base or layout["init_frozen"]
+        layout = {**layout, "init_frozen": init_reference, "init_params": lambda shardings, frozen: init_policy(shardings)}
     graphdef, _, _ = models.abstract_model(model_config)
     reference_graphdef = graphdef
     if adapters_only:

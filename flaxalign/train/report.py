@@ -23,13 +23,25 @@ def write_report(workdir: str, config, result, seconds: float) -> str:
                      f"{train_rows[-1]['loss']:.4f} (step {train_rows[-1]['step']})")
     if eval_rows:
         last = eval_rows[-1]
-        lines.append(f"- eval loss: {last['eval_loss']:.4f}, perplexity {last.get('eval_perplexity', float('nan')):.2f}"
-                     f" (step {last['step']})")
+        perplexity = f", perplexity {last['eval_perplexity']:.2f}" if "eval_perplexity" in last else ""
+        lines.append(f"- eval loss: {last['eval_loss']:.4f}{perplexity} (step {last['step']})")
     if throughput:
         lines.append(f"- throughput: {sorted(throughput)[len(throughput) // 2]:,.0f} tokens/s (median), "
                      f"MFU {100 * sorted(mfus)[len(mfus) // 2]:.1f}% (median)")
+    if eval_rows:
+        lines += eval_table(eval_rows[0], eval_rows[-1])
     lines += ["", "Files: `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `config.json`.", ""]
     out = os.path.join(workdir, "report.md")
     with open(out, "w") as f:
         f.write("\n".join(lines))
     return out
+
+
+def eval_table(first: dict, last: dict) -> list[str]:
+    """Every held-out metric at the first and the last evaluation, as a markdown table."""
+    names = [k for k in last if k.startswith("eval_")]
+    lines = ["", f"| held-out metric | step {first['step']} | step {last['step']} |", "|---|---:|---:|"]
+    for name in names:
+        before = f"{first[name]:.4f}" if name in first else "—"
+        lines.append(f"| {name[5:]} | {before} | {last[name]:.4f} |")
+    return lines

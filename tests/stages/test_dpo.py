@@ -1,0 +1,199 @@
+"""DPO-family stage: the step's log-probs and losses against an independent computation, the zero-copy LoRA /
+adapter reference, precomputed reference log-probs, micro-batch and sharding invariance, and config errors."""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxalign import errors, models, sharding
+from flaxalign.data.batching import unstack_pairs
+from flaxalign.models import adapters
+from flaxalign.peft import lora
+from flaxalign.stages import dpo
+from flaxalign.train import loop
+from flaxalign.train.checkpoint import Checkpointer
+from flaxalign.train.jit import CompiledEval, CompiledStep
+from tests import helpers
+
+CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2)
+LORA = lora.LoraConfig(rank=4, alpha=8.0)
+
+
+def _naive_logps(config, params, batch):
+    """Σ completion log-probs of each [chosen; rejected] row from full log-softmax logits (no chunking)."""
+    graphdef, _, _ = models.abstract_model(config)
+    rows = unstack_pairs(batch)
+    logits = models.merge(graphdef, params).logits(rows["inputs"], rows["positions"], rows["segment_ids"])
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+    picked = np.take_along_axis(np.asarray(logp), rows["targets"][..., None], axis=-1)[..., 0]
+    return (picked * rows["completion_mask"]).sum(-1)
+
+
+def _task(method=dpo.Method(), reference="copy", lora_config=None, config=CONFIG, grad_accum=1, init_reference=None):
+    return dpo.make_task(config, helpers.optim_config(), method, reference=reference, lora_config=lora_config,
+                         grad_accum=grad_accum, chunk_size=16, init_reference=init_reference)
+
+
+def _state(task, mesh, tmp_path, name="ckpt"):
+    state, shardings, _ = loop.initial_state(task, 0, mesh, Checkpointer(os.path.join(tmp_path, name)))
+    return state, shardings
+
+
+def _other_reference(shardings):
+    return models.init_params(CONFIG, 7, shardings)
+
+
+def test_step_loss_equals_dpo_formula_on_independent_logps(tmp_path):
+    """A policy and a different reference: the eval loss and implicit rewards equal −log σ(β Δ) computed from
+    full-softmax log-probs in float64."""
+    task = _task(init_reference=_other_reference)
+    mesh = helpers.mesh((1, 1, 1))
+    state, shardings = _state(task, mesh, str(tmp_path))
+    batch = helpers.pair_batch()
+    sums = jax.device_get(CompiledEval(task.eval_step, mesh, shardings)(state, batch))
+    policy = _naive_logps(CONFIG, state.params, batch)
+    ref = _naive_logps(CONFIG, state.frozen, batch)
+    (pc, pr), (rc, rr) = np.split(policy, 2), np.split(ref, 2)
+    delta = 0.1 * ((pc - rc) - (pr - rr))
+    expected = np.log1p(np.exp(-delta))
+    assert sums["count"] == 8
+    np.testing.assert_allclose(sums["loss"] / 8, expected.mean(), rtol=1e-5)
+    np.testing.assert_allclose(sums["rewards/margins"] / 8, delta.mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sums["pref_accuracy"] / 8, (pc > pr).mean())
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", "orpo", "simpo"])
+def test_length_normalised_losses_use_each_rows_completion_length(tmp_path, loss_type):
+    task = _task(dpo.Method(loss_type=loss_type), reference="none" if loss_type in dpo.REFERENCE_FREE else "copy",
+                 init_reference=None if loss_type in dpo.REFERENCE_FREE else _other_reference)
+    mesh = helpers.mesh((1, 1, 1))
+    state, shardings = _state(task, mesh, str(tmp_path))
+    batch = helpers.pair_batch(seed=3)
+    sums = jax.device_get(CompiledEval(task.eval_step, mesh, shardings)(state, batch))
+    lengths = np.split(unstack_pairs(batch)["completion_mask"].sum(-1), 2)
+    assert not np.array_equal(*lengths)  # the case where per-token averaging matters
+    policy = np.split(_naive_logps(CONFIG, state.params, batch), 2)
+    avg = [p / n for p, n in zip(policy, lengths)]
+    if loss_type == "simpo":  # −log σ(β(ā_c − ā_r) − γ), β = 0.1, γ = 0.5
+        expected = np.log1p(np.exp(-(0.1 * (avg[0] - avg[1]) - 0.5)))
+    elif loss_type == "orpo":  # −ā_c − β log σ(log odds)
+        log_odds = (avg[0] - avg[1]) - (np.log(-np.expm1(avg[0])) - np.log(-np.expm1(avg[1])))
+        expected = -avg[0] + 0.1 * np.log1p(np.exp(-log_odds))
+    else:
+        ref = np.split(_naive_logps(CONFIG, state.frozen, batch), 2)
+        ref_avg = [r / n for r, n in zip(ref, lengths)]
+        delta = (avg[0] - ref_avg[0]) - (avg[1] - ref_avg[1])
+        expected = (delta - 1 / (2 * 0.1)) ** 2 if loss_type == "ipo" else np.log1p(np.exp(-0.1 * delta))
+    np.testing.assert_allclose(sums["loss"] / 8, expected.mean(), rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapters"])
+def test_zero_copy_reference_gives_ln2_at_step_zero(tmp_path, kind):
+    """The policy's adapters start as the identity, so with the adapters-off reference every log-ratio is 0 (up to
+    the rounding of differently fused forward passes, ~1e-7) and the sigmoid loss is exactly ln 2 in float32 — with
+    no reference params beyond the frozen base."""
+    config = CONFIG if kind == "lora" else dataclasses.replace(
+        CONFIG, adapter_placement="houlsby", adapter_names=("task",), active_adapter="task")
+    task = _task(reference="base", lora_config=LORA if kind == "lora" else None, config=config)
+    mesh = helpers.mesh((1, 1, 1))
+    state, shardings = _state(task, mesh, str(tmp_path))
+    base_bytes = sum(x.size for x in jax.tree.leaves(state.frozen))
+    assert base_bytes == sum(x.size for x in jax.tree.leaves(
+        models.abstract_model(config)[1] if kind == "lora" else adapters.split_trainable(
+            models.abstract_model(config)[1])[1]))  # frozen = one base, no reference copy
+    _, metrics = CompiledStep(task.train_step, mesh, shardings)(state, helpers.pair_batch())
+    assert float(metrics["loss"]) == float(np.float32(np.log(2.0)))
+    assert abs(float(metrics["rewards/margins"])) < 1e-6
+
+
+def test_precomputed_reference_equals_reference_forward(tmp_path):
+    mesh = helpers.mesh((1, 1, 1))
+    task = _task(init_reference=_other_reference)
+    state, shardings = _state(task, mesh, str(tmp_path))
+    batch = helpers.pair_batch(num_pairs=8, seed=5)
+    stored = dpo.precompute_reference_logps(batch, params=state.frozen, model_config=CONFIG, mesh=mesh,
+                                            batch_size=3, chunk_size=16, kto=False)  # 3 ∤ 8: the wrap-around batch
+    np.testing.assert_allclose(stored, np.stack(np.split(_naive_logps(CONFIG, state.frozen, batch), 2), 1),
+                               rtol=1e-5)
+    pre_task = _task(reference="precomputed")
+    pre_state = state.replace(frozen={})
+    _, pre_shardings = _state(pre_task, mesh, str(tmp_path), "pre")
+    on_the_fly = jax.device_get(CompiledEval(task.eval_step, mesh, shardings)(state, batch))
+    precomputed = jax.device_get(CompiledEval(pre_task.eval_step, mesh, pre_shardings)(
+        pre_state, {**batch, "ref_logps": stored}))
+    for key in ("loss", "rewards/margins", "rewards/accuracies"):
+        np.testing.assert_allclose(precomputed[key], on_the_fly[key], rtol=1e-5, atol=1e-6)
+
+
+def _one_update(tmp_path, task_kwargs, batch, grad_accum, shape):
+    task = _task(grad_accum=grad_accum, **task_kwargs)
+    mesh = helpers.mesh(shape)
+    state, shardings = _state(task, mesh, str(tmp_path), f"{grad_accum}-{shape}")
+    state, metrics = CompiledStep(task.train_step, mesh, shardings)(state, sharding.global_batch(batch, mesh))
+    return jax.tree.map(np.asarray, state.params), jax.device_get(metrics)
+
+
+CASES = {
+    "sigmoid-copy": ({"init_reference": _other_reference}, False),
+    "sigmoid-lora": ({"reference": "base", "lora_config": LORA}, False),
+    "kto-copy": ({"method": dpo.Method(loss_type="kto"), "init_reference": _other_reference}, True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_micro_batches_and_sharding_give_the_same_update(tmp_path, case):
+    kwargs, kto = CASES[case]
+    batch = helpers.pair_batch(num_pairs=8, kto=kto)
+    params, metrics = _one_update(tmp_path, kwargs, batch, 1, (1, 1, 1))
+    for grad_accum, shape in ((2, (2, 1, 2)), (1, (2, 2, 2)), (4, (2, 1, 1))):
+        other_params, other_metrics = _one_update(tmp_path, kwargs, batch, grad_accum, shape)
+        for key in ("loss", "grad_norm", "rewards/margins" if not kto else "rewards", "kl" if kto else "loss"):
+            np.testing.assert_allclose(other_metrics[key], metrics[key], rtol=2e-5, atol=1e-6,
+                                       err_msg=f"{key}: grad_accum={grad_accum} mesh={shape}")
+        for a, b in zip(jax.tree.leaves(other_params), jax.tree.leaves(params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_kto_anchor_is_the_mean_log_ratio_of_mismatched_rows(tmp_path):
+    task = _task(dpo.Method(loss_type="kto"), init_reference=_other_reference)
+    mesh = helpers.mesh((1, 1, 1))
+    state, shardings = _state(task, mesh, str(tmp_path))
+    batch = helpers.pair_batch(kto=True)
+    sums = jax.device_get(CompiledEval(task.eval_step, mesh, shardings)(state, batch))
+    kl_rows = {k: np.concatenate([v[:, 1:2], v[:, 1:2]], axis=1) for k, v in batch.items() if k != "label"}
+    policy = np.split(_naive_logps(CONFIG, state.params, kl_rows), 2)[0]
+    ref = np.split(_naive_logps(CONFIG, state.frozen, kl_rows), 2)[0]
+    np.testing.assert_allclose(sums["kl"] / sums["count"], max(0.0, (policy - ref).mean()), rtol=1e-4, atol=1e-6)
+
+
+def test_sampled_kl_is_zero_when_policy_equals_reference(tmp_path):
+    task = _task(reference="base", lora_config=LORA)
+    mesh = helpers.mesh((1, 1, 1))
+    state, _ = _state(task, mesh, str(tmp_path))
+    prompts = {"input_ids": np.array([[0, 5, 6, 7], [8, 9, 10, 11]], np.int32),
+               "attention_mask": np.array([[0, 1, 1, 1], [1, 1, 1, 1]], np.int32),
+               "positions": np.array([[0, 0, 1, 2], [0, 1, 2, 3]], np.int32)}
+    m = dpo.Models(*[models.abstract_model(CONFIG)[0]] * 2, LORA, False, "base", 16)
+    out = jax.jit(lambda s, p: dpo.sampled_kl(s, p, jax.random.PRNGKey(0), m=m, max_new_tokens=6, eos_id=2,
+                                              pad_id=0))(state, prompts)
+    assert float(out["kl"]) == 0.0 and float(out["response_length"]) > 0
+
+
+def test_bad_method_settings_fail_with_one_sentence():
+    with pytest.raises(errors.ConfigError, match="unknown loss_type 'dpo2'; valid: sigmoid, robust, .*kto"):
+        dpo.Method(loss_type="dpo2")
+    with pytest.raises(errors.ConfigError, match="beta must be > 0"):
+        dpo.Method(beta=0.0)
+    with pytest.raises(errors.ConfigError, match="needs 0 < loss.label_smoothing"):
+        dpo.Method(loss_type="robust")
+
+
+def test_training_flops_count_the_reference_passes():
+    assert dpo.training_passes(dpo.Method(), "copy") == pytest.approx(8 / 6)
+    assert dpo.training_passes(dpo.Method(), "precomputed") == 1.0
+    assert dpo.training_passes(dpo.Method(loss_type="kto"), "base") == 1.0
+    assert jnp.isfinite(dpo.training_passes(dpo.Method(loss_type="orpo"), "none"))
