@@ -10,7 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flaxalign import errors, models
+from flaxalign import errors, models, sharding
 from flaxalign.losses.lm import token_cross_entropy
 from flaxalign.models import adapters
 from flaxalign.peft import lora
@@ -120,11 +120,21 @@ def lora_from(config):
     return lora.LoraConfig.from_dict(block) if block is not None and block.rank else None
 
 
-def base_initializer(model_config: models.ModelConfig, init_path: str):
-    """`init_base(shardings)` reading the base weights of the `init_from` run, or None (random init)."""
+def without(tree: dict, drop: tuple) -> dict:
+    return {k: v for k, v in tree.items() if k not in drop}
+
+
+def base_initializer(model_config: models.ModelConfig, init_path: str, *, drop: tuple = ()):
+    """`init_base(shardings)` reading the base weights of the `init_from` run (less the top-level params named in
+    `drop`, e.g. a reward model's unused `lm_head`), or None (random init)."""
     if not init_path:
         return None
+    lora_of_run = checkpoint.read_metadata(init_path).get("lora")
+    if lora_of_run:
+        return functools.partial(merged_lora_weights, init_path, model_config,
+                                 lora.LoraConfig.from_dict(lora_of_run), drop)
     _, abstract_base, _ = models.abstract_model(model_config)
+    abstract_base = without(abstract_base, drop)
     if model_config.adapter_placement != "none":  # the checkpoint holds the base only
         abstract_base = adapters.split_trainable(abstract_base)[1]
     return functools.partial(checkpoint.load_params, init_path, abstract_base)
@@ -141,30 +151,55 @@ def abstract_lora_params(abstract_base, base_logical, lora_config):
     return jax.eval_shape(init, abstract_base), logical["axes"]
 
 
+def merged_lora_weights(path: str, model_config: models.ModelConfig, lora_config, drop: tuple, shardings):
+    """The full weights of a LoRA run: its frozen base with its `modules_to_save` put in and its LoRA merged,
+    created in `shardings` (so DPO or a reward model can start from a LoRA SFT run)."""
+    _, abstract, logical = models.abstract_model(model_config)
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    base = checkpoint.load_params(path, abstract, sharding.tree_shardings(logical, abstract, mesh), part="frozen")
+    abstract_lora, lora_logical = abstract_lora_params(abstract, logical, lora_config)
+    saved = lora.modules_to_save_paths(abstract, lora_config)
+    abstract_trained = {"lora": abstract_lora, "saved": lora.select_leaves(abstract, saved)}
+    trained_logical = {"lora": lora_logical, "saved": lora.select_leaves(logical, saved)}
+    trained = checkpoint.load_params(path, abstract_trained,
+                                     sharding.tree_shardings(trained_logical, abstract_trained, mesh))
+
+    def merge(base, trained):
+        full = lora.merge(lora.replace_leaves(base, trained["saved"]), trained["lora"], lora_config)
+        return without(full, drop)
+
+    return jax.jit(merge, out_shardings=shardings)(base, trained)
+
+
 def param_layout(model_config: models.ModelConfig, lora_config=None, *, seed: int = 0, init_base=None,
-                 reference_copy: bool = False) -> dict:
+                 reference_copy: bool = False, drop: tuple = ()) -> dict:
     """Which params a stage trains and which it keeps frozen, as the `Task` fields `abstract_params`,
     `params_logical`, `init_params`, `abstract_frozen`, `frozen_logical`, `init_frozen`.
 
     Trained: everything (frozen = {}, or with `reference_copy` a frozen copy of the starting weights: the reference
     model of DPO-style stages), the LoRA leaves (`lora_config`; frozen = the base), or the bottleneck adapters (when
     the model config has an adapter placement; frozen = the base). In the last two the frozen base doubles as the
-    reference model, with no copy. `init_base(shardings) -> params` gives the starting weights (random if None)."""
+    reference model, with no copy. `init_base(shardings) -> params` gives the starting weights (random if None).
+    Top-level params named in `drop` (e.g. the `lm_head` a reward model does not use) are left out."""
     adapters_only = model_config.adapter_placement != "none"
     if adapters_only and lora_config is not None:
         raise errors.ConfigError("use either LoRA (lora.rank > 0) or bottleneck adapters, not both at once.")
     _, abstract_full, full_logical = models.abstract_model(model_config)
+    abstract_full, full_logical = without(abstract_full, drop), without(full_logical, drop)
     abstract_base, base_logical = abstract_full, full_logical
     if adapters_only:
         abstract_adapters, abstract_base = adapters.split_trainable(abstract_full)
         adapter_logical, base_logical = adapters.split_trainable(full_logical)
-    base_only = (lambda p: adapters.split_trainable(p)[1]) if adapters_only else None
+    def base_only(params):
+        params = without(params, drop)
+        return adapters.split_trainable(params)[1] if adapters_only else params
+
     init_base = init_base or (lambda shardings: models.init_params(model_config, seed, shardings, select=base_only))
     if adapters_only:
         return {
             "abstract_params": abstract_adapters, "params_logical": adapter_logical,
             "init_params": lambda shardings, frozen: models.init_params(
-                model_config, seed, shardings, select=lambda p: adapters.split_trainable(p)[0]),
+                model_config, seed, shardings, select=lambda p: adapters.split_trainable(without(p, drop))[0]),
             "abstract_frozen": abstract_base, "frozen_logical": base_logical, "init_frozen": init_base}
     if lora_config is None and reference_copy:
         return {"abstract_params": abstract_base, "params_logical": base_logical,

@@ -80,17 +80,18 @@ def read_metadata(path: str) -> dict:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def load_params(path: str, abstract_params: Any, shardings: Any) -> Any:
-    """Only the trained params of the latest checkpoint of another run (e.g. SFT starting from CLM), placed
-    directly into `shardings`; the optimizer state and everything else are not read."""
+def load_params(path: str, abstract_params: Any, shardings: Any, part: str = "params") -> Any:
+    """Only the trained params (or, `part="frozen"`, the frozen ones) of the latest checkpoint of another run (e.g.
+    SFT starting from CLM), placed directly into `shardings`; the optimizer state and everything else are not
+    read."""
     manager, step = latest_checkpoint(path)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
+            item={part: target}, restore_args={part: restore_args}, partial_restore=True)))
     except (ValueError, KeyError, TypeError) as e:
         raise errors.CheckpointError(
             f"the params in {path} (step {step}) do not match this model "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
-    return restored["state"]["params"]
+    return restored["state"][part]
