@@ -2,7 +2,9 @@
 # The main job on the embedded default data (no download): the pipeline as far as it is built today —
 #   1. train a tokenizer on Python's own documentation and pretrain the `tiny` Llama-family model (CLM),
 #   2. supervised fine-tuning of that checkpoint on the built-in SFT pairs (full fine-tuning),
-#   3. the same SFT with LoRA (rank 8, all linear layers) on the frozen CLM weights.
+#   3. the same SFT with LoRA (rank 8, all linear layers) on the frozen CLM weights,
+#   4. a reward model from the SFT checkpoint on the built-in arithmetic preference pairs (+ reward normalisation),
+#   5. DPO of the SFT model on the same pairs (frozen reference copy), and DPO with LoRA (adapter-off reference).
 # Usage: ./launch/demo.sh [extra flaxalign flags for every stage]
 set -euo pipefail
 . "$(dirname "$0")/_venv.sh"
@@ -11,9 +13,13 @@ flaxalign train --config=configs/clm.py:tiny --workdir="$root/clm" "$@"
 flaxalign train --config=configs/sft.py:tiny --workdir="$root/sft" --config.init_from="checkpoint:$root/clm" "$@"
 flaxalign train --config=configs/sft.py:tiny --workdir="$root/sft_lora" --config.init_from="checkpoint:$root/clm" \
   --config.lora.rank=8 --config.optim.lr=1e-2 "$@"
+flaxalign train --config=configs/reward.py:tiny --workdir="$root/reward" --config.init_from="checkpoint:$root/sft" "$@"
+flaxalign train --config=configs/dpo.py:tiny --workdir="$root/dpo" --config.init_from="checkpoint:$root/sft" "$@"
+flaxalign train --config=configs/dpo.py:tiny --workdir="$root/dpo_lora" --config.init_from="checkpoint:$root/sft" \
+  --config.lora.rank=8 --config.optim.lr=2e-3 "$@"
 echo
-for stage in clm sft sft_lora; do
+for stage in clm sft sft_lora reward dpo dpo_lora; do
   echo "== $stage"
   cat "$root/$stage/report.md"
 done
-echo "demo: outputs in $root/{clm,sft,sft_lora}: report.md, metrics.jsonl, tensorboard/, checkpoints/"
+echo "demo: outputs in $root/{clm,sft,sft_lora,reward,dpo,dpo_lora}: report.md, metrics.jsonl, tensorboard/, checkpoints/"

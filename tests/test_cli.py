@@ -136,15 +136,6 @@ def test_bad_input_exits_2_with_one_sentence(case, corpus_and_tokenizer, workdir
     assert _tree_digest(workdir_with_checkpoint) == before, "a failed run changed the existing checkpoint"
 
 
-@pytest.fixture(scope="module")
-def clm_demo_run(tmp_path_factory):
-    """The demo's run: tiny preset, built-in corpus, 300 steps, one CPU device."""
-    workdir = str(tmp_path_factory.mktemp("clm_demo"))
-    rc, out, err = cli.run(["--config=configs/clm.py:tiny", f"--workdir={workdir}"], cpu_devices=1)
-    assert rc == 0, err[-2000:]
-    return workdir, out
-
-
 def test_demo_config_learns(clm_demo_run):
     """The loss falls by at least 30 % from its first value and eval loss is reported."""
     workdir, out = clm_demo_run
@@ -161,12 +152,8 @@ def _sft_flags(workdir, clm_workdir, *extra):
             f"--config.init_from=checkpoint:{clm_workdir}", *extra]
 
 
-def test_sft_from_the_clm_checkpoint_lowers_held_out_completion_loss(clm_demo_run, tmp_path):
-    clm_workdir, _ = clm_demo_run
-    workdir = str(tmp_path / "sft")
-    rc, _, err = cli.run(_sft_flags(workdir, clm_workdir), cpu_devices=1)
-    assert rc == 0, err[-2000:]
-    evals = [(r["step"], r["eval_loss"]) for r in cli.metrics(workdir) if "eval_loss" in r]
+def test_sft_from_the_clm_checkpoint_lowers_held_out_completion_loss(sft_demo_run):
+    evals = [(r["step"], r["eval_loss"]) for r in cli.metrics(sft_demo_run) if "eval_loss" in r]
     assert evals[0][0] == 0, "the starting checkpoint is evaluated before the first step"
     assert evals[-1][1] <= 0.75 * evals[0][1], f"held-out completion loss {evals[0][1]:.3f} → {evals[-1][1]:.3f}"
 
