@@ -33,3 +33,34 @@ def test_peft_memory_tiny(tmp_path, capsys):
     assert 0 < adapters["trainable_params"] < lora["trainable_params"] < full["trainable_params"]
     assert result["ratios"]["tiny/lora"]["train_state_ratio"] < 1
     assert "(optimizer + trainable) / full" in capsys.readouterr().out
+
+
+def _load_script(name):
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dpo_step_tiny(tmp_path, capsys):
+    """bench/dpo_step.py times both DPO configurations on the tiny preset without importing torch."""
+    import sys
+
+    torch_loaded_before = "torch" in sys.modules
+    bench = _load_script("dpo_step")
+    out = tmp_path / "dpo.json"
+    result = bench.main(["--preset=tiny", "--pairs=2", "--seq=32", "--steps=1", "--rounds=1", "--no_trl",
+                         "--peak_size=1024", f"--json={out}"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["tokens_per_step"] == 2 * 2 * 32 and result["trl"] is False
+    assert result["matmul_peak_flops"] == max(result["matmul_peaks"]) > 0
+    assert result["configs"].keys() == {"full", "lora"}
+    assert result["configs"]["full"]["reference"] == "copy" and result["configs"]["lora"]["reference"] == "base"
+    for r in result["configs"].values():
+        assert r["tokens_per_sec"] > 0 and r["step_seconds"] > 0 and r["flops_per_step"] > 0 and 0 < r["mfu"]
+        assert math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"])
+        assert "speed_ratio_vs_trl" not in r
+    assert "flaxalign step (best)" in capsys.readouterr().out
+    if not torch_loaded_before:
+        assert "torch" not in sys.modules

@@ -1,0 +1,335 @@
+"""Times the DPO train step (sigmoid loss, β = 0.1) and reports tokens/s and MFU against a matmul peak measured in
+this process, for full fine-tuning with a frozen reference copy and for LoRA (r=8, α=16, all-linear) with the
+adapter-off base as the reference; and the speed ratio to TRL's `DPOTrainer` on the same-shaped model when torch,
+transformers, peft, datasets and trl are importable.
+
+    python bench/dpo_step.py                       # `small` preset: 6 layers, d=512, 4 pairs × seq 256
+    python bench/dpo_step.py --preset=tiny --steps=3 --no_trl
+
+Tokens per step = 2 · pairs · seq (the chosen and the rejected row). FLOPs per step, the same for both sides, so
+the MFU ratio is a pure speed ratio:
+
+    dpo.training_passes(method, reference) · 2·pairs·seq · model_config.flops_per_token(seq)
+
+i.e. forward + backward of the policy on both rows plus the reference forward on both rows (8/6 of a training
+pass), counted as full 6·N·tokens even for LoRA, whose frozen base weights get no weight gradient.
+
+TRL side: a `transformers.LlamaForCausalLM` built from the same config (random init, float32, sdpa attention),
+with a deep copy as `ref_model` (full) or a PEFT LoRA r=8, α=16, `target_modules="all-linear"` and no ref model
+(LoRA: TRL disables the adapter for the reference pass). The preference pairs are strings of a word-level
+tokenizer (one word per token id), so every prompt + completion is exactly `seq` tokens and TRL's dynamic padding
+gives [2·pairs, seq] batches, the shape flaxalign runs. Each TRL round builds a fresh trainer and trains
+1 + steps steps; a `TrainerCallback` timestamps each step's end, and the time from the end of the first (warmup)
+step to the end of the last, over `steps`, is TRL's step time: it includes everything the Trainer does between
+steps (data loading and collation, logging, metrics), since a user pays for that too. Dataset preparation, model
+construction and the first step are excluded.
+
+This CPU's speed swings between minutes, so the matmul peak is measured right before and right after the model
+timings, and the rounds alternate: flaxalign full, TRL full, flaxalign LoRA, TRL LoRA, `--rounds` times. The best
+round of each is reported.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import ml_collections
+import numpy as np
+
+from flaxalign import models, sharding
+from flaxalign.data.batching import preference_batch, stack_pairs
+from flaxalign.peft import lora
+from flaxalign.stages import dpo
+from flaxalign.train import loop
+from flaxalign.train.checkpoint import Checkpointer
+from flaxalign.train.jit import CompiledStep
+from flaxalign.train.mfu import measure_matmul_peak
+
+METHOD = dpo.Method(loss_type="sigmoid", beta=0.1)
+LORA_RANK, LORA_ALPHA = 8, 16.0
+PAD_ID, EOS_ID = 0, 1  # token ids of the benchmark's word-level vocabulary; words 2..V-1 are "t2".."t{V-1}"
+# name -> (reference, LoRA?)
+CONFIGS = {"full": ("copy", False), "lora": ("base", True)}
+TRL_WARMUP_STEPS = 1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--pairs", type=int, default=4, help="preference pairs per step (2 × pairs rows)")
+    p.add_argument("--seq", type=int, default=256, help="tokens per row (prompt + completion)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--loss_chunk", type=int, default=256)
+    p.add_argument("--no_trl", action="store_true", help="time flaxalign only (does not import torch)")
+    p.add_argument("--trl_gradient_checkpointing", action="store_true",
+                   help="keep DPOConfig's default gradient_checkpointing=True (recomputes the forward in the "
+                        "backward); off by default, so both sides do the same work")
+    p.add_argument("--peak_size", type=int, default=2048, help="matrix size of the matmul peak measurement")
+    p.add_argument("--json", default="", help="also write the results to this file")
+    return p.parse_args(argv)
+
+
+def optim_config(steps):
+    return ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, total_steps=max(steps, 1), schedule="constant",
+                                          final_lr_fraction=1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+                                          clip_norm=1.0))
+
+
+def make_pairs(vocab_size, num_pairs, seq, seed=0):
+    """`num_pairs` (prompt, chosen, rejected) token-id lists of random words; prompt + completion is exactly `seq`
+    tokens for both completions, and each completion ends with EOS (as TRL appends it)."""
+    if seq < 4:
+        raise ValueError(f"--seq must be >= 4, got {seq}.")
+    rng = np.random.default_rng(seed)
+    prompt_len = max(1, seq // 4)
+    completion_len = seq - prompt_len
+
+    def words(n):
+        return [int(t) for t in rng.integers(EOS_ID + 1, vocab_size, size=n)]
+
+    return [(words(prompt_len), words(completion_len - 1) + [EOS_ID], words(completion_len - 1) + [EOS_ID])
+            for _ in range(num_pairs)]
+
+
+def flaxalign_batch(pairs, seq):
+    """`[B, 2, seq]` arrays: prompt + completion has `seq` tokens, so the model runs on `seq` positions."""
+    return stack_pairs(preference_batch(pairs, seq, pad_id=PAD_ID))
+
+
+class FlaxalignDPO:
+    """A compiled DPO step on a fixed cycle of batches; `seconds_per_step` continues training from where it was."""
+
+    def __init__(self, config, args, workdir, pairs, reference, use_lora):
+        self.mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+        lora_config = lora.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA) if use_lora else None
+        task = dpo.make_task(config, optim_config(args.steps * args.rounds + 1), METHOD, reference=reference,
+                             lora_config=lora_config, chunk_size=args.loss_chunk, grad_accum=1)
+        self.state, shardings, _ = loop.initial_state(task, 0, self.mesh, Checkpointer(workdir))
+        self.step = CompiledStep(task.train_step, self.mesh, shardings)
+        n = args.pairs
+        self.batches = [sharding.global_batch(flaxalign_batch(pairs[i:i + n], args.seq), self.mesh)
+                        for i in range(0, len(pairs) - n + 1, n)][:4]
+        self.calls = 0
+        self.losses = []
+        start = time.perf_counter()
+        self._run(1)
+        self.compile_seconds = time.perf_counter() - start
+
+    def _run(self, steps):
+        metrics = []
+        for _ in range(steps):
+            self.state, m = self.step(self.state, self.batches[self.calls % len(self.batches)])
+            self.calls += 1
+            metrics.append(m["loss"])
+        jax.block_until_ready((self.state.params, metrics))
+        self.losses.extend(float(x) for x in jax.device_get(metrics))
+
+    def seconds_per_step(self, steps):
+        start = time.perf_counter()
+        self._run(steps)
+        return (time.perf_counter() - start) / steps
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TRL (imported only when used: `--no_trl` never imports torch)
+
+
+def hf_llama_config(config):
+    """A `transformers.LlamaConfig` with the shapes of a flaxalign `ModelConfig` (Llama-family presets)."""
+    import transformers
+
+    if config.qkv_bias or config.rope_scaling_factor:
+        raise ValueError("the TRL comparison supports plain Llama presets (no qkv_bias, no RoPE scaling).")
+    return transformers.LlamaConfig(
+        hidden_size=config.d_model, intermediate_size=config.d_ff, num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim,
+        vocab_size=config.vocab_size, max_position_embeddings=config.max_seq_len, rms_norm_eps=config.rms_eps,
+        rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings, initializer_range=config.init_std,
+        bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, attn_implementation="sdpa")
+
+
+def word_tokenizer(vocab_size):
+    """A fast tokenizer whose words are token ids: "<pad>" = 0, "</s>" = 1, "t{i}" = i; whitespace-split, no BOS."""
+    import transformers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    vocab = {"<pad>": PAD_ID, "</s>": EOS_ID, **{f"t{i}": i for i in range(EOS_ID + 1, vocab_size)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                                unk_token="<pad>")
+
+
+def _text(ids):
+    return " ".join("</s>" if i == EOS_ID else f"t{i}" for i in ids)
+
+
+def trl_dpo_round(config, pairs, args, use_lora, workdir):
+    """One TRL `DPOTrainer` run of TRL_WARMUP_STEPS + args.steps steps on a fresh model: seconds per step after the
+    warmup (step end to step end), the losses TRL logged, and the shapes it really ran."""
+    import copy
+    import warnings
+
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5's gradient_checkpointing renames
+    datasets.disable_progress_bars()
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_llama_config(config)).float()
+    ref_model = None if use_lora else copy.deepcopy(model).eval()
+    peft_config = None
+    if use_lora:
+        peft_config = peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                      target_modules="all-linear", task_type="CAUSAL_LM")
+    total = TRL_WARMUP_STEPS + args.steps
+    rows = pairs[: total * args.pairs]
+    dataset = datasets.Dataset.from_dict({"prompt": [_text(p) for p, _, _ in rows],
+                                          "chosen": [" " + _text(c) for _, c, _ in rows],
+                                          "rejected": [" " + _text(r) for _, _, r in rows]})
+    dpo_args = trl.DPOConfig(
+        output_dir=workdir, per_device_train_batch_size=args.pairs, gradient_accumulation_steps=1, max_steps=total,
+        max_length=args.seq, beta=METHOD.beta, loss_type=[METHOD.loss_type], learning_rate=1e-4,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+        adam_epsilon=1e-8, max_grad_norm=1.0, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+        bf16=False, fp16=False, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        gradient_checkpointing=args.trl_gradient_checkpointing)
+
+    class StepTimer(transformers.TrainerCallback):
+        def __init__(self):
+            self.begins, self.ends = [], []
+
+        def on_step_begin(self, *a, **k):
+            self.begins.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            self.ends.append(time.perf_counter())
+
+    timer = StepTimer()
+    trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=dpo_args, train_dataset=dataset,
+                             processing_class=word_tokenizer(config.vocab_size), peft_config=peft_config,
+                             callbacks=[timer])
+    trainer.remove_callback(transformers.PrinterCallback)  # the losses are read from log_history instead
+    # the batch shape TRL's collator really builds from the prepared (tokenized) dataset
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(args.pairs)])
+    shape = tuple(batch["input_ids"].shape)
+    if shape != (2 * args.pairs, args.seq):
+        raise RuntimeError(f"TRL built batches of shape {shape}, expected {(2 * args.pairs, args.seq)}.")
+    trainer.train()
+    if len(timer.ends) != total:
+        raise RuntimeError(f"TRL ran {len(timer.ends)} steps, expected {total}.")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    inner = [e - b for b, e in zip(timer.begins[TRL_WARMUP_STEPS:], timer.ends[TRL_WARMUP_STEPS:])]
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {"seconds_per_step": (timer.ends[-1] - timer.ends[TRL_WARMUP_STEPS - 1]) / args.steps,
+            "inner_seconds_per_step": sum(inner) / len(inner), "losses": losses, "batch_shape": shape,
+            "trainable_params": trainable, "threads": torch.get_num_threads(),
+            "optimizer": str(dpo_args.optim), "gradient_checkpointing": dpo_args.gradient_checkpointing}
+
+
+def trl_available():
+    """Whether the TRL side can run (checked without importing torch)."""
+    return all(importlib.util.find_spec(name) is not None
+               for name in ("datasets", "peft", "torch", "transformers", "trl"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    config = models.ModelConfig.from_dict({**models.preset(args.preset), "dtype": "float32"})
+    if args.seq > config.max_seq_len:
+        raise ValueError(f"--seq={args.seq} exceeds the preset's max_seq_len={config.max_seq_len}.")
+    tokens = 2 * args.pairs * args.seq
+    use_trl = not args.no_trl and trl_available()
+    # enough distinct pairs for TRL's warmup + timed steps (flaxalign cycles over the first few batches)
+    pairs = make_pairs(config.vocab_size, max(TRL_WARMUP_STEPS + args.steps, 4) * args.pairs, args.seq)
+    peaks = [measure_matmul_peak(size=args.peak_size)]
+
+    flax_times = {name: [] for name in CONFIGS}
+    trl_runs = {name: [] for name in CONFIGS}
+    with tempfile.TemporaryDirectory() as workdir:
+        timers = {name: FlaxalignDPO(config, args, os.path.join(workdir, name), pairs, reference, use_lora)
+                  for name, (reference, use_lora) in CONFIGS.items()}
+        for _ in range(args.rounds):
+            for name, (_, use_lora) in CONFIGS.items():
+                flax_times[name].append(timers[name].seconds_per_step(args.steps))
+                if use_trl:
+                    trl_runs[name].append(trl_dpo_round(config, pairs, args, use_lora,
+                                                        os.path.join(workdir, f"trl_{name}")))
+    peaks.append(measure_matmul_peak(size=args.peak_size))
+    peak = max(peaks)
+
+    results = {}
+    for name, (reference, use_lora) in CONFIGS.items():
+        flops = dpo.training_passes(METHOD, reference) * tokens * config.flops_per_token(args.seq)
+        best = min(flax_times[name])
+        timer = timers[name]
+        r = {"reference": reference, "lora": use_lora, "flops_per_step": flops,
+             "compile_seconds": timer.compile_seconds, "step_seconds": best,
+             "step_seconds_median": statistics.median(flax_times[name]), "step_seconds_rounds": flax_times[name],
+             "tokens_per_sec": tokens / best, "mfu": flops / best / peak,
+             "first_loss": timer.losses[0], "last_loss": timer.losses[-1]}
+        if trl_runs[name]:
+            runs = trl_runs[name]
+            trl_times = [run["seconds_per_step"] for run in runs]
+            best_run = runs[int(np.argmin(trl_times))]
+            trl_best = min(trl_times)
+            r.update(trl_step_seconds=trl_best, trl_step_seconds_rounds=trl_times,
+                     trl_inner_step_seconds=best_run["inner_seconds_per_step"],
+                     trl_tokens_per_sec=tokens / trl_best, trl_mfu=flops / trl_best / peak,
+                     trl_first_loss=best_run["losses"][0], trl_last_loss=best_run["losses"][-1],
+                     trl_trainable_params=best_run["trainable_params"], trl_threads=best_run["threads"],
+                     trl_optimizer=best_run["optimizer"],
+                     trl_gradient_checkpointing=best_run["gradient_checkpointing"], speed_ratio_vs_trl=trl_best / best)
+        results[name] = r
+
+    result = {"preset": args.preset, "pairs": args.pairs, "seq": args.seq, "steps": args.steps,
+              "rounds": args.rounds, "tokens_per_step": tokens, "params": config.num_params(),
+              "loss_type": METHOD.loss_type, "beta": METHOD.beta, "matmul_peak_flops": peak, "matmul_peaks": peaks,
+              "device": jax.devices()[0].device_kind, "trl": use_trl, "configs": results}
+
+    print(f"DPO (sigmoid, β={METHOD.beta}) train step, preset {args.preset} ({config.num_params() / 1e6:.1f}M params), "
+          f"{args.pairs} pairs × seq {args.seq} = {tokens} tokens/step, float32, on {result['device']}")
+    print(f"  matmul peak           {peak:8.3g} FLOP/s  (measured: {', '.join(f'{p:.3g}' for p in peaks)})")
+    labels = {"full": "full fine-tuning, reference = frozen copy",
+              "lora": f"LoRA r={LORA_RANK} α={LORA_ALPHA:g} all-linear, reference = adapter-off base"}
+    for name, r in results.items():
+        print(f"  ({'ab'[list(CONFIGS).index(name)]}) {labels[name]}")
+        print(f"    FLOPs/step            {r['flops_per_step']:8.3g}   (training_passes × 2·pairs·seq × "
+              f"flops_per_token)")
+        print(f"    flaxalign compile     {r['compile_seconds']:8.2f} s")
+        print(f"    flaxalign step (best) {r['step_seconds'] * 1e3:8.1f} ms   (median "
+              f"{r['step_seconds_median'] * 1e3:.1f} ms)   {r['tokens_per_sec']:8,.0f} tokens/s   "
+              f"MFU {100 * r['mfu']:.1f} %   loss {r['first_loss']:.4f} → {r['last_loss']:.4f}")
+        if "trl_step_seconds" in r:
+            print(f"    TRL DPOTrainer (best) {r['trl_step_seconds'] * 1e3:8.1f} ms   (in-step "
+                  f"{r['trl_inner_step_seconds'] * 1e3:.1f} ms)   {r['trl_tokens_per_sec']:8,.0f} tokens/s   "
+                  f"MFU {100 * r['trl_mfu']:.1f} %   loss {r['trl_first_loss']:.4f} → {r['trl_last_loss']:.4f}")
+            print(f"    flaxalign / TRL       {r['speed_ratio_vs_trl']:8.2f} ×  (tokens/s ratio; target ≥ 2)")
+    if not use_trl:
+        print("  TRL                   " + ("skipped (--no_trl)" if args.no_trl else
+                                            "not importable: no ratio (pip install torch trl peft datasets)"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
