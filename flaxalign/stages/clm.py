@@ -2,13 +2,10 @@
 Full training by default; `init_from` continues from a checkpoint, `lora` / `adapters` train on a frozen base."""
 
 import functools
-import math
 import types
 
-import jax
-
 from flaxalign import errors
-from flaxalign.data.loader import BatchIterator, build_clm_datasets
+from flaxalign.data.loader import build_clm_datasets
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_shapes
 from flaxalign.stages.lm import clm_loss  # noqa: F401 - the CLM loss is the LM stages' token loss
@@ -32,18 +29,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     if data.tokenizer.vocab_size > model_config.vocab_size:
         raise errors.ConfigError(
             f"the tokenizer has {data.tokenizer.vocab_size} tokens but model.vocab_size={model_config.vocab_size}.")
-    if jax.process_count() > 1 and data_cfg.batch_size % jax.process_count():
-        raise errors.ConfigError(
-            f"data.batch_size={data_cfg.batch_size} is not divisible by the {jax.process_count()} processes.")
-    train_data = BatchIterator(data.train, data_cfg.batch_size, seed=config.seed, shuffle=True,
-                               process_index=jax.process_index(), process_count=jax.process_count())
-
-    def eval_batches():
-        rows = len(data.eval["inputs"])
-        n = min(config.eval_batches, math.ceil(rows / data_cfg.batch_size))
-        it = BatchIterator(data.eval, data_cfg.batch_size, seed=0, shuffle=False,
-                           process_index=jax.process_index(), process_count=jax.process_count())
-        return (next(it) for _ in range(n))
+    train_data, eval_batches = lm.data_iterators(data.train, data.eval, config)
 
     tokens = data_cfg.batch_size * data_cfg.seq_len
     return make_task(

@@ -41,7 +41,7 @@ from flaxalign.losses.preference import DPO_LOSS_TYPES
 from flaxalign.models import adapters
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_shapes
-from flaxalign.stages.reward import pair_iterators, prompt_ids
+from flaxalign.stages.reward import prompt_ids
 from flaxalign.train import checkpoint
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
 from flaxalign.train.state import TrainState
@@ -395,7 +395,7 @@ def build_task(config, workdir: str, mesh) -> Task:
         data.train["ref_logps"], data.eval["ref_logps"] = ref["train"], ref["eval"]
         print(f"reference log-probs: {'read from' if ref['cached'] else 'computed into'} "
               f"{os.path.join(workdir, REF_LOGPS_FILE)}")
-    train_data, eval_batches = pair_iterators(data, config)
+    train_data, eval_batches = lm.data_iterators(data.train, data.eval, config)
 
     eval_extra = None
     kl_cfg = config.eval_kl

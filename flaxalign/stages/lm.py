@@ -6,11 +6,13 @@ bottleneck adapters (`adapters.placement`); in the last two the base is frozen i
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 from flaxalign import errors, models, sharding
+from flaxalign.data.loader import BatchIterator
 from flaxalign.losses.lm import token_cross_entropy
 from flaxalign.models import adapters
 from flaxalign.peft import lora
@@ -80,6 +82,24 @@ def lm_eval_step(state, batch, *, graphdef, chunk_size, lora_config, adapters_on
     loss_sum, (count, _) = lm_loss(state.params, state.frozen, batch, None, graphdef=graphdef,
                                     chunk_size=chunk_size, lora_config=lora_config, adapters_only=adapters_only)
     return {"loss": loss_sum, "count": count}
+
+
+def data_iterators(train: dict, evaluation: dict, config):
+    """(shuffled train iterator, eval-batch factory) over a stage's row arrays, this process's share of each global
+    batch of `config.data.batch_size`; the factory yields up to `config.eval_batches` unshuffled eval batches."""
+    batch_size = config.data.batch_size
+    if batch_size % jax.process_count():
+        raise errors.ConfigError(
+            f"data.batch_size={batch_size} is not divisible by the {jax.process_count()} processes.")
+    process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    train_data = BatchIterator(train, batch_size, seed=config.seed, shuffle=True, **process)
+
+    def eval_batches():
+        n = min(config.eval_batches, math.ceil(len(next(iter(evaluation.values()))) / batch_size))
+        it = BatchIterator(evaluation, batch_size, seed=0, shuffle=False, **process)
+        return (next(it) for _ in range(n))
+
+    return train_data, eval_batches
 
 
 def adapter_fields(config) -> dict:

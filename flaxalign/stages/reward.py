@@ -11,7 +11,6 @@ workdir stores them next to the checkpoints, and `load_reward_normalization` rea
 
 import functools
 import json
-import math
 import os
 
 import jax
@@ -20,7 +19,6 @@ import numpy as np
 
 from flaxalign import errors, models, sharding
 from flaxalign.data.batching import left_pad_prompts, unstack_pairs
-from flaxalign.data.loader import BatchIterator
 from flaxalign.data.preference_data import build_preference_datasets
 from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.generate import sample
@@ -136,7 +134,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     check_shapes(config, model_config, mesh)
     lora_config = lm.lora_from(config)
     data = build_preference_datasets(data_cfg, tokenizer)
-    train_data, eval_batches = pair_iterators(data, config)
+    train_data, eval_batches = lm.data_iterators(data.train, data.eval, config)
     tokens = 2 * data_cfg.batch_size * (data_cfg.seq_len + 1)
     finalize = None
     if config.normalize.num_prompts and init_path:
@@ -150,20 +148,6 @@ def build_task(config, workdir: str, mesh) -> Task:
         train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens,
         flops_per_step=tokens * model_config.flops_per_token(data_cfg.seq_len + 1), finalize=finalize,
         metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from, "data": data.stats})
-
-
-def pair_iterators(data, config):
-    """(train iterator, eval batches factory) over `[N, 2, T]` pair arrays, this process's share of each batch."""
-    batch_size = config.data.batch_size
-    process = {"process_index": jax.process_index(), "process_count": jax.process_count()}
-    train_data = BatchIterator(data.train, batch_size, seed=config.seed, shuffle=True, **process)
-
-    def eval_batches():
-        n = min(config.eval_batches, math.ceil(len(data.eval["inputs"]) / batch_size))
-        it = BatchIterator(data.eval, batch_size, seed=0, shuffle=False, **process)
-        return (next(it) for _ in range(n))
-
-    return train_data, eval_batches
 
 
 def normalize_rewards(state, *, workdir, mesh, policy_path, model_config, lora_config, prompts, tokenizer,

@@ -3,12 +3,8 @@ normalised by the global number of loss tokens. Full fine-tuning, LoRA (`lora.ra
 (`adapters.placement`) on a frozen base; the loss, steps and task builder are the LM stages' (`stages/lm.py`)."""
 
 import functools
-import math
-
-import jax
 
 from flaxalign import errors
-from flaxalign.data.loader import BatchIterator
 from flaxalign.data.sft_data import build_sft_datasets
 from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.stages import lm
@@ -37,13 +33,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     lora_config = lm.lora_from(config)
 
     data = build_sft_datasets(data_cfg, tokenizer)
-    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_data = BatchIterator(data.train, data_cfg.batch_size, seed=config.seed, shuffle=True, **process)
-
-    def eval_batches():
-        n = min(config.eval_batches, math.ceil(len(data.eval["inputs"]) / data_cfg.batch_size))
-        it = BatchIterator(data.eval, data_cfg.batch_size, seed=0, shuffle=False, **process)
-        return (next(it) for _ in range(n))
+    train_data, eval_batches = lm.data_iterators(data.train, data.eval, config)
 
     tokens = data_cfg.batch_size * data_cfg.seq_len
     init_base = lm.base_initializer(model_config, init_path)
