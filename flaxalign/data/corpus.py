@@ -126,6 +126,11 @@ def _stdlib_texts():
                 yield from _module_docstrings(module)
 
 
+# Stdlib functions other packages replace on import (torch.package swaps in its own `inspect.getfile`): left out in
+# every process, so the corpus never depends on what else the process imported.
+PATCHED_ELSEWHERE = frozenset({"inspect.getfile"})
+
+
 def _defined_in(member, module_name):
     """False for methods other packages patched onto a stdlib class (transformers adds some to logging.Logger),
     which would make the corpus depend on what else the process imported."""
@@ -154,8 +159,9 @@ def _module_docstrings(module):
     """
     yield _doc_of(module)
     for name, value in sorted(vars(module).items()):
-        if name.startswith("_") or getattr(value, "__module__", None) != module.__name__:
-            continue  # Private, or re-exported from elsewhere and documented there.
+        if (name.startswith("_") or getattr(value, "__module__", None) != module.__name__
+                or f"{module.__name__}.{name}" in PATCHED_ELSEWHERE):
+            continue  # Private, re-exported from elsewhere and documented there, or replaced by other packages.
         if inspect.isclass(value):
             yield _doc_of(value)
             for member_name, member in sorted(vars(value).items()):

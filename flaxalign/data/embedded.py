@@ -30,7 +30,7 @@ import urllib.parse
 import warnings
 
 from flaxalign.data.atomic import write_atomically
-from flaxalign.data.corpus import STDLIB_MODULES, _defined_in, _import_quietly, stdlib_corpus
+from flaxalign.data.corpus import PATCHED_ELSEWHERE, STDLIB_MODULES, _defined_in, _import_quietly, stdlib_corpus
 from flaxalign.errors import DataError
 
 BUILTIN_PREFIX = "builtin:"
@@ -98,8 +98,9 @@ def _all_sft_pairs():
 def _documented_names(module):
     """Yields (prompt, docstring) for the public functions, classes and methods of a module."""
     for name, value in sorted(vars(module).items()):
-        if name.startswith("_") or getattr(value, "__module__", None) != module.__name__:
-            continue  # Private, or re-exported and documented where it is defined.
+        if (name.startswith("_") or getattr(value, "__module__", None) != module.__name__
+                or f"{module.__name__}.{name}" in PATCHED_ELSEWHERE):
+            continue  # Private, re-exported and documented where it is defined, or replaced by other packages.
         dotted = f"{module.__name__}.{name}"
         if inspect.isclass(value):
             yield f"What is the class `{dotted}`?", _own_doc(value)

@@ -154,3 +154,22 @@ def test_non_utf8_file_names_file_line_and_offset(tmp_path):
     message = str(error.value)
     assert f"file '{bad}' is not valid UTF-8" in message
     assert "line 2, byte offset 13" in message
+
+
+def test_functions_other_packages_replace_are_not_read(monkeypatch):
+    """torch.package replaces inspect.getfile on import; neither the corpus nor the built-in SFT pairs may change."""
+    import inspect
+
+    from flaxalign.data.embedded import _all_sft_pairs
+
+    build_pairs = _all_sft_pairs.__wrapped__  # uncached
+    before, pairs_before = _digest(stdlib_corpus()), build_pairs()
+
+    def patched_getfile(obj):
+        """Work out which source or compiled file an object was defined in."""
+        return "elsewhere"
+
+    patched_getfile.__module__ = "torch.package.package_importer"
+    monkeypatch.setattr(inspect, "getfile", patched_getfile)
+    assert _digest(stdlib_corpus()) == before
+    assert build_pairs() == pairs_before
