@@ -9,7 +9,7 @@ from flaxalign import errors
 from flaxalign.models import preset
 
 PRESETS = {
-    "tiny": dict(steps=600, lr=3e-3, warmup_steps=10, seq_len=64, batch_size=16),
+    "tiny": dict(steps=1200, lr=3e-3, warmup_steps=10, seq_len=64, batch_size=16),
 }
 
 
@@ -53,9 +53,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.grad_accum = 1
     c.loss_chunk = 256
     c.log_every = 10
-    c.eval_every = 100
+    c.eval_every = 200
     c.eval_at_start = True
     c.eval_batches = 26  # all 409 held-out pairs of the built-in data at batch 16
-    c.checkpoint_every = 100
+    c.checkpoint_every = 200
     c.keep_checkpoints = 2
     return c
