@@ -1,7 +1,12 @@
-"""Batched sampling from a causal LM for evaluation: responses of a policy to left-padded prompts.
+"""Batched sampling from a causal LM: responses of a policy to left-padded prompts.
 
-The prompt buffer is extended to `[B, L + N]` and the whole prefix is recomputed for every new token (no KV cache):
-fixed shapes, one compile, exact. Evaluation samples a few dozen short responses, where this costs little.
+`generate` keeps a KV cache: one prefill pass over the prompts, then one token per step inside `jax.lax.fori_loop`,
+with fixed shapes so it compiles once for a (batch, prompt length, max_new_tokens) shape. `generate_recompute` runs
+the whole prefix again for every new token (no cache): the slow, obviously-correct reference the tests and
+`bench/generate.py` compare against.
+
+Response convention (used by every RL stage): `response_mask` is 1 on the sampled tokens up to and including the
+first EOS ("EOS + 1") and 0 after it, where the tokens are `pad_id`.
 """
 
 import jax
@@ -10,15 +15,88 @@ import jax.numpy as jnp
 from flaxalign import models
 
 
-def sample(graphdef, params, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad_id: int,
-           temperature: float = 1.0, layer_transform=None) -> dict:
-    """Samples up to `max_new_tokens` tokens after each prompt, y_t ~ softmax(logits_t / temperature) (greedy when
-    temperature == 0), stopping a row at its first EOS (kept as the last response token).
+def filter_logits(logits_BxV, *, top_k: int = 0, top_p: float = 1.0):
+    """Sets the logits outside the top-k and outside the top-p nucleus (the smallest set of most likely tokens whose
+    probability reaches p; the most likely token is always kept) to −inf. top_k = 0 and top_p = 1 disable them."""
+    if top_k:
+        kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
+        kept = mass_before < top_p
+        threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < threshold, -jnp.inf, logits_BxV)
+    return logits_BxV
 
-    `prompts`: `input_ids`, `attention_mask`, `positions`, each int32 `[B, L]`, left-padded (`left_pad_prompts`).
+
+def _pick(logits_BxV, key, temperature, top_k, top_p):
+    """(token, log p(token)) with p = softmax(logits / temperature) (temperature 0: greedy, log-probs of the
+    unscaled logits). Log-probs are of the distribution before top-k/top-p filtering."""
+    if temperature > 0:
+        scaled = logits_BxV / temperature
+        token = jax.random.categorical(key, filter_logits(scaled, top_k=top_k, top_p=top_p), axis=-1)
+    else:
+        scaled = logits_BxV
+        token = jnp.argmax(logits_BxV, axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token, logp
+
+
+def generate(graphdef, params, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad_id: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, layer_transform=None) -> dict:
+    """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
+
+    `prompts`: `input_ids`, `attention_mask`, `positions`, int32 `[B, L]`, left-padded (`left_pad_prompts`).
     Returns `tokens` `[B, L + N]` (prompt, response, pad after the end), `mask` `[B, L + N]` (1 on real tokens),
-    `response_mask` `[B, N]` (1 on response tokens, EOS included) and `ended` `[B]` (the row emitted EOS).
+    `response` `[B, N]`, `response_mask` `[B, N]` (EOS + 1 convention), `logps` `[B, N]` (log-probability of
+    each sampled token under softmax(logits / temperature), 0 where masked) and `ended` `[B]` (the row emitted EOS).
+    Sampling settings are static: each combination compiles its own program.
     """
+    model = models.merge(graphdef, params)
+    batch, prompt_len = prompts["input_ids"].shape
+    total = prompt_len + max_new_tokens
+    unembed = model.unembedding()
+    key_mask = jnp.pad(prompts["attention_mask"], ((0, 0), (0, max_new_tokens)))
+    hidden, cache = model.decode(prompts["input_ids"], prompts["positions"], model.init_cache(batch, total), 0,
+                                 key_mask, layer_transform=layer_transform)
+    logits = jnp.dot(hidden[:, -1], unembed, preferred_element_type=jnp.float32)
+    next_position = prompts["positions"][:, -1] + 1
+
+    def step(i, carry):
+        logits, cache, key_mask, done, rng, response, logps = carry
+        rng, key = jax.random.split(rng)
+        token, logp = _pick(logits, key, temperature, top_k, top_p)
+        token = jnp.where(done, pad_id, token).astype(jnp.int32)
+        response = response.at[:, i].set(token)
+        logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
+        slot = prompt_len + i
+        key_mask = key_mask.at[:, slot].set(1)
+        hidden, cache = model.decode(token[:, None], (next_position + i)[:, None], cache, slot, key_mask,
+                                     layer_transform=layer_transform)
+        logits = jnp.dot(hidden[:, -1], unembed, preferred_element_type=jnp.float32)
+        return logits, cache, key_mask, done | (token == eos_id), rng, response, logps
+
+    init = (logits, cache, key_mask, jnp.zeros((batch,), bool), rng,
+            jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.float32))
+    _, _, _, done, _, response, logps = jax.lax.fori_loop(0, max_new_tokens, step, init)
+    return _outputs(prompts, response, logps, done, eos_id)
+
+
+def _outputs(prompts, response, logps, ended, eos_id):
+    after_eos = jnp.cumsum(response == eos_id, axis=1) - (response == eos_id)  # EOSes strictly before each token
+    response_mask = (after_eos == 0).astype(jnp.int32)
+    return {"tokens": jnp.concatenate([prompts["input_ids"], response], axis=1),
+            "mask": jnp.concatenate([prompts["attention_mask"], response_mask], axis=1),
+            "response": response, "response_mask": response_mask, "logps": logps * response_mask,
+            "ended": ended}
+
+
+def generate_recompute(graphdef, params, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad_id: int,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, layer_transform=None) -> dict:
+    """`generate` without a cache: the full `[B, L + N]` buffer runs through the model for every new token. Same
+    outputs (token for token under the same rng), O(N) times the work."""
     model = models.merge(graphdef, params)
     batch, prompt_len = prompts["input_ids"].shape
     tokens = jnp.pad(prompts["input_ids"], ((0, 0), (0, max_new_tokens)), constant_values=pad_id)
@@ -26,21 +104,19 @@ def sample(graphdef, params, prompts: dict, rng, *, max_new_tokens: int, eos_id:
     unembed = model.unembedding()
 
     def step(i, carry):
-        tokens, mask, done, rng = carry
+        tokens, mask, done, rng, logps = carry
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         hidden = model(tokens, positions, mask, layer_transform=layer_transform)
         last = prompt_len + i - 1
         logits = jnp.dot(hidden[:, last], unembed, preferred_element_type=jnp.float32)
         rng, key = jax.random.split(rng)
-        if temperature > 0:
-            next_token = jax.random.categorical(key, logits / temperature, axis=-1)
-        else:
-            next_token = jnp.argmax(logits, axis=-1)
-        next_token = jnp.where(done, pad_id, next_token).astype(tokens.dtype)
-        tokens = tokens.at[:, last + 1].set(next_token)
-        mask = mask.at[:, last + 1].set((~done).astype(mask.dtype))
-        return tokens, mask, done | (next_token == eos_id), rng
+        token, logp = _pick(logits, key, temperature, top_k, top_p)
+        token = jnp.where(done, pad_id, token).astype(tokens.dtype)
+        tokens = tokens.at[:, last + 1].set(token)
+        mask = mask.at[:, last + 1].set(1)  # pad after EOS is masked below, not attended before
+        logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
+        return tokens, mask, done | (token == eos_id), rng, logps
 
-    done = jnp.zeros((batch,), bool)
-    tokens, mask, done, _ = jax.lax.fori_loop(0, max_new_tokens, step, (tokens, mask, done, rng))
-    return {"tokens": tokens, "mask": mask, "response_mask": mask[:, prompt_len:], "ended": done}
+    init = (tokens, mask, jnp.zeros((batch,), bool), rng, jnp.zeros((batch, max_new_tokens), jnp.float32))
+    tokens, _, done, _, logps = jax.lax.fori_loop(0, max_new_tokens, step, init)
+    return _outputs(prompts, tokens[:, prompt_len:], logps, done, eos_id)

@@ -96,7 +96,10 @@ class Attention(nnx.Module):
             self.k_bias = _const_param(0.0, (c.n_kv_heads, c.head_dim), ("kv_heads", "head_dim"), stack)
             self.v_bias = _const_param(0.0, (c.n_kv_heads, c.head_dim), ("kv_heads", "head_dim"), stack)
 
-    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT):
+    def __call__(self, x_BxTxD, cos, sin, mask_Bx1xTxT, kv_cache=None):
+        """Self-attention over the T positions of `x`; with `kv_cache = (k, v, index)` (`[B, S, K, H]` each, S the
+        cache length) the new keys/values are written at slots index…index+T−1 and the queries attend to the whole
+        cache under `mask [B, 1, T, S]`; then returns (out, (k, v))."""
         c = self.config
         b, t, d = x_BxTxD.shape
         dtype = x_BxTxD.dtype
@@ -110,12 +113,17 @@ class Attention(nnx.Module):
                        v + self.v_bias[...].astype(dtype))
         q = constrain(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
+        if kv_cache is not None:
+            cache_k, cache_v, index = kv_cache
+            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
         if c.attention == "dot_product":
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xTxT)
+            out = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask_Bx1xTxT)
         else:
-            out = _einsum_attention(q, k, v, mask_Bx1xTxT)
+            out = _einsum_attention(q, k.astype(dtype), v.astype(dtype), mask_Bx1xTxT)
         o_KxD = self.o[...].reshape(c.n_heads * c.head_dim, d)
-        return _dense(out.reshape(b * t, c.n_heads * c.head_dim), o_KxD, dtype).reshape(b, t, d)
+        out = _dense(out.reshape(b * t, c.n_heads * c.head_dim), o_KxD, dtype).reshape(b, t, d)
+        return out if kv_cache is None else (out, (k, v))
 
 
 def _dense(x_NxK, w, dtype):
@@ -175,12 +183,15 @@ class DecoderLayer(nnx.Module):
         if config.adapter_placement != "none":
             self.adapters = adapters.adapter_sets(config, rngs, stack=stack)
 
-    def __call__(self, x_BxTxD, cos, sin, mask):
+    def __call__(self, x_BxTxD, cos, sin, mask, kv_cache=None):
         # No active set (the base model) traces exactly the plain layer's ops: adapters cost nothing when off.
         adapter = self.adapters[self.active_adapter] if self.active_adapter else _no_adapter
-        x = x_BxTxD + adapter("attn", self.attn(self.attn_norm(x_BxTxD), cos, sin, mask))
+        attn = self.attn(self.attn_norm(x_BxTxD), cos, sin, mask, kv_cache)
+        attn, new_cache = attn if kv_cache is not None else (attn, None)
+        x = x_BxTxD + adapter("attn", attn)
         x = x + adapter("mlp", self.mlp(self.mlp_norm(x)))
-        return constrain(x, BATCH_LENGTH_EMBED)
+        x = constrain(x, BATCH_LENGTH_EMBED)
+        return x if kv_cache is None else (x, new_cache)
 
 
 _REMAT = {
@@ -238,6 +249,37 @@ class CausalLM(nnx.Module):
             for i in range(c.n_layers):
                 x, _ = layer_step(x, jax.tree.map(lambda w: w[i], (stacked, extra)))
         return self.final_norm(x)
+
+    def init_cache(self, batch: int, length: int) -> dict:
+        """An empty KV cache for `decode`: `k`, `v` of shape `[L, B, S, K, H]` in the compute dtype."""
+        c = self.config
+        shape = (c.n_layers, batch, length, c.n_kv_heads, c.head_dim)
+        return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
+
+    def decode(self, tokens_BxT, positions_BxT, cache: dict, index, key_mask_BxS, *, layer_transform=None):
+        """Runs T new tokens at cache slots index…index+T−1 (T = the prompt for prefill, 1 per decode step) and
+        returns (final hidden states `[B, T, D]`, the updated cache). Query t attends to slot s when
+        `key_mask[b, s]` (a real token, already written or written now) and s ≤ index + t. RoPE uses `positions`, so
+        left padding (masked slots) does not shift the real tokens' positions."""
+        c = self.config
+        length = cache["k"].shape[2]
+        x = constrain(jnp.take(self.embed[...].astype(c.dtype), tokens_BxT, axis=0), BATCH_LENGTH_EMBED)
+        cos, sin = rope_cos_sin(positions_BxT, c)
+        slots = jnp.arange(length)[None, None, :]
+        query_slots = index + jnp.arange(tokens_BxT.shape[1])[None, :, None]
+        mask = ((slots <= query_slots) & (key_mask_BxS[:, None, :] > 0))[:, None]
+        graphdef, stacked = nnx.split(self.layers)
+        transform, extra = layer_transform if layer_transform is not None else (None, None)
+
+        def layer_step(x, xs):
+            layer_params, layer_extra, cache_k, cache_v = xs
+            if transform is not None:
+                layer_params = transform(nnx.to_pure_dict(layer_params), layer_extra)
+            x, (cache_k, cache_v) = nnx.merge(graphdef, layer_params)(x, cos, sin, mask, (cache_k, cache_v, index))
+            return x, (cache_k, cache_v)
+
+        x, (new_k, new_v) = jax.lax.scan(layer_step, x, (stacked, extra, cache["k"], cache["v"]))
+        return self.final_norm(x), {"k": new_k, "v": new_v}
 
     def unembedding(self):
         """The LM-head matrix `[D, V]` in the compute dtype (the transposed embedding when tied)."""

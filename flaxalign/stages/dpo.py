@@ -28,7 +28,7 @@ from flaxalign import errors, models, sharding
 from flaxalign.data.batching import left_pad_prompts, unstack_pairs
 from flaxalign.data.preference_data import build_kto_datasets, build_preference_datasets
 from flaxalign.data.tokenizer import load_tokenizer
-from flaxalign.generate import sample
+from flaxalign.generate import generate
 from flaxalign.losses import (
     cpo_loss,
     dpo_loss,
@@ -216,7 +216,7 @@ def sampled_kl(state: TrainState, prompts: dict, rng, *, m: Models, max_new_toke
     `kl` and `response_length`, and `count`."""
     params, transform = lm.model_params(state.params, state.frozen, None, lora_config=m.lora_config,
                                         adapters_only=m.adapters_only)
-    out = sample(m.graphdef, params, prompts, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+    out = generate(m.graphdef, params, prompts, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                  layer_transform=transform)
     tokens, mask = out["tokens"], out["mask"]
     prompt_len = prompts["input_ids"].shape[1]

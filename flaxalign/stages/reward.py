@@ -21,7 +21,7 @@ from flaxalign import errors, models, sharding
 from flaxalign.data.batching import left_pad_prompts, unstack_pairs
 from flaxalign.data.preference_data import build_preference_datasets
 from flaxalign.data.tokenizer import load_tokenizer
-from flaxalign.generate import sample
+from flaxalign.generate import generate
 from flaxalign.losses import bradley_terry_loss
 from flaxalign.models import heads
 from flaxalign.stages import lm
@@ -162,7 +162,7 @@ def normalize_rewards(state, *, workdir, mesh, policy_path, model_config, lora_c
 
     @jax.jit
     def sample_and_score(policy, params, frozen, batch, rng):
-        out = sample(graphdef, policy, batch, rng, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+        out = generate(graphdef, policy, batch, rng, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
                      pad_id=tokenizer.pad_id)
         positions = jnp.maximum(jnp.cumsum(out["mask"], axis=1) - 1, 0)
         return reward_scores(params, frozen, out["tokens"], out["mask"], positions, **score_kwargs)

@@ -1,0 +1,100 @@
+"""Sampling with a KV cache: equal to recomputing the prefix, padding-invariant, greedy limits, log-probs of the
+sampled tokens, one compile per shape."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxalign import models
+from flaxalign.data.batching import left_pad_prompts
+from flaxalign.generate import filter_logits, generate, generate_recompute
+from tests import helpers
+
+CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2, vocab_size=64)
+GRAPHDEF = models.abstract_model(CONFIG)[0]
+PARAMS = helpers.random_params(CONFIG, seed=1)
+PROMPTS = [[1, 5, 9, 13], [1, 7], [1, 20, 21, 22, 23, 24, 25], [1, 3, 3]]
+EOS, PAD = 2, 0
+
+
+def _run(fn, prompts=PROMPTS, seed=0, **kwargs):
+    batch = left_pad_prompts(prompts, pad_id=PAD)
+    kwargs = {"max_new_tokens": 12, "eos_id": EOS, "pad_id": PAD, **kwargs}
+    out = jax.jit(functools.partial(fn, GRAPHDEF, **kwargs))(PARAMS, batch, jax.random.PRNGKey(seed))
+    return jax.device_get(out)
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 0.7, "top_k": 5},
+                                      {"temperature": 1.0, "top_p": 0.8}])
+def test_kv_cache_equals_recomputing_the_prefix(sampling):
+    cached, recomputed = _run(generate, **sampling), _run(generate_recompute, **sampling)
+    np.testing.assert_array_equal(cached["tokens"], recomputed["tokens"])
+    np.testing.assert_array_equal(cached["response_mask"], recomputed["response_mask"])
+    np.testing.assert_allclose(cached["logps"], recomputed["logps"], atol=2e-5)
+
+
+def test_some_rows_stop_at_eos_and_are_padded_after_it():
+    out = _run(generate, temperature=1.0, seed=3, max_new_tokens=40)
+    assert out["ended"].any(), "pick a seed where a row emits EOS"
+    for row, mask, ended in zip(out["response"], out["response_mask"], out["ended"]):
+        n = int(mask.sum())
+        if ended:
+            assert row[n - 1] == EOS and EOS not in row[: n - 1] and (row[n:] == PAD).all()
+        else:
+            assert n == 40 and EOS not in row
+
+
+def test_left_padding_does_not_change_the_real_tokens():
+    alone = [_run(generate, prompts=[p], temperature=0.0)["response"][0] for p in PROMPTS]
+    batched = _run(generate, temperature=0.0)["response"]
+    for single, row in zip(alone, batched):
+        np.testing.assert_array_equal(single, row)
+    model = models.merge(GRAPHDEF, PARAMS)
+    padded = left_pad_prompts(PROMPTS, pad_id=PAD, length=10)
+    hidden, _ = model.decode(padded["input_ids"], padded["positions"], model.init_cache(4, 10), 0,
+                             padded["attention_mask"])
+    for i, prompt in enumerate(PROMPTS):
+        reference = model(jnp.asarray([prompt]))[0]
+        np.testing.assert_allclose(np.asarray(hidden[i, -len(prompt):]), np.asarray(reference), atol=1e-5)
+
+
+def test_greedy_limits():
+    greedy = _run(generate, temperature=0.0)["tokens"]
+    np.testing.assert_array_equal(_run(generate, temperature=1e-6)["tokens"], greedy)
+    np.testing.assert_array_equal(_run(generate, temperature=1.0, top_k=1)["tokens"], greedy)
+
+
+def test_logps_are_those_of_the_sampled_tokens_under_the_tempered_model():
+    out = _run(generate, temperature=0.7, seed=5)
+    tokens, mask = out["tokens"], out["mask"]
+    logits = np.asarray(models.merge(GRAPHDEF, PARAMS).logits(
+        tokens[:, :-1], np.maximum(np.cumsum(mask, 1) - 1, 0)[:, :-1], mask[:, :-1]), np.float64) / 0.7
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    picked = np.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0][:, -12:]
+    np.testing.assert_allclose(out["logps"], picked * out["response_mask"], atol=2e-5)
+
+
+def test_compiles_once_per_shape():
+    traces = []
+
+    def traced(params, batch, rng):
+        traces.append(1)
+        return generate(GRAPHDEF, params, batch, rng, max_new_tokens=6, eos_id=EOS, pad_id=PAD)
+
+    fn = jax.jit(traced)
+    for seed, prompts in enumerate([PROMPTS, [[1, 4, 4, 4], [1, 9], [1, 8, 8, 8, 8, 8, 8], [1, 2]]]):
+        fn(PARAMS, left_pad_prompts(prompts, pad_id=PAD), jax.random.PRNGKey(seed))
+    assert len(traces) == 1
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda x: np.isfinite(np.asarray(x))[0].tolist()  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)) == [True, True, False, False, False]
+    assert kept(filter_logits(logits, top_p=0.6)) == [True, True, False, False, False]  # 0.5 < 0.6 ≤ 0.7
+    assert kept(filter_logits(logits, top_p=0.5)) == [True, False, False, False, False]
+    assert kept(filter_logits(logits, top_p=0.01)) == [True, False, False, False, False]  # never empty
