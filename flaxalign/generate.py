@@ -120,3 +120,44 @@ def generate_recompute(graphdef, params, prompts: dict, rng, *, max_new_tokens: 
     init = (tokens, mask, jnp.zeros((batch,), bool), rng, jnp.zeros((batch, max_new_tokens), jnp.float32))
     tokens, _, done, _, logps = jax.lax.fori_loop(0, max_new_tokens, step, init)
     return _outputs(prompts, tokens[:, prompt_len:], logps, done, eos_id)
+
+
+def respond(workdir: str, prompts: list[str], *, chat_template: str = "", max_new_tokens: int = 128,
+            temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, seed: int = 0, mesh=None) -> list[str]:
+    """The responses of the policy a run trained (its latest checkpoint in `workdir`) to text prompts, decoded.
+    `chat_template` "" feeds the prompt text as is (after BOS), else wraps it as a user message of that template
+    with the generation prompt — use the template the model was fine-tuned with."""
+    from flaxalign import errors, sharding
+    from flaxalign.data.batching import left_pad_prompts
+    from flaxalign.data.chat import render_chat
+    from flaxalign.data.tokenizer import load_tokenizer
+    from flaxalign.stages import lm
+    from flaxalign.train import checkpoint
+
+    mesh = mesh or sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tokenizer = load_tokenizer(checkpoint.read_metadata(workdir)["tokenizer"])
+    with jax.set_mesh(mesh):
+        model_config, params = lm.load_run_weights(workdir, mesh)
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    if chat_template:
+        lead = bos if chat_template == "plain" else []
+        ids = [lead + render_chat([{"role": "user", "content": p}], tokenizer, chat_template,
+                                  add_generation_prompt=True).ids for p in prompts]
+    else:
+        ids = [bos + tokenizer.encode(p) for p in prompts]
+    batch = left_pad_prompts(ids, pad_id=tokenizer.pad_id)
+    if batch["input_ids"].shape[1] + max_new_tokens > model_config.max_seq_len:
+        raise errors.ConfigError(
+            f"the longest prompt ({batch['input_ids'].shape[1]} tokens, padded) + max_new_tokens={max_new_tokens} "
+            f"exceeds the model's max_seq_len={model_config.max_seq_len}.")
+    graphdef = models.abstract_model(model_config)[0]
+    run = jax.jit(lambda params, batch, rng: generate(
+        graphdef, params, batch, rng, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p))
+    with jax.set_mesh(mesh):
+        out = jax.device_get(run(params, batch, jax.random.PRNGKey(seed)))
+    texts = []
+    for response, mask in zip(out["response"], out["response_mask"]):
+        kept = [int(t) for t, m in zip(response, mask) if m and t != tokenizer.eos_id]
+        texts.append(tokenizer.decode(kept))
+    return texts

@@ -1,6 +1,7 @@
 """The `flaxalign` command line.
 
     flaxalign train --config=configs/clm.py:tiny --workdir=runs/clm [--config.steps=200 ...]
+    flaxalign generate --checkpoint=runs/sft --prompt="What does `len(obj)` do?" [--temperature=0 ...]
 
 A user error (bad flag, missing file, indivisible mesh, unknown preset) prints one sentence and exits 2.
 """
@@ -16,7 +17,7 @@ from ml_collections import config_flags
 
 from flaxalign import errors
 
-COMMANDS = ("train",)
+COMMANDS = ("train", "generate")
 
 config_flags.DEFINE_config_file("config", None, "Stage config file and preset, e.g. configs/clm.py:tiny.",
                                 lock_config=True)
@@ -25,6 +26,15 @@ flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU devices (to try me
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process jax.distributed.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
+flags.DEFINE_string("checkpoint", None, "generate: the workdir of a CLM/SFT/DPO run (its latest checkpoint).")
+flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeat the flag for several).")
+flags.DEFINE_integer("max_new_tokens", 128, "generate: the most tokens to sample per prompt.")
+flags.DEFINE_float("temperature", 0.7, "generate: sampling temperature; 0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "generate: sample from the k most likely tokens only (0 = off).")
+flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass (1 = off).")
+flags.DEFINE_string("chat_template", "", "generate: wrap each prompt as a user message of this template "
+                    "(plain, chatml, llama3); empty = the raw prompt text.")
+flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 FLAGS = flags.FLAGS
 
 
@@ -112,6 +122,8 @@ def main(argv: list[str]) -> None:
     commands = [a for a in argv[1:] if not a.startswith("-")]
     if len(commands) != 1 or commands[0] not in COMMANDS:
         fail(f"expected one command from {list(COMMANDS)}, got {commands or 'none'}.")
+    if commands[0] == "generate":
+        return generate_command()
     if FLAGS.config is None:
         fail("--config is required, e.g. --config=configs/clm.py:tiny.")
     if not FLAGS.workdir:
@@ -122,6 +134,29 @@ def main(argv: list[str]) -> None:
         train(FLAGS.config, FLAGS.workdir)
     except errors.FlaxalignError as e:
         fail(str(e))
+
+
+def generate_command() -> None:
+    if not FLAGS.checkpoint:
+        fail("--checkpoint is required, e.g. --checkpoint=runs/sft.")
+    if not FLAGS.prompt:
+        fail("--prompt is required (repeat it for several prompts).")
+    if FLAGS.temperature < 0 or not 0 < FLAGS.top_p <= 1 or FLAGS.top_k < 0 or FLAGS.max_new_tokens < 1:
+        fail("need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0 and --max_new_tokens >= 1.")
+    setup_logging()
+    try:
+        setup_jax()
+        from flaxalign.data.chat import TEMPLATES
+        from flaxalign.generate import respond
+        if FLAGS.chat_template and FLAGS.chat_template not in TEMPLATES:
+            raise errors.ConfigError(f"--chat_template={FLAGS.chat_template!r} is not one of {list(TEMPLATES)}.")
+        responses = respond(FLAGS.checkpoint, FLAGS.prompt, chat_template=FLAGS.chat_template,
+                            max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                            top_p=FLAGS.top_p, seed=FLAGS.seed)
+    except errors.FlaxalignError as e:
+        fail(str(e))
+    for prompt, response in zip(FLAGS.prompt, responses):
+        print(f">>> {prompt}\n{response}\n")
 
 
 def run() -> None:

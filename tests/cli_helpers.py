@@ -26,8 +26,8 @@ def small_run_flags(corpus: str, tokenizer: str, workdir: str, **config) -> list
         f"--config.{k}={v}" for k, v in values.items()]
 
 
-def start(args: list[str], cpu_devices: int = 8, **env_extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "flaxalign.main", "train", f"--cpu_devices={cpu_devices}"] + args
+def start(args: list[str], cpu_devices: int = 8, command: str = "train", **env_extra) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "flaxalign.main", command, f"--cpu_devices={cpu_devices}"] + args
     return subprocess.Popen(cmd, cwd=REPO, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -42,8 +42,9 @@ def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str, 
     return proc.returncode, out, err
 
 
-def run(args: list[str], cpu_devices: int = 8, timeout: float = TIMEOUT, **env_extra) -> tuple[int, str, str]:
-    return finish(start(args, cpu_devices, **env_extra), timeout)
+def run(args: list[str], cpu_devices: int = 8, timeout: float = TIMEOUT, command: str = "train",
+        **env_extra) -> tuple[int, str, str]:
+    return finish(start(args, cpu_devices, command, **env_extra), timeout)
 
 
 def metrics(workdir: str) -> list[dict]:

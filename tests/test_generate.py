@@ -93,8 +93,29 @@ def test_compiles_once_per_shape():
 
 def test_filter_logits_top_k_and_top_p():
     logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-    kept = lambda x: np.isfinite(np.asarray(x))[0].tolist()  # noqa: E731
+    def kept(x):
+        return np.isfinite(np.asarray(x))[0].tolist()
+
     assert kept(filter_logits(logits, top_k=2)) == [True, True, False, False, False]
     assert kept(filter_logits(logits, top_p=0.6)) == [True, True, False, False, False]  # 0.5 < 0.6 ≤ 0.7
     assert kept(filter_logits(logits, top_p=0.5)) == [True, False, False, False, False]
     assert kept(filter_logits(logits, top_p=0.01)) == [True, False, False, False, False]  # never empty
+
+
+@pytest.mark.slow
+def test_generate_cli_talks_to_a_checkpoint(sft_demo_run):
+    from tests import cli_helpers as cli
+
+    prompts = ["What does `len(obj)` do?", "What is 7 * 8?"]
+    args = [f"--checkpoint={sft_demo_run}", "--temperature=0", "--max_new_tokens=16"] + [f"--prompt={p}" for p in prompts]
+    rc, out, err = cli.run(args, cpu_devices=1, command="generate")
+    assert rc == 0, err[-2000:]
+    blocks = [b for b in out.split(">>> ") if b.strip()]
+    assert [b.splitlines()[0] for b in blocks] == prompts
+    assert all(b.splitlines()[1].strip() for b in blocks)  # a non-empty response each
+    assert cli.run(args, cpu_devices=1, command="generate")[1] == out  # greedy: the same text again
+    rc, _, err = cli.run(["--checkpoint=/no/such/run", "--prompt=hi"], cpu_devices=1, command="generate")
+    assert rc == 2 and err.strip().splitlines()[-1] == "flaxalign: error: checkpoint path '/no/such/run' does not exist."
+    rc, _, err = cli.run([f"--checkpoint={sft_demo_run}", "--prompt=hi", "--chat_template=vicuna"], cpu_devices=1,
+                         command="generate")
+    assert rc == 2 and "--chat_template='vicuna' is not one of" in err.strip().splitlines()[-1]

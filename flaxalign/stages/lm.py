@@ -191,6 +191,25 @@ def merged_lora_weights(path: str, model_config: models.ModelConfig, lora_config
     return jax.jit(merge, out_shardings=shardings)(base, trained)
 
 
+def load_run_weights(path: str, mesh, **compute) -> tuple[models.ModelConfig, dict]:
+    """(model config, full params in their shardings) of the policy a run trained — CLM, SFT or DPO, full, LoRA
+    (merged) or bottleneck adapters (kept, the run's active set on) — for generation and evaluation. `compute`
+    overrides compute-only model fields (e.g. dtype)."""
+    meta = checkpoint.read_metadata(path)
+    if meta.get("stage") == "reward":
+        raise errors.ConfigError(f"{path} is a reward model; it scores sequences and cannot generate.")
+    model_config = models.ModelConfig.from_dict({**meta["model"], **compute})
+    _, abstract, logical = models.abstract_model(model_config)
+    if model_config.adapter_placement != "none":
+        trained, base = adapters.split_trainable(abstract)
+        trained_logical, base_logical = adapters.split_trainable(logical)
+        params = adapters.join(
+            checkpoint.load_params(path, trained, sharding.tree_shardings(trained_logical, trained, mesh)),
+            checkpoint.load_params(path, base, sharding.tree_shardings(base_logical, base, mesh), part="frozen"))
+        return model_config, params
+    return model_config, base_initializer(model_config, path)(sharding.tree_shardings(logical, abstract, mesh))
+
+
 def param_layout(model_config: models.ModelConfig, lora_config=None, *, seed: int = 0, init_base=None,
                  reference_copy: bool = False, drop: tuple = ()) -> dict:
     """Which params a stage trains and which it keeps frozen, as the `Task` fields `abstract_params`,

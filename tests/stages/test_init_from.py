@@ -39,3 +39,27 @@ def test_init_from_a_lora_run_gives_its_merged_weights(tmp_path):
     assert "lm_head" not in without_head(sharding.tree_shardings(
         lm.without(logical, ("lm_head",)), lm.without(abstract, ("lm_head",)), mesh))
     assert jax.tree.structure(merged) == jax.tree.structure(abstract)
+
+
+def test_run_weights_of_an_adapter_run_keep_its_adapters(tmp_path):
+    import dataclasses
+
+    from flaxalign.models import adapters
+
+    config = dataclasses.replace(CONFIG, adapter_placement="houlsby", adapter_names=("task",), active_adapter="task")
+    task = lm.make_task("sft", config, helpers.optim_config(lr=5e-2), chunk_size=16)
+    mesh = helpers.mesh((1, 1, 1))
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    state, shardings, _ = loop.initial_state(task, 0, mesh, checkpointer)
+    step = CompiledStep(task.train_step, mesh, shardings)
+    for seed in range(3):
+        state, _ = step(state, helpers.packed_batch(seed=seed))
+    checkpointer.save(3, state, {}, task.metadata)
+    checkpointer.close()
+
+    loaded_config, params = lm.load_run_weights(str(tmp_path), mesh)
+    assert loaded_config == config
+    graphdef = models.abstract_model(config)[0]
+    tokens = helpers.packed_batch(batch_size=2)["inputs"]
+    expected = models.merge(graphdef, adapters.join(state.params, state.frozen))(tokens)
+    np.testing.assert_array_equal(np.asarray(models.merge(graphdef, params)(tokens)), np.asarray(expected))
