@@ -138,19 +138,38 @@ def build_preference_datasets(data_cfg, tokenizer, *, log=print) -> PreferenceDa
     for name, (spec, records) in _read_splits(data_cfg, "preference").items():
         pairs = [preference_example(record, tokenizer, data_cfg.chat_template, source=f"{name} record {index}")
                  for index, record in enumerate(records)]
-        distinct = [pair for pair in pairs if list(pair[1]) != list(pair[2])]
+        margins = _margins(records, spec)
+        different = [list(pair[1]) != list(pair[2]) for pair in pairs]
+        distinct = [pair for pair, keep in zip(pairs, different) if keep]
         stats[f"{name}_identical_dropped"] = len(pairs) - len(distinct)
         if not distinct:
             raise DataError(
                 f"all {len(pairs)} {name} pairs of '{spec}' have the same chosen and rejected tokens, so there "
                 "is no preference to learn."
             )
-        kept, counts = truncate_examples(distinct, int(data_cfg.seq_len) + 1, data_cfg.overlong)
+        max_len = int(data_cfg.seq_len) + 1
+        kept, counts = truncate_examples(distinct, max_len, data_cfg.overlong)
         splits[name] = stack_pairs(preference_batch(kept, int(data_cfg.seq_len), pad_id=tokenizer.pad_id))
+        if margins is not None:  # follow the pairs through both filters ("drop" removes the over-long ones)
+            margins = [m for m, keep in zip(margins, different) if keep]
+            if data_cfg.overlong == "drop":
+                margins = [m for m, (p, c, r) in zip(margins, distinct) if len(p) + max(len(c), len(r)) <= max_len]
+            splits[name]["margin"] = np.asarray(margins, np.float32)
         stats.update({f"{name}_{key}": int(value) for key, value in counts.items()})
         stats[f"{name}_pairs"] = len(kept)
     log("data: " + ", ".join(f"{key}={value}" for key, value in stats.items()))
     return PreferenceData(train=splits["train"], eval=splits["eval"], stats=stats)
+
+
+def _margins(records, spec):
+    """The records' `margin` values, None when no record has one; all or none must have one."""
+    given = [record.get("margin") for record in records]
+    if all(m is None for m in given):
+        return None
+    missing = next(i for i, m in enumerate(given) if m is None) if None in given else None
+    if missing is not None:
+        raise DataError(f"{spec}: record {missing} has no 'margin' but others do; give every pair a margin or none.")
+    return given
 
 
 def build_kto_datasets(data_cfg, tokenizer, *, log=print) -> KtoData:

@@ -218,12 +218,14 @@ def _validate_preference(record, where):
         _require(record, name, "preference", where)
     if not isinstance(record["chosen"], (str, list)):
         _string(record, "chosen", "preference", where)  # Raises, naming both forms.
+    margin = _optional_margin(record, where)
     if isinstance(record["chosen"], str):
         _same_form(record, "rejected", str, where)
         return {
             "prompt": _string(record, "prompt", "preference", where),
             "chosen": _string(record, "chosen", "preference", where),
             "rejected": _string(record, "rejected", "preference", where),
+            **margin,
         }
     chosen = _messages(record["chosen"], "chosen", where)
     _same_form(record, "rejected", list, where)
@@ -243,7 +245,17 @@ def _validate_preference(record, where):
         normalised["prompt"] = _messages(record["prompt"], "prompt", where)
     normalised["chosen"] = chosen
     normalised["rejected"] = rejected
-    return normalised
+    return {**normalised, **margin}
+
+
+def _optional_margin(record, where):
+    """{"margin": float} when the record has one (TRL's reward-model margin column), else {}."""
+    margin = record.get("margin")
+    if margin is None:
+        return {}
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+        raise DataError(f"{where}: 'margin' must be a number, got {_type_name(margin)}.")
+    return {"margin": float(margin)}
 
 
 def _same_form(record, name, form, where):

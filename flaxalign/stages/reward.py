@@ -60,8 +60,9 @@ def reward_scores(trainable, frozen, tokens, mask, positions, rng=None, *, graph
 
 
 def reward_loss(trainable, frozen, batch, rng, *, center_coef: float, **model_kwargs):
-    """(Σ BT losses, (pair count, Σ accuracy / margin)) of a `[B, 2, T]` batch of (chosen, rejected) pairs."""
-    seqs = full_sequences(unstack_pairs(batch))
+    """(Σ BT losses, (pair count, Σ accuracy / margin)) of a `[B, 2, T]` batch of (chosen, rejected) pairs, with
+    the pairs' own margins m (`batch["margin"]`, `[B]`) when the data has them."""
+    seqs = full_sequences(unstack_pairs({k: batch[k] for k in ("inputs", "targets", "attention_mask")}))
     scores = reward_scores(trainable, frozen, seqs["tokens"], seqs["mask"], seqs["positions"], rng, **model_kwargs)
     chosen, rejected = jnp.split(scores, 2)
     losses, metrics = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"), center_coef=center_coef)

@@ -195,6 +195,27 @@ def test_overlong_pairs_are_truncated_or_dropped_and_counted(tokenizer, tmp_path
     assert dropped.stats["train_dropped"] == 1 and dropped.stats["train_pairs"] == 1
 
 
+def test_margins_follow_their_pairs_through_identical_and_overlong_drops(tokenizer, tmp_path):
+    long_prompt = "Explain " + "the list sort method " * 20 + "briefly?"
+    records = [{"prompt": "Short?", "chosen": "Yes.", "rejected": "No.", "margin": 1.5},
+               {"prompt": "Same?", "chosen": "A.", "rejected": "A.", "margin": 9.0},
+               {"prompt": long_prompt, "chosen": "Sorts in place.", "rejected": "No idea.", "margin": 2.0},
+               {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away.", "margin": 0.25}]
+    train = _write(tmp_path, "train.jsonl", records)
+    cfg = _data_cfg(train, train, seq_len=16)
+    assert build_preference_datasets(cfg, tokenizer, log=_silent).train["margin"].tolist() == [1.5, 2.0, 0.25]
+    cfg.overlong = "drop"
+    assert build_preference_datasets(cfg, tokenizer, log=_silent).train["margin"].tolist() == [1.5, 0.25]
+    no_margin = _write(tmp_path, "plain.jsonl", [{k: v for k, v in r.items() if k != "margin"} for r in records])
+    assert "margin" not in build_preference_datasets(_data_cfg(no_margin, no_margin), tokenizer, log=_silent).train
+    partial = _write(tmp_path, "partial.jsonl", records[:1] + [{"prompt": "Q?", "chosen": "A.", "rejected": "B."}])
+    with pytest.raises(DataError, match="record 1 has no 'margin' but others do"):
+        build_preference_datasets(_data_cfg(partial, partial), tokenizer, log=_silent)
+    bad = _write(tmp_path, "bad.jsonl", [{"prompt": "Q?", "chosen": "A.", "rejected": "B.", "margin": "big"}])
+    with pytest.raises(DataError, match="'margin' must be a number, got"):
+        build_preference_datasets(_data_cfg(bad, bad), tokenizer, log=_silent)
+
+
 def test_only_identical_pairs_is_an_error(tokenizer, tmp_path):
     train = _write(tmp_path, "same.jsonl", [{"prompt": "Q?", "chosen": "A.", "rejected": "A."}] * 2)
     with pytest.raises(DataError, match=r"all 1 train pairs of '.*same.jsonl' have the same chosen and rejected"):

@@ -63,8 +63,9 @@ def test_loss_is_bradley_terry_of_independently_computed_scores(tmp_path):
     mesh = helpers.mesh((1, 1, 1))
     state, shardings = _state(task, mesh, str(tmp_path))
     batch = helpers.pair_batch(seed=2)
+    batch["margin"] = np.linspace(-1.0, 2.0, 8).astype(np.float32)  # TRL's per-pair margin column
     sums = jax.device_get(CompiledEval(task.eval_step, mesh, shardings)(state, batch))
-    rows = unstack_pairs(batch)
+    rows = unstack_pairs({k: v for k, v in batch.items() if k != "margin"})
     graphdef, _, _ = models.abstract_model(CONFIG)
     scores = []
     for i in range(16):  # one unpadded sequence at a time: no masks involved
@@ -75,7 +76,7 @@ def test_loss_is_bradley_terry_of_independently_computed_scores(tmp_path):
         scores.append(hidden @ np.asarray(state.params["head"]["kernel"], np.float64)
                       + float(state.params["head"]["bias"]))
     chosen, rejected = np.split(np.array(scores), 2)
-    expected = np.log1p(np.exp(-(chosen - rejected))) + 0.01 * (chosen + rejected) ** 2
+    expected = np.log1p(np.exp(-(chosen - rejected - batch["margin"]))) + 0.01 * (chosen + rejected) ** 2
     np.testing.assert_allclose(sums["loss"] / 8, expected.mean(), rtol=1e-5)
     np.testing.assert_allclose(sums["accuracy"] / 8, (chosen > rejected).mean())
 
