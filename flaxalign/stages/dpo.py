@@ -277,8 +277,7 @@ def _file_digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def precompute_reference_logps(data: dict, *, params, model_config, mesh, batch_size: int, chunk_size: int,
-                               kto: bool) -> np.ndarray:
+def precompute_reference_logps(data: dict, *, params, model_config, mesh, batch_size: int, chunk_size: int) -> np.ndarray:
     """log π_ref of both rows of every `[N, 2, T]` example, float32 `[N, 2]`, in batches of `batch_size`."""
     graphdef, _, _ = models.abstract_model(model_config)
     m = Models(graphdef, graphdef, None, False, "copy", chunk_size)
@@ -295,7 +294,6 @@ def precompute_reference_logps(data: dict, *, params, model_config, mesh, batch_
             idx = np.arange(start, start + batch_size) % n  # the last batch wraps around: one compiled shape
             batch = {k: data[k][idx] for k in ROW_KEYS}
             out.append(np.asarray(jax.device_get(logps_of(params, batch)))[: n - start])
-    del kto
     return np.concatenate(out).astype(np.float32)
 
 
@@ -313,7 +311,7 @@ def attach_reference_logps(data, *, workdir, reference_path, model_config, mesh,
     _, abstract, logical = models.abstract_model(model_config)
     params = init_base(sharding.tree_shardings(logical, abstract, mesh))
     kwargs = {"params": params, "model_config": model_config, "mesh": mesh, "batch_size": config.data.batch_size,
-              "chunk_size": config.loss_chunk, "kto": config.loss.loss_type == "kto"}
+              "chunk_size": config.loss_chunk}
     result = {"train": precompute_reference_logps(data.train, **kwargs),
               "eval": precompute_reference_logps(data.eval, **kwargs)}
     if jax.process_index() == 0:
@@ -337,7 +335,8 @@ def make_task(model_config: models.ModelConfig, optim_cfg, method: Method, *, re
               train_data=None, eval_batches=None, eval_extra=None, tokens_per_step: int = 0,
               flops_per_step: float = 0.0, metadata: dict | None = None) -> Task:
     """The DPO-family task. `init_base(shardings)` gives the starting policy weights (random if None);
-    `init_reference(shardings)`, for reference="copy", a reference other than the starting weights."""
+    `init_reference(shardings)`, for reference="copy", a reference other than the starting weights;
+    `eval_extra(models) -> (state -> {name: mean})` adds evaluation beyond the batched eval step."""
     adapters_only = model_config.adapter_placement != "none"
     layout = lm.param_layout(model_config, lora_config, seed=seed, init_base=init_base,
                              reference_copy=reference == "copy")
@@ -357,7 +356,7 @@ def make_task(model_config: models.ModelConfig, optim_cfg, method: Method, *, re
                                      schedule=learning_rate_schedule(optim_cfg), grad_accum=grad_accum),
         eval_step=functools.partial(dpo_eval_step, method=method, m=m),
         train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens_per_step,
-        flops_per_step=flops_per_step, eval_extra=functools.partial(eval_extra, m=m) if eval_extra else None,
+        flops_per_step=flops_per_step, eval_extra=eval_extra(m) if eval_extra else None,
         metadata={"stage": "dpo", "model": model_config.to_dict(), "resume_identity": identity,
                   "lora": identity["lora"], "loss": dataclasses.asdict(method), "reference": reference,
                   **(metadata or {})},
@@ -406,7 +405,7 @@ def build_task(config, workdir: str, mesh) -> Task:
                 f"eval_kl: prompts of {prompts['input_ids'].shape[1]} tokens + max_new_tokens="
                 f"{kl_cfg.max_new_tokens} exceed model.max_seq_len={model_config.max_seq_len}.")
         eval_extra = functools.partial(
-            _kl_eval, prompts=prompts, mesh=mesh, seed=config.seed, max_new_tokens=kl_cfg.max_new_tokens,
+            SampledKlEval, prompts=prompts, mesh=mesh, seed=config.seed, max_new_tokens=kl_cfg.max_new_tokens,
             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
 
     tokens = 2 * data_cfg.batch_size * data_cfg.seq_len  # two rows per example: (chosen, rejected) or (y, KL y')
@@ -430,16 +429,17 @@ def training_passes(method: Method, reference: str) -> float:
     return (6 + (2 if has_ref else 0)) / 6
 
 
-_KL_CACHE: dict = {}
+class SampledKlEval:
+    """`eval_kl` and `eval_response_length` (means over held-out prompts) for the loop's evaluation: `sampled_kl`
+    jitted once for the task's models `m`."""
 
+    def __init__(self, m: Models, *, prompts, mesh, seed, max_new_tokens, eos_id, pad_id):
+        self.prompts, self.mesh, self.rng = prompts, mesh, jax.random.PRNGKey(seed)
+        self.fn = jax.jit(functools.partial(sampled_kl, m=m, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                            pad_id=pad_id))
 
-def _kl_eval(state, *, m, prompts, mesh, seed, max_new_tokens, eos_id, pad_id) -> dict:
-    """`eval_kl` and `eval_response_length` (means over the held-out prompts), for the loop's evaluation."""
-    key = (id(m), max_new_tokens)
-    if key not in _KL_CACHE:
-        _KL_CACHE[key] = jax.jit(functools.partial(sampled_kl, m=m, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                                                   pad_id=pad_id))
-    with jax.set_mesh(mesh):
-        sums = jax.device_get(_KL_CACHE[key](state, prompts, jax.random.PRNGKey(seed)))
-    count = float(sums["count"])
-    return {"kl": float(sums["kl"]) / count, "response_length": float(sums["response_length"]) / count}
+    def __call__(self, state) -> dict:
+        with jax.set_mesh(self.mesh):
+            sums = jax.device_get(self.fn(state, self.prompts, self.rng))
+        count = float(sums["count"])
+        return {"kl": float(sums["kl"]) / count, "response_length": float(sums["response_length"]) / count}

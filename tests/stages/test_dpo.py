@@ -116,7 +116,7 @@ def test_precomputed_reference_equals_reference_forward(tmp_path):
     state, shardings = _state(task, mesh, str(tmp_path))
     batch = helpers.pair_batch(num_pairs=8, seed=5)
     stored = dpo.precompute_reference_logps(batch, params=state.frozen, model_config=CONFIG, mesh=mesh,
-                                            batch_size=3, chunk_size=16, kto=False)  # 3 ∤ 8: the wrap-around batch
+                                            batch_size=3, chunk_size=16)  # 3 ∤ 8: the wrap-around batch
     np.testing.assert_allclose(stored, np.stack(np.split(_naive_logps(CONFIG, state.frozen, batch), 2), 1),
                                rtol=1e-5)
     pre_task = _task(reference="precomputed")
