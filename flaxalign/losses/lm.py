@@ -53,3 +53,32 @@ def sequence_logps(hidden_BxTxD, unembed_DxV, targets_BxT, mask_BxT, *, chunk_si
     logps = chunked_token_logps(hidden_BxTxD, unembed_DxV, targets_BxT, chunk_size=chunk_size)
     mask = mask_BxT.astype(jnp.float32)
     return jnp.sum(logps * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+def chunked_token_kl(hidden_BxTxD, unembed_DxV, ref_hidden_BxTxD, ref_unembed_DxV, *, chunk_size: int = 256):
+    """KL(p_t ‖ q_t) = Σ_v p_t(v)·(log p_t(v) − log q_t(v)) at every position, p from (hidden, unembed) and q from
+    the reference's, over the whole vocabulary (not a sampled estimate: ≥ 0, and 0 exactly when p = q). Chunked over
+    the sequence like `chunked_token_logps`; float32 `[B, T]`."""
+    batch, length, dim = hidden_BxTxD.shape
+    ref_dim = ref_hidden_BxTxD.shape[-1]
+    chunk = min(chunk_size, length)
+    pad = -length % chunk
+    if pad:
+        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+        ref_hidden_BxTxD = jnp.pad(ref_hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    n_chunks = (length + pad) // chunk
+
+    def chunks(x, d):
+        return x.reshape(batch, n_chunks, chunk, d).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_kl(hidden_BxLxD, ref_hidden_BxLxD):
+        logp = jax.nn.log_softmax(jnp.dot(hidden_BxLxD.reshape(-1, dim), unembed_DxV,
+                                          preferred_element_type=jnp.float32), axis=-1)
+        logq = jax.nn.log_softmax(jnp.dot(ref_hidden_BxLxD.reshape(-1, ref_dim), ref_unembed_DxV,
+                                          preferred_element_type=jnp.float32), axis=-1)
+        return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1).reshape(batch, chunk)
+
+    _, kl_CxBxL = jax.lax.scan(lambda _, xs: (None, chunk_kl(*xs)), None,
+                               (chunks(hidden_BxTxD, dim), chunks(ref_hidden_BxTxD, ref_dim)))
+    return kl_CxBxL.swapaxes(0, 1).reshape(batch, n_chunks * chunk)[:, :length]

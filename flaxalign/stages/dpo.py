@@ -29,15 +29,15 @@ from flaxalign.data.batching import left_pad_prompts, unstack_pairs
 from flaxalign.data.preference_data import build_kto_datasets, build_preference_datasets
 from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.generate import generate
-from flaxalign.losses import (
+from flaxalign.losses.lm import chunked_token_kl, sequence_logps
+from flaxalign.losses.preference import (
+    DPO_LOSS_TYPES,
     cpo_loss,
     dpo_loss,
     kto_loss,
     orpo_loss,
-    sequence_logps,
     simpo_loss,
 )
-from flaxalign.losses.preference import DPO_LOSS_TYPES
 from flaxalign.models import adapters
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_shapes
@@ -211,23 +211,30 @@ def dpo_eval_step(state: TrainState, batch: dict, *, method: Method, m: Models) 
 
 def sampled_kl(state: TrainState, prompts: dict, rng, *, m: Models, max_new_tokens: int, eos_id: int,
                pad_id: int) -> dict:
-    """KL(π‖π_ref) on prompts, estimated by sampling y ~ π and averaging Σ_t log π(y_t|·) − log π_ref(y_t|·) over
-    the samples (an unbiased estimate of the sequence KL; exactly 0 while π = π_ref). Sums over the prompts of
-    `kl` and `response_length`, and `count`."""
+    """KL(π‖π_ref) on prompts: responses y ~ π are sampled, and Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)) over each
+    response's tokens (the full-vocabulary KL at every step, so ≥ 0 and exactly 0 while π = π_ref; its mean over
+    samples estimates the sequence KL without the sign noise of Σ_t log π(y_t) − log π_ref(y_t)). Sums over the
+    prompts of `kl` and `response_length`, and `count`."""
     params, transform = lm.model_params(state.params, state.frozen, None, lora_config=m.lora_config,
                                         adapters_only=m.adapters_only)
     out = generate(m.graphdef, params, prompts, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                 layer_transform=transform)
-    tokens, mask = out["tokens"], out["mask"]
+                   layer_transform=transform)
+    tokens, mask = out["tokens"][:, :-1], out["mask"][:, :-1]  # inputs whose next token is a response token
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    policy = models.merge(m.graphdef, params)
+    hidden = policy(tokens, positions, mask, layer_transform=transform)
+    if m.adapters_only:
+        ref_params, ref_graphdef = adapters.join(state.params, state.frozen), m.reference_graphdef
+    else:
+        ref_params, ref_graphdef = state.frozen, m.graphdef
+    reference = models.merge(ref_graphdef, ref_params)
+    ref_hidden = reference(tokens, positions, mask)
+    kl = chunked_token_kl(hidden, policy.unembedding(), ref_hidden, reference.unembedding(), chunk_size=m.chunk_size)
+    response = out["response_mask"].astype(jnp.float32)
     prompt_len = prompts["input_ids"].shape[1]
-    is_response = jnp.arange(tokens.shape[1] - 1)[None, :] + 1 >= prompt_len
-    rows = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": mask[:, :-1],
-            "positions": jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)[:, :-1],
-            "completion_mask": (mask[:, 1:] * is_response).astype(jnp.float32)}
-    logps, lengths = policy_logps(state.params, state.frozen, rows, None, m)
-    ref = reference_logps(state.params, state.frozen, rows, m)
-    return {"kl": jnp.sum(logps - ref), "response_length": jnp.sum(lengths),
-            "count": jnp.asarray(logps.shape[0], jnp.float32)}
+    kl = kl[:, prompt_len - 1:] * response
+    return {"kl": jnp.sum(kl), "response_length": jnp.sum(response),
+            "count": jnp.asarray(tokens.shape[0], jnp.float32)}
 
 
 def resolve_reference(config, method: Method, lora_config, adapters_only: bool) -> str:

@@ -197,3 +197,20 @@ def test_training_flops_count_the_reference_passes():
     assert dpo.training_passes(dpo.Method(), "precomputed") == 1.0
     assert dpo.training_passes(dpo.Method(loss_type="kto"), "base") == 1.0
     assert jnp.isfinite(dpo.training_passes(dpo.Method(loss_type="orpo"), "none"))
+
+
+def test_token_kl_equals_the_full_vocabulary_sum():
+    from flaxalign.losses.lm import chunked_token_kl
+
+    rng = np.random.default_rng(0)
+    h, w = rng.normal(size=(2, 7, 8)).astype(np.float32), rng.normal(size=(8, 11)).astype(np.float32)
+    h_ref, w_ref = rng.normal(size=(2, 7, 6)).astype(np.float32), rng.normal(size=(6, 11)).astype(np.float32)
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    logp, logq = log_softmax(h.astype(np.float64) @ w), log_softmax(h_ref.astype(np.float64) @ w_ref)
+    expected = (np.exp(logp) * (logp - logq)).sum(-1)
+    np.testing.assert_allclose(np.asarray(chunked_token_kl(h, w, h_ref, w_ref, chunk_size=3)), expected, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(chunked_token_kl(h, w, h, w, chunk_size=4)))) == 0.0
