@@ -1,9 +1,19 @@
 """Hugging Face transformers ↔ flaxalign: config mapping and tensor-layout conversion as pure functions.
 
-Supported architectures: LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (SmolLM is a Llama). Both
-directions work on in-memory arrays only: numpy in, numpy out, no torch. Reading and writing safetensors files,
-sharded placement of the converted params and the `hf_export` / `hf_import` commands are left to the full interop
-that a later issue builds on top of this module.
+Supported architectures: LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (SmolLM is a Llama). The
+state-dict conversions work on in-memory arrays only: numpy in, numpy out, no torch. On top of them:
+
+- `load_pretrained(directory)` reads an HF model directory (config.json, model.safetensors or sharded files with
+  model.safetensors.index.json, optional tokenizer.json) into a `Pretrained` (config, params, tokenizer); with a
+  mesh each param is built shard by shard from memory-mapped files, so no full host copy of the model exists.
+- `save_hf(config, params, directory)` writes a transformers-loadable directory (float32 safetensors, sharded with
+  an index above `max_shard_bytes`).
+- `apply_lm(config, params, input_ids, attention_mask)` gives float32 logits the way an HF causal LM does for a
+  (right- or left-) padded batch.
+
+Safetensors files are read and written here directly (the format is an 8-byte header length, a JSON header and the
+raw little-endian data), so bfloat16 checkpoints load without torch and the default install needs no extra package.
+The `hf_export` / `hf_import` commands and sequence-classification heads are not part of this module.
 
 Layout (HF `nn.Linear.weight` is [out, in]; flaxalign kernels are [in, ...out] and stacked over a leading layer
 axis):
@@ -26,12 +36,20 @@ of head_dim is needed (unlike Meta's original checkpoints).
 """
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import functools
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
-from flaxalign import errors
+from flaxalign import errors, models, sharding
+from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.models.config import ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -197,7 +215,7 @@ def params_from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndar
         per_layer = [spec.to_flax(_take(tensors, spec.hf_name.format(i=i), spec.hf_shape, used))
                      for i in range(config.n_layers)]
         _set(params, ("layers",) + spec.path, np.stack(per_layer))
-    _check_leftovers(config, tensors, used, params["embed"])
+    _check_leftovers(config, tensors, used, lambda: params["embed"])
     return params
 
 
@@ -226,15 +244,16 @@ def _take(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], 
 
 
 def _check_leftovers(config: ModelConfig, tensors: Mapping[str, np.ndarray], used: set[str],
-                     embed: np.ndarray) -> None:
-    """Refuses tensors that conversion would drop while they change the function the model computes."""
+                     embed: Callable[[], np.ndarray]) -> None:
+    """Refuses tensors that conversion would drop while they change the function the model computes. `embed()`
+    gives the float32 embedding (read only when a tied checkpoint also stores an lm_head)."""
     unexpected = []
     for name in sorted(set(tensors) - used):
         value = np.asarray(tensors[name])
         if name.endswith(_IGNORED_SUFFIXES):
             continue
         if name == "lm_head.weight" and config.tie_embeddings:
-            if not np.array_equal(value.astype(np.float32), embed):
+            if not np.array_equal(value.astype(np.float32), embed()):
                 raise errors.CheckpointError(
                     "HF checkpoint has an lm_head.weight that differs from the embedding, but the model config "
                     "ties embeddings; set model.tie_embeddings=False.")
@@ -265,3 +284,269 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
 def _contiguous(x: Any) -> np.ndarray:
     # safetensors refuses non-contiguous arrays, and transposes are views
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Safetensors files
+
+_ST_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class _SafetensorsFiles(Mapping):
+    """The tensors of one or more safetensors files as a read-only mapping of memory-mapped numpy arrays: a tensor
+    is read from disk only when (and where) it is used, so converting one shard never copies the whole file."""
+
+    def __init__(self, files: list[str]):
+        self._where: dict[str, tuple[str, dict[str, Any], int]] = {}
+        self._maps: dict[str, np.memmap] = {}
+        for file in files:
+            try:
+                with open(file, "rb") as f:
+                    (header_len,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(header_len))
+            except (OSError, ValueError, struct.error) as e:
+                raise errors.CheckpointError(f"cannot read safetensors file {file!r}: {e}.") from e
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                self._where[name] = (file, info, 8 + header_len)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][1]["shape"])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        file, info, data_start = self._where[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise errors.CheckpointError(f"HF tensor {name!r} has unsupported safetensors dtype {info['dtype']}.")
+        if file not in self._maps:
+            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
+        begin, end = info["data_offsets"]
+        raw = self._maps[file][data_start + begin:data_start + end]
+        return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _write_safetensors(file: str, tensors: Mapping[str, np.ndarray]) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, value in tensors.items():
+        header[name] = {"dtype": _ST_NAMES[value.dtype], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for value in tensors.values():
+            f.write(np.ascontiguousarray(value).tobytes())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model directories
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A loaded HF model directory: flaxalign config, float32 params (device arrays) and tokenizer (None when the
+    directory has no tokenizer.json)."""
+
+    config: ModelConfig
+    params: dict[str, Any]
+    tokenizer: Any = None
+
+
+def load_pretrained(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None = None) -> Pretrained:
+    """Loads an HF Llama / Qwen2 / Mistral directory saved by transformers (`save_pretrained`, safetensors).
+
+    `dtype` is the compute dtype of the returned config ("auto", "float32", "bfloat16"); params are float32 whatever
+    the file holds. With `mesh`, every param is created directly in its sharding (`sharding.tree_shardings`), each
+    device's shard read from the memory-mapped files; without one, params are plain arrays on the default device.
+    Raises `CheckpointError` for a missing directory, config.json or weights file and for a missing, misshapen or
+    unexpected tensor, and `ConfigError` for an unsupported architecture.
+    """
+    if not os.path.isdir(path):
+        raise errors.CheckpointError(f"HF model directory {path!r} does not exist.")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise errors.CheckpointError(f"HF model directory {path!r} has no config.json.")
+    try:
+        with open(config_file) as f:
+            hf_config = json.load(f)
+    except ValueError as e:
+        raise errors.CheckpointError(f"HF config {config_file!r} is not valid JSON: {e}.") from e
+    config = dataclasses.replace(model_config_from_hf(hf_config), dtype=dtype)
+    tensors = _SafetensorsFiles(_weight_files(path))
+    _check_tensors(config, tensors)
+    params = _place(config, tensors, mesh)
+    tokenizer = None
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        tokenizer = load_tokenizer(path)
+    return Pretrained(config=config, params=params, tokenizer=tokenizer)
+
+
+def _weight_files(path: str) -> list[str]:
+    index_file = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index_file):
+        try:
+            with open(index_file) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise errors.CheckpointError(f"HF index {index_file!r} has no readable weight_map: {e}.") from e
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not os.path.isfile(file):
+                raise errors.CheckpointError(f"HF checkpoint shard {file!r}, listed in {INDEX_FILE}, is missing.")
+        return files
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    raise errors.CheckpointError(
+        f"HF model directory {path!r} has neither {SINGLE_FILE} nor {INDEX_FILE}; save it with safetensors.")
+
+
+def _check_tensors(config: ModelConfig, tensors: _SafetensorsFiles) -> None:
+    """Names and shapes of every tensor the config needs, and no unexpected ones, before any data is read."""
+    expected = {spec.hf_name: spec.hf_shape for spec in _global_tensors(config)}
+    for spec in _layer_tensors(config):
+        expected.update({spec.hf_name.format(i=i): spec.hf_shape for i in range(config.n_layers)})
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise errors.CheckpointError(f"HF checkpoint has no tensor {name!r}, which this model config needs.")
+        if tensors.shape(name) != shape:
+            raise errors.CheckpointError(
+                f"HF tensor {name!r} has shape {tensors.shape(name)}, but the model config needs {shape}.")
+    def embed() -> np.ndarray:
+        return np.asarray(tensors["model.embed_tokens.weight"], np.float32)
+
+    _check_leftovers(config, tensors, set(expected), embed)
+
+
+def _place(config: ModelConfig, tensors: _SafetensorsFiles, mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
+    shardings = None
+    if mesh is not None:
+        _, abstract, logical = models.abstract_model(config)
+        shardings = sharding.tree_shardings(logical, abstract, mesh)
+    params: dict[str, Any] = {}
+    unused: set[str] = set()
+
+    def put(path: tuple[str, ...], shape: tuple[int, ...], build: Callable[[tuple[slice, ...]], np.ndarray]):
+        if shardings is None:
+            value = jax.device_put(build(tuple(slice(None) for _ in shape)))
+        else:
+            value = jax.make_array_from_callback(shape, _get(shardings, path), build)
+        _set(params, path, value)
+
+    for spec in _global_tensors(config):
+        shape = spec.to_flax(np.empty(spec.hf_shape, np.float32)).shape
+
+        def build_global(index, spec=spec):
+            return np.ascontiguousarray(spec.to_flax(_take(tensors, spec.hf_name, spec.hf_shape, unused))[index])
+
+        put(spec.path, shape, build_global)
+    for spec in _layer_tensors(config):
+        shape = (config.n_layers,) + spec.to_flax(np.empty(spec.hf_shape, np.float32)).shape
+
+        def build_layers(index, spec=spec):
+            layers = range(config.n_layers)[index[0]]
+            return np.stack([spec.to_flax(_take(tensors, spec.hf_name.format(i=i), spec.hf_shape, unused))[index[1:]]
+                             for i in layers])
+
+        put(("layers",) + spec.path, shape, build_layers)
+    return params
+
+
+def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
+    """The transformers config.json dict of `config`: the inverse of `model_config_from_hf`. Models with q/k/v
+    biases are written as Qwen2, all others as Llama. Both rope spellings are written (`rope_theta` / `rope_scaling`
+    for transformers 4, `rope_parameters` for 5)."""
+    arch = "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling_factor:
+        rope.update(rope_type="llama3", factor=config.rope_scaling_factor,
+                    low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
+                    original_max_position_embeddings=config.rope_original_max_len)
+    out = {
+        "architectures": [arch], "model_type": ARCHITECTURES[arch],
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.rms_eps,
+        "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.init_std,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+        "rope_theta": config.rope_theta, "rope_parameters": rope, "torch_dtype": "float32", "use_cache": True,
+    }
+    if config.rope_scaling_factor:
+        out["rope_scaling"] = dict(rope)
+    if arch == "Qwen2ForCausalLM":
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+    return out
+
+
+def save_hf(config: ModelConfig, params: Mapping[str, Any], directory: str, *, max_shard_bytes: int = 2**31) -> None:
+    """Writes `params` as a transformers-loadable float32 model directory: config.json (see `hf_config_dict`) and
+    model.safetensors, or model-0000i-of-0000n.safetensors files of at most `max_shard_bytes` each (a single larger
+    tensor gets a file of its own) with model.safetensors.index.json. Adapter parameters are not written; merge or
+    drop them first."""
+    if config.adapter_placement != "none":
+        raise errors.ConfigError("save_hf writes base models only; the config has adapters (adapter_placement).")
+    state = params_to_hf_state_dict(config, params)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config_dict(config), f, indent=2)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, value in state.items():
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    for stale in (SINGLE_FILE, INDEX_FILE):  # a previous save with other sharding must not shadow this one
+        if os.path.exists(os.path.join(directory, stale)):
+            os.remove(os.path.join(directory, stale))
+    if len(shards) == 1:
+        _write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0])
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_safetensors(os.path.join(directory, name), shard)
+        weight_map.update({tensor: name for tensor in shard})
+    index = {"metadata": {"total_size": sum(v.nbytes for v in state.values())}, "weight_map": weight_map}
+    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running a model like an HF causal LM
+
+
+@functools.lru_cache(maxsize=16)
+def _logits_fn(config: ModelConfig) -> Callable:
+    graphdef = models.abstract_model(config)[0]
+    return jax.jit(lambda params, tokens, positions, segment_ids:
+                   models.merge(graphdef, params).logits(tokens, positions, segment_ids))
+
+
+def apply_lm(config: ModelConfig, params: Mapping[str, Any], input_ids, attention_mask=None) -> jax.Array:
+    """float32 logits `[B, T, V]` of `input_ids`, like `AutoModelForCausalLM(input_ids, attention_mask).logits`.
+
+    Padding (attention_mask 0) may be on the right or the left: each token's position counts the real tokens
+    before it and padding attends only to padding, so real tokens' logits equal those of the unpadded sequence.
+    Logits at padded positions are meaningless."""
+    tokens = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    return _logits_fn(config)(params, tokens, positions, mask)

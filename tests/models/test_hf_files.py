@@ -1,0 +1,164 @@
+"""HF model directories without torch: save_hf → load_pretrained round trips, sharded files, mesh placement,
+padding in apply_lm, and one-sentence errors."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from flaxalign import errors, interop, models, sharding
+from flaxalign.interop import hf
+from tests import helpers
+
+
+def _config(**overrides):
+    return helpers.tiny_model_config(**{"n_layers": 2, **overrides})
+
+
+def _assert_trees_equal(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("overrides", [dict(tie_embeddings=False), dict(tie_embeddings=True),
+                                       dict(qkv_bias=True, tie_embeddings=False),
+                                       dict(rope_theta=500000.0, rope_scaling_factor=8.0, rope_original_max_len=64)])
+def test_round_trip_exact(tmp_path, overrides):
+    config = _config(**overrides)
+    params = helpers.random_params(config)
+    interop.save_hf(config, params, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    loaded = interop.load_pretrained(str(tmp_path), dtype="float32")
+    assert loaded.config == config
+    assert loaded.tokenizer is None
+    _assert_trees_equal(loaded.params, params)
+    assert all(isinstance(x, jax.Array) and x.dtype == np.float32 for x in jax.tree.leaves(loaded.params))
+    with open(tmp_path / "config.json") as f:
+        written = json.load(f)
+    assert written["model_type"] == ("qwen2" if config.qkv_bias else "llama")
+
+
+def test_sharded_save_has_index_and_loads_back(tmp_path):
+    config = _config(tie_embeddings=False)
+    params = helpers.random_params(config)
+    interop.save_hf(config, params, str(tmp_path), max_shard_bytes=200_000)
+    with open(tmp_path / hf.INDEX_FILE) as f:
+        index = json.load(f)
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert not (tmp_path / hf.SINGLE_FILE).exists()
+    assert index["metadata"]["total_size"] == sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+    _assert_trees_equal(interop.load_pretrained(str(tmp_path)).params, params)
+
+
+def test_load_onto_mesh_places_shardings(tmp_path):
+    config = _config(tie_embeddings=False)
+    params = helpers.random_params(config)
+    interop.save_hf(config, params, str(tmp_path), max_shard_bytes=300_000)
+    mesh = helpers.mesh((2, 1, 1))
+    loaded = interop.load_pretrained(str(tmp_path), mesh=mesh)
+    _, abstract, logical = models.abstract_model(loaded.config)
+    want = sharding.tree_shardings(logical, abstract, mesh)
+    for got, expected in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(want)):
+        assert got.sharding == expected
+    _assert_trees_equal(loaded.params, params)
+
+
+def test_mesh_with_fsdp_shards_layers(tmp_path):
+    config = _config(tie_embeddings=True, qkv_bias=True)
+    params = helpers.random_params(config)
+    interop.save_hf(config, params, str(tmp_path))
+    mesh = helpers.mesh((1, 2, 2))
+    loaded = interop.load_pretrained(str(tmp_path), mesh=mesh)
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(loaded.params))
+    _assert_trees_equal(loaded.params, params)
+
+
+def test_bfloat16_checkpoint_loads(tmp_path):
+    config = _config(tie_embeddings=True)
+    params = helpers.random_params(config)
+    state = {k: v.astype(hf.ml_dtypes.bfloat16) for k, v in hf.params_to_hf_state_dict(config, params).items()}
+    hf._write_safetensors(str(tmp_path / hf.SINGLE_FILE), state)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(hf.hf_config_dict(config), f)
+    loaded = interop.load_pretrained(str(tmp_path))
+    want = jax.tree.map(lambda x: np.asarray(x).astype(hf.ml_dtypes.bfloat16).astype(np.float32), params)
+    _assert_trees_equal(loaded.params, want)
+
+
+def test_apply_lm_right_padding_matches_unpadded():
+    config = _config(tie_embeddings=False)
+    params = helpers.random_params(config)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.vocab_size, (2, 12)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    mask[1, 7:] = 0
+    padded = np.asarray(interop.apply_lm(config, params, tokens, mask))
+    assert padded.dtype == np.float32 and padded.shape == (2, 12, config.vocab_size)
+    alone = np.asarray(interop.apply_lm(config, params, tokens[1:, :7]))
+    np.testing.assert_allclose(padded[1, :7], alone[0], atol=1e-5, rtol=0)
+    full = np.asarray(interop.apply_lm(config, params, tokens[:1]))
+    np.testing.assert_allclose(padded[0], full[0], atol=1e-5, rtol=0)
+    # left padding: same real-token logits
+    left = np.concatenate([np.zeros((1, 5), np.int32), tokens[1:, :7]], axis=1)
+    left_mask = np.concatenate([np.zeros((1, 5), np.int32), np.ones((1, 7), np.int32)], axis=1)
+    np.testing.assert_allclose(np.asarray(interop.apply_lm(config, params, left, left_mask))[0, 5:], alone[0],
+                               atol=1e-5, rtol=0)
+
+
+def _one_sentence(error):
+    message = str(error.value)
+    assert message.endswith(".") and "\n" not in message
+    return message
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(errors.CheckpointError) as e:
+        interop.load_pretrained(str(tmp_path / "nope"))
+    assert "does not exist" in _one_sentence(e)
+
+
+def test_missing_config_and_weights(tmp_path):
+    with pytest.raises(errors.CheckpointError) as e:
+        interop.load_pretrained(str(tmp_path))
+    assert "config.json" in _one_sentence(e)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(hf.hf_config_dict(_config()), f)
+    with pytest.raises(errors.CheckpointError) as e:
+        interop.load_pretrained(str(tmp_path))
+    assert hf.SINGLE_FILE in _one_sentence(e)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    config = _config(tie_embeddings=False)
+    params = helpers.random_params(config)
+    state = hf.params_to_hf_state_dict(config, params)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    hf._write_safetensors(str(tmp_path / hf.SINGLE_FILE), state)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(hf.hf_config_dict(config), f)
+    with pytest.raises(errors.CheckpointError) as e:
+        interop.load_pretrained(str(tmp_path))
+    assert "'model.layers.1.mlp.up_proj.weight'" in _one_sentence(e)
+
+
+def test_unsupported_architecture(tmp_path):
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**hf.hf_config_dict(_config()), "architectures": ["GPT2LMHeadModel"]}, f)
+    with pytest.raises(errors.ConfigError) as e:
+        interop.load_pretrained(str(tmp_path))
+    assert "GPT2LMHeadModel" in _one_sentence(e)
+
+
+def test_missing_shard_file(tmp_path):
+    config = _config(tie_embeddings=False)
+    interop.save_hf(config, helpers.random_params(config), str(tmp_path), max_shard_bytes=200_000)
+    with open(tmp_path / hf.INDEX_FILE) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    os.remove(tmp_path / files[1])
+    with pytest.raises(errors.CheckpointError) as e:
+        interop.load_pretrained(str(tmp_path))
+    assert "missing" in _one_sentence(e)

@@ -1,0 +1,92 @@
+"""HF model directories written by transformers load into flaxalign with equal logits, and directories written
+by `save_hf` load into transformers with equal logits (tiny random float32 models, padded batches included)."""
+
+import numpy as np
+import pytest
+
+from flaxalign import interop
+
+pytestmark = pytest.mark.parity
+
+TOLERANCE = 1e-4  # float32 on both sides
+BASE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256, max_position_embeddings=128, initializer_range=0.15, rms_norm_eps=1e-5)
+CASES = {
+    "llama_gqa_tied_theta500k": ("LlamaForCausalLM", "LlamaConfig",
+                                 dict(tie_word_embeddings=True, rope_theta=500000.0)),
+    "qwen2_bias": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=False, rope_theta=50000.0)),
+    # window longer than every test sequence: full attention is then what Mistral computes
+    "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=64, tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(scope="module")
+def libs():
+    return pytest.importorskip("torch"), pytest.importorskip("transformers")
+
+
+def _batch(vocab_size):
+    """Two rows of 16 tokens; the second is right-padded after 9 real tokens."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab_size, (2, 16)).astype(np.int64)
+    mask = np.ones_like(tokens)
+    mask[1, 9:] = 0
+    tokens[1, 9:] = 0
+    return tokens, mask
+
+
+def _hf_logits(torch, model, tokens, mask):
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask)).logits.numpy()
+
+
+def _compare(ours, theirs, mask):
+    real = mask.astype(bool)
+    assert np.abs(theirs[real]).max() > 0.5  # not two near-zero tensors
+    np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_transformers_directory_loads_with_equal_logits(libs, case, tmp_path):
+    torch, transformers = libs
+    model_cls, config_cls, overrides = CASES[case]
+    torch.manual_seed(sum(map(ord, case)))
+    hf_config = getattr(transformers, config_cls)(**{**BASE, **overrides}, attn_implementation="eager")
+    model = getattr(transformers, model_cls)(hf_config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.3 * torch.randn_like(param))
+    model.save_pretrained(str(tmp_path), max_shard_size="100KB")  # sharded, with an index file
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    loaded = interop.load_pretrained(str(tmp_path), dtype="float32")
+    assert loaded.config.tie_embeddings == overrides["tie_word_embeddings"]
+    assert loaded.config.qkv_bias == (case == "qwen2_bias")
+    if "rope_theta" in overrides:
+        assert loaded.config.rope_theta == overrides["rope_theta"]
+    tokens, mask = _batch(loaded.config.vocab_size)
+    theirs = _hf_logits(torch, model, tokens, mask)
+    _compare(interop.apply_lm(loaded.config, loaded.params, tokens, mask), theirs, mask)
+    # the padded row's real tokens equal the unpadded sequence run alone
+    alone = _hf_logits(torch, model, tokens[1:, :9], mask[1:, :9])
+    np.testing.assert_allclose(np.asarray(interop.apply_lm(loaded.config, loaded.params, tokens, mask))[1, :9],
+                               alone[0], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [dict(tie_embeddings=True), dict(tie_embeddings=False, qkv_bias=True),
+                                       dict(tie_embeddings=False, rope_theta=500000.0, rope_scaling_factor=8.0,
+                                            rope_original_max_len=64, n_kv_heads=1)])
+def test_save_hf_loads_in_transformers_with_equal_logits(libs, overrides, tmp_path):
+    torch, transformers = libs
+    from tests import helpers
+
+    config = helpers.tiny_model_config(**overrides)
+    params = helpers.random_params(config)
+    interop.save_hf(config, params, str(tmp_path), max_shard_bytes=150_000)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), attn_implementation="eager", dtype=torch.float32).eval()
+    assert type(model).__name__ == ("Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM")
+    tokens, mask = _batch(config.vocab_size)
+    _compare(interop.apply_lm(config, params, tokens, mask), _hf_logits(torch, model, tokens, mask), mask)
