@@ -69,15 +69,12 @@ def test_dpo_step_tiny(tmp_path, capsys):
 def test_generate_bench_tiny(tmp_path, capsys):
     """bench/generate.py times the KV-cache and recompute samplers on the tiny preset without importing torch."""
     import sys
-    import time
 
     torch_loaded_before = "torch" in sys.modules
     bench = _load_script("generate")
     out = tmp_path / "generate.json"
-    start = time.perf_counter()
     result = bench.main(["--preset=tiny", "--batch=2", "--prompt_len=8", "--new_tokens=8", "--rounds=1",
                          "--min_seconds=0", "--no_torch", f"--json={out}"])
-    assert time.perf_counter() - start < 30
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["tokens_per_call"] == 2 * 8 and result["torch"] is False
     assert result["greedy_kv_equals_recompute"] is True
