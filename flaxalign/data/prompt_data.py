@@ -1,0 +1,114 @@
+"""Prompt data for the RL stages (PPO, GRPO): `prompt` records → left-padded [N, L] prompt arrays.
+
+A record is `{"prompt": str | message list, "answer": str}` (answer optional; see `flaxalign.data.sources`).
+Prompts are encoded like the prompt side of `preference_example`: a string prompt is `[bos] prompt`, a message
+list is rendered with the chat template and its generation prompt (`plain` adds the bos, as for SFT).
+
+Prompts longer than `max_prompt_len` are cut on the left (the bos, when there is one, stays first): the end of a
+prompt is what the answer must follow, and dropping prompts would change which questions the policy is trained
+on.  Every row is left-padded to `max_prompt_len` so generation appends to all rows at the same column, and
+carries `index`, its record's position in `PromptData.records[split]`, so rewards can look up the answer.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from flaxalign.data.batching import left_pad_prompts
+from flaxalign.data.chat import render_chat
+from flaxalign.data.preference_data import _read_splits
+from flaxalign.errors import ConfigError, DataError
+
+
+@dataclasses.dataclass
+class PromptData:
+    """train/eval: int32 `input_ids`, `attention_mask`, `positions` [N, L] and `index` [N]; records: the
+    validated records of each split ("prompt", "answer") in row order; stats: counts for the log."""
+
+    train: dict
+    eval: dict
+    records: dict
+    stats: dict
+
+
+def prompt_example(record: dict, tokenizer, template: str, *, source: str = "") -> list[int]:
+    """The prompt ids of one validated `prompt` record, ready for generation.
+
+    A string prompt is `[bos] + encode(prompt)` (no bos when the tokenizer has none); a message list is the
+    `template` rendering with the generation prompt, after a bos for `plain` only (chatml adds none, llama3
+    writes its own `<|begin_of_text|>`).  `source` names the record in errors.
+    """
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    if isinstance(record["prompt"], str):
+        return bos + tokenizer.encode(record["prompt"])
+    lead = bos if template == "plain" else []  # the same rule as preference_example's
+    return lead + render_chat(record["prompt"], tokenizer, template, add_generation_prompt=True,
+                              source=source or "a prompt record").ids
+
+
+def truncate_prompt_left(ids: list[int], max_len: int, bos_id) -> list[int]:
+    """`ids` cut to at most `max_len` tokens from the left.
+
+    A prompt that starts with `bos_id` keeps the bos and its last `max_len - 1` tokens, otherwise it keeps its
+    last `max_len` tokens.  Returns a new list; raises ValueError when `max_len` < 1.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}.")
+    ids = list(ids)
+    if len(ids) <= max_len:
+        return ids
+    if bos_id is not None and ids[0] == bos_id:
+        return ids[:1] + ids[len(ids) - (max_len - 1):]
+    return ids[len(ids) - max_len:]
+
+
+def build_prompt_datasets(data_cfg, tokenizer, *, max_prompt_len: int, log=print) -> PromptData:
+    """Reads, encodes, left-truncates and left-pads `prompt` records.
+
+    `data_cfg`: `train`, `eval` (record specs; "" = hold out `eval_fraction` of train), `eval_fraction`,
+    `max_examples` (0 = all; caps train) and `chat_template`.  Every split's arrays are
+    `left_pad_prompts(..., length=max_prompt_len)` plus `index`.  Stats per split: `{split}_prompts`,
+    `{split}_truncated` (prompts cut to `max_prompt_len`) and `{split}_tokens_removed`.  Raises ConfigError
+    when `max_prompt_len` < 2 and DataError when a split has no prompts.
+    """
+    max_prompt_len = int(max_prompt_len)
+    if max_prompt_len < 2:
+        raise ConfigError(
+            f"max_prompt_len must be at least 2 (a bos and one prompt token), got {max_prompt_len}; raise it."
+        )
+    splits, records_by_split, stats = {}, {}, {}
+    for name, (spec, records) in _read_splits(data_cfg, "prompt").items():
+        if not records:
+            raise DataError(f"the {name} split of '{spec}' has no prompts; give it at least one prompt record.")
+        prompts, truncated, removed = [], 0, 0
+        for index, record in enumerate(records):
+            ids = prompt_example(record, tokenizer, data_cfg.chat_template, source=f"{name} record {index}")
+            kept = truncate_prompt_left(ids, max_prompt_len, tokenizer.bos_id)
+            truncated += len(kept) < len(ids)
+            removed += len(ids) - len(kept)
+            prompts.append(kept)
+        arrays = left_pad_prompts(prompts, pad_id=tokenizer.pad_id, length=max_prompt_len)
+        arrays["index"] = np.arange(len(prompts), dtype=np.int32)
+        splits[name], records_by_split[name] = arrays, list(records)
+        stats[f"{name}_prompts"] = len(prompts)
+        stats[f"{name}_truncated"] = int(truncated)
+        stats[f"{name}_tokens_removed"] = int(removed)
+    log("data: " + ", ".join(f"{key}={value}" for key, value in stats.items()))
+    return PromptData(train=splits["train"], eval=splits["eval"], records=records_by_split, stats=stats)
+
+
+def prompt_texts(records: list[dict]) -> list[str]:
+    """Each record's prompt as text, for reward functions.
+
+    A string prompt is returned as is; for a message list it is the content of its last user message (the
+    question being answered), or of its last message when it has no user message.
+    """
+    texts = []
+    for record in records:
+        prompt = record["prompt"]
+        if isinstance(prompt, str):
+            texts.append(prompt)
+            continue
+        users = [message for message in prompt if message["role"] == "user"]
+        texts.append((users[-1] if users else prompt[-1])["content"])
+    return texts
