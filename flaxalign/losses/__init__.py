@@ -1,6 +1,12 @@
 """Algorithm math as small pure functions (equations in the docstrings)."""
 
-from flaxalign.losses.lm import chunked_token_kl, chunked_token_logps, sequence_logps, token_cross_entropy
+from flaxalign.losses.lm import (
+    chunked_token_entropy,
+    chunked_token_kl,
+    chunked_token_logps,
+    sequence_logps,
+    token_cross_entropy,
+)
 from flaxalign.losses.preference import (
     DPO_LOSS_TYPES,
     bradley_terry_loss,
@@ -27,6 +33,7 @@ from flaxalign.losses.rl import (
 )
 
 __all__ = [
+    "chunked_token_entropy",
     "chunked_token_kl",
     "DPO_LOSS_TYPES",
     "GRPO_LOSS_TYPES",

@@ -82,3 +82,24 @@ def chunked_token_kl(hidden_BxTxD, unembed_DxV, ref_hidden_BxTxD, ref_unembed_Dx
     _, kl_CxBxL = jax.lax.scan(lambda _, xs: (None, chunk_kl(*xs)), None,
                                (chunks(hidden_BxTxD, dim), chunks(ref_hidden_BxTxD, ref_dim)))
     return kl_CxBxL.swapaxes(0, 1).reshape(batch, n_chunks * chunk)[:, :length]
+
+
+def chunked_token_entropy(hidden_BxTxD, unembed_DxV, *, chunk_size: int = 256):
+    """H_t = −Σ_v p_t(v)·log p_t(v) = logsumexp(z_t) − Σ_v p_t(v)·z_t with z_t = h_t · W, at every position, chunked
+    like `chunked_token_logps`; float32 `[B, T]` (differentiable: PPO's entropy bonus)."""
+    batch, length, dim = hidden_BxTxD.shape
+    chunk = min(chunk_size, length)
+    pad = -length % chunk
+    if pad:
+        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    n_chunks = (length + pad) // chunk
+
+    @jax.checkpoint
+    def chunk_entropy(hidden_BxLxD):
+        logits = jnp.dot(hidden_BxLxD.reshape(-1, dim), unembed_DxV, preferred_element_type=jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.sum(jnp.exp(logp) * logp, axis=-1).reshape(batch, chunk)
+
+    hidden_CxBxLxD = hidden_BxTxD.reshape(batch, n_chunks, chunk, dim).swapaxes(0, 1)
+    _, entropy_CxBxL = jax.lax.scan(lambda _, x: (None, chunk_entropy(x)), None, hidden_CxBxLxD)
+    return entropy_CxBxL.swapaxes(0, 1).reshape(batch, n_chunks * chunk)[:, :length]

@@ -149,7 +149,8 @@ def base_initializer(model_config: models.ModelConfig, init_path: str, *, drop: 
     `drop`, e.g. a reward model's unused `lm_head`), or None (random init)."""
     if not init_path:
         return None
-    lora_of_run = checkpoint.read_metadata(init_path).get("lora")
+    meta = checkpoint.read_metadata(init_path)
+    lora_of_run = meta.get("lora")
     if lora_of_run:
         return functools.partial(merged_lora_weights, init_path, model_config,
                                  lora.LoraConfig.from_dict(lora_of_run), drop)
@@ -157,7 +158,7 @@ def base_initializer(model_config: models.ModelConfig, init_path: str, *, drop: 
     abstract_base = without(abstract_base, drop)
     if model_config.adapter_placement != "none":  # the checkpoint holds the base only
         abstract_base = adapters.split_trainable(abstract_base)[1]
-    return functools.partial(checkpoint.load_params, init_path, abstract_base)
+    return functools.partial(checkpoint.load_params, init_path, abstract_base, part=checkpoint.policy_parts(meta)[0])
 
 
 def abstract_lora_params(abstract_base, base_logical, lora_config):
@@ -176,13 +177,14 @@ def merged_lora_weights(path: str, model_config: models.ModelConfig, lora_config
     created in `shardings` (so DPO or a reward model can start from a LoRA SFT run)."""
     _, abstract, logical = models.abstract_model(model_config)
     mesh = jax.tree.leaves(shardings)[0].mesh
-    base = checkpoint.load_params(path, abstract, sharding.tree_shardings(logical, abstract, mesh), part="frozen")
+    params_part, frozen_part = checkpoint.policy_parts(checkpoint.read_metadata(path))
+    base = checkpoint.load_params(path, abstract, sharding.tree_shardings(logical, abstract, mesh), part=frozen_part)
     abstract_lora, lora_logical = abstract_lora_params(abstract, logical, lora_config)
     saved = lora.modules_to_save_paths(abstract, lora_config)
     abstract_trained = {"lora": abstract_lora, "saved": lora.select_leaves(abstract, saved)}
     trained_logical = {"lora": lora_logical, "saved": lora.select_leaves(logical, saved)}
     trained = checkpoint.load_params(path, abstract_trained,
-                                     sharding.tree_shardings(trained_logical, abstract_trained, mesh))
+                                     sharding.tree_shardings(trained_logical, abstract_trained, mesh), part=params_part)
 
     def merge(base, trained):
         full = lora.merge(lora.replace_leaves(base, trained["saved"]), trained["lora"], lora_config)

@@ -24,6 +24,7 @@ from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.generate import generate
 from flaxalign.losses import bradley_terry_loss
 from flaxalign.models import heads
+from flaxalign.peft import lora
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_shapes
 from flaxalign.train import checkpoint
@@ -157,7 +158,7 @@ def normalize_rewards(state, *, workdir, mesh, policy_path, model_config, lora_c
     model and writes gain/bias such that gain·r + bias has mean 0 and std 1 over them."""
     graphdef, abstract, logical = models.abstract_model(model_config)
     shardings = sharding.tree_shardings(logical, abstract, mesh)
-    policy = checkpoint.load_params(policy_path, abstract, shardings)
+    policy = lm.base_initializer(model_config, policy_path)(shardings)
     batch = left_pad_prompts(prompts, pad_id=tokenizer.pad_id)
     score_kwargs = {"graphdef": graphdef, "model_config": model_config, "lora_config": lora_config}
 
@@ -179,6 +180,36 @@ def normalize_rewards(state, *, workdir, mesh, policy_path, model_config, lora_c
         with open(os.path.join(workdir, NORMALIZATION_FILE), "w") as f:
             json.dump(stats, f, indent=2)
     return stats
+
+
+def trained_reward_model(path: str, model_config: models.ModelConfig, lora_of_run: dict | None):
+    """(abstract params, logical axes, loader(shardings) -> params) of the reward model a reward run trained, as
+    `{"model": backbone, "head": head}` with its LoRA (if any) merged into the backbone: for scoring (PPO)."""
+    _, abstract, logical = models.abstract_model(model_config)
+    abstract, logical = lm.without(abstract, UNUSED), lm.without(logical, UNUSED)
+    abstract_rm = {"model": abstract, "head": heads.abstract_scalar_head(model_config.d_model)}
+    logical_rm = {"model": logical, "head": heads.HEAD_LOGICAL}
+    if not lora_of_run:
+        return abstract_rm, logical_rm, functools.partial(checkpoint.load_params, path, abstract_rm)
+    lora_config = lora.LoraConfig.from_dict(lora_of_run)
+    abstract_lora, lora_logical = lm.abstract_lora_params(abstract, logical, lora_config)
+    saved = lora.modules_to_save_paths(abstract, lora_config)
+    abstract_trained = {"model": {"lora": abstract_lora, "saved": lora.select_leaves(abstract, saved)},
+                        "head": abstract_rm["head"]}
+    trained_logical = {"model": {"lora": lora_logical, "saved": lora.select_leaves(logical, saved)},
+                       "head": heads.HEAD_LOGICAL}
+
+    def load(shardings):
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        base = checkpoint.load_params(path, abstract, shardings["model"], part="frozen")
+        trained = checkpoint.load_params(path, abstract_trained,
+                                         sharding.tree_shardings(trained_logical, abstract_trained, mesh))
+        merge = lambda base, model: lora.merge(lora.replace_leaves(base, model["saved"]), model["lora"],
+                                               lora_config)
+        backbone = jax.jit(merge, out_shardings=shardings["model"])(base, trained["model"])
+        return {"model": backbone, "head": trained["head"]}
+
+    return abstract_rm, logical_rm, load
 
 
 def load_reward_normalization(workdir: str) -> dict:

@@ -81,17 +81,33 @@ def read_metadata(path: str) -> dict:
 
 
 def load_params(path: str, abstract_params: Any, shardings: Any, part: str = "params") -> Any:
-    """Only the trained params (or, `part="frozen"`, the frozen ones) of the latest checkpoint of another run (e.g.
-    SFT starting from CLM), placed directly into `shardings`; the optimizer state and everything else are not
-    read."""
+    """Only the trained params (or, `part="frozen"`, the frozen ones; or a subtree such as "params/policy") of the
+    latest checkpoint of another run (e.g. SFT starting from CLM), placed directly into `shardings`; the optimizer
+    state and everything else are not read."""
     manager, step = latest_checkpoint(path)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
+    keys = part.split("/")
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={part: target}, restore_args={part: restore_args}, partial_restore=True)))
+            item=_nested(keys, target), restore_args=_nested(keys, restore_args), partial_restore=True)))
     except (ValueError, KeyError, TypeError) as e:
         raise errors.CheckpointError(
             f"the params in {path} (step {step}) do not match this model "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
-    return restored["state"][part]
+    out = restored["state"]
+    for key in keys:
+        out = out[key]
+    return out
+
+
+def _nested(keys: list[str], leaf: Any) -> dict:
+    for key in reversed(keys):
+        leaf = {key: leaf}
+    return leaf
+
+
+def policy_parts(meta: dict) -> tuple[str, str]:
+    """Where a run keeps its policy in the train state: ("params", "frozen") for LM, SFT and DPO runs; RL runs
+    that train more than the policy (PPO's value model) name the subtrees in their metadata."""
+    return meta.get("policy_params", "params"), meta.get("policy_frozen", "frozen")

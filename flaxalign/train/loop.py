@@ -126,6 +126,7 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
         logging.info("Resumed from checkpoint at step %d.", restored)
     step_fn = CompiledStep(task.train_step, mesh, shardings)
     eval_fn = CompiledEval(task.eval_step, mesh, shardings) if task.eval_step else None
+    evaluates = eval_fn is not None or task.eval_extra is not None
     peak, peak_source = mfu.peak_flops()
     logging.info("MFU peak %.3g FLOP/s (%s); %.3g FLOPs/step.", peak, peak_source, task.flops_per_step)
     kill_at = int(os.environ.get(FAULT_KILL_ENV, "0"))
@@ -135,14 +136,26 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
     metrics, preempted, step = {}, False, start
     # Batches are read and placed on the devices one step ahead, on a thread; its state is the consumer's position.
     data = Prefetcher(task.train_data, depth=2, transform=lambda local: sharding.global_batch(local, mesh))
-    if eval_fn and cfg.get("eval_at_start", False) and restored is None:
+    if evaluates and cfg.get("eval_at_start", False) and restored is None:
         row = evaluate(eval_fn, state, task, mesh)
         writer.write(step, row)
         if is_main:
             logging.info(console_line(step, cfg.steps, row, started))
     with _SigtermFlag() as sigterm, data:
         while step < cfg.steps:
-            state, metrics = step_fn(state, next(data))
+            position = data.get_state() if task.prepare is not None else None
+            batch, prepared = next(data), {}
+            if task.prepare is not None:
+                try:
+                    batch, prepared = task.prepare(state, step, batch)
+                except errors.FlaxalignError:
+                    # keep what was learnt so far; resuming re-reads this batch (the step it failed in is redone)
+                    if checkpointer.latest_step() != step:
+                        checkpointer.save(step, state, position, task.metadata)
+                    checkpointer.close()
+                    writer.close()
+                    raise
+            state, metrics = step_fn(state, batch)
             step += 1
             if step == start + 1:  # the first step includes compilation: throughput is timed from its end
                 jax.block_until_ready(metrics)
@@ -151,8 +164,9 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
             row = {}
             if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                row.update(prepared)
                 row.update(throughput.since_last(step))
-            if eval_fn and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            if evaluates and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 row.update(evaluate(eval_fn, state, task, mesh))
                 throughput.reset(step)  # eval time is not train throughput
             if row:
@@ -179,10 +193,11 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
     return LoopResult(final_step=step, preempted=preempted, last_metrics=metrics, state=state)
 
 
-def evaluate(eval_fn: CompiledEval, state, task: Task, mesh: Mesh) -> dict:
-    """Sums each eval metric over the eval set, divides by the summed "count", reports `eval_`-prefixed means."""
+def evaluate(eval_fn: CompiledEval | None, state, task: Task, mesh: Mesh) -> dict:
+    """Sums each eval metric over the eval set, divides by the summed "count", reports `eval_`-prefixed means (and
+    the task's `eval_extra` means)."""
     totals: dict = {}
-    for local in task.eval_batches():
+    for local in task.eval_batches() if eval_fn is not None else ():
         sums = jax.device_get(eval_fn(state, sharding.global_batch(local, mesh)))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)

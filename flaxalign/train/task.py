@@ -39,3 +39,7 @@ class Task:
     finalize: Callable[[Any], dict] | None = None
     # extra evaluation beyond the batched eval_step (e.g. sampling from the policy): state -> {name: mean}
     eval_extra: Callable[[Any], dict] | None = None
+    # host-side work between reading a batch and the train step, e.g. an RL rollout scored by Python reward
+    # functions: (state, step, global batch) -> (batch for train_step, {name: value} to log). It sees the state
+    # before the step; a FlaxalignError it raises stops the run after a checkpoint of that state.
+    prepare: Callable[[Any, int, dict], tuple[dict, dict]] | None = None

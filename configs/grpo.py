@@ -1,0 +1,75 @@
+"""GRPO and RLOO with verifiable rewards (Python functions over the decoded text) and/or a reward model. Presets:
+`tiny` (CPU tests, the demo).
+
+    flaxalign train --config=configs/grpo.py:tiny --workdir=runs/grpo --config.init_from=checkpoint:runs/sft
+    flaxalign train --config=configs/grpo.py:tiny --workdir=runs/rloo --config.init_from=checkpoint:runs/sft \
+        --config.grpo.algorithm=rloo
+    flaxalign train --config=configs/grpo.py:tiny --workdir=runs/grpo_rm --config.init_from=checkpoint:runs/sft \
+        --config.reward_from=checkpoint:runs/reward --config.rewards=answer_format
+"""
+
+import ml_collections
+
+from flaxalign import errors
+from flaxalign.models import preset
+
+PRESETS = {
+    "tiny": dict(steps=60, lr=1e-4, batch_size=16, group_size=8, max_prompt_len=24, max_new_tokens=12),
+}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise errors.ConfigError(f"unknown preset {arg!r} for configs/grpo.py; choose one of {sorted(PRESETS)}.")
+    p = PRESETS[arg]
+    c = ml_collections.ConfigDict()
+    c.stage = "grpo"
+    c.seed = 0
+    c.steps = p["steps"]  # iterations: one rollout of data.batch_size prompts × group_size samples each
+    c.init_from = ""  # checkpoint:DIR of an SFT run: the starting policy (and reference) and its tokenizer
+    c.model = preset(arg)
+    c.model.dtype = "auto"
+
+    # reward functions: built-ins (exact_answer, answer_format, answer_closeness) or "package.module:function",
+    # called as fn(prompts, completions, answer=[...]) -> floats; summed with reward_weights (empty = all 1)
+    c.rewards = ["exact_answer"]
+    c.reward_weights = []
+    c.reward_from = ""  # optional checkpoint:DIR of a configs/reward.py run, added with reward_model_weight
+    c.reward_model_weight = 1.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "builtin:arithmetic_prompts"  # prompt records {"prompt", "answer"}
+    c.data.eval = ""  # "" = hold out eval_fraction of the training records
+    c.data.eval_fraction = 0.05
+    c.data.max_examples = 0
+    c.data.tokenizer = ""
+    c.data.chat_template = "plain"
+    c.data.max_prompt_len = p["max_prompt_len"]  # longer prompts are left-truncated (counted in the data log)
+    c.data.batch_size = p["batch_size"]  # prompts per rollout (× group_size responses)
+
+    c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=1.0, top_k=0,
+                                               top_p=1.0))
+    c.grpo = ml_collections.ConfigDict(dict(
+        algorithm="grpo", group_size=p["group_size"], epochs=1, num_minibatches=1, clip_eps=0.2, clip_eps_high=0.0,
+        beta=0.04, loss_type="dapo", scale_rewards="group", rloo_normalize=False, missing_eos_penalty=0.0))
+
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
+        rank_pattern={}, alpha_pattern={}, modules_to_save=[]))
+    c.adapters = ml_collections.ConfigDict(dict(
+        placement="none", reduction=16, names=["task"], active="", activation="relu"))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=p["lr"], warmup_steps=0, schedule="constant", final_lr_fraction=1.0, b1=0.9, b2=0.99, eps=1e-8,
+        weight_decay=0.0, clip_norm=1.0, total_steps=0))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.grad_accum = 1
+    c.loss_chunk = 256
+    c.log_every = 5
+    c.eval_every = 20
+    c.eval_at_start = True
+    c.eval_prompts = 128  # held-out prompts answered (greedy and sampled) at every evaluation (0 = off)
+    c.checkpoint_every = 20
+    c.keep_checkpoints = 2
+    return c

@@ -1,0 +1,71 @@
+"""PPO-RLHF: the SFT policy, a reward model, a value model, per-token KL to the reference. Presets: `tiny` (CPU
+tests, the demo).
+
+    flaxalign train --config=configs/ppo.py:tiny --workdir=runs/ppo --config.init_from=checkpoint:runs/sft \
+        --config.reward_from=checkpoint:runs/reward
+    flaxalign train --config=configs/ppo.py:tiny --workdir=runs/ppo_lora --config.init_from=checkpoint:runs/sft \
+        --config.reward_from=checkpoint:runs/reward --config.lora.rank=8   # reference = base, value = base + own LoRA
+"""
+
+import ml_collections
+
+from flaxalign import errors
+from flaxalign.models import preset
+
+PRESETS = {
+    "tiny": dict(steps=60, lr=3e-4, batch_size=32, max_prompt_len=24, max_new_tokens=16),
+}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise errors.ConfigError(f"unknown preset {arg!r} for configs/ppo.py; choose one of {sorted(PRESETS)}.")
+    p = PRESETS[arg]
+    c = ml_collections.ConfigDict()
+    c.stage = "ppo"
+    c.seed = 0
+    c.steps = p["steps"]  # PPO iterations: one rollout of data.batch_size prompts each
+    c.init_from = ""  # checkpoint:DIR of an SFT run: the starting policy (and reference) and its tokenizer
+    c.reward_from = ""  # checkpoint:DIR of a configs/reward.py run (its reward_normalization.json is applied)
+    c.value_from = "auto"  # auto | reward (full fine-tuning: TRL's choice) | policy (required with LoRA)
+    c.model = preset(arg)
+    c.model.dtype = "auto"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "builtin:arithmetic_prompts"  # prompt records {"prompt", "answer"?} (JSONL, tfds:NAME, builtin)
+    c.data.eval = ""  # "" = hold out eval_fraction of the training records
+    c.data.eval_fraction = 0.05
+    c.data.max_examples = 0
+    c.data.tokenizer = ""  # "" = the init_from checkpoint's tokenizer
+    c.data.chat_template = "plain"
+    c.data.max_prompt_len = p["max_prompt_len"]  # longer prompts are left-truncated (counted in the data log)
+    c.data.batch_size = p["batch_size"]  # prompts per rollout
+
+    c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=0.7, top_k=0, top_p=1.0))
+    # TRL PPOConfig defaults, but for minibatches (4 per rollout here) and a missing-EOS penalty
+    c.ppo = ml_collections.ConfigDict(dict(
+        epochs=4, num_minibatches=4, clip_eps=0.2, vf_clip=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, kl_coef=0.05,
+        kl_estimator="k1", kl_target=0.0, kl_horizon=10000.0, entropy_coef=0.0, whiten_rewards=False,
+        missing_eos_penalty=1.0))
+
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
+        rank_pattern={}, alpha_pattern={}, modules_to_save=[]))
+    c.adapters = ml_collections.ConfigDict(dict(
+        placement="none", reduction=16, names=["task"], active="", activation="relu"))
+
+    # counted in optimizer updates (steps × epochs × num_minibatches; total_steps is set from them)
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=p["lr"], warmup_steps=0, schedule="linear", final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-5,
+        weight_decay=0.0, clip_norm=1.0, total_steps=0))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.grad_accum = 1
+    c.loss_chunk = 256
+    c.log_every = 5
+    c.eval_every = 20
+    c.eval_at_start = True
+    c.eval_prompts = 64  # held-out prompts sampled at every evaluation (0 = off)
+    c.checkpoint_every = 20
+    c.keep_checkpoints = 2
+    return c

@@ -1,0 +1,377 @@
+"""GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024) with verifiable rewards: no value model, a baseline from
+G samples of the same prompt.
+
+One train step on a batch of P prompts:
+  1. rollout (`Task.prepare`, on the host): each prompt repeated G = `group_size` times, responses sampled with the
+     KV-cache sampler, cut after EOS; the policy's (old) and the reference's log-probs recomputed in one jitted
+     program; completions decoded and scored by the reward functions — plain Python callables over text
+     (`flaxalign.rewards`: `exact_answer`, `answer_format`, … or `module:function`) — plus, optionally, a reward
+     model (`reward_from`, weight `reward_model_weight`). A reward function that raises stops the run with its
+     name (after a checkpoint); non-finite rewards skip the update (logged, `skipped` = 1).
+  2. `grpo_step` (pure): advantages — GRPO: (r − mean_group r) / (std + 1e-4) (`scale_rewards` group / batch /
+     none); RLOO: the leave-one-out baseline on r − β·Σ_t k1 — then `epochs` × `num_minibatches` updates of the
+     clipped surrogate (`grpo_policy_loss`, with GRPO's k3 KL term β·k3 in the loss; RLOO has its KL in the
+     reward), aggregated per `loss_type` (token-level "dapo"/"bnpo", sequence-level "grpo", "dr_grpo").
+With LoRA the reference is the frozen base with the adapters off; full fine-tuning keeps a frozen copy (only when
+β > 0 or for RLOO's reward KL: at β = 0 GRPO needs no reference at all).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from flaxalign import errors, models, sharding
+from flaxalign.data.prompt_data import build_prompt_datasets, prompt_texts
+from flaxalign.data.tokenizer import load_tokenizer
+from flaxalign.generate import generate
+from flaxalign.losses.rl import (
+    GRPO_LOSS_TYPES,
+    SCALE_REWARDS,
+    grpo_advantages,
+    grpo_policy_loss,
+    kl_penalty,
+    rloo_advantages,
+)
+from flaxalign.rewards import resolve_reward_functions, score_completions
+from flaxalign.stages import lm, onpolicy, ppo, reward
+from flaxalign.train.optim import make_optimizer
+from flaxalign.train.state import TrainState
+from flaxalign.train.task import Task
+
+ALGORITHMS = ("grpo", "rloo")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoHyper:
+    """The `grpo` config block, validated (defaults: TRL 1.16 GRPOConfig, but β = 0.04 as in the paper)."""
+    algorithm: str = "grpo"
+    group_size: int = 8
+    epochs: int = 1
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: float = 0.0  # 0 = clip_eps (symmetric); DAPO's clip-higher uses 0.28
+    beta: float = 0.04  # GRPO: k3 KL in the loss; RLOO: k1 KL in the reward
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    rloo_normalize: bool = False
+    missing_eos_penalty: float = 0.0
+
+    def __post_init__(self):
+        checks = [(self.algorithm in ALGORITHMS, f"grpo.algorithm must be one of {', '.join(ALGORITHMS)}"),
+                  (self.group_size >= 2, "grpo.group_size must be >= 2 (the baseline needs other samples)"),
+                  (self.epochs >= 1, "grpo.epochs must be >= 1"),
+                  (self.num_minibatches >= 1, "grpo.num_minibatches must be >= 1"),
+                  (self.clip_eps > 0, "grpo.clip_eps must be > 0"),
+                  (self.clip_eps_high >= 0, "grpo.clip_eps_high must be >= 0"),
+                  (self.beta >= 0, "grpo.beta must be >= 0"),
+                  (self.loss_type in GRPO_LOSS_TYPES, f"grpo.loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}"),
+                  (self.scale_rewards in SCALE_REWARDS,
+                   f"grpo.scale_rewards must be one of {', '.join(SCALE_REWARDS)}"),
+                  (self.missing_eos_penalty >= 0, "grpo.missing_eos_penalty must be >= 0")]
+        for ok, message in checks:
+            if not ok:
+                raise errors.ConfigError(f"{message}.")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.beta > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoModels:
+    policy: onpolicy.Policy
+    reward_graphdef: object = None  # None: no reward model
+    reward_config: object = None
+
+    @property
+    def shared_base(self) -> bool:
+        return self.policy.lora_config is not None
+
+
+def _policy_params(trainable, frozen, rng, m: GrpoModels):
+    return onpolicy.policy_weights(trainable, frozen.get("base"), rng, m.policy)
+
+
+def _reference_params(frozen, m: GrpoModels):
+    return frozen["base"] if m.shared_base else frozen["reference"]
+
+
+def grpo_rollout(state: TrainState, prompts: dict, rng, *, m: GrpoModels, sampling: ppo.Sampling, eos_id: int,
+                 pad_id: int, with_reference: bool, greedy: bool = False) -> dict:
+    """Responses to `prompts` (already repeated G times), with `old_logps`, `ref_logps` (zeros without a
+    reference) and the reward model's raw `rm_scores` (zeros without one)."""
+    params, transform = _policy_params(state.params, state.frozen, None, m)
+    out = generate(m.policy.graphdef, params, prompts, rng, max_new_tokens=sampling.max_new_tokens, eos_id=eos_id,
+                   pad_id=pad_id, temperature=0.0 if greedy else sampling.temperature, top_k=sampling.top_k,
+                   top_p=sampling.top_p, layer_transform=transform)
+    batch = {k: out[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
+    mask = batch["response_mask"] > 0
+    zero = jnp.zeros((), jnp.float32)
+    if greedy:
+        return batch
+    logps, _, _ = onpolicy.response_logps(params, transform, batch, m.policy)
+    batch["old_logps"] = jnp.where(mask, logps, zero)
+    if with_reference:
+        ref_logps, _, _ = onpolicy.response_logps(_reference_params(state.frozen, m), None, batch, m.policy)
+        batch["ref_logps"] = jnp.where(mask, ref_logps, zero)
+    else:
+        batch["ref_logps"] = jnp.zeros_like(batch["old_logps"])
+    if m.reward_graphdef is not None:
+        batch["rm_scores"] = ppo.reward_model_scores(state.frozen, batch["tokens"], batch["mask"], m)
+    else:
+        batch["rm_scores"] = jnp.zeros(mask.shape[:1], jnp.float32)
+    return batch
+
+
+def grpo_loss(trainable, frozen, batch, rng, *, m: GrpoModels, h: GrpoHyper, max_completion_length: int):
+    mask = batch["response_mask"] > 0
+    params, transform = _policy_params(trainable, frozen, rng, m)
+    logps, _, _ = onpolicy.response_logps(params, transform, batch, m.policy)
+    in_loss_kl = h.algorithm == "grpo" and h.needs_reference
+    loss_sum, count, metrics = grpo_policy_loss(
+        logps, batch["old_logps"], batch["ref_logps"] if in_loss_kl else None, batch["advantages"], mask,
+        clip_eps=h.clip_eps, clip_eps_high=h.clip_eps_high or None, beta=h.beta if in_loss_kl else 0.0,
+        loss_type=h.loss_type, max_completion_length=max_completion_length)
+    # accumulated_gradients divides the sums by the minibatch's loss count: weight each token mean by this count
+    sums = {k: v * count for k, v in metrics.items() if k != "tokens"}
+    return loss_sum, (count, {"policy_loss": loss_sum, **sums})
+
+
+def sequence_kl(batch) -> jax.Array:
+    """Σ_t k1(π_old, π_ref) per response `[B]`."""
+    mask = batch["response_mask"] > 0
+    return jnp.sum(jnp.where(mask, kl_penalty(batch["old_logps"], batch["ref_logps"], "k1"), 0.0), axis=1)
+
+
+def grpo_advantages_of(batch, h: GrpoHyper):
+    """Sequence advantages `[B]` from the rollout's `rewards`: GRPO's group normalisation, or RLOO's leave-one-out
+    baseline on the KL-penalised reward."""
+    rewards = batch["rewards"]
+    if h.algorithm == "rloo":
+        rewards = rewards - h.beta * sequence_kl(batch)
+        return rloo_advantages(rewards, h.group_size, normalize=h.rloo_normalize)
+    return grpo_advantages(rewards, h.group_size, scale_rewards=h.scale_rewards)
+
+
+def grpo_step(state: TrainState, batch: dict, *, m: GrpoModels, h: GrpoHyper, optimizer, grad_accum: int):
+    """One GRPO/RLOO iteration on a scored rollout; non-finite rewards change nothing but the step count."""
+    update = functools.partial(_grpo_update, m=m, h=h, optimizer=optimizer, grad_accum=grad_accum)
+    return onpolicy.unless_nonfinite(update, state, batch, batch["rewards"])
+
+
+def _grpo_update(state, batch, *, m, h, optimizer, grad_accum):
+    advantages = grpo_advantages_of(batch, h)
+    train = {k: batch[k] for k in ("tokens", "mask", "response", "response_mask", "old_logps", "ref_logps")}
+    train["advantages"] = advantages
+    loss_fn = functools.partial(grpo_loss, m=m, h=h, max_completion_length=batch["response"].shape[1])
+    state, per_update = onpolicy.minibatch_updates(state, train, loss_fn, optimizer=optimizer, epochs=h.epochs,
+                                                   num_minibatches=h.num_minibatches, grad_accum=grad_accum)
+    mask = batch["response_mask"].astype(jnp.float32)
+    grouped = batch["rewards"].reshape(-1, h.group_size)
+    metrics = {k: jnp.mean(v) for k, v in per_update.items()}
+    metrics.update({
+        "reward": jnp.mean(batch["rewards"]), "reward_std": jnp.std(batch["rewards"]),
+        "frac_reward_zero_std": jnp.mean((jnp.std(grouped, axis=1) == 0).astype(jnp.float32)),
+        "kl": jnp.mean(sequence_kl(batch)), "response_length": jnp.mean(jnp.sum(mask, axis=1)),
+        "eos_rate": jnp.mean(batch["ended"].astype(jnp.float32)), "advantage_abs": jnp.mean(jnp.abs(advantages))})
+    return state, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host side: decoding and the reward functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def decode_responses(tokenizer, response, response_mask) -> list[str]:
+    """The text of each response, up to (not including) its EOS."""
+    texts = []
+    for row, row_mask in zip(np.asarray(response), np.asarray(response_mask)):
+        texts.append(tokenizer.decode([int(t) for t, keep in zip(row, row_mask) if keep and t != tokenizer.eos_id]))
+    return texts
+
+
+class Scorer:
+    """Reward functions (+ the optional reward model) over one rollout: total reward `[B]` and per-function means."""
+
+    def __init__(self, functions, weights, tokenizer, records, *, reward_model_weight: float, gain: float,
+                 bias: float, missing_eos_penalty: float):
+        self.functions, self.weights, self.tokenizer, self.records = functions, weights, tokenizer, records
+        self.rm_weight, self.gain, self.bias, self.penalty = reward_model_weight, gain, bias, missing_eos_penalty
+
+    def __call__(self, rollout: dict, index, group_size: int) -> tuple[np.ndarray, dict]:
+        host = jax.device_get({k: rollout[k] for k in ("response", "response_mask", "ended", "rm_scores")})
+        records = [self.records[int(i)] for i in np.repeat(np.asarray(index), group_size)]
+        completions = decode_responses(self.tokenizer, host["response"], host["response_mask"])
+        columns = {"answer": [r.get("answer") for r in records]} if any("answer" in r for r in records) else {}
+        total, per_function = score_completions(self.functions, self.weights, prompt_texts(records), completions,
+                                                columns)
+        logged = {f"rewards/{name}": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+                  for name, v in per_function.items()}
+        if self.rm_weight:
+            rm = self.gain * np.asarray(host["rm_scores"], np.float64) + self.bias
+            total = total + self.rm_weight * rm
+            logged["rewards/reward_model"] = float(np.mean(rm))
+        total = total - self.penalty * (1.0 - np.asarray(host["ended"], np.float64))
+        return total, logged
+
+
+class GrpoRollouts:
+    """`Task.prepare`: repeat the prompts G times, sample and score (jitted), reward on the host."""
+
+    def __init__(self, mesh, scorer: Scorer, h: GrpoHyper, **rollout_kwargs):
+        self.mesh, self.scorer, self.h = mesh, scorer, h
+        self.fn = jax.jit(lambda state, prompts: grpo_rollout(state, prompts, jax.random.fold_in(state.rng, 1),
+                                                              **rollout_kwargs))
+
+    def __call__(self, state, step, batch):
+        prompts = {k: jnp.repeat(batch[k], self.h.group_size, axis=0) for k in ppo.PROMPT_KEYS}
+        with jax.set_mesh(self.mesh):
+            rollout = self.fn(state, prompts)
+        rewards, logged = self.scorer(rollout, jax.device_get(batch["index"]), self.h.group_size)
+        bad = int(np.sum(~np.isfinite(rewards)))
+        if bad:
+            logging.warning("step %d: %d of %d rewards are not finite; this update is skipped.", step, bad,
+                            rewards.size)
+        rows = sharding.batch_sharding(self.mesh, rewards.size, 1)
+        rollout["rewards"] = jax.device_put(rewards.astype(np.float32), rows)
+        return rollout, logged
+
+
+class GrpoEval:
+    """`Task.eval_extra`: each reward function's mean over held-out prompts, for greedy responses and for one
+    sampled response per prompt at the rollout temperature (fixed rng)."""
+
+    def __init__(self, mesh, prompts: dict, scorer: Scorer, seed: int, **rollout_kwargs):
+        self.mesh, self.prompts, self.scorer, self.rng = mesh, prompts, scorer, jax.random.PRNGKey(seed + 1)
+        self.sampled = jax.jit(lambda state, prompts, rng: grpo_rollout(state, prompts, rng, **rollout_kwargs))
+        self.greedy = jax.jit(lambda state, prompts, rng: grpo_rollout(state, prompts, rng, greedy=True,
+                                                                       **rollout_kwargs))
+
+    def __call__(self, state) -> dict:
+        prompts = {k: self.prompts[k] for k in ppo.PROMPT_KEYS}
+        out = {}
+        for name, fn in (("greedy", self.greedy), ("sampled", self.sampled)):
+            with jax.set_mesh(self.mesh):
+                rollout = fn(state, prompts, self.rng)
+            rollout.setdefault("rm_scores", jnp.zeros(rollout["ended"].shape, jnp.float32))
+            total, logged = self.scorer(rollout, self.prompts["index"], 1)
+            out[f"reward_{name}"] = float(np.nanmean(total))
+            out.update({f"{key.split('/', 1)[1]}_{name}": value for key, value in logged.items()})
+            out[f"response_length_{name}"] = float(np.mean(np.sum(jax.device_get(rollout["response_mask"]), 1)))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task wiring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_task(config, workdir: str, mesh) -> Task:
+    """Policy and tokenizer from `init_from` (an SFT run), prompts (with answers) from `data.train`, rewards from
+    `rewards` (and `reward_from`)."""
+    h = GrpoHyper(**config.grpo.to_dict())
+    sampling = ppo.Sampling(**config.rollout.to_dict())
+    model_config, meta, init_path = lm.resolve_model(config)
+    if model_config.adapter_placement != "none":
+        raise errors.ConfigError("GRPO trains fully or with LoRA; bottleneck adapters are not supported.")
+    tokenizer_path = config.data.tokenizer or meta.get("tokenizer", "")
+    if not tokenizer_path:
+        raise errors.ConfigError("GRPO needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
+    tokenizer = load_tokenizer(tokenizer_path)
+    functions = resolve_reward_functions(list(config.rewards)) if len(config.rewards) else []
+    if not functions and not config.reward_from:
+        raise errors.ConfigError("GRPO needs rewards: list reward functions in `rewards` and/or set reward_from.")
+    if jax.process_count() > 1 and functions:
+        raise errors.ConfigError("Python reward functions run on one host; multi-process GRPO needs reward_from only.")
+    weights = list(config.reward_weights) if len(config.reward_weights) else None
+    lora_config = lm.lora_from(config)
+
+    data_cfg = config.data
+    if data_cfg.max_prompt_len + sampling.max_new_tokens > model_config.max_seq_len:
+        raise errors.ConfigError(
+            f"data.max_prompt_len={data_cfg.max_prompt_len} + rollout.max_new_tokens={sampling.max_new_tokens} "
+            f"exceeds model.max_seq_len={model_config.max_seq_len}.")
+    rows = data_cfg.batch_size * h.group_size
+    if rows % h.num_minibatches or (rows // h.num_minibatches) % config.grad_accum:
+        raise errors.ConfigError(
+            f"data.batch_size × grpo.group_size = {rows} rows must split into grpo.num_minibatches="
+            f"{h.num_minibatches} minibatches of a multiple of grad_accum={config.grad_accum} rows.")
+    data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
+    train_data, _ = lm.data_iterators(data.train, data.eval, config)
+
+    rm = None
+    normalization = {"gain": 1.0, "bias": 0.0}
+    if config.reward_from:
+        reward_path = lm.parse_init_from(config.reward_from)
+        rm = ppo.load_reward_model(reward_path, meta or {"tokenizer": tokenizer.model_path}, model_config)
+        normalization = reward.load_reward_normalization(reward_path)
+    graphdef = models.abstract_model(model_config)[0]
+    m = GrpoModels(policy=onpolicy.Policy(graphdef, lora_config, sampling.temperature, config.loss_chunk),
+                   reward_graphdef=models.abstract_model(rm[0])[0] if rm else None, reward_config=rm[0] if rm else None)
+    with_reference = h.needs_reference
+    layout = grpo_layout(model_config, lora_config, seed=config.seed, init_base=lm.base_initializer(model_config,
+                         init_path), reference_copy=with_reference, reward_model=rm[1:] if rm else None)
+
+    optim_cfg = config.optim.to_dict()
+    optim_cfg["total_steps"] = config.steps * h.epochs * h.num_minibatches
+    optimizer = make_optimizer(type(config.optim)(optim_cfg))
+    rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+                      "with_reference": with_reference}
+    scorer = functools.partial(Scorer, functions, weights, tokenizer, reward_model_weight=float(
+        config.reward_model_weight) if rm else 0.0, gain=float(normalization["gain"]),
+        bias=float(normalization["bias"]), missing_eos_penalty=h.missing_eos_penalty)
+    eval_extra = None
+    if config.eval_prompts:
+        eval_prompts = {k: v[: config.eval_prompts] for k, v in data.eval.items()}
+        eval_extra = GrpoEval(mesh, eval_prompts, scorer(data.records["eval"]), config.seed, **rollout_kwargs)
+    seq = data_cfg.max_prompt_len + sampling.max_new_tokens
+    tokens = rows * seq
+    forwards = 1 + 1 + (1 if with_reference else 0) + (1 if rm else 0)  # sampling, old log-probs, reference, RM
+    flops = tokens * model_config.flops_per_token(seq) * (forwards / 3 + h.epochs)
+    identity = lm.resume_identity(model_config, lora_config, algorithm=h.algorithm, reference=with_reference,
+                                  reward_model=rm[0].checkpoint_identity() if rm else None)
+    frozen_base = "frozen/base" if lora_config is not None else "frozen"
+    return Task(
+        name="grpo", optimizer=optimizer,
+        train_step=functools.partial(grpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
+        eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=tokens, flops_per_step=flops,
+        prepare=GrpoRollouts(mesh, scorer(data.records["train"]), h, **rollout_kwargs), eval_extra=eval_extra,
+        metadata={"stage": "grpo", "model": model_config.to_dict(), "resume_identity": identity,
+                  "lora": identity["lora"], "tokenizer": tokenizer.model_path, "init_from": config.init_from,
+                  "policy_params": "params", "policy_frozen": frozen_base, "reward_from": config.reward_from,
+                  "rewards": [name for name, _ in functions], "grpo": dataclasses.asdict(h),
+                  "rollout": dataclasses.asdict(sampling), "data": data.stats},
+        **layout)
+
+
+def grpo_layout(model_config, lora_config, *, seed: int, init_base, reference_copy: bool, reward_model) -> dict:
+    """Trained: the policy (full or LoRA). Frozen: `{"base"}` (LoRA) or `{"reference"}` (full, when a reference is
+    needed) plus `{"reward"}` when a reward model scores too; `{}` for full fine-tuning with neither."""
+    policy = lm.param_layout(model_config, lora_config, seed=seed, init_base=init_base,
+                             reference_copy=reference_copy and lora_config is None)
+    if "abstract_frozen" not in policy and reward_model is None:
+        return policy
+    key = "base" if lora_config is not None else "reference"
+    abstract_frozen, frozen_logical = {}, {}
+    if "abstract_frozen" in policy:
+        abstract_frozen[key], frozen_logical[key] = policy["abstract_frozen"], policy["frozen_logical"]
+    if reward_model is not None:
+        abstract_frozen["reward"], frozen_logical["reward"], load_rm = reward_model
+
+    def init_frozen(shardings):
+        frozen = {}
+        if key in shardings:
+            frozen[key] = policy["init_frozen"](shardings[key])
+        if reward_model is not None:
+            frozen["reward"] = load_rm(shardings["reward"])
+        return frozen
+
+    def init_params(shardings, frozen):
+        return policy["init_params"](shardings, frozen.get(key))
+
+    return {**policy, "abstract_frozen": abstract_frozen, "frozen_logical": frozen_logical,
+            "init_frozen": init_frozen, "init_params": init_params}

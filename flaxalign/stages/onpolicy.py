@@ -1,0 +1,123 @@
+"""What the on-policy RL stages (PPO, GRPO/RLOO) share: scoring a rollout's response tokens under a policy, the
+epochs × shuffled minibatches × micro-batches update loop, and skipping an update whose rewards are not finite.
+
+A rollout batch holds `tokens` and `mask` `[B, L + N]` (left-padded prompt of width L, then the response of width N,
+`generate`'s layout) and `response_mask` `[B, N]` (EOS + 1). The hidden state at position L − 1 + t predicts
+response token t, so "the response's hidden states" are positions L − 1 … L + N − 2 of a forward pass over
+`tokens[:, :-1]`.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flaxalign import models
+from flaxalign.losses.lm import (
+    chunked_token_entropy,
+    chunked_token_kl,
+    chunked_token_logps,
+)
+from flaxalign.stages import lm
+from flaxalign.train.state import TrainState
+from flaxalign.train.step import accumulated_gradients
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Static description of a policy: its module, LoRA (None = full weights) and sampling temperature (log-probs
+    are those of softmax(logits / temperature), the distribution the rollout sampled from)."""
+    graphdef: object
+    lora_config: object
+    temperature: float
+    chunk_size: int = 256
+
+
+def policy_weights(trainable, base, rng, policy: Policy):
+    """(params, layer_transform) of the policy: `trainable` itself, or its LoRA leaves on the frozen `base`."""
+    return lm.model_params(trainable, base, rng, lora_config=policy.lora_config)
+
+
+def response_hidden(model, tokens, mask, response_width: int, layer_transform=None):
+    """Hidden states `[B, N, D]` of the positions that predict the N response tokens."""
+    inputs, input_mask = tokens[:, :-1], mask[:, :-1]
+    positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)
+    hidden = model(inputs, positions, input_mask, layer_transform=layer_transform)
+    return hidden[:, hidden.shape[1] - response_width:]
+
+
+def response_logps(params, layer_transform, batch, policy: Policy):
+    """(log π(y_t | x, y_<t) `[B, N]` under softmax(logits / T), hidden `[B, N, D]`, unembedding / T)."""
+    model = models.merge(policy.graphdef, params)
+    response = batch["response"]
+    hidden = response_hidden(model, batch["tokens"], batch["mask"], response.shape[1], layer_transform)
+    unembed = model.unembedding() / jnp.asarray(policy.temperature, model.unembedding().dtype)
+    return chunked_token_logps(hidden, unembed, response, chunk_size=policy.chunk_size), hidden, unembed
+
+
+def reference_comparison(hidden, unembed, ref_hidden, ref_unembed, mask, policy: Policy) -> dict:
+    """Per-token full-vocabulary KL(π‖π_ref) (≥ 0; 0 exactly when π = π_ref) and policy entropy, 0 where masked."""
+    kl = chunked_token_kl(hidden, unembed, ref_hidden, ref_unembed, chunk_size=policy.chunk_size)
+    entropy = chunked_token_entropy(hidden, unembed, chunk_size=policy.chunk_size)
+    m = mask > 0
+    return {"kl": jnp.where(m, kl, 0.0), "entropy": jnp.where(m, entropy, 0.0)}
+
+
+def rollout_stats(batch, scores, kl_coef) -> dict:
+    """Means over the rollout's rows: score, its std, KL (Σ_t full-vocabulary KL per response), rlhf_reward =
+    score − β·KL, EOS rate, response length and per-token entropy."""
+    m = batch["response_mask"].astype(jnp.float32)
+    tokens = jnp.maximum(jnp.sum(m), 1.0)
+    kl = jnp.sum(batch["kl"], axis=1)
+    return {"score": jnp.mean(scores), "score_std": jnp.std(scores), "kl": jnp.mean(kl),
+            "rlhf_reward": jnp.mean(scores - kl_coef * kl), "eos_rate": jnp.mean(batch["ended"].astype(jnp.float32)),
+            "response_length": jnp.mean(jnp.sum(m, axis=1)), "entropy": jnp.sum(batch["entropy"]) / tokens}
+
+
+def minibatch_updates(state: TrainState, batch: dict, loss_fn, *, optimizer, epochs: int, num_minibatches: int,
+                      grad_accum: int):
+    """`epochs` passes over the rollout `batch`, each over a fresh random split of its rows into `num_minibatches`
+    minibatches; one optimizer update per minibatch, its gradient accumulated over `grad_accum` micro-batches
+    (`accumulated_gradients`: the token-mean loss of the minibatch, whatever `grad_accum` is).
+    `loss_fn(params, frozen, minibatch, rng) -> (loss_sum, (count, metric_sums))`. Returns (state with step + 1,
+    per-update metrics, each `[epochs · num_minibatches]`)."""
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    if rows % num_minibatches:
+        raise ValueError(f"the rollout of {rows} rows does not split into {num_minibatches} minibatches")
+    rng, shuffle_rng = jax.random.split(state.rng)
+    orders = jnp.stack([jax.random.permutation(jax.random.fold_in(shuffle_rng, e), rows) for e in range(epochs)])
+    minibatch_rows = orders.reshape(epochs * num_minibatches, rows // num_minibatches)
+
+    def update(carry, indices):
+        params, opt_state, rng = carry
+        rng, step_rng = jax.random.split(rng)
+        minibatch = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), batch)
+        grads, loss, count, metrics = accumulated_gradients(loss_fn, params, state.frozen, minibatch, step_rng,
+                                                            grad_accum)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "loss_tokens": count, **metrics}
+        return (optax.apply_updates(params, updates), opt_state, rng), metrics
+
+    (params, opt_state, rng), per_update = jax.lax.scan(update, (state.params, state.opt_state, rng),
+                                                        minibatch_rows)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), per_update
+
+
+def unless_nonfinite(update, state: TrainState, batch: dict, rewards):
+    """`update(state, batch) -> (state, metrics)` when every reward is finite; otherwise the state only counts the
+    step (params, optimizer and frozen state unchanged), the metrics are zeros, and `skipped` = 1 says so."""
+    finite = jnp.all(jnp.isfinite(rewards))
+
+    def skip(state, batch):
+        shapes = jax.eval_shape(update, state, batch)[1]
+        return state.replace(step=state.step + 1), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    state, metrics = jax.lax.cond(finite, update, skip, state, batch)
+    return state, {**metrics, "skipped": 1.0 - finite.astype(jnp.float32)}
+
+
+def token_sums(metrics: dict, skip=("tokens",)) -> dict:
+    """Token-mean metrics of `losses.rl` → sums weighted by their `tokens`, for `accumulated_gradients` to divide
+    by the minibatch's token count."""
+    return {k: v * metrics["tokens"] for k, v in metrics.items() if k not in skip}

@@ -1,0 +1,414 @@
+"""PPO-RLHF (Ziegler et al. 2019; Ouyang et al. 2022), following "The N Implementation Details of RLHF with PPO"
+(Huang et al. 2023) and TRL's PPOTrainer.
+
+One train step is one PPO iteration on a batch of prompts:
+  1. rollout (`ppo_rollout`, host-driven through `Task.prepare`): sample responses with the KV-cache sampler at
+     `rollout.temperature`, cut after the first EOS (EOS + 1 mask), recompute the policy's log-probs
+     log softmax(logits / T) with a forward pass, the reference's log-probs, the values and the reward model's score
+     at the last real token (normalised with the reward run's gain/bias, minus `missing_eos_penalty` for responses
+     without EOS);
+  2. `ppo_step` (pure): per-token rewards r_t = −β·k(π, π_ref)_t plus the score on the last token (`ppo_rewards`),
+     optional reward whitening, GAE(γ, λ) with the value model, masked advantage whitening, then `epochs` ×
+     shuffled `num_minibatches` updates (each over `grad_accum` micro-batches) of
+       L = clipped surrogate(ε) + vf_coef · clipped value loss − entropy_coef · entropy
+     with one optimizer over policy and value (TRL's PolicyAndValueWrapper); then the adaptive KL controller
+     (Ziegler et al.) moves β towards `kl_target` when set.
+
+Models: full fine-tuning keeps a frozen reference copy and a separate value model (backbone from the reward model
+or the policy, `value_from`) with a scalar head initialised to 0. With LoRA the reference is the frozen base with the
+adapters off and the value model is the same frozen base with its own LoRA and head — no weight copies. The reward
+model (`reward_from`, a `configs/reward.py` run, full or LoRA, merged on load) is frozen. β lives in
+`state.frozen["kl_coef"]` so the controller's value is checkpointed.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from flaxalign import errors, models
+from flaxalign.data.prompt_data import build_prompt_datasets
+from flaxalign.data.tokenizer import load_tokenizer
+from flaxalign.generate import generate
+from flaxalign.losses.lm import chunked_token_entropy
+from flaxalign.losses.rl import (
+    KL_KINDS,
+    gae_advantages,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_rewards,
+    ppo_value_loss,
+)
+from flaxalign.models import heads
+from flaxalign.stages import lm, onpolicy, reward
+from flaxalign.stages.dpo import check_same_vocabulary
+from flaxalign.train import checkpoint
+from flaxalign.train.optim import make_optimizer
+from flaxalign.train.state import TrainState
+from flaxalign.train.task import Task
+
+VALUE_FROM = ("auto", "reward", "policy")
+PROMPT_KEYS = ("input_ids", "attention_mask", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class PpoHyper:
+    """The `ppo` config block, validated (defaults: TRL PPOConfig)."""
+    epochs: int = 4
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    vf_clip: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    kl_target: float = 0.0  # > 0: adaptive KL controller towards this KL (nats per response)
+    kl_horizon: float = 10000.0
+    entropy_coef: float = 0.0
+    whiten_rewards: bool = False
+    missing_eos_penalty: float = 0.0
+
+    def __post_init__(self):
+        checks = [(self.epochs >= 1, "ppo.epochs must be >= 1"),
+                  (self.num_minibatches >= 1, "ppo.num_minibatches must be >= 1"),
+                  (self.clip_eps > 0, "ppo.clip_eps must be > 0"), (self.vf_clip > 0, "ppo.vf_clip must be > 0"),
+                  (self.vf_coef >= 0, "ppo.vf_coef must be >= 0"), (0 <= self.gamma <= 1, "ppo.gamma must be in [0, 1]"),
+                  (0 <= self.lam <= 1, "ppo.lam must be in [0, 1]"), (self.kl_coef >= 0, "ppo.kl_coef must be >= 0"),
+                  (self.kl_estimator in KL_KINDS, f"ppo.kl_estimator must be one of {', '.join(KL_KINDS)}"),
+                  (self.kl_target >= 0, "ppo.kl_target must be >= 0"), (self.kl_horizon > 0, "ppo.kl_horizon must be > 0"),
+                  (self.missing_eos_penalty >= 0, "ppo.missing_eos_penalty must be >= 0")]
+        for ok, message in checks:
+            if not ok:
+                raise errors.ConfigError(f"{message}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """The `rollout` config block."""
+    max_new_tokens: int = 24
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise errors.ConfigError(f"rollout.temperature must be > 0 for on-policy RL, got {self.temperature}.")
+        if self.max_new_tokens < 1:
+            raise errors.ConfigError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PpoModels:
+    """Static pieces of the policy, value and reward models."""
+    policy: onpolicy.Policy
+    value_graphdef: object
+    value_config: models.ModelConfig
+    value_lora: object  # the value model's own LoRA on the shared frozen base (LoRA policies), else None
+    reward_graphdef: object
+    reward_config: models.ModelConfig
+
+    @property
+    def shared_base(self) -> bool:
+        return self.policy.lora_config is not None
+
+
+def policy_params(trainable, frozen, rng, m: PpoModels):
+    return onpolicy.policy_weights(trainable["policy"], frozen.get("base"), rng, m.policy)
+
+
+def reference_params(frozen, m: PpoModels):
+    """The frozen base with the adapters off (LoRA), or the frozen copy of the starting policy."""
+    return frozen["base"] if m.shared_base else frozen["reference"]
+
+
+def token_values(trainable, frozen, batch, rng, m: PpoModels):
+    """V(x, y_<t) `[B, N]`: the value head on the value model's hidden state before each response token."""
+    value = trainable["value"]
+    if m.shared_base:
+        params, transform = lm.model_params(value["model"], frozen["base"], rng, lora_config=m.value_lora)
+    else:
+        params, transform = value["model"], None
+    model = models.merge(m.value_graphdef, reward.with_unused_lm_head(params, m.value_config))
+    hidden = onpolicy.response_hidden(model, batch["tokens"], batch["mask"], batch["response"].shape[1], transform)
+    return heads.token_scores(hidden, value["head"])
+
+
+def reward_model_scores(frozen, tokens, mask, m: PpoModels):
+    """The reward model's raw score of each whole sequence, at its last real token `[B]`."""
+    rm = frozen["reward"]
+    model = models.merge(m.reward_graphdef, reward.with_unused_lm_head(rm["model"], m.reward_config))
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    return heads.sequence_scores(model(tokens, positions, mask), mask, rm["head"])
+
+
+def ppo_rollout(state: TrainState, prompts: dict, rng, *, m: PpoModels, sampling: Sampling, eos_id: int,
+                pad_id: int, gain: float = 1.0, bias: float = 0.0, missing_eos_penalty: float = 0.0) -> dict:
+    """Responses to left-padded `prompts` with everything `ppo_step` needs: `tokens`, `mask`, `response`,
+    `response_mask`, `ended`, `old_logps`, `ref_logps`, `values` (`[B, N]`, 0 where masked), `scores` `[B]`
+    (gain·r + bias − penalty·[no EOS]), `raw_scores`, and per-token `kl` / `entropy` for the metrics."""
+    params, transform = policy_params(state.params, state.frozen, None, m)
+    out = generate(m.policy.graphdef, params, prompts, rng, max_new_tokens=sampling.max_new_tokens, eos_id=eos_id,
+                   pad_id=pad_id, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                   layer_transform=transform)
+    batch = {k: out[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
+    mask = batch["response_mask"] > 0
+    logps, hidden, unembed = onpolicy.response_logps(params, transform, batch, m.policy)
+    ref_logps, ref_hidden, ref_unembed = onpolicy.response_logps(reference_params(state.frozen, m), None, batch,
+                                                                 m.policy)
+    batch.update(onpolicy.reference_comparison(hidden, unembed, ref_hidden, ref_unembed, mask, m.policy))
+    values = token_values(state.params, state.frozen, batch, None, m)
+    raw = reward_model_scores(state.frozen, batch["tokens"], batch["mask"], m)
+    scores = gain * raw + bias - missing_eos_penalty * (1.0 - batch["ended"].astype(jnp.float32))
+    zero = jnp.zeros((), jnp.float32)
+    return {**batch, "old_logps": jnp.where(mask, logps, zero), "ref_logps": jnp.where(mask, ref_logps, zero),
+            "values": jnp.where(mask, values, zero), "scores": scores, "raw_scores": raw}
+
+
+def ppo_loss(trainable, frozen, batch, rng, *, m: PpoModels, h: PpoHyper):
+    """(Σ token losses, (token count, Σ metrics)) of a minibatch: clipped surrogate + vf_coef · clipped value loss
+    − entropy_coef · entropy, summed over the real response tokens."""
+    mask = batch["response_mask"] > 0
+    params, transform = policy_params(trainable, frozen, rng, m)
+    logps, hidden, unembed = onpolicy.response_logps(params, transform, batch, m.policy)
+    pg_sum, count, pg = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps=h.clip_eps)
+    values = token_values(trainable, frozen, batch, rng, m)
+    vf_sum, _, vf = ppo_value_loss(values, batch["values"], batch["returns"], mask, clip_range=h.vf_clip)
+    loss = pg_sum + h.vf_coef * vf_sum
+    if h.entropy_coef:
+        entropy = chunked_token_entropy(hidden, unembed, chunk_size=m.policy.chunk_size)
+        loss = loss - h.entropy_coef * jnp.sum(jnp.where(mask, entropy, 0.0))
+    sums = {"policy_loss": pg_sum, "value_loss": vf_sum, **onpolicy.token_sums(pg), **onpolicy.token_sums(vf)}
+    return loss, (count, sums)
+
+
+def adaptive_kl_coef(kl_coef, kl, *, target: float, horizon: float, batch_size: int):
+    """Ziegler et al.'s proportional controller: β ← β·(1 + clip(KL/target − 1, ±0.2)·batch/horizon); β unchanged
+    when `target` is 0."""
+    if not target:
+        return kl_coef
+    error = jnp.clip(kl / target - 1.0, -0.2, 0.2)
+    return kl_coef * (1.0 + error * batch_size / horizon)
+
+
+def ppo_step(state: TrainState, batch: dict, *, m: PpoModels, h: PpoHyper, optimizer, grad_accum: int):
+    """One PPO iteration on a rollout (`ppo_rollout`'s output): GAE, whitening, epochs × minibatches of updates,
+    the KL controller. A rollout with a non-finite score changes nothing but the step count (`skipped` = 1)."""
+    return onpolicy.unless_nonfinite(functools.partial(_ppo_update, m=m, h=h, optimizer=optimizer,
+                                                       grad_accum=grad_accum), state, batch, batch["scores"])
+
+
+def _ppo_update(state, batch, *, m, h, optimizer, grad_accum):
+    mask = batch["response_mask"] > 0
+    beta = state.frozen["kl_coef"]
+    rewards = ppo_rewards(batch["scores"], batch["old_logps"], batch["ref_logps"], mask, kl_coef=beta,
+                          kind=h.kl_estimator)
+    if h.whiten_rewards:
+        rewards = jnp.where(mask, masked_whiten(rewards, mask, shift_mean=False), 0.0)
+    advantages, returns = gae_advantages(rewards, batch["values"], mask, gamma=h.gamma, lam=h.lam)
+    advantages = jnp.where(mask, masked_whiten(advantages, mask), 0.0)
+    train = {k: batch[k] for k in ("tokens", "mask", "response", "response_mask", "old_logps", "values")}
+    train.update(advantages=advantages, returns=returns)
+    state, per_update = onpolicy.minibatch_updates(
+        state, train, functools.partial(ppo_loss, m=m, h=h), optimizer=optimizer, epochs=h.epochs,
+        num_minibatches=h.num_minibatches, grad_accum=grad_accum)
+    stats = onpolicy.rollout_stats(batch, batch["scores"], beta)
+    new_beta = adaptive_kl_coef(beta, stats["kl"], target=h.kl_target, horizon=h.kl_horizon,
+                                batch_size=mask.shape[0])
+    state = state.replace(frozen={**state.frozen, "kl_coef": new_beta})
+    residual_var = masked_var(returns - batch["values"], mask)
+    metrics = {k: jnp.mean(v) for k, v in per_update.items()}
+    metrics.update(stats)
+    metrics.update({
+        "ratio_first": per_update["ratio_mean"][0], "policy_loss_first": per_update["policy_loss"][0],
+        "kl_estimate": jnp.mean(jnp.sum(jnp.where(mask, kl_penalty(batch["old_logps"], batch["ref_logps"],
+                                                                   h.kl_estimator), 0.0), axis=1)),
+        "kl_coef": beta, "value_mean": masked_mean(batch["values"], mask),
+        "explained_variance": 1.0 - residual_var / jnp.maximum(masked_var(returns, mask), 1e-8),
+        "raw_score": jnp.mean(batch["raw_scores"])})
+    return state, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task wiring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Rollouts:
+    """`Task.prepare`: `ppo_rollout` jitted once, on this step's prompts, with rng fold_in(state.rng, 1)."""
+
+    def __init__(self, mesh, **rollout_kwargs):
+        self.mesh = mesh
+        self.fn = jax.jit(lambda state, prompts: ppo_rollout(state, prompts, jax.random.fold_in(state.rng, 1),
+                                                              **rollout_kwargs))
+
+    def __call__(self, state, step, batch):
+        with jax.set_mesh(self.mesh):
+            return self.fn(state, {k: batch[k] for k in PROMPT_KEYS}), {}
+
+
+class RolloutEval:
+    """`Task.eval_extra`: mean score, KL, rlhf_reward, EOS rate and response length of sampled responses to the
+    held-out prompts (fixed rng, so evaluations are comparable across steps)."""
+
+    def __init__(self, mesh, prompts: dict, seed: int, **rollout_kwargs):
+        self.mesh, self.prompts, self.rng = mesh, prompts, jax.random.PRNGKey(seed + 1)
+        self.fn = jax.jit(lambda state, prompts, rng: _eval_stats(ppo_rollout(state, prompts, rng,
+                                                                              **rollout_kwargs), state))
+
+    def __call__(self, state) -> dict:
+        with jax.set_mesh(self.mesh):
+            return {k: float(v) for k, v in jax.device_get(self.fn(state, self.prompts, self.rng)).items()}
+
+
+def _eval_stats(batch, state):
+    stats = onpolicy.rollout_stats(batch, batch["scores"], state.frozen["kl_coef"])
+    return {k: stats[k] for k in ("score", "kl", "rlhf_reward", "eos_rate", "response_length")}
+
+
+def load_reward_model(path: str, policy_meta: dict, policy_config: models.ModelConfig):
+    """(reward model config, abstract params, logical axes, loader(shardings)) of a reward run; it must score the
+    policy's tokens (same vocabulary and tokenizer)."""
+    meta = checkpoint.read_metadata(path)
+    if meta.get("stage") != "reward":
+        raise errors.ConfigError(f"reward_from={path} is a {meta.get('stage')!r} run, not a reward model "
+                                 "(train one with configs/reward.py).")
+    rm_config = models.ModelConfig.from_dict(check_same_vocabulary(policy_meta, path, policy_config))
+    return (rm_config, *reward.trained_reward_model(path, rm_config, meta.get("lora")))
+
+
+def _prompt_arrays(split: dict) -> dict:
+    return {k: split[k] for k in PROMPT_KEYS}
+
+
+def build_task(config, workdir: str, mesh) -> Task:
+    """Policy and tokenizer from `init_from` (an SFT run), reward model from `reward_from`, prompts from
+    `data.train` (`prompt` records)."""
+    h = PpoHyper(**config.ppo.to_dict())
+    sampling = Sampling(**config.rollout.to_dict())
+    model_config, meta, init_path = lm.resolve_model(config)
+    if model_config.adapter_placement != "none":
+        raise errors.ConfigError("PPO trains fully or with LoRA; bottleneck adapters are not supported.")
+    if not config.reward_from:
+        raise errors.ConfigError("PPO needs a reward model: set reward_from=checkpoint:DIR (a configs/reward.py run).")
+    tokenizer_path = config.data.tokenizer or meta.get("tokenizer", "")
+    if not tokenizer_path:
+        raise errors.ConfigError("PPO needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
+    tokenizer = load_tokenizer(tokenizer_path)
+    lora_config = lm.lora_from(config)
+    reward_path = lm.parse_init_from(config.reward_from)
+    rm_config, rm_abstract, rm_logical, load_rm = load_reward_model(
+        reward_path, meta or {"tokenizer": tokenizer.model_path}, model_config)
+    normalization = reward.load_reward_normalization(reward_path)
+
+    data_cfg = config.data
+    if data_cfg.max_prompt_len + sampling.max_new_tokens > model_config.max_seq_len:
+        raise errors.ConfigError(
+            f"data.max_prompt_len={data_cfg.max_prompt_len} + rollout.max_new_tokens={sampling.max_new_tokens} "
+            f"exceeds model.max_seq_len={model_config.max_seq_len}.")
+    per_update = data_cfg.batch_size // h.num_minibatches
+    if data_cfg.batch_size % h.num_minibatches or per_update % config.grad_accum:
+        raise errors.ConfigError(
+            f"data.batch_size={data_cfg.batch_size} must split into ppo.num_minibatches={h.num_minibatches} "
+            f"minibatches of a multiple of grad_accum={config.grad_accum} rows.")
+    data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
+    train_data, _ = lm.data_iterators(data.train, data.eval, config)
+
+    value_from = config.value_from
+    if value_from not in VALUE_FROM:
+        raise errors.ConfigError(f"unknown value_from {value_from!r}; valid: {', '.join(VALUE_FROM)}.")
+    if value_from == "auto":
+        value_from = "policy" if lora_config is not None else "reward"
+    if lora_config is not None and value_from == "reward":
+        raise errors.ConfigError("with LoRA the value model is the policy's frozen base with its own LoRA: use "
+                                 "value_from='policy' (or 'auto').")
+    value_config = rm_config if value_from == "reward" else model_config
+    graphdef = models.abstract_model(model_config)[0]
+    m = PpoModels(policy=onpolicy.Policy(graphdef, lora_config, sampling.temperature, config.loss_chunk),
+                  value_graphdef=models.abstract_model(value_config)[0], value_config=value_config,
+                  value_lora=lora_config, reward_graphdef=models.abstract_model(rm_config)[0],
+                  reward_config=rm_config)
+    layout = ppo_layout(model_config, lora_config, value_config, value_from, seed=config.seed,
+                        init_base=lm.base_initializer(model_config, init_path),
+                        reward_model=(rm_abstract, rm_logical, load_rm), kl_coef=h.kl_coef)
+
+    optim_cfg = config.optim.to_dict()
+    updates = config.steps * h.epochs * h.num_minibatches
+    optim_cfg["total_steps"] = updates  # the schedule counts optimizer updates, several per PPO iteration
+    optimizer = make_optimizer(type(config.optim)(optim_cfg))
+    rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+                      "gain": float(normalization["gain"]), "bias": float(normalization["bias"]),
+                      "missing_eos_penalty": h.missing_eos_penalty}
+    eval_prompts = {k: v[: config.eval_prompts] for k, v in _prompt_arrays(data.eval).items()}
+    seq = data_cfg.max_prompt_len + sampling.max_new_tokens
+    tokens = data_cfg.batch_size * seq
+    # rollout ≈ 1 forward (sampling) + 4 forwards (policy, reference, value, reward) = 5/3 of a training pass;
+    # then epochs × (policy + value) training passes
+    flops = tokens * model_config.flops_per_token(seq) * (5 / 3 + 2 * h.epochs)
+    identity = lm.resume_identity(model_config, lora_config, value_from=value_from,
+                                  reward_model=rm_config.checkpoint_identity())
+    return Task(
+        name="ppo", optimizer=optimizer,
+        train_step=functools.partial(ppo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
+        eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=tokens, flops_per_step=flops,
+        prepare=Rollouts(mesh, **rollout_kwargs),
+        eval_extra=RolloutEval(mesh, eval_prompts, config.seed, **rollout_kwargs) if config.eval_prompts else None,
+        metadata={"stage": "ppo", "model": model_config.to_dict(), "resume_identity": identity,
+                  "policy_params": "params/policy", "policy_frozen": "frozen/base",
+                  "lora": identity["lora"], "tokenizer": tokenizer.model_path, "init_from": config.init_from,
+                  "reward_from": config.reward_from, "ppo": dataclasses.asdict(h),
+                  "rollout": dataclasses.asdict(sampling), "data": data.stats},
+        **layout)
+
+
+def ppo_layout(model_config, lora_config, value_config, value_from: str, *, seed: int, init_base, reward_model,
+               kl_coef: float) -> dict:
+    """Trained `{"policy", "value": {"model", "head"}}` and frozen `{"reference" | "base", "reward", "kl_coef"}`
+    (see the module docstring) as `Task` layout fields."""
+    rm_abstract, rm_logical, load_rm = reward_model
+    policy = lm.param_layout(model_config, lora_config, seed=seed, init_base=init_base,
+                             reference_copy=lora_config is None)
+    head_abstract = heads.abstract_scalar_head(value_config.d_model)
+    zero_head = lambda: heads.init_scalar_head(value_config.d_model, seed, std=0.0)
+    frozen_key = "base" if lora_config is not None else "reference"
+    if lora_config is not None:  # the value model: the same frozen base with its own LoRA
+        value = lm.param_layout(model_config, lora_config, seed=seed + 1, init_base=init_base)
+        value_abstract, value_logical = value["abstract_params"], value["params_logical"]
+    else:
+        _, value_abstract, value_logical = models.abstract_model(value_config)
+        value_abstract = lm.without(value_abstract, reward.UNUSED)
+        value_logical = lm.without(value_logical, reward.UNUSED)
+
+    def init_frozen(shardings):
+        return {frozen_key: policy["init_frozen"](shardings[frozen_key]), "reward": load_rm(shardings["reward"]),
+                "kl_coef": jax.jit(lambda: jnp.asarray(kl_coef, jnp.float32),
+                                   out_shardings=shardings["kl_coef"])()}
+
+    def init_params(shardings, frozen):
+        policy_params = policy["init_params"](shardings["policy"], frozen[frozen_key])
+        if lora_config is not None:
+            value_model = value["init_params"](shardings["value"]["model"], frozen["base"])
+        elif value_from == "reward":
+            value_model = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                  out_shardings=shardings["value"]["model"])(frozen["reward"]["model"])
+        else:
+            value_model = jax.jit(lambda p: jax.tree.map(jnp.copy, lm.without(p, reward.UNUSED)),
+                                  out_shardings=shardings["value"]["model"])(frozen["reference"])
+        head = jax.jit(zero_head, out_shardings=shardings["value"]["head"])()
+        return {"policy": policy_params, "value": {"model": value_model, "head": head}}
+
+    return {
+        "abstract_params": {"policy": policy["abstract_params"],
+                            "value": {"model": value_abstract, "head": head_abstract}},
+        "params_logical": {"policy": policy["params_logical"],
+                           "value": {"model": value_logical, "head": heads.HEAD_LOGICAL}},
+        "init_params": init_params,
+        "abstract_frozen": {frozen_key: policy["abstract_frozen"], "reward": rm_abstract,
+                            "kl_coef": jax.ShapeDtypeStruct((), jnp.float32)},
+        "frozen_logical": {frozen_key: policy["frozen_logical"], "reward": rm_logical, "kl_coef": ()},
+        "init_frozen": init_frozen,
+    }
