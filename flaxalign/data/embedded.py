@@ -9,6 +9,9 @@
   between runs and machines.
 * `arithmetic_tasks`: verifiable prompts "What is 37 + 58?" with the exact
   answer "95", for PPO/GRPO rewards.
+* `arithmetic_sft` (`builtin:arithmetic_sft`): the same questions as SFT
+  pairs with the completion "The answer is 95." — the warm start of the RL
+  stages' verifiable task (use another seed than the RL prompts').
 * `arithmetic_preferences`: the same questions with chosen = "The answer is
   95." and rejected = a wrong answer, for reward models and DPO.
 * `arithmetic_kto`: the same pairs unpaired for KTO (`unpair_preferences`):
@@ -38,6 +41,7 @@ BUILTIN_KINDS = {
     "builtin:stdlib": "text",
     "builtin:sft": "sft",
     "builtin:arithmetic_prompts": "prompt",
+    "builtin:arithmetic_sft": "sft",
     "builtin:arithmetic_preferences": "preference",
     "builtin:arithmetic_kto": "kto",
 }
@@ -184,15 +188,16 @@ def first_sentence(doc: str) -> str:
     return sentence
 
 
-def arithmetic_tasks(n: int, seed: int = DEFAULT_ARITHMETIC_SEED) -> list[dict]:
+def arithmetic_tasks(n: int, seed: int = DEFAULT_ARITHMETIC_SEED, max_operand: int = 99) -> list[dict]:
     """Returns n prompt records {"prompt": "What is 37 + 58?", "answer": "95"}.
 
     Operations are a + b and a - b with 0 <= b <= a <= 99 (answers are never
-    negative) and a * b with 2 <= a, b <= 12, each a third of the time.
+    negative) and a * b with 2 <= a, b <= 12, each a third of the time; `max_operand` < 99 gives an easier task
+    (e.g. 9: single digits and factors up to 9).
     """
     rng = random.Random(seed)
     return [{"prompt": _question(a, op, b), "answer": str(value)}
-            for a, op, b, value in (_problem(rng) for _ in range(n))]
+            for a, op, b, value in (_problem(rng, max_operand) for _ in range(n))]
 
 
 def arithmetic_preferences(n: int, seed: int = DEFAULT_ARITHMETIC_SEED) -> list[dict]:
@@ -235,13 +240,14 @@ def unpair_preferences(records) -> list[dict]:
     return unpaired
 
 
-def _problem(rng):
-    """One random (a, op, b, a op b)."""
+def _problem(rng, max_operand=99):
+    """One random (a, op, b, a op b); + and - operands up to `max_operand`, * factors 2..min(12, max_operand)."""
     op = rng.choice("+-*")
     if op == "*":
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        top = max(2, min(12, max_operand))
+        a, b = rng.randint(2, top), rng.randint(2, top)
         return a, op, b, a * b
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
     if op == "-":
         a, b = max(a, b), min(a, b)
         return a, op, b, a - b
@@ -274,8 +280,12 @@ def builtin_records(spec: str, kind: str) -> list[dict]:
         return sft_pairs(params.get("n"))
     n = params.get("n", DEFAULT_ARITHMETIC_N)
     seed = params.get("seed", DEFAULT_ARITHMETIC_SEED)
+    max_operand = params.get("max", 99)
     if base == "builtin:arithmetic_prompts":
-        return arithmetic_tasks(n, seed)
+        return arithmetic_tasks(n, seed, max_operand)
+    if base == "builtin:arithmetic_sft":
+        return [{"prompt": t["prompt"], "completion": f"The answer is {t['answer']}."}
+                for t in arithmetic_tasks(n, seed, max_operand)]
     if base == "builtin:arithmetic_kto":
         return unpair_preferences(arithmetic_preferences(n, seed))
     return arithmetic_preferences(n, seed)
@@ -284,7 +294,8 @@ def builtin_records(spec: str, kind: str) -> list[dict]:
 _BUILTIN_PARAMS = {
     "builtin:stdlib": (),
     "builtin:sft": ("n",),
-    "builtin:arithmetic_prompts": ("n", "seed"),
+    "builtin:arithmetic_prompts": ("n", "seed", "max"),
+    "builtin:arithmetic_sft": ("n", "seed", "max"),
     "builtin:arithmetic_preferences": ("n", "seed"),
     "builtin:arithmetic_kto": ("n", "seed"),
 }
@@ -297,8 +308,8 @@ def _builtin_params(spec, query, allowed):
         if name not in allowed:
             accepted = ", ".join(allowed) if allowed else "none"
             raise DataError(f"{spec}: unknown parameter {name!r} (accepted: {accepted}).")
-        if not re.fullmatch(r"\d+", value) or (name == "n" and int(value) == 0):
-            sign = "positive" if name == "n" else "non-negative"
+        if not re.fullmatch(r"\d+", value) or (name in ("n", "max") and int(value) == 0):
+            sign = "positive" if name in ("n", "max") else "non-negative"
             raise DataError(f"{spec}: parameter {name!r} must be a {sign} integer, got {value!r}.")
         params[name] = int(value)
     return params
