@@ -30,10 +30,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model = preset(arg)
     c.model.dtype = "auto"
 
-    # reward functions: built-ins (exact_answer, answer_format, answer_closeness) or "package.module:function",
-    # called as fn(prompts, completions, answer=[...]) -> floats; summed with reward_weights (empty = all 1)
-    c.rewards = ["exact_answer"]
-    c.reward_weights = []
+    # reward functions, comma-separated: built-ins (exact_answer, answer_format, answer_closeness) or
+    # "package.module:function", called as fn(prompts, completions, answer=[...]) -> floats; summed with
+    # reward_weights (comma-separated numbers, one per function; "" = all 1)
+    c.rewards = "exact_answer"
+    c.reward_weights = ""
     c.reward_from = ""  # optional checkpoint:DIR of a configs/reward.py run, added with reward_model_weight
     c.reward_model_weight = 1.0
 

@@ -33,11 +33,11 @@ from flaxalign.losses.rl import (
 )
 
 __all__ = [
-    "chunked_token_entropy",
-    "chunked_token_kl",
     "DPO_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
     "bradley_terry_loss",
+    "chunked_token_entropy",
+    "chunked_token_kl",
     "chunked_token_logps",
     "cpo_loss",
     "dpo_loss",

@@ -176,8 +176,10 @@ def _grpo_update(state, batch, *, m, h, optimizer, grad_accum):
     metrics.update({
         "reward": jnp.mean(batch["rewards"]), "reward_std": jnp.std(batch["rewards"]),
         "frac_reward_zero_std": jnp.mean((jnp.std(grouped, axis=1) == 0).astype(jnp.float32)),
-        "kl": jnp.mean(sequence_kl(batch)), "response_length": jnp.mean(jnp.sum(mask, axis=1)),
+        "response_length": jnp.mean(jnp.sum(mask, axis=1)),
         "eos_rate": jnp.mean(batch["ended"].astype(jnp.float32)), "advantage_abs": jnp.mean(jnp.abs(advantages))})
+    if h.needs_reference:  # Σ_t k1 per response; without a reference there is nothing to compare with
+        metrics["kl"] = jnp.mean(sequence_kl(batch))
     return state, metrics
 
 
@@ -282,12 +284,12 @@ def build_task(config, workdir: str, mesh) -> Task:
     if not tokenizer_path:
         raise errors.ConfigError("GRPO needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
     tokenizer = load_tokenizer(tokenizer_path)
-    functions = resolve_reward_functions(list(config.rewards)) if len(config.rewards) else []
+    functions = resolve_reward_functions(config.rewards) if config.rewards.strip() else []
     if not functions and not config.reward_from:
-        raise errors.ConfigError("GRPO needs rewards: list reward functions in `rewards` and/or set reward_from.")
+        raise errors.ConfigError("GRPO needs rewards: name reward functions in `rewards` and/or set reward_from.")
     if jax.process_count() > 1 and functions:
         raise errors.ConfigError("Python reward functions run on one host; multi-process GRPO needs reward_from only.")
-    weights = list(config.reward_weights) if len(config.reward_weights) else None
+    weights = _weights(config.reward_weights)
     lora_config = lm.lora_from(config)
 
     data_cfg = config.data
@@ -346,6 +348,15 @@ def build_task(config, workdir: str, mesh) -> Task:
                   "rewards": [name for name, _ in functions], "grpo": dataclasses.asdict(h),
                   "rollout": dataclasses.asdict(sampling), "data": data.stats},
         **layout)
+
+
+def _weights(text: str):
+    if not text.strip():
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise errors.ConfigError(f"reward_weights={text!r} must be comma-separated numbers.") from None
 
 
 def grpo_layout(model_config, lora_config, *, seed: int, init_base, reference_copy: bool, reward_model) -> dict:

@@ -1,0 +1,158 @@
+"""GRPO/RLOO stage: advantages of a real rollout against NumPy, the reference-free layout at β = 0, non-finite rewards
+skipped, sharding and micro-batch invariance; and through the CLI: a raising reward function (named, run
+checkpointed), NaN rewards (update skipped and logged), over-long prompts (left-truncated and counted)."""
+
+import functools
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from flaxalign import models
+from flaxalign.data.batching import left_pad_prompts
+from flaxalign.stages import grpo, onpolicy, ppo
+from flaxalign.train import loop
+from flaxalign.train.checkpoint import Checkpointer
+from flaxalign.train.jit import CompiledStep
+from flaxalign.train.task import Task
+from tests import cli_helpers as cli
+from tests import helpers
+
+CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2)
+G, PROMPTS, NEW_TOKENS = 4, 4, 6
+
+
+def _task(h, grad_accum=1, optimizer=None):
+    m = grpo.GrpoModels(policy=onpolicy.Policy(models.abstract_model(CONFIG)[0], None, 1.0, 16))
+    layout = grpo.grpo_layout(
+        CONFIG, None, seed=0, init_base=lambda shardings: jax.device_put(helpers.random_params(CONFIG, 0), shardings),
+        reference_copy=h.needs_reference, reward_model=None)
+    optimizer = optimizer or optax.sgd(0.05)
+    task = Task(name="grpo", optimizer=optimizer, eval_step=None, train_data=None, eval_batches=None,
+                train_step=functools.partial(grpo.grpo_step, m=m, h=h, optimizer=optimizer, grad_accum=grad_accum),
+                tokens_per_step=1, flops_per_step=1.0, metadata={}, **layout)
+    return task, m
+
+
+def _state(task, mesh, tmp, name):
+    return loop.initial_state(task, 0, mesh, Checkpointer(os.path.join(tmp, name)))[:2]
+
+
+def _rollout(task, m, h, tmp, rewards):
+    mesh = helpers.mesh((1, 1, 1))
+    state, _ = _state(task, mesh, tmp, "rollout")
+    rng = np.random.default_rng(0)
+    prompts = left_pad_prompts([list(rng.integers(4, 512, size=n)) for n in (3, 6, 4, 5)], pad_id=0)
+    prompts = {k: np.repeat(v, G, axis=0) for k, v in prompts.items()}
+    fn = jax.jit(functools.partial(grpo.grpo_rollout, m=m, sampling=ppo.Sampling(NEW_TOKENS, 1.0), eos_id=-1,
+                                   pad_id=0, with_reference=h.needs_reference))
+    with jax.set_mesh(mesh):
+        out = jax.device_get(fn(state, prompts, jax.random.PRNGKey(3)))
+    return {**out, "rewards": np.asarray(rewards, np.float32)}
+
+
+REWARDS = [1, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 0.5, 0, 2, 0, 1]
+
+
+@pytest.mark.parametrize("algorithm, beta", [("grpo", 0.04), ("rloo", 0.05)])
+def test_advantages_match_numpy(tmp_path, algorithm, beta):
+    h = grpo.GrpoHyper(algorithm=algorithm, group_size=G, beta=beta)
+    task, m = _task(h)
+    batch = _rollout(task, m, h, str(tmp_path), REWARDS)
+    r = np.asarray(REWARDS, np.float64).reshape(PROMPTS, G)
+    if algorithm == "grpo":
+        expected = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)
+    else:  # the policy is still the reference, so Σ k1 = 0 and the reward is unchanged
+        np.testing.assert_array_equal(batch["old_logps"], batch["ref_logps"])
+        expected = r - (r.sum(1, keepdims=True) - r) / (G - 1)
+    advantages = grpo.grpo_advantages_of(batch, h)
+    np.testing.assert_allclose(advantages, expected.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_free_at_beta_zero(tmp_path):
+    h = grpo.GrpoHyper(group_size=G, beta=0.0)
+    task, _ = _task(h)
+    assert task.abstract_frozen == {}
+
+
+def test_step_sharded_micro_batched_and_nonfinite_skip(tmp_path):
+    tmp = str(tmp_path)
+    h = grpo.GrpoHyper(group_size=G, beta=0.04, num_minibatches=2, epochs=2)
+    task, m = _task(h)
+    batch = _rollout(task, m, h, tmp, REWARDS)
+    mesh = helpers.mesh((1, 1, 1))
+
+    def run(task, mesh, name, batch):
+        state, shardings = _state(task, mesh, tmp, name)
+        new_state, metrics = CompiledStep(task.train_step, mesh, shardings)(state, batch)
+        return jax.device_get(new_state), jax.device_get(metrics)
+
+    start = jax.device_get(_state(task, mesh, tmp, "start")[0])
+    reference, metrics = run(task, mesh, "unsharded", batch)
+    sharded, _ = run(task, helpers.mesh((2, 2, 2)), "sharded", batch)
+    micro, _ = run(_task(h, grad_accum=2)[0], mesh, "micro", batch)
+
+    def diff(a, b):
+        return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+
+    assert diff(reference, start) > 1e-3 and metrics["skipped"] == 0
+    assert diff(reference, sharded) < 1e-6 and diff(reference, micro) < 1e-6
+    np.testing.assert_allclose(metrics["reward"], np.mean(REWARDS), rtol=1e-6)
+    skipped, skipped_metrics = run(task, mesh, "nan", dict(batch, rewards=np.where(
+        np.arange(len(REWARDS)) == 5, np.nan, batch["rewards"]).astype(np.float32)))
+    assert skipped_metrics["skipped"] == 1 and diff(skipped, start) == 0 and int(skipped.step) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Through the CLI, from the demo's SFT run (reward functions are looked up as tests.stages.test_grpo:NAME)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def exploding_reward(prompts, completions, **_):
+    raise ZeroDivisionError("the checker divided by zero")
+
+
+def sometimes_nan_reward(prompts, completions, **_):
+    """NaN for every completion of the first call's batch (step 0), 1.0 afterwards."""
+    marker = os.environ["FLAXALIGN_TEST_MARKER"]
+    first = not os.path.exists(marker)
+    open(marker, "a").close()
+    return [math.nan if first else float(len(c) % 2) for c in completions]
+
+
+def _grpo_flags(workdir, sft, **config):
+    values = {"init_from": f"checkpoint:{sft}", "steps": 3, "log_every": 1, "eval_every": 0, "eval_prompts": 0,
+              "data.batch_size": 4, "grpo.group_size": 4, "rollout.max_new_tokens": 6, "checkpoint_every": 0}
+    values.update(config)
+    return ["--config=configs/grpo.py:tiny", f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in values.items()]
+
+
+@pytest.mark.slow
+def test_raising_reward_function_is_named_and_the_run_checkpointed(sft_demo_run, tmp_path):
+    workdir = str(tmp_path / "grpo")
+    rc, out, err = cli.run(_grpo_flags(workdir, sft_demo_run, rewards="tests.stages.test_grpo:exploding_reward"),
+                           cpu_devices=1)
+    assert rc == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "tests.stages.test_grpo:exploding_reward" in last and "ZeroDivisionError" in last, last
+    assert "Traceback" not in err
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["0"]
+
+
+@pytest.mark.slow
+def test_nan_rewards_skip_the_update_and_long_prompts_are_truncated(sft_demo_run, tmp_path):
+    workdir = str(tmp_path / "grpo")
+    rc, out, err = cli.run(_grpo_flags(workdir, sft_demo_run, rewards="tests.stages.test_grpo:sometimes_nan_reward",
+                                       **{"data.max_prompt_len": 8}),
+                           cpu_devices=1, FLAXALIGN_TEST_MARKER=str(tmp_path / "called"))
+    assert rc == 0, err[-2000:]
+    data_line = next(line for line in out.splitlines() if line.startswith("data:"))
+    stats = dict(item.split("=") for item in data_line[len("data: "):].split(", "))
+    assert int(stats["train_truncated"]) > 0 and int(stats["train_tokens_removed"]) > 0
+    assert "rewards are not finite; this update is skipped" in err
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [row["skipped"] for row in rows if "skipped" in row] == [1.0, 0.0, 0.0]
