@@ -267,7 +267,7 @@ class RolloutEval:
 
 def _eval_stats(batch, state):
     stats = onpolicy.rollout_stats(batch, batch["scores"], state.frozen["kl_coef"])
-    return {k: stats[k] for k in ("score", "kl", "rlhf_reward", "eos_rate", "response_length")}
+    return {k: stats[k] for k in ("score", "score_std", "kl", "rlhf_reward", "eos_rate", "response_length")}
 
 
 def load_reward_model(path: str, policy_meta: dict, policy_config: models.ModelConfig):

@@ -3,7 +3,6 @@ skipped, sharding and micro-batch invariance; and through the CLI: a raising rew
 checkpointed), NaN rewards (update skipped and logged), over-long prompts (left-truncated and counted)."""
 
 import functools
-import json
 import math
 import os
 
@@ -134,8 +133,8 @@ def _grpo_flags(workdir, sft, **config):
 @pytest.mark.slow
 def test_raising_reward_function_is_named_and_the_run_checkpointed(sft_demo_run, tmp_path):
     workdir = str(tmp_path / "grpo")
-    rc, out, err = cli.run(_grpo_flags(workdir, sft_demo_run, rewards="tests.stages.test_grpo:exploding_reward"),
-                           cpu_devices=1)
+    rc, _, err = cli.run(_grpo_flags(workdir, sft_demo_run, rewards="tests.stages.test_grpo:exploding_reward"),
+                         cpu_devices=1)
     assert rc == 2, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert "tests.stages.test_grpo:exploding_reward" in last and "ZeroDivisionError" in last, last
@@ -154,5 +153,5 @@ def test_nan_rewards_skip_the_update_and_long_prompts_are_truncated(sft_demo_run
     stats = dict(item.split("=") for item in data_line[len("data: "):].split(", "))
     assert int(stats["train_truncated"]) > 0 and int(stats["train_tokens_removed"]) > 0
     assert "rewards are not finite; this update is skipped" in err
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    rows = cli.metrics(workdir)
     assert [row["skipped"] for row in rows if "skipped" in row] == [1.0, 0.0, 0.0]
