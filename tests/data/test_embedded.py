@@ -166,3 +166,15 @@ def test_bad_builtin_specs(spec, kind, message):
     with pytest.raises(DataError) as info:
         read_records(spec, kind)
     assert message in str(info.value)
+
+
+def test_arithmetic_sft_and_max_operand():
+    records = read_records("builtin:arithmetic_sft?n=40&seed=1&max=9", "sft")
+    tasks = embedded.arithmetic_tasks(40, 1, 9)
+    assert records == [{"prompt": t["prompt"], "completion": f"The answer is {t['answer']}."} for t in tasks]
+    operands = [int(x) for t in tasks for x in t["prompt"][len("What is "):-1].split(" ")[::2]]
+    assert max(operands) <= 9 and any(t["prompt"].find("*") > 0 for t in tasks)
+    # the default operand range draws the same problems as before the parameter existed
+    assert read_records("builtin:arithmetic_prompts?n=30&max=99", "prompt") == embedded.arithmetic_tasks(30, 0)
+    with pytest.raises(DataError, match="parameter 'max' must be a positive integer"):
+        read_records("builtin:arithmetic_prompts?max=0", "prompt")
