@@ -14,7 +14,7 @@ from flaxalign import errors
 from flaxalign.models import preset
 
 PRESETS = {
-    "tiny": dict(steps=60, lr=1e-4, batch_size=16, group_size=8, max_prompt_len=24, max_new_tokens=12),
+    "tiny": dict(steps=400, lr=3e-4, batch_size=16, group_size=16, max_prompt_len=24, max_new_tokens=12),
 }
 
 
@@ -39,7 +39,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.reward_model_weight = 1.0
 
     c.data = ml_collections.ConfigDict()
-    c.data.train = "builtin:arithmetic_prompts"  # prompt records {"prompt", "answer"}
+    c.data.train = "builtin:arithmetic_prompts?max=9"  # prompt records {"prompt", "answer"}; single-digit task
     c.data.eval = ""  # "" = hold out eval_fraction of the training records
     c.data.eval_fraction = 0.05
     c.data.max_examples = 0
@@ -51,8 +51,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=1.0, top_k=0,
                                                top_p=1.0))
     c.grpo = ml_collections.ConfigDict(dict(
-        algorithm="grpo", group_size=p["group_size"], epochs=1, num_minibatches=1, clip_eps=0.2, clip_eps_high=0.0,
-        beta=0.04, loss_type="dapo", scale_rewards="group", rloo_normalize=False, missing_eos_penalty=0.0))
+        algorithm="grpo", group_size=p["group_size"], epochs=1, num_minibatches=2, clip_eps=0.2, clip_eps_high=0.0,
+        beta=0.0, loss_type="dapo", scale_rewards="group", rloo_normalize=False, missing_eos_penalty=0.0))
 
     c.lora = ml_collections.ConfigDict(dict(
         rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
@@ -68,9 +68,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.grad_accum = 1
     c.loss_chunk = 256
     c.log_every = 5
-    c.eval_every = 20
+    c.eval_every = 50
     c.eval_at_start = True
     c.eval_prompts = 128  # held-out prompts answered (greedy and sampled) at every evaluation (0 = off)
-    c.checkpoint_every = 20
+    c.checkpoint_every = 100
     c.keep_checkpoints = 2
     return c

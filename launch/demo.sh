@@ -4,7 +4,9 @@
 #   2. supervised fine-tuning of that checkpoint on the built-in SFT pairs (full fine-tuning),
 #   3. the same SFT with LoRA (rank 8, all linear layers) on the frozen CLM weights,
 #   4. a reward model from the SFT checkpoint on the built-in arithmetic preference pairs (+ reward normalisation),
-#   5. DPO of the SFT model on the same pairs (frozen reference copy), and DPO with LoRA (adapter-off reference).
+#   5. DPO of the SFT model on the same pairs (frozen reference copy), and DPO with LoRA (adapter-off reference),
+#   6. PPO of the SFT model against that reward model (value model from the RM, per-token KL to the SFT model),
+#   7. a short SFT on single-digit arithmetic from the CLM checkpoint, then GRPO on it with the exact-answer reward.
 # Usage: ./launch/demo.sh [extra flaxalign flags for every stage]
 set -euo pipefail
 . "$(dirname "$0")/_venv.sh"
@@ -17,9 +19,14 @@ flaxalign train --config=configs/reward.py:tiny --workdir="$root/reward" --confi
 flaxalign train --config=configs/dpo.py:tiny --workdir="$root/dpo" --config.init_from="checkpoint:$root/sft" "$@"
 flaxalign train --config=configs/dpo.py:tiny --workdir="$root/dpo_lora" --config.init_from="checkpoint:$root/sft" \
   --config.lora.rank=8 --config.optim.lr=2e-3 "$@"
+flaxalign train --config=configs/ppo.py:tiny --workdir="$root/ppo" --config.init_from="checkpoint:$root/sft" \
+  --config.reward_from="checkpoint:$root/reward" "$@"
+flaxalign train --config=configs/sft.py:tiny --workdir="$root/sft_math" --config.init_from="checkpoint:$root/clm" \
+  '--config.data.train=builtin:arithmetic_sft?seed=1&max=9' --config.steps=150 --config.eval_every=0 "$@"
+flaxalign train --config=configs/grpo.py:tiny --workdir="$root/grpo" --config.init_from="checkpoint:$root/sft_math" "$@"
 echo
-for stage in clm sft sft_lora reward dpo dpo_lora; do
+for stage in clm sft sft_lora reward dpo dpo_lora ppo sft_math grpo; do
   echo "== $stage"
   cat "$root/$stage/report.md"
 done
-echo "demo: outputs in $root/{clm,sft,sft_lora,reward,dpo,dpo_lora}: report.md, metrics.jsonl, tensorboard/, checkpoints/"
+echo "demo: outputs in $root/{clm,sft,sft_lora,reward,dpo,dpo_lora,ppo,sft_math,grpo}: report.md, metrics.jsonl, tensorboard/, checkpoints/"

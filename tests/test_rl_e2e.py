@@ -33,8 +33,7 @@ def test_ppo_raises_reward_by_one_initial_std_within_kl_budget(sft_demo_run, rew
     workdir = str(tmp_path / "ppo")
     rc, _, err = cli.run(["--config=configs/ppo.py:tiny", f"--workdir={workdir}",
                           f"--config.init_from=checkpoint:{sft_demo_run}",
-                          f"--config.reward_from=checkpoint:{reward_run}", "--config.steps=150",
-                          "--config.eval_every=25"], cpu_devices=1, timeout=900)
+                          f"--config.reward_from=checkpoint:{reward_run}"], cpu_devices=1, timeout=900)
     assert rc == 0, err[-2000:]
     evals = _evals(workdir, "eval_score")
     start, end = evals[0][1], evals[-1][1]
@@ -61,9 +60,7 @@ def test_grpo_raises_exact_answer_accuracy(arithmetic_sft_run, tmp_path):
     workdir = str(tmp_path / "grpo")
     rc, _, err = cli.run(["--config=configs/grpo.py:tiny", f"--workdir={workdir}",
                           f"--config.init_from=checkpoint:{arithmetic_sft_run}",
-                          "--config.data.train=builtin:arithmetic_prompts?max=9", "--config.steps=400",
-                          "--config.optim.lr=3e-4", "--config.grpo.beta=0.0", "--config.grpo.group_size=16",
-                          "--config.grpo.num_minibatches=2", "--config.eval_every=50"], cpu_devices=1, timeout=1500)
+                          ], cpu_devices=1, timeout=1500)  # the tiny preset: 400 steps, G = 16, β = 0
     assert rc == 0, err[-2000:]
     evals = _evals(workdir, "eval_exact_answer_sampled")
     start, end = evals[0][1], evals[-1][1]

@@ -47,7 +47,7 @@ ALGORITHMS = ("grpo", "rloo")
 
 @dataclasses.dataclass(frozen=True)
 class GrpoHyper:
-    """The `grpo` config block, validated (defaults: TRL 1.16 GRPOConfig, but β = 0.04 as in the paper)."""
+    """The `grpo` config block, validated (defaults: TRL 1.16 GRPOConfig; the paper's β is 0.04)."""
     algorithm: str = "grpo"
     group_size: int = 8
     epochs: int = 1
