@@ -11,7 +11,7 @@ def write_report(workdir: str, config, result, seconds: float) -> str:
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
     train_rows = [r for r in rows if "loss" in r]
-    eval_rows = [r for r in rows if "eval_loss" in r]
+    eval_rows = [r for r in rows if any(k.startswith("eval_") for k in r)]
     throughput = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r]
     mfus = [r["mfu"] for r in rows if "mfu" in r]
     lines = [f"# flaxalign {config.stage} run", "",
@@ -21,7 +21,7 @@ def write_report(workdir: str, config, result, seconds: float) -> str:
     if train_rows:
         lines.append(f"- train loss: {train_rows[0]['loss']:.4f} (step {train_rows[0]['step']}) → "
                      f"{train_rows[-1]['loss']:.4f} (step {train_rows[-1]['step']})")
-    if eval_rows:
+    if eval_rows and "eval_loss" in eval_rows[-1]:
         last = eval_rows[-1]
         perplexity = f", perplexity {last['eval_perplexity']:.2f}" if "eval_perplexity" in last else ""
         lines.append(f"- eval loss: {last['eval_loss']:.4f}{perplexity} (step {last['step']})")
