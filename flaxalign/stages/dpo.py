@@ -27,7 +27,6 @@ import numpy as np
 from flaxalign import errors, models, sharding
 from flaxalign.data.batching import left_pad_prompts, unstack_pairs
 from flaxalign.data.preference_data import build_kto_datasets, build_preference_datasets
-from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.generate import generate
 from flaxalign.losses.lm import chunked_token_kl, sequence_logps
 from flaxalign.losses.preference import (
@@ -375,13 +374,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     data_cfg = config.data
     method = make_method(config)
     model_config, meta, init_path = lm.resolve_model(config)
-    tokenizer_path = data_cfg.tokenizer or meta.get("tokenizer", "")
-    if not tokenizer_path:
-        raise errors.ConfigError("DPO needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise errors.ConfigError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}.")
+    tokenizer = lm.stage_tokenizer(config, meta, model_config, "DPO")
     check_shapes(config, model_config, mesh)
     lora_config = lm.lora_from(config)
     adapters_only = model_config.adapter_placement != "none"

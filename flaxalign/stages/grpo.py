@@ -26,7 +26,6 @@ from absl import logging
 
 from flaxalign import errors, models, sharding
 from flaxalign.data.prompt_data import build_prompt_datasets, prompt_texts
-from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.generate import generate
 from flaxalign.losses.rl import (
     GRPO_LOSS_TYPES,
@@ -38,7 +37,6 @@ from flaxalign.losses.rl import (
 )
 from flaxalign.rewards import resolve_reward_functions, score_completions
 from flaxalign.stages import lm, onpolicy, ppo, reward
-from flaxalign.train.optim import make_optimizer
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
 
@@ -87,49 +85,40 @@ class GrpoModels:
     reward_graphdef: object = None  # None: no reward model
     reward_config: object = None
 
-    @property
-    def shared_base(self) -> bool:
-        return self.policy.lora_config is not None
 
-
-def _policy_params(trainable, frozen, rng, m: GrpoModels):
-    return onpolicy.policy_weights(trainable, frozen.get("base"), rng, m.policy)
-
-
-def _reference_params(frozen, m: GrpoModels):
-    return frozen["base"] if m.shared_base else frozen["reference"]
-
-
-def grpo_rollout(state: TrainState, prompts: dict, rng, *, m: GrpoModels, sampling: ppo.Sampling, eos_id: int,
-                 pad_id: int, with_reference: bool, greedy: bool = False) -> dict:
-    """Responses to `prompts` (already repeated G times), with `old_logps`, `ref_logps` (zeros without a
-    reference) and the reward model's raw `rm_scores` (zeros without one)."""
-    params, transform = _policy_params(state.params, state.frozen, None, m)
+def grpo_rollout(state: TrainState, prompts: dict, rng, *, m: GrpoModels, sampling: onpolicy.Sampling, eos_id: int,
+                 pad_id: int, with_reference: bool, group_size: int = 1, greedy: bool = False) -> dict:
+    """`group_size` responses to each of `prompts` (consecutive rows), with the reward model's raw `rm_scores`
+    (zeros without one) and, unless `greedy` (evaluation), `old_logps` and `ref_logps` (zeros without a
+    reference)."""
+    prompts = {k: jnp.repeat(prompts[k], group_size, axis=0) for k in ppo.PROMPT_KEYS}
+    params, transform = onpolicy.policy_weights(state.params, state.frozen, None, m.policy)
     out = generate(m.policy.graphdef, params, prompts, rng, max_new_tokens=sampling.max_new_tokens, eos_id=eos_id,
                    pad_id=pad_id, temperature=0.0 if greedy else sampling.temperature, top_k=sampling.top_k,
                    top_p=sampling.top_p, layer_transform=transform)
     batch = {k: out[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
     mask = batch["response_mask"] > 0
-    zero = jnp.zeros((), jnp.float32)
-    if greedy:
-        return batch
-    logps, _, _ = onpolicy.response_logps(params, transform, batch, m.policy)
-    batch["old_logps"] = jnp.where(mask, logps, zero)
-    if with_reference:
-        ref_logps, _, _ = onpolicy.response_logps(_reference_params(state.frozen, m), None, batch, m.policy)
-        batch["ref_logps"] = jnp.where(mask, ref_logps, zero)
-    else:
-        batch["ref_logps"] = jnp.zeros_like(batch["old_logps"])
     if m.reward_graphdef is not None:
         batch["rm_scores"] = ppo.reward_model_scores(state.frozen, batch["tokens"], batch["mask"], m)
     else:
         batch["rm_scores"] = jnp.zeros(mask.shape[:1], jnp.float32)
+    if greedy:
+        return batch
+    zero = jnp.zeros((), jnp.float32)
+    logps, _, _ = onpolicy.response_logps(params, transform, batch, m.policy)
+    batch["old_logps"] = jnp.where(mask, logps, zero)
+    if with_reference:
+        ref_params = onpolicy.reference_weights(state.frozen, m.policy)
+        ref_logps, _, _ = onpolicy.response_logps(ref_params, None, batch, m.policy)
+        batch["ref_logps"] = jnp.where(mask, ref_logps, zero)
+    else:
+        batch["ref_logps"] = jnp.zeros_like(batch["old_logps"])
     return batch
 
 
 def grpo_loss(trainable, frozen, batch, rng, *, m: GrpoModels, h: GrpoHyper, max_completion_length: int):
     mask = batch["response_mask"] > 0
-    params, transform = _policy_params(trainable, frozen, rng, m)
+    params, transform = onpolicy.policy_weights(trainable, frozen, rng, m.policy)
     logps, _, _ = onpolicy.response_logps(params, transform, batch, m.policy)
     in_loss_kl = h.algorithm == "grpo" and h.needs_reference
     loss_sum, count, metrics = grpo_policy_loss(
@@ -227,12 +216,11 @@ class GrpoRollouts:
     def __init__(self, mesh, scorer: Scorer, h: GrpoHyper, **rollout_kwargs):
         self.mesh, self.scorer, self.h = mesh, scorer, h
         self.fn = jax.jit(lambda state, prompts: grpo_rollout(state, prompts, jax.random.fold_in(state.rng, 1),
-                                                              **rollout_kwargs))
+                                                              group_size=h.group_size, **rollout_kwargs))
 
     def __call__(self, state, step, batch):
-        prompts = {k: jnp.repeat(batch[k], self.h.group_size, axis=0) for k in ppo.PROMPT_KEYS}
         with jax.set_mesh(self.mesh):
-            rollout = self.fn(state, prompts)
+            rollout = self.fn(state, {k: batch[k] for k in ppo.PROMPT_KEYS})
         rewards, logged = self.scorer(rollout, jax.device_get(batch["index"]), self.h.group_size)
         bad = int(np.sum(~np.isfinite(rewards)))
         if bad:
@@ -259,7 +247,6 @@ class GrpoEval:
         for name, fn in (("greedy", self.greedy), ("sampled", self.sampled)):
             with jax.set_mesh(self.mesh):
                 rollout = fn(state, prompts, self.rng)
-            rollout.setdefault("rm_scores", jnp.zeros(rollout["ended"].shape, jnp.float32))
             total, logged = self.scorer(rollout, self.prompts["index"], 1)
             out[f"reward_{name}"] = float(np.nanmean(total))
             out.update({f"{key.split('/', 1)[1]}_{name}": value for key, value in logged.items()})
@@ -276,14 +263,11 @@ def build_task(config, workdir: str, mesh) -> Task:
     """Policy and tokenizer from `init_from` (an SFT run), prompts (with answers) from `data.train`, rewards from
     `rewards` (and `reward_from`)."""
     h = GrpoHyper(**config.grpo.to_dict())
-    sampling = ppo.Sampling(**config.rollout.to_dict())
+    sampling = onpolicy.Sampling(**config.rollout.to_dict())
     model_config, meta, init_path = lm.resolve_model(config)
     if model_config.adapter_placement != "none":
         raise errors.ConfigError("GRPO trains fully or with LoRA; bottleneck adapters are not supported.")
-    tokenizer_path = config.data.tokenizer or meta.get("tokenizer", "")
-    if not tokenizer_path:
-        raise errors.ConfigError("GRPO needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = lm.stage_tokenizer(config, meta, model_config, "GRPO")
     functions = resolve_reward_functions(config.rewards) if config.rewards.strip() else []
     if not functions and not config.reward_from:
         raise errors.ConfigError("GRPO needs rewards: name reward functions in `rewards` and/or set reward_from.")
@@ -293,15 +277,8 @@ def build_task(config, workdir: str, mesh) -> Task:
     lora_config = lm.lora_from(config)
 
     data_cfg = config.data
-    if data_cfg.max_prompt_len + sampling.max_new_tokens > model_config.max_seq_len:
-        raise errors.ConfigError(
-            f"data.max_prompt_len={data_cfg.max_prompt_len} + rollout.max_new_tokens={sampling.max_new_tokens} "
-            f"exceeds model.max_seq_len={model_config.max_seq_len}.")
     rows = data_cfg.batch_size * h.group_size
-    if rows % h.num_minibatches or (rows // h.num_minibatches) % config.grad_accum:
-        raise errors.ConfigError(
-            f"data.batch_size × grpo.group_size = {rows} rows must split into grpo.num_minibatches="
-            f"{h.num_minibatches} minibatches of a multiple of grad_accum={config.grad_accum} rows.")
+    onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")
     data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
     train_data, _ = lm.data_iterators(data.train, data.eval, config)
 
@@ -318,9 +295,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     layout = grpo_layout(model_config, lora_config, seed=config.seed, init_base=lm.base_initializer(model_config,
                          init_path), reference_copy=with_reference, reward_model=rm[1:] if rm else None)
 
-    optim_cfg = config.optim.to_dict()
-    optim_cfg["total_steps"] = config.steps * h.epochs * h.num_minibatches
-    optimizer = make_optimizer(type(config.optim)(optim_cfg))
+    optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
     rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
                       "with_reference": with_reference}
     scorer = functools.partial(Scorer, functions, weights, tokenizer, reward_model_weight=float(
@@ -344,7 +319,7 @@ def build_task(config, workdir: str, mesh) -> Task:
         prepare=GrpoRollouts(mesh, scorer(data.records["train"]), h, **rollout_kwargs), eval_extra=eval_extra,
         metadata={"stage": "grpo", "model": model_config.to_dict(), "resume_identity": identity,
                   "lora": identity["lora"], "tokenizer": tokenizer.model_path, "init_from": config.init_from,
-                  "policy_params": "params", "policy_frozen": frozen_base, "reward_from": config.reward_from,
+                  "model_params": "params", "model_frozen": frozen_base, "reward_from": config.reward_from,
                   "rewards": [name for name, _ in functions], "grpo": dataclasses.asdict(h),
                   "rollout": dataclasses.asdict(sampling), "data": data.stats},
         **layout)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from flaxalign import errors, models, sharding
 from flaxalign.data.loader import BatchIterator
+from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.losses.lm import token_cross_entropy
 from flaxalign.models import adapters
 from flaxalign.peft import lora
@@ -135,6 +136,18 @@ def resolve_model(config) -> tuple[models.ModelConfig, dict, str]:
     return models.ModelConfig.from_dict({**values, **adapter_fields(config)}), meta, init_path
 
 
+def stage_tokenizer(config, meta: dict, model_config: models.ModelConfig, stage: str):
+    """The tokenizer of a stage: `data.tokenizer`, else the `init_from` run's; its ids must fit the model's vocab."""
+    path = config.data.tokenizer or meta.get("tokenizer", "")
+    if not path:
+        raise errors.ConfigError(f"{stage} needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise errors.ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}.")
+    return tokenizer
+
+
 def lora_from(config):
     block = config.get("lora")
     return lora.LoraConfig.from_dict(block) if block is not None and block.rank else None
@@ -158,7 +171,7 @@ def base_initializer(model_config: models.ModelConfig, init_path: str, *, drop: 
     abstract_base = without(abstract_base, drop)
     if model_config.adapter_placement != "none":  # the checkpoint holds the base only
         abstract_base = adapters.split_trainable(abstract_base)[1]
-    return functools.partial(checkpoint.load_params, init_path, abstract_base, part=checkpoint.policy_parts(meta)[0])
+    return functools.partial(checkpoint.load_params, init_path, abstract_base, part=checkpoint.model_parts(meta)[0])
 
 
 def abstract_lora_params(abstract_base, base_logical, lora_config):
@@ -176,8 +189,9 @@ def merged_lora_weights(path: str, model_config: models.ModelConfig, lora_config
     """The full weights of a LoRA run: its frozen base with its `modules_to_save` put in and its LoRA merged,
     created in `shardings` (so DPO or a reward model can start from a LoRA SFT run)."""
     _, abstract, logical = models.abstract_model(model_config)
+    abstract, logical = without(abstract, drop), without(logical, drop)
     mesh = jax.tree.leaves(shardings)[0].mesh
-    params_part, frozen_part = checkpoint.policy_parts(checkpoint.read_metadata(path))
+    params_part, frozen_part = checkpoint.model_parts(checkpoint.read_metadata(path))
     base = checkpoint.load_params(path, abstract, sharding.tree_shardings(logical, abstract, mesh), part=frozen_part)
     abstract_lora, lora_logical = abstract_lora_params(abstract, logical, lora_config)
     saved = lora.modules_to_save_paths(abstract, lora_config)
@@ -187,8 +201,7 @@ def merged_lora_weights(path: str, model_config: models.ModelConfig, lora_config
                                      sharding.tree_shardings(trained_logical, abstract_trained, mesh), part=params_part)
 
     def merge(base, trained):
-        full = lora.merge(lora.replace_leaves(base, trained["saved"]), trained["lora"], lora_config)
-        return without(full, drop)
+        return lora.merge(lora.replace_leaves(base, trained["saved"]), trained["lora"], lora_config)
 
     return jax.jit(merge, out_shardings=shardings)(base, trained)
 

@@ -13,13 +13,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxalign import models
+from flaxalign import errors, models
 from flaxalign.losses.lm import (
     chunked_token_entropy,
     chunked_token_kl,
     chunked_token_logps,
 )
 from flaxalign.stages import lm
+from flaxalign.train.optim import make_optimizer
 from flaxalign.train.state import TrainState
 from flaxalign.train.step import accumulated_gradients
 
@@ -34,9 +35,49 @@ class Policy:
     chunk_size: int = 256
 
 
-def policy_weights(trainable, base, rng, policy: Policy):
-    """(params, layer_transform) of the policy: `trainable` itself, or its LoRA leaves on the frozen `base`."""
-    return lm.model_params(trainable, base, rng, lora_config=policy.lora_config)
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """The `rollout` config block: how responses are sampled."""
+    max_new_tokens: int = 24
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise errors.ConfigError(f"rollout.temperature must be > 0 for on-policy RL, got {self.temperature}.")
+        if self.max_new_tokens < 1:
+            raise errors.ConfigError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+
+
+def policy_weights(trainable, frozen: dict, rng, policy: Policy):
+    """(params, layer_transform) of the policy: `trainable` itself (full fine-tuning), or its LoRA leaves on the
+    frozen base `frozen["base"]`."""
+    return lm.model_params(trainable, frozen.get("base"), rng, lora_config=policy.lora_config)
+
+
+def reference_weights(frozen: dict, policy: Policy):
+    """The reference model: the frozen base with the adapters off (LoRA), or the frozen copy of the start."""
+    return frozen["base"] if policy.lora_config is not None else frozen["reference"]
+
+
+def check_budget(config, model_config, sampling: Sampling, rows: int, num_minibatches: int, what: str) -> None:
+    """Prompt + response fit the model; `rows` rollout rows split into minibatches of whole micro-batches."""
+    if config.data.max_prompt_len + sampling.max_new_tokens > model_config.max_seq_len:
+        raise errors.ConfigError(
+            f"data.max_prompt_len={config.data.max_prompt_len} + rollout.max_new_tokens={sampling.max_new_tokens} "
+            f"exceeds model.max_seq_len={model_config.max_seq_len}.")
+    if rows % num_minibatches or (rows // num_minibatches) % config.grad_accum:
+        raise errors.ConfigError(
+            f"{what} = {rows} rollout rows must split into {num_minibatches} minibatches of a multiple of "
+            f"grad_accum={config.grad_accum} rows.")
+
+
+def update_optimizer(config, updates_per_step: int):
+    """The optimizer of `config.optim` with its schedule counted in optimizer updates (several per RL step)."""
+    optim_cfg = config.optim.to_dict()
+    optim_cfg["total_steps"] = config.steps * updates_per_step
+    return make_optimizer(type(config.optim)(optim_cfg))
 
 
 def response_hidden(model, tokens, mask, response_width: int, layer_transform=None):

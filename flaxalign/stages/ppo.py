@@ -29,7 +29,6 @@ import jax.numpy as jnp
 
 from flaxalign import errors, models
 from flaxalign.data.prompt_data import build_prompt_datasets
-from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.generate import generate
 from flaxalign.losses.lm import chunked_token_entropy
 from flaxalign.losses.rl import (
@@ -47,7 +46,6 @@ from flaxalign.models import heads
 from flaxalign.stages import lm, onpolicy, reward
 from flaxalign.stages.dpo import check_same_vocabulary
 from flaxalign.train import checkpoint
-from flaxalign.train.optim import make_optimizer
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
 
@@ -88,21 +86,6 @@ class PpoHyper:
 
 
 @dataclasses.dataclass(frozen=True)
-class Sampling:
-    """The `rollout` config block."""
-    max_new_tokens: int = 24
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if not self.temperature > 0:
-            raise errors.ConfigError(f"rollout.temperature must be > 0 for on-policy RL, got {self.temperature}.")
-        if self.max_new_tokens < 1:
-            raise errors.ConfigError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
-
-
-@dataclasses.dataclass(frozen=True)
 class PpoModels:
     """Static pieces of the policy, value and reward models."""
     policy: onpolicy.Policy
@@ -115,15 +98,6 @@ class PpoModels:
     @property
     def shared_base(self) -> bool:
         return self.policy.lora_config is not None
-
-
-def policy_params(trainable, frozen, rng, m: PpoModels):
-    return onpolicy.policy_weights(trainable["policy"], frozen.get("base"), rng, m.policy)
-
-
-def reference_params(frozen, m: PpoModels):
-    """The frozen base with the adapters off (LoRA), or the frozen copy of the starting policy."""
-    return frozen["base"] if m.shared_base else frozen["reference"]
 
 
 def token_values(trainable, frozen, batch, rng, m: PpoModels):
@@ -146,20 +120,20 @@ def reward_model_scores(frozen, tokens, mask, m: PpoModels):
     return heads.sequence_scores(model(tokens, positions, mask), mask, rm["head"])
 
 
-def ppo_rollout(state: TrainState, prompts: dict, rng, *, m: PpoModels, sampling: Sampling, eos_id: int,
+def ppo_rollout(state: TrainState, prompts: dict, rng, *, m: PpoModels, sampling: onpolicy.Sampling, eos_id: int,
                 pad_id: int, gain: float = 1.0, bias: float = 0.0, missing_eos_penalty: float = 0.0) -> dict:
     """Responses to left-padded `prompts` with everything `ppo_step` needs: `tokens`, `mask`, `response`,
     `response_mask`, `ended`, `old_logps`, `ref_logps`, `values` (`[B, N]`, 0 where masked), `scores` `[B]`
     (gain·r + bias − penalty·[no EOS]), `raw_scores`, and per-token `kl` / `entropy` for the metrics."""
-    params, transform = policy_params(state.params, state.frozen, None, m)
+    params, transform = onpolicy.policy_weights(state.params["policy"], state.frozen, None, m.policy)
     out = generate(m.policy.graphdef, params, prompts, rng, max_new_tokens=sampling.max_new_tokens, eos_id=eos_id,
                    pad_id=pad_id, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                    layer_transform=transform)
     batch = {k: out[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
     mask = batch["response_mask"] > 0
     logps, hidden, unembed = onpolicy.response_logps(params, transform, batch, m.policy)
-    ref_logps, ref_hidden, ref_unembed = onpolicy.response_logps(reference_params(state.frozen, m), None, batch,
-                                                                 m.policy)
+    ref_logps, ref_hidden, ref_unembed = onpolicy.response_logps(onpolicy.reference_weights(state.frozen, m.policy),
+                                                                 None, batch, m.policy)
     batch.update(onpolicy.reference_comparison(hidden, unembed, ref_hidden, ref_unembed, mask, m.policy))
     values = token_values(state.params, state.frozen, batch, None, m)
     raw = reward_model_scores(state.frozen, batch["tokens"], batch["mask"], m)
@@ -173,7 +147,7 @@ def ppo_loss(trainable, frozen, batch, rng, *, m: PpoModels, h: PpoHyper):
     """(Σ token losses, (token count, Σ metrics)) of a minibatch: clipped surrogate + vf_coef · clipped value loss
     − entropy_coef · entropy, summed over the real response tokens."""
     mask = batch["response_mask"] > 0
-    params, transform = policy_params(trainable, frozen, rng, m)
+    params, transform = onpolicy.policy_weights(trainable["policy"], frozen, rng, m.policy)
     logps, hidden, unembed = onpolicy.response_logps(params, transform, batch, m.policy)
     pg_sum, count, pg = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps=h.clip_eps)
     values = token_values(trainable, frozen, batch, rng, m)
@@ -278,7 +252,7 @@ def load_reward_model(path: str, policy_meta: dict, policy_config: models.ModelC
         raise errors.ConfigError(f"reward_from={path} is a {meta.get('stage')!r} run, not a reward model "
                                  "(train one with configs/reward.py).")
     rm_config = models.ModelConfig.from_dict(check_same_vocabulary(policy_meta, path, policy_config))
-    return (rm_config, *reward.trained_reward_model(path, rm_config, meta.get("lora")))
+    return (rm_config, *reward.trained_reward_model(path, rm_config))
 
 
 def _prompt_arrays(split: dict) -> dict:
@@ -289,16 +263,13 @@ def build_task(config, workdir: str, mesh) -> Task:
     """Policy and tokenizer from `init_from` (an SFT run), reward model from `reward_from`, prompts from
     `data.train` (`prompt` records)."""
     h = PpoHyper(**config.ppo.to_dict())
-    sampling = Sampling(**config.rollout.to_dict())
+    sampling = onpolicy.Sampling(**config.rollout.to_dict())
     model_config, meta, init_path = lm.resolve_model(config)
     if model_config.adapter_placement != "none":
         raise errors.ConfigError("PPO trains fully or with LoRA; bottleneck adapters are not supported.")
     if not config.reward_from:
         raise errors.ConfigError("PPO needs a reward model: set reward_from=checkpoint:DIR (a configs/reward.py run).")
-    tokenizer_path = config.data.tokenizer or meta.get("tokenizer", "")
-    if not tokenizer_path:
-        raise errors.ConfigError("PPO needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = lm.stage_tokenizer(config, meta, model_config, "PPO")
     lora_config = lm.lora_from(config)
     reward_path = lm.parse_init_from(config.reward_from)
     rm_config, rm_abstract, rm_logical, load_rm = load_reward_model(
@@ -306,15 +277,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     normalization = reward.load_reward_normalization(reward_path)
 
     data_cfg = config.data
-    if data_cfg.max_prompt_len + sampling.max_new_tokens > model_config.max_seq_len:
-        raise errors.ConfigError(
-            f"data.max_prompt_len={data_cfg.max_prompt_len} + rollout.max_new_tokens={sampling.max_new_tokens} "
-            f"exceeds model.max_seq_len={model_config.max_seq_len}.")
-    per_update = data_cfg.batch_size // h.num_minibatches
-    if data_cfg.batch_size % h.num_minibatches or per_update % config.grad_accum:
-        raise errors.ConfigError(
-            f"data.batch_size={data_cfg.batch_size} must split into ppo.num_minibatches={h.num_minibatches} "
-            f"minibatches of a multiple of grad_accum={config.grad_accum} rows.")
+    onpolicy.check_budget(config, model_config, sampling, data_cfg.batch_size, h.num_minibatches, "data.batch_size")
     data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
     train_data, _ = lm.data_iterators(data.train, data.eval, config)
 
@@ -336,10 +299,7 @@ def build_task(config, workdir: str, mesh) -> Task:
                         init_base=lm.base_initializer(model_config, init_path),
                         reward_model=(rm_abstract, rm_logical, load_rm), kl_coef=h.kl_coef)
 
-    optim_cfg = config.optim.to_dict()
-    updates = config.steps * h.epochs * h.num_minibatches
-    optim_cfg["total_steps"] = updates  # the schedule counts optimizer updates, several per PPO iteration
-    optimizer = make_optimizer(type(config.optim)(optim_cfg))
+    optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
     rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
                       "gain": float(normalization["gain"]), "bias": float(normalization["bias"]),
                       "missing_eos_penalty": h.missing_eos_penalty}
@@ -358,7 +318,7 @@ def build_task(config, workdir: str, mesh) -> Task:
         prepare=Rollouts(mesh, **rollout_kwargs),
         eval_extra=RolloutEval(mesh, eval_prompts, config.seed, **rollout_kwargs) if config.eval_prompts else None,
         metadata={"stage": "ppo", "model": model_config.to_dict(), "resume_identity": identity,
-                  "policy_params": "params/policy", "policy_frozen": "frozen/base",
+                  "model_params": "params/policy", "model_frozen": "frozen/base",
                   "lora": identity["lora"], "tokenizer": tokenizer.model_path, "init_from": config.init_from,
                   "reward_from": config.reward_from, "ppo": dataclasses.asdict(h),
                   "rollout": dataclasses.asdict(sampling), "data": data.stats},

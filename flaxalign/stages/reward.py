@@ -20,11 +20,9 @@ import numpy as np
 from flaxalign import errors, models, sharding
 from flaxalign.data.batching import left_pad_prompts, unstack_pairs
 from flaxalign.data.preference_data import build_preference_datasets
-from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.generate import generate
 from flaxalign.losses import bradley_terry_loss
 from flaxalign.models import heads
-from flaxalign.peft import lora
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_shapes
 from flaxalign.train import checkpoint
@@ -129,10 +127,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     """Backbone and tokenizer from `init_from` (an SFT run), preference pairs from `data.train`."""
     data_cfg = config.data
     model_config, meta, init_path = lm.resolve_model(config)
-    tokenizer_path = data_cfg.tokenizer or meta.get("tokenizer", "")
-    if not tokenizer_path:
-        raise errors.ConfigError("the reward model needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = lm.stage_tokenizer(config, meta, model_config, "the reward model")
     check_shapes(config, model_config, mesh)
     lora_config = lm.lora_from(config)
     data = build_preference_datasets(data_cfg, tokenizer)
@@ -182,32 +177,17 @@ def normalize_rewards(state, *, workdir, mesh, policy_path, model_config, lora_c
     return stats
 
 
-def trained_reward_model(path: str, model_config: models.ModelConfig, lora_of_run: dict | None):
+def trained_reward_model(path: str, model_config: models.ModelConfig):
     """(abstract params, logical axes, loader(shardings) -> params) of the reward model a reward run trained, as
     `{"model": backbone, "head": head}` with its LoRA (if any) merged into the backbone: for scoring (PPO)."""
     _, abstract, logical = models.abstract_model(model_config)
-    abstract, logical = lm.without(abstract, UNUSED), lm.without(logical, UNUSED)
-    abstract_rm = {"model": abstract, "head": heads.abstract_scalar_head(model_config.d_model)}
-    logical_rm = {"model": logical, "head": heads.HEAD_LOGICAL}
-    if not lora_of_run:
-        return abstract_rm, logical_rm, functools.partial(checkpoint.load_params, path, abstract_rm)
-    lora_config = lora.LoraConfig.from_dict(lora_of_run)
-    abstract_lora, lora_logical = lm.abstract_lora_params(abstract, logical, lora_config)
-    saved = lora.modules_to_save_paths(abstract, lora_config)
-    abstract_trained = {"model": {"lora": abstract_lora, "saved": lora.select_leaves(abstract, saved)},
-                        "head": abstract_rm["head"]}
-    trained_logical = {"model": {"lora": lora_logical, "saved": lora.select_leaves(logical, saved)},
-                       "head": heads.HEAD_LOGICAL}
+    abstract_rm = {"model": lm.without(abstract, UNUSED), "head": heads.abstract_scalar_head(model_config.d_model)}
+    logical_rm = {"model": lm.without(logical, UNUSED), "head": heads.HEAD_LOGICAL}
+    load_backbone = lm.base_initializer(model_config, path, drop=UNUSED)
 
     def load(shardings):
-        mesh = jax.tree.leaves(shardings)[0].mesh
-        base = checkpoint.load_params(path, abstract, shardings["model"], part="frozen")
-        trained = checkpoint.load_params(path, abstract_trained,
-                                         sharding.tree_shardings(trained_logical, abstract_trained, mesh))
-        merge = lambda base, model: lora.merge(lora.replace_leaves(base, model["saved"]), model["lora"],
-                                               lora_config)
-        backbone = jax.jit(merge, out_shardings=shardings["model"])(base, trained["model"])
-        return {"model": backbone, "head": trained["head"]}
+        return {"model": load_backbone(shardings["model"]),
+                "head": checkpoint.load_params(path, abstract_rm["head"], shardings["head"], part="params/head")}
 
     return abstract_rm, logical_rm, load
 

@@ -4,9 +4,7 @@ normalised by the global number of loss tokens. Full fine-tuning, LoRA (`lora.ra
 
 import functools
 
-from flaxalign import errors
 from flaxalign.data.sft_data import build_sft_datasets
-from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_shapes
 from flaxalign.stages.lm import clm_loss  # noqa: F401 - the token loss SFT shares with CLM
@@ -22,13 +20,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     """Model and tokenizer from `init_from` (a CLM/SFT run), SFT data from `data.train`, LoRA from `lora`."""
     data_cfg = config.data
     model_config, meta, init_path = lm.resolve_model(config)
-    tokenizer_path = data_cfg.tokenizer or meta.get("tokenizer", "")
-    if not tokenizer_path:
-        raise errors.ConfigError("SFT needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > model_config.vocab_size:
-        raise errors.ConfigError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}.")
+    tokenizer = lm.stage_tokenizer(config, meta, model_config, "SFT")
     check_shapes(config, model_config, mesh)
     lora_config = lm.lora_from(config)
 

@@ -107,7 +107,10 @@ def _nested(keys: list[str], leaf: Any) -> dict:
     return leaf
 
 
-def policy_parts(meta: dict) -> tuple[str, str]:
-    """Where a run keeps its policy in the train state: ("params", "frozen") for LM, SFT and DPO runs; RL runs
-    that train more than the policy (PPO's value model) name the subtrees in their metadata."""
-    return meta.get("policy_params", "params"), meta.get("policy_frozen", "frozen")
+def model_parts(meta: dict) -> tuple[str, str]:
+    """Where a run keeps its language model (trained part, frozen part) in the train state: ("params", "frozen")
+    for LM, SFT and DPO runs; ("params/model", "frozen") for a reward model's backbone (its head is at
+    "params/head"); runs that train more than one model (PPO's value model) name the subtrees in their metadata
+    (`model_params`, `model_frozen`)."""
+    default = "params/model" if meta.get("stage") == "reward" else "params"
+    return meta.get("model_params", default), meta.get("model_frozen", "frozen")

@@ -13,7 +13,8 @@ import pytest
 
 from flaxalign import models
 from flaxalign.data.batching import left_pad_prompts
-from flaxalign.stages import grpo, onpolicy, ppo
+from flaxalign.models import heads
+from flaxalign.stages import grpo, lm, onpolicy, ppo
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
 from flaxalign.train.jit import CompiledStep
@@ -25,11 +26,24 @@ CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2)
 G, PROMPTS, NEW_TOKENS = 4, 4, 6
 
 
-def _task(h, grad_accum=1, optimizer=None):
-    m = grpo.GrpoModels(policy=onpolicy.Policy(models.abstract_model(CONFIG)[0], None, 1.0, 16))
+def _reward_model():
+    """(abstract, logical axes, loader) of a random reward model of the policy's architecture."""
+    _, abstract, logical = models.abstract_model(CONFIG)
+    params = {"model": lm.without(helpers.random_params(CONFIG, 1), ("lm_head",)),
+              "head": heads.init_scalar_head(CONFIG.d_model, 3)}
+    return ({"model": lm.without(abstract, ("lm_head",)), "head": heads.abstract_scalar_head(CONFIG.d_model)},
+            {"model": lm.without(logical, ("lm_head",)), "head": heads.HEAD_LOGICAL},
+            lambda shardings: jax.device_put(params, shardings))
+
+
+def _task(h, grad_accum=1, optimizer=None, with_reward_model=False):
+    graphdef = models.abstract_model(CONFIG)[0]
+    m = grpo.GrpoModels(policy=onpolicy.Policy(graphdef, None, 1.0, 16),
+                        reward_graphdef=graphdef if with_reward_model else None,
+                        reward_config=CONFIG if with_reward_model else None)
     layout = grpo.grpo_layout(
         CONFIG, None, seed=0, init_base=lambda shardings: jax.device_put(helpers.random_params(CONFIG, 0), shardings),
-        reference_copy=h.needs_reference, reward_model=None)
+        reference_copy=h.needs_reference, reward_model=_reward_model() if with_reward_model else None)
     optimizer = optimizer or optax.sgd(0.05)
     task = Task(name="grpo", optimizer=optimizer, eval_step=None, train_data=None, eval_batches=None,
                 train_step=functools.partial(grpo.grpo_step, m=m, h=h, optimizer=optimizer, grad_accum=grad_accum),
@@ -41,14 +55,13 @@ def _state(task, mesh, tmp, name):
     return loop.initial_state(task, 0, mesh, Checkpointer(os.path.join(tmp, name)))[:2]
 
 
-def _rollout(task, m, h, tmp, rewards):
+def _rollout(task, m, h, tmp, rewards, greedy=False):
     mesh = helpers.mesh((1, 1, 1))
     state, _ = _state(task, mesh, tmp, "rollout")
     rng = np.random.default_rng(0)
     prompts = left_pad_prompts([list(rng.integers(4, 512, size=n)) for n in (3, 6, 4, 5)], pad_id=0)
-    prompts = {k: np.repeat(v, G, axis=0) for k, v in prompts.items()}
-    fn = jax.jit(functools.partial(grpo.grpo_rollout, m=m, sampling=ppo.Sampling(NEW_TOKENS, 1.0), eos_id=-1,
-                                   pad_id=0, with_reference=h.needs_reference))
+    fn = jax.jit(functools.partial(grpo.grpo_rollout, m=m, sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=-1,
+                                   pad_id=0, with_reference=h.needs_reference, group_size=G, greedy=greedy))
     with jax.set_mesh(mesh):
         out = jax.device_get(fn(state, prompts, jax.random.PRNGKey(3)))
     return {**out, "rewards": np.asarray(rewards, np.float32)}
@@ -70,6 +83,19 @@ def test_advantages_match_numpy(tmp_path, algorithm, beta):
         expected = r - (r.sum(1, keepdims=True) - r) / (G - 1)
     advantages = grpo.grpo_advantages_of(batch, h)
     np.testing.assert_allclose(advantages, expected.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_every_rollout_is_scored_by_the_reward_model(tmp_path):
+    """Greedy evaluation rollouts too: each row's score is the reward model's at its last real token."""
+    h = grpo.GrpoHyper(group_size=G, beta=0.0)
+    task, m = _task(h, with_reward_model=True)
+    state, _ = _state(task, helpers.mesh((1, 1, 1)), str(tmp_path), "rm")
+    for greedy in (False, True):
+        batch = _rollout(task, m, h, str(tmp_path), REWARDS, greedy=greedy)
+        expected = ppo.reward_model_scores(state.frozen, batch["tokens"], batch["mask"], m)
+        assert np.std(batch["rm_scores"]) > 1e-4
+        np.testing.assert_allclose(batch["rm_scores"], expected, rtol=1e-5, atol=1e-6)
+    assert (batch["response"][::G] == batch["response"][1::G]).all()  # greedy: a group's rows are identical
 
 
 def test_reference_free_at_beta_zero(tmp_path):

@@ -68,7 +68,7 @@ def _prompts():
 
 
 def _rollout(state, eos_id, penalty=0.0, mesh=None):
-    fn = jax.jit(functools.partial(ppo.ppo_rollout, m=_models(), sampling=ppo.Sampling(NEW_TOKENS, 0.7),
+    fn = jax.jit(functools.partial(ppo.ppo_rollout, m=_models(), sampling=onpolicy.Sampling(NEW_TOKENS, 0.7),
                                    eos_id=eos_id, pad_id=PAD, gain=2.0, bias=-0.5, missing_eos_penalty=penalty))
     with jax.set_mesh(mesh or helpers.mesh((1, 1, 1))):
         return jax.device_get(fn(state, _prompts(), jax.random.PRNGKey(11)))
@@ -228,4 +228,4 @@ def test_bad_hyper_parameters(kwargs, message):
 
 def test_sampling_needs_positive_temperature():
     with pytest.raises(errors.ConfigError, match="temperature"):
-        ppo.Sampling(temperature=0.0)
+        onpolicy.Sampling(temperature=0.0)

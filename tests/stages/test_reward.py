@@ -107,3 +107,28 @@ def test_micro_batches_and_sharding_give_the_same_update(tmp_path, lora_config):
                                        err_msg=f"{key}: grad_accum={grad_accum} mesh={shape}")
         for a, b in zip(jax.tree.leaves(other_params), jax.tree.leaves(params)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora_config", [None, LORA], ids=["full", "lora"])
+def test_trained_reward_model_loads_a_saved_run_for_scoring(tmp_path, lora_config):
+    """What PPO/GRPO load from a reward run (LoRA merged into the backbone) scores like the trained state."""
+    task = _task(lora_config=lora_config)
+    mesh = helpers.mesh((1, 1, 1))
+    state, shardings = _state(task, mesh, str(tmp_path), "train")
+    state, _ = CompiledStep(task.train_step, mesh, shardings)(state, helpers.pair_batch(num_pairs=8))
+    run = os.path.join(str(tmp_path), "run")
+    checkpointer = Checkpointer(os.path.join(run, "checkpoints"))
+    checkpointer.save(1, state, {}, {"stage": "reward", "model": CONFIG.to_dict(),
+                                     "lora": lora_config.to_dict() if lora_config else None})
+    checkpointer.close()
+
+    abstract, logical, load = reward.trained_reward_model(run, CONFIG)
+    params = load(sharding.tree_shardings(logical, abstract, mesh))
+    seqs = reward.full_sequences(unstack_pairs(helpers.pair_batch(num_pairs=4, seed=3)))
+    kwargs = {"graphdef": models.abstract_model(CONFIG)[0], "model_config": CONFIG}
+    trained = reward.reward_scores(state.params, state.frozen, seqs["tokens"], seqs["mask"], seqs["positions"],
+                                   lora_config=lora_config, **kwargs)
+    loaded = reward.reward_scores(params, {}, seqs["tokens"], seqs["mask"], seqs["positions"], lora_config=None,
+                                  **kwargs)
+    assert np.std(np.asarray(trained)) > 1e-3  # scores that differ between sequences
+    np.testing.assert_allclose(loaded, trained, rtol=1e-4, atol=1e-5)
