@@ -5,7 +5,7 @@
 
 import ml_collections
 
-from flaxalign import errors
+from flaxalign import config_blocks, errors
 from flaxalign.models import preset
 
 DATA = {
@@ -40,11 +40,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.batch_size = DATA[arg]["batch_size"]  # global, in sequences
 
     # Parameter-efficient training on a frozen base (as in configs/sft.py): LoRA (rank > 0) or bottleneck adapters.
-    c.lora = ml_collections.ConfigDict(dict(
-        rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
-        rank_pattern={}, alpha_pattern={}, modules_to_save=[]))
-    c.adapters = ml_collections.ConfigDict(dict(
-        placement="none", reduction=16, names=["task"], active="", activation="relu"))
+    c.lora = config_blocks.lora()
+    c.adapters = config_blocks.adapters()
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = TRAIN[arg]["lr"]
@@ -58,7 +55,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.1
     c.optim.clip_norm = 1.0
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = config_blocks.mesh()
     c.grad_accum = 1
     c.loss_chunk = 256  # sequence positions per chunk of the LM-head + cross-entropy
 

@@ -12,7 +12,7 @@ Presets: `tiny` (CPU tests, the demo).
 
 import ml_collections
 
-from flaxalign import errors
+from flaxalign import config_blocks
 from flaxalign.models import preset
 
 PRESETS = {
@@ -21,9 +21,7 @@ PRESETS = {
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise errors.ConfigError(f"unknown preset {arg!r} for configs/dpo.py; choose one of {sorted(PRESETS)}.")
-    p = PRESETS[arg]
+    p = config_blocks.preset_values(arg, PRESETS, "configs/dpo.py")
     c = ml_collections.ConfigDict()
     c.stage = "dpo"
     c.seed = 0
@@ -51,11 +49,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.seq_len = p["seq_len"]
     c.data.batch_size = p["batch_size"]
 
-    c.lora = ml_collections.ConfigDict(dict(
-        rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
-        rank_pattern={}, alpha_pattern={}, modules_to_save=[]))
-    c.adapters = ml_collections.ConfigDict(dict(
-        placement="none", reduction=16, names=["task"], active="", activation="relu"))
+    c.lora = config_blocks.lora()
+    c.adapters = config_blocks.adapters()
 
     # KL(policy ‖ reference) on held-out prompts at every evaluation, from sampled responses (0 prompts = off)
     c.eval_kl = ml_collections.ConfigDict(dict(num_prompts=32, max_new_tokens=24))
@@ -65,7 +60,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         eps=1e-8, weight_decay=0.0, clip_norm=1.0))
     c.optim.total_steps = c.get_ref("steps")
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = config_blocks.mesh()
     c.grad_accum = 1
     c.loss_chunk = 256
     c.log_every = 10

@@ -10,7 +10,7 @@
 
 import ml_collections
 
-from flaxalign import errors
+from flaxalign import config_blocks
 from flaxalign.models import preset
 
 PRESETS = {
@@ -19,9 +19,7 @@ PRESETS = {
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise errors.ConfigError(f"unknown preset {arg!r} for configs/grpo.py; choose one of {sorted(PRESETS)}.")
-    p = PRESETS[arg]
+    p = config_blocks.preset_values(arg, PRESETS, "configs/grpo.py")
     c = ml_collections.ConfigDict()
     c.stage = "grpo"
     c.seed = 0
@@ -38,15 +36,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.reward_from = ""  # optional checkpoint:DIR of a configs/reward.py run, added with reward_model_weight
     c.reward_model_weight = 1.0
 
-    c.data = ml_collections.ConfigDict()
-    c.data.train = "builtin:arithmetic_prompts?max=9"  # prompt records {"prompt", "answer"}; single-digit task
-    c.data.eval = ""  # "" = hold out eval_fraction of the training records
-    c.data.eval_fraction = 0.05
-    c.data.max_examples = 0
-    c.data.tokenizer = ""
-    c.data.chat_template = "plain"
-    c.data.max_prompt_len = p["max_prompt_len"]  # longer prompts are left-truncated (counted in the data log)
-    c.data.batch_size = p["batch_size"]  # prompts per rollout (× group_size responses)
+    # single-digit arithmetic with answers; batch_size prompts per rollout (× group_size responses)
+    c.data = config_blocks.prompt_data("builtin:arithmetic_prompts?max=9", max_prompt_len=p["max_prompt_len"],
+                                       batch_size=p["batch_size"])
 
     c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=1.0, top_k=0,
                                                top_p=1.0))
@@ -54,17 +46,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         algorithm="grpo", group_size=p["group_size"], epochs=1, num_minibatches=2, clip_eps=0.2, clip_eps_high=0.0,
         beta=0.0, loss_type="dapo", scale_rewards="group", rloo_normalize=False, missing_eos_penalty=0.0))
 
-    c.lora = ml_collections.ConfigDict(dict(
-        rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
-        rank_pattern={}, alpha_pattern={}, modules_to_save=[]))
-    c.adapters = ml_collections.ConfigDict(dict(
-        placement="none", reduction=16, names=["task"], active="", activation="relu"))
+    c.lora = config_blocks.lora()
+    c.adapters = config_blocks.adapters()
 
     c.optim = ml_collections.ConfigDict(dict(
         lr=p["lr"], warmup_steps=0, schedule="constant", final_lr_fraction=1.0, b1=0.9, b2=0.99, eps=1e-8,
         weight_decay=0.0, clip_norm=1.0, total_steps=0))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = config_blocks.mesh()
     c.grad_accum = 1
     c.loss_chunk = 256
     c.log_every = 5

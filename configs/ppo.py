@@ -9,7 +9,7 @@ tests, the demo).
 
 import ml_collections
 
-from flaxalign import errors
+from flaxalign import config_blocks
 from flaxalign.models import preset
 
 PRESETS = {
@@ -18,9 +18,7 @@ PRESETS = {
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise errors.ConfigError(f"unknown preset {arg!r} for configs/ppo.py; choose one of {sorted(PRESETS)}.")
-    p = PRESETS[arg]
+    p = config_blocks.preset_values(arg, PRESETS, "configs/ppo.py")
     c = ml_collections.ConfigDict()
     c.stage = "ppo"
     c.seed = 0
@@ -31,15 +29,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model = preset(arg)
     c.model.dtype = "auto"
 
-    c.data = ml_collections.ConfigDict()
-    c.data.train = "builtin:arithmetic_prompts"  # prompt records {"prompt", "answer"?} (JSONL, tfds:NAME, builtin)
-    c.data.eval = ""  # "" = hold out eval_fraction of the training records
-    c.data.eval_fraction = 0.05
-    c.data.max_examples = 0
-    c.data.tokenizer = ""  # "" = the init_from checkpoint's tokenizer
-    c.data.chat_template = "plain"
-    c.data.max_prompt_len = p["max_prompt_len"]  # longer prompts are left-truncated (counted in the data log)
-    c.data.batch_size = p["batch_size"]  # prompts per rollout
+    # batch_size prompts per rollout; longer prompts than max_prompt_len are left-truncated (counted)
+    c.data = config_blocks.prompt_data("builtin:arithmetic_prompts", max_prompt_len=p["max_prompt_len"],
+                                       batch_size=p["batch_size"])
 
     c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=0.7, top_k=0, top_p=1.0))
     # TRL PPOConfig defaults, but for minibatches (4 per rollout here) and a missing-EOS penalty
@@ -48,18 +40,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         kl_estimator="k1", kl_target=0.0, kl_horizon=10000.0, entropy_coef=0.0, whiten_rewards=False,
         missing_eos_penalty=1.0))
 
-    c.lora = ml_collections.ConfigDict(dict(
-        rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
-        rank_pattern={}, alpha_pattern={}, modules_to_save=[]))
-    c.adapters = ml_collections.ConfigDict(dict(
-        placement="none", reduction=16, names=["task"], active="", activation="relu"))
+    c.lora = config_blocks.lora()
+    c.adapters = config_blocks.adapters()
 
     # counted in optimizer updates (steps × epochs × num_minibatches; total_steps is set from them)
     c.optim = ml_collections.ConfigDict(dict(
         lr=p["lr"], warmup_steps=0, schedule="linear", final_lr_fraction=0.0, b1=0.9, b2=0.999, eps=1e-5,
         weight_decay=0.0, clip_norm=1.0, total_steps=0))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = config_blocks.mesh()
     c.grad_accum = 1
     c.loss_chunk = 256
     c.log_every = 5

@@ -7,7 +7,7 @@
 
 import ml_collections
 
-from flaxalign import errors
+from flaxalign import config_blocks
 from flaxalign.models import preset
 
 PRESETS = {
@@ -16,9 +16,7 @@ PRESETS = {
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    if arg not in PRESETS:
-        raise errors.ConfigError(f"unknown preset {arg!r} for configs/sft.py; choose one of {sorted(PRESETS)}.")
-    p = PRESETS[arg]
+    p = config_blocks.preset_values(arg, PRESETS, "configs/sft.py")
     c = ml_collections.ConfigDict()
     c.stage = "sft"
     c.seed = 0
@@ -38,20 +36,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.seq_len = p["seq_len"]
     c.data.batch_size = p["batch_size"]
 
-    c.lora = ml_collections.ConfigDict(dict(
-        rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
-        rank_pattern={}, alpha_pattern={}, modules_to_save=[]))
+    c.lora = config_blocks.lora()
 
     # Bottleneck adapters on the frozen base instead (placement houlsby | pfeiffer); named sets for multi-task.
-    c.adapters = ml_collections.ConfigDict(dict(
-        placement="none", reduction=16, names=["task"], active="", activation="relu"))
+    c.adapters = config_blocks.adapters()
 
     c.optim = ml_collections.ConfigDict(dict(
         lr=p["lr"], warmup_steps=p["warmup_steps"], schedule="cosine", final_lr_fraction=0.1, b1=0.9, b2=0.95,
         eps=1e-8, weight_decay=0.0, clip_norm=1.0))
     c.optim.total_steps = c.get_ref("steps")
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = config_blocks.mesh()
     c.grad_accum = 1
     c.loss_chunk = 256
     c.log_every = 10

@@ -1,0 +1,41 @@
+"""The config blocks every stage's config file shares (`configs/*.py`, ml_collections), so that a LoRA, adapter,
+mesh or prompt-data field is defined once for all stages."""
+
+import ml_collections
+
+from flaxalign import errors
+
+
+def preset_values(arg: str, presets: dict, config_file: str) -> dict:
+    """`presets[arg]`, or a ConfigError naming the file and its presets."""
+    if arg not in presets:
+        raise errors.ConfigError(f"unknown preset {arg!r} for {config_file}; choose one of {sorted(presets)}.")
+    return presets[arg]
+
+
+def lora() -> ml_collections.ConfigDict:
+    """LoRA on the frozen base (`rank` 0 = off); see `flaxalign.peft.lora.LoraConfig`."""
+    return ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, targets="all-linear", exclude=[], variant="lora", dropout=0.0, init="kaiming",
+        rank_pattern={}, alpha_pattern={}, modules_to_save=[]))
+
+
+def adapters() -> ml_collections.ConfigDict:
+    """Bottleneck adapters trained on a frozen base (`placement` "none" = off)."""
+    return ml_collections.ConfigDict(dict(
+        placement="none", reduction=16, names=["task"], active="", activation="relu"))
+
+
+def mesh() -> ml_collections.ConfigDict:
+    """Mesh axis sizes; -1 = all remaining devices."""
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def prompt_data(train: str, *, max_prompt_len: int, batch_size: int) -> ml_collections.ConfigDict:
+    """The `data` block of the RL stages: `prompt` records, left-truncated to `max_prompt_len` (counted)."""
+    return ml_collections.ConfigDict(dict(
+        train=train,  # prompt records {"prompt", "answer"?} (JSONL, tfds:NAME, builtin:...)
+        eval="",  # "" = hold out eval_fraction of the training records
+        eval_fraction=0.05, max_examples=0,
+        tokenizer="",  # "" = the init_from checkpoint's tokenizer
+        chat_template="plain", max_prompt_len=max_prompt_len, batch_size=batch_size))
