@@ -114,10 +114,9 @@ def token_values(trainable, frozen, batch, rng, m: PpoModels):
 
 def reward_model_scores(frozen, tokens, mask, m: PpoModels):
     """The reward model's raw score of each whole sequence, at its last real token `[B]`."""
-    rm = frozen["reward"]
-    model = models.merge(m.reward_graphdef, reward.with_unused_lm_head(rm["model"], m.reward_config))
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    return heads.sequence_scores(model(tokens, positions, mask), mask, rm["head"])
+    return reward.reward_scores(frozen["reward"], {}, tokens, mask, positions, graphdef=m.reward_graphdef,
+                                model_config=m.reward_config, lora_config=None)
 
 
 def ppo_rollout(state: TrainState, prompts: dict, rng, *, m: PpoModels, sampling: onpolicy.Sampling, eos_id: int,
