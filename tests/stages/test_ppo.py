@@ -14,6 +14,7 @@ import pytest
 from flaxalign import errors, models
 from flaxalign.data.batching import left_pad_prompts
 from flaxalign.models import heads
+from flaxalign.peft import lora
 from flaxalign.stages import lm, onpolicy, ppo
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
@@ -28,27 +29,27 @@ ROWS, NEW_TOKENS = 8, 8
 HYPER = ppo.PpoHyper(epochs=2, num_minibatches=2, kl_coef=0.1)
 
 
-def _models(temperature=0.7):
+def _models(temperature=0.7, lora_config=None):
     graphdef = models.abstract_model(CONFIG)[0]
-    return ppo.PpoModels(policy=onpolicy.Policy(graphdef, None, temperature, 16), value_graphdef=graphdef,
-                         value_config=CONFIG, value_lora=None, reward_graphdef=graphdef, reward_config=CONFIG)
+    return ppo.PpoModels(policy=onpolicy.Policy(graphdef, lora_config, temperature, 16), value_graphdef=graphdef,
+                         value_config=CONFIG, value_lora=lora_config, reward_graphdef=graphdef, reward_config=CONFIG)
 
 
-def _task(h=HYPER, grad_accum=1, optimizer=None):
+def _task(h=HYPER, grad_accum=1, optimizer=None, lora_config=None):
     _, abstract, logical = models.abstract_model(CONFIG)
     rm_abstract = {"model": lm.without(abstract, ("lm_head",)), "head": heads.abstract_scalar_head(CONFIG.d_model)}
     rm_logical = {"model": lm.without(logical, ("lm_head",)), "head": heads.HEAD_LOGICAL}
     rm_params = {"model": lm.without(helpers.random_params(CONFIG, 1), ("lm_head",)),
                  "head": heads.init_scalar_head(CONFIG.d_model, 3)}
     layout = ppo.ppo_layout(
-        CONFIG, None, CONFIG, "reward", seed=0,
+        CONFIG, lora_config, CONFIG, "policy" if lora_config else "reward", seed=0,
         init_base=lambda shardings: jax.device_put(helpers.random_params(CONFIG, 0), shardings),
         reward_model=(rm_abstract, rm_logical, lambda shardings: jax.device_put(rm_params, shardings)),
         kl_coef=h.kl_coef)
     optimizer = optimizer or make_optimizer(helpers.optim_config(lr=1e-3, warmup_steps=0, weight_decay=0.0))
     return Task(name="ppo", optimizer=optimizer, eval_step=None, train_data=None, eval_batches=None,
-                train_step=functools.partial(ppo.ppo_step, m=_models(), h=h, optimizer=optimizer,
-                                             grad_accum=grad_accum),
+                train_step=functools.partial(ppo.ppo_step, m=_models(lora_config=lora_config), h=h,
+                                             optimizer=optimizer, grad_accum=grad_accum),
                 tokens_per_step=1, flops_per_step=1.0, metadata={}, **layout)
 
 
@@ -67,8 +68,8 @@ def _prompts():
     return left_pad_prompts(ids, pad_id=PAD)
 
 
-def _rollout(state, eos_id, penalty=0.0, mesh=None):
-    fn = jax.jit(functools.partial(ppo.ppo_rollout, m=_models(), sampling=onpolicy.Sampling(NEW_TOKENS, 0.7),
+def _rollout(state, eos_id, penalty=0.0, mesh=None, lora_config=None):
+    fn = jax.jit(functools.partial(ppo.ppo_rollout, m=_models(lora_config=lora_config), sampling=onpolicy.Sampling(NEW_TOKENS, 0.7),
                                    eos_id=eos_id, pad_id=PAD, gain=2.0, bias=-0.5, missing_eos_penalty=penalty))
     with jax.set_mesh(mesh or helpers.mesh((1, 1, 1))):
         return jax.device_get(fn(state, _prompts(), jax.random.PRNGKey(11)))
@@ -208,6 +209,30 @@ def test_sharded_equals_unsharded_and_micro_batch_invariance(setup):
     for key in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "score", "explained_variance"):
         np.testing.assert_allclose(sh_metrics[key], ref_metrics[key], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(micro_metrics[key], ref_metrics[key], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_policy_uses_the_base_as_reference_and_its_own_value_lora(setup, tmp_path):
+    """With LoRA nothing is copied: the reference is the base with the adapters off (KL exactly 0 at the start),
+    the value model the same base with its own LoRA; a step moves both LoRAs and leaves the base untouched."""
+    _, mesh, eos_id, _, _ = setup
+    lora_config = lora.LoraConfig(rank=4, alpha=8.0)
+    task = _task(lora_config=lora_config, optimizer=optax.sgd(0.05))
+    assert set(task.abstract_frozen) == {"base", "reward", "kl_coef"}
+    state, shardings = _state(task, mesh, str(tmp_path), "lora")
+    before = jax.device_get(state)
+    rollout = _rollout(state, eos_id, lora_config=lora_config)
+    np.testing.assert_array_equal(rollout["old_logps"], rollout["ref_logps"])
+    assert (rollout["kl"] == 0).all()
+    after, metrics = CompiledStep(task.train_step, mesh, shardings)(state, rollout)
+    after = jax.device_get(after)
+    assert abs(metrics["ratio_first"] - 1.0) < 1e-6
+    for a, b in zip(jax.tree.leaves(before.frozen["base"]), jax.tree.leaves(after.frozen["base"])):
+        np.testing.assert_array_equal(a, b)
+    for part in (("policy", "lora"), ("value", "model", "lora")):
+        old, new = before.params, after.params
+        for key in part:
+            old, new = old[key], new[key]
+        assert max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(old), jax.tree.leaves(new))) > 0
 
 
 def test_adaptive_kl_controller():
