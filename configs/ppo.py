@@ -13,7 +13,7 @@ from flaxalign import config_blocks
 from flaxalign.models import preset
 
 PRESETS = {
-    "tiny": dict(steps=150, lr=3e-4, batch_size=32, max_prompt_len=24, max_new_tokens=16),
+    "tiny": dict(steps=250, lr=3e-4, batch_size=64, max_prompt_len=24, max_new_tokens=16),
 }
 
 
@@ -52,7 +52,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.grad_accum = 1
     c.loss_chunk = 256
     c.log_every = 5
-    c.eval_every = 25
+    c.eval_every = 50
     c.eval_at_start = True
     c.eval_prompts = 64  # held-out prompts sampled at every evaluation (0 = off)
     c.checkpoint_every = 50

@@ -156,8 +156,10 @@ def respond(workdir: str, prompts: list[str], *, chat_template: str = "", max_ne
         pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p))
     with jax.set_mesh(mesh):
         out = jax.device_get(run(params, batch, jax.random.PRNGKey(seed)))
-    texts = []
-    for response, mask in zip(out["response"], out["response_mask"]):
-        kept = [int(t) for t, m in zip(response, mask) if m and t != tokenizer.eos_id]
-        texts.append(tokenizer.decode(kept))
-    return texts
+    return decode_responses(tokenizer, out["response"], out["response_mask"])
+
+
+def decode_responses(tokenizer, response, response_mask) -> list[str]:
+    """The text of each sampled response `[B, N]`, up to (not including) its EOS."""
+    return [tokenizer.decode([int(t) for t, keep in zip(row, row_mask) if keep and t != tokenizer.eos_id])
+            for row, row_mask in zip(response, response_mask)]

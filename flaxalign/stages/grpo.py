@@ -26,7 +26,7 @@ from absl import logging
 
 from flaxalign import errors, models, sharding
 from flaxalign.data.prompt_data import build_prompt_datasets, prompt_texts
-from flaxalign.generate import generate
+from flaxalign.generate import decode_responses, generate
 from flaxalign.losses.rl import (
     GRPO_LOSS_TYPES,
     SCALE_REWARDS,
@@ -175,14 +175,6 @@ def _grpo_update(state, batch, *, m, h, optimizer, grad_accum):
 # ----------------------------------------------------------------------------------------------------------------
 # Host side: decoding and the reward functions
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def decode_responses(tokenizer, response, response_mask) -> list[str]:
-    """The text of each response, up to (not including) its EOS."""
-    texts = []
-    for row, row_mask in zip(np.asarray(response), np.asarray(response_mask)):
-        texts.append(tokenizer.decode([int(t) for t, keep in zip(row, row_mask) if keep and t != tokenizer.eos_id]))
-    return texts
 
 
 class Scorer:
