@@ -3,6 +3,8 @@
 import json
 import os
 
+from flaxalign.train import plots
+
 
 def write_report(workdir: str, config, result, seconds: float) -> str:
     rows = []
@@ -30,7 +32,13 @@ def write_report(workdir: str, config, result, seconds: float) -> str:
                      f"MFU {100 * sorted(mfus)[len(mfus) // 2]:.1f}% (median)")
     if eval_rows:
         lines += eval_table(eval_rows[0], eval_rows[-1])
-    lines += ["", "Files: `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `config.json`.", ""]
+    files = "`metrics.jsonl`, `tensorboard/`, `checkpoints/`, `config.json`"
+    curves = plots.plot_curves(os.path.join(workdir, "curves.png"), rows, plots.STAGE_PANELS.get(config.stage, ("loss",)),
+                               title=f"{config.stage}: {os.path.basename(os.path.abspath(workdir))}")
+    if curves:
+        lines += ["", "![training curves](curves.png)"]
+        files += ", `curves.png`"
+    lines += ["", f"Files: {files}.", ""]
     out = os.path.join(workdir, "report.md")
     with open(out, "w") as f:
         f.write("\n".join(lines))
