@@ -1,5 +1,6 @@
 """Preference optimisation: DPO and its variants, ORPO, SimPO, CPO and KTO — `loss.loss_type` picks the method.
-Presets: `tiny` (CPU tests, the demo).
+Presets: `tiny` (CPU tests, the demo), `smollm2_135m` (LoRA DPO of SmolLM2-135M-Instruct from its GGUF file;
+fetch it first with launch/fetch_smollm2.sh).
 
     flaxalign train --config=configs/dpo.py:tiny --workdir=runs/dpo --config.init_from=checkpoint:runs/sft
     flaxalign train --config=configs/dpo.py:tiny --workdir=runs/dpo_lora --config.init_from=checkpoint:runs/sft \
@@ -8,6 +9,7 @@ Presets: `tiny` (CPU tests, the demo).
         --config.loss.loss_type=ipo --config.loss.beta=0.5
     flaxalign train --config=configs/dpo.py:tiny --workdir=runs/kto --config.init_from=checkpoint:runs/sft \
         --config.loss.loss_type=kto --config.data.train=builtin:arithmetic_kto
+    flaxalign train --config=configs/dpo.py:smollm2_135m --workdir=runs/smollm2_dpo
 """
 
 import ml_collections
@@ -17,6 +19,8 @@ from flaxalign.models import preset
 
 PRESETS = {
     "tiny": dict(steps=120, lr=2e-4, warmup_steps=10, seq_len=64, batch_size=16),
+    "smollm2_135m": dict(steps=30, lr=5e-5, warmup_steps=3, seq_len=64, batch_size=8, lora_rank=8, eval_every=10,
+                         eval_batches=4, eval_kl_prompts=8, init_from=f"gguf:{config_blocks.SMOLLM2_GGUF}"),
 }
 
 
@@ -26,7 +30,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.stage = "dpo"
     c.seed = 0
     c.steps = p["steps"]
-    c.init_from = ""  # checkpoint:DIR of an SFT run: the starting policy (and reference) and its tokenizer
+    # checkpoint:DIR of an SFT run, hf:DIR or gguf:FILE: the starting policy (and reference) and its tokenizer
+    c.init_from = p.get("init_from", "")
     c.model = preset(arg)
     c.model.dtype = "auto"
 
@@ -50,10 +55,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.batch_size = p["batch_size"]
 
     c.lora = config_blocks.lora()
+    c.lora.rank = p.get("lora_rank", 0)
     c.adapters = config_blocks.adapters()
 
     # KL(policy ‖ reference) on held-out prompts at every evaluation, from sampled responses (0 prompts = off)
-    c.eval_kl = ml_collections.ConfigDict(dict(num_prompts=32, max_new_tokens=24))
+    c.eval_kl = ml_collections.ConfigDict(dict(num_prompts=p.get("eval_kl_prompts", 32), max_new_tokens=24))
 
     c.optim = ml_collections.ConfigDict(dict(
         lr=p["lr"], warmup_steps=p["warmup_steps"], schedule="cosine", final_lr_fraction=0.1, b1=0.9, b2=0.95,
@@ -64,9 +70,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.grad_accum = 1
     c.loss_chunk = 256
     c.log_every = 10
-    c.eval_every = 40
+    c.eval_every = p.get("eval_every", 40)
     c.eval_at_start = True
-    c.eval_batches = 26  # all 409 held-out pairs of the built-in data at batch 16
+    c.eval_batches = p.get("eval_batches", 26)  # tiny: all 409 held-out pairs of the built-in data at batch 16
     c.checkpoint_every = 40
     c.keep_checkpoints = 2
     return c

@@ -14,7 +14,7 @@ from flaxalign import config_blocks
 from flaxalign.models import preset
 
 PRESETS = {
-    "tiny": dict(steps=400, lr=3e-4, batch_size=16, group_size=16, max_prompt_len=24, max_new_tokens=12),
+    "tiny": dict(steps=1200, lr=3e-4, batch_size=16, group_size=16, max_prompt_len=24, max_new_tokens=12),
 }
 
 
@@ -57,7 +57,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.grad_accum = 1
     c.loss_chunk = 256
     c.log_every = 5
-    c.eval_every = 50
+    c.eval_every = 100
     c.eval_at_start = True
     c.eval_prompts = 128  # held-out prompts answered (greedy and sampled) at every evaluation (0 = off)
     c.checkpoint_every = 100

@@ -1,8 +1,10 @@
-"""Supervised fine-tuning, full or LoRA. Presets: `tiny` (CPU tests, the demo pipeline).
+"""Supervised fine-tuning, full or LoRA. Presets: `tiny` (CPU tests, the demo pipeline), `smollm2_135m` (LoRA SFT of
+SmolLM2-135M-Instruct from its GGUF file; fetch it first with launch/fetch_smollm2.sh).
 
     flaxalign train --config=configs/sft.py:tiny --workdir=runs/sft --config.init_from=checkpoint:runs/clm
     flaxalign train --config=configs/sft.py:tiny --workdir=runs/sft_lora --config.init_from=checkpoint:runs/clm \
         --config.lora.rank=8
+    flaxalign train --config=configs/sft.py:smollm2_135m --workdir=runs/smollm2_sft
 """
 
 import ml_collections
@@ -12,6 +14,8 @@ from flaxalign.models import preset
 
 PRESETS = {
     "tiny": dict(steps=400, lr=3e-3, warmup_steps=10, seq_len=128, batch_size=16),
+    "smollm2_135m": dict(steps=30, lr=3e-4, warmup_steps=3, seq_len=128, batch_size=8, lora_rank=8, eval_every=10,
+                         eval_batches=4, init_from=f"gguf:{config_blocks.SMOLLM2_GGUF}", chat_template="chatml"),
 }
 
 
@@ -21,7 +25,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.stage = "sft"
     c.seed = 0
     c.steps = p["steps"]
-    c.init_from = ""  # checkpoint:DIR of a CLM/SFT run: its model, weights and tokenizer; "" = random init
+    # checkpoint:DIR of a CLM/SFT run, hf:DIR or gguf:FILE: the model, weights and tokenizer; "" = random init
+    c.init_from = p.get("init_from", "")
     c.model = preset(arg)  # used only without init_from; compute settings (dtype, remat, …) always apply
     c.model.dtype = "auto"
 
@@ -31,12 +36,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.eval_fraction = 0.05
     c.data.max_examples = 0  # 0 = all
     c.data.tokenizer = ""  # "" = the init_from checkpoint's tokenizer
-    c.data.chat_template = "plain"  # for `messages` records: plain | chatml | llama3
+    c.data.chat_template = p.get("chat_template", "plain")  # for `messages` records: plain | chatml | llama3
     c.data.overlong = "truncate_prompt_left"  # or "drop"; counted in the data log line
     c.data.seq_len = p["seq_len"]
     c.data.batch_size = p["batch_size"]
 
     c.lora = config_blocks.lora()
+    c.lora.rank = p.get("lora_rank", 0)
 
     # Bottleneck adapters on the frozen base instead (placement houlsby | pfeiffer); named sets for multi-task.
     c.adapters = config_blocks.adapters()
@@ -50,9 +56,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.grad_accum = 1
     c.loss_chunk = 256
     c.log_every = 10
-    c.eval_every = 100
+    c.eval_every = p.get("eval_every", 100)
     c.eval_at_start = True
-    c.eval_batches = 8
+    c.eval_batches = p.get("eval_batches", 8)
     c.checkpoint_every = 100
     c.keep_checkpoints = 3
     return c

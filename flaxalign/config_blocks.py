@@ -5,6 +5,10 @@ import ml_collections
 
 from flaxalign import errors
 
+# Where launch/fetch_smollm2.sh puts SmolLM2-135M-Instruct (relative to the repo root); the smollm2_135m presets
+# start from it.
+SMOLLM2_GGUF = ".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
 
 def preset_values(arg: str, presets: dict, config_file: str) -> dict:
     """`presets[arg]`, or a ConfigError naming the file and its presets."""

@@ -124,7 +124,8 @@ def generate_recompute(graphdef, params, prompts: dict, rng, *, max_new_tokens: 
 
 def respond(workdir: str, prompts: list[str], *, chat_template: str = "", max_new_tokens: int = 128,
             temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, seed: int = 0, mesh=None) -> list[str]:
-    """The responses of the policy a run trained (its latest checkpoint in `workdir`) to text prompts, decoded.
+    """The responses of the policy a run trained (its latest checkpoint in `workdir`; or `hf:DIR` / `gguf:FILE`
+    pretrained weights) to text prompts, decoded.
     `chat_template` "" feeds the prompt text as is (after BOS), else wraps it as a user message of that template
     with the generation prompt — use the template the model was fine-tuned with."""
     from flaxalign import errors, sharding
@@ -132,12 +133,15 @@ def respond(workdir: str, prompts: list[str], *, chat_template: str = "", max_ne
     from flaxalign.data.chat import render_chat
     from flaxalign.data.tokenizer import load_tokenizer
     from flaxalign.stages import lm
-    from flaxalign.train import checkpoint
 
     mesh = mesh or sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    tokenizer = load_tokenizer(checkpoint.read_metadata(workdir)["tokenizer"])
+    source = lm.weights_source(workdir)
+    tokenizer_path = lm.source_metadata(source).get("tokenizer")
+    if not tokenizer_path:
+        raise errors.ConfigError(f"{workdir} has no tokenizer to turn prompts into tokens.")
+    tokenizer = load_tokenizer(tokenizer_path)
     with jax.set_mesh(mesh):
-        model_config, params = lm.load_run_weights(workdir, mesh)
+        model_config, params = lm.load_run_weights(source, mesh)
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     if chat_template:
         lead = bos if chat_template == "plain" else []

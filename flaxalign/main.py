@@ -2,6 +2,7 @@
 
     flaxalign train --config=configs/clm.py:tiny --workdir=runs/clm [--config.steps=200 ...]
     flaxalign generate --checkpoint=runs/sft --prompt="What does `len(obj)` do?" [--temperature=0 ...]
+    flaxalign convert --from=runs/sft_lora --to=exports/sft --format=hf|peft|checkpoint
 
 A user error (bad flag, missing file, indivisible mesh, unknown preset) prints one sentence and exits 2.
 """
@@ -17,7 +18,7 @@ from ml_collections import config_flags
 
 from flaxalign import errors
 
-COMMANDS = ("train", "generate")
+COMMANDS = ("train", "generate", "convert")
 
 config_flags.DEFINE_config_file("config", None, "Stage config file and preset, e.g. configs/clm.py:tiny.",
                                 lock_config=True)
@@ -26,7 +27,8 @@ flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU devices (to try me
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process jax.distributed.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
-flags.DEFINE_string("checkpoint", None, "generate: the workdir of a CLM/SFT/DPO run (its latest checkpoint).")
+flags.DEFINE_string("checkpoint", None, "generate: the workdir of a run (its latest checkpoint), or hf:DIR / "
+                    "gguf:FILE.")
 flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeat the flag for several).")
 flags.DEFINE_integer("max_new_tokens", 128, "generate: the most tokens to sample per prompt.")
 flags.DEFINE_float("temperature", 0.7, "generate: sampling temperature; 0 = greedy.")
@@ -35,6 +37,10 @@ flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass (1 = off).")
 flags.DEFINE_string("chat_template", "", "generate: wrap each prompt as a user message of this template "
                     "(plain, chatml, llama3); empty = the raw prompt text.")
 flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
+flags.DEFINE_string("from", None, "convert: a run directory, hf:DIR (or a directory with config.json) or gguf:FILE.")
+flags.DEFINE_string("to", None, "convert: the output directory.")
+flags.DEFINE_string("format", None, "convert: hf (transformers directory), peft (a LoRA run's adapter) or "
+                    "checkpoint (a flaxalign run directory of pretrained weights).")
 FLAGS = flags.FLAGS
 
 
@@ -124,6 +130,8 @@ def main(argv: list[str]) -> None:
         fail(f"expected one command from {list(COMMANDS)}, got {commands or 'none'}.")
     if commands[0] == "generate":
         return generate_command()
+    if commands[0] == "convert":
+        return convert_command()
     if FLAGS.config is None:
         fail("--config is required, e.g. --config=configs/clm.py:tiny.")
     if not FLAGS.workdir:
@@ -157,6 +165,19 @@ def generate_command() -> None:
         fail(str(e))
     for prompt, response in zip(FLAGS.prompt, responses):
         print(f">>> {prompt}\n{response}\n")
+
+
+def convert_command() -> None:
+    for name in ("from", "to", "format"):
+        if not FLAGS[name].value:
+            fail(f"--{name} is required, e.g. flaxalign convert --from=runs/sft --to=exports/sft --format=hf.")
+    setup_logging()
+    try:
+        setup_jax()
+        from flaxalign.convert import convert
+        print(f"flaxalign: {convert(FLAGS['from'].value, FLAGS.to, FLAGS.format)}.")
+    except errors.FlaxalignError as e:
+        fail(str(e))
 
 
 def run() -> None:

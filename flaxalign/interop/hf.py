@@ -13,7 +13,8 @@ state-dict conversions work on in-memory arrays only: numpy in, numpy out, no to
 
 Safetensors files are read and written here directly (the format is an 8-byte header length, a JSON header and the
 raw little-endian data), so bfloat16 checkpoints load without torch and the default install needs no extra package.
-The `hf_export` / `hf_import` commands and sequence-classification heads are not part of this module.
+Reward models map to `*ForSequenceClassification`: the backbone without LM head plus `score.weight` [1, D] (our head
+kernel; HF's score layer has no bias, so a non-zero head bias is kept in config.json under `flaxalign_score_bias`).
 
 Layout (HF `nn.Linear.weight` is [out, in]; flaxalign kernels are [in, ...out] and stacked over a leading layer
 axis):
@@ -29,6 +30,7 @@ axis):
     model.layers.{i}.post_attention_layernorm.weight [D]        -> layers.mlp_norm.scale  [L, D]
     model.norm.weight                              [D]          -> final_norm.scale      [D]
     lm_head.weight                                 [V, D]       -> lm_head               [D, V] (absent when tied)
+    score.weight (reward models)                   [1, D]       -> head.kernel           [D]
 
 HF splits the q/k/v output features head-major (`view(B, T, heads, head_dim)`), which is exactly a reshape of the
 transposed kernel to [D, heads, head_dim]; RoPE uses the same rotate_half layout on both sides, so no permutation
@@ -47,12 +49,18 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from flaxalign import errors, models, sharding
 from flaxalign.data.tokenizer import load_tokenizer
+from flaxalign.models import heads
 from flaxalign.models.config import ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+# Reward models: the same decoder with a bias-free `score` Linear(d, 1) instead of the LM head.
+SCORE_ARCHITECTURES = {"LlamaForSequenceClassification": "llama", "MistralForSequenceClassification": "mistral",
+                       "Qwen2ForSequenceClassification": "qwen2"}
+SCORE_BIAS_FIELD = "flaxalign_score_bias"  # HF's score layer has no bias; ours is kept in config.json under this key
 
 # Buffers that some transformers versions put into state dicts; they are recomputed from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -92,7 +100,7 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         head_dim=hf_config.get("head_dim") or d_model // n_heads,
         max_seq_len=hf_config.get("max_position_embeddings", ModelConfig.max_seq_len),
         rms_eps=hf_config.get("rms_norm_eps", 1e-6),  # the transformers default for all three
-        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf_config.get("attention_bias", False)),
+        qkv_bias=_model_type(arch) == "qwen2" or bool(hf_config.get("attention_bias", False)),
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         init_std=hf_config.get("initializer_range", ModelConfig.init_std),
         **_rope_fields(hf_config),
@@ -104,10 +112,23 @@ def _architecture(hf_config: Mapping[str, Any]) -> str:
     names = hf_config.get("architectures") or []
     by_type = {model_type: arch for arch, model_type in ARCHITECTURES.items()}
     arch = names[0] if names else by_type.get(hf_config.get("model_type", ""), hf_config.get("model_type"))
-    if arch not in ARCHITECTURES:
+    if arch not in ARCHITECTURES and arch not in SCORE_ARCHITECTURES:
         raise errors.ConfigError(
-            f"HF architecture {arch!r} is not supported; flaxalign converts {sorted(ARCHITECTURES)}.")
+            f"HF architecture {arch!r} is not supported; flaxalign converts "
+            f"{sorted(ARCHITECTURES) + sorted(SCORE_ARCHITECTURES)}.")
     return arch
+
+
+def _model_type(arch: str) -> str:
+    return {**ARCHITECTURES, **SCORE_ARCHITECTURES}[arch]
+
+
+def is_score_model(hf_config: Mapping[str, Any]) -> bool:
+    """Whether an HF config is a `*ForSequenceClassification` model (a reward model: one score per sequence)."""
+    arch = _architecture(hf_config)
+    if arch in SCORE_ARCHITECTURES and hf_config.get("num_labels", len(hf_config.get("id2label") or [0])) != 1:
+        raise errors.ConfigError(f"HF {arch} has {hf_config.get('num_labels')} labels; a reward model has one.")
+    return arch in SCORE_ARCHITECTURES
 
 
 def _require(hf_config: Mapping[str, Any], key: str) -> Any:
@@ -159,13 +180,17 @@ def _identity(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _global_tensors(config: ModelConfig) -> list[_Tensor]:
+def _global_tensors(config: ModelConfig, score: bool = False) -> list[_Tensor]:
+    """Embedding, final norm and the output layer: the LM head, or with `score` a reward model's score row (at
+    params path ("score",), shape [D])."""
     d, v = config.d_model, config.vocab_size
     specs = [
         _Tensor("model.embed_tokens.weight", ("embed",), (v, d), _identity, _identity),
         _Tensor("model.norm.weight", ("final_norm", "scale"), (d,), _identity, _identity),
     ]
-    if not config.tie_embeddings:
+    if score:
+        specs.append(_Tensor("score.weight", ("score",), (1, d), lambda w: w[0], lambda k: k[None]))
+    elif not config.tie_embeddings:
         specs.append(_Tensor("lm_head.weight", ("lm_head",), (v, d), _transpose, _transpose))
     return specs
 
@@ -200,7 +225,8 @@ def _layer_tensors(config: ModelConfig) -> list[_Tensor]:
     return specs
 
 
-def params_from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def params_from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndarray], *,
+                              score: bool = False) -> dict[str, Any]:
     """flaxalign's nested float32 param dict (numpy, layers stacked) from an HF state dict of numpy arrays.
 
     Raises `CheckpointError` naming the first missing tensor, a tensor whose shape does not fit `config`, or
@@ -209,7 +235,7 @@ def params_from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndar
     """
     params: dict[str, Any] = {}
     used: set[str] = set()
-    for spec in _global_tensors(config):
+    for spec in _global_tensors(config, score):
         _set(params, spec.path, spec.to_flax(_take(tensors, spec.hf_name, spec.hf_shape, used)))
     for spec in _layer_tensors(config):
         per_layer = [spec.to_flax(_take(tensors, spec.hf_name.format(i=i), spec.hf_shape, used))
@@ -219,11 +245,12 @@ def params_from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndar
     return params
 
 
-def params_to_hf_state_dict(config: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def params_to_hf_state_dict(config: ModelConfig, params: Mapping[str, Any], *,
+                            score: bool = False) -> dict[str, np.ndarray]:
     """The HF state dict (float32 numpy, HF names and layouts) of flaxalign params; the inverse of
     `params_from_hf_state_dict`. Tied models get no `lm_head.weight`, as in HF's own safetensors files."""
     out: dict[str, np.ndarray] = {}
-    for spec in _global_tensors(config):
+    for spec in _global_tensors(config, score):
         out[spec.hf_name] = _contiguous(spec.to_hf(_get(params, spec.path)))
     for spec in _layer_tensors(config):
         stacked = _get(params, ("layers",) + spec.path)
@@ -360,22 +387,48 @@ def _write_safetensors(file: str, tensors: Mapping[str, np.ndarray]) -> None:
 @dataclasses.dataclass
 class Pretrained:
     """A loaded HF model directory: flaxalign config, float32 params (device arrays) and tokenizer (None when the
-    directory has no tokenizer.json)."""
+    directory has no tokenizer.json). A `*ForSequenceClassification` model (a reward model) has no LM head in
+    `params` and its scalar head {"kernel": [D], "bias": []} in `head`."""
 
     config: ModelConfig
     params: dict[str, Any]
     tokenizer: Any = None
+    head: dict[str, Any] | None = None
 
 
 def load_pretrained(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None = None) -> Pretrained:
-    """Loads an HF Llama / Qwen2 / Mistral directory saved by transformers (`save_pretrained`, safetensors).
+    """Loads an HF Llama / Qwen2 / Mistral directory saved by transformers (`save_pretrained`, safetensors), a causal
+    LM or a `*ForSequenceClassification` reward model.
 
     `dtype` is the compute dtype of the returned config ("auto", "float32", "bfloat16"); params are float32 whatever
     the file holds. With `mesh`, every param is created directly in its sharding (`sharding.tree_shardings`), each
     device's shard read from the memory-mapped files; without one, params are plain arrays on the default device.
     Raises `CheckpointError` for a missing directory, config.json or weights file and for a missing, misshapen or
     unexpected tensor, and `ConfigError` for an unsupported architecture.
+
+    A path ending in `.gguf` (a llama.cpp file, not a directory) is read by `flaxalign.interop.gguf.load_gguf`.
     """
+    if str(path).endswith(".gguf") and not os.path.isdir(path):
+        from flaxalign.interop import gguf  # gguf.py builds on this module
+
+        return gguf.load_gguf(path, dtype=dtype, mesh=mesh)
+    hf_config = read_hf_config(path)
+    score = is_score_model(hf_config)
+    config = dataclasses.replace(model_config_from_hf(hf_config), dtype=dtype)
+    tensors = _SafetensorsFiles(_weight_files(path))
+    _check_tensors(config, tensors, score)
+    params = _place(config, tensors, mesh, score)
+    head = None
+    if score:
+        head = {"kernel": params.pop("score"), "bias": jnp.float32(hf_config.get(SCORE_BIAS_FIELD, 0.0))}
+    tokenizer = None
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        tokenizer = load_tokenizer(path)
+    return Pretrained(config=config, params=params, tokenizer=tokenizer, head=head)
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    """The config.json dict of an HF model directory."""
     if not os.path.isdir(path):
         raise errors.CheckpointError(f"HF model directory {path!r} does not exist.")
     config_file = os.path.join(path, "config.json")
@@ -383,17 +436,14 @@ def load_pretrained(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh |
         raise errors.CheckpointError(f"HF model directory {path!r} has no config.json.")
     try:
         with open(config_file) as f:
-            hf_config = json.load(f)
+            return json.load(f)
     except ValueError as e:
         raise errors.CheckpointError(f"HF config {config_file!r} is not valid JSON: {e}.") from e
-    config = dataclasses.replace(model_config_from_hf(hf_config), dtype=dtype)
-    tensors = _SafetensorsFiles(_weight_files(path))
-    _check_tensors(config, tensors)
-    params = _place(config, tensors, mesh)
-    tokenizer = None
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        tokenizer = load_tokenizer(path)
-    return Pretrained(config=config, params=params, tokenizer=tokenizer)
+
+
+def read_model_config(path: str) -> ModelConfig:
+    """The `ModelConfig` of an HF model directory, from its config.json (no weights read)."""
+    return model_config_from_hf(read_hf_config(path))
 
 
 def _weight_files(path: str) -> list[str]:
@@ -416,9 +466,9 @@ def _weight_files(path: str) -> list[str]:
         f"HF model directory {path!r} has neither {SINGLE_FILE} nor {INDEX_FILE}; save it with safetensors.")
 
 
-def _check_tensors(config: ModelConfig, tensors: _SafetensorsFiles) -> None:
+def _check_tensors(config: ModelConfig, tensors: _SafetensorsFiles, score: bool = False) -> None:
     """Names and shapes of every tensor the config needs, and no unexpected ones, before any data is read."""
-    expected = {spec.hf_name: spec.hf_shape for spec in _global_tensors(config)}
+    expected = {spec.hf_name: spec.hf_shape for spec in _global_tensors(config, score)}
     for spec in _layer_tensors(config):
         expected.update({spec.hf_name.format(i=i): spec.hf_shape for i in range(config.n_layers)})
     for name, shape in expected.items():
@@ -433,7 +483,8 @@ def _check_tensors(config: ModelConfig, tensors: _SafetensorsFiles) -> None:
     _check_leftovers(config, tensors, set(expected), embed)
 
 
-def _place(config: ModelConfig, tensors: _SafetensorsFiles, mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
+def _place(config: ModelConfig, tensors: _SafetensorsFiles, mesh: jax.sharding.Mesh | None,
+           score: bool = False) -> dict[str, Any]:
     shardings = None
     if mesh is not None:
         _, abstract, logical = models.abstract_model(config)
@@ -445,10 +496,11 @@ def _place(config: ModelConfig, tensors: _SafetensorsFiles, mesh: jax.sharding.M
         if shardings is None:
             value = jax.device_put(build(tuple(slice(None) for _ in shape)))
         else:
-            value = jax.make_array_from_callback(shape, _get(shardings, path), build)
+            target = NamedSharding(mesh, PartitionSpec()) if path == ("score",) else _get(shardings, path)
+            value = jax.make_array_from_callback(shape, target, build)
         _set(params, path, value)
 
-    for spec in _global_tensors(config):
+    for spec in _global_tensors(config, score):
         shape = spec.to_flax(np.empty(spec.hf_shape, np.float32)).shape
 
         def build_global(index, spec=spec):
@@ -467,10 +519,10 @@ def _place(config: ModelConfig, tensors: _SafetensorsFiles, mesh: jax.sharding.M
     return params
 
 
-def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
+def hf_config_dict(config: ModelConfig, *, score: bool = False) -> dict[str, Any]:
     """The transformers config.json dict of `config`: the inverse of `model_config_from_hf`. Models with q/k/v
-    biases are written as Qwen2, all others as Llama. Both rope spellings are written (`rope_theta` / `rope_scaling`
-    for transformers 4, `rope_parameters` for 5)."""
+    biases are written as Qwen2, all others as Llama (`*ForSequenceClassification` with one label when `score`).
+    Both rope spellings are written (`rope_theta` / `rope_scaling` for transformers 4, `rope_parameters` for 5)."""
     arch = "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling_factor:
@@ -491,20 +543,36 @@ def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
         out["rope_scaling"] = dict(rope)
     if arch == "Qwen2ForCausalLM":
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+    if score:
+        out.update(architectures=[arch.replace("ForCausalLM", "ForSequenceClassification")], num_labels=1,
+                   id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return out
 
 
-def save_hf(config: ModelConfig, params: Mapping[str, Any], directory: str, *, max_shard_bytes: int = 2**31) -> None:
+def save_hf(config: ModelConfig, params: Mapping[str, Any], directory: str, *, score_head: Mapping | None = None,
+            pad_token_id: int | None = None, max_shard_bytes: int = 2**31) -> None:
     """Writes `params` as a transformers-loadable float32 model directory: config.json (see `hf_config_dict`) and
     model.safetensors, or model-0000i-of-0000n.safetensors files of at most `max_shard_bytes` each (a single larger
     tensor gets a file of its own) with model.safetensors.index.json. Adapter parameters are not written; merge or
-    drop them first."""
+    drop them first.
+
+    With `score_head` ({"kernel": [D], "bias": []}, a reward model's head on the backbone `params`) the directory is
+    a `*ForSequenceClassification` model. Give it `pad_token_id`: HF scores the last token that is not pad."""
     if config.adapter_placement != "none":
         raise errors.ConfigError("save_hf writes base models only; the config has adapters (adapter_placement).")
-    state = params_to_hf_state_dict(config, params)
+    score = score_head is not None
+    hf_config = hf_config_dict(config, score=score)
+    if score:
+        params = {**{k: v for k, v in params.items() if k != "lm_head"}, "score": score_head["kernel"]}
+        bias = float(np.asarray(score_head["bias"]))
+        if bias:
+            hf_config[SCORE_BIAS_FIELD] = bias
+    if pad_token_id is not None:
+        hf_config["pad_token_id"] = int(pad_token_id)
+    state = params_to_hf_state_dict(config, params, score=score)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config_dict(config), f, indent=2)
+        json.dump(hf_config, f, indent=2)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, value in state.items():
@@ -550,3 +618,25 @@ def apply_lm(config: ModelConfig, params: Mapping[str, Any], input_ids, attentio
     mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     return _logits_fn(config)(params, tokens, positions, mask)
+
+
+@functools.lru_cache(maxsize=16)
+def _scores_fn(config: ModelConfig) -> Callable:
+    graphdef = models.abstract_model(config)[0]
+
+    def scores(params, head, tokens, positions, mask):
+        hidden = models.merge(graphdef, heads.with_unused_lm_head(params, config))(tokens, positions, mask)
+        return heads.sequence_scores(hidden, mask, head)
+
+    return jax.jit(scores)
+
+
+def apply_reward(config: ModelConfig, params: Mapping[str, Any], head: Mapping[str, Any], input_ids,
+                 attention_mask=None) -> jax.Array:
+    """float32 scores `[B]` of a reward model (`Pretrained.params` and `.head` of a `*ForSequenceClassification`
+    directory, or a reward run's weights): the head on each row's last real token, like
+    `AutoModelForSequenceClassification(...).logits[:, 0]` on right-padded rows."""
+    tokens = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    return _scores_fn(config)(params, head, tokens, positions, mask)

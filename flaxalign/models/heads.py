@@ -41,3 +41,11 @@ def sequence_scores(hidden_BxTxD, mask_BxT, head) -> jax.Array:
     hidden_BxD = jnp.take_along_axis(hidden_BxTxD, last[:, None, None], axis=1)[:, 0]
     kernel = head["kernel"].astype(hidden_BxD.dtype)
     return jnp.dot(hidden_BxD, kernel, preferred_element_type=jnp.float32) + head["bias"]
+
+
+def with_unused_lm_head(params: dict, model_config) -> dict:
+    """A reward model's backbone params completed with a zero LM head so the module can be rebuilt; nothing reads
+    it, so XLA drops it."""
+    if model_config.tie_embeddings or "lm_head" in params:
+        return params
+    return {**params, "lm_head": jnp.zeros((model_config.d_model, model_config.vocab_size), jnp.float32)}

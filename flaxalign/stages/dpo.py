@@ -41,7 +41,6 @@ from flaxalign.models import adapters
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_shapes
 from flaxalign.stages.reward import prompt_ids
-from flaxalign.train import checkpoint
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
 from flaxalign.train.state import TrainState
 from flaxalign.train.step import gradient_step
@@ -261,7 +260,7 @@ def resolve_reference(config, method: Method, lora_config, adapters_only: bool) 
 
 def check_same_vocabulary(policy_meta: dict, reference_path: str, model_config) -> dict:
     """The reference run's metadata, after checking it scores the same tokens as the policy."""
-    meta = checkpoint.read_metadata(reference_path)
+    meta = lm.source_metadata(reference_path)
     ref_vocab = meta.get("model", {}).get("vocab_size")
     if ref_vocab != model_config.vocab_size:
         raise errors.ConfigError(
@@ -379,7 +378,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     lora_config = lm.lora_from(config)
     adapters_only = model_config.adapter_placement != "none"
     reference = resolve_reference(config, method, lora_config, adapters_only)
-    reference_path = lm.parse_init_from(config.reference_from) if config.reference_from else ""
+    reference_path = lm.parse_init_from(config.reference_from, "reference_from") if config.reference_from else ""
     if reference_path:
         check_same_vocabulary(meta or {"tokenizer": tokenizer.model_path}, reference_path, model_config)
     init_base = lm.base_initializer(model_config, init_path)

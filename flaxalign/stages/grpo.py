@@ -277,7 +277,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     rm = None
     normalization = {"gain": 1.0, "bias": 0.0}
     if config.reward_from:
-        reward_path = lm.parse_init_from(config.reward_from)
+        reward_path = lm.parse_init_from(config.reward_from, "reward_from")
         rm = ppo.load_reward_model(reward_path, meta or {"tokenizer": tokenizer.model_path}, model_config)
         normalization = reward.load_reward_normalization(reward_path)
     graphdef = models.abstract_model(model_config)[0]

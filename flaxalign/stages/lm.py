@@ -7,6 +7,7 @@ bottleneck adapters (`adapters.placement`); in the last two the base is frozen i
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.losses.lm import token_cross_entropy
 from flaxalign.models import adapters
 from flaxalign.peft import lora
+from flaxalign.stages import pretrained
 from flaxalign.train import checkpoint
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
 from flaxalign.train.step import gradient_step
@@ -114,20 +116,43 @@ def adapter_fields(config) -> dict:
             "active_adapter": block.active or names[0]}
 
 
-def parse_init_from(spec: str) -> str:
+def parse_init_from(spec: str, field: str = "init_from") -> str:
+    """The weights source of `checkpoint:DIR` (a flaxalign run: DIR), `hf:DIR` or `gguf:FILE` (pretrained weights:
+    the spec itself, see `stages/pretrained.py`)."""
     kind, _, path = spec.partition(":")
-    if kind != "checkpoint" or not path:
-        raise errors.ConfigError(
-            f"init_from={spec!r} is not supported; use checkpoint:DIR (a CLM or SFT workdir).")
-    return path
+    if kind == "checkpoint" and path:
+        return path
+    if kind in pretrained.KINDS and path:
+        return spec
+    raise errors.ConfigError(
+        f"{field}={spec!r} is not supported; use checkpoint:DIR (a flaxalign run), hf:DIR (a transformers model "
+        "directory) or gguf:FILE.")
+
+
+def weights_source(spec: str) -> str:
+    """The weights source of a command-line path: `checkpoint:DIR`, `hf:DIR`, `gguf:FILE`, or a bare path — a file
+    ending in .gguf, a directory with config.json and no checkpoints/ (an HF model) or a flaxalign run."""
+    if spec.partition(":")[0] in ("checkpoint", *pretrained.KINDS):
+        return parse_init_from(spec, "checkpoint")
+    if spec.endswith(".gguf"):
+        return f"gguf:{spec}"
+    if os.path.isfile(os.path.join(spec, "config.json")) and not os.path.isdir(os.path.join(spec, "checkpoints")):
+        return f"hf:{spec}"
+    return spec
+
+
+def source_metadata(source: str) -> dict:
+    """The metadata of a weights source: a run's checkpoint metadata, or the model config and tokenizer of
+    pretrained weights."""
+    return pretrained.metadata(source) if pretrained.is_pretrained(source) else checkpoint.read_metadata(source)
 
 
 def resolve_model(config) -> tuple[models.ModelConfig, dict, str]:
-    """(model config, metadata of the `init_from` run or {}, its path or ""). With `init_from` the architecture is
-    the checkpoint's and only compute settings (dtype, attention, remat, scan) come from this config; the
-    `adapters` block adds bottleneck adapters on top."""
+    """(model config, metadata of the `init_from` source or {}, the source or ""). With `init_from` the
+    architecture is the source's and only compute settings (dtype, attention, remat, scan) come from this config;
+    the `adapters` block adds bottleneck adapters on top."""
     init_path = parse_init_from(config.init_from) if config.get("init_from") else ""
-    meta = checkpoint.read_metadata(init_path) if init_path else {}
+    meta = source_metadata(init_path) if init_path else {}
     if init_path:
         compute = {k: config.model[k] for k in models.config.COMPUTE_ONLY_FIELDS if k in config.model}
         values = {**meta["model"], **compute}
@@ -140,7 +165,8 @@ def stage_tokenizer(config, meta: dict, model_config: models.ModelConfig, stage:
     """The tokenizer of a stage: `data.tokenizer`, else the `init_from` run's; its ids must fit the model's vocab."""
     path = config.data.tokenizer or meta.get("tokenizer", "")
     if not path:
-        raise errors.ConfigError(f"{stage} needs a tokenizer: set data.tokenizer or init_from=checkpoint:DIR.")
+        raise errors.ConfigError(f"{stage} needs a tokenizer: set data.tokenizer, or init_from a run or a model "
+                                 "that has one.")
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise errors.ConfigError(
@@ -162,6 +188,8 @@ def base_initializer(model_config: models.ModelConfig, init_path: str, *, drop: 
     `drop`, e.g. a reward model's unused `lm_head`), or None (random init)."""
     if not init_path:
         return None
+    if pretrained.is_pretrained(init_path):
+        return pretrained.initializer(init_path, drop)
     meta = checkpoint.read_metadata(init_path)
     lora_of_run = meta.get("lora")
     if lora_of_run:
@@ -185,12 +213,10 @@ def abstract_lora_params(abstract_base, base_logical, lora_config):
     return jax.eval_shape(init, abstract_base), logical["axes"]
 
 
-def merged_lora_weights(path: str, model_config: models.ModelConfig, lora_config, drop: tuple, shardings):
-    """The full weights of a LoRA run: its frozen base with its `modules_to_save` put in and its LoRA merged,
-    created in `shardings` (so DPO or a reward model can start from a LoRA SFT run)."""
+def lora_run_weights(path: str, model_config: models.ModelConfig, lora_config, mesh, drop: tuple = ()):
+    """(frozen base, {"lora": adapters, "saved": modules trained fully}) of a LoRA run, in their shardings."""
     _, abstract, logical = models.abstract_model(model_config)
     abstract, logical = without(abstract, drop), without(logical, drop)
-    mesh = jax.tree.leaves(shardings)[0].mesh
     params_part, frozen_part = checkpoint.model_parts(checkpoint.read_metadata(path))
     base = checkpoint.load_params(path, abstract, sharding.tree_shardings(logical, abstract, mesh), part=frozen_part)
     abstract_lora, lora_logical = abstract_lora_params(abstract, logical, lora_config)
@@ -199,6 +225,14 @@ def merged_lora_weights(path: str, model_config: models.ModelConfig, lora_config
     trained_logical = {"lora": lora_logical, "saved": lora.select_leaves(logical, saved)}
     trained = checkpoint.load_params(path, abstract_trained,
                                      sharding.tree_shardings(trained_logical, abstract_trained, mesh), part=params_part)
+    return base, trained
+
+
+def merged_lora_weights(path: str, model_config: models.ModelConfig, lora_config, drop: tuple, shardings):
+    """The full weights of a LoRA run: its frozen base with its `modules_to_save` put in and its LoRA merged,
+    created in `shardings` (so DPO or a reward model can start from a LoRA SFT run)."""
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    base, trained = lora_run_weights(path, model_config, lora_config, mesh, drop)
 
     def merge(base, trained):
         return lora.merge(lora.replace_leaves(base, trained["saved"]), trained["lora"], lora_config)
@@ -210,7 +244,7 @@ def load_run_weights(path: str, mesh, **compute) -> tuple[models.ModelConfig, di
     """(model config, full params in their shardings) of the policy a run trained — CLM, SFT or DPO, full, LoRA
     (merged) or bottleneck adapters (kept, the run's active set on) — for generation and evaluation. `compute`
     overrides compute-only model fields (e.g. dtype)."""
-    meta = checkpoint.read_metadata(path)
+    meta = source_metadata(path)
     if meta.get("stage") == "reward":
         raise errors.ConfigError(f"{path} is a reward model; it scores sequences and cannot generate.")
     model_config = models.ModelConfig.from_dict({**meta["model"], **compute})

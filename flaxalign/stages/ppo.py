@@ -45,7 +45,6 @@ from flaxalign.losses.rl import (
 from flaxalign.models import heads
 from flaxalign.stages import lm, onpolicy, reward
 from flaxalign.stages.dpo import check_same_vocabulary
-from flaxalign.train import checkpoint
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
 
@@ -107,7 +106,7 @@ def token_values(trainable, frozen, batch, rng, m: PpoModels):
         params, transform = lm.model_params(value["model"], frozen["base"], rng, lora_config=m.value_lora)
     else:
         params, transform = value["model"], None
-    model = models.merge(m.value_graphdef, reward.with_unused_lm_head(params, m.value_config))
+    model = models.merge(m.value_graphdef, heads.with_unused_lm_head(params, m.value_config))
     hidden = onpolicy.response_hidden(model, batch["tokens"], batch["mask"], batch["response"].shape[1], transform)
     return heads.token_scores(hidden, value["head"])
 
@@ -246,7 +245,7 @@ def _eval_stats(batch, state):
 def load_reward_model(path: str, policy_meta: dict, policy_config: models.ModelConfig):
     """(reward model config, abstract params, logical axes, loader(shardings)) of a reward run; it must score the
     policy's tokens (same vocabulary and tokenizer)."""
-    meta = checkpoint.read_metadata(path)
+    meta = lm.source_metadata(path)
     if meta.get("stage") != "reward":
         raise errors.ConfigError(f"reward_from={path} is a {meta.get('stage')!r} run, not a reward model "
                                  "(train one with configs/reward.py).")
@@ -270,7 +269,7 @@ def build_task(config, workdir: str, mesh) -> Task:
         raise errors.ConfigError("PPO needs a reward model: set reward_from=checkpoint:DIR (a configs/reward.py run).")
     tokenizer = lm.stage_tokenizer(config, meta, model_config, "PPO")
     lora_config = lm.lora_from(config)
-    reward_path = lm.parse_init_from(config.reward_from)
+    reward_path = lm.parse_init_from(config.reward_from, "reward_from")
     rm_config, rm_abstract, rm_logical, load_rm = load_reward_model(
         reward_path, meta or {"tokenizer": tokenizer.model_path}, model_config)
     normalization = reward.load_reward_normalization(reward_path)

@@ -23,7 +23,7 @@ from flaxalign.data.preference_data import build_preference_datasets
 from flaxalign.generate import generate
 from flaxalign.losses import bradley_terry_loss
 from flaxalign.models import heads
-from flaxalign.stages import lm
+from flaxalign.stages import lm, pretrained
 from flaxalign.stages.checks import check_shapes
 from flaxalign.train import checkpoint
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
@@ -42,18 +42,10 @@ def full_sequences(rows: dict) -> dict:
     return {"tokens": tokens, "mask": mask, "positions": jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)}
 
 
-def with_unused_lm_head(params: dict, model_config: models.ModelConfig) -> dict:
-    """The backbone params completed with a zero LM head so the module can be rebuilt; nothing reads it, so XLA
-    drops it."""
-    if model_config.tie_embeddings or "lm_head" in params:
-        return params
-    return {**params, "lm_head": jnp.zeros((model_config.d_model, model_config.vocab_size), jnp.float32)}
-
-
 def reward_scores(trainable, frozen, tokens, mask, positions, rng=None, *, graphdef, model_config, lora_config):
     """r(x, y) of each sequence `[N]` (float32): the head on the hidden state of its last real token."""
     params, layer_transform = lm.model_params(trainable["model"], frozen, rng, lora_config=lora_config)
-    model = models.merge(graphdef, with_unused_lm_head(params, model_config))
+    model = models.merge(graphdef, heads.with_unused_lm_head(params, model_config))
     hidden = model(tokens, positions, mask, layer_transform=layer_transform)
     return heads.sequence_scores(hidden, mask, trainable["head"])
 
@@ -183,6 +175,8 @@ def trained_reward_model(path: str, model_config: models.ModelConfig):
     _, abstract, logical = models.abstract_model(model_config)
     abstract_rm = {"model": lm.without(abstract, UNUSED), "head": heads.abstract_scalar_head(model_config.d_model)}
     logical_rm = {"model": lm.without(logical, UNUSED), "head": heads.HEAD_LOGICAL}
+    if pretrained.is_pretrained(path):
+        return abstract_rm, logical_rm, pretrained.reward_initializer(path, drop=UNUSED)
     load_backbone = lm.base_initializer(model_config, path, drop=UNUSED)
 
     def load(shardings):

@@ -207,3 +207,13 @@ def test_load_tokenizer_picks_the_class(hf_dir, tmp_path, documents):
     (tmp_path / "vocab.txt").write_text("a\n")
     with pytest.raises(DataError, match=r"tokenizer '.*vocab.txt' is neither a SentencePiece .model file"):
         load_tokenizer(str(tmp_path / "vocab.txt"))
+
+
+def test_pad_is_eos_when_the_model_has_no_embedding_row_for_a_new_pad(tmp_path, documents):
+    path = build_hf_tokenizer(tmp_path / "tokenizer.json", documents[:5], vocab_size=400)
+    write_config(tmp_path, eos_token="<|end_of_text|>")
+    (tmp_path / "config.json").write_text('{"vocab_size": 400}')
+    tokenizer = HFTokenizer(path)
+    assert tokenizer.pad_id == tokenizer.eos_id and tokenizer.vocab_size == 400
+    (tmp_path / "config.json").write_text('{"vocab_size": 416}')  # padded embedding: room for "<|pad|>"
+    assert HFTokenizer(path).pad_id == 400

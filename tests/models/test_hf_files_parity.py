@@ -90,3 +90,59 @@ def test_save_hf_loads_in_transformers_with_equal_logits(libs, overrides, tmp_pa
     assert type(model).__name__ == ("Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM")
     tokens, mask = _batch(config.vocab_size)
     _compare(interop.apply_lm(config, params, tokens, mask), _hf_logits(torch, model, tokens, mask), mask)
+
+
+def _score_batch(vocab_size):
+    """Two rows; the second right-padded with id 0, which no real token uses (HF finds the last non-pad token)."""
+    tokens, mask = _batch(vocab_size)
+    tokens = np.where(tokens == 0, 1, tokens)
+    tokens[1, 9:] = 0
+    return tokens, mask
+
+
+def _hf_scores(torch, model, tokens, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask)).logits
+    assert out.shape == (tokens.shape[0], 1)
+    return out[:, 0].numpy()
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_tied_theta500k", "qwen2_bias"])
+def test_sequence_classification_directory_loads_as_a_reward_model(libs, case, tmp_path):
+    torch, transformers = libs
+    _, config_cls, overrides = CASES[case]
+    torch.manual_seed(sum(map(ord, case)) + 1)
+    hf_config = getattr(transformers, config_cls)(**{**BASE, **overrides}, num_labels=1, pad_token_id=0,
+                                                  attn_implementation="eager")
+    model = transformers.AutoModelForSequenceClassification.from_config(hf_config).float().eval()
+    model.save_pretrained(str(tmp_path))
+    loaded = interop.load_pretrained(str(tmp_path), dtype="float32")
+    assert loaded.head is not None and "lm_head" not in loaded.params
+    tokens, mask = _score_batch(loaded.config.vocab_size)
+    theirs = _hf_scores(torch, model, tokens, mask)
+    assert np.abs(theirs).max() > 0.05
+    ours = interop.apply_reward(loaded.config, loaded.params, loaded.head, tokens, mask)
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_reward_model_saved_by_save_hf_scores_equally_in_transformers(libs, tie, tmp_path):
+    torch, transformers = libs
+    import jax
+
+    from tests import helpers
+
+    config = helpers.tiny_model_config(tie_embeddings=tie)
+    backbone = {k: v for k, v in helpers.random_params(config).items() if k != "lm_head"}
+    head = {"kernel": 0.3 * jax.random.normal(jax.random.PRNGKey(3), (config.d_model,)), "bias": np.float32(0.25)}
+    interop.save_hf(config, backbone, str(tmp_path), score_head=head, pad_token_id=0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(tmp_path), attn_implementation="eager", dtype=torch.float32).eval()
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    tokens, mask = _score_batch(config.vocab_size)
+    ours = np.asarray(interop.apply_reward(config, backbone, head, tokens, mask))
+    # HF's score layer has no bias: its scores are ours less the head bias (kept in config.json)
+    np.testing.assert_allclose(_hf_scores(torch, model, tokens, mask), ours - 0.25, atol=TOLERANCE, rtol=0)
+    reloaded = interop.load_pretrained(str(tmp_path), dtype="float32")
+    np.testing.assert_allclose(np.asarray(interop.apply_reward(config, reloaded.params, reloaded.head, tokens, mask)),
+                               ours, atol=1e-6, rtol=0)

@@ -71,7 +71,7 @@ def test_loss_is_bradley_terry_of_independently_computed_scores(tmp_path):
     for i in range(16):  # one unpadded sequence at a time: no masks involved
         n = int(rows["attention_mask"][i].sum()) + 1
         tokens = np.concatenate([rows["inputs"][i, :1], rows["targets"][i, : n - 1]])[None]
-        params = reward.with_unused_lm_head(state.params["model"], CONFIG)
+        params = heads.with_unused_lm_head(state.params["model"], CONFIG)
         hidden = np.asarray(models.merge(graphdef, params)(tokens), np.float64)[0, -1]
         scores.append(hidden @ np.asarray(state.params["head"]["kernel"], np.float64)
                       + float(state.params["head"]["bias"]))

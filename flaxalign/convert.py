@@ -1,0 +1,117 @@
+"""`flaxalign convert --from=SOURCE --to=DIR --format=hf|peft|checkpoint`.
+
+SOURCE is a flaxalign run directory (`checkpoint:DIR` or just DIR), an HF model directory (`hf:DIR`, or a directory
+with config.json and no checkpoints/) or a GGUF file (`gguf:FILE`, or a path ending in .gguf).
+
+    hf          a transformers model directory (config.json, safetensors, tokenizer): a run's policy with its LoRA
+                merged, a reward run as `*ForSequenceClassification`, or pretrained weights re-saved (GGUF → HF)
+    peft        a LoRA run's adapter as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
+    checkpoint  a flaxalign run directory holding pretrained weights, for `init_from=checkpoint:DIR`, `generate`
+                and `eval` (its tokenizer is written next to the checkpoints)
+"""
+
+import json
+import os
+import shutil
+
+import jax
+
+from flaxalign import errors, models, sharding
+from flaxalign.data.tokenizer import load_tokenizer
+from flaxalign.interop import hf
+from flaxalign.stages import lm, pretrained, reward
+from flaxalign.train import checkpoint
+
+FORMATS = ("hf", "peft", "checkpoint")
+TOKENIZER_DIR = "tokenizer"  # inside a converted checkpoint's run directory
+
+
+def convert(spec: str, destination: str, fmt: str) -> str:
+    """Converts `spec` into `destination` in format `fmt`; returns a one-line description of what was written."""
+    if fmt not in FORMATS:
+        raise errors.ConfigError(f"--format={fmt!r} is not one of {list(FORMATS)}.")
+    source = lm.weights_source(spec)
+    meta = lm.source_metadata(source)
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    if fmt == "peft":
+        return _to_peft(source, meta, destination, mesh)
+    if pretrained.is_pretrained(source) and fmt == "checkpoint":
+        return _to_checkpoint(source, meta, destination, mesh)
+    if fmt == "checkpoint":
+        raise errors.ConfigError(f"{spec} is already a flaxalign run; use it as checkpoint:{spec}.")
+    return _to_hf(source, meta, destination, mesh)
+
+
+def _weights(source: str, meta: dict, mesh):
+    """(model config, LM params or reward backbone, reward head or None) of a source."""
+    model_config = models.ModelConfig.from_dict(meta["model"])
+    if meta.get("stage") == "reward":
+        abstract, logical, load = reward.trained_reward_model(source, model_config)
+        with jax.set_mesh(mesh):
+            weights = load(sharding.tree_shardings(logical, abstract, mesh))
+        return model_config, weights["model"], weights["head"]
+    if pretrained.is_pretrained(source):
+        _, abstract, logical = models.abstract_model(model_config)
+        return model_config, pretrained.initializer(source)(sharding.tree_shardings(logical, abstract, mesh)), None
+    with jax.set_mesh(mesh):
+        model_config, params = lm.load_run_weights(source, mesh)
+    return model_config, params, None
+
+
+def _to_hf(source: str, meta: dict, destination: str, mesh) -> str:
+    model_config, params, head = _weights(source, meta, mesh)
+    tokenizer = load_tokenizer(meta["tokenizer"]) if meta.get("tokenizer") else None
+    pad = tokenizer.pad_id if tokenizer is not None else None
+    hf.save_hf(model_config, jax.device_get(params), destination, score_head=jax.device_get(head),
+               pad_token_id=pad if head is not None else None)
+    written = _export_tokenizer(tokenizer, destination)
+    kind = "a *ForSequenceClassification reward model" if head is not None else "a causal LM"
+    return f"wrote {kind} to {destination}" + (f" with its tokenizer ({', '.join(written)})" if written else "")
+
+
+def _to_checkpoint(source: str, meta: dict, destination: str, mesh) -> str:
+    model_config, params, head = _weights(source, meta, mesh)
+    state = {"params": {"model": params, "head": head} if head is not None else params, "frozen": {}}
+    tokenizer = load_tokenizer(meta["tokenizer"]) if meta.get("tokenizer") else None
+    tokenizer_dir = os.path.abspath(os.path.join(destination, TOKENIZER_DIR))
+    written = _export_tokenizer(tokenizer, tokenizer_dir, model_config.vocab_size)
+    run_meta = {"stage": meta["stage"], "model": model_config.to_dict(), "init_from": meta["source"],
+                "tokenizer": (os.path.join(tokenizer_dir, written[0]) if written else "")}
+    saver = checkpoint.Checkpointer(os.path.join(destination, "checkpoints"), async_save=False)
+    saver.save(0, state, {}, run_meta)
+    saver.close()
+    return f"wrote a flaxalign checkpoint ({meta['stage']}) of {meta['source']} to {destination}"
+
+
+def _to_peft(source: str, meta: dict, destination: str, mesh) -> str:
+    from flaxalign.interop import peft
+    from flaxalign.peft import lora
+
+    if pretrained.is_pretrained(source) or not meta.get("lora"):
+        raise errors.ConfigError(f"{source} is not a LoRA run; --format=peft exports a run trained with lora.rank > 0.")
+    model_config = models.ModelConfig.from_dict(meta["model"])
+    lora_config = lora.LoraConfig.from_dict(meta["lora"])
+    drop = reward.UNUSED if meta.get("stage") == "reward" else ()
+    with jax.set_mesh(mesh):
+        _, trained = lm.lora_run_weights(source, model_config, lora_config, mesh, drop)
+    if trained["saved"]:
+        raise errors.ConfigError(f"{source} also trains modules_to_save {list(lora_config.modules_to_save)}; a PEFT "
+                                 "export would lose them — use --format=hf (merged) instead.")
+    peft.save_peft_adapter(destination, model_config, lora_config, jax.device_get(trained["lora"]))
+    return f"wrote a PEFT adapter (rank {lora_config.rank}, {lora_config.variant}) to {destination}"
+
+
+def _export_tokenizer(tokenizer, directory: str, model_vocab_size: int | None = None) -> list[str]:
+    """Writes the tokenizer into `directory`; returns the file names (first: the one `load_tokenizer` reads)."""
+    if tokenizer is None:
+        return []
+    os.makedirs(directory, exist_ok=True)
+    if tokenizer.model_path.endswith(".model"):  # SentencePiece
+        shutil.copy(tokenizer.model_path, os.path.join(directory, "tokenizer.model"))
+        return ["tokenizer.model"]
+    files = [os.path.basename(f) for f in tokenizer.save_pretrained(directory)]
+    if model_vocab_size is not None and not os.path.exists(os.path.join(directory, "config.json")):
+        # the pad rule of `HFTokenizer` reads the model's vocab_size next to tokenizer.json
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump({"vocab_size": model_vocab_size}, f)
+    return files

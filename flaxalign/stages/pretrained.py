@@ -1,0 +1,90 @@
+"""Stages that start from pretrained weights outside flaxalign: `init_from=hf:DIR` (a transformers model directory)
+or `init_from=gguf:FILE` (a llama.cpp file).
+
+A stage names its starting weights by a *source*: a run directory (`init_from=checkpoint:DIR`), or the spec itself
+("hf:DIR", "gguf:FILE") for pretrained weights. `metadata(source)` gives what a stage reads from a run's metadata —
+the model config, the tokenizer path, the stage — so the stages treat both alike, and `initializer` creates the
+weights directly in the stage's shardings.
+"""
+
+import os
+
+import jax
+
+from flaxalign import errors
+from flaxalign.interop import hf
+
+KINDS = ("hf", "gguf")
+STAGE = "pretrained"  # the `stage` of a pretrained source's metadata
+
+
+def is_pretrained(source: str) -> bool:
+    return source.partition(":")[0] in KINDS
+
+
+def check_exists(source: str) -> None:
+    kind, _, path = source.partition(":")
+    if kind == "hf" and not os.path.isdir(path):
+        raise errors.ConfigError(f"init_from={source!r}: {path!r} is not a directory (an HF model directory).")
+    if kind == "gguf" and not os.path.isfile(path):
+        raise errors.ConfigError(f"init_from={source!r}: {path!r} is not a file (a .gguf file).")
+
+
+def metadata(source: str) -> dict:
+    """{"stage": "pretrained", "model": config dict, "tokenizer": path or ""} of an `hf:` or `gguf:` source, read
+    without loading the weights."""
+    check_exists(source)
+    kind, _, path = source.partition(":")
+    stage = STAGE
+    if kind == "hf":
+        hf_config = hf.read_hf_config(path)
+        config = hf.model_config_from_hf(hf_config)
+        tokenizer = _tokenizer_in(path)
+        if hf.is_score_model(hf_config):
+            stage = "reward"  # a *ForSequenceClassification model: usable as PPO's / GRPO's reward_from
+    else:
+        # imported here: the gguf package is needed only for GGUF files
+        from flaxalign.interop import gguf
+
+        config = gguf.read_model_config(path)
+        tokenizer = path  # the vocabulary is in the file's metadata
+    return {"stage": stage, "model": config.to_dict(), "tokenizer": tokenizer, "source": source}
+
+
+def _tokenizer_in(directory: str) -> str:
+    """The tokenizer `load_tokenizer` reads from an HF directory: the directory (tokenizer.json), its SentencePiece
+    tokenizer.model, or "" when it has neither."""
+    if os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        return directory
+    sentencepiece = os.path.join(directory, "tokenizer.model")
+    return sentencepiece if os.path.isfile(sentencepiece) else ""
+
+
+def initializer(source: str, drop: tuple = ()):
+    """`init_base(shardings) -> params` reading the source's weights (less the top-level params in `drop`) straight
+    into `shardings`."""
+    path = source.partition(":")[2]
+
+    def init_base(shardings):
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        params = hf.load_pretrained(path, mesh=mesh).params
+        params = {k: v for k, v in params.items() if k not in drop}
+        return jax.device_put(params, shardings)
+
+    return init_base
+
+
+def reward_initializer(source: str, drop: tuple = ()):
+    """`init(shardings) -> {"model": backbone, "head": head}` of an `hf:` `*ForSequenceClassification` reward
+    model, read once."""
+    path = source.partition(":")[2]
+
+    def init(shardings):
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        loaded = hf.load_pretrained(path, mesh=mesh)
+        if loaded.head is None:
+            raise errors.ConfigError(f"{source} is a causal LM, not a reward model (*ForSequenceClassification).")
+        model = {k: v for k, v in loaded.params.items() if k not in drop}
+        return jax.device_put({"model": model, "head": loaded.head}, shardings)
+
+    return init

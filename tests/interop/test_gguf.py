@@ -1,0 +1,408 @@
+"""GGUF files without torch: block dequantisation vs the gguf package, the RoPE row permutation, tiny Llamas written
+with gguf.GGUFWriter loaded back (F32 exact, Q8_0 within quantisation error, onto a mesh), the tokenizer built from
+GGUF metadata, and one-sentence errors for bad files."""
+
+import dataclasses
+import json
+
+import gguf
+import jax
+import numpy as np
+import pytest
+import tokenizers
+from tokenizers import decoders, pre_tokenizers, trainers
+
+from flaxalign import errors, interop, models, sharding
+from flaxalign.data import chat
+from flaxalign.data.tokenizer import load_tokenizer
+from flaxalign.interop import gguf as gguf_io
+from flaxalign.interop import hf
+from tests import helpers
+
+Q = gguf.GGMLQuantizationType
+
+
+def write_gguf(path, config, params=None, *, qtype="F32", arch="llama", vocab=None, metadata=None, skip=()):
+    """Writes flaxalign params as a llama.cpp-style GGUF: HF tensors renamed, q/k rows permuted for llama.cpp's
+    RoPE, matrices stored as `qtype` (norms stay F32, as llama.cpp keeps them), plus `vocab` metadata."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config.n_layers)
+    writer.add_context_length(config.max_seq_len)
+    writer.add_embedding_length(config.d_model)
+    writer.add_feed_forward_length(config.d_ff)
+    writer.add_head_count(config.n_heads)
+    writer.add_head_count_kv(config.n_kv_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_eps)
+    writer.add_rope_dimension_count(config.head_dim)
+    for key, value in (metadata or {}).items():
+        writer.add_uint32(key, value) if isinstance(value, int) else writer.add_string(key, value)
+    if vocab is not None:
+        _add_vocab(writer, **vocab)
+    for name, value in ({} if params is None else hf.params_to_hf_state_dict(config, params)).items():
+        if name in skip:
+            continue
+        if ".q_proj." in name:
+            value = gguf_io.permute_rope_rows(value, config.n_heads)
+        elif ".k_proj." in name:
+            value = gguf_io.permute_rope_rows(value, config.n_kv_heads)
+        if value.ndim == 1 or qtype == "F32":
+            writer.add_tensor(gguf_io.gguf_tensor_name(name), value.astype(np.float32))
+        elif qtype == "F16":
+            writer.add_tensor(gguf_io.gguf_tensor_name(name), value.astype(np.float16))
+        else:
+            writer.add_tensor(gguf_io.gguf_tensor_name(name), gguf.quants.quantize(value, Q[qtype]), raw_dtype=Q[qtype])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def _add_vocab(writer, tokens, merges, types, pre, bos=None, eos=None, unk=None, pad=None, template=None):
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for add, value in ((writer.add_bos_token_id, bos), (writer.add_eos_token_id, eos),
+                       (writer.add_unk_token_id, unk), (writer.add_pad_token_id, pad)):
+        if value is not None:
+            add(value)
+    if template is not None:
+        writer.add_chat_template(template)
+
+
+def _assert_trees_equal(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def _config(**overrides):
+    return helpers.tiny_model_config(**overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dequantisation
+
+
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
+def test_dequantize_matches_gguf_package_on_quantized_random_data(type_name):
+    values = np.random.default_rng(0).normal(size=(6, 96)).astype(np.float32) * 3.0
+    if type_name == "F32":
+        raw = values
+    elif type_name == "F16":
+        raw = values.astype(np.float16)
+    else:
+        raw = gguf.quants.quantize(values, Q[type_name])
+    want = gguf.quants.dequantize(raw, Q[type_name]).astype(np.float32)
+    got = gguf_io.dequantize(raw, type_name, (6, 96))
+    assert got.dtype == np.float32 and got.shape == (6, 96)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("type_name, block_bytes", [("Q8_0", 34), ("Q4_0", 18), ("Q4_1", 20), ("BF16", 2)])
+def test_dequantize_matches_gguf_package_on_random_bytes(type_name, block_bytes):
+    """Arbitrary bit patterns, scales included (also inf/nan halves): every byte of the block layout is read the
+    same way as ggml's reference decoder in gguf.quants."""
+    raw = np.random.default_rng(1).integers(0, 256, size=(4, 8 * block_bytes), dtype=np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf · 0 and inf − inf in blocks with inf scales
+        want = gguf.quants.dequantize(raw, Q[type_name]).astype(np.float32)
+        got = gguf_io.dequantize(raw, type_name, want.shape)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_q4_layout_low_nibbles_first():
+    block = np.zeros(18, np.uint8)
+    block[:2] = np.array([0.5], np.float16).view(np.uint8)
+    block[2] = 0x9F  # value 0: low nibble 15 -> (15 - 8) * 0.5; value 16: high nibble 9 -> (9 - 8) * 0.5
+    out = gguf_io.dequantize_q4_0(block)
+    assert out[0] == 3.5 and out[16] == 0.5 and out[1] == -4.0
+
+
+def test_dequantize_rejects_unsupported_type_and_wrong_size():
+    with pytest.raises(ValueError, match="ggml type Q4_K is not supported"):
+        gguf_io.dequantize(np.zeros(144, np.uint8), "Q4_K", (256,))
+    with pytest.raises(ValueError, match="not a whole number of 34-byte blocks"):
+        gguf_io.dequantize(np.zeros(35, np.uint8), "Q8_0", (32,))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE row permutation
+
+
+@pytest.mark.parametrize("shape, heads", [((48, 8), 3), ((64,), 4), ((32, 5), 1)])
+def test_unpermute_inverts_permute(shape, heads):
+    w = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    permuted = gguf_io.permute_rope_rows(w, heads)
+    assert not np.array_equal(permuted, w)
+    np.testing.assert_array_equal(gguf_io.unpermute_rope_rows(permuted, heads), w)
+    np.testing.assert_array_equal(gguf_io.permute_rope_rows(gguf_io.unpermute_rope_rows(w, heads), heads), w)
+
+
+def test_permute_interleaves_the_two_halves_of_each_head():
+    rows = np.arange(8)  # 2 heads of head_dim 4: halves (0, 1 | 2, 3) and (4, 5 | 6, 7)
+    np.testing.assert_array_equal(gguf_io.permute_rope_rows(rows, 2), [0, 2, 1, 3, 4, 6, 5, 7])
+
+
+def test_tensor_names_map_to_hf():
+    assert gguf_io.hf_tensor_name("blk.12.attn_q.weight") == "model.layers.12.self_attn.q_proj.weight"
+    assert gguf_io.hf_tensor_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    assert gguf_io.hf_tensor_name("output.weight") == "lm_head.weight"
+    assert gguf_io.hf_tensor_name("rope_freqs.weight") is None
+    assert gguf_io.hf_tensor_name("blk.0.attn_qkv.weight") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny Llamas written as GGUF
+
+
+@pytest.mark.parametrize("overrides", [dict(tie_embeddings=True), dict(tie_embeddings=False),
+                                       dict(tie_embeddings=False, qkv_bias=True, rope_theta=50000.0)])
+def test_f32_round_trip_exact(tmp_path, overrides):
+    config = _config(**overrides)
+    params = helpers.random_params(config)
+    path = write_gguf(tmp_path / "tiny.gguf", config, params)
+    loaded = interop.load_pretrained(path, dtype="float32")  # dispatches on the .gguf suffix
+    assert loaded.config == dataclasses.replace(config, init_std=0.02)
+    assert loaded.tokenizer is None
+    _assert_trees_equal(loaded.params, params)
+    tokens = np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 12))
+    np.testing.assert_array_equal(np.asarray(interop.apply_lm(loaded.config, loaded.params, tokens)),
+                                  np.asarray(interop.apply_lm(config, params, tokens)))
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "F16"])
+def test_quantized_round_trip_within_quantization_error(tmp_path, qtype):
+    config = _config(tie_embeddings=False)
+    params = helpers.random_params(config)
+    path = write_gguf(tmp_path / "tiny.gguf", config, params, qtype=qtype)
+    loaded = gguf_io.load_gguf(path, dtype="float32")
+    # per value: Q8_0 rounds to half a step of block amax / 127, Q4_0 (scale amax / -8, codes 0..15) is off by at
+    # most amax / 8 at the clipped end, F16 rounds relatively by 2^-11; the float16 block scale adds about 2^-11
+    error = {"Q8_0": 0.5 / 127, "Q4_0": 1 / 8, "F16": 2.0**-11}[qtype]
+    for (path_, got), want in zip(jax.tree_util.tree_flatten_with_path(loaded.params)[0], jax.tree.leaves(params)):
+        got, want = np.asarray(got), np.asarray(want)
+        bound = np.abs(want).max() * (error + 2.0**-10) + 1e-6
+        err = np.abs(got - want).max()
+        assert err <= bound, (jax.tree_util.keystr(path_), err, bound)
+        if "scale" not in jax.tree_util.keystr(path_) and qtype != "F16":
+            assert err > 0  # really quantised
+    # and exactly what ggml's reference decoder gives for the stored blocks (q/k rows back in HF order)
+    reader = gguf.GGUFReader(path)
+    q = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
+    ref = gguf.quants.dequantize(q.data, q.tensor_type).astype(np.float32)
+    ref = gguf_io.unpermute_rope_rows(ref, config.n_heads)
+    np.testing.assert_array_equal(np.asarray(loaded.params["layers"]["attn"]["q"][1]),
+                                  ref.T.reshape(config.d_model, config.n_heads, config.head_dim))
+
+
+def test_load_onto_mesh_places_shardings(tmp_path):
+    config = _config(tie_embeddings=False)
+    params = helpers.random_params(config)
+    path = write_gguf(tmp_path / "tiny.gguf", config, params, qtype="Q8_0")
+    mesh = helpers.mesh((2, 2, 2))
+    plain = gguf_io.load_gguf(path, dtype="float32")
+    placed = gguf_io.load_gguf(path, dtype="float32", mesh=mesh)
+    _, abstract, logical = models.abstract_model(config)
+    want = sharding.tree_shardings(logical, abstract, mesh)
+    for got, shard in zip(jax.tree.leaves(placed.params), jax.tree.leaves(want)):
+        assert got.sharding == shard
+    _assert_trees_equal(placed.params, jax.device_get(plain.params))
+
+
+def test_read_model_config_reads_metadata_only(tmp_path):
+    config = _config()
+    path = write_gguf(tmp_path / "tiny.gguf", config, helpers.random_params(config))
+    assert gguf_io.read_model_config(path) == dataclasses.replace(config, init_std=0.02)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer from GGUF metadata
+
+SAMPLES = [
+    "Return a new list containing all items from the iterable in ascending order.",
+    "    def f(x):\n\treturn x ** 2  # indented code, tabs and 12345 digits, x  42\n",
+    "  leading and trailing spaces, double  spaces  \n\n\nblank lines",
+    "unseen characters: ü, 日本語, 🙂, \x00 and \r\n line ends; I'm sure they'll",
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "",
+]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}")
+
+
+def _reference_tokenizer(pre):
+    """A byte-level BPE trained with the pre-tokenizer that llama.cpp's `pre` type stands for."""
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = {
+        "gpt2": byte_level,
+        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
+        "llama-bpe": pre_tokenizers.Sequence([
+            pre_tokenizers.Split(tokenizers.Regex(gguf_io.PRE_TOKENIZERS["llama-bpe"]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    }[pre]
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([s * 3 for s in SAMPLES] + ["the quick brown fox 1234 jumps"] * 5, trainer)
+    return tokenizer
+
+
+def _vocab_metadata(reference, pre, **ids):
+    model = json.loads(reference.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda item: item[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [3 if t in SPECIALS else 1 for t in tokens]
+    return dict(tokens=tokens, merges=merges, types=types, pre=pre, **ids)
+
+
+@pytest.mark.parametrize("pre", ["smollm", "gpt2", "llama-bpe"])
+def test_tokenizer_matches_reference_bpe(tmp_path, pre):
+    reference = _reference_tokenizer(pre)
+    config = _config(vocab_size=reference.get_vocab_size())
+    vocab = _vocab_metadata(reference, pre, bos=1, eos=2, unk=0, pad=2, template=CHATML)
+    path = write_gguf(tmp_path / "tok.gguf", config, helpers.random_params(config), vocab=vocab)
+    tokenizer = load_tokenizer(path)
+    assert isinstance(tokenizer, gguf_io.GGUFTokenizer) and tokenizer.model_path == path
+    for text in SAMPLES:
+        want = reference.encode(text, add_special_tokens=False).ids
+        assert tokenizer.encode(text) == want, text
+        assert tokenizer.decode(want) == text
+    assert tokenizer.encode_batch(SAMPLES) == [tokenizer.encode(s) for s in SAMPLES]
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id) == (1, 2, 0)
+    # pad == EOS in the file and the embedding has no spare row: pad stays EOS, the vocabulary does not grow
+    assert tokenizer.pad_id == 2 and tokenizer.vocab_size == config.vocab_size
+    assert tokenizer.token_to_id("<|im_end|>") == 2 and tokenizer.token_to_id("nope-not-a-token") is None
+    assert tokenizer.chat_template == CHATML and tokenizer.chat_template_name == "chatml"
+    ids = chat.render_chat([{"role": "user", "content": "hi"}], tokenizer, "chatml", add_generation_prompt=True).ids
+    assert ids == tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    # load_gguf brings the same tokenizer along
+    assert gguf_io.load_gguf(path, dtype="float32").tokenizer.encode(SAMPLES[1]) == tokenizer.encode(SAMPLES[1])
+
+
+def test_smollm_pre_tokenizer_splits_digits(tmp_path):
+    """"smollm" splits every digit off first (llama.cpp's \\p{N} regex), so a space before a number stays with
+    preceding spaces; GPT-2's regex alone would give " 42" its own pre-token."""
+    reference = _reference_tokenizer("smollm")
+    config = _config(vocab_size=reference.get_vocab_size())
+    for pre in ("smollm", "gpt2"):
+        write_gguf(tmp_path / f"{pre}.gguf", config, vocab=_vocab_metadata(reference, pre, eos=2))
+    smollm, gpt2 = (gguf_io.load_gguf_tokenizer(str(tmp_path / f"{pre}.gguf")) for pre in ("smollm", "gpt2"))
+    assert reference.token_to_id("ĠĠ") is not None  # a two-space token exists
+    assert [smollm.decode([i]) for i in smollm.encode("x  42")] == ["x", "  ", "4", "2"]
+    assert [gpt2.decode([i]) for i in gpt2.encode("x  42")] == ["x", " ", " ", "4", "2"]
+    assert smollm.encode("x  42") == reference.encode("x  42").ids
+
+
+def test_tokenizer_pad_and_errors(tmp_path):
+    reference = _reference_tokenizer("gpt2")
+    config = _config(vocab_size=reference.get_vocab_size())
+    # no pad in a vocabulary-only file (no embedding to fit): "<|pad|>" is added, as HFTokenizer does
+    path = write_gguf(tmp_path / "nopad.gguf", config, vocab=_vocab_metadata(reference, "gpt2", eos=2))
+    tokenizer = gguf_io.load_gguf_tokenizer(path)
+    assert tokenizer.pad_id == config.vocab_size == tokenizer.vocab_size - 1 and tokenizer.bos_id is None
+    assert tokenizer.chat_template is None and tokenizer.chat_template_name is None
+    path = write_gguf(tmp_path / "pad.gguf", config, vocab=_vocab_metadata(reference, "gpt2", eos=2, pad=0))
+    assert gguf_io.load_gguf_tokenizer(path).pad_id == 0
+    with pytest.raises(errors.DataError, match="has no tokenizer.ggml.eos_token_id"):
+        gguf_io.load_gguf_tokenizer(write_gguf(tmp_path / "noeos.gguf", config,
+                                               vocab=_vocab_metadata(reference, "gpt2")))
+    with pytest.raises(errors.DataError, match=r"tokenizer.ggml.pre 'mystery'; flaxalign knows"):
+        gguf_io.load_gguf_tokenizer(write_gguf(tmp_path / "pre.gguf", config,
+                                               vocab=_vocab_metadata(reference, "mystery", eos=2)))
+    with pytest.raises(errors.DataError, match=r"has no tokenizer metadata"):
+        load_tokenizer(write_gguf(tmp_path / "none.gguf", config))
+    spm_file = tmp_path / "spm.gguf"
+    writer = gguf.GGUFWriter(str(spm_file), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(errors.DataError, match=r"has a 'llama' tokenizer; flaxalign builds \['gpt2'\]"):
+        load_tokenizer(str(spm_file))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad files
+
+
+@pytest.fixture()
+def tiny_file(tmp_path):
+    config = _config()
+    return write_gguf(tmp_path / "tiny.gguf", config, helpers.random_params(config)), config
+
+
+@pytest.mark.parametrize("cut", ["half", "last byte", "in the header", "empty"])
+def test_truncated_file_is_a_checkpoint_error(tiny_file, cut):
+    path, _ = tiny_file
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = {"half": len(data) // 2, "last byte": len(data) - 1, "in the header": 200, "empty": 0}[cut]
+    with open(path, "wb") as f:
+        f.write(data[:keep])
+    with pytest.raises(errors.CheckpointError, match=r"GGUF file '.*tiny.gguf' is truncated"):
+        gguf_io.load_gguf(path)
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"this is not a gguf file at all, just text" * 10)
+    with pytest.raises(errors.CheckpointError, match=r"'.*model.gguf' is truncated or not a GGUF file"):
+        interop.load_pretrained(str(path))
+    with pytest.raises(errors.CheckpointError, match=r"GGUF file '.*missing.gguf' does not exist"):
+        gguf_io.load_gguf(str(tmp_path / "missing.gguf"))
+
+
+def test_unsupported_architecture(tmp_path):
+    config = _config()
+    path = write_gguf(tmp_path / "phi.gguf", config, arch="phi3")
+    with pytest.raises(errors.ConfigError, match=r"architecture 'phi3'; flaxalign loads \['llama'\] GGUF files"):
+        gguf_io.load_gguf(path)
+
+
+def test_unsupported_tensor_type(tmp_path):
+    config = _config()
+    path = write_gguf(tmp_path / "q5.gguf", config, helpers.random_params(config), qtype="Q5_0")
+    with pytest.raises(errors.CheckpointError, match=r"GGUF tensor 'token_embd.weight' of '.*q5.gguf' has type "
+                                                     r"Q5_0; flaxalign reads"):
+        gguf_io.load_gguf(path)
+
+
+def test_missing_unknown_and_unsupported_features(tmp_path):
+    config = _config()
+    params = helpers.random_params(config)
+    path = write_gguf(tmp_path / "a.gguf", config, params, skip=("model.layers.1.mlp.up_proj.weight",))
+    with pytest.raises(errors.CheckpointError, match=r"GGUF file '.*a.gguf' has no tensor 'blk.1.ffn_up.weight'"):
+        gguf_io.load_gguf(path)
+    path = write_gguf(tmp_path / "b.gguf", config, params, metadata={"llama.rope.scaling.type": "linear"})
+    with pytest.raises(errors.ConfigError, match="uses rope scaling"):
+        gguf_io.load_gguf(path)
+    path = write_gguf(tmp_path / "c.gguf", config, params, metadata={"llama.expert_count": 8})
+    with pytest.raises(errors.ConfigError, match="mixture of experts"):
+        gguf_io.load_gguf(path)
+    writer_path = tmp_path / "d.gguf"
+    writer = gguf.GGUFWriter(str(writer_path), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(errors.CheckpointError, match=r"GGUF file '.*d.gguf' has no metadata key 'llama.embedding"):
+        gguf_io.load_gguf(str(writer_path))
+    writer = gguf.GGUFWriter(str(writer_path), "llama")
+    for key, value in dict(block_count=1, embedding_length=64, feed_forward_length=192).items():
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_uint32("llama.attention.head_count", 4)
+    writer.add_tensor("token_embd.weight", np.zeros((512, 64), np.float32))
+    writer.add_tensor("blk.0.attn_qkv.weight", np.zeros((192, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(errors.CheckpointError, match=r"1 tensor\(s\) that flaxalign's Llama has no place for, "
+                                                     r"e.g. \['blk.0.attn_qkv.weight'\]"):
+        gguf_io.load_gguf(str(writer_path))

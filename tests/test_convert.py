@@ -1,0 +1,148 @@
+"""`flaxalign convert` and `init_from=hf:DIR`: a run exported to an HF directory, re-imported as a checkpoint and used
+to start a stage gives the same model; reward models travel as `*ForSequenceClassification`; bad input is named."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from flaxalign import errors, interop, models, sharding
+from flaxalign.convert import convert
+from flaxalign.models import heads
+from flaxalign.stages import lm, reward
+from tests import cli_helpers as cli
+from tests import helpers
+
+TOKENS = np.array([[5, 17, 99, 3, 41, 8, 250, 11], [7, 7, 300, 2, 0, 0, 0, 0]], np.int32)
+MASK = (np.arange(8)[None, :] < np.array([[8], [4]])).astype(np.int32)
+
+
+def _one_device_mesh():
+    return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def _run_logits(source):
+    mesh = _one_device_mesh()
+    with jax.set_mesh(mesh):
+        config, params = lm.load_run_weights(source, mesh)
+    return np.asarray(interop.apply_lm(config, params, TOKENS, MASK))
+
+
+@pytest.fixture(scope="module")
+def sft_export(sft_demo_run, tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("export") / "hf")
+    message = convert(sft_demo_run, directory, "hf")
+    assert "causal LM" in message
+    return directory
+
+
+def test_hf_export_of_a_run_has_the_run_s_logits_and_tokenizer(sft_demo_run, sft_export):
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(sft_export))
+    loaded = interop.load_pretrained(sft_export)
+    np.testing.assert_allclose(np.asarray(interop.apply_lm(loaded.config, loaded.params, TOKENS, MASK)),
+                               _run_logits(sft_demo_run), atol=1e-5, rtol=0)
+    assert lm.source_metadata(lm.weights_source(sft_export))["tokenizer"].endswith("tokenizer.model")
+
+
+def test_checkpoint_import_of_an_hf_directory_is_a_run_with_the_same_model(sft_export, tmp_path):
+    run_dir = str(tmp_path / "ckpt")
+    convert(f"hf:{sft_export}", run_dir, "checkpoint")
+    np.testing.assert_allclose(_run_logits(run_dir), _run_logits(f"hf:{sft_export}"), atol=1e-6, rtol=0)
+    meta = lm.source_metadata(run_dir)
+    assert meta["stage"] == "pretrained" and meta["init_from"] == f"hf:{sft_export}"
+    assert os.path.isfile(meta["tokenizer"])
+
+
+def test_sft_starts_from_an_hf_directory(sft_export, tmp_path):
+    workdir = str(tmp_path / "sft_from_hf")
+    rc, _, err = cli.run(["--config=configs/sft.py:tiny", f"--workdir={workdir}", f"--config.init_from=hf:{sft_export}",
+                          "--config.steps=2", "--config.eval_every=0"], cpu_devices=1)
+    assert rc == 0, err[-2000:]
+    first = next(row for row in cli.metrics(workdir) if "loss" in row)
+    # the exported SFT model already fits the SFT data: its first loss is far below a random model's ln(512) = 6.2
+    assert first["loss"] < 4.0, first
+    assert lm.source_metadata(workdir)["init_from"] == f"hf:{sft_export}"
+
+
+def test_reward_model_from_a_sequence_classification_directory(tmp_path):
+    config = helpers.tiny_model_config(tie_embeddings=False)
+    backbone = {k: v for k, v in helpers.random_params(config).items() if k != "lm_head"}
+    head = heads.init_scalar_head(config.d_model, seed=1)
+    interop.save_hf(config, backbone, str(tmp_path), score_head=head, pad_token_id=0)
+    source = f"hf:{tmp_path}"
+    assert lm.source_metadata(source)["stage"] == "reward"  # usable as PPO's / GRPO's reward_from
+    abstract, logical, load = reward.trained_reward_model(source, config)
+    mesh = helpers.mesh((2, 1, 1))
+    with jax.set_mesh(mesh):
+        weights = load(sharding.tree_shardings(logical, abstract, mesh))
+    expected = interop.apply_reward(config, backbone, head, TOKENS, MASK)
+    got = interop.apply_reward(config, weights["model"], weights["head"], TOKENS, MASK)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6, rtol=0)
+    assert jax.tree.structure(weights["model"]) == jax.tree.structure(abstract["model"])
+
+
+def test_reward_run_exports_as_sequence_classification(tmp_path):
+    config = helpers.tiny_model_config(tie_embeddings=True)
+    params = helpers.random_params(config)
+    head = heads.init_scalar_head(config.d_model, seed=2)
+    interop.save_hf(config, params, str(tmp_path / "rm"), score_head=head, pad_token_id=0)
+    exported = str(tmp_path / "rm_again")
+    convert(str(tmp_path / "rm"), exported, "hf")  # a bare directory with config.json is an HF model
+    loaded = interop.load_pretrained(exported)
+    assert loaded.head is not None
+    np.testing.assert_allclose(np.asarray(loaded.head["kernel"]), np.asarray(head["kernel"]), atol=0, rtol=0)
+
+
+def test_bad_sources_and_formats_are_named(sft_demo_run, tmp_path):
+    with pytest.raises(errors.ConfigError, match="--format='onnx'"):
+        convert(sft_demo_run, str(tmp_path / "x"), "onnx")
+    with pytest.raises(errors.ConfigError, match="not a LoRA run"):
+        convert(sft_demo_run, str(tmp_path / "x"), "peft")
+    with pytest.raises(errors.ConfigError, match="already a flaxalign run"):
+        convert(sft_demo_run, str(tmp_path / "x"), "checkpoint")
+    with pytest.raises(errors.ConfigError, match="is not a directory"):
+        convert(f"hf:{tmp_path / 'missing'}", str(tmp_path / "x"), "checkpoint")
+    with pytest.raises(errors.ConfigError, match=r"hf:DIR .* or gguf:FILE"):
+        lm.parse_init_from("s3://bucket/model")
+
+
+def test_convert_cli_errors_are_one_line(tmp_path):
+    rc, _, err = cli.run(["--from=/nonexistent/run", f"--to={tmp_path / 'out'}", "--format=hf"], cpu_devices=1,
+                         command="convert")
+    assert rc == 2 and err.strip().count("\n") == 0 and "/nonexistent/run" in err, err
+    rc, _, err = cli.run([f"--to={tmp_path / 'out'}", "--format=hf"], cpu_devices=1, command="convert")
+    assert rc == 2 and "--from is required" in err, err
+
+
+def test_model_configs_agree_between_a_run_and_its_export(sft_demo_run, sft_export):
+    run_config = models.ModelConfig.from_dict(lm.source_metadata(sft_demo_run)["model"])
+    assert interop.hf.read_model_config(sft_export).checkpoint_identity() == run_config.checkpoint_identity()
+
+
+def test_peft_export_of_a_lora_run_reproduces_its_merged_model(tmp_path):
+    from flaxalign.interop import peft
+    from flaxalign.peft import lora
+    from flaxalign.train import loop
+    from flaxalign.train.checkpoint import Checkpointer
+    from flaxalign.train.jit import CompiledStep
+
+    config = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2, tie_embeddings=False)
+    lora_config = lora.LoraConfig(rank=4, alpha=8.0, variant="rslora")
+    task = lm.make_task("sft", config, helpers.optim_config(lr=5e-2), lora_config=lora_config, chunk_size=16)
+    mesh = helpers.mesh((2, 1, 1))
+    checkpointer = Checkpointer(str(tmp_path / "run" / "checkpoints"), async_save=False)
+    state, shardings, _ = loop.initial_state(task, 0, mesh, checkpointer)
+    step = CompiledStep(task.train_step, mesh, shardings)
+    for seed in range(3):  # the learning rate warms up from 0, so B leaves zero
+        state, _ = step(state, helpers.packed_batch(seed=seed))
+    checkpointer.save(3, state, {}, task.metadata)
+    checkpointer.close()
+
+    convert(str(tmp_path / "run"), str(tmp_path / "adapter"), "peft")
+    loaded_config, loaded = peft.load_peft_adapter(str(tmp_path / "adapter"), config)
+    assert loaded_config.variant == "rslora" and loaded_config.rank == 4
+    base = jax.device_get(state.frozen)
+    ours = interop.apply_lm(config, lora.apply_lora(base, loaded, loaded_config), TOKENS, MASK)
+    np.testing.assert_allclose(np.asarray(ours), _run_logits(str(tmp_path / "run")), atol=2e-5, rtol=0)
+    assert not np.allclose(np.asarray(ours), np.asarray(interop.apply_lm(config, base, TOKENS, MASK)), atol=1e-3)
