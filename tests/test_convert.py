@@ -82,7 +82,7 @@ def test_reward_model_from_a_sequence_classification_directory(tmp_path):
     assert jax.tree.structure(weights["model"]) == jax.tree.structure(abstract["model"])
 
 
-def test_reward_run_exports_as_sequence_classification(tmp_path):
+def test_sequence_classification_directory_converts_to_hf_again(tmp_path):
     config = helpers.tiny_model_config(tie_embeddings=True)
     params = helpers.random_params(config)
     head = heads.init_scalar_head(config.d_model, seed=2)

@@ -38,7 +38,6 @@ of head_dim is needed (unlike Meta's original checkpoints).
 """
 
 import dataclasses
-import functools
 import json
 import os
 import struct
@@ -53,7 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from flaxalign import errors, models, sharding
 from flaxalign.data.tokenizer import load_tokenizer
-from flaxalign.models import heads
+from flaxalign.models.apply import apply_lm, apply_reward  # noqa: F401 - part of flaxalign.interop's API
 from flaxalign.models.config import ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -595,48 +594,3 @@ def save_hf(config: ModelConfig, params: Mapping[str, Any], directory: str, *, s
     index = {"metadata": {"total_size": sum(v.nbytes for v in state.values())}, "weight_map": weight_map}
     with open(os.path.join(directory, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=2)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Running a model like an HF causal LM
-
-
-@functools.lru_cache(maxsize=16)
-def _logits_fn(config: ModelConfig) -> Callable:
-    graphdef = models.abstract_model(config)[0]
-    return jax.jit(lambda params, tokens, positions, segment_ids:
-                   models.merge(graphdef, params).logits(tokens, positions, segment_ids))
-
-
-def apply_lm(config: ModelConfig, params: Mapping[str, Any], input_ids, attention_mask=None) -> jax.Array:
-    """float32 logits `[B, T, V]` of `input_ids`, like `AutoModelForCausalLM(input_ids, attention_mask).logits`.
-
-    Padding (attention_mask 0) may be on the right or the left: each token's position counts the real tokens
-    before it and padding attends only to padding, so real tokens' logits equal those of the unpadded sequence.
-    Logits at padded positions are meaningless."""
-    tokens = jnp.asarray(input_ids, jnp.int32)
-    mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    return _logits_fn(config)(params, tokens, positions, mask)
-
-
-@functools.lru_cache(maxsize=16)
-def _scores_fn(config: ModelConfig) -> Callable:
-    graphdef = models.abstract_model(config)[0]
-
-    def scores(params, head, tokens, positions, mask):
-        hidden = models.merge(graphdef, heads.with_unused_lm_head(params, config))(tokens, positions, mask)
-        return heads.sequence_scores(hidden, mask, head)
-
-    return jax.jit(scores)
-
-
-def apply_reward(config: ModelConfig, params: Mapping[str, Any], head: Mapping[str, Any], input_ids,
-                 attention_mask=None) -> jax.Array:
-    """float32 scores `[B]` of a reward model (`Pretrained.params` and `.head` of a `*ForSequenceClassification`
-    directory, or a reward run's weights): the head on each row's last real token, like
-    `AutoModelForSequenceClassification(...).logits[:, 0]` on right-padded rows."""
-    tokens = jnp.asarray(input_ids, jnp.int32)
-    mask = jnp.ones_like(tokens) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    return _scores_fn(config)(params, head, tokens, positions, mask)
