@@ -37,6 +37,7 @@ def sft_export(sft_demo_run, tmp_path_factory):
     return directory
 
 
+@pytest.mark.slow  # the demo's SFT run
 def test_hf_export_of_a_run_has_the_run_s_logits_and_tokenizer(sft_demo_run, sft_export):
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(os.listdir(sft_export))
     loaded = interop.load_pretrained(sft_export)
@@ -45,6 +46,7 @@ def test_hf_export_of_a_run_has_the_run_s_logits_and_tokenizer(sft_demo_run, sft
     assert lm.source_metadata(lm.weights_source(sft_export))["tokenizer"].endswith("tokenizer.model")
 
 
+@pytest.mark.slow  # the demo's SFT run
 def test_checkpoint_import_of_an_hf_directory_is_a_run_with_the_same_model(sft_export, tmp_path):
     run_dir = str(tmp_path / "ckpt")
     convert(f"hf:{sft_export}", run_dir, "checkpoint")
@@ -54,6 +56,7 @@ def test_checkpoint_import_of_an_hf_directory_is_a_run_with_the_same_model(sft_e
     assert os.path.isfile(meta["tokenizer"])
 
 
+@pytest.mark.slow  # the demo's SFT run
 def test_sft_starts_from_an_hf_directory(sft_export, tmp_path):
     workdir = str(tmp_path / "sft_from_hf")
     rc, _, err = cli.run(["--config=configs/sft.py:tiny", f"--workdir={workdir}", f"--config.init_from=hf:{sft_export}",
@@ -94,6 +97,7 @@ def test_sequence_classification_directory_converts_to_hf_again(tmp_path):
     np.testing.assert_allclose(np.asarray(loaded.head["kernel"]), np.asarray(head["kernel"]), atol=0, rtol=0)
 
 
+@pytest.mark.slow  # the demo's SFT run
 def test_bad_sources_and_formats_are_named(sft_demo_run, tmp_path):
     with pytest.raises(errors.ConfigError, match="--format='onnx'"):
         convert(sft_demo_run, str(tmp_path / "x"), "onnx")
@@ -115,6 +119,7 @@ def test_convert_cli_errors_are_one_line(tmp_path):
     assert rc == 2 and "--from is required" in err, err
 
 
+@pytest.mark.slow  # the demo's SFT run
 def test_model_configs_agree_between_a_run_and_its_export(sft_demo_run, sft_export):
     run_config = models.ModelConfig.from_dict(lm.source_metadata(sft_demo_run)["model"])
     assert interop.hf.read_model_config(sft_export).checkpoint_identity() == run_config.checkpoint_identity()

@@ -30,8 +30,22 @@ def panel_series(rows: list[dict], name: str) -> dict[str, tuple[list, list]]:
 def plot_curves(path: str, rows: list[dict], panels, title: str = "") -> str | None:
     """Writes a PNG with one panel per metric name in `panels` that the rows have; returns the path, or None when
     there is nothing to draw."""
-    drawn = [(name, panel_series(rows, name)) for name in panels]
-    drawn = [(name, series) for name, series in drawn if series]
+    return plot_runs(path, {"": rows}, panels, title)
+
+
+def plot_runs(path: str, runs: dict[str, list[dict]], panels, title: str = "") -> str | None:
+    """Like `plot_curves` for several runs at once (e.g. one per seed): each panel overlays every run's series,
+    labelled "run: series"; a panel is `(title, metric name)` with the run names as keys of `runs`, or just a
+    metric name. Returns the path, or None when there is nothing to draw."""
+    drawn = []
+    for panel in panels:
+        panel_title, name = panel if isinstance(panel, tuple) else (panel, panel)
+        series = {}
+        for run, rows in runs.items():
+            for label, points in panel_series(rows, name).items():
+                series[f"{run}: {label}" if run else label] = points
+        if series:
+            drawn.append((panel_title, series))
     if not drawn:
         return None
     plt = _pyplot()
@@ -45,7 +59,7 @@ def plot_curves(path: str, rows: list[dict], panels, title: str = "") -> str | N
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if len(series) > 1:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(drawn):]:
         ax.axis("off")
     if title:
@@ -56,12 +70,15 @@ def plot_curves(path: str, rows: list[dict], panels, title: str = "") -> str | N
     return path
 
 
-def plot_xy(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str = "") -> str:
-    """One scatter-and-line panel of named (x, y) series, e.g. a reward-vs-KL frontier."""
+def plot_xy(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str = "",
+            lines: bool | dict = True) -> str:
+    """One panel of named (x, y) series, e.g. a reward-vs-KL frontier; `lines` False draws points only (a dict
+    {label: bool} chooses per series)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
     for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", markersize=4, label=label)
+        joined = lines.get(label, True) if isinstance(lines, dict) else lines
+        ax.plot(xs, ys, marker="o", markersize=4 if joined else 7, linestyle="-" if joined else "none", label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

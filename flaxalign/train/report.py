@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 
 from flaxalign.train import plots
 
@@ -43,6 +44,33 @@ def write_report(workdir: str, config, result, seconds: float) -> str:
     with open(out, "w") as f:
         f.write("\n".join(lines))
     return out
+
+
+SUMMARY_FILE = "run_summary.json"
+
+
+def write_summary(workdir: str, config, result, seconds: float, flops_per_step: float) -> dict:
+    """`run_summary.json`: whether the run reached `config.steps`, its wall-clock (summed over resumed invocations),
+    FLOPs (flops_per_step × steps, the model FLOPs of the whole run) and this process's peak resident memory."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    previous = read_summary(workdir) or {}
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    summary = {"stage": config.stage, "final_step": result.final_step, "steps": config.steps,
+               "finished": result.final_step >= config.steps and not result.preempted,
+               "seconds": previous.get("seconds", 0.0) + seconds, "flops": flops_per_step * result.final_step,
+               "peak_rss_mb": max(previous.get("peak_rss_mb", 0.0), peak_mb)}
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return summary
+
+
+def read_summary(workdir: str) -> dict | None:
+    path = os.path.join(workdir, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def eval_table(first: dict, last: dict) -> list[str]:

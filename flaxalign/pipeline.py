@@ -1,0 +1,128 @@
+"""`flaxalign pipeline --config=configs/pipeline.py:tiny --workdir=W [--seeds=N]`: the whole adaptation pipeline.
+
+    tokenizer + CLM pretraining → SFT → reward model → PPO and DPO (both from the SFT checkpoint, one run per seed)
+    → evaluation of base (CLM), SFT, PPO and DPO against SFT → W/report.md with plots and the PPO-vs-DPO table
+
+Every stage is a `flaxalign train` (or `eval`) subprocess with its own run directory under W, its log in W/logs/, and
+its `run_summary.json` (wall-clock, FLOPs, peak memory) written when it ends. A re-run skips every stage whose
+summary says it finished and resumes an unfinished one from its latest checkpoint (the training loop's automatic
+resume), so a killed pipeline loses at most the steps since that stage's last checkpoint.
+"""
+
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from absl import logging
+
+from flaxalign import errors
+from flaxalign.pipeline_report import write_pipeline_report
+from flaxalign.train import report
+
+EVAL_FILE = "eval.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str  # its run directory under the pipeline's workdir
+    command: str  # "train" or "eval"
+    config: str  # configs/FILE.py:PRESET
+    args: tuple[str, ...]  # --config.* overrides and flags
+
+
+def plan(pcfg, workdir: str, seeds: int) -> list[Stage]:
+    """The stages in order. PPO and DPO of seed s use `--config.seed=s`; everything before them runs once."""
+    def run(name):
+        return f"checkpoint:{os.path.join(workdir, name)}"
+
+    def stage(name, block, *extra, command="train"):
+        return Stage(name, command, block.config, tuple(shlex.split(block.args)) + extra)
+
+    stages = [stage("clm", pcfg.clm),
+              stage("sft", pcfg.sft, f"--config.init_from={run('clm')}"),
+              stage("reward", pcfg.reward, f"--config.init_from={run('sft')}")]
+    for seed in range(seeds):
+        stages.append(stage(f"ppo_s{seed}", pcfg.ppo, f"--config.init_from={run('sft')}",
+                            f"--config.reward_from={run('reward')}", f"--config.seed={seed}"))
+        stages.append(stage(f"dpo_s{seed}", pcfg.dpo, f"--config.init_from={run('sft')}", f"--config.seed={seed}"))
+    for policy in ["clm", "sft"] + [f"{m}_s{seed}" for seed in range(seeds) for m in ("ppo", "dpo")]:
+        stages.append(stage(f"eval/{policy}", pcfg.eval, f"--checkpoint={os.path.join(workdir, policy)}",
+                            f"--config.reference={run('sft')}", f"--config.reward_from={run('reward')}",
+                            command="eval"))
+    return stages
+
+
+def is_finished(stage: Stage, workdir: str) -> bool:
+    run_dir = os.path.join(workdir, stage.name)
+    if stage.command == "eval":
+        return os.path.exists(os.path.join(run_dir, EVAL_FILE))
+    summary = report.read_summary(run_dir)
+    return bool(summary and summary.get("finished"))
+
+
+def run_stage(stage: Stage, workdir: str, cpu_devices: int) -> float:
+    """Runs one stage as a subprocess (output to W/logs/NAME.log); returns its wall-clock seconds. A failing stage
+    raises `FlaxalignError` with the last line of its log."""
+    run_dir = os.path.join(workdir, stage.name)
+    log_path = os.path.join(workdir, "logs", stage.name.replace("/", "_") + ".log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    cmd = [sys.executable, "-m", "flaxalign.main", stage.command, f"--config={stage.config}",
+           f"--workdir={run_dir}", *stage.args]
+    if cpu_devices:
+        cmd.append(f"--cpu_devices={cpu_devices}")
+    started = time.time()
+    with open(log_path, "a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # SIGTERM to the pipeline reaches the running stage, which checkpoints and exits (the loop's preemption path)
+        previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+        try:
+            rc = child.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    if rc != 0:
+        raise errors.FlaxalignError(f"pipeline stage {stage.name} failed (exit {rc}): {_last_line(log_path)} "
+                                    f"(log: {log_path}).")
+    if not is_finished(stage, workdir):
+        raise errors.FlaxalignError(f"pipeline stage {stage.name} stopped before its last step (preempted); run the "
+                                    "same command again to resume it.")
+    return time.time() - started
+
+
+def _last_line(path: str) -> str:
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1][:300] if lines else "no output"
+
+
+def run_pipeline(pcfg, workdir: str, seeds: int | None = None) -> str:
+    """Runs (or resumes) every stage, then writes W/report.md; returns the report path."""
+    seeds = int(seeds or pcfg.seeds)
+    if seeds < 1:
+        raise errors.ConfigError(f"--seeds must be at least 1, not {seeds}.")
+    os.makedirs(workdir, exist_ok=True)
+    stages = plan(pcfg, os.path.abspath(workdir), seeds)
+    if pcfg.stop_after:
+        names = [stage.name for stage in stages]
+        if pcfg.stop_after not in names:
+            raise errors.ConfigError(f"stop_after={pcfg.stop_after!r} is not a stage; stages: {names}.")
+        stages = stages[:names.index(pcfg.stop_after) + 1]
+    with open(os.path.join(workdir, "pipeline.json"), "w") as f:
+        json.dump({"seeds": seeds, "stages": [dataclasses.asdict(s) for s in stages]}, f, indent=2)
+    for i, stage in enumerate(stages, 1):
+        if is_finished(stage, workdir):
+            logging.info("pipeline [%d/%d] %s: finished earlier, skipped.", i, len(stages), stage.name)
+            print(f"pipeline [{i}/{len(stages)}] {stage.name}: done earlier (skipped)", flush=True)
+            continue
+        print(f"pipeline [{i}/{len(stages)}] {stage.name}: {stage.command} {stage.config} …", flush=True)
+        seconds = run_stage(stage, workdir, int(pcfg.cpu_devices))
+        print(f"pipeline [{i}/{len(stages)}] {stage.name}: {seconds:.0f} s", flush=True)
+    if pcfg.stop_after:
+        return ""
+    return write_pipeline_report(workdir, seeds)
