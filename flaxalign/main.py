@@ -3,6 +3,9 @@
     flaxalign train --config=configs/clm.py:tiny --workdir=runs/clm [--config.steps=200 ...]
     flaxalign generate --checkpoint=runs/sft --prompt="What does `len(obj)` do?" [--temperature=0 ...]
     flaxalign convert --from=runs/sft_lora --to=exports/sft --format=hf|peft|checkpoint
+    flaxalign eval --config=configs/eval.py:tiny --checkpoint=runs/dpo [--workdir=DIR --config.reference=...]
+    flaxalign constitutional --config=configs/constitutional.py:tiny --workdir=runs/cai --config.checkpoint=runs/sft
+    flaxalign generate --checkpoint=runs/sft --prompt=... --refine_rounds=2   # self-refine: feedback → revision
 
 A user error (bad flag, missing file, indivisible mesh, unknown preset) prints one sentence and exits 2.
 """
@@ -18,17 +21,18 @@ from ml_collections import config_flags
 
 from flaxalign import errors
 
-COMMANDS = ("train", "generate", "convert")
+COMMANDS = ("train", "generate", "convert", "constitutional", "pipeline", "eval")
 
 config_flags.DEFINE_config_file("config", None, "Stage config file and preset, e.g. configs/clm.py:tiny.",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, TensorBoard events and the report.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, TensorBoard events and the report (eval: "
+                    "for eval.json, default <checkpoint>/eval).")
 flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU devices (to try meshes without accelerators).")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 for multi-process jax.distributed.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
-flags.DEFINE_string("checkpoint", None, "generate: the workdir of a run (its latest checkpoint), or hf:DIR / "
-                    "gguf:FILE.")
+flags.DEFINE_string("checkpoint", None, "generate, eval: the workdir of a run (its latest checkpoint), or hf:DIR "
+                    "/ gguf:FILE.")
 flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeat the flag for several).")
 flags.DEFINE_integer("max_new_tokens", 128, "generate: the most tokens to sample per prompt.")
 flags.DEFINE_float("temperature", 0.7, "generate: sampling temperature; 0 = greedy.")
@@ -37,6 +41,9 @@ flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass (1 = off).")
 flags.DEFINE_string("chat_template", "", "generate: wrap each prompt as a user message of this template "
                     "(plain, chatml, llama3); empty = the raw prompt text.")
 flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
+flags.DEFINE_integer("refine_rounds", 0, "generate: self-refine rounds (feedback → refined answer, Madaan et al. "
+                     "2023); 0 = answer once.")
+flags.DEFINE_integer("seeds", 0, "pipeline: PPO and DPO runs per method (0 = the config's `seeds`).")
 flags.DEFINE_string("from", None, "convert: a run directory, hf:DIR (or a directory with config.json) or gguf:FILE.")
 flags.DEFINE_string("to", None, "convert: the output directory.")
 flags.DEFINE_string("format", None, "convert: hf (transformers directory), peft (a LoRA run's adapter) or "
@@ -118,6 +125,7 @@ def train(config, workdir: str) -> None:
     started = time.time()
     result = loop.train(task, config, workdir, mesh)
     if jax.process_index() == 0:
+        report.write_summary(workdir, config, result, time.time() - started, task.flops_per_step)
         path = report.write_report(workdir, config, result, time.time() - started)
         print(f"flaxalign: {config.stage} finished at step {result.final_step}"
               f"{' (preempted: checkpoint saved)' if result.preempted else ''}; outputs in {workdir} "
@@ -132,6 +140,12 @@ def main(argv: list[str]) -> None:
         return generate_command()
     if commands[0] == "convert":
         return convert_command()
+    if commands[0] == "eval":
+        return eval_command()
+    if commands[0] == "pipeline":
+        return pipeline_command()
+    if commands[0] == "constitutional":
+        return constitutional_command()
     if FLAGS.config is None:
         fail("--config is required, e.g. --config=configs/clm.py:tiny.")
     if not FLAGS.workdir:
@@ -151,6 +165,8 @@ def generate_command() -> None:
         fail("--prompt is required (repeat it for several prompts).")
     if FLAGS.temperature < 0 or not 0 < FLAGS.top_p <= 1 or FLAGS.top_k < 0 or FLAGS.max_new_tokens < 1:
         fail("need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0 and --max_new_tokens >= 1.")
+    if FLAGS.refine_rounds < 0:
+        fail(f"--refine_rounds must be >= 0, got {FLAGS.refine_rounds}.")
     setup_logging()
     try:
         setup_jax()
@@ -158,6 +174,8 @@ def generate_command() -> None:
         from flaxalign.generate import respond
         if FLAGS.chat_template and FLAGS.chat_template not in TEMPLATES:
             raise errors.ConfigError(f"--chat_template={FLAGS.chat_template!r} is not one of {list(TEMPLATES)}.")
+        if FLAGS.refine_rounds:
+            return refine_and_print()
         responses = respond(FLAGS.checkpoint, FLAGS.prompt, chat_template=FLAGS.chat_template,
                             max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                             top_p=FLAGS.top_p, seed=FLAGS.seed)
@@ -165,6 +183,35 @@ def generate_command() -> None:
         fail(str(e))
     for prompt, response in zip(FLAGS.prompt, responses):
         print(f">>> {prompt}\n{response}\n")
+
+
+def refine_and_print() -> None:
+    """generate --refine_rounds=N: self-refine with the model as its own critic (weights loaded once); prints each
+    prompt's draft too, so the effect of the rounds is visible."""
+    from flaxalign.constitutional import model_completer, self_refine
+
+    complete = model_completer(FLAGS.checkpoint, chat_template=FLAGS.chat_template,
+                               max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                               top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=len(FLAGS.prompt))
+    answers, trace = self_refine(FLAGS.prompt, complete, FLAGS.refine_rounds)
+    for answer, row in zip(answers, trace):
+        done = f"{len(row['refinements'])} refinement(s)" + (", then no issues" if row["stopped"] else "")
+        print(f">>> {row['prompt']}\n[draft]\n{row['draft']}\n[after {done}]\n{answer}\n")
+
+
+def pipeline_command() -> None:
+    if FLAGS.config is None:
+        fail("--config is required, e.g. --config=configs/pipeline.py:tiny.")
+    if not FLAGS.workdir:
+        fail("--workdir is required.")
+    setup_logging()
+    try:
+        from flaxalign.pipeline import run_pipeline
+        path = run_pipeline(FLAGS.config, FLAGS.workdir, FLAGS.seeds or None)
+    except errors.FlaxalignError as e:
+        fail(str(e))
+    print(f"flaxalign: pipeline finished; report {path}." if path else "flaxalign: pipeline stopped after "
+          f"{FLAGS.config.stop_after}.")
 
 
 def convert_command() -> None:
@@ -178,6 +225,41 @@ def convert_command() -> None:
         print(f"flaxalign: {convert(FLAGS['from'].value, FLAGS.to, FLAGS.format)}.")
     except errors.FlaxalignError as e:
         fail(str(e))
+
+
+def constitutional_command() -> None:
+    if FLAGS.config is None:
+        fail("--config is required, e.g. --config=configs/constitutional.py:tiny.")
+    if not FLAGS.workdir:
+        fail("--workdir is required (preferences.jsonl, sft.jsonl and trace.jsonl are written there).")
+    setup_logging()
+    try:
+        setup_jax()
+        from flaxalign import constitutional
+        print(f"flaxalign: {constitutional.run(FLAGS.config, FLAGS.workdir)}.")
+    except errors.FlaxalignError as e:
+        fail(str(e))
+
+
+def eval_command() -> None:
+    if FLAGS.config is None:
+        fail("--config is required, e.g. flaxalign eval --config=configs/eval.py:tiny --checkpoint=runs/dpo.")
+    if not FLAGS.checkpoint:
+        fail("--checkpoint is required, e.g. flaxalign eval --config=configs/eval.py:tiny --checkpoint=runs/dpo.")
+    setup_logging()
+    try:
+        setup_jax()
+        if FLAGS.config.get("stage") != "eval":
+            raise errors.ConfigError(f"flaxalign eval needs an eval config (configs/eval.py), not a "
+                                     f"{FLAGS.config.get('stage')!r} config.")
+        from flaxalign.eval.evaluation import evaluate
+        result = evaluate(FLAGS.config, FLAGS.checkpoint, workdir=FLAGS.workdir or "")
+    except errors.FlaxalignError as e:
+        fail(str(e))
+    for name, value in result["metrics"].items():
+        print(f"{name:40s} {value:.4g}" if isinstance(value, float) else f"{name:40s} {value}")
+    print(f"flaxalign: eval of {FLAGS.checkpoint} (step {result['step']}) took {result['wall_time_s']:.1f}s; "
+          f"results in {os.path.join(result['output_dir'], 'eval.json')}.")
 
 
 def run() -> None:

@@ -7,15 +7,22 @@ import os
 
 from flaxalign.train import plots, report
 
+# eval.json `metrics` keys (flaxalign/eval/evaluation.py)
+WIN_RATE, SCORE, KL = "win_rate/win_rate_ties_half", "reward/score_mean", "kl/mean"
 # (row label, eval.json key, format) of the per-policy evaluation table, in order.
 EVAL_ROWS = (
-    ("RM win rate vs SFT (ties ½)", "win_rate_ties_half", "{:.3f}"),
-    ("RM wins / ties / losses vs SFT", ("win_rate", "tie_rate", "loss_rate"), "{:.2f} / {:.2f} / {:.2f}"),
-    ("RM score (normalised)", "reward_score", "{:.3f}"),
-    ("KL to SFT (nats / response)", "kl", "{:.2f}"),
-    ("response length (tokens)", "response_length", "{:.1f}"),
-    ("distinct-2", "distinct_2", "{:.3f}"),
-    ("exact-answer accuracy", "exact_match", "{:.3f}"),
+    ("RM win rate vs SFT (ties ½)", WIN_RATE, "{:.3f}"),
+    ("RM wins / ties / losses vs SFT", ("win_rate/win_rate", "win_rate/tie_rate", "win_rate/loss_rate"),
+     "{:.2f} / {:.2f} / {:.2f}"),
+    ("RM score (normalised)", SCORE, "{:.3f}"),
+    ("KL to SFT (nats / response)", KL, "{:.2f}"),
+    ("response length (tokens)", "policy/response_tokens_mean", "{:.1f}"),
+    ("EOS rate", "policy/eos_rate", "{:.2f}"),
+    ("distinct-2", "diversity/distinct_2", "{:.3f}"),
+    ("self-BLEU", "diversity/self_bleu", "{:.3f}"),
+    ("exact-answer accuracy", "exact_match/accuracy", "{:.3f}"),
+    ("perplexity (held-out text)", "perplexity/perplexity", "{:.1f}"),
+    ("multiple-choice accuracy", "mc/acc", "{:.3f}"),
 )
 
 
@@ -34,15 +41,10 @@ def _metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _flat(result: dict | None) -> dict:
-    """eval.json values by key, whatever section of the file they sit in."""
-    flat = {}
-    for key, value in (result or {}).items():
-        if isinstance(value, dict):
-            flat.update({k: v for k, v in value.items() if isinstance(v, int | float)})
-        elif isinstance(value, int | float):
-            flat[key] = value
-    return flat
+def _eval_metrics(path: str) -> dict:
+    """The numeric `metrics` of an eval.json ({} when the evaluation has not run); null (non-finite) values left out."""
+    result = _read_json(path) or {}
+    return {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, int | float)}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -74,7 +76,7 @@ def write_pipeline_report(workdir: str, seeds: int) -> str:
     names = {"ppo": [f"ppo_s{s}" for s in range(seeds)], "dpo": [f"dpo_s{s}" for s in range(seeds)]}
     summaries = {name: report.read_summary(os.path.join(workdir, name)) or {}
                  for name in ["clm", "sft", "reward", *names["ppo"], *names["dpo"]]}
-    evals = {name: _flat(_read_json(os.path.join(workdir, "eval", name, "eval.json")))
+    evals = {name: _eval_metrics(os.path.join(workdir, "eval", name, "eval.json"))
              for name in ["clm", "sft", *names["ppo"], *names["dpo"]]}
     metrics = {name: _metrics(os.path.join(workdir, name)) for name in summaries}
     figures = _figures(workdir, metrics, evals, names)
@@ -106,9 +108,9 @@ def write_pipeline_report(workdir: str, seeds: int) -> str:
               "| uses a reward model | yes (scores every rollout) | no (only to evaluate here) |",
               "| policy rollouts during training | yes | no |",
               "| optimisation | clipped policy gradient + value model | direct likelihood (logistic loss) |"]
-    for label, key, fmt in (("RM win rate vs SFT (ties ½)", "win_rate_ties_half", "{:.3f}"),
-                            ("RM score (normalised)", "reward_score", "{:.3f}"),
-                            ("KL to SFT (nats / response)", "kl", "{:.2f}")):
+    for label, key, fmt in (("RM win rate vs SFT (ties ½)", WIN_RATE, "{:.3f}"),
+                            ("RM score (normalised)", SCORE, "{:.3f}"),
+                            ("KL to SFT (nats / response)", KL, "{:.2f}")):
         lines.append(f"| {label} | " + " | ".join(
             _pm([evals[n].get(key) for n in names[m]], fmt) for m in ("ppo", "dpo")) + " |")
     for label, key, fmt in (("wall-clock (s)", "seconds", "{:.0f}"), ("model FLOPs", "flops", "{:.3g}"),
@@ -117,7 +119,7 @@ def write_pipeline_report(workdir: str, seeds: int) -> str:
             _pm([summaries[n].get(key) for n in names[m]], fmt) for m in ("ppo", "dpo")) + " |")
     spread = []
     for m in ("ppo", "dpo"):
-        rates = [evals[n].get("win_rate_ties_half") for n in names[m]]
+        rates = [evals[n].get(WIN_RATE) for n in names[m]]
         rates = [r for r in rates if r is not None]
         spread.append(f"{max(rates) - min(rates):.3f} (min {min(rates):.3f}, max {max(rates):.3f})" if rates else "—")
     lines.append(f"| stability: win-rate spread over {seeds} seed(s) | {spread[0]} | {spread[1]} |")
@@ -151,8 +153,7 @@ def _figures(workdir: str, metrics: dict, evals: dict, names: dict) -> list[tupl
         title="DPO"))
     series = {}
     for method in ("ppo", "dpo"):
-        points = [(evals[n]["kl"], evals[n]["reward_score"]) for n in names[method]
-                  if "kl" in evals[n] and "reward_score" in evals[n]]
+        points = [(evals[n][KL], evals[n][SCORE]) for n in names[method] if KL in evals[n] and SCORE in evals[n]]
         if points:
             series[f"{method.upper()} (one point per seed)"] = ([p[0] for p in points], [p[1] for p in points])
     joined = {label: False for label in series}
@@ -161,8 +162,8 @@ def _figures(workdir: str, metrics: dict, evals: dict, names: dict) -> list[tupl
         if points:
             series[f"{name} during training"] = ([p[0] for p in points], [p[1] for p in points])
     for name, label in (("sft", "SFT"), ("clm", "base (CLM)")):
-        if "kl" in evals[name] and "reward_score" in evals[name]:
-            series[label] = ([evals[name]["kl"]], [evals[name]["reward_score"]])
+        if KL in evals[name] and SCORE in evals[name]:
+            series[label] = ([evals[name][KL]], [evals[name][SCORE]])
             joined[label] = False
     if series:
         add("reward vs KL frontier", plots.plot_xy(

@@ -56,7 +56,7 @@ def _write_run(workdir, name, summary, rows):
 def _write_eval(workdir, name, values):
     os.makedirs(os.path.join(workdir, "eval", name), exist_ok=True)
     with open(os.path.join(workdir, "eval", name, "eval.json"), "w") as f:
-        json.dump({"reward": values}, f)
+        json.dump({"metrics": values}, f)
 
 
 def test_report_fills_the_ppo_vs_dpo_table_from_the_runs(tmp_path):
@@ -71,9 +71,10 @@ def test_report_fills_the_ppo_vs_dpo_table_from_the_runs(tmp_path):
                              "peak_rss_mb": 500.0 + i}, rows)
     win = {"clm": 0.2, "sft": 0.5, "ppo_s0": 0.7, "ppo_s1": 0.9, "dpo_s0": 0.6, "dpo_s1": 0.8}
     for name, rate in win.items():
-        _write_eval(w, name, {"win_rate_ties_half": rate, "win_rate": rate, "tie_rate": 0.0, "loss_rate": 1 - rate,
-                              "reward_score": rate - 0.5, "kl": 2 * rate})
-    text = open(write_pipeline_report(w, seeds=2)).read()
+        _write_eval(w, name, {"win_rate/win_rate_ties_half": rate, "win_rate/win_rate": rate, "win_rate/tie_rate": 0.0,
+                              "win_rate/loss_rate": 1 - rate, "reward/score_mean": rate - 0.5, "kl/mean": 2 * rate})
+    with open(write_pipeline_report(w, seeds=2)) as f:
+        text = f.read()
     assert "| RM win rate vs SFT (ties ½) | 0.800 ± 0.141 | 0.700 ± 0.141 |" in text  # PPO, DPO over 2 seeds
     assert "| wall-clock (s) | 45 ± 7 | 65 ± 7 |" in text  # PPO 40, 50; DPO 60, 70
     assert "| RM win rate vs SFT (ties ½) | 0.200 | 0.500 | 0.800 ± 0.141 | 0.700 ± 0.141 |" in text
@@ -104,8 +105,8 @@ def test_killed_pipeline_resumes_the_interrupted_stage_and_skips_finished_ones(t
     rc, out, err = cli.finish(proc)
     assert rc == 2 and "stopped before its last step" in err, (rc, err[-1500:])
     assert is_finished(plan(_config(), workdir, 1)[0], workdir)  # clm finished
-    rc, out, err = cli.run(args + ["--config.sft.args=--config.steps=30 --config.checkpoint_every=10 "
-                                   "--config.eval_every=0"], cpu_devices=1, command="pipeline")
+    resumed_sft = "--config.sft.args=--config.steps=30 --config.checkpoint_every=10 --config.eval_every=0"
+    rc, out, err = cli.run([*args, resumed_sft], cpu_devices=1, command="pipeline")
     assert rc == 0, err[-2000:]
     assert "clm: done earlier (skipped)" in out
     with open(os.path.join(workdir, "logs", "sft.log")) as f:

@@ -1,0 +1,67 @@
+"""Evaluation of a trained policy: `flaxalign eval`. Presets: `tiny` (the demo's tiny models on built-in data).
+
+    flaxalign eval --config=configs/eval.py:tiny --checkpoint=runs/dpo \
+        --config.reference=checkpoint:runs/sft --config.reward_from=checkpoint:runs/reward
+    flaxalign eval --config=configs/eval.py:tiny --checkpoint=hf:exports/sft --config.mc_file=data/mmlu.jsonl \
+        --config.mc_template=$'Question: {question}\nAnswer:' --config.mc_choice_prefix=" "  # lm-eval-harness format
+
+Every part is off when its field is empty ("" or 0); see flaxalign/eval/evaluation.py. Results: `eval.json` (and
+TensorBoard scalars) in `--workdir`, default `<checkpoint dir>/eval/`.
+
+`tiny`: the policy answers 32 single-digit arithmetic questions (drawn with seed 1; the demo's DPO data use seed 0),
+which give exact match, diversity and — with `reference` / `reward_from` set — KL, reward and win rate; perplexity on the
+first 4096 tokens of the built-in stdlib corpus (the demo's CLM training text, so a train-set perplexity); and
+multiple choice on 32 arithmetic questions with "The answer is N." among near misses, in the demo's prompt format
+(the question as is, the answer right after). There is no built-in refusal set: point `refusal_prompts` at prompt
+records (JSONL) to measure refusals.
+"""
+
+import ml_collections
+
+from flaxalign import config_blocks
+
+PRESETS = {
+    "tiny": dict(prompts="builtin:arithmetic_prompts?max=9&seed=1", num_prompts=32, max_prompt_len=32,
+                 max_new_tokens=16, batch_size=16, text_files="builtin:stdlib", perplexity_window=128,
+                 perplexity_max_tokens=4096, mc_file="builtin:arithmetic_mc?n=32&max=9&seed=1",
+                 mc_template="{question}", mc_choice_prefix=""),
+}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    p = config_blocks.preset_values(arg, PRESETS, "configs/eval.py")
+    c = ml_collections.ConfigDict()
+    c.stage = "eval"
+    c.seed = 0
+
+    # Sampled responses: prompt records {"prompt", "answer"?} (JSONL, tfds:NAME, builtin:...); "" = no sampling.
+    c.prompts = p["prompts"]
+    c.num_prompts = p["num_prompts"]  # the first N records; 0 = all
+    c.chat_template = "plain"  # for message-list prompts: plain | chatml | llama3
+    c.max_prompt_len = p["max_prompt_len"]  # longer prompts are cut on the left
+    c.max_new_tokens = p["max_new_tokens"]
+    c.temperature = 0.7  # 0 = greedy
+    c.top_k = 0
+    c.top_p = 1.0
+    c.batch_size = p["batch_size"]  # rows per forward pass (sampling, scoring)
+    c.num_examples = 4  # sampled responses kept in eval.json
+
+    # A second policy (checkpoint:DIR, hf:DIR, gguf:FILE or a run directory): KL(policy ‖ reference) on the samples,
+    # and with reward_from the reward model's win rate of the policy over it.
+    c.reference = ""
+    c.reward_from = ""  # a reward model (checkpoint:DIR of a configs/reward.py run, or hf:DIR): mean score
+    c.tie_margin = 0.0  # |score − reference score| ≤ margin is a tie
+
+    # Perplexity: comma-separated text specs (files, folders, globs, JSONL text records, builtin:stdlib).
+    c.text_files = p["text_files"]
+    c.perplexity_window = p["perplexity_window"]  # predictions per window; 0 = the model's max_seq_len
+    c.perplexity_max_tokens = p["perplexity_max_tokens"]  # per spec; 0 = all
+
+    # Multiple choice: JSONL of {"question", "choices", "answer": index}, or builtin:arithmetic_mc[?n=&seed=&max=].
+    c.mc_file = p["mc_file"]
+    c.mc_template = p["mc_template"]  # the context; {question} is replaced by the question
+    c.mc_choice_prefix = p["mc_choice_prefix"]  # put before each choice (lm-eval-harness: " ")
+
+    c.refusal_prompts = ""  # prompt records whose responses are checked for refusals; "" = off
+    c.loss_chunk = 256  # positions per logits chunk in scoring and KL
+    return c
