@@ -9,7 +9,7 @@ time without a constitution: response → feedback → refined response, N round
 feedback starts with `STOP_MARKER`.
 
 Everything here is a function of a *text model* `complete(prompts: list[str]) -> list[str]` (one response per
-prompt, batched), so the tests drive it with a scripted stub. `model_completer` makes one from a run directory,
+prompt, batched), so the tests drive it with a scripted stub. `flaxalign.generate.model_completer` makes one from a run directory,
 `hf:DIR` or `gguf:FILE`, loading the weights once. Each phase is one call over all prompts: a constitutional run makes
 1 + 2·rounds calls (drafts, then critiques and revisions per round), self-refine at most the same.
 
@@ -23,8 +23,6 @@ principle is one sentence that reads after "...falls short of this principle:" a
 `builtin:default` is `DEFAULT_PRINCIPLES` (also in data/constitution.txt, as an editable starting point).
 """
 
-import dataclasses
-import functools
 import json
 import os
 import re
@@ -322,112 +320,6 @@ def sft_records(records, *, conversational: bool = False) -> tuple[list[dict], i
 # A text model from weights.
 
 
-@dataclasses.dataclass
-class ModelCompleter:
-    """`complete(prompts) -> responses` of one model whose weights are loaded once (see `model_completer`).
-
-    `truncated` counts the prompts cut on the left to fit `max_seq_len − max_new_tokens`; `calls` the calls."""
-
-    tokenizer: object
-    model_config: object
-    params: object
-    mesh: object
-    sample: object  # jitted (params, batch, rng) -> generate outputs
-    chat_template: str
-    max_new_tokens: int
-    batch_size: int
-    seed: int
-    calls: int = 0
-    truncated: int = 0
-    _batches: int = 0
-
-    @property
-    def max_prompt_len(self) -> int:
-        return self.model_config.max_seq_len - self.max_new_tokens
-
-    def encode(self, prompt: str) -> list[int]:
-        """The ids `respond` feeds for `prompt`: the chat template's user turn + generation prompt, or raw text."""
-        from flaxalign.data.chat import render_chat
-
-        tokenizer = self.tokenizer
-        bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-        if not self.chat_template:
-            return bos + tokenizer.encode(prompt)
-        lead = bos if self.chat_template == "plain" else []
-        return lead + render_chat([{"role": "user", "content": prompt}], tokenizer, self.chat_template,
-                                  add_generation_prompt=True).ids
-
-    def __call__(self, prompts: list[str]) -> list[str]:
-        import jax
-
-        from flaxalign.data.batching import left_pad_prompts
-        from flaxalign.data.prompt_data import truncate_prompt_left
-        from flaxalign.generate import decode_responses
-
-        self.calls += 1
-        encoded = [self.encode(p) for p in prompts]
-        ids = [truncate_prompt_left(row, self.max_prompt_len, self.tokenizer.bos_id) for row in encoded]
-        self.truncated += sum(len(a) < len(b) for a, b in zip(ids, encoded))
-        width = min(self.batch_size, len(ids))
-        responses = []
-        for start in range(0, len(ids), width):
-            chunk = ids[start:start + width]
-            rows = chunk + [chunk[0]] * (width - len(chunk))  # a full batch: one compile per prompt-length bucket
-            batch = left_pad_prompts(rows, pad_id=self.tokenizer.pad_id,
-                                     length=prompt_bucket(max(map(len, rows)), self.max_prompt_len))
-            key = jax.random.fold_in(jax.random.PRNGKey(self.seed), self._batches)
-            self._batches += 1
-            with jax.set_mesh(self.mesh):
-                out = jax.device_get(self.sample(self.params, batch, key))
-            responses += decode_responses(self.tokenizer, out["response"][:len(chunk)],
-                                          out["response_mask"][:len(chunk)])
-        return responses
-
-
-def prompt_bucket(length: int, cap: int) -> int:
-    """The padded prompt length for a batch whose longest prompt has `length` tokens: the next power of two (at
-    least 16), at most `cap`, so the sampler compiles for a few shapes only."""
-    return min(cap, max(16, 1 << (max(length, 1) - 1).bit_length()))
-
-
-def model_completer(checkpoint: str, *, chat_template: str = "", max_new_tokens: int = 128,
-                    temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                    batch_size: int = 8) -> ModelCompleter:
-    """A text model from the policy of a run directory (latest checkpoint), `checkpoint:DIR`, `hf:DIR` or
-    `gguf:FILE`, on one device: weights and tokenizer loaded once, the KV-cache sampler jitted once per
-    (batch, padded prompt length). The loading repeats `flaxalign.generate.respond`'s, which reloads per call."""
-    import jax
-
-    from flaxalign import models, sharding
-    from flaxalign.data.chat import TEMPLATES
-    from flaxalign.data.tokenizer import load_tokenizer
-    from flaxalign.generate import generate
-    from flaxalign.stages import lm
-
-    if chat_template and chat_template not in TEMPLATES:
-        raise errors.ConfigError(f"chat_template {chat_template!r} is not one of {list(TEMPLATES)}.")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or batch_size < 1:
-        raise errors.ConfigError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1 and "
-                                 "batch_size >= 1.")
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    source = lm.weights_source(checkpoint)
-    tokenizer_path = lm.source_metadata(source).get("tokenizer")
-    if not tokenizer_path:
-        raise errors.ConfigError(f"{checkpoint} has no tokenizer to turn prompts into tokens.")
-    tokenizer = load_tokenizer(tokenizer_path)
-    with jax.set_mesh(mesh):
-        model_config, params = lm.load_run_weights(source, mesh)
-    if model_config.max_seq_len - max_new_tokens < 2:
-        raise errors.ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                                 f"max_seq_len={model_config.max_seq_len}.")
-    graphdef = models.abstract_model(model_config)[0]
-    sample = jax.jit(functools.partial(generate, graphdef, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                                       pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p))
-    return ModelCompleter(tokenizer=tokenizer, model_config=model_config, params=params, mesh=mesh, sample=sample,
-                          chat_template=chat_template, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          seed=seed)
-
-
 # ----------------------------------------------------------------------------
 # The `flaxalign constitutional` command.
 
@@ -452,6 +344,7 @@ def run(config, workdir: str) -> str:
     from flaxalign.data.embedded import write_jsonl
     from flaxalign.data.prompt_data import prompt_texts
     from flaxalign.data.sources import read_records
+    from flaxalign.generate import model_completer
 
     check_config(config)
     started = time.time()

@@ -188,7 +188,8 @@ def generate_command() -> None:
 def refine_and_print() -> None:
     """generate --refine_rounds=N: self-refine with the model as its own critic (weights loaded once); prints each
     prompt's draft too, so the effect of the rounds is visible."""
-    from flaxalign.constitutional import model_completer, self_refine
+    from flaxalign.constitutional import self_refine
+    from flaxalign.generate import model_completer
 
     complete = model_completer(FLAGS.checkpoint, chat_template=FLAGS.chat_template,
                                max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from flaxalign import constitutional as cai
-from flaxalign import errors
+from flaxalign import errors, generate
 from flaxalign.data.sources import read_records
 from tests import cli_helpers as cli
 
@@ -158,7 +158,7 @@ def test_constitution_files(tmp_path):
 
 
 def test_prompt_buckets():
-    assert [cai.prompt_bucket(n, 200) for n in (1, 16, 17, 100, 129, 500)] == [16, 16, 32, 128, 200, 200]
+    assert [generate.prompt_bucket(n, 200) for n in (1, 16, 17, 100, 129, 500)] == [16, 16, 32, 128, 200, 200]
 
 
 @pytest.fixture(scope="module")
@@ -179,14 +179,14 @@ def tiny_hf_model(tmp_path_factory):
 
 def test_model_completer_loads_once_and_samples_reproducibly(tiny_hf_model):
     kwargs = dict(chat_template="plain", max_new_tokens=6, temperature=1.0, seed=1, batch_size=2)
-    complete = cai.model_completer(f"hf:{tiny_hf_model}", **kwargs)
+    complete = generate.model_completer(f"hf:{tiny_hf_model}", **kwargs)
     prompts = ["What is 1 + 1?", "Say hi.", "x " * 400]  # the last is cut on the left to fit max_seq_len
     first = complete(prompts)
     assert len(first) == 3 and all(isinstance(text, str) for text in first)
     assert complete.truncated == 1 and complete.calls == 1
-    assert cai.model_completer(f"hf:{tiny_hf_model}", **kwargs)(prompts) == first
+    assert generate.model_completer(f"hf:{tiny_hf_model}", **kwargs)(prompts) == first
     with pytest.raises(errors.ConfigError, match="chat_template 'chatm'"):
-        cai.model_completer(f"hf:{tiny_hf_model}", chat_template="chatm")
+        generate.model_completer(f"hf:{tiny_hf_model}", chat_template="chatm")
 
 
 @pytest.mark.slow  # two CLI runs
