@@ -90,6 +90,37 @@ def test_two_processes_match_one_process(corpus_and_tokenizer, tmp_path):
         assert got[step] == pytest.approx(expected[step], rel=1e-5)
 
 
+def test_checkpoint_of_two_processes_resumes_in_one_process_on_another_mesh(corpus_and_tokenizer, tmp_path):
+    """Elasticity: 2 processes × 4 devices on mesh (data 2, fsdp 2, tensor 2) save at step 3; one process with 8
+    devices on mesh (8, 1, 1) continues to step 6 with the losses of an uninterrupted one-process run."""
+    corpus, tok = corpus_and_tokenizer
+    straight = str(tmp_path / "straight")
+    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, straight, steps=6))
+    assert rc == 0, err[-2000:]
+
+    elastic = str(tmp_path / "elastic")
+    address = f"127.0.0.1:{cli.free_port()}"
+    pod_mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "checkpoint_every": 3}
+    procs = [cli.start(cli.small_run_flags(corpus, tok, elastic, steps=3, **pod_mesh) + [
+        f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"], cpu_devices=4)
+        for i in range(2)]
+    try:
+        results = [cli.finish(p) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rc, _, err in results:
+        assert rc == 0, err[-2000:]
+    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, elastic, steps=6, **{"mesh.data": 8}))
+    assert rc == 0, err[-2000:]
+    assert "Resumed from checkpoint at step 3" in err
+    expected, got = _losses(cli.metrics(straight), 1, 6), _losses(cli.metrics(elastic), 1, 6)
+    assert sorted(got) == list(range(1, 7))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
 @pytest.fixture(scope="module")
 def workdir_with_checkpoint(corpus_and_tokenizer, tmp_path_factory):
     corpus, tok = corpus_and_tokenizer
