@@ -6,7 +6,6 @@
 import ml_collections
 
 from flaxalign import config_blocks, errors
-from flaxalign.models import preset
 
 DATA = {
     "tiny": dict(seq_len=128, batch_size=16, max_chars=1_500_000),
@@ -26,8 +25,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.seed = 0
     c.steps = TRAIN[arg]["steps"]
     c.init_from = ""  # checkpoint:DIR continues pretraining from another run (its model, weights, tokenizer)
-    c.model = preset(arg)
-    c.model.dtype = "auto"  # bfloat16 compute on GPU/TPU, float32 on CPU; params stay float32
+    c.model = config_blocks.model(arg)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "builtin:stdlib"  # a text file, folder or glob; builtin:stdlib = Python's own documentation

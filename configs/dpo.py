@@ -1,6 +1,7 @@
 """Preference optimisation: DPO and its variants, ORPO, SimPO, CPO and KTO — `loss.loss_type` picks the method.
 Presets: `tiny` (CPU tests, the demo), `smollm2_135m` (LoRA DPO of SmolLM2-135M-Instruct from its GGUF file;
-fetch it first with launch/fetch_smollm2.sh).
+fetch it first with launch/fetch_smollm2.sh), `llama3_8b` (LoRA DPO of Llama-3-8B on a TPU pod slice; check the fit
+first with `flaxalign plan --config=configs/dpo.py:llama3_8b --topology=v5e:4x4`).
 
     flaxalign train --config=configs/dpo.py:tiny --workdir=runs/dpo --config.init_from=checkpoint:runs/sft
     flaxalign train --config=configs/dpo.py:tiny --workdir=runs/dpo_lora --config.init_from=checkpoint:runs/sft \
@@ -15,12 +16,15 @@ fetch it first with launch/fetch_smollm2.sh).
 import ml_collections
 
 from flaxalign import config_blocks
-from flaxalign.models import preset
 
 PRESETS = {
     "tiny": dict(steps=120, lr=2e-4, warmup_steps=10, seq_len=64, batch_size=16),
     "smollm2_135m": dict(steps=30, lr=5e-5, warmup_steps=3, seq_len=64, batch_size=8, lora_rank=8, eval_every=10,
                          eval_batches=4, eval_kl_prompts=8, init_from=f"gguf:{config_blocks.SMOLLM2_GGUF}"),
+    # Llama-3-8B(-Instruct) DPO with LoRA on a TPU pod slice: params, LoRA and optimizer state sharded over every chip
+    # (FSDP), activations recomputed in the backward pass; weights from init_from=hf:DIR (local files).
+    "llama3_8b": dict(steps=1000, lr=5e-5, warmup_steps=50, seq_len=1024, batch_size=64, lora_rank=16, eval_every=100,
+                      eval_batches=8, eval_kl_prompts=32, remat="full", mesh_data=1, mesh_fsdp=-1),
 }
 
 
@@ -32,8 +36,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.steps = p["steps"]
     # checkpoint:DIR of an SFT run, hf:DIR or gguf:FILE: the starting policy (and reference) and its tokenizer
     c.init_from = p.get("init_from", "")
-    c.model = preset(arg)
-    c.model.dtype = "auto"
+    c.model = config_blocks.model(arg, remat=p.get("remat", "none"))
 
     # sigmoid (DPO; label_smoothing > 0 = cDPO) robust hinge ipo sigmoid_norm exo_pair nca_pair bco_pair sppo_hard
     # aot aot_unpaired apo_zero apo_down discopop | orpo simpo cpo (no reference) | kto (unpaired data)
@@ -67,6 +70,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.total_steps = c.get_ref("steps")
 
     c.mesh = config_blocks.mesh()
+    c.mesh.data, c.mesh.fsdp = p.get("mesh_data", -1), p.get("mesh_fsdp", 1)
     c.grad_accum = 1
     c.loss_chunk = 256
     c.log_every = 10

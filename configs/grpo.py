@@ -11,7 +11,6 @@
 import ml_collections
 
 from flaxalign import config_blocks
-from flaxalign.models import preset
 
 PRESETS = {
     "tiny": dict(steps=1200, lr=3e-4, batch_size=16, group_size=16, max_prompt_len=24, max_new_tokens=12),
@@ -25,8 +24,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.seed = 0
     c.steps = p["steps"]  # iterations: one rollout of data.batch_size prompts × group_size samples each
     c.init_from = ""  # checkpoint:DIR of an SFT run: the starting policy (and reference) and its tokenizer
-    c.model = preset(arg)
-    c.model.dtype = "auto"
+    c.model = config_blocks.model(arg)
 
     # reward functions, comma-separated: built-ins (exact_answer, answer_format, answer_closeness) or
     # "package.module:function", called as fn(prompts, completions, answer=[...]) -> floats; summed with

@@ -10,7 +10,6 @@ tests, the demo).
 import ml_collections
 
 from flaxalign import config_blocks
-from flaxalign.models import preset
 
 PRESETS = {
     "tiny": dict(steps=250, lr=3e-4, batch_size=64, max_prompt_len=24, max_new_tokens=16),
@@ -26,8 +25,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.init_from = ""  # checkpoint:DIR of an SFT run: the starting policy (and reference) and its tokenizer
     c.reward_from = ""  # checkpoint:DIR of a configs/reward.py run (its reward_normalization.json is applied)
     c.value_from = "auto"  # auto | reward (full fine-tuning: TRL's choice) | policy (required with LoRA)
-    c.model = preset(arg)
-    c.model.dtype = "auto"
+    c.model = config_blocks.model(arg)
 
     # batch_size prompts per rollout; longer prompts than max_prompt_len are left-truncated (counted)
     c.data = config_blocks.prompt_data("builtin:arithmetic_prompts", max_prompt_len=p["max_prompt_len"],

@@ -6,7 +6,6 @@
 import ml_collections
 
 from flaxalign import config_blocks
-from flaxalign.models import preset
 
 PRESETS = {
     "tiny": dict(steps=1200, lr=3e-3, warmup_steps=10, seq_len=64, batch_size=16),
@@ -20,8 +19,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.seed = 0
     c.steps = p["steps"]
     c.init_from = ""  # checkpoint:DIR of an SFT run: its backbone and tokenizer (the LM head is dropped)
-    c.model = preset(arg)
-    c.model.dtype = "auto"
+    c.model = config_blocks.model(arg)
     c.center_coef = 0.0  # + c·(r_c + r_r)²: keeps rewards centred at 0 (TRL's center_rewards_coefficient)
 
     c.data = ml_collections.ConfigDict()

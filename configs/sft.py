@@ -10,7 +10,6 @@ SmolLM2-135M-Instruct from its GGUF file; fetch it first with launch/fetch_smoll
 import ml_collections
 
 from flaxalign import config_blocks
-from flaxalign.models import preset
 
 PRESETS = {
     "tiny": dict(steps=400, lr=3e-3, warmup_steps=10, seq_len=128, batch_size=16),
@@ -27,8 +26,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.steps = p["steps"]
     # checkpoint:DIR of a CLM/SFT run, hf:DIR or gguf:FILE: the model, weights and tokenizer; "" = random init
     c.init_from = p.get("init_from", "")
-    c.model = preset(arg)  # used only without init_from; compute settings (dtype, remat, …) always apply
-    c.model.dtype = "auto"
+    c.model = config_blocks.model(arg)  # used only without init_from; compute settings (dtype, remat, …) always apply
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "builtin:sft"  # sft records: prompt+completion or messages (JSONL, tfds:NAME, builtin:sft)

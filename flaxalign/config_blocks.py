@@ -1,9 +1,12 @@
 """The config blocks every stage's config file shares (`configs/*.py`, ml_collections), so that a LoRA, adapter,
 mesh or prompt-data field is defined once for all stages."""
 
+import dataclasses
+
 import ml_collections
 
 from flaxalign import errors
+from flaxalign.models.config import ADAPTER_FIELDS, ModelConfig, preset
 
 # Where launch/fetch_smollm2.sh puts SmolLM2-135M-Instruct (relative to the repo root); the smollm2_135m presets
 # start from it.
@@ -15,6 +18,15 @@ def preset_values(arg: str, presets: dict, config_file: str) -> dict:
     if arg not in presets:
         raise errors.ConfigError(f"unknown preset {arg!r} for {config_file}; choose one of {sorted(presets)}.")
     return presets[arg]
+
+
+def model(name: str, **values) -> ml_collections.ConfigDict:
+    """The `model` block: every architecture and compute field of `ModelConfig` (so that any of them, e.g.
+    `--config.model.remat=full` or the shape of another preset, can be set from the command line), the preset's
+    values, compute dtype "auto" (bfloat16 on GPU/TPU, float32 on CPU), then `values`. Adapter fields live in the
+    `adapters` block."""
+    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name not in ADAPTER_FIELDS}
+    return ml_collections.ConfigDict({**fields, **preset(name), "dtype": "auto", **values})
 
 
 def lora() -> ml_collections.ConfigDict:

@@ -6,6 +6,7 @@
     flaxalign eval --config=configs/eval.py:tiny --checkpoint=runs/dpo [--workdir=DIR --config.reference=...]
     flaxalign constitutional --config=configs/constitutional.py:tiny --workdir=runs/cai --config.checkpoint=runs/sft
     flaxalign generate --checkpoint=runs/sft --prompt=... --refine_rounds=2   # self-refine: feedback → revision
+    flaxalign plan --config=configs/dpo.py:tiny --topology=v5p:4x4x4 [--mfu=0.4]   # compile for a TPU slice: fits?
 
 A user error (bad flag, missing file, indivisible mesh, unknown preset) prints one sentence and exits 2.
 """
@@ -21,7 +22,7 @@ from ml_collections import config_flags
 
 from flaxalign import errors
 
-COMMANDS = ("train", "generate", "convert", "constitutional", "pipeline", "eval")
+COMMANDS = ("train", "generate", "convert", "constitutional", "pipeline", "eval", "plan")
 
 config_flags.DEFINE_config_file("config", None, "Stage config file and preset, e.g. configs/clm.py:tiny.",
                                 lock_config=True)
@@ -46,6 +47,9 @@ flags.DEFINE_integer("refine_rounds", 0, "generate: self-refine rounds (feedback
 flags.DEFINE_integer("seeds", 0, "pipeline: PPO and DPO runs per method (0 = the config's `seeds`).")
 flags.DEFINE_string("from", None, "convert: a run directory, hf:DIR (or a directory with config.json) or gguf:FILE.")
 flags.DEFINE_string("to", None, "convert: the output directory.")
+flags.DEFINE_string("topology", None, "plan: the TPU slice to compile for, e.g. v5e:2x4, v6e:4x4, v4:2x2x1, "
+                    "v5p:4x4x4 (needs the libtpu package; no TPU needed).")
+flags.DEFINE_float("mfu", 0.4, "plan: the model FLOPs utilisation the predicted step time assumes.")
 flags.DEFINE_string("format", None, "convert: hf (transformers directory), peft (a LoRA run's adapter) or "
                     "checkpoint (a flaxalign run directory of pretrained weights).")
 FLAGS = flags.FLAGS
@@ -58,6 +62,9 @@ def fail(message: str) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with one-line errors (exit 2) instead of a usage dump."""
+    for arg in argv[1:]:
+        if arg.startswith("--config=") and not os.path.isfile(arg[len("--config="):].split(":")[0]):
+            fail(f"config file {arg[len('--config='):].split(':')[0]!r} does not exist (e.g. configs/clm.py:tiny).")
     try:
         return FLAGS(argv)
     except flags.Error as e:
@@ -146,10 +153,15 @@ def main(argv: list[str]) -> None:
         return pipeline_command()
     if commands[0] == "constitutional":
         return constitutional_command()
+    if commands[0] == "plan":
+        return plan_command()
     if FLAGS.config is None:
         fail("--config is required, e.g. --config=configs/clm.py:tiny.")
     if not FLAGS.workdir:
         fail("--workdir is required.")
+    if "://" in FLAGS.workdir:
+        fail(f"--workdir={FLAGS.workdir} is a URL; metrics, reports and tokenizers are written with local file calls, "
+             "so use a path (on a pod: a filesystem shared by every host, e.g. a gcsfuse mount of the bucket).")
     setup_logging()
     try:
         setup_jax()
@@ -224,6 +236,24 @@ def convert_command() -> None:
         setup_jax()
         from flaxalign.convert import convert
         print(f"flaxalign: {convert(FLAGS['from'].value, FLAGS.to, FLAGS.format)}.")
+    except errors.FlaxalignError as e:
+        fail(str(e))
+
+
+def plan_command() -> None:
+    if FLAGS.config is None:
+        fail("--config is required, e.g. flaxalign plan --config=configs/dpo.py:tiny --topology=v5e:2x4.")
+    if not FLAGS.topology:
+        fail("--topology is required, e.g. --topology=v5e:2x4 (or v6e:4x4, v4:2x2x1, v5p:4x4x4).")
+    setup_logging()
+    try:
+        import jax
+        if not jax.config.jax_platforms:  # compile-only TPU devices need no backend but the host CPU
+            jax.config.update("jax_platforms", "cpu")
+        from flaxalign import plan
+        report = plan.plan(FLAGS.config, FLAGS.topology, mfu=FLAGS.mfu)
+        print(plan.format_report(report))
+        plan.require_fit(report)
     except errors.FlaxalignError as e:
         fail(str(e))
 

@@ -18,8 +18,6 @@ import subprocess
 import sys
 import time
 
-from absl import logging
-
 from flaxalign import errors
 from flaxalign.pipeline_report import write_pipeline_report
 from flaxalign.train import report
@@ -117,7 +115,6 @@ def run_pipeline(pcfg, workdir: str, seeds: int | None = None) -> str:
         json.dump({"seeds": seeds, "stages": [dataclasses.asdict(s) for s in stages]}, f, indent=2)
     for i, stage in enumerate(stages, 1):
         if is_finished(stage, workdir):
-            logging.info("pipeline [%d/%d] %s: finished earlier, skipped.", i, len(stages), stage.name)
             print(f"pipeline [{i}/{len(stages)}] {stage.name}: done earlier (skipped)", flush=True)
             continue
         print(f"pipeline [{i}/{len(stages)}] {stage.name}: {stage.command} {stage.config} …", flush=True)

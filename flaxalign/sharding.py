@@ -6,6 +6,7 @@ dimension, and whose mesh axes the tensor does not already use, wins; a paramete
 is replicated, with a notice logged once. Batch dimensions are strict: they must divide, or a `MeshError` says so.
 """
 
+import glob
 import logging
 import math
 import os
@@ -181,4 +182,11 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
 
 
 def _on_tpu_vm() -> bool:
-    return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"))
+    """A Cloud TPU VM: its runtime's environment, or TPU chips visible as /dev/accel* (v2–v4, v5p) or /dev/vfio/N
+    (v5e, v6e) — current JAX finds the slice's other hosts from the VM metadata and no longer sets
+    CLOUD_TPU_TASK_ID. Runs forced onto the CPU (JAX_PLATFORMS=cpu) never initialise."""
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return False
+    if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
+        return True
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))

@@ -3,11 +3,14 @@
 #   ./launch/test.sh              the default suite (8 emulated CPU devices)
 #   ./launch/test.sh --parity     also installs torch/transformers/trl/peft, fetches SmolLM2-135M (GGUF) and runs
 #                                 the tests marked parity
+#   ./launch/test.sh --tpu        also installs libtpu and runs the tests marked tpu (`flaxalign plan`: train steps
+#                                 compiled ahead of time for TPU topologies on this machine; no TPU needed)
 set -euo pipefail
 parity=0
+tpu=0
 args=()
 for arg in "$@"; do
-  if [ "$arg" = "--parity" ]; then parity=1; else args+=("$arg"); fi
+  if [ "$arg" = "--parity" ]; then parity=1; elif [ "$arg" = "--tpu" ]; then tpu=1; else args+=("$arg"); fi
 done
 if [ "$parity" = 1 ]; then
   . "$(dirname "$0")/_venv.sh" "test,parity"
@@ -16,6 +19,10 @@ if [ "$parity" = 1 ]; then
   if gguf_file="$(launch/fetch_smollm2.sh)"; then export FLAXALIGN_SMOLLM2_GGUF="$gguf_file"; else
     echo "launch: could not fetch SmolLM2-135M-Instruct; the GGUF parity tests will skip" >&2; fi
   exec python -m pytest -m parity "${args[@]}"
+fi
+if [ "$tpu" = 1 ]; then
+  . "$(dirname "$0")/_venv.sh" "test,tpu"
+  exec python -m pytest -m tpu "${args[@]}"
 fi
 . "$(dirname "$0")/_venv.sh" test
 exec python -m pytest "${args[@]}"

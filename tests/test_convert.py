@@ -151,3 +151,12 @@ def test_peft_export_of_a_lora_run_reproduces_its_merged_model(tmp_path):
     ours = interop.apply_lm(config, lora.apply_lora(base, loaded, loaded_config), TOKENS, MASK)
     np.testing.assert_allclose(np.asarray(ours), _run_logits(str(tmp_path / "run")), atol=2e-5, rtol=0)
     assert not np.allclose(np.asarray(ours), np.asarray(interop.apply_lm(config, base, TOKENS, MASK)), atol=1e-3)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/nope.py:tiny", "--workdir=/tmp/x"], "config file 'configs/nope.py' does not exist"),
+    (["--config=configs/clm.py:tiny", "--workdir=gs://bucket/run"], "--workdir=gs://bucket/run is a URL"),
+])
+def test_train_refuses_a_missing_config_file_and_a_url_workdir_in_one_line(args, expected):
+    rc, _, err = cli.run(args, cpu_devices=1)
+    assert rc == 2 and err.strip().count("\n") == 0 and expected in err, err

@@ -51,6 +51,11 @@ class CompiledStep:
         with jax.set_mesh(self.mesh):
             return self._jitted(state, batch)
 
+    def lower(self, state, batch):
+        """The lowered step for (abstract) arguments, e.g. to compile it ahead of time for other devices."""
+        with jax.set_mesh(self.mesh):
+            return self._jitted.lower(state, batch)
+
 
 class CompiledEval:
     """A jitted `eval_fn(state, batch) -> metrics` under the mesh, metrics replicated."""

@@ -1,0 +1,524 @@
+"""`flaxalign plan --config=… --topology=v5p:4x4x4`: will this stage's train step fit on that TPU slice?
+
+The train step is compiled ahead of time for the TPU topology on this machine (no TPU needed: libtpu's compile-only
+devices, as MaxText's `train_compile.py` does), with abstract arguments only — the state and batch are
+`ShapeDtypeStruct`s carrying their shardings, so no weights and no data are read or allocated, not even for an 8B
+model. The compiler's `memory_analysis()` gives the HBM each chip needs; its `cost_analysis()` the FLOPs.
+
+    flaxalign plan --config=configs/dpo.py:tiny --config.lora.rank=8 --topology=v5e:2x4 [--mfu=0.4]
+
+The task is built from the config the way the stage's `build_task` builds it, minus the data: the model comes from
+`config.model` (or the architecture in `init_from`'s metadata — never its weights), the batch shapes from
+`data.batch_size` and `data.seq_len` (RL stages: the rollout's shapes, from `jax.eval_shape` of the rollout, with
+`data.max_prompt_len` + `rollout.max_new_tokens`). Compute dtype "auto" means bfloat16, as on a TPU.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxalign import errors, models, sharding
+from flaxalign.data.batching import PREFERENCE_KEYS, SFT_KEYS
+from flaxalign.models import heads
+from flaxalign.stages import dpo, grpo, lm, onpolicy, ppo, reward
+from flaxalign.stages.checks import check_shapes
+from flaxalign.train.jit import CompiledStep, state_shardings
+from flaxalign.train.state import create_state
+from flaxalign.train.task import Task
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation: per-chip HBM and dense bf16 peak, and how libtpu names it."""
+    kind: str  # "v5e"
+    hbm_bytes: int  # datasheet HBM per chip
+    usable_bytes: int  # what the compiler lets one program use (libtpu 0.0.52's out-of-memory limit)
+    peak_flops: float  # dense bf16 FLOP/s per chip
+    libtpu_name: str  # the topology prefix libtpu knows ("v5" for v5p)
+    chip_config: str  # "megacore": the chip's two TensorCores are one JAX device
+    dims: int  # 2D torus (v5e, v6e) or 3D (v4, v5p)
+    accelerator_type: str  # TPU_ACCELERATOR_TYPE of a slice: `{n}` chips or `{cores}` TensorCores
+
+    def accelerator(self, chips: int) -> str:
+        return self.accelerator_type.format(n=chips, cores=2 * chips)
+
+
+# Datasheet numbers, the "System architecture" tables of cloud.google.com/tpu/docs/<version>:
+#   v4  (docs/v4):  275 TFLOP/s bf16, 32 GiB HBM2 per chip;
+#   v5e (docs/v5e): 197 TFLOP/s bf16, 16 GB HBM2 per chip;
+#   v5p (docs/v5p): 459 TFLOP/s bf16, 95 GB HBM2e per chip;
+#   v6e (docs/v6e, Trillium): 918 TFLOP/s bf16, 32 GB HBM per chip.
+# HBM comes in binary stacks, so "GB" is read as GiB. `usable_bytes` is the "available HBM" libtpu 0.0.52 reports
+# when a compile runs out of memory (15.75G, 95.73G, 30.75G, 31.24G): "fits" is judged against it.
+CHIPS = {
+    "v4": Chip("v4", 32 * GIB, int(30.75 * GIB), 275e12, "v4", "megacore", 3, "v4-{cores}"),
+    "v5e": Chip("v5e", 16 * GIB, int(15.75 * GIB), 197e12, "v5e", "default", 2, "v5litepod-{n}"),
+    "v5p": Chip("v5p", 95 * GIB, int(95.73 * GIB), 459e12, "v5", "megacore", 3, "v5p-{cores}"),
+    "v6e": Chip("v6e", 32 * GIB, int(31.24 * GIB), 918e12, "v6e", "default", 2, "v6e-{n}"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    chip: Chip
+    shape: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.chip.kind}:{'x'.join(map(str, self.shape))}"
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def libtpu_name(self) -> str:
+        return f"{self.chip.libtpu_name}:{'x'.join(map(str, self.shape))}"
+
+    @property
+    def chips_per_host_bounds(self) -> tuple[int, int, int]:
+        """Up to 2×2 chips per host (4 chips: a v4/v5p host; v5e/v6e hosts of 8 are two such blocks to libtpu, as
+        in MaxText's table). Only the process layout depends on it, not the compiled program's memory."""
+        return (min(2, self.shape[0]), min(2, self.shape[1]) if len(self.shape) > 1 else 1, 1)
+
+
+def parse_topology(text: str) -> Topology:
+    """"v5e:2x4" → Topology(v5e, (2, 4)); v5e/v6e slices are 2D, v4/v5p slices 3D."""
+    match = re.fullmatch(r"\s*(v\d+[a-z]*)\s*:\s*(\d+(?:x\d+)*)\s*", text or "", flags=re.IGNORECASE)
+    if not match or match.group(1).lower() not in CHIPS:
+        raise errors.ConfigError(f"--topology={text!r} is not a TPU topology like v5e:2x4, v6e:4x4, v4:2x2x1 or "
+                                 f"v5p:4x4x4 (chips: {', '.join(CHIPS)}).")
+    chip = CHIPS[match.group(1).lower()]
+    shape = tuple(int(d) for d in match.group(2).lower().split("x"))
+    if len(shape) != chip.dims or min(shape) < 1:
+        example = "2x2x1" if chip.dims == 3 else "2x4"
+        raise errors.ConfigError(f"--topology={text!r}: a {chip.kind} slice has {chip.dims} positive dimensions, "
+                                 f"e.g. {chip.kind}:{example}.")
+    return Topology(chip, shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# libtpu's compile-only devices
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _libtpu_environment(topology: Topology):
+    """What libtpu reads when it loads, set only while it loads: the accelerator type and a single local worker, so
+    it does not probe the (absent) GCE metadata server or print warnings, and no lock file, so a JAX process that
+    already holds /tmp/libtpu_lockfile does not stop this one. Restored afterwards: `TPU_WORKER_HOSTNAMES` would
+    otherwise make `sharding.initialize_distributed` think this is a TPU VM."""
+    values = {"TPU_ACCELERATOR_TYPE": topology.chip.accelerator(topology.chips), "TPU_WORKER_HOSTNAMES": "localhost",
+              "TPU_WORKER_ID": "0", "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def libtpu_installed() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def topology_devices(topology: Topology) -> list:
+    """The compile-only TPU devices of `topology` (libtpu, no TPU needed)."""
+    if not libtpu_installed():
+        raise errors.ConfigError("flaxalign plan needs the libtpu package to compile for TPUs: pip install "
+                                 "'flaxalign[tpu]' (or pip install libtpu).")
+    from jax.experimental import topologies
+    with _libtpu_environment(topology):
+        try:
+            desc = topologies.get_topology_desc(
+                topology_name=topology.libtpu_name, platform="tpu", chip_config_name=topology.chip.chip_config,
+                chips_per_host_bounds=topology.chips_per_host_bounds, num_slices=1)
+        except Exception as e:  # libtpu's errors (a shape it does not know, a version mismatch): one sentence
+            raise errors.ConfigError(f"libtpu cannot build the topology {topology.name}: "
+                                     f"{_first_line(e)}.") from e
+    return list(desc.devices)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage's task and its abstract batch, without data or weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _struct(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def _never(*_):
+    raise RuntimeError("flaxalign plan never initialises weights")
+
+
+def _tpu_config(config):
+    """A copy of the config whose compute dtype "auto" is bfloat16 (what it resolves to on a TPU)."""
+    config = config.copy_and_resolve_references()
+    config.unlock()
+    if config.model.get("dtype", "auto") == "auto":
+        config.model.dtype = "bfloat16"
+    return config
+
+
+def _lm_task(config, mesh, name: str):
+    model_config, _, _ = lm.resolve_model(config)
+    check_shapes(config, model_config, mesh)
+    b, t = config.data.batch_size, config.data.seq_len
+    task = lm.make_task(name, model_config, config.optim, lora_config=lm.lora_from(config), seed=config.seed,
+                        grad_accum=config.grad_accum, chunk_size=config.loss_chunk, init_base=_never,
+                        tokens_per_step=b * t, flops_per_step=b * t * model_config.flops_per_token(t))
+    batch = {k: _struct((b, t), np.float32 if k == "loss_mask" else np.int32) for k in SFT_KEYS}
+    return task, model_config, batch
+
+
+def _pairs_batch(config) -> dict:
+    b, t = config.data.batch_size, config.data.seq_len
+    return {k: _struct((b, 2, t), np.float32 if k == "completion_mask" else np.int32) for k in PREFERENCE_KEYS}
+
+
+def _dpo_task(config, mesh):
+    method = dpo.make_method(config)
+    model_config, _, _ = lm.resolve_model(config)
+    check_shapes(config, model_config, mesh)
+    lora_config = lm.lora_from(config)
+    reference = dpo.resolve_reference(config, method, lora_config, model_config.adapter_placement != "none")
+    b, t = config.data.batch_size, config.data.seq_len
+    tokens = 2 * b * t
+    task = dpo.make_task(model_config, config.optim, method, reference=reference, lora_config=lora_config,
+                         seed=config.seed, grad_accum=config.grad_accum, chunk_size=config.loss_chunk,
+                         init_base=_never, tokens_per_step=tokens,
+                         flops_per_step=dpo.training_passes(method, reference) * tokens
+                         * model_config.flops_per_token(t))
+    batch = _pairs_batch(config)
+    if method.loss_type == "kto":
+        batch["label"] = _struct((b,), np.float32)
+    if reference == "precomputed":
+        batch["ref_logps"] = _struct((b, 2), np.float32)
+    return task, model_config, batch
+
+
+def _reward_task(config, mesh):
+    model_config, _, _ = lm.resolve_model(config)
+    check_shapes(config, model_config, mesh)
+    b, t = config.data.batch_size, config.data.seq_len
+    tokens = 2 * b * (t + 1)
+    task = reward.make_task(model_config, config.optim, lora_config=lm.lora_from(config), seed=config.seed,
+                            grad_accum=config.grad_accum, center_coef=config.center_coef, init_base=_never,
+                            tokens_per_step=tokens, flops_per_step=tokens * model_config.flops_per_token(t + 1))
+    return task, model_config, _pairs_batch(config)
+
+
+def _reward_model(config, model_config):
+    """(config, abstract params, logical axes, loader) of the RL stages' reward model: `reward_from`'s architecture
+    (its metadata only), else the policy's."""
+    if config.get("reward_from"):
+        path = lm.parse_init_from(config.reward_from, "reward_from")
+        return ppo.load_reward_model(path, {}, model_config)
+    _, abstract, logical = models.abstract_model(model_config)
+    return (model_config, {"model": lm.without(abstract, reward.UNUSED),
+                           "head": heads.abstract_scalar_head(model_config.d_model)},
+            {"model": lm.without(logical, reward.UNUSED), "head": heads.HEAD_LOGICAL}, _never)
+
+
+def _prompts(config, rows: int) -> dict:
+    return {k: _struct((rows, config.data.max_prompt_len), np.int32) for k in ppo.PROMPT_KEYS}
+
+
+def _abstract_state(task, seed: int):
+    return jax.eval_shape(lambda p, f: create_state(p, task.optimizer, seed, f), task.abstract_params,
+                          task.abstract_frozen)
+
+
+def _ppo_task(config, mesh):
+    h = ppo.PpoHyper(**config.ppo.to_dict())
+    sampling = onpolicy.Sampling(**config.rollout.to_dict())
+    model_config, _, _ = lm.resolve_model(config)
+    if model_config.adapter_placement != "none":
+        raise errors.ConfigError("PPO trains fully or with LoRA; bottleneck adapters are not supported.")
+    lora_config = lm.lora_from(config)
+    b = config.data.batch_size
+    onpolicy.check_budget(config, model_config, sampling, b, h.num_minibatches, "data.batch_size")
+    rm_config, rm_abstract, rm_logical, load_rm = _reward_model(config, model_config)
+    value_from = config.value_from
+    if value_from not in ppo.VALUE_FROM:
+        raise errors.ConfigError(f"unknown value_from {value_from!r}; valid: {', '.join(ppo.VALUE_FROM)}.")
+    if value_from == "auto":
+        value_from = "policy" if lora_config is not None else "reward"
+    if lora_config is not None and value_from == "reward":
+        raise errors.ConfigError("with LoRA the value model is the policy's frozen base with its own LoRA: use "
+                                 "value_from='policy' (or 'auto').")
+    value_config = rm_config if value_from == "reward" else model_config
+    m = ppo.PpoModels(policy=onpolicy.Policy(models.abstract_model(model_config)[0], lora_config,
+                                             sampling.temperature, config.loss_chunk),
+                      value_graphdef=models.abstract_model(value_config)[0], value_config=value_config,
+                      value_lora=lora_config, reward_graphdef=models.abstract_model(rm_config)[0],
+                      reward_config=rm_config)
+    layout = ppo.ppo_layout(model_config, lora_config, value_config, value_from, seed=config.seed,
+                            init_base=_never, reward_model=(rm_abstract, rm_logical, load_rm), kl_coef=h.kl_coef)
+    optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
+    seq = config.data.max_prompt_len + sampling.max_new_tokens
+    task = _rl_task("ppo", layout, optimizer, functools.partial(ppo.ppo_step, m=m, h=h, optimizer=optimizer,
+                                                                grad_accum=config.grad_accum),
+                    tokens=b * seq, flops=b * seq * model_config.flops_per_token(seq) * (5 / 3 + 2 * h.epochs))
+    rollout = functools.partial(ppo.ppo_rollout, m=m, sampling=sampling, eos_id=0, pad_id=0)
+    batch = jax.eval_shape(rollout, _abstract_state(task, config.seed), _prompts(config, b), jax.random.PRNGKey(0))
+    return task, model_config, batch
+
+
+def _grpo_task(config, mesh):
+    h = grpo.GrpoHyper(**config.grpo.to_dict())
+    sampling = onpolicy.Sampling(**config.rollout.to_dict())
+    model_config, _, _ = lm.resolve_model(config)
+    if model_config.adapter_placement != "none":
+        raise errors.ConfigError("GRPO trains fully or with LoRA; bottleneck adapters are not supported.")
+    lora_config = lm.lora_from(config)
+    b = config.data.batch_size
+    rows = b * h.group_size
+    onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")
+    rm = _reward_model(config, model_config) if config.get("reward_from") else None
+    m = grpo.GrpoModels(policy=onpolicy.Policy(models.abstract_model(model_config)[0], lora_config,
+                                               sampling.temperature, config.loss_chunk),
+                        reward_graphdef=models.abstract_model(rm[0])[0] if rm else None,
+                        reward_config=rm[0] if rm else None)
+    layout = grpo.grpo_layout(model_config, lora_config, seed=config.seed, init_base=_never,
+                              reference_copy=h.needs_reference, reward_model=rm[1:] if rm else None)
+    optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
+    seq = config.data.max_prompt_len + sampling.max_new_tokens
+    forwards = 2 + (1 if h.needs_reference else 0) + (1 if rm else 0)
+    task = _rl_task("grpo", layout, optimizer, functools.partial(grpo.grpo_step, m=m, h=h, optimizer=optimizer,
+                                                                 grad_accum=config.grad_accum),
+                    tokens=rows * seq, flops=rows * seq * model_config.flops_per_token(seq) * (forwards / 3 + h.epochs))
+    rollout = functools.partial(grpo.grpo_rollout, m=m, sampling=sampling, eos_id=0, pad_id=0,
+                                with_reference=h.needs_reference, group_size=h.group_size)
+    batch = jax.eval_shape(rollout, _abstract_state(task, config.seed), _prompts(config, b), jax.random.PRNGKey(0))
+    batch["rewards"] = _struct((rows,), np.float32)
+    return task, model_config, batch
+
+
+def _rl_task(name, layout, optimizer, train_step, *, tokens, flops):
+    return Task(name=name, optimizer=optimizer, train_step=train_step, eval_step=None, train_data=None,
+                eval_batches=None, tokens_per_step=tokens, flops_per_step=flops, metadata={}, **layout)
+
+
+TASKS = {"clm": functools.partial(_lm_task, name="clm"), "sft": functools.partial(_lm_task, name="sft"),
+         "dpo": _dpo_task, "reward": _reward_task, "ppo": _ppo_task, "grpo": _grpo_task}
+
+
+def abstract_task(config, mesh):
+    """(Task without data, model config, abstract global batch) of `config`'s stage on `mesh`."""
+    if config.stage not in TASKS:
+        raise errors.ConfigError(f"flaxalign plan knows the stages {sorted(TASKS)}, not {config.stage!r}.")
+    return TASKS[config.stage](config, mesh)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compile and report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _per_chip_bytes(tree) -> int:
+    """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (replicated arrays count fully)."""
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(tree))
+
+
+def abstract_arguments(task: Task, batch: dict, mesh, seed: int):
+    """(state, batch) as ShapeDtypeStructs carrying the shardings the training loop gives them, and the state's
+    shardings."""
+    abstract = _abstract_state(task, seed)
+    state_sh = state_shardings(abstract, task.params_logical, task.frozen_logical, mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh, v.shape[0], v.ndim))
+             for k, v in batch.items()}
+    return state, batch, state_sh
+
+
+# libtpu's out-of-HBM compile errors: "Used 20.5G of 15.75G hbm" (everything), or "the total memory required for
+# HLO temporaries (62.51G) exceeds available HBM (15.75G)" (temporaries only: the arguments come on top).
+_OOM_PATTERNS = (
+    (re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.IGNORECASE), False),
+    (re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)",
+                re.IGNORECASE), True),
+)
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def compile_oom(e: Exception, argument_bytes: int = 0) -> dict | None:
+    """{"needed", "limit", "detail"} of a compile that ran out of HBM (bytes; `needed` a lower bound, None where
+    the message has no number), else None. `argument_bytes` are added when the message counts temporaries only."""
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+        return None
+    for pattern, temporaries_only in _OOM_PATTERNS:
+        match = pattern.search(text)
+        if match:
+            used, used_unit, limit, limit_unit = match.groups()
+            needed = float(used) * _UNITS[used_unit.upper()] + (argument_bytes if temporaries_only else 0)
+            return {"needed": needed, "limit": float(limit) * _UNITS[limit_unit.upper()], "detail": _first_line(e)}
+    return {"needed": None, "limit": None, "detail": _first_line(e)}
+
+
+def _cost_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - an analysis the backend does not offer is simply not reported
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    value = (cost or {}).get("flops")
+    return float(value) if value is not None else None
+
+
+def _memory(compiled) -> dict:
+    """Per-chip bytes of the compiled program; total = arguments + outputs − donated (aliased) + temporaries +
+    generated code."""
+    analysis = compiled.memory_analysis()
+    memory = {"argument": analysis.argument_size_in_bytes, "output": analysis.output_size_in_bytes,
+              "alias": analysis.alias_size_in_bytes, "temp": analysis.temp_size_in_bytes,
+              "generated_code": analysis.generated_code_size_in_bytes}
+    memory["total"] = (memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+                       + memory["generated_code"])
+    return memory
+
+
+def plan(config, topology: str, *, mfu: float = 0.4) -> dict:
+    """Compiles `config`'s train step for the TPU `topology` (e.g. "v5p:4x4x4") and reports what each chip needs.
+
+    Returns a dict: `stage`, `topology`, `chip`, `chips`, `mesh`, `model_params`, `trained_params`, `state` (bytes
+    per chip of params / frozen / opt_state / batch), `memory` (bytes per chip from the compiler: argument, output,
+    alias, temp, generated_code, total; None when the compile itself ran out of HBM), `hbm_bytes` (datasheet),
+    `usable_bytes` (the compiler's limit), `fits`, `xla_flops_per_chip` (XLA's cost analysis of one chip's
+    program, where a layer scan's body counts once), `flops_per_step` (flaxalign's model FLOPs, all chips),
+    `tokens_per_step`, `step_time_s` at `mfu`, `compile_s`, and when it does not fit `message`: one sentence with
+    the overflow (GiB needed vs available) and what to change."""
+    if not 0 < mfu <= 1:
+        raise errors.ConfigError(f"--mfu must be in (0, 1], got {mfu}.")
+    target = parse_topology(topology)
+    config = _tpu_config(config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                              devices=topology_devices(target))
+    task, model_config, batch = abstract_task(config, mesh)
+    state, batch, state_sh = abstract_arguments(task, batch, mesh, config.seed)
+    chip = target.chip
+    report = {
+        "stage": task.name, "topology": target.name, "chip": mesh.devices.flat[0].device_kind,
+        "chips": target.chips, "mesh": sharding.mesh_shape_of(mesh), "model_params": model_config.num_params(),
+        "trained_params": sum(math.prod(x.shape) for x in jax.tree.leaves(task.abstract_params)),
+        "state": {"params": _per_chip_bytes(state.params), "frozen": _per_chip_bytes(state.frozen),
+                  "opt_state": _per_chip_bytes(state.opt_state), "batch": _per_chip_bytes(batch)},
+        "hbm_bytes": chip.hbm_bytes, "usable_bytes": chip.usable_bytes, "peak_flops_per_chip": chip.peak_flops,
+        "mfu": mfu, "tokens_per_step": task.tokens_per_step, "flops_per_step": task.flops_per_step,
+        "step_time_s": task.flops_per_step / (target.chips * chip.peak_flops * mfu),
+        "memory": None, "xla_flops_per_chip": None}
+    step = CompiledStep(task.train_step, mesh, state_sh)
+    started = time.time()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = step.lower(state, batch).compile()  # exactly the training loop's jit
+    except Exception as e:  # running out of HBM is an answer; anything else propagates
+        oom = compile_oom(e, sum(report["state"].values()))
+        if oom is None:
+            raise
+        report.update(compile_s=time.time() - started, fits=False, compile_error=oom["detail"],
+                      usable_bytes=oom["limit"] or chip.usable_bytes)
+        report["message"] = overflow_message(report, oom["needed"], config, model_config, at_least=True)
+        return report
+    memory = _memory(compiled)
+    report.update(compile_s=time.time() - started, memory=memory, fits=memory["total"] <= chip.usable_bytes,
+                  xla_flops_per_chip=_cost_flops(compiled))
+    if not report["fits"]:
+        report["message"] = overflow_message(report, memory["total"], config, model_config)
+    return report
+
+
+def suggestions(config, model_config, mesh_shape: dict, chips: int) -> list[str]:
+    """What would shrink the per-chip memory of this config, in the order to try them."""
+    out = []
+    if model_config.remat != "full":
+        out.append("recomputing activations in the backward pass (model.remat='full')")
+    if mesh_shape.get("fsdp", 1) < chips // mesh_shape.get("tensor", 1):
+        out.append("sharding parameters and optimizer state over the chips (mesh.fsdp=-1 with mesh.data=1)")
+    out.append("a smaller data.batch_size or micro-batches (grad_accum > 1)")
+    if not config.get("lora", {}).get("rank") and model_config.adapter_placement == "none":
+        out.append("LoRA instead of full fine-tuning (lora.rank=16)")
+    return out
+
+
+def overflow_message(report: dict, needed: float | None, config, model_config, at_least: bool = False) -> str:
+    """One sentence: the overflow (per-chip need vs usable HBM) and what to change."""
+    need = f"{'at least ' if at_least else ''}{_size(needed)}" if needed else "more HBM than that"
+    tips = suggestions(config, model_config, report["mesh"], report["chips"])
+    tips = ", ".join(tips[:-1]) + f" or {tips[-1]}" if len(tips) > 1 else tips[0]
+    return (f"the {report['stage']} train step does not fit on {report['topology']}: each {report['chip']} chip "
+            f"needs {need} but has {_size(report['usable_bytes'])} of usable HBM; try {tips}.")
+
+
+def require_fit(report: dict) -> None:
+    """Raises the report's one-sentence `message` as a ConfigError when the step does not fit."""
+    if not report["fits"]:
+        raise errors.ConfigError(report["message"])
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:.2f} MiB"
+
+
+def _count(n: float) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(int(n))
+
+
+def format_report(report: dict) -> str:
+    """The plan as a readable table."""
+    mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items())
+    trained, params = report["trained_params"], report["model_params"]
+    state, memory, usable = report["state"], report["memory"], report["usable_bytes"]
+    share = 100 * trained / max(params, 1)
+    lines = [(f"flaxalign plan: {report['stage']} train step on {report['topology']} = {report['chips']} × "
+              f"{report['chip']}, mesh {mesh}"),
+             (f"  model {_count(params)} params, {_count(trained)} trained ({share:.3g}% of the model); "
+              f"{report['tokens_per_step']:,} tokens per step"),
+             (f"  per chip          state: params {_size(state['params'])}, frozen {_size(state['frozen'])}, "
+              f"optimizer {_size(state['opt_state'])}; batch {_size(state['batch'])}")]
+    if memory is not None:
+        for key, label in (("argument", "arguments"), ("output", "outputs"), ("alias", "- donated (aliased)"),
+                           ("temp", "temporaries"), ("generated_code", "generated code")):
+            lines.append(f"    {label:<20}{_size(memory[key]):>12}")
+        lines.append(f"    {'total':<20}{_size(memory['total']):>12} of {_size(usable)} usable HBM "
+                     f"({_size(report['hbm_bytes'])} datasheet): {100 * memory['total'] / usable:.2g}%, "
+                     f"{'fits' if report['fits'] else 'DOES NOT FIT'}")
+    else:
+        lines.append(f"    the compile ran out of HBM: {report['compile_error']}")
+    xla = report["xla_flops_per_chip"]
+    lines.append(f"  FLOPs per step     {report['flops_per_step']:.3g} (flaxalign's count)"
+                 + (f"; XLA cost analysis {xla:.3g} per chip × {report['chips']} = {xla * report['chips']:.3g} "
+                    "(counts a layer scan's body once)" if xla else ""))
+    step = report["step_time_s"]
+    lines.append(f"  step time          {step:.3g} s at {100 * report['mfu']:.0f}% MFU of "
+                 f"{report['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 per chip "
+                 f"({report['tokens_per_step'] / step:,.0f} tokens/s)")
+    lines.append(f"  compiled in        {report['compile_s']:.1f} s")
+    return "\n".join(lines)

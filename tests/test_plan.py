@@ -1,0 +1,262 @@
+"""`flaxalign plan`: topology parsing, the chip table, the data-free tasks and the report are plain unit tests; the
+ahead-of-time compiles for TPU topologies need libtpu and are marked `tpu` (./launch/test.sh --tpu)."""
+
+import importlib.util
+import math
+import os
+
+import jax
+import ml_collections
+import pytest
+
+from flaxalign import errors, models, plan, sharding
+from tests import cli_helpers as cli
+
+GIB = 2 ** 30
+tpu = pytest.mark.tpu
+
+# llama3_8b's shape as --config.model.* flags on a preset built for tiny (configs/dpo.py has no llama3_8b preset)
+LLAMA3_8B_FLAGS = [f"--config.model.{k}={v}" for k, v in (
+    ("vocab_size", 128256), ("d_model", 4096), ("n_layers", 32), ("n_heads", 32), ("n_kv_heads", 8),
+    ("d_ff", 14336), ("max_seq_len", 8192), ("tie_embeddings", False))]
+
+
+def stage_config(stage: str, preset: str = "tiny", **overrides) -> ml_collections.ConfigDict:
+    """configs/<stage>.py:<preset> with dotted overrides, e.g. **{"lora.rank": 8}."""
+    spec = importlib.util.spec_from_file_location(f"configs_{stage}", os.path.join(cli.REPO, "configs",
+                                                                                  f"{stage}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset)
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def llama3_8b_dpo(**overrides) -> ml_collections.ConfigDict:
+    config = stage_config("dpo", **overrides)
+    config.model = ml_collections.ConfigDict(dict(models.preset("llama3_8b"), dtype="auto"))
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ default suite
+
+
+@pytest.mark.parametrize("text, kind, shape, libtpu_name, accelerator", [
+    ("v5e:2x4", "v5e", (2, 4), "v5e:2x4", "v5litepod-8"),
+    ("v5p:4x4x4", "v5p", (4, 4, 4), "v5:4x4x4", "v5p-128"),
+    ("v4:2x2x1", "v4", (2, 2, 1), "v4:2x2x1", "v4-8"),
+    (" V6E:4x4 ", "v6e", (4, 4), "v6e:4x4", "v6e-16"),
+])
+def test_parse_topology(text, kind, shape, libtpu_name, accelerator):
+    topology = plan.parse_topology(text)
+    assert (topology.chip.kind, topology.shape, topology.libtpu_name) == (kind, shape, libtpu_name)
+    assert topology.chips == math.prod(shape)
+    assert topology.chip.accelerator(topology.chips) == accelerator
+    assert topology.name == f"{kind}:{'x'.join(map(str, shape))}"
+
+
+def test_chips_per_host_bounds():
+    assert plan.parse_topology("v5e:2x4").chips_per_host_bounds == (2, 2, 1)
+    assert plan.parse_topology("v5e:1x1").chips_per_host_bounds == (1, 1, 1)
+    assert plan.parse_topology("v5p:4x4x8").chips_per_host_bounds == (2, 2, 1)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("v3:2x2", "is not a TPU topology"), ("v5e-8", "is not a TPU topology"), ("", "is not a TPU topology"),
+    ("v5e:2x4x1", "a v5e slice has 2 positive dimensions"), ("v5p:4x4", "a v5p slice has 3 positive dimensions"),
+    ("v4:0x2x2", "positive dimensions"),
+])
+def test_parse_topology_rejects(text, says):
+    with pytest.raises(errors.ConfigError, match=says):
+        plan.parse_topology(text)
+
+
+def test_chip_table_is_the_datasheet():
+    """Per-chip HBM and dense bf16 peak from cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}; the usable HBM (the
+    compiler's limit) is within 4% of it."""
+    expected = {"v4": (32, 275e12), "v5e": (16, 197e12), "v5p": (95, 459e12), "v6e": (32, 918e12)}
+    for kind, (hbm_gib, peak) in expected.items():
+        chip = plan.CHIPS[kind]
+        assert (chip.hbm_bytes, chip.peak_flops) == (hbm_gib * GIB, peak)
+        assert abs(chip.usable_bytes / chip.hbm_bytes - 1) < 0.04
+    assert plan.CHIPS["v5p"].chip_config == plan.CHIPS["v4"].chip_config == "megacore"
+
+
+def test_compile_oom_messages():
+    temporaries = RuntimeError("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total "
+                               "memory required for HLO temporaries (62.51G) exceeds available HBM (15.75G).")
+    oom = plan.compile_oom(temporaries, argument_bytes=4 * GIB)
+    assert oom["needed"] == pytest.approx(66.51 * GIB) and oom["limit"] == pytest.approx(15.75 * GIB)
+    total = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+                         "hbm. Used 20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.")
+    assert plan.compile_oom(total, argument_bytes=4 * GIB)["needed"] == pytest.approx(20.5 * GIB)
+    assert plan.compile_oom(RuntimeError("RESOURCE_EXHAUSTED: something else"))["needed"] is None
+    assert plan.compile_oom(ValueError("shapes do not match")) is None
+
+
+def test_suggestions_fit_the_config():
+    full = models.ModelConfig(**models.preset("tiny"))
+    tips = plan.suggestions(stage_config("dpo"), full, {"data": 8, "fsdp": 1, "tensor": 1}, 8)
+    assert any("model.remat='full'" in t for t in tips) and any("mesh.fsdp=-1" in t for t in tips)
+    assert any("lora.rank" in t for t in tips) and any("grad_accum" in t for t in tips)
+    remat = models.ModelConfig(**models.preset("tiny"), remat="full")
+    tips = plan.suggestions(stage_config("dpo", **{"lora.rank": 8}), remat, {"data": 1, "fsdp": 8, "tensor": 1}, 8)
+    assert tips == ["a smaller data.batch_size or micro-batches (grad_accum > 1)"]
+
+
+def report(**changes) -> dict:
+    out = {"stage": "dpo", "topology": "v5e:2x4", "chip": "TPU v5 lite", "chips": 8,
+           "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "model_params": 8.03e9, "trained_params": 2.1e7,
+           "state": {"params": 55e6, "frozen": 4e9, "opt_state": 1.1e8, "batch": 1e4},
+           "memory": {"argument": 4.2e9, "output": 4.2e9, "alias": 4.2e9, "temp": 8.8e9, "generated_code": 3.8e7,
+                      "total": 1.31e10},
+           "hbm_bytes": 16 * GIB, "usable_bytes": int(15.75 * GIB), "peak_flops_per_chip": 197e12, "mfu": 0.4,
+           "tokens_per_step": 4096, "flops_per_step": 2.48e14, "step_time_s": 0.394, "xla_flops_per_chip": 3e12,
+           "compile_s": 47.9, "fits": True}
+    out.update(changes)
+    return out
+
+
+def test_format_report():
+    text = plan.format_report(report())
+    assert "dpo train step on v5e:2x4 = 8 × TPU v5 lite, mesh data=1 fsdp=8 tensor=1" in text
+    assert "model 8.03B params, 21M trained (0.262% of the model)" in text
+    assert "12.20 GiB of 15.75 GiB usable HBM (16.00 GiB datasheet): 77%, fits" in text
+    assert "0.394 s at 40% MFU of 197 TFLOP/s" in text
+    oom = plan.format_report(report(memory=None, fits=False, compile_error="RESOURCE_EXHAUSTED: …",
+                                    xla_flops_per_chip=None))
+    assert "the compile ran out of HBM: RESOURCE_EXHAUSTED" in oom and "XLA cost" not in oom
+
+
+def test_require_fit():
+    plan.require_fit(report())
+    with pytest.raises(errors.ConfigError, match="does not fit"):
+        plan.require_fit(report(fits=False, message="the dpo train step does not fit on v5e:2x4: …"))
+
+
+def test_auto_dtype_is_bfloat16_and_the_config_is_not_changed():
+    config = stage_config("dpo")
+    config.lock()
+    assert plan._tpu_config(config).model.dtype == "bfloat16"
+    assert config.model.dtype == "auto"
+    assert plan._tpu_config(stage_config("dpo", **{"model.dtype": "float32"})).model.dtype == "float32"
+
+
+@pytest.mark.parametrize("stage, lora", [("clm", 0), ("sft", 8), ("reward", 0), ("dpo", 8), ("dpo", 0),
+                                         ("ppo", 0), ("ppo", 8), ("grpo", 8)])
+def test_abstract_tasks_need_no_data(stage, lora):
+    """Every stage's task and global batch are built from the config alone (no data, tokenizer, checkpoint or
+    weights), with the batch layout its step takes; arguments get the loop's shardings."""
+    config = plan._tpu_config(stage_config(stage, **{"lora.rank": lora}))
+    mesh = sharding.make_mesh(-1, 1, 1)
+    task, model_config, batch = plan.abstract_task(config, mesh)
+    b = config.data.batch_size
+    if stage in ("clm", "sft"):
+        assert batch["inputs"].shape == (b, config.data.seq_len)
+    elif stage in ("reward", "dpo"):
+        assert batch["inputs"].shape == (b, 2, config.data.seq_len)
+    else:
+        rows = b * (config.grpo.group_size if stage == "grpo" else 1)
+        width = config.data.max_prompt_len + config.rollout.max_new_tokens
+        assert batch["tokens"].shape == (rows, width) and batch["response_mask"].shape[0] == rows
+        assert "rewards" in batch if stage == "grpo" else "scores" in batch
+    assert model_config.dtype == "bfloat16" and task.flops_per_step > 0 and task.tokens_per_step > 0
+    state, batch, _ = plan.abstract_arguments(task, batch, mesh, config.seed)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
+               for x in jax.tree.leaves((state, batch)))
+    trained = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    assert (trained < model_config.num_params()) == bool(lora)
+
+
+def test_unknown_stage():
+    config = stage_config("dpo")
+    config.stage = "eval"
+    with pytest.raises(errors.ConfigError, match="knows the stages"):
+        plan.abstract_task(config, sharding.make_mesh(-1, 1, 1))
+
+
+def test_without_libtpu(monkeypatch):
+    monkeypatch.setattr(plan, "libtpu_installed", lambda: False)
+    with pytest.raises(errors.ConfigError, match="needs the libtpu package"):
+        plan.plan(stage_config("dpo"), "v5e:2x4")
+
+
+def test_cli_needs_a_topology():
+    rc, _, err = cli.run(["--config=configs/dpo.py:tiny"], command="plan", timeout=120)
+    assert rc == 2 and err.strip() == ("flaxalign: error: --topology is required, e.g. --topology=v5e:2x4 (or "
+                                       "v6e:4x4, v4:2x2x1, v5p:4x4x4).")
+    rc, _, err = cli.run(["--config=configs/dpo.py:tiny", "--topology=v5e:2x2x2"], command="plan", timeout=120)
+    assert rc == 2 and "a v5e slice has 2 positive dimensions" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------- tpu (needs libtpu)
+
+
+@tpu
+def test_tiny_dpo_lora_fits_v5e():
+    pytest.importorskip("libtpu")
+    result = plan.plan(stage_config("dpo", **{"lora.rank": 8}), "v5e:2x4")
+    print(plan.format_report(result))
+    memory = result["memory"]
+    assert result["fits"] and result["chips"] == 8 and result["chip"] == "TPU v5 lite"
+    assert result["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert 0 < memory["total"] < 64 * 2 ** 20 and memory["argument"] > 0 and memory["temp"] > 0
+    assert memory["alias"] > 0  # the state is donated, as in the loop
+    assert result["state"]["frozen"] > result["state"]["params"] > 0  # LoRA: the base is frozen
+    assert result["xla_flops_per_chip"] > 0 and result["step_time_s"] > 0
+
+
+@tpu
+@pytest.mark.parametrize("stage", ["clm", "sft", "reward", "ppo", "grpo"])
+def test_every_stage_compiles_for_v4(stage):
+    pytest.importorskip("libtpu")
+    result = plan.plan(stage_config(stage), "v4:2x2x1")
+    assert result["fits"] and result["memory"]["total"] > 0 and result["stage"] == stage
+
+
+@tpu
+def test_llama3_8b_dpo_lora_fits_v5p_4x4x4():
+    """The acceptance plan: LoRA DPO of Llama-3-8B, FSDP over a v5p-128 slice (64 chips), 64 pairs of 1024 tokens.
+    The full 32-layer model (the layer scan compiles its body once: ~2 min and < 2 GiB of host RAM here)."""
+    pytest.importorskip("libtpu")
+    config = llama3_8b_dpo(**{"lora.rank": 8, "data.seq_len": 1024, "data.batch_size": 64, "mesh.data": 1,
+                              "mesh.fsdp": -1})
+    result = plan.plan(config, "v5p:4x4x4")
+    print(plan.format_report(result))
+    assert result["fits"] and result["mesh"] == {"data": 1, "fsdp": 64, "tensor": 1}
+    assert result["model_params"] == pytest.approx(8.03e9, rel=1e-3)
+    assert 1 * GIB < result["memory"]["total"] < result["usable_bytes"]
+    assert result["state"]["frozen"] == pytest.approx(result["model_params"] * 4 / 64, rel=0.02)  # f32, FSDP
+
+
+@tpu
+def test_too_big_config_exits_2_with_the_suggestions():
+    """Full fine-tuning DPO of Llama-3-8B with a frozen reference copy, replicated on 8 v5e chips: ~120 GiB of
+    state per chip before any activation."""
+    pytest.importorskip("libtpu")
+    rc, out, err = cli.run(["--config=configs/dpo.py:tiny", *LLAMA3_8B_FLAGS, "--config.reference=copy",
+                            "--config.data.seq_len=1024", "--config.data.batch_size=64", "--topology=v5e:2x4"],
+                           command="plan", timeout=600)
+    assert rc == 2, err[-2000:]
+    assert "frozen 29.92 GiB" in out and "the compile ran out of HBM" in out
+    message = err.strip()
+    assert message.count("\n") == 0 and message.startswith(
+        "flaxalign: error: the dpo train step does not fit on v5e:2x4: each TPU v5 lite chip needs at least ")
+    assert "but has 15.75 GiB of usable HBM" in message
+    for tip in ("model.remat='full'", "mesh.fsdp=-1", "data.batch_size", "grad_accum", "lora.rank=16"):
+        assert tip in message
+
+
+@tpu
+def test_not_fitting_report_from_the_api():
+    pytest.importorskip("libtpu")
+    config = llama3_8b_dpo(**{"reference": "copy", "data.seq_len": 256, "data.batch_size": 8})
+    result = plan.plan(config, "v5e:2x4")
+    assert not result["fits"] and result["memory"] is None and "does not fit on v5e:2x4" in result["message"]
+    with pytest.raises(errors.ConfigError, match="does not fit"):
+        plan.require_fit(result)
