@@ -69,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--loss_chunk", type=int, default=256)
+    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+    p.add_argument("--remat", default="none")
     p.add_argument("--no_trl", action="store_true", help="time flaxalign only (does not import torch)")
     p.add_argument("--trl_gradient_checkpointing", action="store_true",
                    help="keep DPOConfig's default gradient_checkpointing=True (recomputes the forward in the "
@@ -252,7 +254,7 @@ def trl_available():
 
 def main(argv=None):
     args = parse_args(argv)
-    config = models.ModelConfig.from_dict({**models.preset(args.preset), "dtype": "float32"})
+    config = models.ModelConfig.from_dict({**models.preset(args.preset), "dtype": args.dtype, "remat": args.remat})
     if args.seq > config.max_seq_len:
         raise ValueError(f"--seq={args.seq} exceeds the preset's max_seq_len={config.max_seq_len}.")
     tokens = 2 * args.pairs * args.seq

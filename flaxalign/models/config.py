@@ -181,6 +181,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smollm2_135m": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
                          max_seq_len=8192, rope_theta=100000.0, rms_eps=1e-5, tie_embeddings=True,
                          init_std=0.041666666666666664),
+    # Llama-3.2-1B shapes (HF config.json values): the ~1B accelerator benchmark model.
+    "llama3_2_1b": dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+                        max_seq_len=131072, rope_theta=500000.0, rms_eps=1e-5, tie_embeddings=True,
+                        rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                        rope_original_max_len=8192),
     "llama3_8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
                       max_seq_len=8192, rope_theta=500000.0, rms_eps=1e-5),
     "llama3_1_8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
