@@ -256,32 +256,13 @@ def _ppo_task(config, mesh):
     model_config, _, _ = lm.resolve_model(config)
     if model_config.adapter_placement != "none":
         raise errors.ConfigError("PPO trains fully or with LoRA; bottleneck adapters are not supported.")
-    lora_config = lm.lora_from(config)
     b = config.data.batch_size
     onpolicy.check_budget(config, model_config, sampling, b, h.num_minibatches, "data.batch_size")
-    rm_config, rm_abstract, rm_logical, load_rm = _reward_model(config, model_config)
-    value_from = config.value_from
-    if value_from not in ppo.VALUE_FROM:
-        raise errors.ConfigError(f"unknown value_from {value_from!r}; valid: {', '.join(ppo.VALUE_FROM)}.")
-    if value_from == "auto":
-        value_from = "policy" if lora_config is not None else "reward"
-    if lora_config is not None and value_from == "reward":
-        raise errors.ConfigError("with LoRA the value model is the policy's frozen base with its own LoRA: use "
-                                 "value_from='policy' (or 'auto').")
-    value_config = rm_config if value_from == "reward" else model_config
-    m = ppo.PpoModels(policy=onpolicy.Policy(models.abstract_model(model_config)[0], lora_config,
-                                             sampling.temperature, config.loss_chunk),
-                      value_graphdef=models.abstract_model(value_config)[0], value_config=value_config,
-                      value_lora=lora_config, reward_graphdef=models.abstract_model(rm_config)[0],
-                      reward_config=rm_config)
-    layout = ppo.ppo_layout(model_config, lora_config, value_config, value_from, seed=config.seed,
-                            init_base=_never, reward_model=(rm_abstract, rm_logical, load_rm), kl_coef=h.kl_coef)
-    optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
-    seq = config.data.max_prompt_len + sampling.max_new_tokens
-    task = _rl_task("ppo", layout, optimizer, functools.partial(ppo.ppo_step, m=m, h=h, optimizer=optimizer,
-                                                                grad_accum=config.grad_accum),
-                    tokens=b * seq, flops=b * seq * model_config.flops_per_token(seq) * (5 / 3 + 2 * h.epochs))
-    rollout = functools.partial(ppo.ppo_rollout, m=m, sampling=sampling, eos_id=0, pad_id=0)
+    core = ppo.ppo_core(config, model_config, lm.lora_from(config), h, sampling,
+                        _reward_model(config, model_config), init_base=_never)
+    task = _rl_task("ppo", core, functools.partial(ppo.ppo_step, m=core.models, h=h, optimizer=core.optimizer,
+                                                   grad_accum=config.grad_accum))
+    rollout = functools.partial(ppo.ppo_rollout, m=core.models, sampling=sampling, eos_id=0, pad_id=0)
     batch = jax.eval_shape(rollout, _abstract_state(task, config.seed), _prompts(config, b), jax.random.PRNGKey(0))
     return task, model_config, batch
 
@@ -292,33 +273,23 @@ def _grpo_task(config, mesh):
     model_config, _, _ = lm.resolve_model(config)
     if model_config.adapter_placement != "none":
         raise errors.ConfigError("GRPO trains fully or with LoRA; bottleneck adapters are not supported.")
-    lora_config = lm.lora_from(config)
     b = config.data.batch_size
     rows = b * h.group_size
     onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")
     rm = _reward_model(config, model_config) if config.get("reward_from") else None
-    m = grpo.GrpoModels(policy=onpolicy.Policy(models.abstract_model(model_config)[0], lora_config,
-                                               sampling.temperature, config.loss_chunk),
-                        reward_graphdef=models.abstract_model(rm[0])[0] if rm else None,
-                        reward_config=rm[0] if rm else None)
-    layout = grpo.grpo_layout(model_config, lora_config, seed=config.seed, init_base=_never,
-                              reference_copy=h.needs_reference, reward_model=rm[1:] if rm else None)
-    optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
-    seq = config.data.max_prompt_len + sampling.max_new_tokens
-    forwards = 2 + (1 if h.needs_reference else 0) + (1 if rm else 0)
-    task = _rl_task("grpo", layout, optimizer, functools.partial(grpo.grpo_step, m=m, h=h, optimizer=optimizer,
-                                                                 grad_accum=config.grad_accum),
-                    tokens=rows * seq, flops=rows * seq * model_config.flops_per_token(seq) * (forwards / 3 + h.epochs))
-    rollout = functools.partial(grpo.grpo_rollout, m=m, sampling=sampling, eos_id=0, pad_id=0,
+    core = grpo.grpo_core(config, model_config, lm.lora_from(config), h, sampling, rm, init_base=_never)
+    task = _rl_task("grpo", core, functools.partial(grpo.grpo_step, m=core.models, h=h, optimizer=core.optimizer,
+                                                    grad_accum=config.grad_accum))
+    rollout = functools.partial(grpo.grpo_rollout, m=core.models, sampling=sampling, eos_id=0, pad_id=0,
                                 with_reference=h.needs_reference, group_size=h.group_size)
     batch = jax.eval_shape(rollout, _abstract_state(task, config.seed), _prompts(config, b), jax.random.PRNGKey(0))
     batch["rewards"] = _struct((rows,), np.float32)
     return task, model_config, batch
 
 
-def _rl_task(name, layout, optimizer, train_step, *, tokens, flops):
-    return Task(name=name, optimizer=optimizer, train_step=train_step, eval_step=None, train_data=None,
-                eval_batches=None, tokens_per_step=tokens, flops_per_step=flops, metadata={}, **layout)
+def _rl_task(name, core, train_step):
+    return Task(name=name, optimizer=core.optimizer, train_step=train_step, eval_step=None, train_data=None,
+                eval_batches=None, tokens_per_step=core.tokens, flops_per_step=core.flops, metadata={}, **core.layout)
 
 
 TASKS = {"clm": functools.partial(_lm_task, name="clm"), "sft": functools.partial(_lm_task, name="sft"),

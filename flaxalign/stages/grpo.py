@@ -280,14 +280,10 @@ def build_task(config, workdir: str, mesh) -> Task:
         reward_path = lm.parse_init_from(config.reward_from, "reward_from")
         rm = ppo.load_reward_model(reward_path, meta or {"tokenizer": tokenizer.model_path}, model_config)
         normalization = reward.load_reward_normalization(reward_path)
-    graphdef = models.abstract_model(model_config)[0]
-    m = GrpoModels(policy=onpolicy.Policy(graphdef, lora_config, sampling.temperature, config.loss_chunk),
-                   reward_graphdef=models.abstract_model(rm[0])[0] if rm else None, reward_config=rm[0] if rm else None)
     with_reference = h.needs_reference
-    layout = grpo_layout(model_config, lora_config, seed=config.seed, init_base=lm.base_initializer(model_config,
-                         init_path), reference_copy=with_reference, reward_model=rm[1:] if rm else None)
-
-    optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
+    core = grpo_core(config, model_config, lora_config, h, sampling, rm,
+                     init_base=lm.base_initializer(model_config, init_path))
+    m, layout, optimizer = core.models, core.layout, core.optimizer
     rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
                       "with_reference": with_reference}
     scorer = functools.partial(Scorer, functions, weights, tokenizer, reward_model_weight=float(
@@ -297,24 +293,38 @@ def build_task(config, workdir: str, mesh) -> Task:
     if config.eval_prompts:
         eval_prompts = {k: v[: config.eval_prompts] for k, v in data.eval.items()}
         eval_extra = GrpoEval(mesh, eval_prompts, scorer(data.records["eval"]), config.seed, **rollout_kwargs)
-    seq = data_cfg.max_prompt_len + sampling.max_new_tokens
-    tokens = rows * seq
-    forwards = 1 + 1 + (1 if with_reference else 0) + (1 if rm else 0)  # sampling, old log-probs, reference, RM
-    flops = tokens * model_config.flops_per_token(seq) * (forwards / 3 + h.epochs)
     identity = lm.resume_identity(model_config, lora_config, algorithm=h.algorithm, reference=with_reference,
                                   reward_model=rm[0].checkpoint_identity() if rm else None)
     frozen_base = "frozen/base" if lora_config is not None else "frozen"
     return Task(
         name="grpo", optimizer=optimizer,
         train_step=functools.partial(grpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
-        eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=tokens, flops_per_step=flops,
-        prepare=GrpoRollouts(mesh, scorer(data.records["train"]), h, **rollout_kwargs), eval_extra=eval_extra,
+        eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=core.tokens,
+        flops_per_step=core.flops, prepare=GrpoRollouts(mesh, scorer(data.records["train"]), h, **rollout_kwargs), eval_extra=eval_extra,
         metadata={"stage": "grpo", "model": model_config.to_dict(), "resume_identity": identity,
                   "lora": identity["lora"], "tokenizer": tokenizer.model_path, "init_from": config.init_from,
                   "model_params": "params", "model_frozen": frozen_base, "reward_from": config.reward_from,
                   "rewards": [name for name, _ in functions], "grpo": dataclasses.asdict(h),
                   "rollout": dataclasses.asdict(sampling), "data": data.stats},
         **layout)
+
+
+def grpo_core(config, model_config, lora_config, h: GrpoHyper, sampling, reward_model, *,
+              init_base) -> onpolicy.RlCore:
+    """The models, param layout, optimizer and cost of a GRPO/RLOO task; `reward_model` = (config, abstract,
+    logical, loader) of the optional reward model, or None."""
+    rm = reward_model
+    m = GrpoModels(policy=onpolicy.Policy(models.abstract_model(model_config)[0], lora_config, sampling.temperature,
+                                          config.loss_chunk),
+                   reward_graphdef=models.abstract_model(rm[0])[0] if rm else None, reward_config=rm[0] if rm else None)
+    layout = grpo_layout(model_config, lora_config, seed=config.seed, init_base=init_base,
+                         reference_copy=h.needs_reference, reward_model=rm[1:] if rm else None)
+    optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
+    seq = config.data.max_prompt_len + sampling.max_new_tokens
+    tokens = config.data.batch_size * h.group_size * seq
+    forwards = 1 + 1 + (1 if h.needs_reference else 0) + (1 if rm else 0)  # sampling, old log-probs, reference, RM
+    return onpolicy.RlCore(m, layout, optimizer, tokens, tokens * model_config.flops_per_token(seq) *
+                           (forwards / 3 + h.epochs))
 
 
 def _weights(text: str):

@@ -8,6 +8,7 @@ response token t, so "the response's hidden states" are positions L − 1 … L 
 """
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -162,3 +163,16 @@ def token_sums(metrics: dict, skip=("tokens",)) -> dict:
     """Token-mean metrics of `losses.rl` → sums weighted by their `tokens`, for `accumulated_gradients` to divide
     by the minibatch's token count."""
     return {k: v * metrics["tokens"] for k, v in metrics.items() if k not in skip}
+
+
+@dataclasses.dataclass(frozen=True)
+class RlCore:
+    """What an RL stage's task is made of, apart from data, tokenizer and host-side rollouts: shared by `build_task`
+    and `flaxalign plan` (which compiles the step without data)."""
+
+    models: Any
+    layout: dict
+    optimizer: Any
+    tokens: int
+    flops: float
+    value_from: str = ""

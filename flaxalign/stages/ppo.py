@@ -279,6 +279,33 @@ def build_task(config, workdir: str, mesh) -> Task:
     data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
     train_data, _ = lm.data_iterators(data.train, data.eval, config)
 
+    core = ppo_core(config, model_config, lora_config, h, sampling, (rm_config, rm_abstract, rm_logical, load_rm),
+                    init_base=lm.base_initializer(model_config, init_path))
+    m, layout, optimizer, value_from = core.models, core.layout, core.optimizer, core.value_from
+    rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+                      "gain": float(normalization["gain"]), "bias": float(normalization["bias"]),
+                      "missing_eos_penalty": h.missing_eos_penalty}
+    eval_prompts = {k: v[: config.eval_prompts] for k, v in _prompt_arrays(data.eval).items()}
+    identity = lm.resume_identity(model_config, lora_config, value_from=value_from,
+                                  reward_model=rm_config.checkpoint_identity())
+    return Task(
+        name="ppo", optimizer=optimizer,
+        train_step=functools.partial(ppo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
+        eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=core.tokens,
+        flops_per_step=core.flops, prepare=Rollouts(mesh, **rollout_kwargs),
+        eval_extra=RolloutEval(mesh, eval_prompts, config.seed, **rollout_kwargs) if config.eval_prompts else None,
+        metadata={"stage": "ppo", "model": model_config.to_dict(), "resume_identity": identity,
+                  "model_params": "params/policy", "model_frozen": "frozen/base",
+                  "lora": identity["lora"], "tokenizer": tokenizer.model_path, "init_from": config.init_from,
+                  "reward_from": config.reward_from, "ppo": dataclasses.asdict(h),
+                  "rollout": dataclasses.asdict(sampling), "data": data.stats},
+        **layout)
+
+
+def ppo_core(config, model_config, lora_config, h: PpoHyper, sampling, reward_model, *, init_base) -> onpolicy.RlCore:
+    """The models, param layout, optimizer and cost of a PPO task; `reward_model` = (config, abstract, logical,
+    loader) of the reward model. Resolves `value_from` ("auto": the policy's base with LoRA, else the RM)."""
+    rm_config, rm_abstract, rm_logical, load_rm = reward_model
     value_from = config.value_from
     if value_from not in VALUE_FROM:
         raise errors.ConfigError(f"unknown value_from {value_from!r}; valid: {', '.join(VALUE_FROM)}.")
@@ -288,39 +315,20 @@ def build_task(config, workdir: str, mesh) -> Task:
         raise errors.ConfigError("with LoRA the value model is the policy's frozen base with its own LoRA: use "
                                  "value_from='policy' (or 'auto').")
     value_config = rm_config if value_from == "reward" else model_config
-    graphdef = models.abstract_model(model_config)[0]
-    m = PpoModels(policy=onpolicy.Policy(graphdef, lora_config, sampling.temperature, config.loss_chunk),
+    m = PpoModels(policy=onpolicy.Policy(models.abstract_model(model_config)[0], lora_config, sampling.temperature,
+                                         config.loss_chunk),
                   value_graphdef=models.abstract_model(value_config)[0], value_config=value_config,
                   value_lora=lora_config, reward_graphdef=models.abstract_model(rm_config)[0],
                   reward_config=rm_config)
-    layout = ppo_layout(model_config, lora_config, value_config, value_from, seed=config.seed,
-                        init_base=lm.base_initializer(model_config, init_path),
+    layout = ppo_layout(model_config, lora_config, value_config, value_from, seed=config.seed, init_base=init_base,
                         reward_model=(rm_abstract, rm_logical, load_rm), kl_coef=h.kl_coef)
-
     optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
-    rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
-                      "gain": float(normalization["gain"]), "bias": float(normalization["bias"]),
-                      "missing_eos_penalty": h.missing_eos_penalty}
-    eval_prompts = {k: v[: config.eval_prompts] for k, v in _prompt_arrays(data.eval).items()}
-    seq = data_cfg.max_prompt_len + sampling.max_new_tokens
-    tokens = data_cfg.batch_size * seq
+    seq = config.data.max_prompt_len + sampling.max_new_tokens
+    tokens = config.data.batch_size * seq
     # rollout ≈ 1 forward (sampling) + 4 forwards (policy, reference, value, reward) = 5/3 of a training pass;
     # then epochs × (policy + value) training passes
     flops = tokens * model_config.flops_per_token(seq) * (5 / 3 + 2 * h.epochs)
-    identity = lm.resume_identity(model_config, lora_config, value_from=value_from,
-                                  reward_model=rm_config.checkpoint_identity())
-    return Task(
-        name="ppo", optimizer=optimizer,
-        train_step=functools.partial(ppo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
-        eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=tokens, flops_per_step=flops,
-        prepare=Rollouts(mesh, **rollout_kwargs),
-        eval_extra=RolloutEval(mesh, eval_prompts, config.seed, **rollout_kwargs) if config.eval_prompts else None,
-        metadata={"stage": "ppo", "model": model_config.to_dict(), "resume_identity": identity,
-                  "model_params": "params/policy", "model_frozen": "frozen/base",
-                  "lora": identity["lora"], "tokenizer": tokenizer.model_path, "init_from": config.init_from,
-                  "reward_from": config.reward_from, "ppo": dataclasses.asdict(h),
-                  "rollout": dataclasses.asdict(sampling), "data": data.stats},
-        **layout)
+    return onpolicy.RlCore(m, layout, optimizer, tokens, flops, value_from)
 
 
 def ppo_layout(model_config, lora_config, value_config, value_from: str, *, seed: int, init_base, reward_model,
