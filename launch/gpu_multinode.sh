@@ -11,6 +11,8 @@
 set -euo pipefail
 prog=gpu_multinode.sh
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/_launch_lib.sh
+. "$repo/launch/_launch_lib.sh"
 
 usage() {
   cat <<'EOF'
@@ -30,14 +32,7 @@ Flags after -- and any --config.FIELD=VALUE go to flaxalign train unchanged (in 
 EOF
 }
 
-die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 2; }
 
-# shlex.quote: a word stays bare when every character is safe, else it is single-quoted ('"'"' for a quote inside).
-q() {
-  local LC_ALL=C sq="'" dq='"' safe='^[A-Za-z0-9_@%+=:,./-]+$'
-  if [[ -n $1 && $1 =~ $safe ]]; then REPLY=$1; else REPLY="'${1//$sq/$sq$dq$sq$dq$sq}'"; fi
-}
-qjoin() { local out="" w; for w in "$@"; do q "$w"; out+="${out:+ }$REPLY"; done; REPLY=$out; }
 
 launcher="" nodes="" hosts="" coordinator="" port=12355 repo_dir=$repo config="" workdir="" dry_run=0
 passthrough=()
@@ -62,12 +57,7 @@ while (( $# )); do
   esac
 done
 
-# flaxalign has no --dry-run: one among its flags (after --) is this script's, so it never runs by mistake.
-rest=()
-for arg in ${passthrough[@]+"${passthrough[@]}"}; do
-  if [[ $arg == --dry-run ]]; then dry_run=1; else rest+=("$arg"); fi
-done
-passthrough=(${rest[@]+"${rest[@]}"})
+take_dry_run
 
 [[ -n $launcher ]] || die "--launcher is required (slurm or ssh)."
 [[ -n $config ]] || die "--config is required (e.g. --config=configs/dpo.py:tiny)."

@@ -11,6 +11,8 @@
 set -euo pipefail
 prog=tpu_pod.sh
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/_launch_lib.sh
+. "$repo/launch/_launch_lib.sh"
 remote_repo=flaxalign  # on every worker: ~/flaxalign
 remote_log=/tmp/flaxalign-worker.log
 libtpu_index=https://storage.googleapis.com/jax-releases/libtpu_releases.html
@@ -45,15 +47,8 @@ Flags after -- and any --config.FIELD=VALUE go to flaxalign train unchanged (on 
 EOF
 }
 
-die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 2; }
 say() { if (( ! dry_run )); then printf '%s: %s\n' "$prog" "$*" >&2; fi; }
 
-# shlex.quote: a word stays bare when every character is safe, else it is single-quoted ('"'"' for a quote inside).
-q() {
-  local LC_ALL=C sq="'" dq='"' safe='^[A-Za-z0-9_@%+=:,./-]+$'
-  if [[ -n $1 && $1 =~ $safe ]]; then REPLY=$1; else REPLY="'${1//$sq/$sq$dq$sq$dq$sq}'"; fi
-}
-qjoin() { local out="" w; for w in "$@"; do q "$w"; out+="${out:+ }$REPLY"; done; REPLY=$out; }
 
 # One shell command line: printed under --dry-run; else echoed to stderr and run (bash, pipefail).
 step() {
@@ -97,12 +92,7 @@ while (( $# )); do
   esac
 done
 
-# flaxalign has no --dry-run: one among its flags (after --) is this script's, so it never runs by mistake.
-rest=()
-for arg in ${passthrough[@]+"${passthrough[@]}"}; do
-  if [[ $arg == --dry-run ]]; then dry_run=1; else rest+=("$arg"); fi
-done
-passthrough=(${rest[@]+"${rest[@]}"})
+take_dry_run
 
 [[ -n $name ]] || die "--name is required (the TPU VM's name)."
 [[ $name =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "--name='$name' is not a TPU name (lowercase letters, digits, -)."

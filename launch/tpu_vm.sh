@@ -7,6 +7,8 @@
 set -euo pipefail
 prog=tpu_vm.sh
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/_launch_lib.sh
+. "$repo/launch/_launch_lib.sh"
 libtpu_index=https://storage.googleapis.com/jax-releases/libtpu_releases.html
 
 usage() {
@@ -23,14 +25,7 @@ Every other argument (and everything after --) goes to flaxalign train unchanged
 EOF
 }
 
-die() { printf '%s: error: %s\n' "$prog" "$*" >&2; exit 2; }
 
-# shlex.quote: a word stays bare when every character is safe, else it is single-quoted ('"'"' for a quote inside).
-q() {
-  local LC_ALL=C sq="'" dq='"' safe='^[A-Za-z0-9_@%+=:,./-]+$'
-  if [[ -n $1 && $1 =~ $safe ]]; then REPLY=$1; else REPLY="'${1//$sq/$sq$dq$sq$dq$sq}'"; fi
-}
-qjoin() { local out="" w; for w in "$@"; do q "$w"; out+="${out:+ }$REPLY"; done; REPLY=$out; }
 
 # One shell command line: printed under --dry-run; else echoed to stderr and run (bash, pipefail) in the repository.
 step() {
@@ -59,15 +54,10 @@ while (( $# )); do
     *) passthrough+=("$arg") ;;
   esac
 done
-# flaxalign has no --dry-run: one among its flags (after --) is this script's, so it never runs by mistake.
-rest=()
-for arg in ${passthrough[@]+"${passthrough[@]}"}; do
-  if [[ $arg == --dry-run ]]; then dry_run=1; else rest+=("$arg"); fi
-done
-passthrough=(${rest[@]+"${rest[@]}"})
+take_dry_run
 
 [[ -n $config ]] || die "--config is required (e.g. --config=configs/dpo.py:tiny)."
-[[ -n $workdir ]] || die "--workdir is required (a path or gs://bucket/run)."
+[[ -n $workdir ]] || die "--workdir is required (a local or shared-filesystem path)."
 [[ $python =~ ^[A-Za-z0-9_./-]+$ ]] || die "--python='$python' is not an interpreter name or path."
 
 q "$repo"; (( ! dry_run )) || printf 'cd %s\n' "$REPLY"

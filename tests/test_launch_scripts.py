@@ -51,7 +51,9 @@ def test_bash_syntax(script):
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
 def test_shellcheck(script):
-    result = subprocess.run(["shellcheck", script], check=False, capture_output=True, text=True, timeout=60)
+    # -x: follow the shared launch/_launch_lib.sh the scripts source
+    result = subprocess.run(["shellcheck", "-x", script], check=False, capture_output=True, text=True, timeout=60,
+                            cwd=REPO)
     assert result.returncode == 0, result.stdout
 
 
