@@ -11,6 +11,7 @@
 A user error (bad flag, missing file, indivisible mesh, unknown preset) prints one sentence and exits 2.
 """
 
+import contextlib
 import logging as pylogging
 import os
 import re
@@ -143,45 +144,47 @@ def main(argv: list[str]) -> None:
     commands = [a for a in argv[1:] if not a.startswith("-")]
     if len(commands) != 1 or commands[0] not in COMMANDS:
         fail(f"expected one command from {list(COMMANDS)}, got {commands or 'none'}.")
-    if commands[0] == "generate":
-        return generate_command()
-    if commands[0] == "convert":
-        return convert_command()
-    if commands[0] == "eval":
-        return eval_command()
-    if commands[0] == "pipeline":
-        return pipeline_command()
-    if commands[0] == "constitutional":
-        return constitutional_command()
-    if commands[0] == "plan":
-        return plan_command()
-    if FLAGS.config is None:
-        fail("--config is required, e.g. --config=configs/clm.py:tiny.")
-    if not FLAGS.workdir:
-        fail("--workdir is required.")
-    if "://" in FLAGS.workdir:
-        fail(f"--workdir={FLAGS.workdir} is a URL; metrics, reports and tokenizers are written with local file calls, "
-             "so use a path (on a pod: a filesystem shared by every host, e.g. a gcsfuse mount of the bucket).")
+    {"train": train_command, "generate": generate_command, "convert": convert_command, "eval": eval_command,
+     "pipeline": pipeline_command, "constitutional": constitutional_command, "plan": plan_command}[commands[0]]()
+
+
+def require(value, message: str) -> None:
+    """A missing required flag ends the run with one line (exit 2)."""
+    if not value:
+        fail(message)
+
+
+@contextlib.contextmanager
+def user_errors(with_jax: bool = True):
+    """Logging on and (unless `with_jax` is False) JAX set up; a `FlaxalignError` inside ends the run with its one
+    line and exit 2."""
     setup_logging()
     try:
-        setup_jax()
-        train(FLAGS.config, FLAGS.workdir)
+        if with_jax:
+            setup_jax()
+        yield
     except errors.FlaxalignError as e:
         fail(str(e))
 
 
+def train_command() -> None:
+    require(FLAGS.config is not None, "--config is required, e.g. --config=configs/clm.py:tiny.")
+    require(FLAGS.workdir, "--workdir is required.")
+    if "://" in FLAGS.workdir:
+        fail(f"--workdir={FLAGS.workdir} is a URL; metrics, reports and tokenizers are written with local file calls, "
+             "so use a path (on a pod: a filesystem shared by every host, e.g. a gcsfuse mount of the bucket).")
+    with user_errors():
+        train(FLAGS.config, FLAGS.workdir)
+
+
 def generate_command() -> None:
-    if not FLAGS.checkpoint:
-        fail("--checkpoint is required, e.g. --checkpoint=runs/sft.")
-    if not FLAGS.prompt:
-        fail("--prompt is required (repeat it for several prompts).")
+    require(FLAGS.checkpoint, "--checkpoint is required, e.g. --checkpoint=runs/sft.")
+    require(FLAGS.prompt, "--prompt is required (repeat it for several prompts).")
     if FLAGS.temperature < 0 or not 0 < FLAGS.top_p <= 1 or FLAGS.top_k < 0 or FLAGS.max_new_tokens < 1:
         fail("need --temperature >= 0, 0 < --top_p <= 1, --top_k >= 0 and --max_new_tokens >= 1.")
     if FLAGS.refine_rounds < 0:
         fail(f"--refine_rounds must be >= 0, got {FLAGS.refine_rounds}.")
-    setup_logging()
-    try:
-        setup_jax()
+    with user_errors():
         from flaxalign.data.chat import TEMPLATES
         from flaxalign.generate import respond
         if FLAGS.chat_template and FLAGS.chat_template not in TEMPLATES:
@@ -191,8 +194,6 @@ def generate_command() -> None:
         responses = respond(FLAGS.checkpoint, FLAGS.prompt, chat_template=FLAGS.chat_template,
                             max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                             top_p=FLAGS.top_p, seed=FLAGS.seed)
-    except errors.FlaxalignError as e:
-        fail(str(e))
     for prompt, response in zip(FLAGS.prompt, responses):
         print(f">>> {prompt}\n{response}\n")
 
@@ -213,40 +214,29 @@ def refine_and_print() -> None:
 
 
 def pipeline_command() -> None:
-    if FLAGS.config is None:
-        fail("--config is required, e.g. --config=configs/pipeline.py:tiny.")
-    if not FLAGS.workdir:
-        fail("--workdir is required.")
-    setup_logging()
-    try:
+    require(FLAGS.config is not None, "--config is required, e.g. --config=configs/pipeline.py:tiny.")
+    require(FLAGS.workdir, "--workdir is required.")
+    with user_errors(with_jax=False):  # the stages are subprocesses
         from flaxalign.pipeline import run_pipeline
         path = run_pipeline(FLAGS.config, FLAGS.workdir, FLAGS.seeds or None)
-    except errors.FlaxalignError as e:
-        fail(str(e))
     print(f"flaxalign: pipeline finished; report {path}." if path else "flaxalign: pipeline stopped after "
           f"{FLAGS.config.stop_after}.")
 
 
 def convert_command() -> None:
     for name in ("from", "to", "format"):
-        if not FLAGS[name].value:
-            fail(f"--{name} is required, e.g. flaxalign convert --from=runs/sft --to=exports/sft --format=hf.")
-    setup_logging()
-    try:
-        setup_jax()
+        require(FLAGS[name].value, f"--{name} is required, e.g. flaxalign convert --from=runs/sft --to=exports/sft "
+                "--format=hf.")
+    with user_errors():
         from flaxalign.convert import convert
         print(f"flaxalign: {convert(FLAGS['from'].value, FLAGS.to, FLAGS.format)}.")
-    except errors.FlaxalignError as e:
-        fail(str(e))
 
 
 def plan_command() -> None:
-    if FLAGS.config is None:
-        fail("--config is required, e.g. flaxalign plan --config=configs/dpo.py:tiny --topology=v5e:2x4.")
-    if not FLAGS.topology:
-        fail("--topology is required, e.g. --topology=v5e:2x4 (or v6e:4x4, v4:2x2x1, v5p:4x4x4).")
-    setup_logging()
-    try:
+    require(FLAGS.config is not None, "--config is required, e.g. flaxalign plan --config=configs/dpo.py:tiny "
+            "--topology=v5e:2x4.")
+    require(FLAGS.topology, "--topology is required, e.g. --topology=v5e:2x4 (or v6e:4x4, v4:2x2x1, v5p:4x4x4).")
+    with user_errors(with_jax=False):
         import jax
         if not jax.config.jax_platforms:  # compile-only TPU devices need no backend but the host CPU
             jax.config.update("jax_platforms", "cpu")
@@ -254,39 +244,26 @@ def plan_command() -> None:
         report = plan.plan(FLAGS.config, FLAGS.topology, mfu=FLAGS.mfu)
         print(plan.format_report(report))
         plan.require_fit(report)
-    except errors.FlaxalignError as e:
-        fail(str(e))
 
 
 def constitutional_command() -> None:
-    if FLAGS.config is None:
-        fail("--config is required, e.g. --config=configs/constitutional.py:tiny.")
-    if not FLAGS.workdir:
-        fail("--workdir is required (preferences.jsonl, sft.jsonl and trace.jsonl are written there).")
-    setup_logging()
-    try:
-        setup_jax()
+    require(FLAGS.config is not None, "--config is required, e.g. --config=configs/constitutional.py:tiny.")
+    require(FLAGS.workdir, "--workdir is required (preferences.jsonl, sft.jsonl and trace.jsonl are written there).")
+    with user_errors():
         from flaxalign import constitutional
         print(f"flaxalign: {constitutional.run(FLAGS.config, FLAGS.workdir)}.")
-    except errors.FlaxalignError as e:
-        fail(str(e))
 
 
 def eval_command() -> None:
-    if FLAGS.config is None:
-        fail("--config is required, e.g. flaxalign eval --config=configs/eval.py:tiny --checkpoint=runs/dpo.")
-    if not FLAGS.checkpoint:
-        fail("--checkpoint is required, e.g. flaxalign eval --config=configs/eval.py:tiny --checkpoint=runs/dpo.")
-    setup_logging()
-    try:
-        setup_jax()
+    example = "e.g. flaxalign eval --config=configs/eval.py:tiny --checkpoint=runs/dpo."
+    require(FLAGS.config is not None, f"--config is required, {example}")
+    require(FLAGS.checkpoint, f"--checkpoint is required, {example}")
+    with user_errors():
         if FLAGS.config.get("stage") != "eval":
             raise errors.ConfigError(f"flaxalign eval needs an eval config (configs/eval.py), not a "
                                      f"{FLAGS.config.get('stage')!r} config.")
         from flaxalign.eval.evaluation import evaluate
         result = evaluate(FLAGS.config, FLAGS.checkpoint, workdir=FLAGS.workdir or "")
-    except errors.FlaxalignError as e:
-        fail(str(e))
     for name, value in result["metrics"].items():
         print(f"{name:40s} {value:.4g}" if isinstance(value, float) else f"{name:40s} {value}")
     print(f"flaxalign: eval of {FLAGS.checkpoint} (step {result['step']}) took {result['wall_time_s']:.1f}s; "

@@ -75,3 +75,13 @@ def pair_batch(num_pairs=8, seq_len=32, vocab=512, seed=0, kto=False) -> dict:
     if kto:
         batch["label"] = (np.arange(num_pairs) % 2 == 0).astype(np.float32)
     return batch
+
+
+def right_padded_batch(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, attention mask) int64 [2, 16]: the second row is right-padded (id 0) after 9 real tokens."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab_size, (2, 16)).astype(np.int64)
+    mask = np.ones_like(tokens)
+    mask[1, 9:] = 0
+    tokens[1, 9:] = 0
+    return tokens, mask

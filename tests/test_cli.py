@@ -65,17 +65,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(corpus_and_tokenizer, tmp_path):
     assert last >= 3 and os.path.isdir(os.path.join(workdir, "checkpoints", str(last)))
 
 
-def test_two_processes_match_one_process(corpus_and_tokenizer, tmp_path):
-    corpus, tok = corpus_and_tokenizer
-    one = str(tmp_path / "one")
-    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, one, steps=3))
-    assert rc == 0, err[-2000:]
-
-    two = str(tmp_path / "two")
+def _run_two_processes(flags: list[str]) -> None:
+    """Runs `flaxalign train` as 2 processes × 4 CPU devices (jax.distributed on localhost); both must exit 0."""
     address = f"127.0.0.1:{cli.free_port()}"
-    procs = [cli.start(cli.small_run_flags(corpus, tok, two, steps=3) + [
-        f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"], cpu_devices=4)
-        for i in range(2)]
+    procs = [cli.start(flags + [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+                       cpu_devices=4) for i in range(2)]
     try:
         results = [cli.finish(p) for p in procs]
     finally:
@@ -84,6 +78,16 @@ def test_two_processes_match_one_process(corpus_and_tokenizer, tmp_path):
                 p.kill()
     for rc, _, err in results:
         assert rc == 0, err[-2000:]
+
+
+def test_two_processes_match_one_process(corpus_and_tokenizer, tmp_path):
+    corpus, tok = corpus_and_tokenizer
+    one = str(tmp_path / "one")
+    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, one, steps=3))
+    assert rc == 0, err[-2000:]
+
+    two = str(tmp_path / "two")
+    _run_two_processes(cli.small_run_flags(corpus, tok, two, steps=3))
     expected, got = _losses(cli.metrics(one), 1, 3), _losses(cli.metrics(two), 1, 3)
     assert len(got) == 3
     for step in expected:
@@ -99,19 +103,8 @@ def test_checkpoint_of_two_processes_resumes_in_one_process_on_another_mesh(corp
     assert rc == 0, err[-2000:]
 
     elastic = str(tmp_path / "elastic")
-    address = f"127.0.0.1:{cli.free_port()}"
     pod_mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "checkpoint_every": 3}
-    procs = [cli.start(cli.small_run_flags(corpus, tok, elastic, steps=3, **pod_mesh) + [
-        f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"], cpu_devices=4)
-        for i in range(2)]
-    try:
-        results = [cli.finish(p) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rc, _, err in results:
-        assert rc == 0, err[-2000:]
+    _run_two_processes(cli.small_run_flags(corpus, tok, elastic, steps=3, **pod_mesh))
     rc, _, err = cli.run(cli.small_run_flags(corpus, tok, elastic, steps=6, **{"mesh.data": 8}))
     assert rc == 0, err[-2000:]
     assert "Resumed from checkpoint at step 3" in err

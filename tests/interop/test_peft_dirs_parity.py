@@ -9,6 +9,7 @@ import pytest
 from flaxalign import interop, models
 from flaxalign.interop import peft as peft_dirs
 from flaxalign.peft import lora
+from tests import helpers
 
 pytestmark = pytest.mark.parity
 
@@ -38,13 +39,7 @@ def libs():
 
 
 def _batch(vocab_size):
-    """Two rows of 16 tokens; the second is right-padded after 9 real tokens."""
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab_size, (2, 16)).astype(np.int64)
-    mask = np.ones_like(tokens)
-    mask[1, 9:] = 0
-    tokens[1, 9:] = 0
-    return tokens, mask
+    return helpers.right_padded_batch(vocab_size)
 
 
 def _compare(torch, peft_model, config, params, lora_config, lora_params):

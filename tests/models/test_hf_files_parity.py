@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from flaxalign import interop
+from tests import helpers
 
 pytestmark = pytest.mark.parity
 
@@ -26,13 +27,7 @@ def libs():
 
 
 def _batch(vocab_size):
-    """Two rows of 16 tokens; the second is right-padded after 9 real tokens."""
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab_size, (2, 16)).astype(np.int64)
-    mask = np.ones_like(tokens)
-    mask[1, 9:] = 0
-    tokens[1, 9:] = 0
-    return tokens, mask
+    return helpers.right_padded_batch(vocab_size)
 
 
 def _hf_logits(torch, model, tokens, mask):
@@ -80,8 +75,6 @@ def test_transformers_directory_loads_with_equal_logits(libs, case, tmp_path):
                                             rope_original_max_len=64, n_kv_heads=1)])
 def test_save_hf_loads_in_transformers_with_equal_logits(libs, overrides, tmp_path):
     torch, transformers = libs
-    from tests import helpers
-
     config = helpers.tiny_model_config(**overrides)
     params = helpers.random_params(config)
     interop.save_hf(config, params, str(tmp_path), max_shard_bytes=150_000)
@@ -129,8 +122,6 @@ def test_sequence_classification_directory_loads_as_a_reward_model(libs, case, t
 def test_reward_model_saved_by_save_hf_scores_equally_in_transformers(libs, tie, tmp_path):
     torch, transformers = libs
     import jax
-
-    from tests import helpers
 
     config = helpers.tiny_model_config(tie_embeddings=tie)
     backbone = {k: v for k, v in helpers.random_params(config).items() if k != "lm_head"}
