@@ -1,5 +1,6 @@
 # Sourced by launch/*.sh: create or update the project's virtual environment in .venv and activate it.
 # Usage: . launch/_venv.sh [extras], e.g. ". launch/_venv.sh test".
+# shellcheck shell=bash
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"

@@ -8,6 +8,7 @@
 # More stages on the same runs (LoRA SFT/DPO, arithmetic SFT → GRPO): ./launch/demo_extras.sh WORKDIR
 # Usage: [WORKDIR=dir] ./launch/demo.sh [extra flaxalign pipeline flags, e.g. --seeds=1]
 set -euo pipefail
+# shellcheck source=launch/_venv.sh
 . "$(dirname "$0")/_venv.sh"
 root="${WORKDIR:-runs/demo-$(date +%Y%m%d-%H%M%S)}"
 flaxalign pipeline --config=configs/pipeline.py:tiny --workdir="$root" "$@"

@@ -6,6 +6,7 @@
 set -euo pipefail
 root="${1:?usage: ./launch/demo_extras.sh WORKDIR (a finished ./launch/demo.sh workdir)}"
 shift
+# shellcheck source=launch/_venv.sh
 . "$(dirname "$0")/_venv.sh"
 flaxalign train --config=configs/sft.py:tiny --workdir="$root/sft_lora" --config.init_from="checkpoint:$root/clm" \
   --config.lora.rank=8 --config.optim.lr=1e-2 "$@"

@@ -30,3 +30,33 @@ def sft_demo_run(clm_demo_run, tmp_path_factory):
                           f"--config.init_from=checkpoint:{clm_demo_run[0]}"], cpu_devices=1)
     assert rc == 0, err[-2000:]
     return workdir
+
+
+def pytest_addoption(parser):
+    parser.addoption("--no-skips", action="store_true",
+                     help="a skipped test fails (CI: a test that silently stops running is a failure); "
+                          "FLAXALIGN_REQUIRE_PARITY=1 in the environment implies it")
+
+
+def _no_skips(config) -> bool:
+    return config.getoption("--no-skips") or os.environ.get("FLAXALIGN_REQUIRE_PARITY") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and _no_skips(item.config):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under --no-skips / FLAXALIGN_REQUIRE_PARITY=1: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _no_skips(collector.config):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{collector.nodeid} skipped at collection under --no-skips: {reason}"

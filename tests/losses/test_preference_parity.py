@@ -22,14 +22,27 @@ from tests.losses import preference_reference as ref
 
 pytestmark = pytest.mark.parity
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("trl")
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO and CPO live in trl.experimental
-from trl.experimental.cpo import CPOTrainer
-from trl.experimental.orpo import ORPOTrainer
-from trl.trainer.dpo_trainer import DPOTrainer
-from trl.trainer.kto_trainer import KTOTrainer
-from trl.trainer.reward_trainer import RewardTrainer
+torch = CPOTrainer = ORPOTrainer = DPOTrainer = KTOTrainer = RewardTrainer = None  # set by _load_trl
+
+
+def _load_trl():
+    """Imported on first use, not at collection, so a run without the parity extra collects this module with no
+    skip (`importorskip` skips only the tests that run)."""
+    global torch, CPOTrainer, ORPOTrainer, DPOTrainer, KTOTrainer, RewardTrainer
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("trl")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO and CPO live in trl.experimental
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.kto_trainer import KTOTrainer
+    from trl.trainer.reward_trainer import RewardTrainer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _trl():
+    _load_trl()
+
 
 RTOL = 1e-6  # float64 on both sides
 ORPO_RTOL = 1e-6  # TRL's odds_ratio_loss casts the log-probs to float32 (observed: ~1e-7)
@@ -44,8 +57,8 @@ def torch_float64():
     torch.set_default_dtype(old)
 
 
-def _t(values, dtype=torch.float64):
-    return torch.tensor(values, dtype=dtype)
+def _t(values, dtype=None):
+    return torch.tensor(values, dtype=dtype or torch.float64)
 
 
 def _trainer(**attrs):
@@ -276,6 +289,7 @@ def recorded_values():
 
 
 if __name__ == "__main__":
+    _load_trl()
     torch.set_default_dtype(torch.float64)
     for key, value in recorded_values().items():
         print(f"    {key!r}: {value!r},")

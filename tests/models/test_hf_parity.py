@@ -11,8 +11,15 @@ from flaxalign.interop import hf
 
 pytestmark = pytest.mark.parity
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = transformers = None  # imported by the fixture below, not at collection (no skip when deselected)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _import_reference_libraries():
+    global torch, transformers
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
 
 TOLERANCE = 1e-4  # float32 on both sides
 BATCH, LENGTH = 2, 32

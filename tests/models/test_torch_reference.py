@@ -14,8 +14,6 @@ from tests import helpers
 
 pytestmark = pytest.mark.parity
 
-torch = pytest.importorskip("torch")
-
 TOLERANCE = 1e-4  # float32 on both sides
 
 
@@ -28,7 +26,15 @@ def _load_reference():
     return module
 
 
-ref = _load_reference()
+ref = None  # bench/torch_reference.py imports torch: loaded by the fixture below, not at collection
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _import_reference():
+    global ref
+    pytest.importorskip("torch")
+    ref = _load_reference()
+
 
 TINY = models.ModelConfig(**models.preset("tiny"))
 CONFIGS = {

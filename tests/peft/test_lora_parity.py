@@ -15,9 +15,16 @@ from tests import helpers
 
 pytestmark = pytest.mark.parity
 
-peft = pytest.importorskip("peft")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+peft = torch = transformers = None  # imported by the fixture below, not at collection (no skip when deselected)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _import_reference_libraries():
+    global peft, torch, transformers
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
 
 CONFIG = dataclasses.replace(helpers.tiny_model_config(), tie_embeddings=False)  # an lm_head to adapt as well
 MERGE_TOLERANCE = 1e-5  # float32 on both sides; weights are O(0.1)
