@@ -234,17 +234,41 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "'<|im_end|>' + '\n'}}{% endfor %}")
 
 
+# llama.cpp's own pre-tokenizer regexes, copied as written in ggml-org/llama.cpp src/llama-vocab.cpp
+# (llm_tokenizer_bpe, read at commit 00ad355e): LLAMA_VOCAB_PRE_TYPE_LLAMA3 ("llama-bpe") and
+# LLAMA_VOCAB_PRE_TYPE_QWEN2 ("qwen2"). They are C string literals, hence the doubled backslashes; llama.cpp
+# spells the case-insensitive contractions '[sS]|'[tT]|..., where HF's tokenizer.json spells (?i:'s|'t|...).
+# The two differ only in \p{N}{1,3} (digits in runs of up to three) against \p{N} (every digit alone).
+LLAMA_CPP_REGEX = {
+    "llama-bpe": "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
+                 "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    "qwen2": "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
+             "\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+}
+
+
+def _split_pre_tokenizer(regex):
+    """What Llama-3's and Qwen2's tokenizer.json hold: the regex split (matches kept as pieces, "Isolated"), then
+    the byte-to-character map only (ByteLevel without GPT-2's regex)."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _reference_pre_tokenizer(pre):
+    """The HF pre-tokenizer that llama.cpp's `pre` type stands for, built without flaxalign's tables."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if pre == "gpt2":
+        return byte_level
+    if pre == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return _split_pre_tokenizer(LLAMA_CPP_REGEX[pre])
+
+
 def _reference_tokenizer(pre):
     """A byte-level BPE trained with the pre-tokenizer that llama.cpp's `pre` type stands for."""
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.pre_tokenizer = {
-        "gpt2": byte_level,
-        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
-        "llama-bpe": pre_tokenizers.Sequence([
-            pre_tokenizers.Split(tokenizers.Regex(gguf_io.PRE_TOKENIZERS["llama-bpe"]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
-    }[pre]
+    tokenizer.pre_tokenizer = _reference_pre_tokenizer(pre)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -260,7 +284,7 @@ def _vocab_metadata(reference, pre, **ids):
     return dict(tokens=tokens, merges=merges, types=types, pre=pre, **ids)
 
 
-@pytest.mark.parametrize("pre", ["smollm", "gpt2", "llama-bpe"])
+@pytest.mark.parametrize("pre", ["smollm", "gpt2", "llama-bpe", "qwen2"])
 def test_tokenizer_matches_reference_bpe(tmp_path, pre):
     reference = _reference_tokenizer(pre)
     config = _config(vocab_size=reference.get_vocab_size())
@@ -296,6 +320,73 @@ def test_smollm_pre_tokenizer_splits_digits(tmp_path):
     assert [smollm.decode([i]) for i in smollm.encode("x  42")] == ["x", "  ", "4", "2"]
     assert [gpt2.decode([i]) for i in gpt2.encode("x  42")] == ["x", " ", " ", "4", "2"]
     assert smollm.encode("x  42") == reference.encode("x  42").ids
+
+
+# Texts where the Llama-3 / Qwen2 splits differ from each other or from GPT-2's: digit runs longer than three
+# (ASCII, Arabic-Indic and full-width digits are all \p{N}), upper-case contractions followed by letters, runs of
+# spaces and tabs, blank lines and CRLF, punctuation before newlines, and letters outside ASCII. All NFC already,
+# so Qwen2's NFC normaliser (a normaliser, not part of the pre-tokenizer) would change nothing.
+SPLIT_TEXTS = [
+    "pi is 3.14159265, the year 2024 and 1234567 apples; 12 345 6789",
+    "O'REILLY'S BOOK: DON'TCARE, WE'VE, THEY'LL, I'M, HE'D; don't they'll IT'SELF",
+    "a  b   c    d\t\tend   ",
+    "line one\nline two\n\n\nafter blanks\r\nwindows.\n\n  indented\n   \n",
+    "unicode: naïve café, 日本語のテキスト, ١٢٣٤٥ and ４５６７ digits, 🙂🙂 emoji!!\n",
+]
+
+
+def test_reference_split_regexes_split_as_llama_cpp_intends():
+    """The copied llama.cpp regexes, checked by hand: digits in threes (llama-bpe) or alone (qwen2), contractions
+    of either case split off, a run of spaces leaves its last space to the next word, newlines kept together."""
+    def pieces(pre, text):
+        return [piece for piece, _ in pre_tokenizers.Split(
+            tokenizers.Regex(LLAMA_CPP_REGEX[pre]), behavior="isolated").pre_tokenize_str(text)]
+    assert pieces("llama-bpe", "x 1234567") == ["x", " ", "123", "456", "7"]
+    assert pieces("qwen2", "x 1234567") == ["x", " ", "1", "2", "3", "4", "5", "6", "7"]
+    for pre in LLAMA_CPP_REGEX:
+        assert pieces(pre, "O'REILLY'S I'm") == ["O", "'RE", "ILLY", "'S", " I", "'m"]
+        assert pieces(pre, "a   b\n\n c.\n") == ["a", "  ", " b", "\n\n", " c", ".\n"]
+        assert pieces(pre, "日本語 ü!!") == ["日本語", " ü", "!!"]
+
+
+def _boundary_blind_vocabulary():
+    """A BPE vocabulary trained with every text as one word, so it holds merges across all the places a
+    pre-tokenizer may split: a tokenizer built on it gives different ids when it splits differently."""
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(SPLIT_TEXTS * 4, trainer)
+    return tokenizer
+
+
+def _with_pre_tokenizer(vocabulary, pre_tokenizer):
+    tokenizer = tokenizers.Tokenizer.from_str(vocabulary.to_str())
+    tokenizer.pre_tokenizer = pre_tokenizer
+    return tokenizer
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_split_pre_tokenizers_match_llama_cpp_regex(tmp_path, pre):
+    """A GGUF file with tokenizer.ggml.pre `pre` encodes every text to the ids the same vocabulary gives under
+    llama.cpp's regex for that type; the vocabulary is sensitive enough that GPT-2's split, the other type's digit
+    rule or case-sensitive contractions would each change some ids (checked here too)."""
+    vocabulary = _boundary_blind_vocabulary()
+    reference = _with_pre_tokenizer(vocabulary, _reference_pre_tokenizer(pre))
+    config = _config(vocab_size=reference.get_vocab_size())
+    path = write_gguf(tmp_path / f"{pre}.gguf", config, vocab=_vocab_metadata(reference, pre, eos=2))
+    tokenizer = gguf_io.load_gguf_tokenizer(path)
+    for text in SPLIT_TEXTS:
+        want = reference.encode(text, add_special_tokens=False).ids
+        assert tokenizer.encode(text) == want, text
+        assert tokenizer.decode(want) == text
+    other = {"llama-bpe": "qwen2", "qwen2": "llama-bpe"}[pre]
+    case_sensitive = LLAMA_CPP_REGEX[pre].replace("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])",
+                                                  "'s|'t|'re|'ve|'m|'ll|'d")
+    for wrong in (pre_tokenizers.ByteLevel(add_prefix_space=False), _split_pre_tokenizer(LLAMA_CPP_REGEX[other]),
+                  _split_pre_tokenizer(case_sensitive)):
+        mistaken = _with_pre_tokenizer(vocabulary, wrong)
+        assert any(mistaken.encode(t).ids != reference.encode(t).ids for t in SPLIT_TEXTS), wrong
 
 
 def test_tokenizer_pad_and_errors(tmp_path):
