@@ -28,37 +28,68 @@ def _losses(rows, first, last):
     return {r["step"]: r["loss"] for r in rows if first <= r["step"] <= last and "loss" in r}
 
 
-def test_resume_after_sigkill_is_bitwise_identical(corpus_and_tokenizer, tmp_path):
-    corpus, tok = corpus_and_tokenizer
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    flags = dict(steps=20, checkpoint_every=10)
-    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, straight, **flags))
-    assert rc == 0, err[-2000:]
+CHECKPOINTED = dict(steps=30, checkpoint_every=10)
 
-    rc, _, _ = cli.run(cli.small_run_flags(corpus, tok, killed, **flags), FLAXALIGN_FAULT_SIGKILL_AT_STEP="13")
+
+@pytest.fixture(scope="module")
+def straight_run(corpus_and_tokenizer, tmp_path_factory):
+    """An uninterrupted 30-step run with checkpoints every 10 steps: the losses the interrupted runs must match."""
+    corpus, tok = corpus_and_tokenizer
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, workdir, **CHECKPOINTED))
+    assert rc == 0, err[-2000:]
+    return workdir
+
+
+def _resume_and_compare(corpus_and_tokenizer, straight_run, killed, from_step):
+    """Runs the killed workdir again; it must resume at `from_step` and end with the straight run's losses."""
+    corpus, tok = corpus_and_tokenizer
+    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, killed, **CHECKPOINTED))
+    assert rc == 0, err[-2000:]
+    assert f"Resumed from checkpoint at step {from_step}" in err
+    resumed = cli.metrics(killed)
+    assert [r["step"] for r in resumed] == list(range(1, 31)), "metrics.jsonl must read as one run"
+    expected, got = _losses(cli.metrics(straight_run), from_step + 1, 30), _losses(resumed, from_step + 1, 30)
+    assert len(expected) == 30 - from_step and got == expected  # floats compared exactly
+
+
+def test_resume_after_sigkill_is_bitwise_identical(corpus_and_tokenizer, straight_run, tmp_path):
+    """Killed after step 13 (its step-10 checkpoint durable): the rerun resumes at 10 with bitwise-equal losses."""
+    corpus, tok = corpus_and_tokenizer
+    killed = str(tmp_path / "killed")
+    rc, _, _ = cli.run(cli.small_run_flags(corpus, tok, killed, **CHECKPOINTED), FLAXALIGN_FAULT_SIGKILL_AT_STEP="13")
     assert rc == -signal.SIGKILL
     assert max(r["step"] for r in cli.metrics(killed)) == 13
-    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, killed, **flags))
-    assert rc == 0, err[-2000:]
-    assert "Resumed from checkpoint at step 10" in err
+    _resume_and_compare(corpus_and_tokenizer, straight_run, killed, from_step=10)
 
-    resumed = cli.metrics(killed)
-    assert [r["step"] for r in resumed] == list(range(1, 21)), "metrics.jsonl must read as one run"
-    expected, got = _losses(cli.metrics(straight), 11, 20), _losses(resumed, 11, 20)
-    assert len(expected) == 10 and got == expected  # floats compared exactly
+
+def test_sigkill_during_an_async_save_falls_back_to_the_last_complete_checkpoint(corpus_and_tokenizer,
+                                                                                 straight_run, tmp_path):
+    """Killed right after the step-20 save was started, while Orbax still writes it: only a temporary step-20
+    directory is on disk; the rerun ignores it, resumes at step 10 and ends with the straight run's losses."""
+    corpus, tok = corpus_and_tokenizer
+    killed = str(tmp_path / "killed")
+    rc, _, _ = cli.run(cli.small_run_flags(corpus, tok, killed, **CHECKPOINTED),
+                       FLAXALIGN_FAULT_SIGKILL_DURING_SAVE_AT_STEP="20")
+    assert rc == -signal.SIGKILL
+    on_disk = sorted(os.listdir(os.path.join(killed, "checkpoints")))
+    # The kill landed mid-save (else this test would prove nothing): step 20 exists only as Orbax's tmp folder.
+    assert "10" in on_disk and "20" not in on_disk, on_disk
+    assert any(name.startswith("20.") and "tmp" in name for name in on_disk), on_disk
+    _resume_and_compare(corpus_and_tokenizer, straight_run, killed, from_step=10)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_0(corpus_and_tokenizer, tmp_path):
     corpus, tok = corpus_and_tokenizer
     workdir = str(tmp_path / "run")
-    proc = cli.start(cli.small_run_flags(corpus, tok, workdir, steps=100000))
-    deadline = time.time() + cli.TIMEOUT
-    while time.time() < deadline and proc.poll() is None:
-        if any(r["step"] >= 3 for r in cli.metrics(workdir)):
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    rc, out, err = cli.finish(proc, timeout=120)
+    with cli.started(cli.small_run_flags(corpus, tok, workdir, steps=100000)) as proc:
+        deadline = time.monotonic() + cli.TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(r["step"] >= 3 for r in cli.metrics(workdir)):
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        rc, out, err = cli.finish(proc, timeout=120)
     assert rc == 0, err[-2000:]
     last = max(r["step"] for r in cli.metrics(workdir))
     assert "preempted: checkpoint saved" in out
@@ -66,18 +97,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(corpus_and_tokenizer, tmp_path):
 
 
 def _run_two_processes(flags: list[str]) -> None:
-    """Runs `flaxalign train` as 2 processes × 4 CPU devices (jax.distributed on localhost); both must exit 0."""
+    """Runs `flaxalign train` as 2 processes × 4 CPU devices (jax.distributed on localhost); both must exit 0.
+    If one fails, the other is killed at once and the test fails with the failed one's output."""
     address = f"127.0.0.1:{cli.free_port()}"
-    procs = [cli.start(flags + [f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
-                       cpu_devices=4) for i in range(2)]
-    try:
-        results = [cli.finish(p) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rc, _, err in results:
-        assert rc == 0, err[-2000:]
+    cli.run_together([cli.cli_command(flags + [f"--coordinator_address={address}", "--num_processes=2",
+                                               f"--process_id={i}"], cpu_devices=4) for i in range(2)])
 
 
 def test_two_processes_match_one_process(corpus_and_tokenizer, tmp_path):

@@ -90,19 +90,23 @@ def test_unknown_stop_after_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_killed_pipeline_resumes_the_interrupted_stage_and_skips_finished_ones(tmp_path):
+    """SIGTERM to the pipeline reaches its running SFT stage, which checkpoints and stops (exit 2: unfinished);
+    the rerun skips the finished CLM stage and resumes SFT from its checkpoint. The pipeline runs in a process
+    group of its own that is killed however the test ends, so a failed assertion never orphans the stage."""
     workdir = str(tmp_path / "pipeline")
     args = ["--config=configs/pipeline.py:tiny", f"--workdir={workdir}", "--config.stop_after=sft",
             "--config.clm.args=--config.steps=20 --config.eval_every=0",
             "--config.sft.args=--config.steps=400 --config.checkpoint_every=10 --config.eval_every=0"]
-    proc = cli.start(args, cpu_devices=1, command="pipeline")
     checkpoints = os.path.join(workdir, "sft", "checkpoints")
-    deadline = time.time() + 400
-    while time.time() < deadline and not (os.path.isdir(checkpoints) and any(
-            name.isdigit() and int(name) >= 10 for name in os.listdir(checkpoints))):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        time.sleep(1)
-    proc.send_signal(signal.SIGTERM)
-    rc, out, err = cli.finish(proc)
+    with cli.started(args, cpu_devices=1, command="pipeline") as proc:
+        deadline = time.monotonic() + 400
+        while not (os.path.isdir(checkpoints) and any(
+                name.isdigit() and int(name) >= 10 for name in os.listdir(checkpoints))):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no SFT checkpoint within 400 s"
+            time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        rc, out, err = cli.finish(proc)
     assert rc == 2 and "stopped before its last step" in err, (rc, err[-1500:])
     assert is_finished(plan(_config(), workdir, 1)[0], workdir)  # clm finished
     resumed_sft = "--config.sft.args=--config.steps=30 --config.checkpoint_every=10 --config.eval_every=0"

@@ -21,6 +21,8 @@ from flaxalign.train.task import Task
 
 # Fault injection for tests: SIGKILL this process right after the given step (once its checkpoint is durable).
 FAULT_KILL_ENV = "FLAXALIGN_FAULT_SIGKILL_AT_STEP"
+# ... or right after the given step's checkpoint save was started, while Orbax still writes it in the background.
+FAULT_KILL_IN_SAVE_ENV = "FLAXALIGN_FAULT_SIGKILL_DURING_SAVE_AT_STEP"
 
 
 @dataclasses.dataclass
@@ -130,6 +132,7 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
     peak, peak_source = mfu.peak_flops()
     logging.info("MFU peak %.3g FLOP/s (%s); %.3g FLOPs/step.", peak, peak_source, task.flops_per_step)
     kill_at = int(os.environ.get(FAULT_KILL_ENV, "0"))
+    kill_in_save_at = int(os.environ.get(FAULT_KILL_IN_SAVE_ENV, "0"))
 
     started = time.time()
     throughput = _Throughput(task, peak)
@@ -175,6 +178,8 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
                     logging.info(console_line(step, cfg.steps, row, started))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpointer.save(step, state, data.get_state(), task.metadata)
+                if kill_in_save_at and step == kill_in_save_at:  # no wait: the async write is still in flight
+                    os.kill(os.getpid(), signal.SIGKILL)
             if kill_at and step == kill_at:
                 checkpointer.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
