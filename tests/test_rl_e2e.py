@@ -15,12 +15,20 @@ pytestmark = pytest.mark.rl_e2e
 
 KL_BUDGET = 15.0  # nats per response (Σ_t full-vocabulary KL)
 
+# Subprocess limits (s). setup.cfg's --timeout=600 would kill each test long before its runs end, so every test
+# gets its own pytest timeout: its runs' limits, those of the fixtures it may have to set up first (pytest-timeout
+# counts fixture setup), plus a margin.
+STAGE_TIMEOUT = 900
+GRPO_TIMEOUT = 2400
+DEMO_TIMEOUT = 2 * cli.TIMEOUT  # the session's clm_demo_run and sft_demo_run (conftest.py)
+MARGIN = 300
+
 
 @pytest.fixture(scope="module")
 def reward_run(sft_demo_run, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("rm"))
     rc, _, err = cli.run(["--config=configs/reward.py:tiny", f"--workdir={workdir}",
-                          f"--config.init_from=checkpoint:{sft_demo_run}"], cpu_devices=1, timeout=900)
+                          f"--config.init_from=checkpoint:{sft_demo_run}"], cpu_devices=1, timeout=STAGE_TIMEOUT)
     assert rc == 0, err[-2000:]
     return workdir
 
@@ -29,11 +37,12 @@ def _evals(workdir, key):
     return [(row["step"], row) for row in cli.metrics(workdir) if key in row]
 
 
+@pytest.mark.timeout(DEMO_TIMEOUT + 2 * STAGE_TIMEOUT + MARGIN)  # reward_run + the PPO run
 def test_ppo_raises_reward_by_one_initial_std_within_kl_budget(sft_demo_run, reward_run, tmp_path):
     workdir = str(tmp_path / "ppo")
     rc, _, err = cli.run(["--config=configs/ppo.py:tiny", f"--workdir={workdir}",
                           f"--config.init_from=checkpoint:{sft_demo_run}",
-                          f"--config.reward_from=checkpoint:{reward_run}"], cpu_devices=1, timeout=900)
+                          f"--config.reward_from=checkpoint:{reward_run}"], cpu_devices=1, timeout=STAGE_TIMEOUT)
     assert rc == 0, err[-2000:]
     evals = _evals(workdir, "eval_score")
     start, end = evals[0][1], evals[-1][1]
@@ -51,16 +60,17 @@ def arithmetic_sft_run(clm_demo_run, tmp_path_factory):
     rc, _, err = cli.run(["--config=configs/sft.py:tiny", f"--workdir={workdir}",
                           f"--config.init_from=checkpoint:{clm_demo_run[0]}",
                           "--config.data.train=builtin:arithmetic_sft?seed=1&max=9", "--config.steps=150",
-                          "--config.eval_every=0"], cpu_devices=1, timeout=900)
+                          "--config.eval_every=0"], cpu_devices=1, timeout=STAGE_TIMEOUT)
     assert rc == 0, err[-2000:]
     return workdir
 
 
+@pytest.mark.timeout(DEMO_TIMEOUT + STAGE_TIMEOUT + GRPO_TIMEOUT + MARGIN)  # arithmetic_sft_run + GRPO
 def test_grpo_raises_exact_answer_accuracy(arithmetic_sft_run, tmp_path):
     workdir = str(tmp_path / "grpo")
     rc, _, err = cli.run(["--config=configs/grpo.py:tiny", f"--workdir={workdir}",
                           f"--config.init_from=checkpoint:{arithmetic_sft_run}",
-                          ], cpu_devices=1, timeout=2400)  # the tiny preset: 1200 steps, G = 16, β = 0
+                          ], cpu_devices=1, timeout=GRPO_TIMEOUT)  # the tiny preset: 1200 steps, G = 16, β = 0
     assert rc == 0, err[-2000:]
     evals = _evals(workdir, "eval_exact_answer_sampled")
     start, end = evals[0][1], evals[-1][1]
