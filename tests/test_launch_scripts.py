@@ -8,9 +8,9 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -513,15 +513,26 @@ def test_tpu_pod_copy_stages_the_source_without_venv_or_runs(gcloud):
 
 
 SSH_STUB = r'''#!{python}
-"""ssh stand-in: logs the call; host `bad` fails with status 3 after 2 s, the others run for 20 s."""
+"""ssh stand-in: logs the call and its pid. With STUB_QUICK the hosts exit 0 at once. Otherwise host `bad`
+waits until the other hosts have started, then fails with status 3, and the others sleep until killed (600 s:
+far past the test's timeout, so a launcher that did not stop them would hang the test rather than pass it)."""
 import os, shlex, sys, time
-with open(os.path.join(os.environ["STUB_DIR"], "ssh.log"), "a") as f:
-    f.write(shlex.join(["ssh"] + sys.argv[1:]) + "\n")
+stub_dir = os.environ["STUB_DIR"]
 host = sys.argv[3]
-if host == "bad":  # fails after the others have started
-    time.sleep(2)
+with open(os.path.join(stub_dir, "ssh.log"), "a") as f:
+    f.write(shlex.join(["ssh"] + sys.argv[1:]) + "\n")
+if os.environ.get("STUB_QUICK"):
+    sys.exit(0)
+if host == "bad":
+    others = int(os.environ["STUB_OTHERS"])
+    for _ in range(600):  # bounded: at most 30 s
+        if len([n for n in os.listdir(stub_dir) if n.endswith(".pid")]) == others:
+            break
+        time.sleep(0.05)
     sys.exit(3)
-time.sleep(0.5 if os.environ.get("STUB_QUICK") else 20)
+with open(os.path.join(stub_dir, host + ".pid"), "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(600)
 '''
 
 
@@ -544,13 +555,34 @@ def test_gpu_ssh_runs_every_host_and_waits(tmp_path):
     assert logged == expected
 
 
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie, killed but not reaped yet, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
 def test_gpu_ssh_one_failure_stops_the_others(tmp_path):
-    env = stub_bin(tmp_path, "ssh", SSH_STUB)
-    started = time.monotonic()
-    result = run(GPU, "--launcher=ssh", "--hosts=good1,bad,good2", "--config=c", "--workdir=w", env=env)
+    """Host `bad` fails once good1 and good2 run; the launcher must kill them (they would sleep 600 s) and exit
+    with bad's status. Checked by the processes' pids, not by how long the run took."""
+    env = {**stub_bin(tmp_path, "ssh", SSH_STUB), "STUB_OTHERS": "2"}
+    try:
+        result = run(GPU, "--launcher=ssh", "--hosts=good1,bad,good2", "--config=c", "--workdir=w", env=env,
+                     timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the launcher did not return within 120 s: it waited for the hosts it should have stopped, or "
+                    "left them running with its output pipe open")
+    finally:
+        pids = {path.stem: int(path.read_text()) for path in tmp_path.glob("*.pid")}
+        left_running = sorted(host for host, pid in pids.items() if _running(pid))
+        for host in left_running:  # never leave a sleeper behind, whatever happened
+            os.kill(pids[host], signal.SIGKILL)
     assert result.returncode == 3
-    assert time.monotonic() - started < 15  # the 20 s processes were stopped
     assert "stopping the others" in result.stderr
+    assert sorted(pids) == ["good1", "good2"]
+    assert left_running == [], "still running when the launcher returned"
     assert len((tmp_path / "ssh.log").read_text().splitlines()) == 3
 
 

@@ -1,7 +1,6 @@
 """Tests of flaxalign.data.prefetch.Prefetcher: same batches, exact resume, errors, shutdown."""
 
 import threading
-import time
 
 import jax
 import numpy as np
@@ -38,18 +37,45 @@ class _FailingSource:
         self.position = state["position"]
 
 
+class _Watched:
+    """Wraps a resumable source and lets the test wait until the producer thread has drawn `n` batches from it:
+    a synchronisation point instead of a sleep that hopes the thread has run."""
+
+    def __init__(self, source):
+        self.source, self.drawn = source, 0
+        self._changed = threading.Condition()
+
+    def __next__(self):
+        batch = next(self.source)
+        with self._changed:
+            self.drawn += 1
+            self._changed.notify_all()
+        return batch
+
+    def get_state(self):
+        return self.source.get_state()
+
+    def set_state(self, state):
+        self.source.set_state(state)
+
+    def wait_until_drawn(self, n, timeout=30):
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.drawn >= n, timeout), f"only {self.drawn} of {n} drawn"
+
+
 def test_same_batches_as_the_plain_iterator():
     with Prefetcher(_iterator(), depth=3) as prefetcher:
         assert_same_batches(take(prefetcher, 20), take(_iterator(), 20))
 
 
 def test_state_is_the_consumers_position_not_the_producers():
-    prefetcher = Prefetcher(_iterator(), depth=4)
+    source = _Watched(_iterator())
+    prefetcher = Prefetcher(source, depth=4)
     take(prefetcher, 3)
-    time.sleep(0.2)  # let the producer run ahead and fill the queue
+    source.wait_until_drawn(3 + 4)  # the producer has run ahead: 4 batches queued beyond the 3 handed out
     state = prefetcher.get_state()
     assert state["batches_consumed"] == 3
-    assert prefetcher._iterator.batches_consumed > 3  # the source itself is ahead
+    assert source.source.batches_consumed >= 7  # the source itself is ahead
     expected = take(prefetcher, 5)
     prefetcher.close()
 
@@ -103,9 +129,12 @@ def test_a_transform_exception_surfaces_too():
 
 def test_close_stops_the_thread_even_with_a_full_queue():
     before = {thread.ident for thread in threading.enumerate()}
-    prefetcher = Prefetcher(_iterator(), depth=1)
+    source = _Watched(_iterator())
+    prefetcher = Prefetcher(source, depth=1)
     next(prefetcher)
-    time.sleep(0.1)  # the producer is now blocked on the full queue
+    # Batch 2 is queued (depth 1) before batch 3 is drawn: the producer now holds a batch it cannot put.
+    source.wait_until_drawn(3)
+    assert prefetcher._queue.full()
     producer = prefetcher._thread
     assert producer.daemon and producer.is_alive()
     assert prefetcher.close(timeout=5)

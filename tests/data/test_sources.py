@@ -2,12 +2,12 @@
 
 import gzip
 import json
-import time
 
 import pytest
 
 from flaxalign.data.sources import read_records, validate_record
 from flaxalign.errors import ConfigError, DataError
+from tests.data.line_count import python_lines
 
 USER = {"role": "user", "content": "Hi"}
 ASSISTANT = {"role": "assistant", "content": "Hello!"}
@@ -130,15 +130,18 @@ def test_strings_are_kept_exactly(tmp_path):
     assert read_records(path, "sft") == [record]
 
 
-def test_reading_100k_lines_is_fast(tmp_path):
+def test_reading_costs_the_same_python_work_per_record(tmp_path):
+    """Doubling the file doubles the Python lines run (to 1 %): constant work per record, nothing that grows with
+    the records read so far. (bench/read_records.py times 100k lines.) Measured: exactly 65 lines per record."""
     record = {"prompt": "What is 37 + 58?", "chosen": "The answer is 95.", "rejected": "The answer is 96."}
-    path = _write_lines(tmp_path / "big.jsonl", [json.dumps(record)] * 100_000)
-    start = time.perf_counter()
-    records = read_records(path, "preference")
-    seconds = time.perf_counter() - start
-    print(f"\nread_records: {len(records) / seconds:,.0f} preference records/s (100k-line JSONL)")
-    assert len(records) == 100_000
-    assert seconds < 5  # ~0.5 s on a laptop core; 10x slack for busy CI machines.
+    lines = {}
+    for n in (1000, 2000, 4000):
+        path = _write_lines(tmp_path / f"{n}.jsonl", [json.dumps(record)] * n)
+        records, lines[n] = python_lines(read_records, path, "preference")
+        assert records == [record] * n
+    per_record = (lines[2000] - lines[1000]) / 1000
+    assert abs((lines[4000] - lines[2000]) - 2000 * per_record) <= 0.01 * (lines[4000] - lines[2000]), lines
+    assert per_record <= 100, per_record
 
 
 # Bad files: each error names the file and the line.

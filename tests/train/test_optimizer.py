@@ -66,7 +66,7 @@ def test_without_warmup_the_first_step_has_the_full_rate():
     schedule = learning_rate_schedule(_cfg(warmup_steps=0, schedule="linear", final_lr_fraction=0.0))
     assert float(schedule(0)) == pytest.approx(LR)
     assert float(schedule(TOTAL // 2)) == pytest.approx(LR / 2, rel=1e-6)
-    assert float(schedule(TOTAL)) == 0.0
+    assert abs(float(schedule(TOTAL))) < 1e-7 * LR  # zero up to float32 rounding (see below)
 
 
 def _applied_rates(optimizer, updates: int) -> np.ndarray:
