@@ -126,6 +126,15 @@ def _wait_for_all_or_a_failure(procs, timeout) -> tuple[int | None, bool]:
         time.sleep(POLL_SECONDS)
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie, killed but not yet reaped by its parent, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
 def _read(path: str) -> str:
     with open(path, errors="replace") as f:
         return f.read()

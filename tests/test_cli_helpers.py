@@ -22,18 +22,9 @@ def _wait_for_pid(path: str) -> int:
     pytest.fail(f"{path} was never written")
 
 
-def _running(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie, killed but not yet reaped by init, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 def _gone(pid: int) -> bool:
     for _ in range(100):  # SIGKILL is delivered asynchronously; give the kernel a moment
-        if not _running(pid):
+        if not cli.running(pid):
             return True
         time.sleep(0.05)
     return False
@@ -51,7 +42,7 @@ def test_finish_kills_a_grandchild_the_child_left_behind(tmp_path):
         assert rc == 0, err
         assert _gone(grandchild), "the orphaned grandchild still runs"
     finally:
-        if _running(grandchild):
+        if cli.running(grandchild):
             os.kill(grandchild, 9)
 
 

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from tests import cli_helpers as cli
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_VM = os.path.join(REPO, "launch", "tpu_vm.sh")
 TPU_POD = os.path.join(REPO, "launch", "tpu_pod.sh")
@@ -555,15 +557,6 @@ def test_gpu_ssh_runs_every_host_and_waits(tmp_path):
     assert logged == expected
 
 
-def _running(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie, killed but not reaped yet, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
 def test_gpu_ssh_one_failure_stops_the_others(tmp_path):
     """Host `bad` fails once good1 and good2 run; the launcher must kill them (they would sleep 600 s) and exit
     with bad's status. Checked by the processes' pids, not by how long the run took."""
@@ -576,7 +569,7 @@ def test_gpu_ssh_one_failure_stops_the_others(tmp_path):
                     "left them running with its output pipe open")
     finally:
         pids = {path.stem: int(path.read_text()) for path in tmp_path.glob("*.pid")}
-        left_running = sorted(host for host, pid in pids.items() if _running(pid))
+        left_running = sorted(host for host, pid in pids.items() if cli.running(pid))
         for host in left_running:  # never leave a sleeper behind, whatever happened
             os.kill(pids[host], signal.SIGKILL)
     assert result.returncode == 3
