@@ -1,7 +1,13 @@
-"""Times the data loader on synthetic token examples and compares it with the model's train-step throughput.
+"""Times the data loader on synthetic token examples and compares it with the model's train-step throughput,
+measured in the same process.
 
-    python bench/data_loader.py                              # 50k SFT examples, 20k pairs, 50k documents
-    python bench/data_loader.py --model_tokens_per_sec=732  # the `small` model's tokens/s (bench/clm_step.py)
+    python bench/data_loader.py                    # 50k SFT examples, 20k pairs, 50k documents; `small` CLM step
+    python bench/data_loader.py --model_preset=tiny --model_tokens_per_sec=0   # 0 = measure (the default)
+
+The model side is the CLM train step (`bench/clm_step.py`'s timer: compiled step, AdamW, float32) of
+`--model_preset` on batches of the shape the SFT and CLM pipelines feed, `--batch` × `--seq_len`, timed before the
+loader: after one compile step, the best of `--repeats` rounds of `--model_steps` steps (the fastest model gives
+the smallest, most conservative ratio). `--model_tokens_per_sec=N` skips the measurement and uses N.
 
 Pipelines (examples arrive as Python lists of token ids, as tokenizers return them; making them is not timed):
   SFT         truncate_examples + pack_sft, then one epoch of BatchIterator batches; also from numpy arrays
@@ -10,13 +16,16 @@ Pipelines (examples arrive as Python lists of token ids, as tokenizers return th
   CLM         pack_documents, then one epoch of batches
 and the per-batch cost of BatchIterator alone and through Prefetcher.
 tokens = real (input, target) positions delivered, padding excluded; the ratio divides them by the model's tokens/s,
-which counts every position of its batches, so the ratio is a lower bound.  Each timing is the best of --repeats.
+which counts every position of its batches, so the ratio is a lower bound (for the preference rows too: a DPO step
+does 8/6 of the CLM step's work per token).  Each timing is the best of --repeats.
 """
 
 import argparse
 import os
 import sys
+import tempfile
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,7 +45,7 @@ VOCAB = 32_000
 PAD, BOS, EOS = 0, 1, 2
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--examples", type=int, default=50_000, help="SFT examples and CLM documents")
     p.add_argument("--pairs", type=int, default=20_000, help="preference pairs")
@@ -46,9 +55,11 @@ def parse_args():
     p.add_argument("--pair_len", type=int, default=384, help="row length of preference rows")
     p.add_argument("--batch", type=int, default=8, help="global batch size (rows, or pairs)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--model_tokens_per_sec", type=float, default=732.0,
-                   help="the `small` model's train-step tokens/s on this CPU (bench/clm_step.py)")
-    return p.parse_args()
+    p.add_argument("--model_preset", default="small", help="the model whose CLM train step is measured")
+    p.add_argument("--model_steps", type=int, default=2, help="timed model steps per round (--repeats rounds)")
+    p.add_argument("--model_tokens_per_sec", type=float, default=0.0,
+                   help="use this train-step tokens/s instead of measuring it (0 = measure)")
+    return p.parse_args(argv)
 
 
 def sft_examples(count, min_len, max_len, rng):
@@ -148,8 +159,33 @@ def prefetch_overhead(rows, args):
     return results
 
 
-def main():
-    args = parse_args()
+def measure_model(args):
+    """(tokens/s, description) of the CLM train step of `--model_preset` on `--batch` × `--seq_len` batches: the
+    best of `--repeats` rounds of `--model_steps` steps after a compile step, or `--model_tokens_per_sec` if set."""
+    if args.model_tokens_per_sec > 0:
+        return args.model_tokens_per_sec, "--model_tokens_per_sec"
+    import jax
+
+    from bench import clm_step
+    from flaxalign import models
+
+    config = models.ModelConfig.from_dict(models.preset(args.model_preset))
+    if args.seq_len > config.max_seq_len:
+        raise ValueError(f"--seq_len={args.seq_len} exceeds {args.model_preset}'s max_seq_len={config.max_seq_len}.")
+    timer_args = types.SimpleNamespace(steps=args.model_steps, loss_chunk=256, batch=args.batch, seq=args.seq_len)
+    with tempfile.TemporaryDirectory() as workdir:
+        timer = clm_step.FlaxalignTimer(config, timer_args, workdir)
+        seconds = min(timer.seconds_per_step(args.model_steps) for _ in range(args.repeats))
+    what = (f"`{args.model_preset}` CLM train step, {args.batch}×{args.seq_len}, {config.dtype}, on "
+            f"{jax.devices()[0].device_kind}: {seconds:.2f} s/step, best of {args.repeats}×{args.model_steps} steps, "
+            f"measured in this run")
+    return args.batch * args.seq_len / seconds, what
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print(f"timing the model: {args.model_preset} CLM train step on {args.batch}×{args.seq_len} ...", flush=True)
+    model_tokens_per_sec, model_note = measure_model(args)
     rng = np.random.default_rng(0)
     print(f"making synthetic data: {args.examples:,} SFT examples and CLM documents, {args.pairs:,} pairs, "
           f"lengths {args.min_len}-{args.max_len} ...", flush=True)
@@ -167,18 +203,24 @@ def main():
               f"{'examples/s':>10} {'tokens/s':>11} {'× model':>7}  notes")
     print(header)
     print("-" * len(header))
+    rows = []
     for name, build, data, count in cases:
         build_seconds, epoch_seconds, tokens, note = best_time(build, data, args)
         seconds = build_seconds + epoch_seconds
-        ratio = tokens / seconds / args.model_tokens_per_sec
+        rows.append({"pipeline": name, "examples": count, "tokens": tokens, "build_seconds": build_seconds,
+                     "epoch_seconds": epoch_seconds, "tokens_per_sec": tokens / seconds,
+                     "times_model": tokens / seconds / model_tokens_per_sec})
         print(f"{name:21} {count:8,} {tokens:11,} {build_seconds:7.3f} {epoch_seconds:7.3f} "
-              f"{count / seconds:10,.0f} {tokens / seconds:11,.0f} {ratio:7,.0f}  {note}", flush=True)
-    print(f"model: {args.model_tokens_per_sec:,.0f} tokens/s (`small` train step, --model_tokens_per_sec); "
-          f"target: loader ≥ 10× model")
+              f"{count / seconds:10,.0f} {tokens / seconds:11,.0f} {rows[-1]['times_model']:7,.0f}  {note}",
+              flush=True)
+    print(f"model: {model_tokens_per_sec:,.0f} tokens/s ({model_note}); target: loader ≥ 10× model")
     plain, prefetched = prefetch_overhead(build_sft(sft, args)[0], args)
+    step_seconds = args.batch * args.seq_len / model_tokens_per_sec
     print(f"per batch of {args.batch} SFT rows: BatchIterator {plain:.0f} µs, through Prefetcher {prefetched:.0f} µs "
-          f"(a thread hand-off; a {args.batch}×{args.seq_len} step at {args.model_tokens_per_sec:,.0f} tokens/s takes "
-          f"{args.batch * args.seq_len / args.model_tokens_per_sec:.1f} s)")
+          f"(a thread hand-off; a {args.batch}×{args.seq_len} step at {model_tokens_per_sec:,.0f} tokens/s takes "
+          f"{step_seconds:.2f} s)")
+    return {"model_tokens_per_sec": model_tokens_per_sec, "model": model_note, "pipelines": rows,
+            "batch_iterator_us": plain, "prefetcher_us": prefetched}
 
 
 if __name__ == "__main__":
