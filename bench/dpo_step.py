@@ -40,13 +40,14 @@ Two comparisons, each side timed the same way in both (seconds per step = the me
               fetch and collation — all a user pays per step.
               flaxalign: the real training loop, `flaxalign.train.loop.train`, on a fresh state each round (as TRL's
               fresh trainer), log_every=1 (as logging_steps=1), no eval, no checkpoint until the end; its own
-              per-row `step_time` (end of a step's logging to the end of the next one's) for the steps after the
-              first. Per step that loop takes the next batch from a `BatchIterator` over rows built once up front
-              with `preference_batch` + `stack_pairs` (what the DPO stage's data path does: it pads all pairs at
-              load, as TRL tokenizes at load; TRL pads per batch), which the `Prefetcher` thread has already put on
-              the device with `sharding.global_batch`, runs the step, fetches every metric to the host
-              (`device_get`, a sync), writes `metrics.jsonl` (and TensorBoard when tensorboardX is installed) and
-              formats the console line. The final checkpoint is written after the timed steps.
+              per-row `step_time` (from one step's metrics fetch to the next one's, so the row writing between is
+              in it) for the steps after the first. Per step that loop takes the next batch from a `BatchIterator`
+              over rows built once up front with `preference_batch` + `stack_pairs` (what the DPO stage's data path
+              does: it pads all pairs at load, as TRL tokenizes at load; TRL pads per batch), which the `Prefetcher`
+              thread has already put on the device with `sharding.global_batch`, runs the step, fetches every
+              metric to the host (`device_get`, a sync), writes `metrics.jsonl` (and TensorBoard when tensorboardX
+              is installed) and formats the console line (absl prints it only at INFO verbosity, as the CLI sets).
+              The final checkpoint is written after the timed steps.
 
 The headline ratio is the in-step one (the step's own speed); the end-to-end ratio is printed beside it. The same
 step compiles once per loop round; a persistent compilation cache in a temporary directory (unless one is
