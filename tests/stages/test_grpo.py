@@ -14,16 +14,17 @@ import pytest
 from flaxalign import models
 from flaxalign.data.batching import left_pad_prompts
 from flaxalign.models import heads
-from flaxalign.stages import grpo, lm, onpolicy, ppo
+from flaxalign.stages import grpo, lm, onpolicy
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
 from flaxalign.train.jit import CompiledStep
 from flaxalign.train.task import Task
 from tests import cli_helpers as cli
-from tests import helpers
+from tests import helpers, rollout_reference
 
 CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2)
 G, PROMPTS, NEW_TOKENS = 4, 4, 6
+PROMPT_IDS = [list(np.random.default_rng(0).integers(4, 512, size=n)) for n in (3, 6, 4, 5)]
 
 
 def _reward_model():
@@ -55,16 +56,24 @@ def _state(task, mesh, tmp, name):
     return loop.initial_state(task, 0, mesh, Checkpointer(os.path.join(tmp, name)))[:2]
 
 
-def _rollout(task, m, h, tmp, rewards, greedy=False):
+def _rollout_with_eos(task, m, h, tmp, greedy=False):
+    """`eos_id -> rollout` of 4 prompts × G from one compiled program (the EOS id is an argument, not a constant,
+    so that probing for an EOS and rolling out with it compile once)."""
     mesh = helpers.mesh((1, 1, 1))
     state, _ = _state(task, mesh, tmp, "rollout")
-    rng = np.random.default_rng(0)
-    prompts = left_pad_prompts([list(rng.integers(4, 512, size=n)) for n in (3, 6, 4, 5)], pad_id=0)
-    fn = jax.jit(functools.partial(grpo.grpo_rollout, m=m, sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=-1,
-                                   pad_id=0, with_reference=h.needs_reference, group_size=G, greedy=greedy))
-    with jax.set_mesh(mesh):
-        out = jax.device_get(fn(state, prompts, jax.random.PRNGKey(3)))
-    return {**out, "rewards": np.asarray(rewards, np.float32)}
+    prompts = left_pad_prompts(PROMPT_IDS, pad_id=0)
+    fn = jax.jit(lambda state, prompts, rng, eos_id: grpo.grpo_rollout(
+        state, prompts, rng, m=m, sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=eos_id, pad_id=0,
+        with_reference=h.needs_reference, group_size=G, greedy=greedy))
+
+    def rollout(eos_id):
+        with jax.set_mesh(mesh):
+            return jax.device_get(fn(state, prompts, jax.random.PRNGKey(3), np.int32(eos_id)))
+    return rollout
+
+
+def _rollout(task, m, h, tmp, rewards, greedy=False):
+    return {**_rollout_with_eos(task, m, h, tmp, greedy)(-1), "rewards": np.asarray(rewards, np.float32)}
 
 
 REWARDS = [1, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 0.5, 0, 2, 0, 1]
@@ -86,15 +95,24 @@ def test_advantages_match_numpy(tmp_path, algorithm, beta):
 
 
 def test_every_rollout_is_scored_by_the_reward_model(tmp_path):
-    """Greedy evaluation rollouts too: each row's score is the reward model's at its last real token."""
+    """Sampled and greedy (evaluation) rollouts, with an EOS that some rows emit: each row's score is the reward
+    model's on that row alone, rebuilt unpadded (its prompt without the left padding, its response cut after the
+    EOS) and scored at its last token, in float64."""
     h = grpo.GrpoHyper(group_size=G, beta=0.0)
     task, m = _task(h, with_reward_model=True)
     state, _ = _state(task, helpers.mesh((1, 1, 1)), str(tmp_path), "rm")
+    reward_params = jax.device_get(state.frozen["reward"])
     for greedy in (False, True):
-        batch = _rollout(task, m, h, str(tmp_path), REWARDS, greedy=greedy)
-        expected = ppo.reward_model_scores(state.frozen, batch["tokens"], batch["mask"], m)
-        assert np.std(batch["rm_scores"]) > 1e-4
-        np.testing.assert_allclose(batch["rm_scores"], expected, rtol=1e-5, atol=1e-6)
+        rollout = _rollout_with_eos(task, m, h, str(tmp_path), greedy)
+        eos_id = int(rollout(-1)["response"][0, 2])  # the same rng samples the same tokens: row 0 ends by step 2
+        batch = rollout(eos_id)
+        lengths = [rollout_reference.response_length(row, eos_id) for row in batch["response"]]
+        assert min(lengths) <= 3 and max(lengths) == NEW_TOKENS, lengths  # rows cut at the EOS and rows without
+        rows = [rollout_reference.unpadded_row(PROMPT_IDS[row // G], response, eos_id)
+                for row, response in enumerate(batch["response"])]
+        expected = rollout_reference.reward_model_scores(CONFIG, reward_params, rows)
+        assert np.std(expected) > 1e-4
+        np.testing.assert_allclose(batch["rm_scores"], expected, rtol=1e-5, atol=1e-6)  # measured |Δ| ≤ 9.4e-7
     assert (batch["response"][::G] == batch["response"][1::G]).all()  # greedy: a group's rows are identical
 
 

@@ -21,7 +21,7 @@ from flaxalign.train.checkpoint import Checkpointer
 from flaxalign.train.jit import CompiledStep
 from flaxalign.train.optim import make_optimizer
 from flaxalign.train.task import Task
-from tests import helpers
+from tests import helpers, rollout_reference
 
 CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2)
 PAD = 0
@@ -62,15 +62,17 @@ def _state(task, mesh, tmp_path, name):
     return state.replace(params={**state.params, "value": {**state.params["value"], "head": head}}), shardings
 
 
+PROMPT_IDS = [list(np.random.default_rng(0).integers(4, CONFIG.vocab_size, size=n)) for n in (3, 7, 5, 8, 2, 6, 4, 8)]
+
+
 def _prompts():
-    rng = np.random.default_rng(0)
-    ids = [list(rng.integers(4, CONFIG.vocab_size, size=n)) for n in (3, 7, 5, 8, 2, 6, 4, 8)]
-    return left_pad_prompts(ids, pad_id=PAD)
+    return left_pad_prompts(PROMPT_IDS, pad_id=PAD)
 
 
 def _rollout(state, eos_id, penalty=0.0, mesh=None, lora_config=None):
-    fn = jax.jit(functools.partial(ppo.ppo_rollout, m=_models(lora_config=lora_config), sampling=onpolicy.Sampling(NEW_TOKENS, 0.7),
-                                   eos_id=eos_id, pad_id=PAD, gain=2.0, bias=-0.5, missing_eos_penalty=penalty))
+    fn = jax.jit(functools.partial(ppo.ppo_rollout, m=_models(lora_config=lora_config),
+                                   sampling=onpolicy.Sampling(NEW_TOKENS, 0.7), eos_id=eos_id, pad_id=PAD,
+                                   gain=2.0, bias=-0.5, missing_eos_penalty=penalty))
     with jax.set_mesh(mesh or helpers.mesh((1, 1, 1))):
         return jax.device_get(fn(state, _prompts(), jax.random.PRNGKey(11)))
 
@@ -131,6 +133,42 @@ def test_rollout_masks_values_and_kl_zero_at_start(setup):
     np.testing.assert_array_equal(rollout["old_logps"], rollout["ref_logps"])
     assert (rollout["kl"] == 0).all()
     assert (rollout["values"][mask] != 0).all()
+
+
+def test_rollout_kl_logps_and_scores_match_each_row_rebuilt_unpadded(setup):
+    """Policy ≠ reference (the frozen reference perturbed; the policy, hence every sampled token, unchanged), each
+    row rebuilt unpadded — prompt without its left padding, response cut after its EOS — and run alone: per-token
+    `kl` is the full-softmax KL(π‖π_ref) of softmax(logits / 0.7) in float64 over the response tokens (0 after),
+    `old_logps` / `ref_logps` the sampled tokens' log-probs, `raw_scores` the reward model's at the last token."""
+    task, mesh, eos_id, rollout, tmp = setup
+    state, shardings = _state(task, mesh, tmp, "moved_reference")
+    reference = rollout_reference.perturbed(jax.device_get(state.frozen["reference"]), seed=9, scale=0.02)
+    state = state.replace(frozen={**state.frozen,
+                                  "reference": jax.device_put(reference, shardings.frozen["reference"])})
+    moved = _rollout(state, eos_id)
+    np.testing.assert_array_equal(moved["response"], rollout["response"])
+    rows = [rollout_reference.unpadded_row(p, r, eos_id) for p, r in zip(PROMPT_IDS, moved["response"])]
+    lengths = [len(row) - len(p) for row, p in zip(rows, PROMPT_IDS)]
+    np.testing.assert_array_equal(moved["response_mask"].sum(1), lengths)
+    assert min(lengths) < NEW_TOKENS == max(lengths)  # rows cut at their EOS and rows without one
+    prompt_lens = [len(p) for p in PROMPT_IDS]
+    policy = rollout_reference.response_log_probs(CONFIG, jax.device_get(state.params["policy"]), rows,
+                                                  prompt_lens, temperature=0.7)
+    ref = rollout_reference.response_log_probs(CONFIG, reference, rows, prompt_lens, temperature=0.7)
+    for b, (logp, logq, n) in enumerate(zip(policy, ref, lengths)):
+        kl = (np.exp(logp) * (logp - logq)).sum(-1)
+        assert kl.min() > 1e-4  # the perturbation is visible at every token
+        taken = moved["response"][b, :n, None]
+        # measured (float32 passes vs float64): |Δkl| ≤ 6.4e-7 for KLs up to 1.5, |Δ log-prob| ≤ 1.8e-6
+        np.testing.assert_allclose(moved["kl"][b, :n], kl, rtol=1e-5, atol=2e-6, err_msg=f"row {b}")
+        np.testing.assert_allclose(moved["old_logps"][b, :n], np.take_along_axis(logp, taken, 1)[:, 0],
+                                   rtol=1e-5, atol=5e-6, err_msg=f"row {b}")
+        np.testing.assert_allclose(moved["ref_logps"][b, :n], np.take_along_axis(logq, taken, 1)[:, 0],
+                                   rtol=1e-5, atol=5e-6, err_msg=f"row {b}")
+        assert (moved["kl"][b, n:] == 0).all() and (moved["ref_logps"][b, n:] == 0).all()
+    scores = rollout_reference.reward_model_scores(CONFIG, jax.device_get(state.frozen["reward"]), rows)
+    assert np.std(scores) > 1e-3
+    np.testing.assert_allclose(moved["raw_scores"], scores, rtol=1e-5, atol=1e-6)  # measured |Δ| ≤ 4.9e-7
 
 
 def test_missing_eos_penalty_applies_only_to_rows_without_eos(setup):
