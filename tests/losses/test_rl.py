@@ -433,20 +433,48 @@ def test_jit_matches_eager():
                      fn(*args))
 
 
+# Non-default values of every hyper-parameter that may be traced, and the defaults (clip_eps_high's default, None,
+# means clip_eps: here TRACED's 0.1)
+TRACED = {"clip_eps": 0.1, "clip_eps_high": 0.3, "beta": 0.3, "gamma": 0.7, "lam": 0.4, "kl_coef": 0.2,
+          "clip_range": 0.05}
+DEFAULTS = {"clip_eps": 0.2, "clip_eps_high": 0.1, "beta": 0.0, "gamma": 1.0, "lam": 0.95, "kl_coef": 0.05,
+            "clip_range": 0.2}
+
+
+def _hyper_outputs(clip_eps, clip_eps_high, beta, gamma, lam, kl_coef, clip_range):
+    """Every output of the five losses that take these hyper-parameters, on the shared inputs in float32."""
+    x = {k: jnp.asarray(v, jnp.float32) for k, v in X.items()}
+    return {
+        "ppo_policy_loss": losses.ppo_policy_loss(x["logps"], x["old_logps"], x["advantages"], MASK,
+                                                  clip_eps=clip_eps),
+        "ppo_value_loss": losses.ppo_value_loss(x["values"], x["old_values"], x["returns"], MASK,
+                                                clip_range=clip_range),
+        "grpo_policy_loss": losses.grpo_policy_loss(x["logps"], x["old_logps"], x["ref_logps"], x["seq_advantages"],
+                                                    MASK, clip_eps=clip_eps, clip_eps_high=clip_eps_high, beta=beta,
+                                                    loss_type="grpo"),
+        "gae_advantages": losses.gae_advantages(x["rewards"], x["values"], MASK, gamma=gamma, lam=lam),
+        "ppo_rewards": losses.ppo_rewards(x["scores"], x["logps"], x["ref_logps"], MASK, kl_coef=kl_coef),
+    }
+
+
+def _max_difference(a, b):
+    return max(float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64))))
+               for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
 def test_traced_hyper_parameters():
-    """clip ranges, β, γ, λ and the KL coefficient may be traced (e.g. scheduled)."""
-    args = (jnp.asarray(X["logps"], jnp.float32), jnp.asarray(X["old_logps"], jnp.float32))
-
-    @jax.jit
-    def f(eps, beta, gamma):
-        policy = losses.ppo_policy_loss(*args, jnp.asarray(X["advantages"], jnp.float32), MASK, clip_eps=eps)
-        grpo = losses.grpo_policy_loss(*args, args[1], jnp.asarray(X["seq_advantages"], jnp.float32), MASK,
-                                       clip_eps=eps, beta=beta)
-        return policy[0], grpo[0], losses.gae_advantages(args[0], args[1], MASK, gamma=gamma, lam=gamma)[0]
-
-    out = f(0.2, 0.04, 0.9)
-    np.testing.assert_allclose(out[0], losses.ppo_policy_loss(*args, jnp.asarray(X["advantages"], jnp.float32),
-                                                              MASK)[0], rtol=1e-6)
+    """clip ranges, β, γ, λ and the KL coefficient may be traced (e.g. scheduled), and the traced value is the one
+    used: every output (loss sums, counts, metrics, both GAE outputs) under jit with non-default traced values
+    equals the eager call with the same values — and each value, put back to its default alone, changes some
+    output, so a traced value that were ignored (or replaced by its default) would show."""
+    jitted = jax.jit(lambda values: _hyper_outputs(**values))
+    traced = jitted({k: jnp.float32(v) for k, v in TRACED.items()})
+    eager = _hyper_outputs(**TRACED)
+    assert jax.tree.structure(traced) == jax.tree.structure(eager)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), traced, eager)
+    for name, default in DEFAULTS.items():
+        reset = jitted({k: jnp.float32(v) for k, v in {**TRACED, name: default}.items()})
+        assert _max_difference(reset, eager) > 1e-3, name
 
 
 @pytest.mark.parametrize("call, match", [
