@@ -160,3 +160,81 @@ def test_peft_export_of_a_lora_run_reproduces_its_merged_model(tmp_path):
 def test_train_refuses_a_missing_config_file_and_a_url_workdir_in_one_line(args, expected):
     rc, _, err = cli.run(args, cpu_devices=1)
     assert rc == 2 and err.strip().count("\n") == 0 and expected in err, err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A reward run exported with `flaxalign convert --format=hf`, scored by transformers
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    """A 3-step `configs/reward.py:tiny` run from a random init (its own SentencePiece tokenizer, trained here on a
+    slice of the built-in corpus), with a centring term so that its head bias trains (the Bradley–Terry loss alone
+    is blind to the bias). Returns its workdir."""
+    from flaxalign.data.corpus import stdlib_corpus
+    from flaxalign.data.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("reward_run")
+    tokenizer = Tokenizer.train(stdlib_corpus(max_chars=100_000), str(root / "tok.model"), vocab_size=512)
+    workdir = str(root / "run")
+    rc, _, err = cli.run(["--config=configs/reward.py:tiny", f"--workdir={workdir}",
+                          f"--config.data.tokenizer={tokenizer.model_path}", "--config.steps=3",
+                          "--config.eval_every=0", "--config.eval_at_start=False", "--config.data.seq_len=64",
+                          "--config.data.batch_size=8", "--config.center_coef=0.5", "--config.optim.warmup_steps=0"],
+                         cpu_devices=1, timeout=300)
+    assert rc == 0, err[-2000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def torch_transformers():
+    return pytest.importorskip("torch"), pytest.importorskip("transformers")
+
+
+def _right_padded_texts(tokenizer, texts):
+    """(tokens, mask) int64: the texts' ids right-padded with the tokenizer's pad id (which no real token is)."""
+    rows = [tokenizer.encode(t) for t in texts]
+    width = max(map(len, rows))
+    tokens = np.full((len(rows), width), tokenizer.pad_id, np.int64)
+    mask = np.zeros_like(tokens)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+    assert tokenizer.pad_id not in {t for row in rows for t in row}
+    return tokens, mask
+
+
+@pytest.mark.parity
+def test_reward_run_converted_to_hf_scores_in_transformers_as_in_flaxalign(torch_transformers, reward_run,
+                                                                          tmp_path):
+    """The HF directory of a reward run loads in transformers as LlamaForSequenceClassification (pad id from the
+    run's tokenizer) and scores right-padded rows as the run's own weights do in flaxalign, less the head bias
+    (HF's score layer has none; config.json keeps it)."""
+    torch, transformers = torch_transformers
+    from flaxalign.data.tokenizer import load_tokenizer
+
+    exported = str(tmp_path / "hf")
+    rc, out, err = cli.run([f"--from={reward_run}", f"--to={exported}", "--format=hf"], cpu_devices=1,
+                           command="convert", timeout=300)
+    assert rc == 0 and "a *ForSequenceClassification reward model" in out, err[-2000:]
+    meta = lm.source_metadata(reward_run)
+    tokenizer = load_tokenizer(meta["tokenizer"])
+    tokens, mask = _right_padded_texts(tokenizer, ["What is 7 * 8?", "The answer is 56.", "len(obj) returns",
+                                                   "Return a new sorted list from the items in iterable."])
+    config = models.ModelConfig.from_dict(meta["model"])
+    abstract, logical, load = reward.trained_reward_model(reward_run, config)
+    mesh = _one_device_mesh()
+    with jax.set_mesh(mesh):
+        weights = load(sharding.tree_shardings(logical, abstract, mesh))
+    ours = np.asarray(interop.apply_reward(config, weights["model"], weights["head"], tokens, mask))
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        exported, dtype=torch.float32, attn_implementation="eager").eval()
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+    assert model.config.pad_token_id == tokenizer.pad_id
+    with torch.no_grad():
+        theirs = model(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask)).logits[:, 0].numpy()
+    bias = float(weights["head"]["bias"])
+    assert abs(bias) > 5e-4, bias  # trained away from 0 (measured 1.3e-3), so dropping or double-counting it shows
+    assert np.ptp(ours) > 0.1  # rows score differently: a wrong last-token pick would show
+    # float32 on both sides: measured max |difference| 2.4e-7 (bias 0) and 6.3e-7 (this run) on scores of order 1
+    np.testing.assert_allclose(theirs + bias, ours, atol=2e-6, rtol=0)

@@ -1,4 +1,5 @@
-"""`flaxalign pipeline`: the stage plan, the report (tables from hand-made run outputs), and resumption after a kill."""
+"""`flaxalign pipeline`: the stage plan, the report (tables from hand-made run outputs), resumption after a kill, and
+the whole pipeline at tiny sizes (every stage, its report, and the metrics of its PPO stage)."""
 
 import json
 import os
@@ -6,11 +7,13 @@ import signal
 import time
 
 import ml_collections
+import numpy as np
 import pytest
 
 from flaxalign import errors
 from flaxalign.pipeline import is_finished, plan, run_pipeline
 from flaxalign.pipeline_report import mean_std, write_pipeline_report
+from flaxalign.stages import lm
 from tests import cli_helpers as cli
 
 
@@ -118,3 +121,121 @@ def test_killed_pipeline_resumes_the_interrupted_stage_and_skips_finished_ones(t
     assert log.count("$ ") == 2 and "Resumed from checkpoint at step" in log
     with open(os.path.join(workdir, "logs", "clm.log")) as f:
         assert f.read().count("$ ") == 1  # not run again
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole pipeline at tiny sizes: every stage runs (3 steps each, 8 evaluation prompts), one seed: 9 subprocesses,
+# mostly start-up and compiles, ≈ 2¼ min of CPU time in all (measured: user + sys of the pipeline and its stages).
+
+REDUCED_STAGES = {
+    "clm": "--config.steps=3 --config.eval_every=0 --config.data.max_chars=100000 --config.data.seq_len=64 "
+           "--config.data.batch_size=8 --config.log_every=1",
+    "sft": "--config.steps=3 --config.eval_every=0 --config.eval_at_start=False --config.data.seq_len=64 "
+           "--config.data.batch_size=8 --config.log_every=1",
+    "reward": "--config.steps=3 --config.eval_every=0 --config.eval_at_start=False --config.data.seq_len=64 "
+              "--config.data.batch_size=8 --config.normalize.num_prompts=8 --config.normalize.max_new_tokens=8 "
+              "--config.log_every=1",
+    # evaluated at the start and at the end (one compile), on 8 held-out prompts
+    "ppo": "--config.steps=3 --config.data.batch_size=8 --config.rollout.max_new_tokens=8 "
+           "--config.ppo.num_minibatches=2 --config.ppo.epochs=2 --config.eval_prompts=8 --config.eval_every=3 "
+           "--config.log_every=1",
+    "dpo": "--config.steps=3 --config.data.seq_len=64 --config.data.batch_size=8 --config.eval_every=0 "
+           "--config.eval_at_start=False --config.log_every=1",
+    # sampled responses only: KL, reward and win rate (what the PPO-vs-DPO table reads); no perplexity, no MC
+    "eval": "--config.num_prompts=8 --config.max_new_tokens=8 --config.batch_size=8 --config.text_files='' "
+            "--config.mc_file=''",
+}
+PIPELINE_TIMEOUT = 1200  # measured 5½–9 min of wall-clock on 2 cores shared with 4–6 other test runs
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """(workdir, stdout) of `flaxalign pipeline` through every stage at the sizes of REDUCED_STAGES."""
+    workdir = str(tmp_path_factory.mktemp("tiny_pipeline") / "w")
+    args = ["--config=configs/pipeline.py:tiny", f"--workdir={workdir}", "--seeds=1"] + [
+        f"--config.{stage}.args={flags}" for stage, flags in REDUCED_STAGES.items()]
+    rc, out, err = cli.run(args, cpu_devices=1, command="pipeline", timeout=PIPELINE_TIMEOUT)
+    assert rc == 0, err[-3000:]
+    return workdir, out
+
+
+def _read_json(*parts):
+    with open(os.path.join(*parts)) as f:
+        return json.load(f)
+
+
+def _report_row(text: str, section: str, label: str) -> list[str]:
+    """The cells after `label` of the first table row with that label under heading `section`."""
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    line = next(line for line in body.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")[1:]]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(PIPELINE_TIMEOUT + 300)
+def test_pipeline_runs_every_stage_and_reports_ppo_against_dpo_with_the_measured_numbers(tiny_pipeline):
+    """Every planned stage ran to its last step (train: run_summary.json says finished at step 3; eval: eval.json),
+    and report.md's PPO-vs-DPO table holds the numbers of eval/ppo_s0 and eval/dpo_s0 and of the two runs'
+    summaries, read here from their own files."""
+    workdir, out = tiny_pipeline
+    stages = plan(_config(), workdir, seeds=1)
+    assert len(stages) == 9 and "flaxalign: pipeline finished; report" in out
+    evals = {}
+    for i, stage in enumerate(stages, 1):
+        assert f"pipeline [{i}/9] {stage.name}: " in out
+        if stage.command == "train":
+            summary = _read_json(workdir, stage.name, "run_summary.json")
+            assert summary["finished"] and summary["final_step"] == 3, (stage.name, summary)
+        else:
+            evals[stage.name.split("/")[1]] = _read_json(workdir, stage.name, "eval.json")["metrics"]
+    assert evals["sft"]["kl/mean"] == 0.0  # SFT against itself: the same weights
+    assert evals["ppo_s0"]["kl/mean"] > 0  # PPO's updates moved the policy away from SFT
+    with open(os.path.join(workdir, "report.md")) as f:
+        text = f.read()
+    table = "PPO vs DPO (§5.4.4, measured)"
+    for label, key, fmt in (("RM win rate vs SFT (ties ½)", "win_rate/win_rate_ties_half", "{:.3f}"),
+                            ("RM score (normalised)", "reward/score_mean", "{:.3f}"),
+                            ("KL to SFT (nats / response)", "kl/mean", "{:.2f}")):
+        assert _report_row(text, table, label) == [fmt.format(evals["ppo_s0"][key]), fmt.format(evals["dpo_s0"][key])]
+    summaries = {name: _read_json(workdir, name, "run_summary.json") for name in ("ppo_s0", "dpo_s0")}
+    for label, key, fmt in (("wall-clock (s)", "seconds", "{:.0f}"), ("model FLOPs", "flops", "{:.3g}")):
+        assert _report_row(text, table, label) == [fmt.format(summaries[n][key]) for n in ("ppo_s0", "dpo_s0")]
+    for png in ("loss_curves.png", "ppo_reward_kl.png", "dpo_margins.png", "frontier.png"):
+        assert os.path.getsize(os.path.join(workdir, png)) > 0 and f"({png})" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(PIPELINE_TIMEOUT + 300)
+def test_ppo_stage_starts_at_its_reference_and_logs_metrics_that_agree_with_each_other(tiny_pipeline):
+    """The pipeline's PPO stage is `flaxalign train --config=configs/ppo.py:tiny` from the SFT run with the reward
+    run as reward_from. Its logged metrics: KL exactly 0 while the policy still equals its frozen reference copy (the
+    evaluation at step 0 and the first rollout) and > 0 after updates; the importance ratio of each iteration's first
+    minibatch 1 (no update yet, same log-probs as the rollout); the score the reward run's normalisation of the raw
+    reward model score, minus the missing-EOS penalty; rlhf_reward = score − β·KL; a checkpoint and a report."""
+    workdir, _ = tiny_pipeline
+    run = os.path.join(workdir, "ppo_s0")
+    with open(os.path.join(workdir, "logs", "ppo_s0.log")) as f:
+        command = f.readline()
+    assert "flaxalign.main train --config=configs/ppo.py:tiny" in command
+    assert f"--config.init_from=checkpoint:{workdir}/sft" in command
+    assert f"--config.reward_from=checkpoint:{workdir}/reward" in command
+    rows = cli.metrics(run)
+    start = next(row for row in rows if row["step"] == 0)
+    assert start["eval_kl"] == 0.0 and np.isfinite(start["eval_score"])
+    train = [row for row in rows if "ratio_first" in row]
+    assert [row["step"] for row in train] == [1, 2, 3]
+    assert train[0]["kl"] == 0.0 and train[0]["kl_estimate"] == 0.0
+    assert all(row["kl"] > 0 for row in train[1:]), train
+    norm = _read_json(workdir, "reward", "reward_normalization.json")
+    penalty = _read_json(run, "config.json")["ppo"]["missing_eos_penalty"]
+    for row in train:
+        assert abs(row["ratio_first"] - 1.0) < 1e-5, row  # float32 recomputation: measured |ratio − 1| < 1e-7
+        assert np.isfinite(row["score"]) and np.isfinite(row["raw_score"]), row
+        # row means of gain·r + b − penalty·[no EOS] (float32 sums; measured difference ≤ 1.1e-7)
+        expected = norm["gain"] * row["raw_score"] + norm["bias"] - penalty * (1.0 - row["eos_rate"])
+        assert abs(row["score"] - expected) < 1e-5, (row, expected)
+        assert abs(row["rlhf_reward"] - (row["score"] - row["kl_coef"] * row["kl"])) < 1e-5, row
+    assert os.listdir(os.path.join(run, "checkpoints")) == ["3"]
+    assert os.path.exists(os.path.join(run, "report.md"))
+    meta = lm.source_metadata(run)
+    assert meta["stage"] == "ppo" and meta["reward_from"] == f"checkpoint:{workdir}/reward"
