@@ -4,8 +4,8 @@
 
 The file is a tiny random Llama with a byte-level BPE vocabulary, written by the test (no download). The references
 are the NumPy params written into it and the `tokenizers` BPE its vocabulary came from, never flaxalign's own
-reading of the file. The CLI runs are `slow` (≈ 45 s of subprocesses); the in-process conversion is in the default
-suite."""
+reading of the file. The CLI runs are `slow` (≈ 75 s of subprocesses on a shared 2-core machine); the in-process
+conversion is in the default suite."""
 
 import os
 
