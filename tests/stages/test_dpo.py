@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from flaxalign import errors, models, sharding
-from flaxalign.data.batching import unstack_pairs
+from flaxalign.data.batching import left_pad_prompts, unstack_pairs
+from flaxalign.generate import generate
 from flaxalign.models import adapters
 from flaxalign.peft import lora
 from flaxalign.stages import dpo
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
 from flaxalign.train.jit import CompiledEval, CompiledStep
-from tests import helpers
+from tests import helpers, rollout_reference
 
 CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2)
 LORA = lora.LoraConfig(rank=4, alpha=8.0)
@@ -181,6 +182,43 @@ def test_sampled_kl_is_zero_when_policy_equals_reference(tmp_path):
     out = jax.jit(lambda s, p: dpo.sampled_kl(s, p, jax.random.PRNGKey(0), m=m, max_new_tokens=6, eos_id=2,
                                               pad_id=0))(state, prompts)
     assert float(out["kl"]) == 0.0 and float(out["response_length"]) > 0
+
+
+KL_PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19]]
+
+
+def _distant_reference(shardings):
+    """A reference of another seed and 4× the init scale: its next-token distributions are far from uniform, so
+    the KL to the policy is large and differs from position to position."""
+    return models.init_params(dataclasses.replace(CONFIG, init_std=0.08), 7, shardings)
+
+
+def test_sampled_kl_equals_full_softmax_kl_of_each_response(tmp_path):
+    """Policy ≠ reference (another seed and init scale): `sampled_kl` sums, over the sampled responses' tokens up
+    to and including each EOS, the float64 full-softmax KL(π‖π_ref) of the two models run on each row alone
+    (prompt without its left padding, response cut after the EOS). The responses are drawn again with the same
+    rng, and their lengths must match the `response_length` it reports."""
+    task = _task(init_reference=_distant_reference)
+    mesh = helpers.mesh((1, 1, 1))
+    state, _ = _state(task, mesh, str(tmp_path))
+    graphdef = models.abstract_model(CONFIG)[0]
+    prompts = left_pad_prompts(KL_PROMPTS, pad_id=0)
+    sample = jax.jit(lambda params, eos_id: generate(graphdef, params, prompts, jax.random.PRNGKey(0),
+                                                     max_new_tokens=6, eos_id=eos_id, pad_id=0))
+    eos_id = int(sample(state.params, np.int32(-1))["response"][0, 2])  # row 0 ends by its third token
+    responses = jax.device_get(sample(state.params, np.int32(eos_id)))["response"]
+    m = dpo.Models(graphdef, graphdef, None, False, "copy", 16)
+    out = jax.device_get(jax.jit(lambda s: dpo.sampled_kl(s, prompts, jax.random.PRNGKey(0), m=m, max_new_tokens=6,
+                                                          eos_id=eos_id, pad_id=0))(state))
+    rows = [rollout_reference.unpadded_row(p, r, eos_id) for p, r in zip(KL_PROMPTS, responses)]
+    lengths = [len(row) - len(p) for row, p in zip(rows, KL_PROMPTS)]
+    assert min(lengths) <= 3 and max(lengths) == 6, lengths  # rows cut at their EOS and rows without one
+    assert float(out["response_length"]) == sum(lengths) and float(out["count"]) == len(KL_PROMPTS)
+    kl = rollout_reference.response_token_kl(CONFIG, jax.device_get(state.params), jax.device_get(state.frozen),
+                                             rows, [len(p) for p in KL_PROMPTS])
+    expected = sum(row_kl.sum() for row_kl in kl)
+    assert expected > 0.1
+    np.testing.assert_allclose(float(out["kl"]), expected, rtol=4e-6)  # measured: 3.5e-7 relative
 
 
 def test_bad_method_settings_fail_with_one_sentence():
