@@ -227,8 +227,8 @@ def read_text_documents(path: str) -> list[str]:
         if text.strip():
             documents.extend(_split_large_text(text))
     if not documents:
-        what = "the file" if len(files) == 1 else f"none of its {len(files)} text files"
-        raise DataError(f"corpus '{path}' is empty: {what} contains any non-blank text.")
+        what = "the file has no" if len(files) == 1 else f"none of its {len(files)} text files has any"
+        raise DataError(f"corpus '{path}' is empty: {what} non-blank text.")
     return documents
 
 

@@ -158,7 +158,12 @@ def _parse_json(line, where):
     try:
         return json.loads(line)
     except json.JSONDecodeError as error:
-        raise DataError(f"{where}: malformed JSON ({error.msg} at column {error.colno}).") from None
+        raise DataError(f"{where}: malformed JSON ({_json_problem(error)}).") from None
+
+
+def _json_problem(error: json.JSONDecodeError) -> str:
+    # some of json's messages end in "at" ("Invalid control character at"): the column completes them
+    return f"{error.msg.removesuffix(' at')} at column {error.colno}"
 
 
 def _array_records(path, kind):
@@ -168,7 +173,7 @@ def _array_records(path, kind):
         values = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(
-            f"{path} line {error.lineno}: malformed JSON ({error.msg} at column {error.colno})."
+            f"{path} line {error.lineno}: malformed JSON ({_json_problem(error)})."
         ) from None
     if not isinstance(values, list) or not values:
         raise DataError(f"file {path} has no records.")
