@@ -255,7 +255,8 @@ def _ppo_task(config, mesh):
     sampling = onpolicy.Sampling(**config.rollout.to_dict())
     model_config, _, _ = lm.resolve_model(config)
     if model_config.adapter_placement != "none":
-        raise errors.ConfigError("PPO trains fully or with LoRA; bottleneck adapters are not supported.")
+        raise errors.ConfigError("PPO trains fully or with LoRA; bottleneck adapters "
+                                 "(adapters.placement) are not supported.")
     b = config.data.batch_size
     onpolicy.check_budget(config, model_config, sampling, b, h.num_minibatches, "data.batch_size")
     core = ppo.ppo_core(config, model_config, lm.lora_from(config), h, sampling,
@@ -272,7 +273,8 @@ def _grpo_task(config, mesh):
     sampling = onpolicy.Sampling(**config.rollout.to_dict())
     model_config, _, _ = lm.resolve_model(config)
     if model_config.adapter_placement != "none":
-        raise errors.ConfigError("GRPO trains fully or with LoRA; bottleneck adapters are not supported.")
+        raise errors.ConfigError("GRPO trains fully or with LoRA; bottleneck adapters "
+                                 "(adapters.placement) are not supported.")
     b = config.data.batch_size
     rows = b * h.group_size
     onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")

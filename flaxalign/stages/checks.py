@@ -13,3 +13,14 @@ def check_shapes(config, model_config, mesh) -> None:
         raise errors.ConfigError(
             f"data.batch_size={data_cfg.batch_size} is not divisible by grad_accum={config.grad_accum}.")
     sharding.batch_sharding(mesh, data_cfg.batch_size // config.grad_accum)
+
+
+def check_rows(mesh, rows: int, what: str) -> None:
+    """`rows` sequences that one program runs (a rollout, a micro-batch, the held-out prompts of an evaluation) split
+    over the mesh's batch axes: checked before any weights are read, the error naming the fields behind `rows`
+    (a misfit would otherwise surface later, as an activation whose batch does not divide)."""
+    try:
+        sharding.batch_sharding(mesh, rows)
+    except errors.MeshError as e:
+        rows_do = "1 row does" if rows == 1 else f"{rows} rows do"
+        raise errors.ConfigError(f"{what} = {rows_do} not split over the mesh: {e}") from None

@@ -39,7 +39,7 @@ from flaxalign.losses.preference import (
 )
 from flaxalign.models import adapters
 from flaxalign.stages import lm
-from flaxalign.stages.checks import check_shapes
+from flaxalign.stages.checks import check_rows, check_shapes
 from flaxalign.stages.reward import prompt_ids
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
 from flaxalign.train.state import TrainState
@@ -399,6 +399,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     kl_cfg = config.eval_kl
     if kl_cfg.num_prompts and reference in ("copy", "base"):
         prompts = left_pad_prompts(prompt_ids(data.eval)[: kl_cfg.num_prompts], pad_id=tokenizer.pad_id)
+        check_rows(mesh, len(prompts["input_ids"]), "eval_kl.num_prompts (held-out prompts, at most the data.eval set)")
         if prompts["input_ids"].shape[1] + kl_cfg.max_new_tokens > model_config.max_seq_len:
             raise errors.ConfigError(
                 f"eval_kl: prompts of {prompts['input_ids'].shape[1]} tokens + max_new_tokens="

@@ -37,6 +37,7 @@ from flaxalign.losses.rl import (
 )
 from flaxalign.rewards import resolve_reward_functions, score_completions
 from flaxalign.stages import lm, onpolicy, ppo, reward
+from flaxalign.stages.checks import check_rows
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
 
@@ -258,7 +259,8 @@ def build_task(config, workdir: str, mesh) -> Task:
     sampling = onpolicy.Sampling(**config.rollout.to_dict())
     model_config, meta, init_path = lm.resolve_model(config)
     if model_config.adapter_placement != "none":
-        raise errors.ConfigError("GRPO trains fully or with LoRA; bottleneck adapters are not supported.")
+        raise errors.ConfigError("GRPO trains fully or with LoRA; bottleneck adapters "
+                                 "(adapters.placement) are not supported.")
     tokenizer = lm.stage_tokenizer(config, meta, model_config, "GRPO")
     functions = resolve_reward_functions(config.rewards) if config.rewards.strip() else []
     if not functions and not config.reward_from:
@@ -273,6 +275,12 @@ def build_task(config, workdir: str, mesh) -> Task:
     onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")
     data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
     train_data, _ = lm.data_iterators(data.train, data.eval, config)
+    check_rows(mesh, data_cfg.batch_size, "data.batch_size (the prompts of a rollout)")
+    check_rows(mesh, rows // h.num_minibatches // config.grad_accum,
+               "data.batch_size × grpo.group_size / grpo.num_minibatches / grad_accum (a micro-batch)")
+    if config.eval_prompts:
+        check_rows(mesh, min(config.eval_prompts, len(data.eval["input_ids"])),
+                   "eval_prompts (held-out prompts, at most the data.eval set)")
 
     rm = None
     normalization = {"gain": 1.0, "bias": 0.0}

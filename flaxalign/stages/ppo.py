@@ -44,6 +44,7 @@ from flaxalign.losses.rl import (
 )
 from flaxalign.models import heads
 from flaxalign.stages import lm, onpolicy, reward
+from flaxalign.stages.checks import check_rows
 from flaxalign.stages.dpo import check_same_vocabulary
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
@@ -264,7 +265,8 @@ def build_task(config, workdir: str, mesh) -> Task:
     sampling = onpolicy.Sampling(**config.rollout.to_dict())
     model_config, meta, init_path = lm.resolve_model(config)
     if model_config.adapter_placement != "none":
-        raise errors.ConfigError("PPO trains fully or with LoRA; bottleneck adapters are not supported.")
+        raise errors.ConfigError("PPO trains fully or with LoRA; bottleneck adapters "
+                                 "(adapters.placement) are not supported.")
     if not config.reward_from:
         raise errors.ConfigError("PPO needs a reward model: set reward_from=checkpoint:DIR (a configs/reward.py run).")
     tokenizer = lm.stage_tokenizer(config, meta, model_config, "PPO")
@@ -278,6 +280,12 @@ def build_task(config, workdir: str, mesh) -> Task:
     onpolicy.check_budget(config, model_config, sampling, data_cfg.batch_size, h.num_minibatches, "data.batch_size")
     data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
     train_data, _ = lm.data_iterators(data.train, data.eval, config)
+    eval_prompts = {k: v[: config.eval_prompts] for k, v in _prompt_arrays(data.eval).items()}
+    check_rows(mesh, data_cfg.batch_size, "data.batch_size (the rollout)")
+    check_rows(mesh, data_cfg.batch_size // h.num_minibatches // config.grad_accum,
+               "data.batch_size / ppo.num_minibatches / grad_accum (a micro-batch)")
+    if config.eval_prompts:
+        check_rows(mesh, len(eval_prompts["input_ids"]), "eval_prompts (held-out prompts, at most the data.eval set)")
 
     core = ppo_core(config, model_config, lora_config, h, sampling, (rm_config, rm_abstract, rm_logical, load_rm),
                     init_base=lm.base_initializer(model_config, init_path))
@@ -285,7 +293,6 @@ def build_task(config, workdir: str, mesh) -> Task:
     rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
                       "gain": float(normalization["gain"]), "bias": float(normalization["bias"]),
                       "missing_eos_penalty": h.missing_eos_penalty}
-    eval_prompts = {k: v[: config.eval_prompts] for k, v in _prompt_arrays(data.eval).items()}
     identity = lm.resume_identity(model_config, lora_config, value_from=value_from,
                                   reward_model=rm_config.checkpoint_identity())
     return Task(

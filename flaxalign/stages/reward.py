@@ -24,7 +24,7 @@ from flaxalign.generate import generate
 from flaxalign.losses import bradley_terry_loss
 from flaxalign.models import heads
 from flaxalign.stages import lm, pretrained
-from flaxalign.stages.checks import check_shapes
+from flaxalign.stages.checks import check_rows, check_shapes
 from flaxalign.train import checkpoint
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
 from flaxalign.train.step import gradient_step
@@ -90,7 +90,8 @@ def make_task(model_config: models.ModelConfig, optim_cfg, *, lora_config=None, 
               center_coef: float = 0.0, init_base=None, train_data=None, eval_batches=None, tokens_per_step: int = 0,
               flops_per_step: float = 0.0, metadata: dict | None = None, finalize=None) -> Task:
     if model_config.adapter_placement != "none":
-        raise errors.ConfigError("the reward model trains fully or with LoRA; bottleneck adapters are not supported.")
+        raise errors.ConfigError("the reward model trains fully or with LoRA; bottleneck adapters "
+                                 "(adapters.placement) are not supported.")
     graphdef, _, _ = models.abstract_model(model_config)
     optimizer = make_optimizer(optim_cfg)
     loss_kwargs = {"graphdef": graphdef, "model_config": model_config, "lora_config": lora_config,
@@ -127,9 +128,11 @@ def build_task(config, workdir: str, mesh) -> Task:
     tokens = 2 * data_cfg.batch_size * (data_cfg.seq_len + 1)
     finalize = None
     if config.normalize.num_prompts and init_path:
+        prompts = prompt_ids(data.eval)[: config.normalize.num_prompts]
+        check_rows(mesh, len(prompts), "normalize.num_prompts (held-out prompts, at most the data.eval set)")
         finalize = functools.partial(
             normalize_rewards, workdir=workdir, mesh=mesh, policy_path=init_path, model_config=model_config,
-            lora_config=lora_config, prompts=prompt_ids(data.eval)[: config.normalize.num_prompts],
+            lora_config=lora_config, prompts=prompts,
             tokenizer=tokenizer, max_new_tokens=config.normalize.max_new_tokens, seed=config.seed)
     return make_task(
         model_config, config.optim, lora_config=lora_config, seed=config.seed, grad_accum=config.grad_accum,
