@@ -37,14 +37,10 @@ def _forward(config, kind: str):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         everything = jnp.ones_like(tokens)
         if kind == "hidden":
-            return merge_backbone(graphdef, params, config)(tokens, positions, everything)
+            return models.merge(graphdef, heads.with_unused_lm_head(params, config))(tokens, positions, everything)
         return models.merge(graphdef, params).logits(tokens, positions, everything)
 
     return jax.jit(run)
-
-
-def merge_backbone(graphdef, params, config):
-    return models.merge(graphdef, heads.with_unused_lm_head(params, config))
 
 
 def _right_padded(rows):
