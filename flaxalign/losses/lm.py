@@ -8,35 +8,41 @@ import jax
 import jax.numpy as jnp
 
 
-def chunked_token_logps(hidden_BxTxD, unembed_DxV, targets_BxT, *, chunk_size: int = 256):
-    """log p(target_t | x_≤t) for every position: logits_t = h_t · W, log_softmax over V, gathered at the target.
-
-    The sequence is processed `chunk_size` positions at a time inside a rematerialised scan, so the forward pass
-    holds `[B, chunk, V]` logits and the backward pass recomputes them chunk by chunk. Returns float32 `[B, T]`.
-    """
-    batch, length, dim = hidden_BxTxD.shape
+def _over_chunks(per_chunk, chunk_size: int, *arrays_BxTx):
+    """`per_chunk(*chunks_BxLx) -> [B, L]` applied to `chunk_size` positions at a time of `[B, T, ...]` arrays, in a
+    rematerialised scan: the forward pass holds one chunk's `[B, L, V]` logits and the backward pass recomputes them
+    chunk by chunk. The last chunk is zero-padded when `chunk_size` does not divide T; returns `[B, T]`."""
+    batch, length = arrays_BxTx[0].shape[:2]
     chunk = min(chunk_size, length)
     pad = -length % chunk
-    if pad:
-        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
-        targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
     n_chunks = (length + pad) // chunk
-    hidden_CxBxLxD = hidden_BxTxD.reshape(batch, n_chunks, chunk, dim).swapaxes(0, 1)
-    targets_CxBxL = targets_BxT.reshape(batch, n_chunks, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+        return x.reshape(batch, n_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    per_chunk = jax.checkpoint(per_chunk)
+    _, out_CxBxL = jax.lax.scan(lambda _, xs: (None, per_chunk(*xs)), None, tuple(map(split, arrays_BxTx)))
+    return out_CxBxL.swapaxes(0, 1).reshape(batch, n_chunks * chunk)[:, :length]
+
+
+def _logits(hidden_BxLxD, unembed_DxV):
+    # a 2-D [B·L, D] × [D, V] matmul: XLA CPU's gradients of 3-D einsums are markedly slower
+    return jnp.dot(hidden_BxLxD.reshape(-1, hidden_BxLxD.shape[-1]), unembed_DxV, preferred_element_type=jnp.float32)
+
+
+def chunked_token_logps(hidden_BxTxD, unembed_DxV, targets_BxT, *, chunk_size: int = 256):
+    """log p(target_t | x_≤t) for every position: logits_t = h_t · W, log_softmax over V, gathered at the target.
+    Computed `chunk_size` positions at a time (`_over_chunks`), so `[B, T, V]` logits never exist. Float32 `[B, T]`.
+    """
+
     def chunk_logps(hidden_BxLxD, targets_BxL):
-        # a 2-D [B·L, D] × [D, V] matmul: XLA CPU's gradients of 3-D einsums are markedly slower
-        logits = jnp.dot(hidden_BxLxD.reshape(-1, dim), unembed_DxV, preferred_element_type=jnp.float32)
+        logits = _logits(hidden_BxLxD, unembed_DxV)
         targets = targets_BxL.reshape(-1)
         target_logits = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
         return (target_logits - jax.nn.logsumexp(logits, axis=-1)).reshape(targets_BxL.shape)
 
-    def body(_, xs):
-        return None, chunk_logps(*xs)
-
-    _, logps_CxBxL = jax.lax.scan(body, None, (hidden_CxBxLxD, targets_CxBxL))
-    return logps_CxBxL.swapaxes(0, 1).reshape(batch, n_chunks * chunk)[:, :length]
+    return _over_chunks(chunk_logps, chunk_size, hidden_BxTxD, targets_BxT)
 
 
 def token_cross_entropy(hidden_BxTxD, unembed_DxV, targets_BxT, mask_BxT, *, chunk_size: int = 256):
@@ -59,47 +65,21 @@ def chunked_token_kl(hidden_BxTxD, unembed_DxV, ref_hidden_BxTxD, ref_unembed_Dx
     """KL(p_t ‖ q_t) = Σ_v p_t(v)·(log p_t(v) − log q_t(v)) at every position, p from (hidden, unembed) and q from
     the reference's, over the whole vocabulary (not a sampled estimate: ≥ 0, and 0 exactly when p = q). Chunked over
     the sequence like `chunked_token_logps`; float32 `[B, T]`."""
-    batch, length, dim = hidden_BxTxD.shape
-    ref_dim = ref_hidden_BxTxD.shape[-1]
-    chunk = min(chunk_size, length)
-    pad = -length % chunk
-    if pad:
-        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
-        ref_hidden_BxTxD = jnp.pad(ref_hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
-    n_chunks = (length + pad) // chunk
 
-    def chunks(x, d):
-        return x.reshape(batch, n_chunks, chunk, d).swapaxes(0, 1)
-
-    @jax.checkpoint
     def chunk_kl(hidden_BxLxD, ref_hidden_BxLxD):
-        logp = jax.nn.log_softmax(jnp.dot(hidden_BxLxD.reshape(-1, dim), unembed_DxV,
-                                          preferred_element_type=jnp.float32), axis=-1)
-        logq = jax.nn.log_softmax(jnp.dot(ref_hidden_BxLxD.reshape(-1, ref_dim), ref_unembed_DxV,
-                                          preferred_element_type=jnp.float32), axis=-1)
-        return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1).reshape(batch, chunk)
+        logp = jax.nn.log_softmax(_logits(hidden_BxLxD, unembed_DxV), axis=-1)
+        logq = jax.nn.log_softmax(_logits(ref_hidden_BxLxD, ref_unembed_DxV), axis=-1)
+        return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1).reshape(hidden_BxLxD.shape[:2])
 
-    _, kl_CxBxL = jax.lax.scan(lambda _, xs: (None, chunk_kl(*xs)), None,
-                               (chunks(hidden_BxTxD, dim), chunks(ref_hidden_BxTxD, ref_dim)))
-    return kl_CxBxL.swapaxes(0, 1).reshape(batch, n_chunks * chunk)[:, :length]
+    return _over_chunks(chunk_kl, chunk_size, hidden_BxTxD, ref_hidden_BxTxD)
 
 
 def chunked_token_entropy(hidden_BxTxD, unembed_DxV, *, chunk_size: int = 256):
-    """H_t = −Σ_v p_t(v)·log p_t(v) = logsumexp(z_t) − Σ_v p_t(v)·z_t with z_t = h_t · W, at every position, chunked
-    like `chunked_token_logps`; float32 `[B, T]` (differentiable: PPO's entropy bonus)."""
-    batch, length, dim = hidden_BxTxD.shape
-    chunk = min(chunk_size, length)
-    pad = -length % chunk
-    if pad:
-        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
-    n_chunks = (length + pad) // chunk
+    """H_t = −Σ_v p_t(v)·log p_t(v) at every position, chunked like `chunked_token_logps`; float32 `[B, T]`
+    (differentiable: PPO's entropy bonus)."""
 
-    @jax.checkpoint
     def chunk_entropy(hidden_BxLxD):
-        logits = jnp.dot(hidden_BxLxD.reshape(-1, dim), unembed_DxV, preferred_element_type=jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.sum(jnp.exp(logp) * logp, axis=-1).reshape(batch, chunk)
+        logp = jax.nn.log_softmax(_logits(hidden_BxLxD, unembed_DxV), axis=-1)
+        return -jnp.sum(jnp.exp(logp) * logp, axis=-1).reshape(hidden_BxLxD.shape[:2])
 
-    hidden_CxBxLxD = hidden_BxTxD.reshape(batch, n_chunks, chunk, dim).swapaxes(0, 1)
-    _, entropy_CxBxL = jax.lax.scan(lambda _, x: (None, chunk_entropy(x)), None, hidden_CxBxLxD)
-    return entropy_CxBxL.swapaxes(0, 1).reshape(batch, n_chunks * chunk)[:, :length]
+    return _over_chunks(chunk_entropy, chunk_size, hidden_BxTxD)
