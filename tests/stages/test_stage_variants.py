@@ -42,9 +42,9 @@ def _train_on_one_batch(task, mesh, workdir, steps=4):
 
 
 def test_dora_sft_trains_its_magnitudes_and_saves_them(tokenizer_path, tmp_path):
-    """DoRA (Liu et al. 2024): W' = m ⊙ (W + s·BA) / ‖W + s·BA‖, m starting at ‖W‖. The magnitudes are trained
-    params (they move, Adam has moments for them), the base stays bitwise frozen, the loss falls, and the checkpoint
-    holds the trained magnitudes and says variant=dora."""
+    """DoRA (Liu et al. 2024): W' = m ⊙ (W + s·BA) / ‖W + s·BA‖, m starting at ‖W‖. The magnitudes are
+    trained params (they move, Adam has moments for them), the base stays bitwise frozen, the loss falls, and
+    the checkpoint holds the trained magnitudes and says variant=dora."""
     config = stage_config("sft", {
         "data.tokenizer": tokenizer_path, "data.train": "builtin:arithmetic_sft?n=40", "data.seq_len": 64,
         "data.batch_size": 8, "lora.rank": 4, "lora.variant": "dora", "lora.targets": "layers/attn/(q|v)",
