@@ -364,6 +364,7 @@ def run_rounds(config, args, pairs, workdir, use_trl):
     times = {name: {c: {"flaxalign": [], "trl": []} for c in COMPARISONS} for name in CONFIGS}
     trl_runs, loop_losses = {name: [] for name in CONFIGS}, {}
     for round_index in range(args.rounds):
+        print(f"round {round_index + 1}/{args.rounds} ...", file=sys.stderr, flush=True)  # a run takes minutes
         for name, (reference, use_lora) in CONFIGS.items():
             times[name]["in_step"]["flaxalign"].append(timers[name].seconds_per_step(args.steps))
             if not args.no_end_to_end:
