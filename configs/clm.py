@@ -62,4 +62,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval_batches = 8
     c.checkpoint_every = 100
     c.keep_checkpoints = 3
+    c.max_nonfinite_steps = 5  # consecutive steps with a NaN/inf loss or grad norm (skipped) before the run stops
     return c

@@ -79,4 +79,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval_batches = p.get("eval_batches", 26)  # tiny: all 409 held-out pairs of the built-in data at batch 16
     c.checkpoint_every = 40
     c.keep_checkpoints = 2
+    c.max_nonfinite_steps = 5  # consecutive steps with a NaN/inf loss or grad norm (skipped) before the run stops
     return c

@@ -60,4 +60,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval_prompts = 128  # held-out prompts answered (greedy and sampled) at every evaluation (0 = off)
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
+    c.max_nonfinite_steps = 5  # consecutive steps with a NaN/inf loss or grad norm (skipped) before the run stops
     return c

@@ -55,4 +55,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval_prompts = 64  # held-out prompts sampled at every evaluation (0 = off)
     c.checkpoint_every = 50
     c.keep_checkpoints = 2
+    c.max_nonfinite_steps = 5  # consecutive steps with a NaN/inf loss or grad norm (skipped) before the run stops
     return c

@@ -52,4 +52,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval_batches = 26  # all 409 held-out pairs of the built-in data at batch 16
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
+    c.max_nonfinite_steps = 5  # consecutive steps with a NaN/inf loss or grad norm (skipped) before the run stops
     return c

@@ -22,3 +22,7 @@ class MeshError(FlaxalignError):
 
 class CheckpointError(FlaxalignError):
     """A checkpoint cannot be read or does not match the model."""
+
+
+class TrainingError(FlaxalignError):
+    """Training cannot go on (it diverged); the checkpoints already written are kept."""

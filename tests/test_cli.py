@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import shutil
 import signal
 import time
 
@@ -77,6 +78,28 @@ def test_sigkill_during_an_async_save_falls_back_to_the_last_complete_checkpoint
     assert "10" in on_disk and "20" not in on_disk, on_disk
     assert any(name.startswith("20.") and "tmp" in name for name in on_disk), on_disk
     _resume_and_compare(corpus_and_tokenizer, straight_run, killed, from_step=10)
+
+
+def test_a_truncated_newest_checkpoint_falls_back_in_one_line_with_identical_losses(corpus_and_tokenizer,
+                                                                                     straight_run, tmp_path):
+    """The finished run's step-30 state file cut in half: the rerun says so in one warning line (no traceback),
+    moves it aside to corrupt-30, resumes at step 20 and ends with the straight run's losses."""
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(straight_run, damaged)
+    step_dir = os.path.join(damaged, "checkpoints", "30")
+    files = [os.path.join(d, f) for d, _, names in os.walk(os.path.join(step_dir, "state")) for f in names]
+    biggest = max(files, key=os.path.getsize)
+    os.truncate(biggest, os.path.getsize(biggest) // 2)
+    corpus, tok = corpus_and_tokenizer
+    rc, _, err = cli.run(cli.small_run_flags(corpus, tok, damaged, **CHECKPOINTED))
+    assert rc == 0 and "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    warnings = [line for line in err.splitlines() if "cannot be read" in line]
+    assert len(warnings) == 1 and "step 30" in warnings[0] and "corrupt-30" in warnings[0], warnings
+    assert "corrupt-30" in os.listdir(os.path.join(damaged, "checkpoints"))
+    assert "Resumed from checkpoint at step 20" in err
+    resumed = cli.metrics(damaged)
+    assert [r["step"] for r in resumed] == list(range(1, 31))
+    assert _losses(resumed, 21, 30) == _losses(cli.metrics(straight_run), 21, 30)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_0(corpus_and_tokenizer, tmp_path):

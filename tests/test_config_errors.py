@@ -105,6 +105,18 @@ BASE = {  # a valid run of each stage on 8 devices; each case changes a few fiel
 # another vocabulary"; "a batch that does not divide is an error naming the axes and sizes"; JSONL "one sentence
 # naming the file, the line and the field"; the rest are the stages' own checks of their config.
 STAGE_CASES = {
+    "NaN learning rate": (
+        "clm", {"optim.lr": float("nan")},
+        "optim.lr=nan must be finite and > 0."),
+    "negative learning rate": (
+        "sft", {"optim.lr": -1e-4},
+        "optim.lr=-0.0001 must be finite and > 0."),
+    "beta2 of one": (
+        "dpo", {"optim.b2": 1.0},
+        "optim.b2=1.0 must be in [0, 1)."),
+    "infinite epsilon": (
+        "reward", {"optim.eps": float("inf")},
+        "optim.eps=inf must be finite and > 0."),
     "missing corpus": (
         "clm", {"data.train": "/no/such/corpus.txt"},
         "data path '/no/such/corpus.txt' does not exist."),

@@ -88,7 +88,7 @@ def default_output_dir(spec: str) -> str:
 
 def checkpoint_step(source: str) -> int:
     """The step of a run's latest checkpoint; 0 for pretrained weights."""
-    return 0 if pretrained.is_pretrained(source) else int(ckpt.latest_checkpoint(source)[1])
+    return 0 if pretrained.is_pretrained(source) else ckpt.latest_step(source)
 
 
 def load_policy(source: str, mesh) -> Model:

@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from flaxalign import errors, models
 from flaxalign.losses.lm import (
@@ -23,7 +22,7 @@ from flaxalign.losses.lm import (
 from flaxalign.stages import lm
 from flaxalign.train.optim import make_optimizer
 from flaxalign.train.state import TrainState
-from flaxalign.train.step import accumulated_gradients
+from flaxalign.train.step import accumulated_gradients, finite_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +136,8 @@ def minibatch_updates(state: TrainState, batch: dict, loss_fn, *, optimizer, epo
         minibatch = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), batch)
         grads, loss, count, metrics = accumulated_gradients(loss_fn, params, state.frozen, minibatch, step_rng,
                                                             grad_accum)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "loss_tokens": count, **metrics}
-        return (optax.apply_updates(params, updates), opt_state, rng), metrics
+        params, opt_state, guard = finite_update(optimizer, grads, loss, params, opt_state)
+        return (params, opt_state, rng), {"loss": loss, **guard, "loss_tokens": count, **metrics}
 
     (params, opt_state, rng), per_update = jax.lax.scan(update, (state.params, state.opt_state, rng),
                                                         minibatch_rows)

@@ -1,24 +1,39 @@
-"""Orbax checkpoints: train state + data-iterator position + metadata, async, keep-N, atomic.
+"""Orbax checkpoints: train state + data-iterator position + metadata, async, keep-N, atomic, and read back past
+damage.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed mid-save leaves
-the previous checkpoints intact and the half-written one is ignored on restore.
+the previous checkpoints intact and the half-written one is ignored on restore. A finished step can still be
+damaged later (a truncated file, a deleted item, a hand-edited position): reading falls back to the newest step
+that reads, and a resume moves the damaged newer ones aside to `checkpoints/corrupt-N` (never deletes them). A
+checkpoint that reads but belongs to another model or optimizer is not damage: that stays an error.
 """
 
+import gc
 import os
+import sys
+import types
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 from flaxalign import errors
+
+ITEMS = ("state", "data", "meta")
+
+
+class Unreadable(Exception):
+    """A checkpoint step whose files cannot be read back (the message says which item and why)."""
 
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "data", "meta"))
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -31,22 +46,63 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(metadata)), force=True)
 
-    def restore(self, step: int, target_shardings: Any, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """Restores onto `target_shardings` (any mesh shape or process count), not the one it was saved with."""
+    def restore_newest_readable(self, target_shardings: Any, abstract_state: Any,
+                                accept: Callable[[int, dict], None]) -> tuple[Any, dict, dict, int] | None:
+        """(state, data position, metadata, step) of the newest step that reads, restored onto `target_shardings`
+        (any mesh shape or process count, not the one it was saved with); None when there is no checkpoint.
+
+        `accept(step, metadata)` raises a `FlaxalignError` for a checkpoint that is readable but not this run's (a
+        changed model); a state whose layout differs from `abstract_state` is refused the same way. Newer steps
+        that do not read are logged and moved aside to `corrupt-N`, but only once an older step has read: when
+        none reads, nothing is moved (a later run must not silently start from scratch) and the error names each
+        step and its damage."""
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                meta, data = read_json_item(self.directory, step, "meta"), read_json_item(self.directory, step, "data")
+                check_data_position(data)
+                accept(step, meta)
+                check_layout(self.directory, step, "state", abstract_state)
+                state = self._restore_state(step, abstract_state, target_shardings)
+            except Unreadable as e:
+                damaged.append((step, str(e)))
+                continue
+            for bad_step, reason in damaged:
+                self._set_aside(bad_step, reason)
+            return state, data, meta, step
+        if damaged:
+            raise errors.CheckpointError(
+                f"no checkpoint in {self.directory} can be read ("
+                + "; ".join(f"step {s}: {reason}" for s, reason in damaged)
+                + "); nothing was moved or deleted — restore the files, or use a new --workdir.")
+        return None
+
+    def _restore_state(self, step: int, abstract_state: Any, target_shardings: Any) -> Any:
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                               abstract_state, target_shardings)
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError) as e:
-            raise errors.CheckpointError(
-                f"checkpoint {self.directory}/{step} does not match this run's model or optimizer "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
-        return restored["state"], restored["data"], restored["meta"]
+        return _read_arrays(lambda: self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"], "state item")
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        """Renames step N to `corrupt-N` (`corrupt-N.1`, … if taken) on process 0, so the next save of N and the
+        step listing no longer see it."""
+        if jax.process_index() == 0:
+            source = os.path.join(self.directory, str(step))
+            target = os.path.join(self.directory, f"corrupt-{step}")
+            suffix = 0
+            while os.path.exists(target):
+                suffix += 1
+                target = os.path.join(self.directory, f"corrupt-{step}.{suffix}")
+            os.rename(source, target)
+            logging.warning("checkpoint step %d cannot be read (%s): moved aside to %s; resuming from an older "
+                            "step.", step, reason, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"flaxalign_set_aside_{step}")
+        self._manager.reload()
 
     def restore_metadata(self, step: int) -> dict:
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return read_json_item(self.directory, step, "meta")
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -56,49 +112,156 @@ class Checkpointer:
         self._manager.close()
 
 
+def _read_arrays(read: Callable[[], Any], what: str) -> Any:
+    """`read()` (an Orbax restore), with a failure turned into `Unreadable` naming `what` and the innermost cause.
+
+    When one array fails to read, Orbax abandons its sibling read coroutines; each would later print "Exception
+    ignored in <coroutine …>" with a page of TensorStore spec when garbage-collected. The failure is dropped (no
+    frame keeps them alive) and they are collected here with only those messages silenced, so damage is reported
+    in one line."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.object, types.CoroutineType):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        try:
+            return read()
+        except Exception as e:  # noqa: BLE001 — the layout was checked first: whatever fails now is the files
+            message = _first_line(e)
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+    raise Unreadable(f"the {what} ({message})")
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of the innermost cause (TensorStore's "OUT_OF_RANGE: … byte range …", not the wrappers)."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def read_json_item(directory: str, step: int, item: str) -> dict:
+    """The JSON object saved as `item` ("meta" or "data") of a step, read directly (no Orbax manager needed)."""
+    path = epath.Path(directory) / str(step) / item
+    try:
+        value = ocp.JsonCheckpointHandler().restore(path)
+    except Exception as e:  # noqa: BLE001 — missing folder, missing or torn file, invalid JSON
+        raise Unreadable(f"the {item} item ({_first_line(e)})") from e
+    if not isinstance(value, dict):
+        raise Unreadable(f"the {item} item holds {type(value).__name__}, not a JSON object")
+    return value
+
+
+def check_data_position(data: dict) -> None:
+    """A data-iterator position (`BatchIterator.get_state`) is a JSON object of non-negative integers."""
+    bad = {k: v for k, v in data.items() if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0)}
+    if bad or not data:
+        raise Unreadable(f"the data position {data} is not a set of non-negative integers")
+
+
+def _layout(tree: Any, prefix: tuple = ()) -> dict:
+    """{("opt_state", "1", "0", "mu", "embed"): (shape, dtype), …} of a pytree of arrays, abstract arrays or
+    Orbax array metadata, keyed by plain names (dict keys, attribute names and sequence indices alike)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        out[prefix + names] = (tuple(leaf.shape), str(leaf.dtype))
+    return out
+
+
+def check_layout(directory: str, step: int, item: str, abstract: Any, part: tuple = (), *,
+                 partial: bool = False) -> None:
+    """Raises `CheckpointError` when the saved arrays (below `part`) differ in names, shapes or dtypes from
+    `abstract` (another model or optimizer: not damage) — with `partial`, only a missing or different array counts,
+    not one more in the checkpoint — and `Unreadable` when the layout itself cannot be read."""
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / item)
+    except Exception as e:  # noqa: BLE001
+        raise Unreadable(f"the {item} item's layout ({_first_line(e)})") from e
+    saved_layout = {k: v for k, v in _layout(saved).items() if k[: len(part)] == part}
+    wanted = _layout(abstract, part)
+    if saved_layout == wanted or (partial and all(saved_layout.get(k) == v for k, v in wanted.items())):
+        return
+    missing = sorted(set(wanted) - set(saved_layout))
+    extra = [] if partial else sorted(set(saved_layout) - set(wanted))
+    changed = sorted(k for k in set(wanted) & set(saved_layout) if wanted[k] != saved_layout[k])
+    first = (f"missing {'/'.join(missing[0])}" if missing else f"unexpected {'/'.join(extra[0])}" if extra else
+             f"{'/'.join(changed[0])} is {saved_layout[changed[0]]} in the checkpoint, {wanted[changed[0]]} here")
+    raise errors.CheckpointError(
+        f"checkpoint {directory}/{step} does not match this run's model or optimizer ({first}).")
+
+
 def _checkpoint_dir(path: str) -> str:
     """A run's workdir or its `checkpoints/` folder → the folder holding the step directories."""
     nested = os.path.join(path, "checkpoints")
     return nested if os.path.isdir(nested) else path
 
 
-def latest_checkpoint(path: str) -> tuple[ocp.CheckpointManager, int]:
+def _finished_steps(path: str) -> tuple[str, list[int]]:
+    """(the folder holding the step directories, its finished steps, newest first)."""
     directory = _checkpoint_dir(path)
     if not os.path.isdir(directory):
         raise errors.CheckpointError(f"checkpoint path '{path}' does not exist.")
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "meta"),
-                                    options=ocp.CheckpointManagerOptions(create=False))
-    step = manager.latest_step()
-    if step is None:
+    manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(create=False))
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
         raise errors.CheckpointError(f"'{path}' holds no finished checkpoint.")
-    return manager, step
+    return directory, steps
+
+
+def _newest_readable(path: str, read: Callable[[str, int], Any]) -> tuple[Any, int]:
+    """`read(directory, step)` of the newest step it succeeds on, warning about each newer one that does not read
+    (another run's folder is only read, never changed)."""
+    directory, steps = _finished_steps(path)
+    damage = []
+    for step in steps:
+        try:
+            return read(directory, step), step
+        except Unreadable as e:
+            logging.warning("checkpoint step %d of %s cannot be read (%s); trying the one before.", step, path, e)
+            damage.append(f"step {step}: {e}")
+    raise errors.CheckpointError(f"no checkpoint in '{path}' can be read ({'; '.join(damage)}).")
+
+
+def latest_step(path: str) -> int:
+    """The newest step of another run whose metadata reads."""
+    return _newest_readable(path, lambda directory, step: read_json_item(directory, step, "meta"))[1]
 
 
 def read_metadata(path: str) -> dict:
-    """The metadata (model config, tokenizer, …) of the latest checkpoint of a run."""
-    manager, step = latest_checkpoint(path)
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    """The metadata (model config, tokenizer, …) of the newest readable checkpoint of a run."""
+    return _newest_readable(path, lambda directory, step: read_json_item(directory, step, "meta"))[0]
 
 
 def load_params(path: str, abstract_params: Any, shardings: Any, part: str = "params") -> Any:
     """Only the trained params (or, `part="frozen"`, the frozen ones; or a subtree such as "params/policy") of the
-    latest checkpoint of another run (e.g. SFT starting from CLM), placed directly into `shardings`; the optimizer
-    state and everything else are not read."""
-    manager, step = latest_checkpoint(path)
+    newest readable checkpoint of another run (e.g. SFT starting from CLM), placed directly into `shardings`; the
+    optimizer state and everything else are not read."""
+    keys = part.split("/")
+    manager = ocp.CheckpointManager(_checkpoint_dir(path), item_names=ITEMS,
+                                    options=ocp.CheckpointManagerOptions(create=False))
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
     restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
-    keys = part.split("/")
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=_nested(keys, target), restore_args=_nested(keys, restore_args), partial_restore=True)))
-    except (ValueError, KeyError, TypeError) as e:
-        raise errors.CheckpointError(
-            f"the params in {path} (step {step}) do not match this model "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from e
-    out = restored["state"]
-    for key in keys:
-        out = out[key]
-    return out
+
+    def read(directory: str, step: int):
+        try:
+            check_layout(directory, step, "state", abstract_params, tuple(keys), partial=True)
+        except errors.CheckpointError as e:
+            raise errors.CheckpointError(f"the params in {path} (step {step}) do not match this model "
+                                         f"({str(e).split('(', 1)[-1]}") from None
+        restored = _read_arrays(lambda: manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=_nested(keys, target), restore_args=_nested(keys, restore_args), partial_restore=True)))["state"],
+            "state item")
+        for key in keys:
+            restored = restored[key]
+        return restored
+
+    return _newest_readable(path, read)[0]
 
 
 def _nested(keys: list[str], leaf: Any) -> dict:

@@ -6,6 +6,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
@@ -99,22 +100,79 @@ def initial_state(task: Task, seed: int, mesh: Mesh, checkpointer: Checkpointer)
     abstract = jax.eval_shape(lambda p, f: create_state(p, task.optimizer, seed, f),
                               task.abstract_params, task.abstract_frozen)
     shardings = state_shardings(abstract, task.params_logical, task.frozen_logical, mesh)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        saved = _flat(checkpointer.restore_metadata(latest).get("resume_identity") or {})
-        current = _flat(task.metadata.get("resume_identity") or {})
+    current = _flat(task.metadata.get("resume_identity") or {})
+
+    def same_run(step: int, meta: dict) -> None:
+        saved = _flat(meta.get("resume_identity") or {})
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
         if changed:
             raise errors.CheckpointError(
-                f"the checkpoint at step {latest} in {checkpointer.directory} was trained with a different model "
+                f"the checkpoint at step {step} in {checkpointer.directory} was trained with a different model "
                 f"config (changed: {', '.join(changed)}); use a new --workdir or the same model settings.")
-        state, data_state, _ = checkpointer.restore(latest, shardings, abstract)
+
+    restored = checkpointer.restore_newest_readable(shardings, abstract, same_run)
+    if restored is not None:
+        state, data_state, _, step = restored
         task.train_data.set_state(data_state)
-        return state, shardings, latest
+        return state, shardings, step
     frozen = task.init_frozen(shardings.frozen)
     params = task.init_params(shardings.params, frozen)
     state = jax.jit(lambda p, f: create_state(p, task.optimizer, seed, f), out_shardings=shardings)(params, frozen)
     return state, shardings, None
+
+
+class _NonfiniteStreak:
+    """Counts consecutive steps whose every update was skipped for a non-finite loss or gradient norm (the step's
+    `nonfinite` metric is 1). The flag is read one step late — after the next step is dispatched — so the host never
+    waits on the device for it; `flush` reads the last one."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count, self.first = limit, 0, None
+        self._pending = None
+
+    def push(self, step: int, metrics: dict) -> None:
+        previous, self._pending = self._pending, (step, metrics.get("nonfinite"))
+        self._count(previous)
+
+    def flush(self) -> None:
+        previous, self._pending = self._pending, None
+        self._count(previous)
+
+    def _count(self, pending) -> None:
+        if pending is None or pending[1] is None:
+            return
+        step, flag = pending
+        if float(jax.device_get(flag)) >= 1.0:
+            self.first = step if self.count == 0 else self.first
+            self.count += 1
+        else:
+            self.count = 0
+
+    def check(self, checkpointer: Checkpointer) -> None:
+        if self.limit and self.count >= self.limit:
+            checkpointer.wait()  # a save still in flight completes before the run stops
+            last = checkpointer.latest_step()
+            raise errors.TrainingError(
+                f"training diverged: {self.count} consecutive steps (from step {self.first}) had a non-finite loss "
+                f"or gradient norm and were skipped (max_nonfinite_steps={self.limit}); nothing more was saved, "
+                + (f"the last checkpoint (step {last}) holds the last finite state" if last is not None else
+                   "and no checkpoint was written") + " — lower optim.lr or check the data.")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jax.tree.reduce(lambda ok, x: ok & jnp.all(jnp.isfinite(x)), tree, jnp.array(True))
+
+
+def _save(checkpointer: Checkpointer, step: int, state: TrainState, data_state: dict, metadata: dict) -> None:
+    """Saves only a state whose trained params are finite: a checkpoint never holds NaN weights, so keep-N
+    rotation can never push the last good one out."""
+    if not bool(jax.device_get(_all_finite(state.params))):
+        checkpointer.wait()
+        raise errors.TrainingError(
+            f"the trained parameters at step {step} are not finite; not saved (the last checkpoint is step "
+            f"{checkpointer.latest_step()}) — lower optim.lr or check the data.")
+    checkpointer.save(step, state, data_state, metadata)
 
 
 def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
@@ -123,7 +181,7 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
     state, shardings, restored = initial_state(task, cfg.seed, mesh, checkpointer)
     start = int(jax.device_get(state.step))
-    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
+    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start if restored is not None else None)
     if restored is not None:
         logging.info("Resumed from checkpoint at step %d.", restored)
     step_fn = CompiledStep(task.train_step, mesh, shardings)
@@ -136,6 +194,7 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
 
     started = time.time()
     throughput = _Throughput(task, peak)
+    nonfinite = _NonfiniteStreak(int(cfg.get("max_nonfinite_steps", 5)))
     metrics, preempted, step = {}, False, start
     # Batches are read and placed on the devices one step ahead, on a thread; its state is the consumer's position.
     data = Prefetcher(task.train_data, depth=2, transform=lambda local: sharding.global_batch(local, mesh))
@@ -154,12 +213,13 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
                 except errors.FlaxalignError:
                     # keep what was learnt so far; resuming re-reads this batch (the step it failed in is redone)
                     if checkpointer.latest_step() != step:
-                        checkpointer.save(step, state, position, task.metadata)
+                        _save(checkpointer, step, state, position, task.metadata)
                     checkpointer.close()
                     writer.close()
                     raise
             state, metrics = step_fn(state, batch)
             step += 1
+            nonfinite.push(step, metrics)
             if step == start + 1:  # the first step includes compilation: throughput is timed from its end
                 jax.block_until_ready(metrics)
                 logging.info("First step (compile included) done after %.1fs.", time.time() - started)
@@ -176,8 +236,11 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
                 writer.write(step, row)
                 if is_main:
                     logging.info(console_line(step, cfg.steps, row, started))
+            if row or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                nonfinite.flush()  # the metrics are on the host now anyway, or a save is due
+            nonfinite.check(checkpointer)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpointer.save(step, state, data.get_state(), task.metadata)
+                _save(checkpointer, step, state, data.get_state(), task.metadata)
                 if kill_in_save_at and step == kill_in_save_at:  # no wait: the async write is still in flight
                     os.kill(os.getpid(), signal.SIGKILL)
             if kill_at and step == kill_at:
@@ -187,8 +250,10 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
                 logging.warning("SIGTERM received: saving a checkpoint at step %d and stopping.", step)
                 preempted = True
                 break
+    nonfinite.flush()
+    nonfinite.check(checkpointer)
     if checkpointer.latest_step() != step:
-        checkpointer.save(step, state, data.get_state(), task.metadata)
+        _save(checkpointer, step, state, data.get_state(), task.metadata)
     checkpointer.close()
     if task.finalize is not None and not preempted and step >= cfg.steps:
         summary = task.finalize(state)

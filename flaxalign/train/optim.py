@@ -1,5 +1,6 @@
 """AdamW with warmup + cosine/linear/constant decay, global-norm clipping and a weight-decay mask."""
 
+import math
 from typing import Any
 
 import jax
@@ -10,8 +11,24 @@ from flaxalign import errors
 NO_DECAY_NAMES = ("scale", "bias", "magnitude")  # norm scales, biases and DoRA magnitudes are not decayed
 
 
+def check_optim(cfg) -> None:
+    """Refuses optimizer settings that would train to NaN or not at all, naming the field (`optim.lr`, …)."""
+    rules = {  # field: (is the value allowed, what it must be)
+        "lr": (lambda v: v > 0, "finite and > 0"), "eps": (lambda v: v > 0, "finite and > 0"),
+        "b1": (lambda v: 0 <= v < 1, "in [0, 1)"), "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "weight_decay": (lambda v: v >= 0, "finite and >= 0"), "clip_norm": (lambda v: v >= 0, "finite and >= 0"),
+        "final_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "warmup_steps": (lambda v: v >= 0, ">= 0"), "total_steps": (lambda v: v >= 0, ">= 0"),
+    }
+    for name, (allowed, must_be) in rules.items():
+        value = cfg.get(name)
+        if value is not None and not (math.isfinite(float(value)) and allowed(value)):
+            raise errors.ConfigError(f"optim.{name}={value} must be {must_be}.")
+
+
 def learning_rate_schedule(cfg) -> optax.Schedule:
     """Linear warmup from 0 to `lr` over `warmup_steps`, then `schedule` decay to `lr·final_lr_fraction`."""
+    check_optim(cfg)
     lr, warmup, total = float(cfg.lr), int(cfg.warmup_steps), int(cfg.total_steps)
     decay_steps = max(total - warmup, 1)
     final = lr * float(cfg.final_lr_fraction)

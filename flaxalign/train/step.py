@@ -52,19 +52,29 @@ def accumulated_gradients(loss_fn: LossFn, params, frozen, batch: dict, rng, num
     return grads, loss_sum / denom, count, metrics
 
 
-def apply_gradients(state: TrainState, grads, optimizer: optax.GradientTransformation, rng) -> TrainState:
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state, rng=rng)
+def finite_update(optimizer: optax.GradientTransformation, grads, loss, params, opt_state):
+    """The optimizer update, applied only when the loss and the global gradient norm are finite: a NaN or inf from
+    one bad batch (or an overflow) leaves params and optimizer state as they were instead of poisoning both.
+    Returns (params, opt_state, {"grad_norm", "nonfinite": 1.0 when the update was skipped, else 0.0})."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply(params, opt_state):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, apply, lambda p, o: (p, o), params, opt_state)
+    return params, opt_state, {"grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
 
 def gradient_step(loss_fn: LossFn, state: TrainState, batch: dict, *, optimizer: optax.GradientTransformation,
                   schedule: optax.Schedule, grad_accum: int) -> tuple[TrainState, dict]:
-    """One optimizer update of `state.params` from one global batch, split into `grad_accum` micro-batches.
+    """One optimizer update of `state.params` from one global batch, split into `grad_accum` micro-batches
+    (skipped, with `nonfinite` = 1, when the loss or gradient norm is not finite; the step still counts).
     Metrics: token-mean loss, global grad norm, loss-token count, learning rate, and the loss's own means."""
     rng, step_rng = jax.random.split(state.rng)
     grads, loss, count, extra = accumulated_gradients(loss_fn, state.params, state.frozen, batch, step_rng,
                                                       grad_accum)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "loss_tokens": count,
-               "lr": schedule(state.step), **extra}
-    return apply_gradients(state, grads, optimizer, rng), metrics
+    params, opt_state, guard = finite_update(optimizer, grads, loss, state.params, state.opt_state)
+    metrics = {"loss": loss, **guard, "loss_tokens": count, "lr": schedule(state.step), **extra}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics

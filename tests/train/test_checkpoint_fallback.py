@@ -1,0 +1,196 @@
+"""A damaged checkpoint never ends a run in a traceback and never costs a good one: resuming falls back to the newest
+step that reads (moving each damaged newer step aside to `corrupt-N`, bytes untouched), starting from another run
+(`init_from`) falls back without changing that run's folder, and when nothing reads, nothing is moved."""
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from flaxalign import errors
+from flaxalign.train import checkpoint, loop
+from flaxalign.train.checkpoint import Checkpointer
+from tests import helpers
+
+# Reading a deliberately damaged array leaves Orbax read coroutines that the garbage collector may finalise after a
+# test ends, under pytest's own unraisable hook; the CLI's output is checked to hold no traceback in test_cli.py.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+STEPS = (2, 4, 6)
+
+
+class _DataPosition:
+    def __init__(self):
+        self.state = {"batches_consumed": 0}
+
+    def get_state(self):
+        return dict(self.state)
+
+    def set_state(self, state):
+        self.state = dict(state)
+
+
+def _task():
+    task = helpers.clm_task(helpers.tiny_model_config())
+    task.train_data = _DataPosition()
+    return task
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run folder with checkpoints at steps 2, 4 and 6 whose params differ (so a fallback shows), and each
+    step's params as numpy."""
+    root = str(tmp_path_factory.mktemp("run"))
+    task, mesh = _task(), helpers.mesh((1, 1, 1))
+    checkpointer = Checkpointer(os.path.join(root, "checkpoints"), keep=5, async_save=False)
+    state, _, _ = loop.initial_state(task, 0, mesh, checkpointer)
+    params = {}
+    for step in STEPS:
+        state = state.replace(params=jax.tree.map(lambda x: x + 0.01 * step, state.params))
+        checkpointer.save(step, state, {"batches_consumed": step}, task.metadata)
+        params[step] = jax.tree.map(np.asarray, state.params)
+    checkpointer.close()
+    return root, params
+
+
+def _digest(folder: str) -> dict:
+    out = {}
+    for path in sorted(glob.glob(os.path.join(folder, "**"), recursive=True)):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _largest_state_file(step_dir: str) -> str:
+    files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True) if os.path.isfile(p)]
+    return max(files, key=os.path.getsize)
+
+
+def _truncate(fraction):
+    def damage(step_dir):
+        path = _largest_state_file(step_dir)
+        os.truncate(path, int(os.path.getsize(path) * fraction))
+    return damage
+
+
+def _remove(item):
+    return lambda step_dir: shutil.rmtree(os.path.join(step_dir, item))
+
+
+def _empty(step_dir):
+    for name in os.listdir(step_dir):
+        path = os.path.join(step_dir, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _write(item, text):
+    def damage(step_dir):
+        with open(os.path.join(step_dir, item, "metadata"), "w") as f:
+            f.write(text)
+    return damage
+
+
+DAMAGE = {
+    "state half truncated": (_truncate(0.5), "state item"),
+    "state emptied": (_truncate(0.0), "state item"),
+    "step folder emptied": (_empty, "meta item"),
+    "meta deleted": (_remove("meta"), "meta item"),
+    "data deleted": (_remove("data"), "data item"),
+    "negative data position": (_write("data", json.dumps({"batches_consumed": -3})), "data position"),
+    "garbage data position": (_write("data", "not json"), "data item"),
+    "data position a list": (_write("data", "[1, 2]"), "not a JSON object"),
+    "half-written meta": (_write("meta", '{"stage": "cl'), "meta item"),
+}
+
+
+def _copy(saved_run, tmp_path) -> str:
+    root = str(tmp_path / "run")
+    shutil.copytree(saved_run[0], root)
+    return root
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_resume_falls_back_past_a_damaged_newest_step(saved_run, tmp_path, case, caplog):
+    root = _copy(saved_run, tmp_path)
+    directory = os.path.join(root, "checkpoints")
+    damage, reason = DAMAGE[case]
+    damage(os.path.join(directory, "6"))
+    good_before = {s: _digest(os.path.join(directory, str(s))) for s in (2, 4)}
+    damaged_before = _digest(os.path.join(directory, "6"))
+
+    task = _task()
+    state, _, step = loop.initial_state(task, 0, helpers.mesh((1, 1, 1)), Checkpointer(directory))
+    assert step == 4 and task.train_data.get_state() == {"batches_consumed": 4}
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(saved_run[1][4])):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert sorted(os.listdir(directory)) == ["2", "4", "corrupt-6"]
+    assert _digest(os.path.join(directory, "corrupt-6")) == damaged_before  # moved aside, bytes as they were
+    assert {s: _digest(os.path.join(directory, str(s))) for s in (2, 4)} == good_before
+    warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(warnings) == 1 and "step 6" in warnings[0] and reason in warnings[0] and "corrupt-6" in warnings[0]
+
+
+def test_a_second_damage_of_the_same_step_is_kept_beside_the_first(saved_run, tmp_path):
+    root = _copy(saved_run, tmp_path)
+    directory = os.path.join(root, "checkpoints")
+    os.makedirs(os.path.join(directory, "corrupt-6"))
+    _remove("meta")(os.path.join(directory, "6"))
+    loop.initial_state(_task(), 0, helpers.mesh((1, 1, 1)), Checkpointer(directory))
+    assert sorted(os.listdir(directory)) == ["2", "4", "corrupt-6", "corrupt-6.1"]
+
+
+def test_when_no_step_reads_nothing_is_moved_and_the_error_names_each_step(saved_run, tmp_path):
+    root = _copy(saved_run, tmp_path)
+    directory = os.path.join(root, "checkpoints")
+    for step in STEPS:
+        _remove("meta")(os.path.join(directory, str(step)))
+    before = _digest(directory)
+    with pytest.raises(errors.CheckpointError, match=r"no checkpoint in .* can be read \(step 6: the meta item .*; "
+                                                     r"step 4: .*; step 2: .*\); nothing was moved or deleted"):
+        loop.initial_state(_task(), 0, helpers.mesh((1, 1, 1)), Checkpointer(directory))
+    assert _digest(directory) == before and sorted(os.listdir(directory)) == ["2", "4", "6"]
+
+
+def test_another_model_is_refused_not_taken_for_damage(saved_run, tmp_path):
+    root = _copy(saved_run, tmp_path)
+    directory = os.path.join(root, "checkpoints")
+    before = _digest(directory)
+    task = helpers.clm_task(helpers.tiny_model_config(d_ff=128))
+    task.train_data = _DataPosition()
+    with pytest.raises(errors.CheckpointError, match="different model config"):
+        loop.initial_state(task, 0, helpers.mesh((1, 1, 1)), Checkpointer(directory))
+    assert _digest(directory) == before
+
+
+def test_a_changed_optimizer_layout_is_refused_naming_the_array(saved_run, tmp_path):
+    """Same model, but no gradient clipping: the optimizer state has another layout — an error, not damage."""
+    root = _copy(saved_run, tmp_path)
+    directory = os.path.join(root, "checkpoints")
+    before = _digest(directory)
+    task = helpers.clm_task(helpers.tiny_model_config(), helpers.optim_config(clip_norm=0.0))
+    task.train_data = _DataPosition()
+    with pytest.raises(errors.CheckpointError, match=r"does not match this run's model or optimizer \(.*opt_state"):
+        loop.initial_state(task, 0, helpers.mesh((1, 1, 1)), Checkpointer(directory))
+    assert _digest(directory) == before
+
+
+def test_init_from_reads_the_newest_readable_step_and_leaves_the_run_alone(saved_run, tmp_path, caplog):
+    root = _copy(saved_run, tmp_path)
+    _truncate(0.5)(os.path.join(root, "checkpoints", "6"))
+    before = _digest(root)
+    task = _task()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = checkpoint.load_params(root, task.abstract_params, jax.tree.map(lambda _: device, task.abstract_params))
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(saved_run[1][4])):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    assert checkpoint.read_metadata(root)["stage"] == task.metadata["stage"]
+    assert _digest(root) == before  # another run's folder is only read
+    assert any("step 6" in r.getMessage() and "cannot be read" in r.getMessage() for r in caplog.records)
+    _remove("meta")(os.path.join(root, "checkpoints", "6"))
+    assert checkpoint.latest_step(root) == 4
