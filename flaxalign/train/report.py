@@ -15,22 +15,22 @@ def write_report(workdir: str, config, result, seconds: float) -> str:
             rows = [json.loads(line) for line in f if line.strip()]
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if any(k.startswith("eval_") for k in r)]
-    throughput = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r]
-    mfus = [r["mfu"] for r in rows if "mfu" in r]
+    throughput = [r["tokens_per_sec"] for r in rows if r.get("tokens_per_sec") is not None]
+    mfus = [r["mfu"] for r in rows if r.get("mfu") is not None]
     lines = [f"# flaxalign {config.stage} run", "",
              f"- workdir: `{os.path.abspath(workdir)}`",
              f"- steps: {result.final_step} of {config.steps}" + (" (stopped by SIGTERM)" if result.preempted else ""),
              f"- wall-clock: {seconds:.1f} s"]
     if train_rows:
-        lines.append(f"- train loss: {train_rows[0]['loss']:.4f} (step {train_rows[0]['step']}) → "
-                     f"{train_rows[-1]['loss']:.4f} (step {train_rows[-1]['step']})")
+        lines.append(f"- train loss: {_number(train_rows[0]['loss'])} (step {train_rows[0]['step']}) → "
+                     f"{_number(train_rows[-1]['loss'])} (step {train_rows[-1]['step']})")
     if eval_rows and "eval_loss" in eval_rows[-1]:
         last = eval_rows[-1]
-        perplexity = f", perplexity {last['eval_perplexity']:.2f}" if "eval_perplexity" in last else ""
-        lines.append(f"- eval loss: {last['eval_loss']:.4f}{perplexity} (step {last['step']})")
+        perplexity = f", perplexity {_number(last['eval_perplexity'], '.2f')}" if "eval_perplexity" in last else ""
+        lines.append(f"- eval loss: {_number(last['eval_loss'])}{perplexity} (step {last['step']})")
     if throughput:
-        lines.append(f"- throughput: {sorted(throughput)[len(throughput) // 2]:,.0f} tokens/s (median), "
-                     f"MFU {100 * sorted(mfus)[len(mfus) // 2]:.1f}% (median)")
+        mfu = f", MFU {100 * sorted(mfus)[len(mfus) // 2]:.1f}% (median)" if mfus else ""
+        lines.append(f"- throughput: {sorted(throughput)[len(throughput) // 2]:,.0f} tokens/s (median){mfu}")
     if eval_rows:
         lines += eval_table(eval_rows[0], eval_rows[-1])
     files = "`metrics.jsonl`, `tensorboard/`, `checkpoints/`, `config.json`"
@@ -78,6 +78,11 @@ def eval_table(first: dict, last: dict) -> list[str]:
     names = [k for k in last if k.startswith("eval_")]
     lines = ["", f"| held-out metric | step {first['step']} | step {last['step']} |", "|---|---:|---:|"]
     for name in names:
-        before = f"{first[name]:.4f}" if name in first else "—"
-        lines.append(f"| {name[5:]} | {before} | {last[name]:.4f} |")
+        before = _number(first[name]) if name in first else "—"
+        lines.append(f"| {name[5:]} | {before} | {_number(last[name])} |")
     return lines
+
+
+def _number(value, spec: str = ".4f") -> str:
+    """A metric for the report; metrics.jsonl holds non-finite values as null."""
+    return "non-finite" if value is None else format(value, spec)
