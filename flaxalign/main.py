@@ -12,16 +12,21 @@ A user error (bad flag, missing file, indivisible mesh, unknown preset) prints o
 """
 
 import contextlib
+import functools
 import logging as pylogging
 import os
 import re
+import signal
 import sys
 import time
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import flaxalign
 from flaxalign import errors
+from flaxalign.train import preemption, workdir_lock
 
 COMMANDS = ("train", "generate", "convert", "constitutional", "pipeline", "eval", "plan")
 
@@ -55,6 +60,10 @@ flags.DEFINE_string("format", None, "convert: hf (transformers directory), peft 
                     "checkpoint (a flaxalign run directory of pretrained weights).")
 FLAGS = flags.FLAGS
 
+# Fault injection for tests: `flaxalign train` sends itself SIGTERM at this start-up point ("before_jax": right after
+# its handler is installed; "after_task": once the stage has built its data and model).
+FAULT_SIGTERM_ENV = "FLAXALIGN_FAULT_SIGTERM_AT_STARTUP"
+
 
 def fail(message: str) -> None:
     print(f"flaxalign: error: {message}", file=sys.stderr)
@@ -72,8 +81,38 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(_first_sentence(e))
     except errors.FlaxalignError as e:  # raised by a config file's get_config, e.g. an unknown preset
         fail(str(e))
-    except (AttributeError, KeyError) as e:  # ml_collections: --config.<field> names no field
-        fail(_unknown_field_message(str(e)))
+    except Exception as e:
+        message = _config_file_failure(e, _config_path(argv))
+        if message:  # the config file itself is broken: a syntax error, or get_config raised
+            fail(message)
+        if isinstance(e, (AttributeError, KeyError)):  # ml_collections: --config.<field> names no field
+            fail(_unknown_field_message(str(e)))
+        raise
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The file of --config=FILE[:PRESET] (or --config FILE[:PRESET])."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg[len("--config="):].split(":")[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+    return None
+
+
+def _config_file_failure(e: Exception, path: str | None) -> str | None:
+    """One line for an exception raised while loading the config file at `path` (a syntax error in it, or an error
+    raised by its code); None when the exception did not come from that file."""
+    if not path:
+        return None
+    target = os.path.realpath(path)
+    if isinstance(e, SyntaxError) and e.filename and os.path.realpath(e.filename) == target:
+        return f"config file {path!r} is not valid Python: {e.msg} (line {e.lineno})."
+    lines = [line for frame, line in traceback.walk_tb(e.__traceback__)
+             if os.path.realpath(frame.f_code.co_filename) == target]
+    if not lines:
+        return None
+    return f"config file {path!r} raised {type(e).__name__} at line {lines[-1]}: {str(e).rstrip('.')}."
 
 
 def _unknown_field_message(text: str) -> str:
@@ -93,10 +132,24 @@ def _first_sentence(e: Exception) -> str:
 
 
 class _OnlyOurInfo(pylogging.Filter):
-    """Orbax and JAX log dozens of INFO lines per checkpoint; keep their warnings, drop their chatter."""
+    """Orbax and JAX log dozens of INFO lines per checkpoint; keep their warnings, drop their chatter.
+
+    Ours are the records of loggers named `flaxalign.*` and of absl logging calls made by code of this package.
+    absl names its logger "absl" for every caller (Orbax's calls too), so such a call is placed by the module it
+    came from: its source file must lie inside this package's directory. A path that merely contains "flaxalign"
+    (a virtualenv under ~/flaxalign/.venv holds Orbax and JAX) is not ours."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
-        return record.levelno >= pylogging.WARNING or "flaxalign" in record.pathname
+        return (record.levelno >= pylogging.WARNING or record.name.split(".")[0] == "flaxalign"
+                or _in_this_package(record.pathname))
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.realpath(flaxalign.__file__))
+
+
+@functools.lru_cache(maxsize=1024)
+def _in_this_package(pathname: str) -> bool:
+    return os.path.realpath(pathname).startswith(_PACKAGE_DIR + os.sep)
 
 
 def setup_logging():
@@ -114,18 +167,32 @@ def setup_jax():
 
 
 def train(config, workdir: str) -> None:
+    """`flaxalign train`: holds the workdir, builds the stage's task, trains it (resuming from the workdir's latest
+    checkpoint) and writes the report. A SIGTERM that arrived while the task was built ends the run here, exit 0."""
     import jax
 
     from flaxalign import sharding
     from flaxalign.stages import STAGES
-    from flaxalign.train import loop, report
 
     if config.stage not in STAGES:
         raise errors.ConfigError(f"unknown stage {config.stage!r}; known stages: {sorted(STAGES)}.")
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    logging.info("Mesh %s on %d devices (%d processes).", dict(mesh.shape), jax.device_count(),
-                 jax.process_count())
-    task = STAGES[config.stage](config, workdir, mesh)
+    with locked_workdir(workdir):
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        logging.info("Mesh %s on %d devices (%d processes).", dict(mesh.shape), jax.device_count(),
+                     jax.process_count())
+        task = STAGES[config.stage](config, workdir, mesh)
+        _startup_fault("after_task")
+        if preemption.any_process_requested():
+            logging.warning("SIGTERM during start-up: stopping before training (nothing to save).")
+            return
+        _train_task(task, config, workdir, mesh)
+
+
+def _train_task(task, config, workdir: str, mesh) -> None:
+    import jax
+
+    from flaxalign.train import loop, report
+
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -140,10 +207,41 @@ def train(config, workdir: str) -> None:
               f"(report {path}).")
 
 
+@contextlib.contextmanager
+def locked_workdir(workdir: str):
+    """This run's hold on `workdir` (see `flaxalign.train.workdir_lock`), taken before anything is written there.
+    Process 0 takes it; in a multi-process run it tells the others whether it got it, so all stop alike."""
+    import jax
+
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if jax.process_index() == 0:
+            try:
+                stack.enter_context(workdir_lock.hold(workdir))
+            except errors.FlaxalignError as e:
+                problem = e
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
+            if bool(multihost_utils.broadcast_one_to_all(np.int32(problem is not None))) and problem is None:
+                problem = workdir_lock.WorkdirError(f"process 0 could not take --workdir={workdir} (its error line "
+                                                    "says why).")
+        if problem is not None:
+            raise problem
+        yield
+
+
+def _startup_fault(point: str) -> None:
+    if os.environ.get(FAULT_SIGTERM_ENV) == point:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str]) -> None:
     commands = [a for a in argv[1:] if not a.startswith("-")]
     if len(commands) != 1 or commands[0] not in COMMANDS:
         fail(f"expected one command from {list(COMMANDS)}, got {commands or 'none'}.")
+    if commands[0] == "train":  # from here on SIGTERM is a flag the run checks, never a kill (exit 0 either way)
+        preemption.install()
     {"train": train_command, "generate": generate_command, "convert": convert_command, "eval": eval_command,
      "pipeline": pipeline_command, "constitutional": constitutional_command, "plan": plan_command}[commands[0]]()
 
@@ -173,7 +271,13 @@ def train_command() -> None:
     if "://" in FLAGS.workdir:
         fail(f"--workdir={FLAGS.workdir} is a URL; metrics, reports and tokenizers are written with local file calls, "
              "so use a path (on a pod: a filesystem shared by every host, e.g. a gcsfuse mount of the bucket).")
+    try:  # every process: a workdir that is a file or read-only is refused before JAX starts
+        workdir_lock.prepare(FLAGS.workdir)
+    except errors.FlaxalignError as e:
+        fail(str(e))
+    _startup_fault("before_jax")
     with user_errors():
+        preemption.reinstall()  # multi-process JAX start-up replaces the SIGTERM handler with its own
         train(FLAGS.config, FLAGS.workdir)
 
 
@@ -216,7 +320,7 @@ def refine_and_print() -> None:
 def pipeline_command() -> None:
     require(FLAGS.config is not None, "--config is required, e.g. --config=configs/pipeline.py:tiny.")
     require(FLAGS.workdir, "--workdir is required.")
-    with user_errors(with_jax=False):  # the stages are subprocesses
+    with user_errors(with_jax=False), workdir_lock.hold(FLAGS.workdir):  # the stages (subprocesses) lock their own
         from flaxalign.pipeline import run_pipeline
         path = run_pipeline(FLAGS.config, FLAGS.workdir, FLAGS.seeds or None)
     print(f"flaxalign: pipeline finished; report {path}." if path else "flaxalign: pipeline stopped after "
