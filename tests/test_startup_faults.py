@@ -8,7 +8,6 @@ that stops before JAX is set up); the runs that need real signals, two live runs
 CLI subprocesses in the slow group.
 """
 
-import ctypes
 import hashlib
 import json
 import logging as pylogging
@@ -87,8 +86,10 @@ CONFIG_FILES = {  # file text, the message (a syntax error names the line; an ex
                           "definition on line 1 (line 2)."),
     "get_config raises": ("def get_config(arg=None):\n    steps = {'tiny': 10}\n    return steps[arg] / 0\n",
                           "config file '{path}' raised ZeroDivisionError at line 3: division by zero."),
-    "get_config misspells a name": ("def get_config(arg=None):\n    return ml_collections.ConfigDict()\n",
-                                    "config file '{path}' raised NameError at line 2: name 'ml_collections' is not "
+    # (ml_collections loads every config file as one module, `config`, so a name another config file defined earlier
+    # in this process would still be there: the misspelt name is one no config file defines)
+    "get_config misspells a name": ("def get_config(arg=None):\n    return ml_colections.ConfigDict()\n",
+                                    "config file '{path}' raised NameError at line 2: name 'ml_colections' is not "
                                     "defined."),
     "imports a missing module": ("import no_such_module_here\n",
                                  "config file '{path}' raised ModuleNotFoundError at line 1: No module named "
@@ -133,18 +134,20 @@ def test_a_workdir_under_a_file_is_one_line(tmp_path, parsed_flags, monkeypatch,
         f"cannot create --workdir={tmp_path}/file/run: not a directory ({tmp_path}/file/run).")
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child after fork must not dlopen
+# Run before exec'ing the CLI, in a fresh interpreter (not a preexec_fn: forking this JAX-threaded process to run
+# Python in the child can deadlock). Root ignores permission bits through two capabilities; dropping them from the
+# bounding set makes the exec'd `flaxalign` (still uid 0, still able to read its own files) refused a read-only
+# directory like anyone else. For other users there is nothing to drop.
+WITHOUT_ROOT_OVERRIDE = """
+import ctypes, os, sys
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
-
-
-def _as_a_user_bound_by_permissions():
-    """In the child, before exec: root ignores permission bits through two capabilities; drop them from the bounding
-    set so the exec'd `flaxalign` (still uid 0, still able to read its own files) is refused a read-only directory
-    like anyone else. A no-op for other users."""
-    if os.geteuid() == 0:
-        for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
-            if _LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+if os.geteuid() == 0:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+"""
 
 
 def _make_read_only(root: str) -> None:
@@ -180,9 +183,9 @@ def test_a_read_only_workdir_is_one_line_and_left_as_it_was(holds_a_run, tmp_pat
     before = tree_digest(workdir)
     _make_read_only(workdir)
     try:
-        proc = subprocess.run(cli.cli_command(["--config=configs/clm.py:tiny", f"--workdir={workdir}"], 1),
-                              cwd=cli.REPO, env=cli.env(), capture_output=True, text=True, timeout=120,
-                              preexec_fn=_as_a_user_bound_by_permissions)
+        command = cli.cli_command(["--config=configs/clm.py:tiny", f"--workdir={workdir}"], 1)
+        proc = subprocess.run([sys.executable, "-c", WITHOUT_ROOT_OVERRIDE, *command[1:]], cwd=cli.REPO,
+                              env=cli.env(), capture_output=True, text=True, timeout=120)
     finally:
         _writable_again(workdir)
     assert one_error_line(proc.returncode, proc.stderr) == (

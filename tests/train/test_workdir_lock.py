@@ -112,9 +112,19 @@ def _error_line(capsys, action) -> str:
     return lines[-1].removeprefix("flaxalign: error: ")
 
 
-# were the lock ignored, the command would end in seconds rather than train the preset (or the whole pipeline)
-QUICK_CLM = ["--config.steps=0", "--config.data.max_chars=20000"]
-QUICK = {"train": QUICK_CLM, "pipeline": ["--config.stop_after=clm", "--config.clm.args=" + " ".join(QUICK_CLM)]}
+# were the lock ignored, the command would end in seconds rather than train the preset (or the whole pipeline); set
+# on the parsed config, not as --config.* flags (absl keeps an override flag defined for the rest of the process)
+QUICK_CLM = {"steps": 0, "data.max_chars": 20000}
+QUICK = {"train": QUICK_CLM,
+         "pipeline": {"stop_after": "clm", "clm.args": " ".join(f"--config.{k}={v}" for k, v in QUICK_CLM.items())}}
+
+
+def _set(config, values: dict) -> None:
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            config = config[parent]
+        config[leaf] = value
 
 
 @pytest.mark.parametrize("command, config", [("train", "configs/clm.py:tiny"),
@@ -125,9 +135,9 @@ def test_train_and_pipeline_on_a_held_workdir_exit_2_with_one_line(command, conf
     nothing of the holder's is touched (the lock file still names it)."""
     workdir = str(tmp_path / "run")
     argv = ["flaxalign", command, f"--config={os.path.join(cli.REPO, config)}", f"--workdir={workdir}"]
-    argv += QUICK[command]
     monkeypatch.setattr(sys, "argv", argv)
     main.parse_flags(argv)
+    _set(main.FLAGS.config, QUICK[command])
     with held_by_another_process(workdir) as holder:
         action = main.train_command if command == "train" else main.pipeline_command
         assert _error_line(capsys, action) == refusal(workdir, holder.pid)
