@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from flaxalign import errors, sharding
 from flaxalign.data.prefetch import Prefetcher
-from flaxalign.train import mfu
+from flaxalign.train import mfu, preemption
 from flaxalign.train.checkpoint import Checkpointer
 from flaxalign.train.jit import CompiledEval, CompiledStep, state_shardings
 from flaxalign.train.metrics import MetricsWriter, console_line
@@ -32,38 +32,6 @@ class LoopResult:
     preempted: bool
     last_metrics: dict
     state: TrainState
-
-
-class _SigtermFlag:
-    """Turns SIGTERM (TPU preemption, `kill`) into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.raised = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def any_process(self, step: int, every: int = 10) -> bool:
-        """Whether any process got SIGTERM. Across processes this is a collective, so it runs only every `every`
-        steps (the same steps everywhere) rather than syncing the hosts after each step."""
-        if jax.process_count() == 1:
-            return self.raised
-        if step % every:
-            return False
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.raised))))
 
 
 class _Throughput:
@@ -203,7 +171,7 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
         writer.write(step, row)
         if is_main:
             logging.info(console_line(step, cfg.steps, row, started))
-    with _SigtermFlag() as sigterm, data:
+    with preemption.watching() as sigterm, data:
         while step < cfg.steps:
             position = data.get_state() if task.prepare is not None else None
             batch, prepared = next(data), {}
