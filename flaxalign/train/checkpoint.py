@@ -9,6 +9,7 @@ checkpoint that reads but belongs to another model or optimizer is not damage: t
 """
 
 import gc
+import logging as pylogging
 import os
 import sys
 import types
@@ -113,28 +114,42 @@ class Checkpointer:
 
 
 def _read_arrays(read: Callable[[], Any], what: str) -> Any:
-    """`read()` (an Orbax restore), with a failure turned into `Unreadable` naming `what` and the innermost cause.
+    """`read()` (an Orbax restore), with a failure turned into `Unreadable` naming `what` and the innermost cause."""
+    try:
+        return read()
+    except Exception as e:  # noqa: BLE001 — the layout was checked first: whatever fails now is the files
+        message = _first_line(e)
+    _silence_abandoned_reads()
+    gc.collect()
+    raise Unreadable(f"the {what} ({message})")
 
-    When one array fails to read, Orbax abandons its sibling read coroutines; each would later print "Exception
-    ignored in <coroutine …>" with a page of TensorStore spec when garbage-collected. The failure is dropped (no
-    frame keeps them alive) and they are collected here with only those messages silenced, so damage is reported
-    in one line."""
+
+def _silence_abandoned_reads() -> None:
+    """Drops, for the rest of the process, the echoes of a failed Orbax read once its damage has been reported.
+
+    When one array fails to read, Orbax closes its event loop with the sibling reads still in flight. Each of those
+    later reports from a TensorStore thread — seconds after, at no predictable moment — as an unraisable "Event
+    loop is closed" from `call_soon_threadsafe`, an "Exception ignored in <coroutine …>" with a page of TensorStore
+    spec when collected, or asyncio's "exception was never retrieved". A hook that is only held around the read
+    misses the late ones, so these three kinds (and nothing else) are silenced from the first failure on."""
+    global _abandoned_reads_silenced
+    if _abandoned_reads_silenced:
+        return
+    _abandoned_reads_silenced = True
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        if not isinstance(unraisable.object, types.CoroutineType):
+        closed_loop = (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                       and "Event loop is closed" in str(unraisable.exc_value))
+        if not (closed_loop or isinstance(unraisable.object, types.CoroutineType)):
             previous(unraisable)
 
     sys.unraisablehook = hook
-    try:
-        try:
-            return read()
-        except Exception as e:  # noqa: BLE001 — the layout was checked first: whatever fails now is the files
-            message = _first_line(e)
-    finally:
-        gc.collect()
-        sys.unraisablehook = previous
-    raise Unreadable(f"the {what} ({message})")
+    pylogging.getLogger("asyncio").addFilter(
+        lambda record: "exception was never retrieved" not in str(record.msg))
+
+
+_abandoned_reads_silenced = False
 
 
 def _first_line(e: BaseException) -> str:
