@@ -102,6 +102,21 @@ def test_a_truncated_newest_checkpoint_falls_back_in_one_line_with_identical_los
     assert _losses(resumed, 21, 30) == _losses(cli.metrics(straight_run), 21, 30)
 
 
+def test_sigterm_during_an_async_save_completes_it_and_exits_0(corpus_and_tokenizer, straight_run, tmp_path):
+    """SIGTERM right after the step-20 save was started: the save completes (a finished step 20, no temporary
+    folder), the run stops there with exit 0, and the rerun resumes at 20 with the straight run's losses."""
+    corpus, tok = corpus_and_tokenizer
+    stopped = str(tmp_path / "stopped")
+    rc, out, err = cli.run(cli.small_run_flags(corpus, tok, stopped, **CHECKPOINTED),
+                           FLAXALIGN_FAULT_SIGTERM_DURING_SAVE_AT_STEP="20")
+    assert rc == 0 and "Traceback" not in err, err[-3000:]
+    assert "preempted: checkpoint saved" in out
+    on_disk = sorted(os.listdir(os.path.join(stopped, "checkpoints")))
+    assert "20" in on_disk and not any("tmp" in name for name in on_disk), on_disk
+    assert max(r["step"] for r in cli.metrics(stopped)) == 20
+    _resume_and_compare(corpus_and_tokenizer, straight_run, stopped, from_step=20)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_0(corpus_and_tokenizer, tmp_path):
     corpus, tok = corpus_and_tokenizer
     workdir = str(tmp_path / "run")

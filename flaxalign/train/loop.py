@@ -24,6 +24,8 @@ from flaxalign.train.task import Task
 FAULT_KILL_ENV = "FLAXALIGN_FAULT_SIGKILL_AT_STEP"
 # ... or right after the given step's checkpoint save was started, while Orbax still writes it in the background.
 FAULT_KILL_IN_SAVE_ENV = "FLAXALIGN_FAULT_SIGKILL_DURING_SAVE_AT_STEP"
+# ... or send it SIGTERM at that moment (the save must complete and the run stop with exit 0).
+FAULT_TERM_IN_SAVE_ENV = "FLAXALIGN_FAULT_SIGTERM_DURING_SAVE_AT_STEP"
 
 
 @dataclasses.dataclass
@@ -159,6 +161,7 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
     logging.info("MFU peak %.3g FLOP/s (%s); %.3g FLOPs/step.", peak, peak_source, task.flops_per_step)
     kill_at = int(os.environ.get(FAULT_KILL_ENV, "0"))
     kill_in_save_at = int(os.environ.get(FAULT_KILL_IN_SAVE_ENV, "0"))
+    term_in_save_at = int(os.environ.get(FAULT_TERM_IN_SAVE_ENV, "0"))
 
     started = time.time()
     throughput = _Throughput(task, peak)
@@ -211,6 +214,8 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
                 _save(checkpointer, step, state, data.get_state(), task.metadata)
                 if kill_in_save_at and step == kill_in_save_at:  # no wait: the async write is still in flight
                     os.kill(os.getpid(), signal.SIGKILL)
+                if term_in_save_at and step == term_in_save_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
             if kill_at and step == kill_at:
                 checkpointer.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
