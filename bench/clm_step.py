@@ -23,6 +23,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flaxalign import models, sharding  # noqa: E402
+from flaxalign.policy import TrainableModel  # noqa: E402
 from flaxalign.stages import clm  # noqa: E402
 from flaxalign.train import loop  # noqa: E402
 from flaxalign.train.checkpoint import Checkpointer  # noqa: E402
@@ -63,7 +64,7 @@ def random_batch(config, batch, seq, seed=0):
 class FlaxalignTimer:
     def __init__(self, config, args, workdir):
         self.mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-        task = clm.make_task(config, optim_config(args.steps), chunk_size=args.loss_chunk)
+        task = clm.make_task(TrainableModel(config), optim_config(args.steps), chunk_size=args.loss_chunk)
         self.state, shardings, _ = loop.initial_state(task, 0, self.mesh, Checkpointer(workdir))
         self.step = CompiledStep(task.train_step, self.mesh, shardings)
         self.batch = sharding.global_batch(random_batch(config, args.batch, args.seq), self.mesh)

@@ -80,6 +80,7 @@ from flaxalign import models, sharding
 from flaxalign.data.batching import preference_batch, stack_pairs
 from flaxalign.data.loader import BatchIterator
 from flaxalign.peft import lora
+from flaxalign.policy import TrainableModel
 from flaxalign.stages import dpo
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
@@ -181,7 +182,7 @@ class FlaxalignDPO:
 def make_flaxalign_task(config, args, total_steps, reference, use_lora, train_data=None):
     lora_config = lora.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA) if use_lora else None
     tokens = 2 * args.pairs * args.seq
-    return dpo.make_task(config, optim_config(total_steps), METHOD, reference=reference, lora_config=lora_config,
+    return dpo.make_task(TrainableModel(config, lora_config), optim_config(total_steps), METHOD, reference=reference,
                          chunk_size=args.loss_chunk, grad_accum=1, train_data=train_data, tokens_per_step=tokens,
                          flops_per_step=dpo.training_passes(METHOD, reference) * tokens * config.flops_per_token(
                              args.seq))

@@ -35,7 +35,6 @@ torch's OpenMP threads, which synchronise after every small op, can make a 2-thr
 """
 
 import argparse
-import functools
 import importlib.util
 import json
 import os
@@ -109,8 +108,9 @@ class FlaxalignSampler:
 
     def __init__(self, fn, graphdef, params, prompts, new_tokens, temperature):
         self.params, self.prompts = params, prompts
-        self.run = jax.jit(functools.partial(fn, graphdef, max_new_tokens=new_tokens, eos_id=EOS_ID, pad_id=PAD_ID,
-                                             temperature=temperature, top_k=0, top_p=1.0))
+        settings = dict(max_new_tokens=new_tokens, eos_id=EOS_ID, pad_id=PAD_ID, temperature=temperature, top_k=0,
+                        top_p=1.0)
+        self.run = jax.jit(lambda params, prompts, rng: fn(models.merge(graphdef, params), prompts, rng, **settings))
         start = time.perf_counter()
         self.first = self(0)
         self.compile_seconds = time.perf_counter() - start

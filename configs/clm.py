@@ -40,6 +40,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # Parameter-efficient training on a frozen base (as in configs/sft.py): LoRA (rank > 0) or bottleneck adapters.
     c.lora = config_blocks.lora()
     c.adapters = config_blocks.adapters()
+    c.quantization = config_blocks.quantization()  # the frozen base as int8 / nf4 (QLoRA)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = TRAIN[arg]["lr"]

@@ -60,6 +60,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.lora = config_blocks.lora()
     c.lora.rank = p.get("lora_rank", 0)
     c.adapters = config_blocks.adapters()
+    c.quantization = config_blocks.quantization()  # the frozen base as int8 / nf4 (QLoRA)
 
     # KL(policy ‖ reference) on held-out prompts at every evaluation, from sampled responses (0 prompts = off)
     c.eval_kl = ml_collections.ConfigDict(dict(num_prompts=p.get("eval_kl_prompts", 32), max_new_tokens=24))

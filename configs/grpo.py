@@ -46,6 +46,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.lora = config_blocks.lora()
     c.adapters = config_blocks.adapters()
+    c.quantization = config_blocks.quantization()  # the frozen base as int8 / nf4 (QLoRA)
 
     c.optim = ml_collections.ConfigDict(dict(
         lr=p["lr"], warmup_steps=0, schedule="constant", final_lr_fraction=1.0, b1=0.9, b2=0.99, eps=1e-8,

@@ -40,6 +40,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.lora = config_blocks.lora()
     c.adapters = config_blocks.adapters()
+    c.quantization = config_blocks.quantization()  # the frozen base as int8 / nf4 (QLoRA)
 
     # counted in optimizer updates (steps × epochs × num_minibatches; total_steps is set from them)
     c.optim = ml_collections.ConfigDict(dict(

@@ -34,6 +34,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.batch_size = p["batch_size"]
 
     c.lora = config_blocks.lora()
+    c.adapters = config_blocks.adapters()
+    c.quantization = config_blocks.quantization()  # the frozen base as int8 / nf4 (QLoRA)
 
     # After training: sample the init_from (SFT) policy on held-out prompts; gain/bias make its rewards N(0, 1).
     c.normalize = ml_collections.ConfigDict(dict(num_prompts=64, max_new_tokens=24))

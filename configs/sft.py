@@ -1,5 +1,7 @@
-"""Supervised fine-tuning, full or LoRA. Presets: `tiny` (CPU tests, the demo pipeline), `smollm2_135m` (LoRA SFT of
-SmolLM2-135M-Instruct from its GGUF file; fetch it first with launch/fetch_smollm2.sh).
+"""Supervised fine-tuning: full, LoRA, adapters or QLoRA. Presets: `tiny` (CPU tests, the demo pipeline),
+`smollm2_135m` (LoRA SFT of SmolLM2-135M-Instruct from its GGUF file; fetch it first with launch/fetch_smollm2.sh),
+`llama3_8b_qlora` (QLoRA SFT of Llama-3-8B on one TPU v5e chip: an NF4 base with LoRA r=16, sequences of 2048;
+check the fit with `flaxalign plan --config=configs/sft.py:llama3_8b_qlora --topology=v5e:1x1`).
 
     flaxalign train --config=configs/sft.py:tiny --workdir=runs/sft --config.init_from=checkpoint:runs/clm
     flaxalign train --config=configs/sft.py:tiny --workdir=runs/sft_lora --config.init_from=checkpoint:runs/clm \
@@ -15,6 +17,12 @@ PRESETS = {
     "tiny": dict(steps=400, lr=3e-3, warmup_steps=10, seq_len=128, batch_size=16),
     "smollm2_135m": dict(steps=30, lr=3e-4, warmup_steps=3, seq_len=128, batch_size=8, lora_rank=8, eval_every=10,
                          eval_batches=4, init_from=f"gguf:{config_blocks.SMOLLM2_GGUF}", chat_template="chatml"),
+    # QLoRA (Dettmers et al. 2023) of Llama-3-8B on a single 16 GiB chip: the NF4 base (double-quantized scales)
+    # holds 4.1 bits per weight, 8 sequences of 2048 tokens per step as 8 micro-batches of 1, activations
+    # recomputed in the backward pass; weights from init_from=hf:DIR (quantized as they load).
+    "llama3_8b_qlora": dict(model="llama3_8b", steps=1000, lr=2e-4, warmup_steps=30, seq_len=2048, batch_size=8,
+                            grad_accum=8, lora_rank=16, quantization="nf4", remat="full", eval_every=100,
+                            eval_batches=4, chat_template="llama3"),
 }
 
 
@@ -26,7 +34,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.steps = p["steps"]
     # checkpoint:DIR of a CLM/SFT run, hf:DIR or gguf:FILE: the model, weights and tokenizer; "" = random init
     c.init_from = p.get("init_from", "")
-    c.model = config_blocks.model(arg)  # used only without init_from; compute settings (dtype, remat, …) always apply
+    # used only without init_from; compute settings (dtype, remat, …) always apply
+    c.model = config_blocks.model(p.get("model", arg), remat=p.get("remat", "none"))
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "builtin:sft"  # sft records: prompt+completion or messages (JSONL, tfds:NAME, builtin:sft)
@@ -44,6 +53,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     # Bottleneck adapters on the frozen base instead (placement houlsby | pfeiffer); named sets for multi-task.
     c.adapters = config_blocks.adapters()
+    c.quantization = config_blocks.quantization()  # the frozen base as int8 / nf4 (QLoRA)
+    c.quantization.base = p.get("quantization", "none")
+    c.quantization.double_quant = c.quantization.base == "nf4"
 
     c.optim = ml_collections.ConfigDict(dict(
         lr=p["lr"], warmup_steps=p["warmup_steps"], schedule="cosine", final_lr_fraction=0.1, b1=0.9, b2=0.95,
@@ -51,7 +63,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.total_steps = c.get_ref("steps")
 
     c.mesh = config_blocks.mesh()
-    c.grad_accum = 1
+    c.grad_accum = p.get("grad_accum", 1)
     c.loss_chunk = 256
     c.log_every = 10
     c.eval_every = p.get("eval_every", 100)

@@ -42,6 +42,12 @@ def adapters() -> ml_collections.ConfigDict:
         placement="none", reduction=16, names=["task"], active="", activation="relu"))
 
 
+def quantization() -> ml_collections.ConfigDict:
+    """How the frozen base of LoRA / adapters is stored (`base` "none" = float32; "int8" or "nf4": QLoRA); see
+    `flaxalign.peft.quant.QuantConfig`."""
+    return ml_collections.ConfigDict(dict(base="none", block_size=64, double_quant=False))
+
+
 def mesh() -> ml_collections.ConfigDict:
     """Mesh axis sizes; -1 = all remaining devices."""
     return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -16,10 +16,10 @@ import shutil
 
 import jax
 
-from flaxalign import errors, models, sharding
+from flaxalign import errors, models, sharding, weights
 from flaxalign.data.tokenizer import load_tokenizer
-from flaxalign.interop import hf
-from flaxalign.stages import lm, pretrained, reward
+from flaxalign.interop import hf, pretrained
+from flaxalign.policy import UNUSED_BY_SCALAR
 from flaxalign.train import checkpoint
 
 FORMATS = ("hf", "peft", "checkpoint")
@@ -30,8 +30,8 @@ def convert(spec: str, destination: str, fmt: str) -> str:
     """Converts `spec` into `destination` in format `fmt`; returns a one-line description of what was written."""
     if fmt not in FORMATS:
         raise errors.ConfigError(f"--format={fmt!r} is not one of {list(FORMATS)}.")
-    source = lm.weights_source(spec)
-    meta = lm.source_metadata(source)
+    source = weights.source_of(spec)
+    meta = weights.metadata(source)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     if fmt == "peft":
         return _to_peft(source, meta, destination, mesh)
@@ -46,15 +46,15 @@ def _weights(source: str, meta: dict, mesh):
     """(model config, LM params or reward backbone, reward head or None) of a source."""
     model_config = models.ModelConfig.from_dict(meta["model"])
     if meta.get("stage") == "reward":
-        abstract, logical, load = reward.trained_reward_model(source, model_config)
+        abstract, logical, load = weights.reward_model(source, model_config)
         with jax.set_mesh(mesh):
-            weights = load(sharding.tree_shardings(logical, abstract, mesh))
-        return model_config, weights["model"], weights["head"]
+            loaded = load(sharding.tree_shardings(logical, abstract, mesh))
+        return model_config, loaded["model"], loaded["head"]
     if pretrained.is_pretrained(source):
         _, abstract, logical = models.abstract_model(model_config)
         return model_config, pretrained.initializer(source)(sharding.tree_shardings(logical, abstract, mesh)), None
     with jax.set_mesh(mesh):
-        model_config, params = lm.load_run_weights(source, mesh)
+        model_config, params = weights.run_weights(source, mesh)
     return model_config, params, None
 
 
@@ -85,15 +85,13 @@ def _to_checkpoint(source: str, meta: dict, destination: str, mesh) -> str:
 
 def _to_peft(source: str, meta: dict, destination: str, mesh) -> str:
     from flaxalign.interop import peft
-    from flaxalign.peft import lora
 
     if pretrained.is_pretrained(source) or not meta.get("lora"):
         raise errors.ConfigError(f"{source} is not a LoRA run; --format=peft exports a run trained with lora.rank > 0.")
-    model_config = models.ModelConfig.from_dict(meta["model"])
-    lora_config = lora.LoraConfig.from_dict(meta["lora"])
-    drop = reward.UNUSED if meta.get("stage") == "reward" else ()
+    drop = UNUSED_BY_SCALAR if meta.get("stage") == "reward" else ()
     with jax.set_mesh(mesh):
-        _, trained = lm.lora_run_weights(source, model_config, lora_config, mesh, drop)
+        model, trained, _ = weights.run_parts(source, mesh, drop=drop)
+    model_config, lora_config = model.config, model.lora
     if trained["saved"]:
         raise errors.ConfigError(f"{source} also trains modules_to_save {list(lora_config.modules_to_save)}; a PEFT "
                                  "export would lose them — use --format=hf (merged) instead.")

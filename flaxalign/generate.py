@@ -10,12 +10,11 @@ first EOS ("EOS + 1") and 0 after it, where the tokens are `pad_id`.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
-from flaxalign import errors, models
+from flaxalign import errors
 
 
 def filter_logits(logits_BxV, *, top_k: int = 0, top_p: float = 1.0):
@@ -47,23 +46,24 @@ def _pick(logits_BxV, key, temperature, top_k, top_p):
     return token, logp
 
 
-def generate(graphdef, params, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad_id: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, layer_transform=None) -> dict:
+def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad_id: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> dict:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
+    `model`: a `CausalLM` built inside the traced function (`models.merge(graphdef, params)`, or a trainable model's
+    `model(trainable, frozen)`: LoRA runs in activation space, a quantized base dequantizes per layer).
     `prompts`: `input_ids`, `attention_mask`, `positions`, int32 `[B, L]`, left-padded (`left_pad_prompts`).
     Returns `tokens` `[B, L + N]` (prompt, response, pad after the end), `mask` `[B, L + N]` (1 on real tokens),
     `response` `[B, N]`, `response_mask` `[B, N]` (EOS + 1 convention), `logps` `[B, N]` (log-probability of
     each sampled token under softmax(logits / temperature), 0 where masked) and `ended` `[B]` (the row emitted EOS).
     Sampling settings are static: each combination compiles its own program.
     """
-    model = models.merge(graphdef, params)
     batch, prompt_len = prompts["input_ids"].shape
     total = prompt_len + max_new_tokens
     unembed = model.unembedding()
     key_mask = jnp.pad(prompts["attention_mask"], ((0, 0), (0, max_new_tokens)))
     hidden, cache = model.decode(prompts["input_ids"], prompts["positions"], model.init_cache(batch, total), 0,
-                                 key_mask, layer_transform=layer_transform)
+                                 key_mask)
     logits = jnp.dot(hidden[:, -1], unembed, preferred_element_type=jnp.float32)
     next_position = prompts["positions"][:, -1] + 1
 
@@ -76,8 +76,7 @@ def generate(graphdef, params, prompts: dict, rng, *, max_new_tokens: int, eos_i
         logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
         slot = prompt_len + i
         key_mask = key_mask.at[:, slot].set(1)
-        hidden, cache = model.decode(token[:, None], (next_position + i)[:, None], cache, slot, key_mask,
-                                     layer_transform=layer_transform)
+        hidden, cache = model.decode(token[:, None], (next_position + i)[:, None], cache, slot, key_mask)
         logits = jnp.dot(hidden[:, -1], unembed, preferred_element_type=jnp.float32)
         return logits, cache, key_mask, done | (token == eos_id), rng, response, logps
 
@@ -96,11 +95,10 @@ def _outputs(prompts, response, logps, ended, eos_id):
             "ended": ended}
 
 
-def generate_recompute(graphdef, params, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad_id: int,
-                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, layer_transform=None) -> dict:
+def generate_recompute(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad_id: int,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> dict:
     """`generate` without a cache: the full `[B, L + N]` buffer runs through the model for every new token. Same
     outputs (token for token under the same rng), O(N) times the work."""
-    model = models.merge(graphdef, params)
     batch, prompt_len = prompts["input_ids"].shape
     tokens = jnp.pad(prompts["input_ids"], ((0, 0), (0, max_new_tokens)), constant_values=pad_id)
     mask = jnp.pad(prompts["attention_mask"], ((0, 0), (0, max_new_tokens)))
@@ -109,7 +107,7 @@ def generate_recompute(graphdef, params, prompts: dict, rng, *, max_new_tokens: 
     def step(i, carry):
         tokens, mask, done, rng, logps = carry
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        hidden = model(tokens, positions, mask, layer_transform=layer_transform)
+        hidden = model(tokens, positions, mask)
         last = prompt_len + i - 1
         logits = jnp.dot(hidden[:, last], unembed, preferred_element_type=jnp.float32)
         rng, key = jax.random.split(rng)
@@ -218,10 +216,9 @@ def model_completer(checkpoint: str, *, chat_template: str = "", max_new_tokens:
     (batch, padded prompt length)."""
     import jax
 
-    from flaxalign import models, sharding
+    from flaxalign import models, sharding, weights
     from flaxalign.data.chat import TEMPLATES
     from flaxalign.data.tokenizer import load_tokenizer
-    from flaxalign.stages import lm
 
     if chat_template and chat_template not in TEMPLATES:
         raise errors.ConfigError(f"chat_template {chat_template!r} is not one of {list(TEMPLATES)}.")
@@ -229,19 +226,20 @@ def model_completer(checkpoint: str, *, chat_template: str = "", max_new_tokens:
         raise errors.ConfigError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1 and "
                                  "batch_size >= 1.")
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    source = lm.weights_source(checkpoint)
-    tokenizer_path = lm.source_metadata(source).get("tokenizer")
+    source = weights.source_of(checkpoint)
+    tokenizer_path = weights.metadata(source).get("tokenizer")
     if not tokenizer_path:
         raise errors.ConfigError(f"{checkpoint} has no tokenizer to turn prompts into tokens.")
     tokenizer = load_tokenizer(tokenizer_path)
     with jax.set_mesh(mesh):
-        model_config, params = lm.load_run_weights(source, mesh)
+        model_config, params = weights.run_weights(source, mesh)
     if model_config.max_seq_len - max_new_tokens < 2:
         raise errors.ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                                  f"max_seq_len={model_config.max_seq_len}.")
     graphdef = models.abstract_model(model_config)[0]
-    sample = jax.jit(functools.partial(generate, graphdef, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id,
-                                       pad_id=tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p))
+    settings = dict(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                    temperature=temperature, top_k=top_k, top_p=top_p)
+    sample = jax.jit(lambda params, batch, rng: generate(models.merge(graphdef, params), batch, rng, **settings))
     return ModelCompleter(tokenizer=tokenizer, model_config=model_config, params=params, mesh=mesh, sample=sample,
                           chat_template=chat_template, max_new_tokens=max_new_tokens, batch_size=batch_size,
                           seed=seed)

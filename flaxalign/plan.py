@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxalign import errors, models, sharding
+from flaxalign import errors, models, sharding, weights
 from flaxalign.data.batching import PREFERENCE_KEYS, SFT_KEYS
 from flaxalign.models import heads
+from flaxalign.policy import UNUSED_BY_SCALAR, ScalarModel
 from flaxalign.stages import dpo, grpo, lm, onpolicy, ppo, reward
 from flaxalign.stages.checks import check_shapes
 from flaxalign.train.jit import CompiledStep, state_shardings
@@ -182,10 +183,10 @@ def _tpu_config(config):
 
 
 def _lm_task(config, mesh, name: str):
-    model_config, _, _ = lm.resolve_model(config)
+    model_config, _, _ = weights.resolve_model(config)
     check_shapes(config, model_config, mesh)
     b, t = config.data.batch_size, config.data.seq_len
-    task = lm.make_task(name, model_config, config.optim, lora_config=lm.lora_from(config), seed=config.seed,
+    task = lm.make_task(name, weights.trainable_model(config, model_config), config.optim,
                         grad_accum=config.grad_accum, chunk_size=config.loss_chunk, init_base=_never,
                         tokens_per_step=b * t, flops_per_step=b * t * model_config.flops_per_token(t))
     batch = {k: _struct((b, t), np.float32 if k == "loss_mask" else np.int32) for k in SFT_KEYS}
@@ -199,15 +200,14 @@ def _pairs_batch(config) -> dict:
 
 def _dpo_task(config, mesh):
     method = dpo.make_method(config)
-    model_config, _, _ = lm.resolve_model(config)
+    model_config, _, _ = weights.resolve_model(config)
     check_shapes(config, model_config, mesh)
-    lora_config = lm.lora_from(config)
-    reference = dpo.resolve_reference(config, method, lora_config, model_config.adapter_placement != "none")
+    policy = weights.trainable_model(config, model_config)
+    reference = dpo.resolve_reference(config, method, policy)
     b, t = config.data.batch_size, config.data.seq_len
     tokens = 2 * b * t
-    task = dpo.make_task(model_config, config.optim, method, reference=reference, lora_config=lora_config,
-                         seed=config.seed, grad_accum=config.grad_accum, chunk_size=config.loss_chunk,
-                         init_base=_never, tokens_per_step=tokens,
+    task = dpo.make_task(policy, config.optim, method, reference=reference, grad_accum=config.grad_accum,
+                         chunk_size=config.loss_chunk, init_base=_never, tokens_per_step=tokens,
                          flops_per_step=dpo.training_passes(method, reference) * tokens
                          * model_config.flops_per_token(t))
     batch = _pairs_batch(config)
@@ -219,13 +219,14 @@ def _dpo_task(config, mesh):
 
 
 def _reward_task(config, mesh):
-    model_config, _, _ = lm.resolve_model(config)
+    model_config, _, _ = weights.resolve_model(config)
     check_shapes(config, model_config, mesh)
     b, t = config.data.batch_size, config.data.seq_len
     tokens = 2 * b * (t + 1)
-    task = reward.make_task(model_config, config.optim, lora_config=lm.lora_from(config), seed=config.seed,
-                            grad_accum=config.grad_accum, center_coef=config.center_coef, init_base=_never,
-                            tokens_per_step=tokens, flops_per_step=tokens * model_config.flops_per_token(t + 1))
+    rm = ScalarModel(weights.trainable_model(config, model_config, drop=UNUSED_BY_SCALAR))
+    task = reward.make_task(rm, config.optim, grad_accum=config.grad_accum, center_coef=config.center_coef,
+                            init_base=_never, tokens_per_step=tokens,
+                            flops_per_step=tokens * model_config.flops_per_token(t + 1))
     return task, model_config, _pairs_batch(config)
 
 
@@ -233,16 +234,17 @@ def _reward_model(config, model_config):
     """(config, abstract params, logical axes, loader) of the RL stages' reward model: `reward_from`'s architecture
     (its metadata only), else the policy's."""
     if config.get("reward_from"):
-        path = lm.parse_init_from(config.reward_from, "reward_from")
-        return ppo.load_reward_model(path, {}, model_config)
-    _, abstract, logical = models.abstract_model(model_config)
-    return (model_config, {"model": lm.without(abstract, reward.UNUSED),
-                           "head": heads.abstract_scalar_head(model_config.d_model)},
-            {"model": lm.without(logical, reward.UNUSED), "head": heads.HEAD_LOGICAL}, _never)
+        return weights.reward_from(weights.parse_source(config.reward_from, "reward_from"), {}, model_config)
+    _, abstract, logical = models.abstract_model(model_config.without_adapters())
+    return (model_config.without_adapters(),
+            {"model": {k: v for k, v in abstract.items() if k not in UNUSED_BY_SCALAR},
+             "head": heads.abstract_scalar_head(model_config.d_model)},
+            {"model": {k: v for k, v in logical.items() if k not in UNUSED_BY_SCALAR}, "head": heads.HEAD_LOGICAL},
+            _never)
 
 
 def _prompts(config, rows: int) -> dict:
-    return {k: _struct((rows, config.data.max_prompt_len), np.int32) for k in ppo.PROMPT_KEYS}
+    return {k: _struct((rows, config.data.max_prompt_len), np.int32) for k in onpolicy.PROMPT_KEYS}
 
 
 def _abstract_state(task, seed: int):
@@ -253,13 +255,10 @@ def _abstract_state(task, seed: int):
 def _ppo_task(config, mesh):
     h = ppo.PpoHyper(**config.ppo.to_dict())
     sampling = onpolicy.Sampling(**config.rollout.to_dict())
-    model_config, _, _ = lm.resolve_model(config)
-    if model_config.adapter_placement != "none":
-        raise errors.ConfigError("PPO trains fully or with LoRA; bottleneck adapters "
-                                 "(adapters.placement) are not supported.")
+    model_config, _, _ = weights.resolve_model(config)
     b = config.data.batch_size
     onpolicy.check_budget(config, model_config, sampling, b, h.num_minibatches, "data.batch_size")
-    core = ppo.ppo_core(config, model_config, lm.lora_from(config), h, sampling,
+    core = ppo.ppo_core(config, weights.trainable_model(config, model_config), h, sampling,
                         _reward_model(config, model_config), init_base=_never)
     task = _rl_task("ppo", core, functools.partial(ppo.ppo_step, m=core.models, h=h, optimizer=core.optimizer,
                                                    grad_accum=config.grad_accum))
@@ -271,15 +270,12 @@ def _ppo_task(config, mesh):
 def _grpo_task(config, mesh):
     h = grpo.GrpoHyper(**config.grpo.to_dict())
     sampling = onpolicy.Sampling(**config.rollout.to_dict())
-    model_config, _, _ = lm.resolve_model(config)
-    if model_config.adapter_placement != "none":
-        raise errors.ConfigError("GRPO trains fully or with LoRA; bottleneck adapters "
-                                 "(adapters.placement) are not supported.")
+    model_config, _, _ = weights.resolve_model(config)
     b = config.data.batch_size
     rows = b * h.group_size
     onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")
     rm = _reward_model(config, model_config) if config.get("reward_from") else None
-    core = grpo.grpo_core(config, model_config, lm.lora_from(config), h, sampling, rm, init_base=_never)
+    core = grpo.grpo_core(config, weights.trainable_model(config, model_config), h, sampling, rm, init_base=_never)
     task = _rl_task("grpo", core, functools.partial(grpo.grpo_step, m=core.models, h=h, optimizer=core.optimizer,
                                                     grad_accum=config.grad_accum))
     rollout = functools.partial(grpo.grpo_rollout, m=core.models, sampling=sampling, eos_id=0, pad_id=0,

@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 
 from flaxalign import models, sharding
+from flaxalign.policy import TrainableModel
 from flaxalign.stages import clm
 from flaxalign.train.task import Task
 
@@ -35,9 +36,11 @@ def packed_batch(batch_size=8, seq_len=32, vocab=512, seed=0) -> dict:
             "positions": positions, "loss_mask": (segment_ids > 0).astype(np.float32)}
 
 
-def clm_task(model_config, optim_cfg=None, *, grad_accum=1, seed=0, chunk_size=16) -> Task:
-    return clm.make_task(model_config, optim_cfg or optim_config(), seed=seed, grad_accum=grad_accum,
-                         chunk_size=chunk_size)
+def clm_task(model_config, optim_cfg=None, *, grad_accum=1, seed=0, chunk_size=16, lora_config=None,
+             quant_config=None, init_base=None) -> Task:
+    policy = TrainableModel(model_config, lora_config, quant_config, seed=seed)
+    return clm.make_task(policy, optim_cfg or optim_config(), grad_accum=grad_accum, chunk_size=chunk_size,
+                         init_base=init_base)
 
 
 def random_params(config, seed=0):
@@ -85,3 +88,16 @@ def right_padded_batch(vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     mask[1, 9:] = 0
     tokens[1, 9:] = 0
     return tokens, mask
+
+
+class DataPosition:
+    """A stand-in for a stage's train iterator where only its resumable position matters."""
+
+    def __init__(self):
+        self.state = {"batches_consumed": 0}
+
+    def get_state(self):
+        return dict(self.state)
+
+    def set_state(self, state):
+        self.state = dict(state)

@@ -23,11 +23,14 @@ def test_peft_memory_tiny(tmp_path, capsys):
     out = tmp_path / "peft.json"
     result = bench.main(["--presets=tiny", "--batch=2", "--seq=16", "--loss_chunk=16", "--steps=1",
                          f"--json={out}"])
-    assert json.loads(out.read_text())["ratios"].keys() == result["ratios"].keys() == {"tiny/lora", "tiny/adapters"}
+    assert json.loads(out.read_text())["ratios"].keys() == result["ratios"].keys() == {
+        "tiny/lora", "tiny/adapters", "tiny/qlora_int8", "tiny/qlora_nf4"}
     rows = {r["method"]: r for r in result["rows"]}
     full, lora, adapters = rows["full"], rows["lora"], rows["adapters"]
-    # Full fine-tuning trains every weight; the PEFT methods freeze exactly the base model.
+    # Full fine-tuning trains every weight; the PEFT methods freeze exactly the base model, QLoRA in fewer bytes.
     assert full["frozen_bytes"] == 0 and lora["frozen_bytes"] == adapters["frozen_bytes"] == full["trainable_bytes"]
+    assert rows["qlora_nf4"]["frozen_bytes"] < rows["qlora_int8"]["frozen_bytes"] < lora["frozen_bytes"]
+    assert rows["qlora_nf4"]["trainable_params"] == lora["trainable_params"]
     for r in rows.values():
         # AdamW: two float32 moments per trainable param, plus a few scalar counts.
         assert 2 * r["trainable_bytes"] <= r["optimizer_bytes"] <= 2 * r["trainable_bytes"] + 64

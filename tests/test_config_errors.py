@@ -24,7 +24,6 @@ from tests import cli_helpers as cli
 from tests.config_files import CONFIGS, stage_config
 
 
-
 def error_line(capsys, action) -> str:
     """The message after `flaxalign: error: ` of `action()`, which must exit 2 with it as its only error line, last
     on stderr, and no traceback."""
@@ -154,6 +153,21 @@ STAGE_CASES = {
     "LoRA and adapters at once": (
         "sft", {"lora.rank": 4, "adapters.placement": "houlsby"},
         "use either LoRA (lora.rank > 0) or bottleneck adapters, not both at once."),
+    "unknown quantization": (
+        "sft", {"lora.rank": 4, "quantization.base": "fp4"},
+        "quantization.base must be one of ['none', 'int8', 'nf4'], not 'fp4'."),
+    "quantized base with full fine-tuning": (
+        "dpo", {"quantization.base": "nf4"},
+        "quantization.base='nf4' stores the frozen base quantized, but full fine-tuning trains every weight: add LoRA "
+        "(lora.rank > 0) or adapters, or set quantization.base='none'."),
+    "nf4 blocks not dividing a weight's inputs": (
+        "sft", {"lora.rank": 4, "quantization.base": "nf4", "quantization.block_size": 128},
+        "quantization.base='nf4' needs every quantized weight's input size to be a multiple of "
+        "quantization.block_size=128, but layers/attn/k has 64 inputs; use a block_size that divides it or "
+        "quantization.base='int8'."),
+    "double quantisation of int8": (
+        "reward", {"adapters.placement": "houlsby", "quantization.base": "int8", "quantization.double_quant": True},
+        "quantization.double_quant quantizes nf4 block scales; set quantization.base='nf4' or turn double_quant off."),
     "LoRA targets matching nothing": (
         "sft", {"lora.rank": 4, "lora.targets": "nothing_like_this"},
         "lora.targets='nothing_like_this' with lora.exclude=[] matches no linear parameter; available: "
@@ -205,8 +219,8 @@ STAGE_CASES = {
         "base)."),
     "reference_from with another vocabulary": (
         "dpo", {"reference_from": "checkpoint:{rm_run}"},
-        "the reference checkpoint {rm_run} has vocab_size=1024 but the policy has 512; the reference must use the "
-        "policy's vocabulary."),
+        "the reference checkpoint {rm_run} has vocab_size=1024 but the policy has 512; the reference model must use "
+        "the policy's vocabulary."),
     "eval_kl prompts not dividing the mesh": (
         "dpo", {"eval_kl.num_prompts": 32},
         "eval_kl.num_prompts (held-out prompts, at most the data.eval set) = 3 rows do not split over the mesh: "
@@ -218,23 +232,20 @@ STAGE_CASES = {
     "PPO without a reward model": (
         "ppo", {"reward_from": ""},
         "PPO needs a reward model: set reward_from=checkpoint:DIR (a configs/reward.py run)."),
-    "PPO with adapters": (
-        "ppo", {"adapters.placement": "houlsby"},
-        "PPO trains fully or with LoRA; bottleneck adapters (adapters.placement) are not supported."),
     "PPO reward_from a policy run": (
         "ppo", {"reward_from": "checkpoint:{clm_run}"},
         "reward_from={clm_run} is a 'clm' run, not a reward model (train one with configs/reward.py)."),
     "PPO reward model of another vocabulary": (
         "ppo", {"model.vocab_size": 512, "init_from": "checkpoint:{clm_run}", "data.tokenizer": ""},
-        "the reference checkpoint {rm_run} has vocab_size=1024 but the policy has 512; the reference must use the "
+        "the reward checkpoint {rm_run} has vocab_size=1024 but the policy has 512; the reward model must use the "
         "policy's vocabulary."),
     "unknown value_from": (
         "ppo", {"value_from": "critic"},
         "unknown value_from 'critic'; valid: auto, reward, policy."),
     "value model from the reward model with LoRA": (
         "ppo", {"value_from": "reward", "lora.rank": 4},
-        "with LoRA the value model is the policy's frozen base with its own LoRA: use value_from='policy' (or "
-        "'auto')."),
+        "with LoRA or adapters the value model is the policy's frozen base with its own LoRA or adapters: use "
+        "value_from='policy' (or 'auto')."),
     "PPO zero epochs": (
         "ppo", {"ppo.epochs": 0},
         "ppo.epochs must be >= 1."),
@@ -265,9 +276,6 @@ STAGE_CASES = {
         "ppo", {"eval_prompts": 64},
         "eval_prompts (held-out prompts, at most the data.eval set) = 1 row does not split over the mesh: global "
         "batch size dimension 1 (act_batch) is not divisible by mesh axes data of size 8."),
-    "GRPO with adapters": (
-        "grpo", {"adapters.placement": "houlsby"},
-        "GRPO trains fully or with LoRA; bottleneck adapters (adapters.placement) are not supported."),
     "GRPO without rewards": (
         "grpo", {"rewards": ""},
         "GRPO needs rewards: name reward functions in `rewards` and/or set reward_from."),

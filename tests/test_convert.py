@@ -7,10 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from flaxalign import errors, interop, models, sharding
+from flaxalign import errors, interop, models, sharding, weights
 from flaxalign.convert import convert
 from flaxalign.models import heads
-from flaxalign.stages import lm, reward
+from flaxalign.policy import TrainableModel
+from flaxalign.stages import lm
 from tests import cli_helpers as cli
 from tests import helpers
 
@@ -25,7 +26,7 @@ def _one_device_mesh():
 def _run_logits(source):
     mesh = _one_device_mesh()
     with jax.set_mesh(mesh):
-        config, params = lm.load_run_weights(source, mesh)
+        config, params = weights.run_weights(source, mesh)
     return np.asarray(interop.apply_lm(config, params, TOKENS, MASK))
 
 
@@ -43,7 +44,7 @@ def test_hf_export_of_a_run_has_the_run_s_logits_and_tokenizer(sft_demo_run, sft
     loaded = interop.load_pretrained(sft_export)
     np.testing.assert_allclose(np.asarray(interop.apply_lm(loaded.config, loaded.params, TOKENS, MASK)),
                                _run_logits(sft_demo_run), atol=1e-5, rtol=0)
-    assert lm.source_metadata(lm.weights_source(sft_export))["tokenizer"].endswith("tokenizer.model")
+    assert weights.metadata(weights.source_of(sft_export))["tokenizer"].endswith("tokenizer.model")
 
 
 @pytest.mark.slow  # the demo's SFT run
@@ -51,7 +52,7 @@ def test_checkpoint_import_of_an_hf_directory_is_a_run_with_the_same_model(sft_e
     run_dir = str(tmp_path / "ckpt")
     convert(f"hf:{sft_export}", run_dir, "checkpoint")
     np.testing.assert_allclose(_run_logits(run_dir), _run_logits(f"hf:{sft_export}"), atol=1e-6, rtol=0)
-    meta = lm.source_metadata(run_dir)
+    meta = weights.metadata(run_dir)
     assert meta["stage"] == "pretrained" and meta["init_from"] == f"hf:{sft_export}"
     assert os.path.isfile(meta["tokenizer"])
 
@@ -65,7 +66,7 @@ def test_sft_starts_from_an_hf_directory(sft_export, tmp_path):
     first = next(row for row in cli.metrics(workdir) if "loss" in row)
     # the exported SFT model already fits the SFT data: its first loss is far below a random model's ln(512) = 6.2
     assert first["loss"] < 4.0, first
-    assert lm.source_metadata(workdir)["init_from"] == f"hf:{sft_export}"
+    assert weights.metadata(workdir)["init_from"] == f"hf:{sft_export}"
 
 
 def test_reward_model_from_a_sequence_classification_directory(tmp_path):
@@ -74,15 +75,15 @@ def test_reward_model_from_a_sequence_classification_directory(tmp_path):
     head = heads.init_scalar_head(config.d_model, seed=1)
     interop.save_hf(config, backbone, str(tmp_path), score_head=head, pad_token_id=0)
     source = f"hf:{tmp_path}"
-    assert lm.source_metadata(source)["stage"] == "reward"  # usable as PPO's / GRPO's reward_from
-    abstract, logical, load = reward.trained_reward_model(source, config)
+    assert weights.metadata(source)["stage"] == "reward"  # usable as PPO's / GRPO's reward_from
+    abstract, logical, load = weights.reward_model(source, config)
     mesh = helpers.mesh((2, 1, 1))
     with jax.set_mesh(mesh):
-        weights = load(sharding.tree_shardings(logical, abstract, mesh))
+        loaded = load(sharding.tree_shardings(logical, abstract, mesh))
     expected = interop.apply_reward(config, backbone, head, TOKENS, MASK)
-    got = interop.apply_reward(config, weights["model"], weights["head"], TOKENS, MASK)
+    got = interop.apply_reward(config, loaded["model"], loaded["head"], TOKENS, MASK)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6, rtol=0)
-    assert jax.tree.structure(weights["model"]) == jax.tree.structure(abstract["model"])
+    assert jax.tree.structure(loaded["model"]) == jax.tree.structure(abstract["model"])
 
 
 def test_sequence_classification_directory_converts_to_hf_again(tmp_path):
@@ -108,7 +109,7 @@ def test_bad_sources_and_formats_are_named(sft_demo_run, tmp_path):
     with pytest.raises(errors.ConfigError, match="is not a directory"):
         convert(f"hf:{tmp_path / 'missing'}", str(tmp_path / "x"), "checkpoint")
     with pytest.raises(errors.ConfigError, match=r"hf:DIR .* or gguf:FILE"):
-        lm.parse_init_from("s3://bucket/model")
+        weights.parse_source("s3://bucket/model")
 
 
 def test_convert_cli_errors_are_one_line(tmp_path):
@@ -121,7 +122,7 @@ def test_convert_cli_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow  # the demo's SFT run
 def test_model_configs_agree_between_a_run_and_its_export(sft_demo_run, sft_export):
-    run_config = models.ModelConfig.from_dict(lm.source_metadata(sft_demo_run)["model"])
+    run_config = models.ModelConfig.from_dict(weights.metadata(sft_demo_run)["model"])
     assert interop.hf.read_model_config(sft_export).checkpoint_identity() == run_config.checkpoint_identity()
 
 
@@ -134,14 +135,14 @@ def test_peft_export_of_a_lora_run_reproduces_its_merged_model(tmp_path):
 
     config = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2, tie_embeddings=False)
     lora_config = lora.LoraConfig(rank=4, alpha=8.0, variant="rslora")
-    task = lm.make_task("sft", config, helpers.optim_config(lr=5e-2), lora_config=lora_config, chunk_size=16)
+    task = lm.make_task("sft", TrainableModel(config, lora_config), helpers.optim_config(lr=5e-2), chunk_size=16)
     mesh = helpers.mesh((2, 1, 1))
     checkpointer = Checkpointer(str(tmp_path / "run" / "checkpoints"), async_save=False)
     state, shardings, _ = loop.initial_state(task, 0, mesh, checkpointer)
     step = CompiledStep(task.train_step, mesh, shardings)
     for seed in range(3):  # the learning rate warms up from 0, so B leaves zero
         state, _ = step(state, helpers.packed_batch(seed=seed))
-    checkpointer.save(3, state, {}, task.metadata)
+    checkpointer.save(3, state, {"batches_consumed": 3}, task.metadata)
     checkpointer.close()
 
     convert(str(tmp_path / "run"), str(tmp_path / "adapter"), "peft")
@@ -216,16 +217,16 @@ def test_reward_run_converted_to_hf_scores_in_transformers_as_in_flaxalign(torch
     rc, out, err = cli.run([f"--from={reward_run}", f"--to={exported}", "--format=hf"], cpu_devices=1,
                            command="convert", timeout=300)
     assert rc == 0 and "a *ForSequenceClassification reward model" in out, err[-2000:]
-    meta = lm.source_metadata(reward_run)
+    meta = weights.metadata(reward_run)
     tokenizer = load_tokenizer(meta["tokenizer"])
     tokens, mask = _right_padded_texts(tokenizer, ["What is 7 * 8?", "The answer is 56.", "len(obj) returns",
                                                    "Return a new sorted list from the items in iterable."])
     config = models.ModelConfig.from_dict(meta["model"])
-    abstract, logical, load = reward.trained_reward_model(reward_run, config)
+    abstract, logical, load = weights.reward_model(reward_run, config)
     mesh = _one_device_mesh()
     with jax.set_mesh(mesh):
-        weights = load(sharding.tree_shardings(logical, abstract, mesh))
-    ours = np.asarray(interop.apply_reward(config, weights["model"], weights["head"], tokens, mask))
+        loaded = load(sharding.tree_shardings(logical, abstract, mesh))
+    ours = np.asarray(interop.apply_reward(config, loaded["model"], loaded["head"], tokens, mask))
 
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         exported, dtype=torch.float32, attn_implementation="eager").eval()
@@ -233,7 +234,7 @@ def test_reward_run_converted_to_hf_scores_in_transformers_as_in_flaxalign(torch
     assert model.config.pad_token_id == tokenizer.pad_id
     with torch.no_grad():
         theirs = model(input_ids=torch.from_numpy(tokens), attention_mask=torch.from_numpy(mask)).logits[:, 0].numpy()
-    bias = float(weights["head"]["bias"])
+    bias = float(loaded["head"]["bias"])
     assert abs(bias) > 5e-4, bias  # trained away from 0 (measured 1.3e-3), so dropping or double-counting it shows
     assert np.ptp(ours) > 0.1  # rows score differently: a wrong last-token pick would show
     # float32 on both sides: measured max |difference| 2.4e-7 (bias 0) and 6.3e-7 (this run) on scores of order 1

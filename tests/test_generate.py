@@ -1,7 +1,6 @@
 """Sampling with a KV cache: equal to recomputing the prefix, padding-invariant, greedy limits, log-probs of the
 sampled tokens, one compile per shape."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,8 @@ EOS, PAD = 2, 0
 def _run(fn, prompts=PROMPTS, seed=0, **kwargs):
     batch = left_pad_prompts(prompts, pad_id=PAD)
     kwargs = {"max_new_tokens": 12, "eos_id": EOS, "pad_id": PAD, **kwargs}
-    out = jax.jit(functools.partial(fn, GRAPHDEF, **kwargs))(PARAMS, batch, jax.random.PRNGKey(seed))
+    out = jax.jit(lambda params, batch, rng: fn(models.merge(GRAPHDEF, params), batch, rng, **kwargs))(
+        PARAMS, batch, jax.random.PRNGKey(seed))
     return jax.device_get(out)
 
 
@@ -83,7 +83,7 @@ def test_compiles_once_per_shape():
 
     def traced(params, batch, rng):
         traces.append(1)
-        return generate(GRAPHDEF, params, batch, rng, max_new_tokens=6, eos_id=EOS, pad_id=PAD)
+        return generate(models.merge(GRAPHDEF, params), batch, rng, max_new_tokens=6, eos_id=EOS, pad_id=PAD)
 
     fn = jax.jit(traced)
     for seed, prompts in enumerate([PROMPTS, [[1, 4, 4, 4], [1, 9], [1, 8, 8, 8, 8, 8, 8], [1, 2]]]):

@@ -13,10 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from flaxalign import interop, sharding
+from flaxalign import interop, sharding, weights
 from flaxalign.convert import convert
 from flaxalign.data.tokenizer import load_tokenizer
-from flaxalign.stages import lm
 from tests import cli_helpers as cli
 from tests import helpers
 from tests.interop.test_gguf import _reference_tokenizer, _vocab_metadata, write_gguf
@@ -93,7 +92,7 @@ def test_convert_cli_writes_an_hf_directory_of_a_gguf_file(tiny_gguf, tmp_path):
 def _max_weight_change(run_dir: str, model: TinyGguf) -> float:
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
-        _, trained = lm.load_run_weights(run_dir, mesh)
+        _, trained = weights.run_weights(run_dir, mesh)
     changes = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), trained, model.params)
     return max(jax.tree.leaves(changes))
 
@@ -112,7 +111,7 @@ def test_sft_cli_starts_from_the_weights_and_tokenizer_of_a_gguf_file(tiny_gguf,
     assert rc == 0, err[-2000:]
     losses = [row["loss"] for row in cli.metrics(workdir) if "loss" in row]
     assert len(losses) == 2 and all(np.isfinite(losses)), losses
-    meta = lm.source_metadata(workdir)
+    meta = weights.metadata(workdir)
     assert meta["init_from"] == f"gguf:{tiny_gguf.path}" and meta["tokenizer"] == tiny_gguf.path
     # Adam's first steps move a weight by at most about the learning rate: Σ lr = 1e-3 + 5.5e-4 (cosine to 10 % over
     # 2 steps) = 1.55e-3, which is also the measured largest change

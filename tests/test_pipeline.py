@@ -10,10 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from flaxalign import errors
+from flaxalign import errors, weights
 from flaxalign.pipeline import is_finished, plan, run_pipeline
 from flaxalign.pipeline_report import mean_std, write_pipeline_report
-from flaxalign.stages import lm
 from tests import cli_helpers as cli
 
 
@@ -237,5 +236,5 @@ def test_ppo_stage_starts_at_its_reference_and_logs_metrics_that_agree_with_each
         assert abs(row["rlhf_reward"] - (row["score"] - row["kl_coef"] * row["kl"])) < 1e-5, row
     assert os.listdir(os.path.join(run, "checkpoints")) == ["3"]
     assert os.path.exists(os.path.join(run, "report.md"))
-    meta = lm.source_metadata(run)
+    meta = weights.metadata(run)
     assert meta["stage"] == "ppo" and meta["reward_from"] == f"checkpoint:{workdir}/reward"

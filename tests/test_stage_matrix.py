@@ -1,8 +1,9 @@
-"""Every stage × {full fine-tuning, LoRA, bottleneck adapters} through `flaxalign train`: each trains 4 steps with a
+"""Every stage × {full fine-tuning, LoRA, bottleneck adapters, QLoRA} through `flaxalign train`: each trains 4 steps with a
 checkpoint at step 2, and a second process, started from a copy of that run with its step-4 checkpoint removed (the
 state a crash after step 2 leaves), resumes at step 2 and logs steps 3 and 4 with metrics bitwise equal to the
 uninterrupted run's — every logged number, not only the loss, so the data position, the RNG, the optimizer and (PPO)
-the KL coefficient all have to come back. The combinations that are refused by design exit 2 with one line instead.
+the KL coefficient all have to come back. A combination refused by design (a quantized base with full fine-tuning)
+exits 2 with one line instead.
 
 The upstream runs are the matrix's own full runs (CLM → SFT → reward model → PPO/GRPO), at tiny shapes, so the
 whole matrix is ~30 short processes. They run a few at a time (`FLAXALIGN_TEST_PARALLEL`, default min(4, CPUs)), each
@@ -25,7 +26,8 @@ pytestmark = pytest.mark.slow
 
 STEPS, CHECKPOINT_AT = 4, 2
 TIMING = {"step_time", "tokens_per_sec", "mfu"}  # wall-clock metrics: the only ones allowed to differ
-METHODS = {"full": {}, "lora": {"lora.rank": 4}, "adapters": {"adapters.placement": "houlsby"}}
+METHODS = {"full": {}, "lora": {"lora.rank": 4}, "adapters": {"adapters.placement": "houlsby"},
+           "qlora": {"lora.rank": 4, "quantization.base": "nf4"}, "qfull": {"quantization.base": "nf4"}}
 SHAPES = {"data.seq_len": 32, "data.batch_size": 4}
 ROLLOUT = {"data.max_prompt_len": 16, "rollout.max_new_tokens": 4, "eval_prompts": 0}
 # The flags of each stage on top of the common ones; {NAME} is the workdir of run NAME (its upstream).
@@ -48,14 +50,11 @@ STAGE_FLAGS = {
 UPSTREAM = {"clm": {}, "sft": {"sft_from": "clm-full"}, "reward": {"from_sft": "sft-full"},
             "dpo": {"from_sft": "sft-full"}, "ppo": {"from_sft": "sft-full", "from_reward": "reward-full"},
             "grpo": {"from_sft": "sft-full", "from_reward": "reward-full"}}
-# Refused by design: the reward config has no adapters block; PPO and GRPO refuse adapters in build_task.
-REFUSED = {
-    ("reward", "adapters"): "unknown config field 'adapters' in a --config.* flag.",
-    ("ppo", "adapters"): "PPO trains fully or with LoRA; bottleneck adapters (adapters.placement) are not supported.",
-    ("grpo", "adapters"): "GRPO trains fully or with LoRA; bottleneck adapters (adapters.placement) are not "
-                          "supported.",
-}
-TRAINED = [f"{stage}-{method}" for stage in STAGE_FLAGS for method in METHODS if (stage, method) not in REFUSED]
+# Refused by design in every stage: a quantized base needs something else to train (LoRA or adapters).
+QFULL = ("quantization.base='nf4' stores the frozen base quantized, but full fine-tuning trains every weight: add "
+         "LoRA (lora.rank > 0) or adapters, or set quantization.base='none'.")
+REFUSED = {(stage, "qfull"): QFULL for stage in ("sft", "ppo")}
+TRAINED = [f"{stage}-{method}" for stage in STAGE_FLAGS for method in METHODS if method != "qfull"]
 
 
 def _flags(name: str, root: str, data: dict) -> list[str]:
@@ -158,7 +157,7 @@ def _method_in_checkpoint(workdir: str) -> str:
 
     meta = checkpoint.read_metadata(workdir)
     if meta.get("lora"):
-        return "lora"
+        return "qlora" if (meta.get("quantization") or {}).get("base", "none") != "none" else "lora"
     return "adapters" if meta["model"].get("adapter_placement", "none") != "none" else "full"
 
 

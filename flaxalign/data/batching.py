@@ -344,6 +344,13 @@ def _stack(x):
 # Generation prompts.
 
 
+def pair_prompts(pairs: dict) -> list[np.ndarray]:
+    """The prompt tokens of `[N, 2, T]` preference rows: a chosen row's inputs up to its first completion target."""
+    inputs, completion = pairs["inputs"][:, 0], pairs["completion_mask"][:, 0]
+    first = np.argmax(completion > 0, axis=1)
+    return [inputs[i, : first[i] + 1] for i in range(len(inputs))]
+
+
 def left_pad_prompts(prompts, *, pad_id: int, length: int | None = None) -> dict:
     """Left-pads prompts into int32 `input_ids`, `attention_mask` and `positions`, each [B, L].
 

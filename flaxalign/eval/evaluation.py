@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from flaxalign import errors, models, sharding
+from flaxalign import errors, models, sharding, weights
 from flaxalign.data.atomic import write_atomically
 from flaxalign.data.batching import left_pad_prompts
 from flaxalign.data.prompt_data import (
@@ -43,9 +43,9 @@ from flaxalign.data.sources import read_records
 from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.eval import likelihood, text_metrics
 from flaxalign.generate import decode_responses, generate
+from flaxalign.interop import pretrained
 from flaxalign.losses.lm import chunked_token_kl
 from flaxalign.models.apply import apply_reward
-from flaxalign.stages import dpo, lm, pretrained, reward
 from flaxalign.train import checkpoint as ckpt
 from flaxalign.train.metrics import MetricsWriter
 
@@ -67,10 +67,10 @@ class Model:
 
 
 def resolve_source(spec: str, field: str = "checkpoint") -> str:
-    """The weights source of a `--checkpoint`-style spec (`lm.weights_source`), or a CheckpointError naming it when
+    """The weights source of a `--checkpoint`-style spec (`weights.source_of`), or a CheckpointError naming it when
     its path does not exist."""
-    source = lm.weights_source(spec)
-    path = source.partition(":")[2] if pretrained.is_pretrained(source) else source
+    source = weights.source_of(spec)
+    path = weights.directory_of(source)
     if not os.path.exists(path):
         raise errors.CheckpointError(f"{field} {spec!r} does not exist ({path} is not there).")
     return source
@@ -79,8 +79,7 @@ def resolve_source(spec: str, field: str = "checkpoint") -> str:
 def default_output_dir(spec: str) -> str:
     """Where `eval.json` goes without `--workdir`: `eval/` in the run (or HF model) directory, `<name>_eval/` next
     to a GGUF file."""
-    source = lm.weights_source(spec)
-    path = source.partition(":")[2] if pretrained.is_pretrained(source) else source
+    path = weights.directory_of(weights.source_of(spec))
     if os.path.isfile(path):
         return os.path.splitext(path)[0] + "_eval"
     return os.path.join(path, "eval")
@@ -92,7 +91,7 @@ def checkpoint_step(source: str) -> int:
 
 
 def load_policy(source: str, mesh) -> Model:
-    config, params = lm.load_run_weights(source, mesh)
+    config, params = weights.run_weights(source, mesh)
     return Model(config, models.abstract_model(config)[0], params)
 
 
@@ -146,7 +145,7 @@ def prompt_arrays(records: list[dict], tokenizer, *, chat_template: str, max_pro
 def make_sampler(model: Model, config, *, eos_id: int, pad_id: int):
     """`sample(prompts, rng)`: `generate` of the model, jitted (one compile per prompt shape)."""
     run = jax.jit(lambda params, prompts, rng: {k: v for k, v in generate(
-        model.graphdef, params, prompts, rng, max_new_tokens=config.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+        models.merge(model.graphdef, params), prompts, rng, max_new_tokens=config.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
         temperature=config.temperature, top_k=config.top_k, top_p=config.top_p).items() if k in SAMPLE_KEYS})
     return lambda prompts, rng: run(model.params, prompts, rng)
 
@@ -202,14 +201,9 @@ def load_reward_model(spec: str, policy_meta: dict, policy_config: models.ModelC
     """The reward model of `reward_from` (a reward run, or an `hf:` `*ForSequenceClassification` directory) with
     its normalisation; it must score the policy's tokens (same vocabulary and tokenizer)."""
     source = resolve_source(spec, "reward_from")
-    meta = lm.source_metadata(source)
-    if meta.get("stage") != "reward":
-        raise errors.ConfigError(f"reward_from={spec} is a {meta.get('stage')!r} run, not a reward model.")
-    config = models.ModelConfig.from_dict(dpo.check_same_vocabulary(policy_meta, source, policy_config))
-    abstract, logical, load = reward.trained_reward_model(source, config)
+    config, abstract, logical, load = weights.reward_from(source, policy_meta, policy_config)
     params = load(sharding.tree_shardings(logical, abstract, mesh))
-    directory = source.partition(":")[2] if pretrained.is_pretrained(source) else source
-    norm = reward.load_reward_normalization(directory)
+    norm = weights.reward_normalization(source)
     return RewardModel(config, params, float(norm["gain"]), float(norm["bias"]))
 
 
@@ -298,7 +292,7 @@ def evaluate(config, checkpoint: str, mesh=None, *, workdir: str = "") -> dict:
     check_config(config)
     source = resolve_source(checkpoint)
     mesh = mesh or sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    meta = lm.source_metadata(source)
+    meta = weights.metadata(source)
     if not meta.get("tokenizer"):
         raise errors.ConfigError(f"{checkpoint} has no tokenizer to turn prompts into tokens.")
     tokenizer = load_tokenizer(meta["tokenizer"])
@@ -307,7 +301,7 @@ def evaluate(config, checkpoint: str, mesh=None, *, workdir: str = "") -> dict:
         reference = rm = None
         if config.reference:
             ref_source = resolve_source(config.reference, "reference")
-            dpo.check_same_vocabulary(meta, ref_source, policy.config)
+            weights.same_vocabulary(meta, ref_source, policy.config, "reference")
             reference = load_policy(ref_source, mesh)
         if config.reward_from:
             rm = load_reward_model(config.reward_from, meta, policy.config, mesh)

@@ -70,8 +70,8 @@ def _model(config: ModelConfig) -> tuple[dict, dict[str, Any], dict[str, _Module
     """(abstract params, {path: linear layout} of every linear weight, {path: _Module} of those with an HF name, in
     HF order)."""
     _, abstract, logical = models.abstract_model(config)
-    shapes = lora._flatten(abstract)
-    linear = {path: layout for path, axes in lora._flatten(logical).items()
+    shapes = lora.flatten_paths(abstract)
+    linear = {path: layout for path, axes in lora.flatten_paths(logical).items()
               if (layout := lora.linear_layout(axes)) is not None}
     specs = [(spec, True) for spec in hf._layer_tensors(config)]
     specs += [(spec, False) for spec in hf._global_tensors(config)]
@@ -109,7 +109,7 @@ def save_peft_adapter(directory: str, model_config: ModelConfig, lora_config: lo
                                  "PEFT adapter here; merge those params and export the model with save_hf instead.")
     abstract, _, modules = _model(model_config)
     try:
-        adapters = lora._adapters(abstract, lora_params)
+        adapters = lora.weights_with_adapters(abstract, lora_params)
     except ValueError as e:
         raise errors.ConfigError(f"lora params do not fit the model config: {e}.") from e
     if not adapters:
@@ -215,7 +215,7 @@ def load_peft_adapter(directory: str, model_config: ModelConfig) -> tuple[lora.L
     config = _canonical_config(linear, ranks, alphas, dict(
         rank=rank, alpha=float(alpha), variant=variant, dropout=float(peft_config.get("lora_dropout", 0.0)),
         init="gaussian" if peft_config.get("init_lora_weights") == "gaussian" else "kaiming"), directory)
-    return config, lora._unflatten(lora_flat)
+    return config, lora.unflatten_paths(lora_flat)
 
 
 def _base_copies(tensors: hf._SafetensorsFiles, config: ModelConfig) -> set[str]:
@@ -326,7 +326,7 @@ def _canonical_config(linear: Mapping[str, Any], ranks: dict[str, int], alphas: 
 
     def name(path: str, among: list[str]) -> str:  # the last key where it picks out `path` alone
         short = path.split("/")[-1]
-        return short if [p for p in among if lora._name_matches(short, p)] == [path] else path
+        return short if [p for p in among if lora.name_matches(short, p)] == [path] else path
 
     targets = lora.ALL_LINEAR if set(paths) == all_linear else tuple(name(p, sorted(linear)) for p in paths)
     try:

@@ -131,6 +131,11 @@ class ModelConfig:
             identity = {k: v for k, v in identity.items() if k not in ADAPTER_FIELDS}
         return identity
 
+    def without_adapters(self) -> "ModelConfig":
+        """The same model with no bottleneck adapters: the base a run with adapters was built on."""
+        return dataclasses.replace(self, **{f.name: f.default for f in dataclasses.fields(self)
+                                            if f.name in ADAPTER_FIELDS})
+
     def num_params(self, include_embedding: bool = True) -> int:
         d, f, h, k, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
         attn = d * hd * (h + 2 * k) + h * hd * d + (hd * (h + 2 * k) if self.qkv_bias else 0)

@@ -6,7 +6,13 @@ float32; computation runs in `config.dtype` (norms, softmax and RoPE in float32)
 
 The module returns final hidden states; the LM head is applied by the loss in chunks (`flaxalign.losses.lm`) so
 that `[B, T, V]` float32 logits never exist at once during training.
+
+A linear weight may be a plain array or an object that computes its own product — `dense(x, dtype)` and
+`materialize(dtype)`, e.g. LoRA in activation space or a quantized frozen base (`flaxalign.peft.adapted`); `_dense`
+and `unembedding` ask it. The layer scan slices either kind per layer, so PEFT needs nothing else from the model.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -121,14 +127,8 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask_Bx1xTxT)
         else:
             out = _einsum_attention(q, k.astype(dtype), v.astype(dtype), mask_Bx1xTxT)
-        o_KxD = self.o[...].reshape(c.n_heads * c.head_dim, d)
-        out = _dense(out.reshape(b * t, c.n_heads * c.head_dim), o_KxD, dtype).reshape(b, t, d)
+        out = _dense(out.reshape(b * t, c.n_heads * c.head_dim), self.o[...], dtype, n_in=2).reshape(b, t, d)
         return out if kv_cache is None else (out, (k, v))
-
-
-def _dense(x_NxK, w, dtype):
-    """x · W with W's trailing dims flattened: `[N, K] × [K, …] → [N, prod(…)]`."""
-    return x_NxK @ w.reshape(w.shape[0], -1).astype(dtype)
 
 
 def _einsum_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
@@ -146,6 +146,14 @@ def _einsum_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
     exp = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
     probs = (exp / exp.sum(axis=-1, keepdims=True)).astype(v_BxSxKxH.dtype)
     return jnp.einsum("bnts,bsnh->btnh", probs, v_BxSxKxH)
+
+
+def _dense(x_NxK, w, dtype, n_in: int = 1):
+    """x · W `[N, prod(out)]` for W `[*in, *out]` with `n_in` input axes, in `dtype`; a weight that is not an
+    array computes its own product."""
+    if hasattr(w, "dense"):
+        return w.dense(x_NxK, dtype)
+    return x_NxK @ w.reshape(math.prod(w.shape[:n_in]), -1).astype(dtype)
 
 
 class MLP(nnx.Module):
@@ -213,14 +221,8 @@ class CausalLM(nnx.Module):
         if not c.tie_embeddings:
             self.lm_head = _param(rngs, (c.d_model, c.vocab_size), c.init_std, ("embed", "vocab"))
 
-    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *, layer_transform=None):
-        """Final hidden states `[B, T, D]`.
-
-        `layer_transform = (fn, stacked_extra)` rewrites each layer's params inside the scan:
-        `fn(layer_params, extra_slice) -> layer_params`, with `stacked_extra` sliced along its leading layers axis
-        like the params. LoRA uses it so that adapted weights exist for one layer at a time (and their gradients
-        are reduced to the low-rank factors per layer) instead of for the whole stack at once.
-        """
+    def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+        """Final hidden states `[B, T, D]`."""
         c = self.config
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
@@ -230,24 +232,19 @@ class CausalLM(nnx.Module):
         x = constrain(x, BATCH_LENGTH_EMBED)
         cos, sin = rope_cos_sin(positions_BxT, c)
         mask = attention_mask(segment_ids_BxT)
-
         graphdef, stacked = nnx.split(self.layers)
-        transform, extra = layer_transform if layer_transform is not None else (None, None)
 
-        def layer_step(x, xs):
-            layer_params, layer_extra = xs
-            if transform is not None:
-                layer_params = transform(nnx.to_pure_dict(layer_params), layer_extra)
+        def layer_step(x, layer_params):
             return nnx.merge(graphdef, layer_params)(x, cos, sin, mask), None
 
         if c.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=_REMAT[c.remat], prevent_cse=False)
 
         if c.scan_layers:
-            x, _ = jax.lax.scan(layer_step, x, (stacked, extra))
+            x, _ = jax.lax.scan(layer_step, x, stacked)
         else:  # unrolled: compile time grows with depth, but XLA CPU schedules the backward pass better
             for i in range(c.n_layers):
-                x, _ = layer_step(x, jax.tree.map(lambda w: w[i], (stacked, extra)))
+                x, _ = layer_step(x, jax.tree.map(lambda w: w[i], stacked))
         return self.final_norm(x)
 
     def init_cache(self, batch: int, length: int) -> dict:
@@ -256,7 +253,7 @@ class CausalLM(nnx.Module):
         shape = (c.n_layers, batch, length, c.n_kv_heads, c.head_dim)
         return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
 
-    def decode(self, tokens_BxT, positions_BxT, cache: dict, index, key_mask_BxS, *, layer_transform=None):
+    def decode(self, tokens_BxT, positions_BxT, cache: dict, index, key_mask_BxS):
         """Runs T new tokens at cache slots index…index+T−1 (T = the prompt for prefill, 1 per decode step) and
         returns (final hidden states `[B, T, D]`, the updated cache). Query t attends to slot s when
         `key_mask[b, s]` (a real token, already written or written now) and s ≤ index + t. RoPE uses `positions`, so
@@ -269,22 +266,21 @@ class CausalLM(nnx.Module):
         query_slots = index + jnp.arange(tokens_BxT.shape[1])[None, :, None]
         mask = ((slots <= query_slots) & (key_mask_BxS[:, None, :] > 0))[:, None]
         graphdef, stacked = nnx.split(self.layers)
-        transform, extra = layer_transform if layer_transform is not None else (None, None)
 
         def layer_step(x, xs):
-            layer_params, layer_extra, cache_k, cache_v = xs
-            if transform is not None:
-                layer_params = transform(nnx.to_pure_dict(layer_params), layer_extra)
+            layer_params, cache_k, cache_v = xs
             x, (cache_k, cache_v) = nnx.merge(graphdef, layer_params)(x, cos, sin, mask, (cache_k, cache_v, index))
             return x, (cache_k, cache_v)
 
-        x, (new_k, new_v) = jax.lax.scan(layer_step, x, (stacked, extra, cache["k"], cache["v"]))
+        x, (new_k, new_v) = jax.lax.scan(layer_step, x, (stacked, cache["k"], cache["v"]))
         return self.final_norm(x), {"k": new_k, "v": new_v}
 
     def unembedding(self):
         """The LM-head matrix `[D, V]` in the compute dtype (the transposed embedding when tied)."""
-        w = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-        return w.astype(self.config.dtype)
+        if self.config.tie_embeddings:
+            return self.embed[...].T.astype(self.config.dtype)
+        w = self.lm_head[...]
+        return w.materialize(self.config.dtype) if hasattr(w, "materialize") else w.astype(self.config.dtype)
 
     def logits(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
         """Full float32 logits `[B, T, V]`: for evaluation and tests, not for training steps."""

@@ -1,7 +1,13 @@
 """LoRA, rsLoRA and DoRA as pure functions over the parameter tree (optax / `jax.tree` style).
 
-The base params never change and no copy of them is kept: the step calls `apply_lora(params, lora_params, config)`
-and runs the model on the effective weights it returns. Only `lora_params` (plus any `modules_to_save`) train.
+Training runs LoRA in activation space: `attach(params, lora_params, config)` replaces each adapted weight W by a
+`LoraWeight` (W and its factors, never their product), and the model's dense layers compute
+
+    y = x·W + s·(dropout(x)·A)·B
+
+so the backward pass forms no `[d_in, d_out]` gradient for the frozen W — only the low-rank ones, for A and B. The
+base params never change and no copy of them is kept; only `lora_params` (plus any `modules_to_save`) train.
+`apply_lora` / `merge` / `unmerge` form W' = W + s·A·B as tree transforms, for export, merging and parity.
 
 Which params are linear weights, and how they split into input and output axes, comes from the logical axes tree
 (`models.abstract_model`). A leading "layers" axis (the scanned stack) is kept as a batch axis: the adapter of a
@@ -55,7 +61,8 @@ class LoraConfig:
                     matched against the whole path ("layers/attn/(q|v)").
     exclude         [exclude_modules] names or regexes, matched like list targets.
     variant         "lora", "rslora" [use_rslora] or "dora" [use_dora].
-    dropout         [lora_dropout] see `apply_lora`: applied to the rows of A, an approximation of PEFT's.
+    dropout         [lora_dropout] dropout on the adapter branch's input, a fresh mask per token and weight
+                    (PEFT's); training only.
     init            "kaiming" [init_lora_weights=True] or "gaussian" [init_lora_weights="gaussian"].
     rank_pattern    [rank_pattern] {regex: rank}, matched like list targets; the first match wins.
     alpha_pattern   [alpha_pattern] {regex: alpha}, likewise.
@@ -168,24 +175,17 @@ def lora_weight(w: jax.Array, delta: jax.Array, scale: float) -> jax.Array:
     return w.astype(jnp.float32) + scale * delta
 
 
-def dora_weight(w: jax.Array, delta: jax.Array, norm_delta: jax.Array, magnitude: jax.Array, scale: float,
-                n_layers: int, n_inputs: int) -> jax.Array:
+def dora_weight(w: jax.Array, delta: jax.Array, magnitude: jax.Array, scale: float, n_layers: int,
+                n_inputs: int) -> jax.Array:
     """W' = m ⊙ (W + s·A·B) / sg(‖W + s·A·B‖), norm per output feature over the input axes (Liu et al. 2024).
 
     sg = stop_gradient: as PEFT does (it detaches `weight_norm`, DoRA paper §4.3), the norm is a constant in the
-    backward pass, so A and B get the gradient of the direction's numerator only and the memory of the norm's
-    backward is saved. The forward value is the exact DoRA weight. `norm_delta` is the ΔW the norm is taken of:
-    `delta` itself, or the undropped ΔW when `delta` has LoRA dropout applied (PEFT's norm never sees dropout).
+    backward pass. The forward value is the exact DoRA weight.
     """
     direction = lora_weight(w, delta, scale)
-    norm = jax.lax.stop_gradient(column_norm(lora_weight(w, norm_delta, scale), n_layers, n_inputs))
+    norm = jax.lax.stop_gradient(column_norm(direction, n_layers, n_inputs))
     per_input = tuple(range(n_layers, n_layers + n_inputs))
     return direction * jnp.expand_dims(magnitude.astype(jnp.float32) / norm, per_input)
-
-
-def dropout_rows(a: jax.Array, keep_rows: jax.Array, rate: float) -> jax.Array:
-    """A with each input row [*L, i, :] kept (`keep_rows` [*L, *in, 1] true) and scaled by 1/(1-p), else zeroed."""
-    return jnp.where(keep_rows, a / (1.0 - rate), 0.0).astype(a.dtype)
 
 
 # --- which params are targets ----------------------------------------------------------------------------------
@@ -232,23 +232,23 @@ class _Target:
         return self.shape[self.n_layers + len(self.layout.input_axes):]
 
 
-def _name_matches(pattern: str, path: str) -> bool:
+def name_matches(pattern: str, path: str) -> bool:
     """PEFT's list / pattern rule: the pattern matches the whole path or a suffix starting after a '/'."""
     return re.fullmatch(rf"(?:.*/)?(?:{pattern})", path) is not None
 
 
 def _is_target(path: str, config: LoraConfig) -> bool:
-    if any(_name_matches(pattern, path) for pattern in config.exclude):
+    if any(name_matches(pattern, path) for pattern in config.exclude):
         return False
     if config.targets == ALL_LINEAR:
         return path.split("/")[-1] != LM_HEAD
     if isinstance(config.targets, str):
         return re.fullmatch(config.targets, path) is not None
-    return any(_name_matches(pattern, path) for pattern in config.targets)
+    return any(name_matches(pattern, path) for pattern in config.targets)
 
 
 def _first_match(patterns: tuple[tuple[str, Any], ...], path: str, default: Any) -> Any:
-    return next((value for pattern, value in patterns if _name_matches(pattern, path)), default)
+    return next((value for pattern, value in patterns if name_matches(pattern, path)), default)
 
 
 def rank_for(path: str, config: LoraConfig) -> int:
@@ -265,8 +265,8 @@ def _targets(params: Any, logical_axes: Any, config: LoraConfig) -> list[_Target
     """The targets in path order, checked: something matched and every rank fits its weight."""
     if not config.enabled:
         return []
-    shapes = {path: tuple(leaf.shape) for path, leaf in _flatten(params).items()}
-    linear = {path: layout for path, axes in _flatten(logical_axes).items()
+    shapes = {path: tuple(leaf.shape) for path, leaf in flatten_paths(params).items()}
+    linear = {path: layout for path, axes in flatten_paths(logical_axes).items()
               if (layout := linear_layout(axes)) is not None}
     chosen = [_Target(path, linear[path], shapes[path], rank_for(path, config))
               for path in sorted(linear) if _is_target(path, config)]
@@ -298,7 +298,7 @@ def init_lora(params: Any, logical_axes: Any, config: LoraConfig, rng: jax.Array
     weights exactly at init. The A's are cut, in path order, from one draw of `rng`. Both trees are ({}, {}) when LoRA
     is off."""
     targets = tuple(_targets(params, logical_axes, config))
-    flat_params = _flatten(params)
+    flat_params = flatten_paths(params)
     dora_weights = {t.path: flat_params[t.path] for t in targets} if config.variant == "dora" else {}
     lora_flat = _init_adapters(targets, config.init, config.variant, rng, dora_weights) if targets else {}
     lora_axes = {}
@@ -308,7 +308,7 @@ def init_lora(params: Any, logical_axes: Any, config: LoraConfig, rng: jax.Array
         if config.variant == "dora":
             axes["magnitude"] = layers + outputs
         lora_axes[target.path] = axes
-    return _unflatten(lora_flat), _unflatten(lora_axes)
+    return unflatten_paths(lora_flat), unflatten_paths(lora_axes)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -342,70 +342,45 @@ def _init_adapters(targets: tuple[_Target, ...], init: str, variant: str, rng: j
     return adapters
 
 
-def _adapted_weight(path: str, w: jax.Array, adapter: Mapping[str, jax.Array], config: LoraConfig,
-                    keep_rows: jax.Array | None) -> jax.Array:
+def _adapted_weight(path: str, w: jax.Array, adapter: Mapping[str, jax.Array], config: LoraConfig) -> jax.Array:
     a, b = adapter["a"], adapter["b"]
     n_layers = a.ndim + b.ndim - 2 - w.ndim  # w [*L, *in, *out], a [*L, *in, r], b [*L, r, *out]
     n_inputs = a.ndim - 1 - n_layers
     scale = lora_scale(alpha_for(path, config), a.shape[-1], config.variant)
     delta = low_rank_delta(a, b, n_layers)
-    dropped = delta
-    if keep_rows is not None:
-        dropped = low_rank_delta(dropout_rows(a, keep_rows, config.dropout), b, n_layers)
     if config.variant == "dora":
-        if "magnitude" not in adapter:
-            raise errors.ConfigError(f"lora.variant is 'dora' but the adapter of {path!r} has no magnitude; "
-                                     "were the lora params initialised with another variant?")
-        new = dora_weight(w, dropped, delta, adapter["magnitude"], scale, n_layers, n_inputs)
+        check_dora(path, adapter, config)
+        new = dora_weight(w, delta, adapter["magnitude"], scale, n_layers, n_inputs)
     else:
-        new = lora_weight(w, dropped, scale)
+        new = lora_weight(w, delta, scale)
     return new.astype(w.dtype)
 
 
-def apply_lora(params: Any, lora_params: Any, config: LoraConfig, *, dropout_rng: jax.Array | None = None) -> Any:
+def check_dora(path: str, adapter: Mapping[str, jax.Array], config: LoraConfig) -> None:
+    if config.variant == "dora" and "magnitude" not in adapter:
+        raise errors.ConfigError(f"lora.variant is 'dora' but the adapter of {path!r} has no magnitude; "
+                                 "were the lora params initialised with another variant?")
+
+
+def apply_lora(params: Any, lora_params: Any, config: LoraConfig) -> Any:
     """The effective params (same structure as `params`): every adapted weight W replaced by, in float32,
 
         lora / rslora:   W' = W + s·A·B
         dora:            W' = m ⊙ (W + s·A·B) / sg(‖W + s·A·B‖)      (see `dora_weight` for the stop-gradient)
 
-    Call it inside the step, under the same `jax.grad` as the loss: the base params are read, never copied or
-    changed, and untouched leaves are returned as the same objects.
-
-    Dropout, an approximation: PEFT drops the *input activations* of the adapter branch, x ↦ B(A(dropout(x))), a
-    fresh mask per token, which a transform of the weights cannot express. Here, only when `dropout_rng` is given
-    (training; evaluation passes none), each input row of A is dropped with probability p and the kept rows are
-    scaled by 1/(1-p): one mask per layer per step, shared by every token of the batch. E[A_dropped] = A, so the
-    expected update is PEFT's, but the noise is correlated across tokens. For DoRA the dropout reaches the
-    direction's numerator only; the norm uses the undropped A, as PEFT's norm does. We keep it rather than refuse
-    p > 0 because it costs one mask of I numbers per weight (and, for DoRA, a second A·B for the norm) and still
-    regularises the adapter; set lora.dropout=0 for the exact PEFT forward.
+    The merged form, for export, evaluation and parity: training multiplies in activation space instead
+    (`peft.adapted.attach_lora`), which gives the same outputs and A/B gradients without forming W'. Untouched
+    leaves are returned as the same objects. No dropout: it belongs to the activation-space path.
     """
-    adapters = _adapters(params, lora_params)
+    adapters = weights_with_adapters(params, lora_params)
     if not adapters:
         return params
-    keep = {}
-    if dropout_rng is not None and config.dropout > 0:
-        keep = _keep_rows({path: adapter["a"].shape for path, (_, adapter) in adapters.items()}, config.dropout,
-                          dropout_rng)
-    updated = {path: _adapted_weight(path, w, adapter, config, keep.get(path)) for path, (w, adapter) in
-               adapters.items()}
-    return _replace(params, updated)
-
-
-def _keep_rows(a_shapes: Mapping[str, tuple[int, ...]], rate: float, rng: jax.Array) -> dict[str, jax.Array]:
-    """{path: keep mask [*L, *in, 1]} cut from one Bernoulli(1-p) draw (one threefry, not one per weight: see
-    `_init_adapters` on compile time)."""
-    shapes = {path: shape[:-1] + (1,) for path, shape in sorted(a_shapes.items())}
-    keep = jax.random.bernoulli(rng, 1.0 - rate, (sum(math.prod(s) for s in shapes.values()),))
-    masks, offset = {}, 0
-    for path, shape in shapes.items():
-        masks[path] = keep[offset:offset + math.prod(shape)].reshape(shape)
-        offset += math.prod(shape)
-    return masks
+    updated = {path: _adapted_weight(path, w, adapter, config) for path, (w, adapter) in adapters.items()}
+    return replace_at_paths(params, updated)
 
 
 def merge(params: Any, lora_params: Any, config: LoraConfig) -> Any:
-    """The merged params for export or inference: `apply_lora` without dropout, exact in float32."""
+    """The merged params for export or inference: `apply_lora`, exact in float32."""
     return apply_lora(params, lora_params, config)
 
 
@@ -420,21 +395,14 @@ def unmerge(merged: Any, lora_params: Any, config: LoraConfig) -> Any:
     if config.variant == "dora":
         raise errors.ConfigError("unmerge is not defined for lora.variant='dora' because the merged weight has lost "
                                  "the norm of W + s·A·B; keep the unmerged base params instead.")
-    adapters = _adapters(merged, lora_params)
+    adapters = weights_with_adapters(merged, lora_params)
     updated = {}
     for path, (w, adapter) in adapters.items():
         a, b = adapter["a"], adapter["b"]
         n_layers = a.ndim + b.ndim - 2 - w.ndim
         scale = lora_scale(alpha_for(path, config), a.shape[-1], config.variant)
         updated[path] = (w.astype(jnp.float32) - scale * low_rank_delta(a, b, n_layers)).astype(w.dtype)
-    return _replace(merged, updated) if updated else merged
-
-
-def reference_params(params: Any, lora_params: Any) -> Any:
-    """The reference model of DPO/PPO/KL terms: the same model with the adapter disabled, which is the base params
-    themselves (no copy, no extra memory). `lora_params` is taken only to make call sites say what they mean."""
-    del lora_params
-    return params
+    return replace_at_paths(merged, updated) if updated else merged
 
 
 # --- trainable parts -------------------------------------------------------------------------------------------
@@ -444,8 +412,8 @@ def modules_to_save_paths(params: Any, config: LoraConfig) -> list[str]:
     """The '/'-joined paths of the base params trained fully (`config.modules_to_save`), sorted."""
     if not config.modules_to_save:
         return []
-    paths = sorted(_flatten(params))
-    chosen = [p for p in paths if any(_name_matches(name, p) for name in config.modules_to_save)]
+    paths = sorted(flatten_paths(params))
+    chosen = [p for p in paths if any(name_matches(name, p) for name in config.modules_to_save)]
     if not chosen:
         raise errors.ConfigError(
             f"lora.modules_to_save={list(config.modules_to_save)} matches no parameter (a tied LM head has no "
@@ -459,18 +427,18 @@ def trainable_mask(params: Any, config: LoraConfig) -> Any:
     if not config.enabled:
         return jax.tree.map(lambda _: True, params)
     saved = set(modules_to_save_paths(params, config))
-    return _unflatten({path: path in saved for path in _flatten(params)})
+    return unflatten_paths({path: path in saved for path in flatten_paths(params)})
 
 
 def select_leaves(tree: Any, paths: list[str]) -> dict:
     """The nested sub-dict of `tree` holding only the leaves at `paths` (e.g. the modules to save)."""
-    flat = _flatten(tree)
-    return _unflatten({path: flat[path] for path in paths})
+    flat = flatten_paths(tree)
+    return unflatten_paths({path: flat[path] for path in paths})
 
 
 def replace_leaves(tree: Any, subtree: Any) -> dict:
     """`tree` with the leaves of `subtree` put in at their paths; the other leaves are shared, not copied."""
-    return _replace(tree, _flatten(subtree)) if subtree else tree
+    return replace_at_paths(tree, flatten_paths(subtree)) if subtree else tree
 
 
 def count_params(tree: Any) -> int:
@@ -481,17 +449,17 @@ def count_params(tree: Any) -> int:
 # --- nested-dict helpers ---------------------------------------------------------------------------------------
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_paths(tree: Any, prefix: str = "") -> dict[str, Any]:
     """{'/'-joined path: leaf} of a nested mapping; tuples (logical axes) and arrays are leaves."""
     if not isinstance(tree, Mapping):
         return {prefix: tree}
     flat = {}
     for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}/{key}" if prefix else str(key)))
+        flat.update(flatten_paths(value, f"{prefix}/{key}" if prefix else str(key)))
     return flat
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict:
+def unflatten_paths(flat: Mapping[str, Any]) -> dict:
     tree: dict = {}
     for path, value in flat.items():
         _set(tree, path, value)
@@ -505,7 +473,7 @@ def _set(tree: dict, path: str, value: Any) -> None:
     tree[last] = value
 
 
-def _adapters(params: Any, lora_params: Any, prefix: str = "") -> dict[str, tuple[Any, Mapping]]:
+def weights_with_adapters(params: Any, lora_params: Any, prefix: str = "") -> dict[str, tuple[Any, Mapping]]:
     """{path: (base weight, adapter dict)}, walking both trees together so that a param named "a" or "b" can never
     be taken for an adapter."""
     found = {}
@@ -514,19 +482,19 @@ def _adapters(params: Any, lora_params: Any, prefix: str = "") -> dict[str, tupl
         if key not in params:
             raise ValueError(f"lora params have {path!r}, which the base params do not")
         if isinstance(params[key], Mapping):
-            found.update(_adapters(params[key], node, path))
+            found.update(weights_with_adapters(params[key], node, path))
         else:
             found[path] = (params[key], node)
     return found
 
 
-def _replace(tree: Mapping, updated: Mapping[str, Any], prefix: str = "") -> dict:
+def replace_at_paths(tree: Mapping, updated: Mapping[str, Any], prefix: str = "") -> dict:
     """A copy of the dict spine of `tree` with the leaves at `updated`'s paths replaced; other leaves are shared."""
     out = {}
     for key, value in tree.items():
         path = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            out[key] = _replace(value, updated, path) if any(p.startswith(path + "/") for p in updated) else value
+            out[key] = replace_at_paths(value, updated, path) if any(p.startswith(path + "/") for p in updated) else value
         else:
             out[key] = updated.get(path, value)
     return out

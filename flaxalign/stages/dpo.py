@@ -6,7 +6,8 @@ rejected rows of a batch go through the model in one forward pass ([chosen; reje
 
 The reference model π_ref (`reference`):
   "copy"         a frozen copy of the starting weights (full fine-tuning; or `reference_from` another checkpoint),
-  "base"         with LoRA or bottleneck adapters: the same frozen base with the adapters off — no extra memory,
+  "base"         with LoRA, adapters or a quantized base: the same frozen base with the adapters off — no extra
+                 memory,
   "precomputed"  log π_ref of every pair computed once before training and stored with the data
                  (`ref_logps.npz` in the workdir), so no reference weights are held at all.
 ORPO, SimPO and CPO need no reference. KTO (`loss_type="kto"`) trains on unpaired desirable/undesirable examples;
@@ -24,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxalign import errors, models, sharding
-from flaxalign.data.batching import left_pad_prompts, unstack_pairs
+from flaxalign import errors, sharding, weights
+from flaxalign.data.batching import left_pad_prompts, pair_prompts, unstack_pairs
 from flaxalign.data.preference_data import build_kto_datasets, build_preference_datasets
 from flaxalign.generate import generate
 from flaxalign.losses.lm import chunked_token_kl, sequence_logps
@@ -37,10 +38,9 @@ from flaxalign.losses.preference import (
     orpo_loss,
     simpo_loss,
 )
-from flaxalign.models import adapters
+from flaxalign.policy import TrainableModel
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_rows, check_shapes
-from flaxalign.stages.reward import prompt_ids
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
 from flaxalign.train.state import TrainState
 from flaxalign.train.step import gradient_step
@@ -48,7 +48,6 @@ from flaxalign.train.task import Task
 
 REFERENCE_FREE = ("orpo", "simpo", "cpo")
 LOSS_TYPES = DPO_LOSS_TYPES + REFERENCE_FREE + ("kto",)
-REFERENCES = ("auto", "copy", "base", "precomputed")
 ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "completion_mask")
 REF_LOGPS_FILE = "ref_logps.npz"
 
@@ -84,20 +83,15 @@ class Method:
 @dataclasses.dataclass(frozen=True)
 class Models:
     """Static pieces a step needs to run the policy and the reference."""
-    graphdef: object
-    reference_graphdef: object  # the adapters-off model for bottleneck adapters, else the same graphdef
-    lora_config: object
-    adapters_only: bool
+    policy: TrainableModel
     reference: str  # "copy" | "base" | "precomputed" | "none"
     chunk_size: int
 
 
 def policy_logps(trainable, frozen, rows, rng, m: Models):
     """(Σ completion log-probs, completion length) of each row under the policy, `[N]` each."""
-    params, transform = lm.model_params(trainable, frozen, rng, lora_config=m.lora_config,
-                                        adapters_only=m.adapters_only)
-    model = models.merge(m.graphdef, params)
-    hidden = model(rows["inputs"], rows["positions"], rows["segment_ids"], layer_transform=transform)
+    model = m.policy.model(trainable, frozen, rng)
+    hidden = model(rows["inputs"], rows["positions"], rows["segment_ids"])
     return sequence_logps(hidden, model.unembedding(), rows["targets"], rows["completion_mask"],
                           chunk_size=m.chunk_size)
 
@@ -105,11 +99,7 @@ def policy_logps(trainable, frozen, rows, rng, m: Models):
 def reference_logps(trainable, frozen, rows, m: Models):
     """Σ completion log-probs of each row under the reference (no gradient): the frozen copy, or the frozen base
     with the LoRA / adapters switched off."""
-    if m.adapters_only:
-        params, graphdef = adapters.join(trainable, frozen), m.reference_graphdef
-    else:
-        params, graphdef = frozen, m.graphdef
-    model = models.merge(graphdef, jax.lax.stop_gradient(params))
+    model = m.policy.reference_model(trainable, frozen)
     hidden = model(rows["inputs"], rows["positions"], rows["segment_ids"])
     logps, _ = sequence_logps(hidden, model.unembedding(), rows["targets"], rows["completion_mask"],
                               chunk_size=m.chunk_size)
@@ -213,19 +203,12 @@ def sampled_kl(state: TrainState, prompts: dict, rng, *, m: Models, max_new_toke
     response's tokens (the full-vocabulary KL at every step, so ≥ 0 and exactly 0 while π = π_ref; its mean over
     samples estimates the sequence KL without the sign noise of Σ_t log π(y_t) − log π_ref(y_t)). Sums over the
     prompts of `kl` and `response_length`, and `count`."""
-    params, transform = lm.model_params(state.params, state.frozen, None, lora_config=m.lora_config,
-                                        adapters_only=m.adapters_only)
-    out = generate(m.graphdef, params, prompts, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                   layer_transform=transform)
+    policy = m.policy.model(state.params, state.frozen)
+    out = generate(policy, prompts, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
     tokens, mask = out["tokens"][:, :-1], out["mask"][:, :-1]  # inputs whose next token is a response token
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    policy = models.merge(m.graphdef, params)
-    hidden = policy(tokens, positions, mask, layer_transform=transform)
-    if m.adapters_only:
-        ref_params, ref_graphdef = adapters.join(state.params, state.frozen), m.reference_graphdef
-    else:
-        ref_params, ref_graphdef = state.frozen, m.graphdef
-    reference = models.merge(ref_graphdef, ref_params)
+    hidden = policy(tokens, positions, mask)
+    reference = m.policy.reference_model(state.params, state.frozen)
     ref_hidden = reference(tokens, positions, mask)
     kl = chunked_token_kl(hidden, policy.unembedding(), ref_hidden, reference.unembedding(), chunk_size=m.chunk_size)
     response = out["response_mask"].astype(jnp.float32)
@@ -235,57 +218,18 @@ def sampled_kl(state: TrainState, prompts: dict, rng, *, m: Models, max_new_toke
             "count": jnp.asarray(tokens.shape[0], jnp.float32)}
 
 
-def resolve_reference(config, method: Method, lora_config, adapters_only: bool) -> str:
-    """The reference mode a config asks for: "none" for reference-free losses, "auto" → "base" with LoRA or
-    adapters and "copy" for full fine-tuning."""
+def resolve_reference(config, method: Method, policy: TrainableModel) -> str:
+    """The reference mode a config asks for: "none" for reference-free losses, else `config.reference` checked
+    against the policy ("auto": the frozen base when there is one, else a copy)."""
     if not method.needs_reference:
         return "none"
-    ref = config.reference
-    if ref not in REFERENCES:
-        raise errors.ConfigError(f"unknown reference {ref!r}; valid: {', '.join(REFERENCES)}.")
-    partial = lora_config is not None or adapters_only
-    if ref == "auto":
-        ref = "base" if partial else "copy"
-    if ref == "base" and not partial:
-        raise errors.ConfigError("reference='base' needs LoRA (lora.rank > 0) or adapters; full fine-tuning uses "
-                                 "'copy' or 'precomputed'.")
-    if ref == "copy" and partial:
-        raise errors.ConfigError("with LoRA or adapters the reference is the frozen base: use reference='base' or "
-                                 "'precomputed'.")
-    if config.reference_from and ref == "base":
-        raise errors.ConfigError("reference_from needs reference='copy' or 'precomputed' (the 'base' reference is "
-                                 "the policy's own frozen base).")
-    return ref
-
-
-def check_same_vocabulary(policy_meta: dict, reference_path: str, model_config) -> dict:
-    """The reference run's metadata, after checking it scores the same tokens as the policy."""
-    meta = lm.source_metadata(reference_path)
-    ref_vocab = meta.get("model", {}).get("vocab_size")
-    if ref_vocab != model_config.vocab_size:
-        raise errors.ConfigError(
-            f"the reference checkpoint {reference_path} has vocab_size={ref_vocab} but the policy has "
-            f"{model_config.vocab_size}; the reference must use the policy's vocabulary.")
-    ref_tok, policy_tok = meta.get("tokenizer", ""), policy_meta.get("tokenizer", "")
-    if ref_tok and policy_tok and _file_digest(ref_tok) != _file_digest(policy_tok):
-        raise errors.ConfigError(
-            f"the reference checkpoint {reference_path} was trained with tokenizer {ref_tok}, which differs from the "
-            f"policy's {policy_tok}; the reference must use the policy's vocabulary.")
-    arch = {k: v for k, v in meta.get("model", {}).items() if k not in models.config.COMPUTE_ONLY_FIELDS}
-    return {**model_config.to_dict(), **arch}
-
-
-def _file_digest(path: str) -> str:
-    if not os.path.isfile(path):
-        return path
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return policy.reference_mode(config.reference, reference_from=bool(config.reference_from))
 
 
 def precompute_reference_logps(data: dict, *, params, model_config, mesh, batch_size: int, chunk_size: int) -> np.ndarray:
-    """log π_ref of both rows of every `[N, 2, T]` example, float32 `[N, 2]`, in batches of `batch_size`."""
-    graphdef, _, _ = models.abstract_model(model_config)
-    m = Models(graphdef, graphdef, None, False, "copy", chunk_size)
+    """log π_ref of both rows of every `[N, 2, T]` example, float32 `[N, 2]`, in batches of `batch_size`; `params`
+    are the reference's full weights (`model_config`)."""
+    m = Models(TrainableModel(model_config), "copy", chunk_size)
 
     @jax.jit
     def logps_of(params, batch):
@@ -304,7 +248,8 @@ def precompute_reference_logps(data: dict, *, params, model_config, mesh, batch_
 
 def attach_reference_logps(data, *, workdir, reference_path, model_config, mesh, config, init_base) -> dict:
     """Adds `ref_logps` to the train and eval arrays, reading `workdir/ref_logps.npz` when it was computed for the
-    same reference and data, else computing and writing it."""
+    same reference and data, else computing and writing it. `model_config`: the reference's architecture (no
+    adapters); `init_base(shardings)` reads its weights (random init when None)."""
     key = hashlib.sha256(json.dumps({"ref": reference_path, "model": model_config.checkpoint_identity(),
                                      "stats": data.stats, "seq_len": config.data.seq_len},
                                     sort_keys=True, default=str).encode()).hexdigest()
@@ -313,8 +258,9 @@ def attach_reference_logps(data, *, workdir, reference_path, model_config, mesh,
         stored = np.load(path)
         if str(stored["key"]) == key:
             return {"train": stored["train"], "eval": stored["eval"], "cached": True}
-    _, abstract, logical = models.abstract_model(model_config)
-    params = init_base(sharding.tree_shardings(logical, abstract, mesh))
+    reference = TrainableModel(model_config, seed=config.seed)
+    params = reference.init_trainable(
+        sharding.tree_shardings(reference.trainable_logical, reference.abstract_trainable, mesh), {}, init_base)
     kwargs = {"params": params, "model_config": model_config, "mesh": mesh, "batch_size": config.data.batch_size,
               "chunk_size": config.loss_chunk}
     result = {"train": precompute_reference_logps(data.train, **kwargs),
@@ -335,26 +281,20 @@ def make_method(config) -> Method:
                   undesirable_weight=float(block.undesirable_weight))
 
 
-def make_task(model_config: models.ModelConfig, optim_cfg, method: Method, *, reference: str, lora_config=None,
-              seed: int = 0, grad_accum: int = 1, chunk_size: int = 256, init_base=None, init_reference=None,
-              train_data=None, eval_batches=None, eval_extra=None, tokens_per_step: int = 0,
-              flops_per_step: float = 0.0, metadata: dict | None = None) -> Task:
+def make_task(policy: TrainableModel, optim_cfg, method: Method, *, reference: str, grad_accum: int = 1,
+              chunk_size: int = 256, init_base=None, init_reference=None, train_data=None, eval_batches=None,
+              eval_extra=None, tokens_per_step: int = 0, flops_per_step: float = 0.0,
+              metadata: dict | None = None) -> Task:
     """The DPO-family task. `init_base(shardings)` gives the starting policy weights (random if None);
     `init_reference(shardings)`, for reference="copy", a reference other than the starting weights;
     `eval_extra(models) -> (state -> {name: mean})` adds evaluation beyond the batched eval step."""
-    adapters_only = model_config.adapter_placement != "none"
-    layout = lm.param_layout(model_config, lora_config, seed=seed, init_base=init_base,
-                             reference_copy=reference == "copy")
-    if reference == "copy" and init_reference is not None:  # the policy starts from init_base, not the reference
-        init_policy = init_base or layout["init_frozen"]
-        layout = {**layout, "init_frozen": init_reference, "init_params": lambda shardings, frozen: init_policy(shardings)}
-    graphdef, _, _ = models.abstract_model(model_config)
-    reference_graphdef = graphdef
-    if adapters_only:
-        reference_graphdef, _, _ = models.abstract_model(dataclasses.replace(model_config, active_adapter=""))
-    m = Models(graphdef, reference_graphdef, lora_config, adapters_only, reference, chunk_size)
+    if reference in ("copy", "base"):
+        layout = policy.layout_with_reference(init_base, init_reference)
+    else:
+        layout = policy.layout(init_base)
+    m = Models(policy, reference, chunk_size)
     optimizer = make_optimizer(optim_cfg)
-    identity = lm.resume_identity(model_config, lora_config, loss=dataclasses.asdict(method), reference=reference)
+    identity = {**policy.identity(), "loss": dataclasses.asdict(method), "reference": reference}
     return Task(
         name="dpo" if method.loss_type != "kto" else "kto", optimizer=optimizer,
         train_step=functools.partial(dpo_step, method=method, m=m, optimizer=optimizer,
@@ -362,9 +302,8 @@ def make_task(model_config: models.ModelConfig, optim_cfg, method: Method, *, re
         eval_step=functools.partial(dpo_eval_step, method=method, m=m),
         train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens_per_step,
         flops_per_step=flops_per_step, eval_extra=eval_extra(m) if eval_extra else None,
-        metadata={"stage": "dpo", "model": model_config.to_dict(), "resume_identity": identity,
-                  "lora": identity["lora"], "loss": dataclasses.asdict(method), "reference": reference,
-                  **(metadata or {})},
+        metadata={"stage": "dpo", **policy.metadata(), "resume_identity": identity,
+                  "loss": dataclasses.asdict(method), "reference": reference, **(metadata or {})},
         **layout)
 
 
@@ -372,24 +311,23 @@ def build_task(config, workdir: str, mesh) -> Task:
     """Policy and tokenizer from `init_from` (an SFT run), pairs (or KTO examples) from `data.train`."""
     data_cfg = config.data
     method = make_method(config)
-    model_config, meta, init_path = lm.resolve_model(config)
+    model_config, meta, init_path = weights.resolve_model(config)
     tokenizer = lm.stage_tokenizer(config, meta, model_config, "DPO")
     check_shapes(config, model_config, mesh)
-    lora_config = lm.lora_from(config)
-    adapters_only = model_config.adapter_placement != "none"
-    reference = resolve_reference(config, method, lora_config, adapters_only)
-    reference_path = lm.parse_init_from(config.reference_from, "reference_from") if config.reference_from else ""
+    policy = weights.trainable_model(config, model_config)
+    reference = resolve_reference(config, method, policy)
+    reference_path = weights.parse_source(config.reference_from, "reference_from") if config.reference_from else ""
     if reference_path:
-        check_same_vocabulary(meta or {"tokenizer": tokenizer.model_path}, reference_path, model_config)
-    init_base = lm.base_initializer(model_config, init_path)
-    init_reference = lm.base_initializer(model_config, reference_path) if reference_path else None
+        weights.same_vocabulary(meta or {"tokenizer": tokenizer.model_path}, reference_path, model_config,
+                                "reference")
+    init_base = weights.initializer(model_config, init_path)
+    init_reference = weights.initializer(model_config, reference_path) if reference_path else None
 
     data = (build_kto_datasets if method.loss_type == "kto" else build_preference_datasets)(data_cfg, tokenizer)
     if reference == "precomputed":
-        source = init_reference or init_base or (
-            lambda shardings: models.init_params(model_config, config.seed, shardings))
         ref = attach_reference_logps(data, workdir=workdir, reference_path=reference_path or init_path,
-                                     model_config=model_config, mesh=mesh, config=config, init_base=source)
+                                     model_config=model_config.without_adapters(), mesh=mesh, config=config,
+                                     init_base=init_reference or init_base)
         data.train["ref_logps"], data.eval["ref_logps"] = ref["train"], ref["eval"]
         print(f"reference log-probs: {'read from' if ref['cached'] else 'computed into'} "
               f"{os.path.join(workdir, REF_LOGPS_FILE)}")
@@ -398,7 +336,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     eval_extra = None
     kl_cfg = config.eval_kl
     if kl_cfg.num_prompts and reference in ("copy", "base"):
-        prompts = left_pad_prompts(prompt_ids(data.eval)[: kl_cfg.num_prompts], pad_id=tokenizer.pad_id)
+        prompts = left_pad_prompts(pair_prompts(data.eval)[: kl_cfg.num_prompts], pad_id=tokenizer.pad_id)
         check_rows(mesh, len(prompts["input_ids"]), "eval_kl.num_prompts (held-out prompts, at most the data.eval set)")
         if prompts["input_ids"].shape[1] + kl_cfg.max_new_tokens > model_config.max_seq_len:
             raise errors.ConfigError(
@@ -411,9 +349,9 @@ def build_task(config, workdir: str, mesh) -> Task:
     tokens = 2 * data_cfg.batch_size * data_cfg.seq_len  # two rows per example: (chosen, rejected) or (y, KL y')
     passes = training_passes(method, reference)
     return make_task(
-        model_config, config.optim, method, reference=reference, lora_config=lora_config, seed=config.seed,
-        grad_accum=config.grad_accum, chunk_size=config.loss_chunk, init_base=init_base,
-        init_reference=init_reference, train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens,
+        policy, config.optim, method, reference=reference, grad_accum=config.grad_accum,
+        chunk_size=config.loss_chunk, init_base=init_base, init_reference=init_reference, train_data=train_data,
+        eval_batches=eval_batches, tokens_per_step=tokens,
         flops_per_step=passes * tokens * model_config.flops_per_token(data_cfg.seq_len),
         metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from,
                   "reference_from": config.reference_from, "data": data.stats}, eval_extra=eval_extra)

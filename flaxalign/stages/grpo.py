@@ -12,8 +12,8 @@ One train step on a batch of P prompts:
      none); RLOO: the leave-one-out baseline on r − β·Σ_t k1 — then `epochs` × `num_minibatches` updates of the
      clipped surrogate (`grpo_policy_loss`, with GRPO's k3 KL term β·k3 in the loss; RLOO has its KL in the
      reward), aggregated per `loss_type` (token-level "dapo"/"bnpo", sequence-level "grpo", "dr_grpo").
-With LoRA the reference is the frozen base with the adapters off; full fine-tuning keeps a frozen copy (only when
-β > 0 or for RLOO's reward KL: at β = 0 GRPO needs no reference at all).
+With LoRA, adapters or a quantized base the reference is the frozen base with the adapters off; full fine-tuning
+keeps a frozen copy (only when β > 0 or for RLOO's reward KL: at β = 0 GRPO needs no reference at all).
 """
 
 import dataclasses
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from flaxalign import errors, models, sharding
+from flaxalign import errors, sharding, weights
 from flaxalign.data.prompt_data import build_prompt_datasets, prompt_texts
 from flaxalign.generate import decode_responses, generate
 from flaxalign.losses.rl import (
@@ -35,8 +35,9 @@ from flaxalign.losses.rl import (
     kl_penalty,
     rloo_advantages,
 )
+from flaxalign.policy import ScalarModel, TrainableModel
 from flaxalign.rewards import resolve_reward_functions, score_completions
-from flaxalign.stages import lm, onpolicy, ppo, reward
+from flaxalign.stages import lm, onpolicy
 from flaxalign.stages.checks import check_rows
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
@@ -83,8 +84,7 @@ class GrpoHyper:
 @dataclasses.dataclass(frozen=True)
 class GrpoModels:
     policy: onpolicy.Policy
-    reward_graphdef: object = None  # None: no reward model
-    reward_config: object = None
+    reward: ScalarModel | None = None  # None: no reward model
 
 
 def grpo_rollout(state: TrainState, prompts: dict, rng, *, m: GrpoModels, sampling: onpolicy.Sampling, eos_id: int,
@@ -92,25 +92,24 @@ def grpo_rollout(state: TrainState, prompts: dict, rng, *, m: GrpoModels, sampli
     """`group_size` responses to each of `prompts` (consecutive rows), with the reward model's raw `rm_scores`
     (zeros without one) and, unless `greedy` (evaluation), `old_logps` and `ref_logps` (zeros without a
     reference)."""
-    prompts = {k: jnp.repeat(prompts[k], group_size, axis=0) for k in ppo.PROMPT_KEYS}
-    params, transform = onpolicy.policy_weights(state.params, state.frozen, None, m.policy)
-    out = generate(m.policy.graphdef, params, prompts, rng, max_new_tokens=sampling.max_new_tokens, eos_id=eos_id,
-                   pad_id=pad_id, temperature=0.0 if greedy else sampling.temperature, top_k=sampling.top_k,
-                   top_p=sampling.top_p, layer_transform=transform)
+    prompts = {k: jnp.repeat(prompts[k], group_size, axis=0) for k in onpolicy.PROMPT_KEYS}
+    policy = m.policy.forward(state.params, state.frozen)
+    out = generate(policy, prompts, rng, max_new_tokens=sampling.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                   temperature=0.0 if greedy else sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     batch = {k: out[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
     mask = batch["response_mask"] > 0
-    if m.reward_graphdef is not None:
-        batch["rm_scores"] = ppo.reward_model_scores(state.frozen, batch["tokens"], batch["mask"], m)
+    if m.reward is not None:
+        batch["rm_scores"] = onpolicy.reward_model_scores(m.reward, state.frozen, batch["tokens"], batch["mask"])
     else:
         batch["rm_scores"] = jnp.zeros(mask.shape[:1], jnp.float32)
     if greedy:
         return batch
     zero = jnp.zeros((), jnp.float32)
-    logps, _, _ = onpolicy.response_logps(params, transform, batch, m.policy)
+    logps, _, _ = onpolicy.response_logps(policy, batch, m.policy)
     batch["old_logps"] = jnp.where(mask, logps, zero)
     if with_reference:
-        ref_params = onpolicy.reference_weights(state.frozen, m.policy)
-        ref_logps, _, _ = onpolicy.response_logps(ref_params, None, batch, m.policy)
+        reference = m.policy.reference(state.params, state.frozen)
+        ref_logps, _, _ = onpolicy.response_logps(reference, batch, m.policy)
         batch["ref_logps"] = jnp.where(mask, ref_logps, zero)
     else:
         batch["ref_logps"] = jnp.zeros_like(batch["old_logps"])
@@ -119,8 +118,7 @@ def grpo_rollout(state: TrainState, prompts: dict, rng, *, m: GrpoModels, sampli
 
 def grpo_loss(trainable, frozen, batch, rng, *, m: GrpoModels, h: GrpoHyper, max_completion_length: int):
     mask = batch["response_mask"] > 0
-    params, transform = onpolicy.policy_weights(trainable, frozen, rng, m.policy)
-    logps, _, _ = onpolicy.response_logps(params, transform, batch, m.policy)
+    logps, _, _ = onpolicy.response_logps(m.policy.forward(trainable, frozen, rng), batch, m.policy)
     in_loss_kl = h.algorithm == "grpo" and h.needs_reference
     loss_sum, count, metrics = grpo_policy_loss(
         logps, batch["old_logps"], batch["ref_logps"] if in_loss_kl else None, batch["advantages"], mask,
@@ -213,7 +211,7 @@ class GrpoRollouts:
 
     def __call__(self, state, step, batch):
         with jax.set_mesh(self.mesh):
-            rollout = self.fn(state, {k: batch[k] for k in ppo.PROMPT_KEYS})
+            rollout = self.fn(state, {k: batch[k] for k in onpolicy.PROMPT_KEYS})
         rewards, logged = self.scorer(rollout, jax.device_get(batch["index"]), self.h.group_size)
         bad = int(np.sum(~np.isfinite(rewards)))
         if bad:
@@ -235,7 +233,7 @@ class GrpoEval:
                                                                        **rollout_kwargs))
 
     def __call__(self, state) -> dict:
-        prompts = {k: self.prompts[k] for k in ppo.PROMPT_KEYS}
+        prompts = {k: self.prompts[k] for k in onpolicy.PROMPT_KEYS}
         out = {}
         for name, fn in (("greedy", self.greedy), ("sampled", self.sampled)):
             with jax.set_mesh(self.mesh):
@@ -257,18 +255,15 @@ def build_task(config, workdir: str, mesh) -> Task:
     `rewards` (and `reward_from`)."""
     h = GrpoHyper(**config.grpo.to_dict())
     sampling = onpolicy.Sampling(**config.rollout.to_dict())
-    model_config, meta, init_path = lm.resolve_model(config)
-    if model_config.adapter_placement != "none":
-        raise errors.ConfigError("GRPO trains fully or with LoRA; bottleneck adapters "
-                                 "(adapters.placement) are not supported.")
+    model_config, meta, init_path = weights.resolve_model(config)
     tokenizer = lm.stage_tokenizer(config, meta, model_config, "GRPO")
     functions = resolve_reward_functions(config.rewards) if config.rewards.strip() else []
     if not functions and not config.reward_from:
         raise errors.ConfigError("GRPO needs rewards: name reward functions in `rewards` and/or set reward_from.")
     if jax.process_count() > 1 and functions:
         raise errors.ConfigError("Python reward functions run on one host; multi-process GRPO needs reward_from only.")
-    weights = _weights(config.reward_weights)
-    lora_config = lm.lora_from(config)
+    weights_of_rewards = _weights(config.reward_weights)
+    policy = weights.trainable_model(config, model_config)
 
     data_cfg = config.data
     rows = data_cfg.batch_size * h.group_size
@@ -285,53 +280,50 @@ def build_task(config, workdir: str, mesh) -> Task:
     rm = None
     normalization = {"gain": 1.0, "bias": 0.0}
     if config.reward_from:
-        reward_path = lm.parse_init_from(config.reward_from, "reward_from")
-        rm = ppo.load_reward_model(reward_path, meta or {"tokenizer": tokenizer.model_path}, model_config)
-        normalization = reward.load_reward_normalization(reward_path)
+        reward_path = weights.parse_source(config.reward_from, "reward_from")
+        rm = weights.reward_from(reward_path, meta or {"tokenizer": tokenizer.model_path}, model_config)
+        normalization = weights.reward_normalization(reward_path)
     with_reference = h.needs_reference
-    core = grpo_core(config, model_config, lora_config, h, sampling, rm,
-                     init_base=lm.base_initializer(model_config, init_path))
+    core = grpo_core(config, policy, h, sampling, rm, init_base=weights.initializer(model_config, init_path))
     m, layout, optimizer = core.models, core.layout, core.optimizer
     rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
                       "with_reference": with_reference}
-    scorer = functools.partial(Scorer, functions, weights, tokenizer, reward_model_weight=float(
+    scorer = functools.partial(Scorer, functions, weights_of_rewards, tokenizer, reward_model_weight=float(
         config.reward_model_weight) if rm else 0.0, gain=float(normalization["gain"]),
         bias=float(normalization["bias"]), missing_eos_penalty=h.missing_eos_penalty)
     eval_extra = None
     if config.eval_prompts:
         eval_prompts = {k: v[: config.eval_prompts] for k, v in data.eval.items()}
         eval_extra = GrpoEval(mesh, eval_prompts, scorer(data.records["eval"]), config.seed, **rollout_kwargs)
-    identity = lm.resume_identity(model_config, lora_config, algorithm=h.algorithm, reference=with_reference,
-                                  reward_model=rm[0].checkpoint_identity() if rm else None)
-    frozen_base = "frozen/base" if lora_config is not None else "frozen"
+    identity = {**policy.identity(), "algorithm": h.algorithm, "reference": with_reference,
+                "reward_model": rm[0].checkpoint_identity() if rm else None}
     return Task(
         name="grpo", optimizer=optimizer,
         train_step=functools.partial(grpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
         eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=core.tokens,
-        flops_per_step=core.flops, prepare=GrpoRollouts(mesh, scorer(data.records["train"]), h, **rollout_kwargs), eval_extra=eval_extra,
-        metadata={"stage": "grpo", "model": model_config.to_dict(), "resume_identity": identity,
-                  "lora": identity["lora"], "tokenizer": tokenizer.model_path, "init_from": config.init_from,
-                  "model_params": "params", "model_frozen": frozen_base, "reward_from": config.reward_from,
-                  "rewards": [name for name, _ in functions], "grpo": dataclasses.asdict(h),
-                  "rollout": dataclasses.asdict(sampling), "data": data.stats},
+        flops_per_step=core.flops, prepare=GrpoRollouts(mesh, scorer(data.records["train"]), h, **rollout_kwargs),
+        eval_extra=eval_extra,
+        metadata={"stage": "grpo", **policy.metadata(), "resume_identity": identity, "tokenizer": tokenizer.model_path,
+                  "init_from": config.init_from, "model_params": "params", "model_frozen": "frozen/policy",
+                  "reward_from": config.reward_from, "rewards": [name for name, _ in functions],
+                  "grpo": dataclasses.asdict(h), "rollout": dataclasses.asdict(sampling), "data": data.stats},
         **layout)
 
 
-def grpo_core(config, model_config, lora_config, h: GrpoHyper, sampling, reward_model, *,
+def grpo_core(config, policy: TrainableModel, h: GrpoHyper, sampling, reward_model, *,
               init_base) -> onpolicy.RlCore:
     """The models, param layout, optimizer and cost of a GRPO/RLOO task; `reward_model` = (config, abstract,
     logical, loader) of the optional reward model, or None."""
     rm = reward_model
-    m = GrpoModels(policy=onpolicy.Policy(models.abstract_model(model_config)[0], lora_config, sampling.temperature,
-                                          config.loss_chunk),
-                   reward_graphdef=models.abstract_model(rm[0])[0] if rm else None, reward_config=rm[0] if rm else None)
-    layout = grpo_layout(model_config, lora_config, seed=config.seed, init_base=init_base,
-                         reference_copy=h.needs_reference, reward_model=rm[1:] if rm else None)
+    m = GrpoModels(policy=onpolicy.Policy(policy, sampling.temperature, config.loss_chunk),
+                   reward=onpolicy.reward_scorer(rm[0]) if rm else None)
+    layout = grpo_layout(policy, init_base=init_base, reference=h.needs_reference,
+                         reward_model=rm[1:] if rm else None)
     optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
     seq = config.data.max_prompt_len + sampling.max_new_tokens
     tokens = config.data.batch_size * h.group_size * seq
     forwards = 1 + 1 + (1 if h.needs_reference else 0) + (1 if rm else 0)  # sampling, old log-probs, reference, RM
-    return onpolicy.RlCore(m, layout, optimizer, tokens, tokens * model_config.flops_per_token(seq) *
+    return onpolicy.RlCore(m, layout, optimizer, tokens, tokens * policy.config.flops_per_token(seq) *
                            (forwards / 3 + h.epochs))
 
 
@@ -344,30 +336,22 @@ def _weights(text: str):
         raise errors.ConfigError(f"reward_weights={text!r} must be comma-separated numbers.") from None
 
 
-def grpo_layout(model_config, lora_config, *, seed: int, init_base, reference_copy: bool, reward_model) -> dict:
-    """Trained: the policy (full or LoRA). Frozen: `{"base"}` (LoRA) or `{"reference"}` (full, when a reference is
-    needed) plus `{"reward"}` when a reward model scores too; `{}` for full fine-tuning with neither."""
-    policy = lm.param_layout(model_config, lora_config, seed=seed, init_base=init_base,
-                             reference_copy=reference_copy and lora_config is None)
-    if "abstract_frozen" not in policy and reward_model is None:
-        return policy
-    key = "base" if lora_config is not None else "reference"
-    abstract_frozen, frozen_logical = {}, {}
-    if "abstract_frozen" in policy:
-        abstract_frozen[key], frozen_logical[key] = policy["abstract_frozen"], policy["frozen_logical"]
+def grpo_layout(policy: TrainableModel, *, init_base, reference: bool, reward_model) -> dict:
+    """Trained: the policy's trained part. Frozen: `{"policy"}` — its frozen base, or with a reference and full
+    fine-tuning the reference copy; absent when neither exists — plus `{"reward"}` when a reward model scores too."""
+    own = policy.layout_with_reference(init_base) if reference else policy.layout(init_base)
+    parts = {}  # frozen key -> (abstract, logical, init)
+    if jax.tree.leaves(own["abstract_frozen"]):
+        parts["policy"] = (own["abstract_frozen"], own["frozen_logical"], own["init_frozen"])
     if reward_model is not None:
-        abstract_frozen["reward"], frozen_logical["reward"], load_rm = reward_model
+        parts["reward"] = reward_model
 
     def init_frozen(shardings):
-        frozen = {}
-        if key in shardings:
-            frozen[key] = policy["init_frozen"](shardings[key])
-        if reward_model is not None:
-            frozen["reward"] = load_rm(shardings["reward"])
-        return frozen
+        return {key: init(shardings[key]) for key, (_, _, init) in parts.items()}
 
     def init_params(shardings, frozen):
-        return policy["init_params"](shardings, frozen.get(key))
+        return own["init_params"](shardings, frozen.get("policy", {}))
 
-    return {**policy, "abstract_frozen": abstract_frozen, "frozen_logical": frozen_logical,
-            "init_frozen": init_frozen, "init_params": init_params}
+    return {**own, "abstract_frozen": {key: part[0] for key, part in parts.items()},
+            "frozen_logical": {key: part[1] for key, part in parts.items()}, "init_frozen": init_frozen,
+            "init_params": init_params}

@@ -5,6 +5,10 @@ A rollout batch holds `tokens` and `mask` `[B, L + N]` (left-padded prompt of wi
 `generate`'s layout) and `response_mask` `[B, N]` (EOS + 1). The hidden state at position L − 1 + t predicts
 response token t, so "the response's hidden states" are positions L − 1 … L + N − 2 of a forward pass over
 `tokens[:, :-1]`.
+
+State layout of both: `state.frozen["policy"]` is the policy's frozen part — its frozen base (LoRA, adapters,
+QLoRA: also the reference, and the base PPO's value model adapts) or, for full fine-tuning, the frozen reference
+copy (absent when no reference is needed); `state.frozen["reward"]` the reward model.
 """
 
 import dataclasses
@@ -19,20 +23,40 @@ from flaxalign.losses.lm import (
     chunked_token_kl,
     chunked_token_logps,
 )
-from flaxalign.stages import lm
+from flaxalign.policy import UNUSED_BY_SCALAR, ScalarModel, TrainableModel
 from flaxalign.train.optim import make_optimizer
 from flaxalign.train.state import TrainState
 from flaxalign.train.step import accumulated_gradients, finite_update
 
+PROMPT_KEYS = ("input_ids", "attention_mask", "positions")  # a batch of left-padded prompts
+
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """Static description of a policy: its module, LoRA (None = full weights) and sampling temperature (log-probs
-    are those of softmax(logits / temperature), the distribution the rollout sampled from)."""
-    graphdef: object
-    lora_config: object
+    """The policy of an RL stage: its trainable model and sampling temperature (log-probs are those of
+    softmax(logits / temperature), the distribution the rollout sampled from)."""
+    model: TrainableModel
     temperature: float
     chunk_size: int = 256
+
+    def forward(self, trainable, frozen: dict, rng=None) -> models.CausalLM:
+        """The policy module (`frozen`: the state's frozen tree)."""
+        return self.model.model(trainable, frozen.get("policy", {}), rng)
+
+    def reference(self, trainable, frozen: dict) -> models.CausalLM:
+        """The reference: the frozen base with adapters off, or the frozen copy of the start."""
+        return self.model.reference_model(trainable, frozen["policy"])
+
+
+def reward_scorer(config: models.ModelConfig) -> ScalarModel:
+    """The frozen reward model of an RL stage, scoring with the full weights in `state.frozen["reward"]`."""
+    return ScalarModel(TrainableModel(config, drop=UNUSED_BY_SCALAR))
+
+
+def reward_model_scores(scorer: ScalarModel, frozen: dict, tokens, mask):
+    """The reward model's raw score of each whole sequence, at its last real token `[B]`."""
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    return scorer.sequence_scores(frozen["reward"], {}, tokens, mask, positions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,17 +72,6 @@ class Sampling:
             raise errors.ConfigError(f"rollout.temperature must be > 0 for on-policy RL, got {self.temperature}.")
         if self.max_new_tokens < 1:
             raise errors.ConfigError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
-
-
-def policy_weights(trainable, frozen: dict, rng, policy: Policy):
-    """(params, layer_transform) of the policy: `trainable` itself (full fine-tuning), or its LoRA leaves on the
-    frozen base `frozen["base"]`."""
-    return lm.model_params(trainable, frozen.get("base"), rng, lora_config=policy.lora_config)
-
-
-def reference_weights(frozen: dict, policy: Policy):
-    """The reference model: the frozen base with the adapters off (LoRA), or the frozen copy of the start."""
-    return frozen["base"] if policy.lora_config is not None else frozen["reference"]
 
 
 def check_budget(config, model_config, sampling: Sampling, rows: int, num_minibatches: int, what: str) -> None:
@@ -80,19 +93,19 @@ def update_optimizer(config, updates_per_step: int):
     return make_optimizer(type(config.optim)(optim_cfg))
 
 
-def response_hidden(model, tokens, mask, response_width: int, layer_transform=None):
+def response_hidden(model, tokens, mask, response_width: int):
     """Hidden states `[B, N, D]` of the positions that predict the N response tokens."""
     inputs, input_mask = tokens[:, :-1], mask[:, :-1]
     positions = jnp.maximum(jnp.cumsum(input_mask, axis=1) - 1, 0)
-    hidden = model(inputs, positions, input_mask, layer_transform=layer_transform)
+    hidden = model(inputs, positions, input_mask)
     return hidden[:, hidden.shape[1] - response_width:]
 
 
-def response_logps(params, layer_transform, batch, policy: Policy):
-    """(log π(y_t | x, y_<t) `[B, N]` under softmax(logits / T), hidden `[B, N, D]`, unembedding / T)."""
-    model = models.merge(policy.graphdef, params)
+def response_logps(model, batch, policy: Policy):
+    """(log π(y_t | x, y_<t) `[B, N]` under softmax(logits / T), hidden `[B, N, D]`, unembedding / T) of `model`
+    (the policy's or the reference's module)."""
     response = batch["response"]
-    hidden = response_hidden(model, batch["tokens"], batch["mask"], response.shape[1], layer_transform)
+    hidden = response_hidden(model, batch["tokens"], batch["mask"], response.shape[1])
     unembed = model.unembedding() / jnp.asarray(policy.temperature, model.unembedding().dtype)
     return chunked_token_logps(hidden, unembed, response, chunk_size=policy.chunk_size), hidden, unembed
 

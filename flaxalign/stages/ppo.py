@@ -14,11 +14,11 @@ One train step is one PPO iteration on a batch of prompts:
      with one optimizer over policy and value (TRL's PolicyAndValueWrapper); then the adaptive KL controller
      (Ziegler et al.) moves β towards `kl_target` when set.
 
-Models: full fine-tuning keeps a frozen reference copy and a separate value model (backbone from the reward model
-or the policy, `value_from`) with a scalar head initialised to 0. With LoRA the reference is the frozen base with the
-adapters off and the value model is the same frozen base with its own LoRA and head — no weight copies. The reward
-model (`reward_from`, a `configs/reward.py` run, full or LoRA, merged on load) is frozen. β lives in
-`state.frozen["kl_coef"]` so the controller's value is checkpointed.
+Models (`policy.value_model`): full fine-tuning keeps a frozen reference copy and a separate value model (backbone
+from the reward model or the policy, `value_from`) with a scalar head initialised to 0. With LoRA, adapters or a
+quantized base the reference is the frozen base with the adapters off and the value model is the same frozen base
+with its own adapters and head — no weight copies. The reward model (`reward_from`, a `configs/reward.py` run, its
+LoRA merged on load) is frozen. β lives in `state.frozen["kl_coef"]` so the controller's value is checkpointed.
 """
 
 import dataclasses
@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flaxalign import errors, models
+from flaxalign import errors, weights
 from flaxalign.data.prompt_data import build_prompt_datasets
 from flaxalign.generate import generate
 from flaxalign.losses.lm import chunked_token_entropy
@@ -43,14 +43,11 @@ from flaxalign.losses.rl import (
     ppo_value_loss,
 )
 from flaxalign.models import heads
-from flaxalign.stages import lm, onpolicy, reward
+from flaxalign.policy import ScalarModel, TrainableModel, value_model
+from flaxalign.stages import lm, onpolicy
 from flaxalign.stages.checks import check_rows
-from flaxalign.stages.dpo import check_same_vocabulary
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
-
-VALUE_FROM = ("auto", "reward", "policy")
-PROMPT_KEYS = ("input_ids", "attention_mask", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,34 +86,17 @@ class PpoHyper:
 class PpoModels:
     """Static pieces of the policy, value and reward models."""
     policy: onpolicy.Policy
-    value_graphdef: object
-    value_config: models.ModelConfig
-    value_lora: object  # the value model's own LoRA on the shared frozen base (LoRA policies), else None
-    reward_graphdef: object
-    reward_config: models.ModelConfig
-
-    @property
-    def shared_base(self) -> bool:
-        return self.policy.lora_config is not None
+    value: ScalarModel
+    reward: ScalarModel
 
 
 def token_values(trainable, frozen, batch, rng, m: PpoModels):
-    """V(x, y_<t) `[B, N]`: the value head on the value model's hidden state before each response token."""
+    """V(x, y_<t) `[B, N]`: the value head on the value model's hidden state before each response token (a value
+    model on the policy's frozen base reads it at `frozen["policy"]`)."""
     value = trainable["value"]
-    if m.shared_base:
-        params, transform = lm.model_params(value["model"], frozen["base"], rng, lora_config=m.value_lora)
-    else:
-        params, transform = value["model"], None
-    model = models.merge(m.value_graphdef, heads.with_unused_lm_head(params, m.value_config))
-    hidden = onpolicy.response_hidden(model, batch["tokens"], batch["mask"], batch["response"].shape[1], transform)
+    model = m.value.backbone.model(value["model"], frozen.get("policy", {}), rng)
+    hidden = onpolicy.response_hidden(model, batch["tokens"], batch["mask"], batch["response"].shape[1])
     return heads.token_scores(hidden, value["head"])
-
-
-def reward_model_scores(frozen, tokens, mask, m: PpoModels):
-    """The reward model's raw score of each whole sequence, at its last real token `[B]`."""
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    return reward.reward_scores(frozen["reward"], {}, tokens, mask, positions, graphdef=m.reward_graphdef,
-                                model_config=m.reward_config, lora_config=None)
 
 
 def ppo_rollout(state: TrainState, prompts: dict, rng, *, m: PpoModels, sampling: onpolicy.Sampling, eos_id: int,
@@ -124,18 +104,17 @@ def ppo_rollout(state: TrainState, prompts: dict, rng, *, m: PpoModels, sampling
     """Responses to left-padded `prompts` with everything `ppo_step` needs: `tokens`, `mask`, `response`,
     `response_mask`, `ended`, `old_logps`, `ref_logps`, `values` (`[B, N]`, 0 where masked), `scores` `[B]`
     (gain·r + bias − penalty·[no EOS]), `raw_scores`, and per-token `kl` / `entropy` for the metrics."""
-    params, transform = onpolicy.policy_weights(state.params["policy"], state.frozen, None, m.policy)
-    out = generate(m.policy.graphdef, params, prompts, rng, max_new_tokens=sampling.max_new_tokens, eos_id=eos_id,
-                   pad_id=pad_id, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                   layer_transform=transform)
+    policy = m.policy.forward(state.params["policy"], state.frozen)
+    out = generate(policy, prompts, rng, max_new_tokens=sampling.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                   temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     batch = {k: out[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
     mask = batch["response_mask"] > 0
-    logps, hidden, unembed = onpolicy.response_logps(params, transform, batch, m.policy)
-    ref_logps, ref_hidden, ref_unembed = onpolicy.response_logps(onpolicy.reference_weights(state.frozen, m.policy),
-                                                                 None, batch, m.policy)
+    logps, hidden, unembed = onpolicy.response_logps(policy, batch, m.policy)
+    reference = m.policy.reference(state.params["policy"], state.frozen)
+    ref_logps, ref_hidden, ref_unembed = onpolicy.response_logps(reference, batch, m.policy)
     batch.update(onpolicy.reference_comparison(hidden, unembed, ref_hidden, ref_unembed, mask, m.policy))
     values = token_values(state.params, state.frozen, batch, None, m)
-    raw = reward_model_scores(state.frozen, batch["tokens"], batch["mask"], m)
+    raw = onpolicy.reward_model_scores(m.reward, state.frozen, batch["tokens"], batch["mask"])
     scores = gain * raw + bias - missing_eos_penalty * (1.0 - batch["ended"].astype(jnp.float32))
     zero = jnp.zeros((), jnp.float32)
     return {**batch, "old_logps": jnp.where(mask, logps, zero), "ref_logps": jnp.where(mask, ref_logps, zero),
@@ -146,8 +125,8 @@ def ppo_loss(trainable, frozen, batch, rng, *, m: PpoModels, h: PpoHyper):
     """(Σ token losses, (token count, Σ metrics)) of a minibatch: clipped surrogate + vf_coef · clipped value loss
     − entropy_coef · entropy, summed over the real response tokens."""
     mask = batch["response_mask"] > 0
-    params, transform = onpolicy.policy_weights(trainable["policy"], frozen, rng, m.policy)
-    logps, hidden, unembed = onpolicy.response_logps(params, transform, batch, m.policy)
+    policy = m.policy.forward(trainable["policy"], frozen, rng)
+    logps, hidden, unembed = onpolicy.response_logps(policy, batch, m.policy)
     pg_sum, count, pg = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps=h.clip_eps)
     values = token_values(trainable, frozen, batch, rng, m)
     vf_sum, _, vf = ppo_value_loss(values, batch["values"], batch["returns"], mask, clip_range=h.vf_clip)
@@ -221,7 +200,7 @@ class Rollouts:
 
     def __call__(self, state, step, batch):
         with jax.set_mesh(self.mesh):
-            return self.fn(state, {k: batch[k] for k in PROMPT_KEYS}), {}
+            return self.fn(state, {k: batch[k] for k in onpolicy.PROMPT_KEYS}), {}
 
 
 class RolloutEval:
@@ -243,19 +222,8 @@ def _eval_stats(batch, state):
     return {k: stats[k] for k in ("score", "score_std", "kl", "rlhf_reward", "eos_rate", "response_length")}
 
 
-def load_reward_model(path: str, policy_meta: dict, policy_config: models.ModelConfig):
-    """(reward model config, abstract params, logical axes, loader(shardings)) of a reward run; it must score the
-    policy's tokens (same vocabulary and tokenizer)."""
-    meta = lm.source_metadata(path)
-    if meta.get("stage") != "reward":
-        raise errors.ConfigError(f"reward_from={path} is a {meta.get('stage')!r} run, not a reward model "
-                                 "(train one with configs/reward.py).")
-    rm_config = models.ModelConfig.from_dict(check_same_vocabulary(policy_meta, path, policy_config))
-    return (rm_config, *reward.trained_reward_model(path, rm_config))
-
-
 def _prompt_arrays(split: dict) -> dict:
-    return {k: split[k] for k in PROMPT_KEYS}
+    return {k: split[k] for k in onpolicy.PROMPT_KEYS}
 
 
 def build_task(config, workdir: str, mesh) -> Task:
@@ -263,18 +231,14 @@ def build_task(config, workdir: str, mesh) -> Task:
     `data.train` (`prompt` records)."""
     h = PpoHyper(**config.ppo.to_dict())
     sampling = onpolicy.Sampling(**config.rollout.to_dict())
-    model_config, meta, init_path = lm.resolve_model(config)
-    if model_config.adapter_placement != "none":
-        raise errors.ConfigError("PPO trains fully or with LoRA; bottleneck adapters "
-                                 "(adapters.placement) are not supported.")
+    model_config, meta, init_path = weights.resolve_model(config)
     if not config.reward_from:
         raise errors.ConfigError("PPO needs a reward model: set reward_from=checkpoint:DIR (a configs/reward.py run).")
     tokenizer = lm.stage_tokenizer(config, meta, model_config, "PPO")
-    lora_config = lm.lora_from(config)
-    reward_path = lm.parse_init_from(config.reward_from, "reward_from")
-    rm_config, rm_abstract, rm_logical, load_rm = load_reward_model(
-        reward_path, meta or {"tokenizer": tokenizer.model_path}, model_config)
-    normalization = reward.load_reward_normalization(reward_path)
+    policy = weights.trainable_model(config, model_config)
+    reward_path = weights.parse_source(config.reward_from, "reward_from")
+    reward_model = weights.reward_from(reward_path, meta or {"tokenizer": tokenizer.model_path}, model_config)
+    normalization = weights.reward_normalization(reward_path)
 
     data_cfg = config.data
     onpolicy.check_budget(config, model_config, sampling, data_cfg.batch_size, h.num_minibatches, "data.batch_size")
@@ -287,101 +251,71 @@ def build_task(config, workdir: str, mesh) -> Task:
     if config.eval_prompts:
         check_rows(mesh, len(eval_prompts["input_ids"]), "eval_prompts (held-out prompts, at most the data.eval set)")
 
-    core = ppo_core(config, model_config, lora_config, h, sampling, (rm_config, rm_abstract, rm_logical, load_rm),
-                    init_base=lm.base_initializer(model_config, init_path))
+    core = ppo_core(config, policy, h, sampling, reward_model, init_base=weights.initializer(model_config, init_path))
     m, layout, optimizer, value_from = core.models, core.layout, core.optimizer, core.value_from
     rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
                       "gain": float(normalization["gain"]), "bias": float(normalization["bias"]),
                       "missing_eos_penalty": h.missing_eos_penalty}
-    identity = lm.resume_identity(model_config, lora_config, value_from=value_from,
-                                  reward_model=rm_config.checkpoint_identity())
+    identity = {**policy.identity(), "value_from": value_from,
+                "reward_model": m.reward.backbone.config.checkpoint_identity()}
     return Task(
         name="ppo", optimizer=optimizer,
         train_step=functools.partial(ppo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
         eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=core.tokens,
         flops_per_step=core.flops, prepare=Rollouts(mesh, **rollout_kwargs),
         eval_extra=RolloutEval(mesh, eval_prompts, config.seed, **rollout_kwargs) if config.eval_prompts else None,
-        metadata={"stage": "ppo", "model": model_config.to_dict(), "resume_identity": identity,
-                  "model_params": "params/policy", "model_frozen": "frozen/base",
-                  "lora": identity["lora"], "tokenizer": tokenizer.model_path, "init_from": config.init_from,
+        metadata={"stage": "ppo", **policy.metadata(), "resume_identity": identity,
+                  "model_params": "params/policy", "model_frozen": "frozen/policy",
+                  "tokenizer": tokenizer.model_path, "init_from": config.init_from,
                   "reward_from": config.reward_from, "ppo": dataclasses.asdict(h),
                   "rollout": dataclasses.asdict(sampling), "data": data.stats},
         **layout)
 
 
-def ppo_core(config, model_config, lora_config, h: PpoHyper, sampling, reward_model, *, init_base) -> onpolicy.RlCore:
+def ppo_core(config, policy: TrainableModel, h: PpoHyper, sampling, reward_model, *, init_base) -> onpolicy.RlCore:
     """The models, param layout, optimizer and cost of a PPO task; `reward_model` = (config, abstract, logical,
-    loader) of the reward model. Resolves `value_from` ("auto": the policy's base with LoRA, else the RM)."""
-    rm_config, rm_abstract, rm_logical, load_rm = reward_model
-    value_from = config.value_from
-    if value_from not in VALUE_FROM:
-        raise errors.ConfigError(f"unknown value_from {value_from!r}; valid: {', '.join(VALUE_FROM)}.")
-    if value_from == "auto":
-        value_from = "policy" if lora_config is not None else "reward"
-    if lora_config is not None and value_from == "reward":
-        raise errors.ConfigError("with LoRA the value model is the policy's frozen base with its own LoRA: use "
-                                 "value_from='policy' (or 'auto').")
-    value_config = rm_config if value_from == "reward" else model_config
-    m = PpoModels(policy=onpolicy.Policy(models.abstract_model(model_config)[0], lora_config, sampling.temperature,
-                                         config.loss_chunk),
-                  value_graphdef=models.abstract_model(value_config)[0], value_config=value_config,
-                  value_lora=lora_config, reward_graphdef=models.abstract_model(rm_config)[0],
-                  reward_config=rm_config)
-    layout = ppo_layout(model_config, lora_config, value_config, value_from, seed=config.seed, init_base=init_base,
-                        reward_model=(rm_abstract, rm_logical, load_rm), kl_coef=h.kl_coef)
+    loader) of the reward model. Resolves `value_from` (`policy.value_model`)."""
+    rm_config = reward_model[0]
+    value, value_from = value_model(policy, config.value_from, rm_config)
+    m = PpoModels(policy=onpolicy.Policy(policy, sampling.temperature, config.loss_chunk), value=value,
+                  reward=onpolicy.reward_scorer(rm_config))
+    layout = ppo_layout(policy, value, value_from, init_base=init_base, reward_model=reward_model[1:],
+                        kl_coef=h.kl_coef)
     optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
     seq = config.data.max_prompt_len + sampling.max_new_tokens
     tokens = config.data.batch_size * seq
     # rollout ≈ 1 forward (sampling) + 4 forwards (policy, reference, value, reward) = 5/3 of a training pass;
     # then epochs × (policy + value) training passes
-    flops = tokens * model_config.flops_per_token(seq) * (5 / 3 + 2 * h.epochs)
+    flops = tokens * policy.config.flops_per_token(seq) * (5 / 3 + 2 * h.epochs)
     return onpolicy.RlCore(m, layout, optimizer, tokens, flops, value_from)
 
 
-def ppo_layout(model_config, lora_config, value_config, value_from: str, *, seed: int, init_base, reward_model,
+def ppo_layout(policy: TrainableModel, value: ScalarModel, value_from: str, *, init_base, reward_model,
                kl_coef: float) -> dict:
-    """Trained `{"policy", "value": {"model", "head"}}` and frozen `{"reference" | "base", "reward", "kl_coef"}`
-    (see the module docstring) as `Task` layout fields."""
+    """Trained `{"policy", "value": {"model", "head"}}` and frozen `{"policy", "reward", "kl_coef"}` (see the
+    module docstring and `stages/onpolicy.py`) as `Task` layout fields."""
     rm_abstract, rm_logical, load_rm = reward_model
-    policy = lm.param_layout(model_config, lora_config, seed=seed, init_base=init_base,
-                             reference_copy=lora_config is None)
-    head_abstract = heads.abstract_scalar_head(value_config.d_model)
-    zero_head = lambda: heads.init_scalar_head(value_config.d_model, seed, std=0.0)
-    frozen_key = "base" if lora_config is not None else "reference"
-    if lora_config is not None:  # the value model: the same frozen base with its own LoRA
-        value = lm.param_layout(model_config, lora_config, seed=seed + 1, init_base=init_base)
-        value_abstract, value_logical = value["abstract_params"], value["params_logical"]
-    else:
-        _, value_abstract, value_logical = models.abstract_model(value_config)
-        value_abstract = lm.without(value_abstract, reward.UNUSED)
-        value_logical = lm.without(value_logical, reward.UNUSED)
+    with_reference = policy.layout_with_reference(init_base)
 
     def init_frozen(shardings):
-        return {frozen_key: policy["init_frozen"](shardings[frozen_key]), "reward": load_rm(shardings["reward"]),
-                "kl_coef": jax.jit(lambda: jnp.asarray(kl_coef, jnp.float32),
-                                   out_shardings=shardings["kl_coef"])()}
+        return {"policy": with_reference["init_frozen"](shardings["policy"]), "reward": load_rm(shardings["reward"]),
+                "kl_coef": jax.jit(lambda: jnp.asarray(kl_coef, jnp.float32), out_shardings=shardings["kl_coef"])()}
+
+    def init_value(shardings, frozen):
+        start = frozen["reward"]["model"] if value_from == "reward" else frozen["policy"]
+        return value.backbone.init_trainable_copying(shardings, frozen["policy"], start)
 
     def init_params(shardings, frozen):
-        policy_params = policy["init_params"](shardings["policy"], frozen[frozen_key])
-        if lora_config is not None:
-            value_model = value["init_params"](shardings["value"]["model"], frozen["base"])
-        elif value_from == "reward":
-            value_model = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
-                                  out_shardings=shardings["value"]["model"])(frozen["reward"]["model"])
-        else:
-            value_model = jax.jit(lambda p: jax.tree.map(jnp.copy, lm.without(p, reward.UNUSED)),
-                                  out_shardings=shardings["value"]["model"])(frozen["reference"])
-        head = jax.jit(zero_head, out_shardings=shardings["value"]["head"])()
-        return {"policy": policy_params, "value": {"model": value_model, "head": head}}
+        return {"policy": with_reference["init_params"](shardings["policy"], frozen["policy"]),
+                "value": {"model": init_value(shardings["value"]["model"], frozen),
+                          "head": value.init_head(shardings["value"]["head"])}}
 
     return {
-        "abstract_params": {"policy": policy["abstract_params"],
-                            "value": {"model": value_abstract, "head": head_abstract}},
-        "params_logical": {"policy": policy["params_logical"],
-                           "value": {"model": value_logical, "head": heads.HEAD_LOGICAL}},
+        "abstract_params": {"policy": with_reference["abstract_params"], "value": value.abstract_trainable},
+        "params_logical": {"policy": with_reference["params_logical"], "value": value.trainable_logical},
         "init_params": init_params,
-        "abstract_frozen": {frozen_key: policy["abstract_frozen"], "reward": rm_abstract,
+        "abstract_frozen": {"policy": with_reference["abstract_frozen"], "reward": rm_abstract,
                             "kl_coef": jax.ShapeDtypeStruct((), jnp.float32)},
-        "frozen_logical": {frozen_key: policy["frozen_logical"], "reward": rm_logical, "kl_coef": ()},
+        "frozen_logical": {"policy": with_reference["frozen_logical"], "reward": rm_logical, "kl_coef": ()},
         "init_frozen": init_frozen,
     }

@@ -1,13 +1,14 @@
 """Supervised fine-tuning: L = −Σ_t m_t log p_θ(y_t | x, y_<t), the mask m on completion (or assistant) tokens only,
 normalised by the global number of loss tokens. Full fine-tuning, LoRA (`lora.rank > 0`) or bottleneck adapters
-(`adapters.placement`) on a frozen base; the loss, steps and task builder are the LM stages' (`stages/lm.py`)."""
+(`adapters.placement`) on a frozen base, float32 or quantized (`quantization.base`, QLoRA); the loss, steps and task
+builder are the LM stages' (`stages/lm.py`)."""
 
 import functools
 
+from flaxalign import weights
 from flaxalign.data.sft_data import build_sft_datasets
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_shapes
-from flaxalign.stages.lm import clm_loss  # noqa: F401 - the token loss SFT shares with CLM
 from flaxalign.train.task import Task
 
 sft_loss = lm.lm_loss
@@ -19,18 +20,17 @@ make_task = functools.partial(lm.make_task, "sft")
 def build_task(config, workdir: str, mesh) -> Task:
     """Model and tokenizer from `init_from` (a CLM/SFT run), SFT data from `data.train`, LoRA from `lora`."""
     data_cfg = config.data
-    model_config, meta, init_path = lm.resolve_model(config)
+    model_config, meta, init_path = weights.resolve_model(config)
     tokenizer = lm.stage_tokenizer(config, meta, model_config, "SFT")
     check_shapes(config, model_config, mesh)
-    lora_config = lm.lora_from(config)
+    policy = weights.trainable_model(config, model_config)
 
     data = build_sft_datasets(data_cfg, tokenizer)
     train_data, eval_batches = lm.data_iterators(data.train, data.eval, config)
 
     tokens = data_cfg.batch_size * data_cfg.seq_len
-    init_base = lm.base_initializer(model_config, init_path)
     return make_task(
-        model_config, config.optim, lora_config=lora_config, seed=config.seed, grad_accum=config.grad_accum,
-        chunk_size=config.loss_chunk, init_base=init_base, train_data=train_data, eval_batches=eval_batches,
+        policy, config.optim, grad_accum=config.grad_accum, chunk_size=config.loss_chunk,
+        init_base=weights.initializer(model_config, init_path), train_data=train_data, eval_batches=eval_batches,
         tokens_per_step=tokens, flops_per_step=tokens * model_config.flops_per_token(data_cfg.seq_len),
         metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from, "data": data.stats})

@@ -14,6 +14,7 @@ from flax import nnx
 
 from flaxalign import errors, models, sharding
 from flaxalign.models import adapters
+from flaxalign.policy import TrainableModel
 from flaxalign.stages import clm
 from tests import helpers
 
@@ -163,11 +164,11 @@ def test_adapter_matches_its_equation(activation):
 
 def _adapter_loss_fn(config, chunk_size=16):
     """mean token loss as a function of (adapter params, frozen base params, batch)."""
-    graphdef, _, _ = models.abstract_model(config)
+    policy = TrainableModel(config)
 
     def mean_loss(adapter_params, base_params, batch):
-        loss_sum, (count, _) = clm.clm_loss(adapters.join(adapter_params, base_params), {}, batch, None,
-                                            graphdef=graphdef, chunk_size=chunk_size)
+        loss_sum, (count, _) = clm.clm_loss(adapter_params, base_params, batch, None, policy=policy,
+                                            chunk_size=chunk_size)
         return loss_sum / count
 
     return mean_loss

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flaxalign import models, sharding
+from flaxalign.policy import TrainableModel
 from flaxalign.stages import clm
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
@@ -23,10 +24,10 @@ def _fresh_state(task, mesh, tmp_path, name="ckpt"):
 
 
 def _loss_and_grads(model_config, mesh, batch):
-    graphdef, abstract, logical = models.abstract_model(model_config)
+    _, abstract, logical = models.abstract_model(model_config)
     params_sh = sharding.tree_shardings(logical, abstract, mesh)
     params = models.init_params(model_config, 0, params_sh)
-    loss_fn = functools.partial(clm.clm_loss, graphdef=graphdef, chunk_size=16)
+    loss_fn = functools.partial(clm.clm_loss, policy=TrainableModel(model_config), chunk_size=16)
 
     def mean_loss(params, batch):
         loss_sum, (count, _) = loss_fn(params, {}, batch, None)

@@ -14,7 +14,8 @@ import pytest
 from flaxalign import models
 from flaxalign.data.batching import left_pad_prompts
 from flaxalign.models import heads
-from flaxalign.stages import grpo, lm, onpolicy
+from flaxalign.policy import TrainableModel
+from flaxalign.stages import grpo, onpolicy
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
 from flaxalign.train.jit import CompiledStep
@@ -30,21 +31,22 @@ PROMPT_IDS = [list(np.random.default_rng(0).integers(4, 512, size=n)) for n in (
 def _reward_model():
     """(abstract, logical axes, loader) of a random reward model of the policy's architecture."""
     _, abstract, logical = models.abstract_model(CONFIG)
-    params = {"model": lm.without(helpers.random_params(CONFIG, 1), ("lm_head",)),
-              "head": heads.init_scalar_head(CONFIG.d_model, 3)}
-    return ({"model": lm.without(abstract, ("lm_head",)), "head": heads.abstract_scalar_head(CONFIG.d_model)},
-            {"model": lm.without(logical, ("lm_head",)), "head": heads.HEAD_LOGICAL},
+    def without_head(tree):
+        return {k: v for k, v in tree.items() if k != "lm_head"}
+
+    params = {"model": without_head(helpers.random_params(CONFIG, 1)), "head": heads.init_scalar_head(CONFIG.d_model, 3)}
+    return ({"model": without_head(abstract), "head": heads.abstract_scalar_head(CONFIG.d_model)},
+            {"model": without_head(logical), "head": heads.HEAD_LOGICAL},
             lambda shardings: jax.device_put(params, shardings))
 
 
-def _task(h, grad_accum=1, optimizer=None, with_reward_model=False):
-    graphdef = models.abstract_model(CONFIG)[0]
-    m = grpo.GrpoModels(policy=onpolicy.Policy(graphdef, None, 1.0, 16),
-                        reward_graphdef=graphdef if with_reward_model else None,
-                        reward_config=CONFIG if with_reward_model else None)
+def _task(h, grad_accum=1, optimizer=None, with_reward_model=False, lora_config=None):
+    policy = TrainableModel(CONFIG, lora_config)
+    m = grpo.GrpoModels(policy=onpolicy.Policy(policy, 1.0, 16),
+                        reward=onpolicy.reward_scorer(CONFIG) if with_reward_model else None)
     layout = grpo.grpo_layout(
-        CONFIG, None, seed=0, init_base=lambda shardings: jax.device_put(helpers.random_params(CONFIG, 0), shardings),
-        reference_copy=h.needs_reference, reward_model=_reward_model() if with_reward_model else None)
+        policy, init_base=lambda shardings: jax.device_put(helpers.random_params(CONFIG, 0), shardings),
+        reference=h.needs_reference, reward_model=_reward_model() if with_reward_model else None)
     optimizer = optimizer or optax.sgd(0.05)
     task = Task(name="grpo", optimizer=optimizer, eval_step=None, train_data=None, eval_batches=None,
                 train_step=functools.partial(grpo.grpo_step, m=m, h=h, optimizer=optimizer, grad_accum=grad_accum),

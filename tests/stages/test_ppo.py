@@ -15,7 +15,8 @@ from flaxalign import errors, models
 from flaxalign.data.batching import left_pad_prompts
 from flaxalign.models import heads
 from flaxalign.peft import lora
-from flaxalign.stages import lm, onpolicy, ppo
+from flaxalign.policy import TrainableModel, value_model
+from flaxalign.stages import onpolicy, ppo
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
 from flaxalign.train.jit import CompiledStep
@@ -30,25 +31,31 @@ HYPER = ppo.PpoHyper(epochs=2, num_minibatches=2, kl_coef=0.1)
 
 
 def _models(temperature=0.7, lora_config=None):
-    graphdef = models.abstract_model(CONFIG)[0]
-    return ppo.PpoModels(policy=onpolicy.Policy(graphdef, lora_config, temperature, 16), value_graphdef=graphdef,
-                         value_config=CONFIG, value_lora=lora_config, reward_graphdef=graphdef, reward_config=CONFIG)
+    policy = TrainableModel(CONFIG, lora_config)
+    value, _ = value_model(policy, "auto", CONFIG)
+    return ppo.PpoModels(policy=onpolicy.Policy(policy, temperature, 16), value=value,
+                         reward=onpolicy.reward_scorer(CONFIG))
+
+
+def _without_head(tree):
+    return {k: v for k, v in tree.items() if k != "lm_head"}
 
 
 def _task(h=HYPER, grad_accum=1, optimizer=None, lora_config=None):
     _, abstract, logical = models.abstract_model(CONFIG)
-    rm_abstract = {"model": lm.without(abstract, ("lm_head",)), "head": heads.abstract_scalar_head(CONFIG.d_model)}
-    rm_logical = {"model": lm.without(logical, ("lm_head",)), "head": heads.HEAD_LOGICAL}
-    rm_params = {"model": lm.without(helpers.random_params(CONFIG, 1), ("lm_head",)),
+    rm_abstract = {"model": _without_head(abstract), "head": heads.abstract_scalar_head(CONFIG.d_model)}
+    rm_logical = {"model": _without_head(logical), "head": heads.HEAD_LOGICAL}
+    rm_params = {"model": _without_head(helpers.random_params(CONFIG, 1)),
                  "head": heads.init_scalar_head(CONFIG.d_model, 3)}
+    m = _models(lora_config=lora_config)
     layout = ppo.ppo_layout(
-        CONFIG, lora_config, CONFIG, "policy" if lora_config else "reward", seed=0,
+        m.policy.model, m.value, "policy" if lora_config else "reward",
         init_base=lambda shardings: jax.device_put(helpers.random_params(CONFIG, 0), shardings),
         reward_model=(rm_abstract, rm_logical, lambda shardings: jax.device_put(rm_params, shardings)),
         kl_coef=h.kl_coef)
     optimizer = optimizer or make_optimizer(helpers.optim_config(lr=1e-3, warmup_steps=0, weight_decay=0.0))
     return Task(name="ppo", optimizer=optimizer, eval_step=None, train_data=None, eval_batches=None,
-                train_step=functools.partial(ppo.ppo_step, m=_models(lora_config=lora_config), h=h,
+                train_step=functools.partial(ppo.ppo_step, m=m, h=h,
                                              optimizer=optimizer, grad_accum=grad_accum),
                 tokens_per_step=1, flops_per_step=1.0, metadata={}, **layout)
 
@@ -142,9 +149,9 @@ def test_rollout_kl_logps_and_scores_match_each_row_rebuilt_unpadded(setup):
     `old_logps` / `ref_logps` the sampled tokens' log-probs, `raw_scores` the reward model's at the last token."""
     task, mesh, eos_id, rollout, tmp = setup
     state, shardings = _state(task, mesh, tmp, "moved_reference")
-    reference = rollout_reference.perturbed(jax.device_get(state.frozen["reference"]), seed=9, scale=0.02)
+    reference = rollout_reference.perturbed(jax.device_get(state.frozen["policy"]), seed=9, scale=0.02)
     state = state.replace(frozen={**state.frozen,
-                                  "reference": jax.device_put(reference, shardings.frozen["reference"])})
+                                  "policy": jax.device_put(reference, shardings.frozen["policy"])})
     moved = _rollout(state, eos_id)
     np.testing.assert_array_equal(moved["response"], rollout["response"])
     rows = [rollout_reference.unpadded_row(p, r, eos_id) for p, r in zip(PROMPT_IDS, moved["response"])]
@@ -255,7 +262,7 @@ def test_lora_policy_uses_the_base_as_reference_and_its_own_value_lora(setup, tm
     _, mesh, eos_id, _, _ = setup
     lora_config = lora.LoraConfig(rank=4, alpha=8.0)
     task = _task(lora_config=lora_config, optimizer=optax.sgd(0.05))
-    assert set(task.abstract_frozen) == {"base", "reward", "kl_coef"}
+    assert set(task.abstract_frozen) == {"policy", "reward", "kl_coef"}
     state, shardings = _state(task, mesh, str(tmp_path), "lora")
     before = jax.device_get(state)
     rollout = _rollout(state, eos_id, lora_config=lora_config)
@@ -264,7 +271,7 @@ def test_lora_policy_uses_the_base_as_reference_and_its_own_value_lora(setup, tm
     after, metrics = CompiledStep(task.train_step, mesh, shardings)(state, rollout)
     after = jax.device_get(after)
     assert abs(metrics["ratio_first"] - 1.0) < 1e-6
-    for a, b in zip(jax.tree.leaves(before.frozen["base"]), jax.tree.leaves(after.frozen["base"])):
+    for a, b in zip(jax.tree.leaves(before.frozen["policy"]), jax.tree.leaves(after.frozen["policy"])):
         np.testing.assert_array_equal(a, b)
     for part in (("policy", "lora"), ("value", "model", "lora")):
         old, new = before.params, after.params

@@ -7,10 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from flaxalign import models, sharding
+from flaxalign import models, sharding, weights
 from flaxalign.data.batching import preference_batch, stack_pairs, unstack_pairs
 from flaxalign.models import heads
-from flaxalign.peft import lora
+from flaxalign.peft import lora, quant
+from flaxalign.policy import UNUSED_BY_SCALAR, ScalarModel, TrainableModel
 from flaxalign.stages import reward
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
@@ -21,8 +22,12 @@ CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2, tie_embe
 LORA = lora.LoraConfig(rank=4, alpha=8.0)
 
 
-def _task(lora_config=None, grad_accum=1, center_coef=0.0):
-    return reward.make_task(CONFIG, helpers.optim_config(), lora_config=lora_config, grad_accum=grad_accum,
+def _rm(lora_config=None, quant_config=None, config=CONFIG) -> ScalarModel:
+    return ScalarModel(TrainableModel(config, lora_config, quant_config, drop=UNUSED_BY_SCALAR))
+
+
+def _task(lora_config=None, grad_accum=1, center_coef=0.0, quant_config=None):
+    return reward.make_task(_rm(lora_config, quant_config), helpers.optim_config(), grad_accum=grad_accum,
                             center_coef=center_coef)
 
 
@@ -109,26 +114,25 @@ def test_micro_batches_and_sharding_give_the_same_update(tmp_path, lora_config):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("lora_config", [None, LORA], ids=["full", "lora"])
-def test_trained_reward_model_loads_a_saved_run_for_scoring(tmp_path, lora_config):
-    """What PPO/GRPO load from a reward run (LoRA merged into the backbone) scores like the trained state."""
-    task = _task(lora_config=lora_config)
+@pytest.mark.parametrize("lora_config, quant_config", [(None, None), (LORA, None), (LORA, quant.QuantConfig("nf4"))],
+                         ids=["full", "lora", "qlora"])
+def test_trained_reward_model_loads_a_saved_run_for_scoring(tmp_path, lora_config, quant_config):
+    """What PPO/GRPO load from a reward run (LoRA merged into the backbone, a quantized base dequantized) scores
+    like the trained state."""
+    task = _task(lora_config=lora_config, quant_config=quant_config)
     mesh = helpers.mesh((1, 1, 1))
     state, shardings = _state(task, mesh, str(tmp_path), "train")
     state, _ = CompiledStep(task.train_step, mesh, shardings)(state, helpers.pair_batch(num_pairs=8))
     run = os.path.join(str(tmp_path), "run")
     checkpointer = Checkpointer(os.path.join(run, "checkpoints"))
-    checkpointer.save(1, state, {}, {"stage": "reward", "model": CONFIG.to_dict(),
-                                     "lora": lora_config.to_dict() if lora_config else None})
+    checkpointer.save(1, state, {"batches_consumed": 1}, task.metadata)
     checkpointer.close()
 
-    abstract, logical, load = reward.trained_reward_model(run, CONFIG)
+    abstract, logical, load = weights.reward_model(run, CONFIG)
     params = load(sharding.tree_shardings(logical, abstract, mesh))
     seqs = reward.full_sequences(unstack_pairs(helpers.pair_batch(num_pairs=4, seed=3)))
-    kwargs = {"graphdef": models.abstract_model(CONFIG)[0], "model_config": CONFIG}
-    trained = reward.reward_scores(state.params, state.frozen, seqs["tokens"], seqs["mask"], seqs["positions"],
-                                   lora_config=lora_config, **kwargs)
-    loaded = reward.reward_scores(params, {}, seqs["tokens"], seqs["mask"], seqs["positions"], lora_config=None,
-                                  **kwargs)
+    args = (seqs["tokens"], seqs["mask"], seqs["positions"])
+    trained = _rm(lora_config, quant_config).sequence_scores(state.params, state.frozen, *args)
+    loaded = _rm().sequence_scores(params, {}, *args)
     assert np.std(np.asarray(trained)) > 1e-3  # scores that differ between sequences
     np.testing.assert_allclose(loaded, trained, rtol=1e-4, atol=1e-5)

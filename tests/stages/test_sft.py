@@ -12,6 +12,7 @@ from flaxalign.data.corpus import stdlib_corpus
 from flaxalign.data.sft_data import sft_example
 from flaxalign.data.tokenizer import Tokenizer
 from flaxalign.peft import lora
+from flaxalign.policy import TrainableModel
 from flaxalign.stages import sft
 from tests import helpers
 
@@ -23,9 +24,9 @@ def tokenizer(tmp_path_factory):
 
 
 def _loss(params, batch, lora_config=None, frozen=None):
-    graphdef, _, _ = models.abstract_model(helpers.tiny_model_config())
-    loss_sum, (count, _) = jax.jit(functools.partial(sft.sft_loss, graphdef=graphdef, chunk_size=16,
-                                                     lora_config=lora_config))(params, frozen, batch, None)
+    policy = TrainableModel(helpers.tiny_model_config(), lora_config)
+    loss_sum, (count, _) = jax.jit(functools.partial(sft.sft_loss, policy=policy, chunk_size=16))(
+        params, frozen or {}, batch, None)
     return float(loss_sum), float(count)
 
 
@@ -74,8 +75,8 @@ def test_multi_turn_only_assistant_tokens_contribute(tokenizer):
 def _lora_task(rank=4):
     config = helpers.tiny_model_config()
     lora_config = lora.LoraConfig.from_dict(dict(rank=rank, alpha=8.0, targets="all-linear"))
-    return sft.make_task(config, helpers.optim_config(warmup_steps=0), lora_config=lora_config, chunk_size=16), \
-        lora_config
+    return sft.make_task(TrainableModel(config, lora_config), helpers.optim_config(warmup_steps=0),
+                         chunk_size=16), lora_config
 
 
 def test_lora_sft_trains_only_the_adapters(tmp_path):
@@ -105,20 +106,20 @@ def test_lora_sft_trains_only_the_adapters(tmp_path):
     assert n_lora < 0.2 * n_base
 
 
-def test_lora_applied_inside_the_layer_scan_equals_lora_applied_to_the_whole_tree():
+def test_lora_in_activation_space_equals_lora_merged_into_the_whole_tree():
     config = helpers.tiny_model_config(tie_embeddings=False)
     lora_config = lora.LoraConfig.from_dict(dict(rank=4, alpha=8.0, targets=["q", "v", "down", "lm_head"]))
-    graphdef, _, logical = models.abstract_model(config)
+    _, _, logical = models.abstract_model(config)
     base = models.init_params(config, 0)
     adapters, _ = lora.init_lora(base, logical, lora_config, jax.random.PRNGKey(1))
     adapters = jax.tree.map(lambda x: x + 0.05, adapters)  # B ≠ 0, so the adapters change the output
     batch = helpers.packed_batch()
-    per_layer = jax.jit(functools.partial(sft.sft_loss, graphdef=graphdef, chunk_size=16, lora_config=lora_config))
-    whole_tree = jax.jit(functools.partial(sft.clm_loss, graphdef=graphdef, chunk_size=16))
+    per_layer = jax.jit(functools.partial(sft.sft_loss, policy=TrainableModel(config, lora_config), chunk_size=16))
+    whole_tree = jax.jit(functools.partial(sft.sft_loss, policy=TrainableModel(config), chunk_size=16))
     got, _ = per_layer({"lora": adapters, "saved": {}}, base, batch, None)
-    expected, _ = whole_tree(lora.apply_lora(base, adapters, lora_config), None, batch, None)
+    expected, _ = whole_tree(lora.apply_lora(base, adapters, lora_config), {}, batch, None)
     assert got == pytest.approx(float(expected), rel=1e-6)
-    assert got != pytest.approx(float(whole_tree(base, None, batch, None)[0]), rel=1e-5)
+    assert got != pytest.approx(float(whole_tree(base, {}, batch, None)[0]), rel=1e-5)
 
 
 def test_modules_to_save_are_trained_fully_beside_the_adapters(tmp_path):
@@ -129,7 +130,7 @@ def test_modules_to_save_are_trained_fully_beside_the_adapters(tmp_path):
     config = helpers.tiny_model_config(tie_embeddings=False)
     lora_config = lora.LoraConfig.from_dict(
         dict(rank=4, alpha=8.0, targets="all-linear", modules_to_save=["lm_head"]))
-    task = sft.make_task(config, helpers.optim_config(warmup_steps=0), lora_config=lora_config, chunk_size=16)
+    task = sft.make_task(TrainableModel(config, lora_config), helpers.optim_config(warmup_steps=0), chunk_size=16)
     mesh = helpers.mesh((2, 2, 2))
     state, shardings, _ = loop.initial_state(task, 0, mesh, Checkpointer(str(tmp_path / "ckpt")))
     head = np.asarray(state.frozen["lm_head"])
@@ -150,7 +151,7 @@ def test_adapter_sft_trains_only_the_adapters(tmp_path):
 
     config = helpers.tiny_model_config(adapter_placement="houlsby", adapter_reduction=16,
                                        adapter_names=("task",), active_adapter="task")
-    task = sft.make_task(config, helpers.optim_config(warmup_steps=0), chunk_size=16)
+    task = sft.make_task(TrainableModel(config), helpers.optim_config(warmup_steps=0), chunk_size=16)
     mesh = helpers.mesh((2, 2, 2))
     state, shardings, _ = loop.initial_state(task, 0, mesh, Checkpointer(str(tmp_path / "ckpt")))
     assert set(state.params["layers"]) == {adapters.ADAPTERS_KEY}

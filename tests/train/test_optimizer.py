@@ -13,7 +13,8 @@ import pytest
 
 from flaxalign import models
 from flaxalign.peft import lora
-from flaxalign.stages import lm, onpolicy
+from flaxalign.policy import TrainableModel
+from flaxalign.stages import onpolicy
 from flaxalign.train.optim import decay_mask, learning_rate_schedule, make_optimizer
 from flaxalign.train.state import create_state
 from flaxalign.train.step import gradient_step
@@ -116,9 +117,8 @@ def test_weight_decay_of_lora_and_adapter_leaves():
     """LoRA's A and B matrices and the adapters' down/up matrices decay; the adapters' biases do not, nor DoRA's
     magnitude vectors (a per-column norm, treated like a norm scale: optim.NO_DECAY_NAMES)."""
     config = helpers.tiny_model_config(tie_embeddings=False)
-    _, base, logical = models.abstract_model(config)
     dora = lora.LoraConfig(rank=4, targets=("q", "down", "lm_head"), variant="dora")
-    lora_params, _ = lm.abstract_lora_params(base, logical, dora)
+    lora_params = TrainableModel(config, dora).abstract_trainable["lora"]
     mask = decay_mask(lora_params)
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
             for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
@@ -218,7 +218,7 @@ def test_frozen_params_get_no_update_and_no_optimizer_state():
 def test_a_lora_task_keeps_optimizer_state_for_the_adapters_only():
     """In the real LoRA task, the optimizer state holds two moments per trained value and nothing for the base."""
     lora_config = lora.LoraConfig(rank=4, targets="all-linear")
-    task = lm.make_task("clm", helpers.tiny_model_config(), helpers.optim_config(), lora_config=lora_config)
+    task = helpers.clm_task(helpers.tiny_model_config(), lora_config=lora_config)
     state = jax.eval_shape(lambda p, f: create_state(p, task.optimizer, 0, f), task.abstract_params,
                            task.abstract_frozen)
     trained = sum(x.size for x in jax.tree.leaves(state.params))

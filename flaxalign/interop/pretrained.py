@@ -1,10 +1,9 @@
-"""Stages that start from pretrained weights outside flaxalign: `init_from=hf:DIR` (a transformers model directory)
-or `init_from=gguf:FILE` (a llama.cpp file).
+"""Pretrained weights outside flaxalign as a weights source: `hf:DIR` (a transformers model directory) or
+`gguf:FILE` (a llama.cpp file).
 
-A stage names its starting weights by a *source*: a run directory (`init_from=checkpoint:DIR`), or the spec itself
-("hf:DIR", "gguf:FILE") for pretrained weights. `metadata(source)` gives what a stage reads from a run's metadata —
-the model config, the tokenizer path, the stage — so the stages treat both alike, and `initializer` creates the
-weights directly in the stage's shardings.
+`metadata(source)` gives what a stage reads from a run's metadata — the model config, the tokenizer path, the stage —
+so `flaxalign.weights` treats runs and pretrained weights alike, and `initializer` creates the weights directly in
+the stage's shardings.
 """
 
 import os

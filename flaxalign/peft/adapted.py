@@ -1,0 +1,131 @@
+"""Linear weights that compute their own product: the training-time form of LoRA (activation space) on a float or
+quantized frozen base.
+
+A model's dense layer asks its weight for `dense(x, dtype)` when the weight is not a plain array, and for
+`materialize(dtype)` where it needs the matrix itself (an LM head). Two such weights exist:
+
+    QuantizedWeight (`peft.quant`)   x·W with W dequantized per layer, recomputed in the backward pass;
+    LoraWeight                       x·W + s·(dropout(x)·A)·B, W an array or a QuantizedWeight;
+                                     DoRA: (x·W + s·x·A·B) ⊙ m / sg(‖W + s·A·B‖).
+
+Both are pytrees whose array leaves keep the stacked layer axis, so the layer scan slices them per layer and
+`jax.grad` reaches A, B and the DoRA magnitude through them. The frozen W only ever meets the activations: its
+backward is the [N, d_in] input gradient, never a [d_in, d_out] weight gradient.
+"""
+
+import math
+import zlib
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from flaxalign.peft import lora
+from flaxalign.peft.quant import QuantizedWeight
+
+
+def dense(x_NxI: jax.Array, w: Any, dtype, n_in: int = 1) -> jax.Array:
+    """x · W `[N, prod(out)]`: a plain W `[*in, *out]` (n_in input axes) in `dtype`, or a weight's own product."""
+    if hasattr(w, "dense"):
+        return w.dense(x_NxI, dtype)
+    return x_NxI @ w.reshape(math.prod(w.shape[:n_in]), -1).astype(dtype)
+
+
+def materialize(w: Any, dtype) -> jax.Array:
+    """The matrix of a weight, in `dtype` (a LoRA-adapted weight merged, a quantized one dequantized)."""
+    return w.materialize(dtype) if hasattr(w, "materialize") else w.astype(dtype)
+
+
+@flax.struct.dataclass
+class LoraWeight:
+    """A frozen weight W with its adapter; multiplied as `dense` says, merged only by `materialize`."""
+
+    base: Any  # W [*L, *in, *out]: an array or a QuantizedWeight
+    a: jax.Array  # [*L, *in, r]
+    b: jax.Array  # [*L, r, *out]
+    magnitude: jax.Array | None = None  # DoRA: [*L, *out]
+    dropout_key: jax.Array | None = None  # raw uint32 keys [*L, 2]: training with lora.dropout > 0
+    scale: float = flax.struct.field(pytree_node=False, default=1.0)
+    dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+    n_in: int = flax.struct.field(pytree_node=False, default=1)
+
+    def __getitem__(self, index):
+        """`param[...]` on a module's Param returns the weight itself."""
+        if index is not Ellipsis:
+            raise TypeError("a LoraWeight is read whole, with [...]")
+        return self
+
+    @property
+    def n_layers(self) -> int:
+        return self.a.ndim - 1 - self.n_in
+
+    def _factors(self, dtype):
+        """A `[*L, I, r]` and B `[*L, r, O]` flattened over the input and output axes."""
+        lead = self.a.shape[:self.n_layers]
+        return (self.a.reshape(lead + (-1, self.a.shape[-1])).astype(dtype),
+                self.b.reshape(lead + (self.b.shape[self.n_layers], -1)).astype(dtype))
+
+    def _norm_scale(self) -> jax.Array:
+        """DoRA's m / sg(‖W + s·A·B‖) per output feature, flattened `[*L, O]` (float32)."""
+        w = materialize(self.base, jnp.float32)
+        delta = lora.low_rank_delta(self.a, self.b, self.n_layers)
+        norm = jax.lax.stop_gradient(lora.column_norm(w + self.scale * delta, self.n_layers, self.n_in))
+        ratio = self.magnitude.astype(jnp.float32) / norm
+        return ratio.reshape(ratio.shape[:self.n_layers] + (-1,))
+
+    def dense(self, x_NxI: jax.Array, dtype) -> jax.Array:
+        """x·W + s·(x̃·A)·B with x̃ = dropout(x) (a fresh mask per token and input feature, training only); DoRA as
+        PEFT computes it: g·(x·W + s·x·A·B) with g = m / sg(‖W + s·A·B‖), and with dropout active
+        x·W + (g − 1)·x̃·W + g·s·x̃·A·B."""
+        a, b = self._factors(dtype)
+        base_y = dense(x_NxI, self.base, dtype, self.n_in)
+        dropped = self._dropped(x_NxI)
+        low = (dropped.astype(dtype) @ a) @ b * jnp.asarray(self.scale, dtype)
+        if self.magnitude is None:
+            return base_y + low
+        g = self._norm_scale().astype(dtype)
+        if dropped is x_NxI:
+            return g * (base_y + low)
+        return base_y + (g - 1) * dense(dropped, self.base, dtype, self.n_in) + g * low
+
+    def _dropped(self, x_NxI: jax.Array) -> jax.Array:
+        if self.dropout_key is None or not self.dropout:
+            return x_NxI
+        keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout, x_NxI.shape)
+        return jnp.where(keep, x_NxI / (1.0 - self.dropout), 0.0).astype(x_NxI.dtype)
+
+    def materialize(self, dtype) -> jax.Array:
+        """W' = W + s·A·B (DoRA: m ⊙ W'/sg(‖W'‖)) in `dtype`: for a weight used as a matrix (an adapted LM head)."""
+        w = materialize(self.base, jnp.float32)
+        delta = lora.low_rank_delta(self.a, self.b, self.n_layers)
+        if self.magnitude is None:
+            return lora.lora_weight(w, delta, self.scale).astype(dtype)
+        return lora.dora_weight(w, delta, self.magnitude, self.scale, self.n_layers, self.n_in).astype(dtype)
+
+
+def attach_lora(params: Any, lora_params: Any, config: lora.LoraConfig, rng: jax.Array | None = None) -> Any:
+    """`params` with every adapted weight replaced by its `LoraWeight` (the training-time form of `lora.merge`:
+    same outputs and A/B gradients, computed in activation space). With `rng` and `config.dropout` > 0 each adapted
+    weight gets its own dropout keys, one per stacked layer."""
+    adapters = lora.weights_with_adapters(params, lora_params)
+    if not adapters:
+        return params
+    updated = {}
+    for path, (w, adapter) in adapters.items():
+        lora.check_dora(path, adapter, config)
+        a, b = adapter["a"], adapter["b"]
+        n_layers = a.ndim + b.ndim - 2 - len(w.shape)
+        n_in = a.ndim - 1 - n_layers
+        key = None
+        if rng is not None and config.dropout > 0:
+            key = jax.random.fold_in(rng, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+            if n_layers:
+                key = jax.random.split(key, math.prod(a.shape[:n_layers])).reshape(a.shape[:n_layers] + (2,))
+        updated[path] = LoraWeight(
+            base=w, a=a, b=b, magnitude=adapter.get("magnitude"), dropout_key=key, dropout=config.dropout,
+            scale=lora.lora_scale(lora.alpha_for(path, config), a.shape[-1], config.variant), n_in=n_in)
+    return lora.replace_at_paths(params, updated)
+
+
+__all__ = ["LoraWeight", "QuantizedWeight", "attach_lora", "dense", "materialize"]

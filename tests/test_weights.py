@@ -1,0 +1,93 @@
+"""A finished run's weights read back (`flaxalign.weights`): `init_from` a LoRA or QLoRA run gives its merged
+weights, `run_weights` of an adapter run keeps its adapters, and a quantized base survives a checkpoint."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from flaxalign import models, sharding, weights
+from flaxalign.models import adapters
+from flaxalign.peft import lora, quant
+from flaxalign.policy import TrainableModel
+from flaxalign.stages import lm
+from flaxalign.train import loop
+from flaxalign.train.checkpoint import Checkpointer
+from flaxalign.train.jit import CompiledStep
+from tests import helpers
+
+CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2, tie_embeddings=False)
+
+
+def _train_and_save(policy: TrainableModel, path, mesh, steps=3):
+    """`steps` SFT updates of `policy`, saved at the last step; returns the final state."""
+    task = lm.make_task("sft", policy, helpers.optim_config(lr=5e-2), chunk_size=16)
+    checkpointer = Checkpointer(str(path / "checkpoints"), async_save=False)
+    state, shardings, _ = loop.initial_state(task, 0, mesh, checkpointer)
+    step = CompiledStep(task.train_step, mesh, shardings)
+    for seed in range(steps):  # the learning rate warms up from 0
+        state, _ = step(state, helpers.packed_batch(seed=seed))
+    checkpointer.save(steps, state, {"batches_consumed": steps}, task.metadata)
+    checkpointer.close()
+    return state
+
+
+def _hidden(config, params, tokens):
+    return np.asarray(models.merge(models.abstract_model(config)[0], params)(tokens))
+
+
+def test_init_from_a_lora_run_gives_its_merged_weights(tmp_path):
+    lora_config = lora.LoraConfig(rank=4, alpha=8.0, modules_to_save=("final_norm/scale",))
+    policy = TrainableModel(CONFIG, lora_config)
+    mesh = helpers.mesh((2, 1, 1))
+    state = _train_and_save(policy, tmp_path, mesh)
+
+    _, abstract, logical = models.abstract_model(CONFIG)
+    merged = weights.initializer(CONFIG, str(tmp_path))(sharding.tree_shardings(logical, abstract, mesh))
+    tokens = helpers.packed_batch(batch_size=2)["inputs"]
+    expected = np.asarray(policy.model(state.params, state.frozen)(tokens))
+    np.testing.assert_allclose(_hidden(CONFIG, merged, tokens), expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(merged["final_norm"]["scale"]), 1.0)  # the trained module, not the base's
+    drop = ("lm_head",)
+    without_head = weights.initializer(CONFIG, str(tmp_path), drop=drop)
+    assert "lm_head" not in without_head(sharding.tree_shardings(
+        {k: v for k, v in logical.items() if k not in drop}, {k: v for k, v in abstract.items() if k not in drop},
+        mesh))
+    assert jax.tree.structure(merged) == jax.tree.structure(abstract)
+
+
+def test_a_qlora_run_keeps_its_quantized_base_and_reads_back_merged(tmp_path):
+    """NF4 base + LoRA: the checkpoint holds the base quantized (uint8 codes, bitwise as trained), resuming
+    restores it, and `init_from` / `run_weights` give the dequantized base with the LoRA merged."""
+    policy = TrainableModel(CONFIG, lora.LoraConfig(rank=4, alpha=8.0), quant.QuantConfig("nf4", double_quant=True))
+    mesh = helpers.mesh((1, 1, 1))
+    state = _train_and_save(policy, tmp_path, mesh)
+    codes = state.frozen["layers"]["mlp"]["up"].codes
+    assert codes.dtype == np.uint8 and codes.shape == (CONFIG.n_layers, CONFIG.d_model // 2, CONFIG.d_ff)
+
+    task = lm.make_task("sft", policy, helpers.optim_config(lr=5e-2), chunk_size=16,
+                        train_data=helpers.DataPosition())
+    restored, _, step = loop.initial_state(task, 0, mesh, Checkpointer(str(tmp_path / "checkpoints")))
+    assert step == 3
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    tokens = helpers.packed_batch(batch_size=2)["inputs"]
+    expected = np.asarray(policy.model(state.params, state.frozen)(tokens))
+    config, params = weights.run_weights(str(tmp_path), mesh)
+    assert config == CONFIG and all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))
+    np.testing.assert_allclose(_hidden(CONFIG, params, tokens), expected, rtol=1e-5, atol=1e-5)
+    _, abstract, logical = models.abstract_model(CONFIG)
+    merged = weights.initializer(CONFIG, str(tmp_path))(sharding.tree_shardings(logical, abstract, mesh))
+    np.testing.assert_allclose(_hidden(CONFIG, merged, tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_run_weights_of_an_adapter_run_keep_its_adapters(tmp_path):
+    config = dataclasses.replace(CONFIG, adapter_placement="houlsby", adapter_names=("task",), active_adapter="task")
+    mesh = helpers.mesh((1, 1, 1))
+    state = _train_and_save(TrainableModel(config), tmp_path, mesh)
+    loaded_config, params = weights.run_weights(str(tmp_path), mesh)
+    assert loaded_config == config
+    tokens = helpers.packed_batch(batch_size=2)["inputs"]
+    np.testing.assert_array_equal(_hidden(config, params, tokens),
+                                  _hidden(config, adapters.join(state.params, state.frozen), tokens))
