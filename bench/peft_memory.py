@@ -14,7 +14,8 @@ estimate
 i.e. every input buffer, the outputs that do not reuse a donated input buffer, and XLA's scratch. (The aliased
 outputs are counted inside `outputs`, so `arguments + temporaries − aliased` would subtract the donated state once
 too often.) XLA's own `peak_memory_in_bytes` is printed beside it, as reported. Then the best wall time of a few
-steps after compilation.
+steps after compilation, the methods of a preset timed in turns (one step each per round) so that the CPU's drift
+reaches them all alike.
 
 Methods (each a `policy.TrainableModel` given to `sft.make_task`; the same loss, optimizer and `gradient_step`):
   full        every weight trains, AdamW state for all of them.
@@ -71,7 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--presets", default="small,smollm2_135m", help="comma-separated model presets")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
-    p.add_argument("--steps", type=int, default=2, help="timed steps after the compile (the best one is reported)")
+    p.add_argument("--remat", default="none", help="model.remat for every method: none (the presets') or full")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed rounds after the compile, one step of each method per round (the best is reported)")
     p.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
     p.add_argument("--seq", type=int, default=0, help="override the preset's sequence length")
     p.add_argument("--loss_chunk", type=int, default=256)
@@ -130,39 +133,60 @@ def compiled_memory(compiled) -> dict:
     return out
 
 
-def measure(method, preset, args, mesh, workdir) -> dict:
-    base_config = models.ModelConfig.from_dict({**models.preset(preset), "dtype": args.dtype})
-    default_batch, default_seq = SHAPES.get(preset, (8, 256))
-    batch_size, seq = args.batch or default_batch, args.seq or default_seq
-    config, task = make_method_task(method, base_config, optim_config(), args.loss_chunk)
-    result = {"preset": preset, "method": method, "batch": batch_size, "seq": seq, "dtype": args.dtype,
-              **state_bytes(task)}
+class Measured:
+    """One method on one preset: its task compiled (the memory figures come from this executable) and its state,
+    so that steps of all methods can be timed in turns."""
 
-    state, shardings, _ = loop.initial_state(task, 0, mesh, Checkpointer(os.path.join(workdir, preset, method)))
-    step = CompiledStep(task.train_step, mesh, shardings)
-    batch = sharding.global_batch(random_batch(config, batch_size, seq), mesh)
-    start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        # Run the executable that was analysed (jit's own call path would compile the same step a second time).
-        compiled = step._jitted.lower(state, batch).compile()
-    result["compile_seconds"] = time.perf_counter() - start
-    result.update(compiled_memory(compiled))
+    def __init__(self, method, preset, args, mesh, workdir):
+        base_config = models.ModelConfig.from_dict({**models.preset(preset), "dtype": args.dtype,
+                                                    "remat": args.remat})
+        default_batch, default_seq = SHAPES.get(preset, (8, 256))
+        batch_size, seq = args.batch or default_batch, args.seq or default_seq
+        config, task = make_method_task(method, base_config, optim_config(), args.loss_chunk)
+        self.mesh = mesh
+        self.result = {"preset": preset, "method": method, "batch": batch_size, "seq": seq, "dtype": args.dtype,
+                       "remat": args.remat, **state_bytes(task)}
+        self.state, shardings, _ = loop.initial_state(task, 0, mesh,
+                                                      Checkpointer(os.path.join(workdir, preset, method)))
+        step = CompiledStep(task.train_step, mesh, shardings)
+        self.batch = sharding.global_batch(random_batch(config, batch_size, seq), mesh)
+        start = time.perf_counter()
+        with jax.set_mesh(mesh):
+            # Run the executable that was analysed (jit's own call path would compile the same step a second time).
+            self.compiled = step._jitted.lower(self.state, self.batch).compile()
+        self.result["compile_seconds"] = time.perf_counter() - start
+        self.result.update(compiled_memory(self.compiled))
+        self.times, self.losses = [], []
 
-    times, losses = [], []
-    with jax.set_mesh(mesh):
-        # No untimed warm-up: on CPU the first run after compile is not systematically slower, and each
-        # SmolLM2-sized step costs seconds; the best of the timed steps is the figure reported.
-        for _ in range(max(args.steps, 1)):
+    def time_one_step(self) -> None:
+        with jax.set_mesh(self.mesh):
             start = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready((state.params, metrics))
-            times.append(time.perf_counter() - start)
-            losses.append(float(metrics["loss"]))
-    result.update(step_seconds=min(times), step_seconds_all=times, losses=losses,
-                  tokens_per_sec=batch_size * seq / min(times))
-    del state, compiled, step, batch
-    gc.collect()
-    return result
+            self.state, metrics = self.compiled(self.state, self.batch)
+            jax.block_until_ready((self.state.params, metrics))
+            self.times.append(time.perf_counter() - start)
+        self.losses.append(float(metrics["loss"]))
+
+    def finish(self) -> dict:
+        r = self.result
+        r.update(step_seconds=min(self.times), step_seconds_all=self.times, losses=self.losses,
+                 tokens_per_sec=r["batch"] * r["seq"] / min(self.times))
+        del self.state, self.compiled, self.batch
+        gc.collect()
+        return r
+
+
+def measure_preset(preset, methods, args, mesh, workdir) -> list[dict]:
+    """Every method compiled, then `args.steps` rounds of one timed step per method in turn: this CPU's speed
+    drifts by up to 2× over minutes, and taking turns exposes every method to the same drift (best step each)."""
+    measured = [Measured(method, preset, args, mesh, workdir) for method in methods]
+    for _ in range(max(args.steps, 1)):
+        for m in measured:
+            m.time_one_step()
+    rows = [m.finish() for m in measured]
+    for r in rows:
+        print(f"  measured {preset}/{r['method']}: compile {r['compile_seconds']:.1f} s, "
+              f"step {r['step_seconds'] * 1e3:.0f} ms", flush=True)
+    return rows
 
 
 # --- reporting -------------------------------------------------------------------------------------------------
@@ -197,7 +221,8 @@ def ratios(rows) -> dict:
 def print_report(rows, ratio_table):
     device = jax.devices()[0]
     dtype = rows[0]["dtype"] if rows else "float32"
-    print(f"SFT train step memory, {device.platform} ({device.device_kind}), compute {dtype}, AdamW; MiB = 2^20 bytes")
+    print(f"SFT train step memory, {device.platform} ({device.device_kind}), compute {dtype}, remat "
+          f"{rows[0]['remat'] if rows else 'none'}, AdamW; MiB = 2^20 bytes")
     head = (f"{'preset':<13}{'method':<11}{'batch×seq':>10}{'trainable':>12}{'train MiB':>11}{'optim MiB':>11}"
             f"{'frozen MiB':>11}{'args MiB':>10}{'out MiB':>10}{'alias MiB':>10}{'temp MiB':>10}{'code MiB':>9}"
             f"{'peak≈ MiB':>11}{'XLA peak':>10}{'compile s':>10}{'step ms':>10}")
@@ -224,7 +249,7 @@ def print_report(rows, ratio_table):
               "to within a few bytes, i.e. it leaves the temporaries out: use peak≈.")
     else:
         print("  XLA peak = memory_analysis().peak_memory_in_bytes as reported.")
-    print("  step ms = best of the timed steps after compile.")
+    print("  step ms = best of the timed steps after compile (methods timed in turns, one step each per round).")
     print()
     for key, r in ratio_table.items():
         preset, method = key.split("/")
@@ -249,11 +274,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as workdir:  # the Checkpointer wants a directory; nothing is saved
         for preset in presets:
-            for method in methods:
-                row = measure(method, preset, args, mesh, workdir)
-                print(f"  measured {preset}/{method}: compile {row['compile_seconds']:.1f} s, "
-                      f"step {row['step_seconds'] * 1e3:.0f} ms", flush=True)
-                rows.append(row)
+            rows += measure_preset(preset, methods, args, mesh, workdir)
     ratio_table = ratios(rows)
     print()
     print_report(rows, ratio_table)

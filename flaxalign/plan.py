@@ -429,8 +429,11 @@ def suggestions(config, model_config, mesh_shape: dict, chips: int) -> list[str]
     if mesh_shape.get("fsdp", 1) < chips // mesh_shape.get("tensor", 1):
         out.append("sharding parameters and optimizer state over the chips (mesh.fsdp=-1 with mesh.data=1)")
     out.append("a smaller data.batch_size or micro-batches (grad_accum > 1)")
-    if not config.get("lora", {}).get("rank") and model_config.adapter_placement == "none":
+    partial = config.get("lora", {}).get("rank") or model_config.adapter_placement != "none"
+    if not partial:
         out.append("LoRA instead of full fine-tuning (lora.rank=16)")
+    if config.get("quantization", {}).get("base", "none") == "none":
+        out.append(f"{'' if partial else 'then '}a quantized frozen base (quantization.base='nf4', QLoRA)")
     return out
 
 
