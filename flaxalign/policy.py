@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flaxalign import errors, models
+from flaxalign import errors, models, sharding
 from flaxalign.models import adapters, heads
 from flaxalign.peft import adapted, lora, quant
 
@@ -162,16 +162,17 @@ class TrainableModel:
 
     def init_frozen(self, shardings: Any, init_base: Callable | None) -> Any:
         """The frozen base in `shardings` ({} for full fine-tuning), read by `init_base(float shardings)` (random
-        init when None) and quantized as it is placed."""
+        init when None). A quantized base is quantized as it is read: one layer at a time by sources that take a
+        `quantizer` (`init_base.quantizes`: pretrained and full-fine-tuning runs), else whole after reading."""
         if not self.frozen_base:
             return {}
         if self.quant is None:
             return self._read_base(init_base, shardings)
+        float_base, logical = self._float_base
+        if getattr(init_base, "quantizes", False):
+            return init_base(shardings, quantizer=quant.LayerwiseQuantizer(self.quant, logical, shardings))
         mesh = jax.tree.leaves(shardings)[0].mesh
-        from flaxalign import sharding
-        float_shardings = sharding.tree_shardings(self._float_base[1], self._float_base[0], mesh)
-        base = self._read_base(init_base, float_shardings)
-        logical = self._float_base[1]
+        base = self._read_base(init_base, sharding.tree_shardings(logical, float_base, mesh))
         return jax.jit(lambda b: quant.quantize_tree(b, logical, self.quant), out_shardings=shardings)(base)
 
     def _read_base(self, init_base, shardings):

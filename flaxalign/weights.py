@@ -7,7 +7,6 @@ device first. A run's model is rebuilt from its metadata as the `TrainableModel`
 quantized base), so any of them reads back the same way: `run_weights` merges LoRA and dequantizes a quantized base.
 """
 
-import functools
 import hashlib
 import json
 import os
@@ -190,17 +189,37 @@ def initializer(model_config: models.ModelConfig, source: str, *, drop: tuple = 
             f"{source} trained bottleneck adapters, which cannot be merged into its weights; start from the run it "
             "started from, or use the adapters run itself with `flaxalign generate`/`eval`.")
     if not model.frozen_base:  # full fine-tuning: its trained params are the model
-        _, abstract, _ = models.abstract_model(model_config)
-        abstract = {k: v for k, v in abstract.items() if k not in drop}
-        if model_config.adapter_placement != "none":
-            abstract = adapters.split_trainable(abstract)[1]
-        return functools.partial(checkpoint.load_params, source, abstract, part=checkpoint.model_parts(meta)[0])
+        return _full_run_initializer(source, model_config, checkpoint.model_parts(meta)[0], drop)
 
     def init(shardings):
         mesh = jax.tree.leaves(shardings)[0].mesh
         trained, frozen = _run_parts(source, model, meta, mesh)
         return jax.jit(model.merged, out_shardings=shardings)(trained, frozen)
 
+    return init
+
+
+def _full_run_initializer(source: str, model_config: models.ModelConfig, part: str, drop: tuple) -> Callable:
+    """`init(shardings, quantizer=None)` reading a full-fine-tuning run's params; with a `quantizer` one weight at a
+    time, each layer weight quantized before the next is read (the float32 base never whole on the devices)."""
+    _, abstract, logical = models.abstract_model(model_config)
+    abstract, logical = ({k: v for k, v in tree.items() if k not in drop} for tree in (abstract, logical))
+    if model_config.adapter_placement != "none":
+        abstract, logical = adapters.split_trainable(abstract)[1], adapters.split_trainable(logical)[1]
+
+    def init(shardings, quantizer=None):
+        if quantizer is None:
+            return checkpoint.load_params(source, abstract, shardings, part=part)
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        float_shardings = lora.flatten_paths(sharding.tree_shardings(logical, abstract, mesh))
+        out = {}
+        for path, leaf in lora.flatten_paths(abstract).items():
+            value = checkpoint.load_params(source, leaf, float_shardings[path], part=f"{part}/{path}")
+            quantized = quantizer.stacked(path, value)
+            out[path] = value if quantized is None else quantized
+        return lora.unflatten_paths(out)
+
+    init.quantizes = True
     return init
 
 

@@ -11,7 +11,7 @@ from flaxalign.models import adapters
 from flaxalign.peft import lora, quant
 from flaxalign.policy import TrainableModel
 from flaxalign.stages import lm
-from flaxalign.train import loop
+from flaxalign.train import checkpoint, loop
 from flaxalign.train.checkpoint import Checkpointer
 from flaxalign.train.jit import CompiledStep
 from tests import helpers
@@ -91,3 +91,66 @@ def test_run_weights_of_an_adapter_run_keep_its_adapters(tmp_path):
     tokens = helpers.packed_batch(batch_size=2)["inputs"]
     np.testing.assert_array_equal(_hidden(config, params, tokens),
                                   _hidden(config, adapters.join(state.params, state.frozen), tokens))
+
+
+def _quantized_base(policy, init_base, mesh):
+    shardings = sharding.tree_shardings(policy.frozen_logical, policy.abstract_frozen, mesh)
+    return jax.device_get(policy.init_frozen(shardings, init_base))
+
+
+def _float32_stacks(created: list, config) -> list:
+    """The float32 arrays of a layer weight's full stacked shape among the arrays `created`."""
+    stacked = {(config.n_layers,) + s for s in [(config.d_model, config.d_ff), (config.d_ff, config.d_model)]}
+    return [shape for shape, dtype in created if dtype == np.float32 and shape in stacked]
+
+
+def test_a_quantized_base_is_built_one_layer_at_a_time_from_an_hf_directory(tmp_path, monkeypatch):
+    """QLoRA from `hf:DIR`: the NF4 base equals quantizing the float32 weights whole, bit for bit, while no float32
+    array of a whole stacked layer weight is ever placed on the devices (each layer is quantized as it is read)."""
+    from flaxalign import interop
+
+    config = dataclasses.replace(CONFIG, d_ff=128)
+    params = helpers.random_params(config)
+    interop.save_hf(config, params, str(tmp_path / "hf"))
+    policy = TrainableModel(config, lora.LoraConfig(rank=4), quant.QuantConfig("nf4"))
+    mesh = helpers.mesh((2, 1, 1))
+    created = []
+    original = jax.make_array_from_callback
+
+    def recording(shape, sharding_, callback, *args, **kwargs):
+        array = original(shape, sharding_, callback, *args, **kwargs)
+        created.append((tuple(shape), array.dtype))
+        return array
+
+    monkeypatch.setattr(jax, "make_array_from_callback", recording)
+    streamed = _quantized_base(policy, weights.initializer(config, f"hf:{tmp_path / 'hf'}"), mesh)
+    monkeypatch.undo()
+    assert created and not _float32_stacks(created, config), created
+    whole = jax.device_get(quant.quantize_tree(params, models.abstract_model(config)[2], policy.quant))
+    assert jax.tree.structure(streamed) == jax.tree.structure(whole)
+    for a, b in zip(jax.tree.leaves(streamed), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_quantized_base_is_read_one_weight_at_a_time_from_a_full_run(tmp_path, monkeypatch):
+    """QLoRA from a full fine-tuning run: the base equals quantizing the run's float32 weights whole (int8 here),
+    and each checkpoint read holds one weight, never the whole float32 base."""
+    config = dataclasses.replace(CONFIG, d_ff=128)
+    state = _train_and_save(TrainableModel(config), tmp_path, helpers.mesh((1, 1, 1)), steps=1)
+    policy = TrainableModel(config, lora.LoraConfig(rank=4), quant.QuantConfig("int8"))
+    reads = []
+    original = checkpoint.load_params
+
+    def recording(path, abstract, shardings, part="params"):
+        reads.append(sum(x.size for x in jax.tree.leaves(abstract)))
+        return original(path, abstract, shardings, part)
+
+    monkeypatch.setattr(checkpoint, "load_params", recording)
+    streamed = _quantized_base(policy, weights.initializer(config, str(tmp_path)), helpers.mesh((2, 1, 1)))
+    monkeypatch.undo()
+    largest = max(x.size for x in jax.tree.leaves(state.params))
+    assert len(reads) == len(jax.tree.leaves(state.params)) and max(reads) == largest
+    whole = jax.device_get(quant.quantize_tree(jax.device_get(state.params), models.abstract_model(config)[2],
+                                               policy.quant))
+    for a, b in zip(jax.tree.leaves(streamed), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

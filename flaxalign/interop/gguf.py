@@ -355,12 +355,14 @@ def _check_present(config: ModelConfig, tensors: _GGUFTensors, path: str) -> Non
                 f"but its llama metadata needs {shape}.")
 
 
-def load_gguf(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None = None) -> hf.Pretrained:
+def load_gguf(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None = None,
+              quantizer=None) -> hf.Pretrained:
     """Loads a llama-architecture GGUF file: config, float32 params and tokenizer (None when the file has no
     tokenizer metadata or one of a kind other than byte-level BPE, with a logged notice for the latter).
 
     `dtype` is the compute dtype of the returned config ("auto", "float32", "bfloat16"). With `mesh`, every param
-    is created directly in its sharding, decoded from the memory-mapped file (see `hf.load_pretrained`). Raises
+    is created directly in its sharding, decoded from the memory-mapped file, and a `quantizer` quantizes the layer
+    weights as they are decoded (see `hf.load_pretrained`). Raises
     `CheckpointError` for a missing, truncated or corrupt file, an unsupported tensor type, and missing, misshapen
     or unknown tensors; `ConfigError` for other architectures and unsupported model features.
     """
@@ -369,7 +371,7 @@ def load_gguf(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None 
     tensors = _GGUFTensors(reader, path, config)
     _check_present(config, tensors, path)
     hf._check_tensors(config, tensors)  # also refuses tensors left over (none, after the checks above)
-    params = hf._place(config, tensors, mesh)
+    params = hf._place(config, tensors, mesh, quantizer=quantizer)
     tokenizer = None
     if reader.get_field("tokenizer.ggml.model") is not None:
         try:

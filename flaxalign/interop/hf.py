@@ -395,7 +395,8 @@ class Pretrained:
     head: dict[str, Any] | None = None
 
 
-def load_pretrained(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None = None) -> Pretrained:
+def load_pretrained(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None = None,
+                    quantizer: Callable | None = None) -> Pretrained:
     """Loads an HF Llama / Qwen2 / Mistral directory saved by transformers (`save_pretrained`, safetensors), a causal
     LM or a `*ForSequenceClassification` reward model.
 
@@ -405,18 +406,22 @@ def load_pretrained(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh |
     Raises `CheckpointError` for a missing directory, config.json or weights file and for a missing, misshapen or
     unexpected tensor, and `ConfigError` for an unsupported architecture.
 
+    `quantizer(path, layer, n_layers)` (`peft.quant.LayerwiseQuantizer`, with a mesh) receives each stacked layer
+    weight as `layer(i) -> numpy` and returns it quantized and placed, or None to place it in float32: a quantized
+    base is built one layer at a time, never whole in float32.
+
     A path ending in `.gguf` (a llama.cpp file, not a directory) is read by `flaxalign.interop.gguf.load_gguf`.
     """
     if str(path).endswith(".gguf") and not os.path.isdir(path):
         from flaxalign.interop import gguf  # gguf.py builds on this module
 
-        return gguf.load_gguf(path, dtype=dtype, mesh=mesh)
+        return gguf.load_gguf(path, dtype=dtype, mesh=mesh, quantizer=quantizer)
     hf_config = read_hf_config(path)
     score = is_score_model(hf_config)
     config = dataclasses.replace(model_config_from_hf(hf_config), dtype=dtype)
     tensors = _SafetensorsFiles(_weight_files(path))
     _check_tensors(config, tensors, score)
-    params = _place(config, tensors, mesh, score)
+    params = _place(config, tensors, mesh, score, quantizer)
     head = None
     if score:
         head = {"kernel": params.pop("score"), "bias": jnp.float32(hf_config.get(SCORE_BIAS_FIELD, 0.0))}
@@ -483,7 +488,7 @@ def _check_tensors(config: ModelConfig, tensors: _SafetensorsFiles, score: bool 
 
 
 def _place(config: ModelConfig, tensors: _SafetensorsFiles, mesh: jax.sharding.Mesh | None,
-           score: bool = False) -> dict[str, Any]:
+           score: bool = False, quantizer: Callable | None = None) -> dict[str, Any]:
     shardings = None
     if mesh is not None:
         _, abstract, logical = models.abstract_model(config)
@@ -508,6 +513,14 @@ def _place(config: ModelConfig, tensors: _SafetensorsFiles, mesh: jax.sharding.M
         put(spec.path, shape, build_global)
     for spec in _layer_tensors(config):
         shape = (config.n_layers,) + spec.to_flax(np.empty(spec.hf_shape, np.float32)).shape
+        if quantizer is not None:
+            def layer(i, spec=spec):
+                return spec.to_flax(_take(tensors, spec.hf_name.format(i=i), spec.hf_shape, unused))
+
+            quantized = quantizer("/".join(("layers",) + spec.path), layer, config.n_layers)
+            if quantized is not None:
+                _set(params, ("layers",) + spec.path, quantized)
+                continue
 
         def build_layers(index, spec=spec):
             layers = range(config.n_layers)[index[0]]

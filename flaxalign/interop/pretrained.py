@@ -60,16 +60,18 @@ def _tokenizer_in(directory: str) -> str:
 
 
 def initializer(source: str, drop: tuple = ()):
-    """`init_base(shardings) -> params` reading the source's weights (less the top-level params in `drop`) straight
-    into `shardings`."""
+    """`init_base(shardings, quantizer=None) -> params` reading the source's weights (less the top-level params in
+    `drop`) straight into `shardings`; with a `quantizer` (`peft.quant.LayerwiseQuantizer`) the layer weights are
+    quantized as they are read, one layer at a time."""
     path = source.partition(":")[2]
 
-    def init_base(shardings):
+    def init_base(shardings, quantizer=None):
         mesh = jax.tree.leaves(shardings)[0].mesh
-        params = hf.load_pretrained(path, mesh=mesh).params
+        params = hf.load_pretrained(path, mesh=mesh, quantizer=quantizer).params
         params = {k: v for k, v in params.items() if k not in drop}
         return jax.device_put(params, shardings)
 
+    init_base.quantizes = True
     return init_base
 
 

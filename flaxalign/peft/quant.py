@@ -25,6 +25,7 @@ dequantized base at once.
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -263,3 +264,40 @@ def dequantize_tree(params: Any, dtype=jnp.float32) -> Any:
     """Every `QuantizedWeight` of a tree replaced by its float matrix."""
     return jax.tree.map(lambda w: w.materialize(dtype) if isinstance(w, QuantizedWeight) else w, params,
                         is_leaf=lambda w: isinstance(w, QuantizedWeight))
+
+
+class LayerwiseQuantizer:
+    """Quantizes a base as it is read, one layer of one weight at a time, so that the float32 base never exists on
+    the devices: `hf.load_pretrained(..., quantizer=…)` hands each stacked layer weight over as `layer(i)` (a numpy
+    array `[*in, *out]`); that layer is quantized on the default device, brought back to the host, and the stacked
+    codes and scales are placed into their shardings. Weights a quantized base keeps in float32 (embedding, norms)
+    are left to the caller (None)."""
+
+    def __init__(self, config: QuantConfig, float_logical: Any, shardings: Any):
+        self.config, self.shardings = config, lora.flatten_paths(shardings)
+        self.paths = _quantized_paths(float_logical)
+        self._quantize = {}  # (n_in, shape) -> jitted quantize of one layer
+
+    def __call__(self, path: str, layer: Callable[[int], np.ndarray], n_layers: int) -> QuantizedWeight | None:
+        if path not in self.paths:
+            return None
+        _, n_in = self.paths[path]
+        pieces = [jax.device_get(self._jitted(n_in, layer(i))) for i in range(n_layers)]
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *pieces)
+        return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]), stacked,
+                            self.shardings[path])
+
+    def stacked(self, path: str, w: jax.Array) -> QuantizedWeight | None:
+        """A whole stacked weight `[L, *in, *out]` (already on the devices) quantized into its shardings, or None
+        for a weight kept in float32: for sources read one weight at a time rather than one layer at a time."""
+        if path not in self.paths:
+            return None
+        n_layers, n_in = self.paths[path]
+        return jax.jit(lambda w: quantize(w, n_layers, n_in, self.config), out_shardings=self.shardings[path])(w)
+
+    def _jitted(self, n_in: int, w: np.ndarray):
+        key = (n_in, w.shape)
+        if key not in self._quantize:
+            self._quantize[key] = jax.jit(lambda w: quantize(w, 0, n_in, self.config))
+        return self._quantize[key](w)
+
