@@ -13,7 +13,7 @@ adapters are the model config's `adapter_placement`. It owns
     its identity       what a checkpoint must have been trained with (`resume_identity`)
 
     method     trained part                                frozen part
-    full       every weight                                {} (or the reference copy, see `with_reference`)
+    full       every weight                                {} (or the reference copy: `layout_with_reference`)
     lora       {"lora": A/B (+ DoRA m), "saved": modules}   the base, float32 or quantized
     adapters   the adapter sets                             the base, float32 or quantized
 
@@ -226,7 +226,7 @@ class TrainableModel:
     def base_model(self, trainable: Any, frozen: Any) -> models.CausalLM:
         """The frozen base with adapters off — the zero-copy reference (not differentiated)."""
         if not self.frozen_base:
-            raise ValueError("full fine-tuning has no frozen base; its reference is a copy (`with_reference`)")
+            raise ValueError("full fine-tuning has no frozen base; its reference is a copy (`layout_with_reference`)")
         if self._adapters:
             params = adapters.join(jax.lax.stop_gradient(trainable), frozen)
             return models.merge(self._reference_graphdef, self._complete(params))
@@ -281,6 +281,25 @@ class TrainableModel:
         if self.frozen_base:
             return self.base_model(trainable, frozen)
         return models.merge(self.graphdef, self._complete(jax.lax.stop_gradient(frozen)))
+
+    def reference_weights(self, init_base: Callable | None, init_reference: Callable | None = None) -> tuple:
+        """(abstract, logical axes, init(shardings)) of the weights a reference scored once, before training, runs on
+        (DPO's "precomputed" reference): another checkpoint's float weights (`init_reference`), else the frozen base —
+        quantized for QLoRA, as the adapters-off reference of training would run it — else the starting weights."""
+        if init_reference is None and self.frozen_base:
+            return self.abstract_frozen, self.frozen_logical, lambda shardings: self.init_frozen(shardings, init_base)
+        plain = TrainableModel(self.config.without_adapters(), drop=self.drop, seed=self.seed)
+        read = init_reference or init_base
+        return (plain.abstract_trainable, plain.trainable_logical,
+                lambda shardings: plain.init_trainable(shardings, {}, read))
+
+    def reference_forward(self, weights: Any) -> models.CausalLM:
+        """The module on `reference_weights`' weights (no adapters, outside the gradient)."""
+        return models.merge(self._base_graphdef, self._complete(jax.lax.stop_gradient(weights)))
+
+    @functools.cached_property
+    def _base_graphdef(self):
+        return models.abstract_model(self.config.without_adapters())[0]
 
     def reference_mode(self, requested: str, *, reference_from: bool) -> str:
         """The reference a config asks for (`reference`: auto | copy | base | precomputed), checked against the

@@ -112,8 +112,10 @@ def same_vocabulary(policy_meta: dict, source: str, model_config: models.ModelCo
         raise errors.ConfigError(
             f"the {field} checkpoint {source} was trained with tokenizer {theirs}, which differs from the policy's "
             f"{ours}; the {field} model must use the policy's vocabulary.")
-    arch = {k: v for k, v in meta.get("model", {}).items() if k not in models.config.COMPUTE_ONLY_FIELDS}
-    return {**model_config.to_dict(), **arch}
+    # its own architecture and adapter sets (the active one included), the policy's compute settings
+    theirs_model = {k: v for k, v in meta.get("model", {}).items()
+                    if k not in models.config.COMPUTE_ONLY_FIELDS or k in models.config.ADAPTER_FIELDS}
+    return {**model_config.without_adapters().to_dict(), **theirs_model}
 
 
 def _file_digest(path: str) -> str:
@@ -227,9 +229,10 @@ def _full_run_initializer(source: str, model_config: models.ModelConfig, part: s
 
 
 def reward_model(source: str, model_config: models.ModelConfig):
-    """(abstract params, logical axes, loader(shardings) -> params) of a reward model — a reward run (its LoRA
-    merged, a quantized base dequantized) or an `hf:` `*ForSequenceClassification` directory — as
-    `{"model": backbone, "head": head}`, frozen, for scoring."""
+    """(abstract params, logical axes, loader(shardings) -> params) of a reward model — a reward run trained fully,
+    with LoRA (merged), a quantized base (dequantized) or adapters (kept, its active set on), or an `hf:`
+    `*ForSequenceClassification` directory — as `{"model": backbone, "head": head}`, frozen, for scoring.
+    `model_config` is the reward model's own (`reward_from`)."""
     _, abstract, logical = models.abstract_model(model_config)
     drop = UNUSED_BY_SCALAR
     abstract_rm = {"model": {k: v for k, v in abstract.items() if k not in drop},
@@ -237,10 +240,13 @@ def reward_model(source: str, model_config: models.ModelConfig):
     logical_rm = {"model": {k: v for k, v in logical.items() if k not in drop}, "head": heads.HEAD_LOGICAL}
     if pretrained.is_pretrained(source):
         return abstract_rm, logical_rm, pretrained.reward_initializer(source, drop=drop)
-    load_backbone = initializer(model_config, source, drop=drop)
 
     def load(shardings):
-        return {"model": load_backbone(shardings["model"]),
+        mesh = jax.tree.leaves(shardings)[0].mesh
+        meta = metadata(source)
+        model = run_model(meta, drop=drop)
+        trained, frozen = _run_parts(source, model, meta, mesh)
+        return {"model": jax.jit(model.merged, out_shardings=shardings["model"])(trained, frozen),
                 "head": checkpoint.load_params(source, abstract_rm["head"], shardings["head"], part="params/head")}
 
     return abstract_rm, logical_rm, load

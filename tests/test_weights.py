@@ -154,3 +154,20 @@ def test_a_quantized_base_is_read_one_weight_at_a_time_from_a_full_run(tmp_path,
                                                policy.quant))
     for a, b in zip(jax.tree.leaves(streamed), jax.tree.leaves(whole), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_scoring_model_keeps_its_own_adapters_and_the_policys_compute_settings(monkeypatch):
+    """`same_vocabulary` builds the config of a reference / reward model from its own metadata: an adapters policy
+    with a plain reward model gets a plain reward model (not the policy's active adapter set), a reward model with
+    adapters keeps its sets and active one, and both take the policy's compute dtype."""
+    policy = dataclasses.replace(CONFIG, adapter_placement="houlsby", adapter_names=("task",), active_adapter="task",
+                                 dtype="bfloat16")
+    plain_rm = dataclasses.replace(CONFIG, init_std=0.05)
+    monkeypatch.setattr(weights, "metadata", lambda source: {"model": plain_rm.to_dict(), "tokenizer": ""})
+    config = models.ModelConfig.from_dict(weights.same_vocabulary({}, "rm", policy, "reward"))
+    assert config == dataclasses.replace(plain_rm, dtype="bfloat16")
+    adapter_rm = dataclasses.replace(CONFIG, adapter_placement="pfeiffer", adapter_names=("rm", "other"),
+                                     active_adapter="rm")
+    monkeypatch.setattr(weights, "metadata", lambda source: {"model": adapter_rm.to_dict(), "tokenizer": ""})
+    config = models.ModelConfig.from_dict(weights.same_vocabulary({}, "rm", policy, "reward"))
+    assert config == dataclasses.replace(adapter_rm, dtype="bfloat16")

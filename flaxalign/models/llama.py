@@ -8,11 +8,9 @@ The module returns final hidden states; the LM head is applied by the loss in ch
 that `[B, T, V]` float32 logits never exist at once during training.
 
 A linear weight may be a plain array or an object that computes its own product — `dense(x, dtype)` and
-`materialize(dtype)`, e.g. LoRA in activation space or a quantized frozen base (`flaxalign.peft.adapted`); `_dense`
-and `unembedding` ask it. The layer scan slices either kind per layer, so PEFT needs nothing else from the model.
+`materialize(dtype)`, e.g. LoRA in activation space or a quantized frozen base (`flaxalign.peft.adapted`); `dense`
+and `unembedding` ask it (`models/linear.py`). The layer scan slices either kind per layer, so PEFT needs nothing else from the model.
 """
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +18,7 @@ from flax import nnx
 
 from flaxalign.models import adapters
 from flaxalign.models.config import ModelConfig
+from flaxalign.models.linear import dense, materialize
 from flaxalign.sharding import constrain
 
 BATCH_LENGTH_EMBED = ("act_batch", "act_length", "act_embed")
@@ -111,9 +110,9 @@ class Attention(nnx.Module):
         dtype = x_BxTxD.dtype
         # Matmuls on [B·T, D] rows: XLA CPU runs the weight gradients of 2-D dots ~1.5x faster than of 3-D einsums.
         x_NxD = x_BxTxD.reshape(b * t, d)
-        q = _dense(x_NxD, self.q[...], dtype).reshape(b, t, c.n_heads, c.head_dim)
-        k = _dense(x_NxD, self.k[...], dtype).reshape(b, t, c.n_kv_heads, c.head_dim)
-        v = _dense(x_NxD, self.v[...], dtype).reshape(b, t, c.n_kv_heads, c.head_dim)
+        q = dense(x_NxD, self.q[...], dtype).reshape(b, t, c.n_heads, c.head_dim)
+        k = dense(x_NxD, self.k[...], dtype).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = dense(x_NxD, self.v[...], dtype).reshape(b, t, c.n_kv_heads, c.head_dim)
         if c.qkv_bias:
             q, k, v = (q + self.q_bias[...].astype(dtype), k + self.k_bias[...].astype(dtype),
                        v + self.v_bias[...].astype(dtype))
@@ -127,7 +126,7 @@ class Attention(nnx.Module):
             out = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask_Bx1xTxT)
         else:
             out = _einsum_attention(q, k.astype(dtype), v.astype(dtype), mask_Bx1xTxT)
-        out = _dense(out.reshape(b * t, c.n_heads * c.head_dim), self.o[...], dtype, n_in=2).reshape(b, t, d)
+        out = dense(out.reshape(b * t, c.n_heads * c.head_dim), self.o[...], dtype, n_in=2).reshape(b, t, d)
         return out if kv_cache is None else (out, (k, v))
 
 
@@ -148,14 +147,6 @@ def _einsum_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
     return jnp.einsum("bnts,bsnh->btnh", probs, v_BxSxKxH)
 
 
-def _dense(x_NxK, w, dtype, n_in: int = 1):
-    """x · W `[N, prod(out)]` for W `[*in, *out]` with `n_in` input axes, in `dtype`; a weight that is not an
-    array computes its own product."""
-    if hasattr(w, "dense"):
-        return w.dense(x_NxK, dtype)
-    return x_NxK @ w.reshape(math.prod(w.shape[:n_in]), -1).astype(dtype)
-
-
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate·x) ⊙ up·x)."""
 
@@ -169,9 +160,9 @@ class MLP(nnx.Module):
         b, t, d = x_BxTxD.shape
         dtype = x_BxTxD.dtype
         x_NxD = x_BxTxD.reshape(b * t, d)
-        gate, up = _dense(x_NxD, self.gate[...], dtype), _dense(x_NxD, self.up[...], dtype)
+        gate, up = dense(x_NxD, self.gate[...], dtype), dense(x_NxD, self.up[...], dtype)
         hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_mlp"))
-        return _dense(hidden, self.down[...], dtype).reshape(b, t, d)
+        return dense(hidden, self.down[...], dtype).reshape(b, t, d)
 
 
 def _no_adapter(site, h):
@@ -279,8 +270,7 @@ class CausalLM(nnx.Module):
         """The LM-head matrix `[D, V]` in the compute dtype (the transposed embedding when tied)."""
         if self.config.tie_embeddings:
             return self.embed[...].T.astype(self.config.dtype)
-        w = self.lm_head[...]
-        return w.materialize(self.config.dtype) if hasattr(w, "materialize") else w.astype(self.config.dtype)
+        return materialize(self.lm_head[...], self.config.dtype)
 
     def logits(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
         """Full float32 logits `[B, T, V]`: for evaluation and tests, not for training steps."""

@@ -2,7 +2,7 @@
 quantized frozen base.
 
 A model's dense layer asks its weight for `dense(x, dtype)` when the weight is not a plain array, and for
-`materialize(dtype)` where it needs the matrix itself (an LM head). Two such weights exist:
+`materialize(dtype)` where it needs the matrix itself (an LM head; `models/linear.py`). Two such weights exist:
 
     QuantizedWeight (`peft.quant`)   x·W with W dequantized per layer, recomputed in the backward pass;
     LoraWeight                       x·W + s·(dropout(x)·A)·B, W an array or a QuantizedWeight;
@@ -13,7 +13,6 @@ Both are pytrees whose array leaves keep the stacked layer axis, so the layer sc
 backward is the [N, d_in] input gradient, never a [d_in, d_out] weight gradient.
 """
 
-import math
 import zlib
 from typing import Any
 
@@ -21,20 +20,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from flaxalign.models.linear import dense, materialize
 from flaxalign.peft import lora
 from flaxalign.peft.quant import QuantizedWeight
-
-
-def dense(x_NxI: jax.Array, w: Any, dtype, n_in: int = 1) -> jax.Array:
-    """x · W `[N, prod(out)]`: a plain W `[*in, *out]` (n_in input axes) in `dtype`, or a weight's own product."""
-    if hasattr(w, "dense"):
-        return w.dense(x_NxI, dtype)
-    return x_NxI @ w.reshape(math.prod(w.shape[:n_in]), -1).astype(dtype)
-
-
-def materialize(w: Any, dtype) -> jax.Array:
-    """The matrix of a weight, in `dtype` (a LoRA-adapted weight merged, a quantized one dequantized)."""
-    return w.materialize(dtype) if hasattr(w, "materialize") else w.astype(dtype)
 
 
 @flax.struct.dataclass
@@ -96,7 +84,8 @@ class LoraWeight:
         return jnp.where(keep, x_NxI / (1.0 - self.dropout), 0.0).astype(x_NxI.dtype)
 
     def materialize(self, dtype) -> jax.Array:
-        """W' = W + s·A·B (DoRA: m ⊙ W'/sg(‖W'‖)) in `dtype`: for a weight used as a matrix (an adapted LM head)."""
+        """W' = W + s·A·B (DoRA: m ⊙ W'/sg(‖W'‖)) in `dtype`: for a weight used as a matrix (an adapted LM head,
+        which the chunked losses take whole — so it trains without LoRA dropout, where PEFT drops its input)."""
         w = materialize(self.base, jnp.float32)
         delta = lora.low_rank_delta(self.a, self.b, self.n_layers)
         if self.magnitude is None:
@@ -121,11 +110,11 @@ def attach_lora(params: Any, lora_params: Any, config: lora.LoraConfig, rng: jax
         if rng is not None and config.dropout > 0:
             key = jax.random.fold_in(rng, zlib.crc32(path.encode()) & 0x7FFFFFFF)
             if n_layers:
-                key = jax.random.split(key, math.prod(a.shape[:n_layers])).reshape(a.shape[:n_layers] + (2,))
+                key = jax.random.split(key, a.shape[:n_layers])  # one key per stacked layer (raw or typed keys)
         updated[path] = LoraWeight(
             base=w, a=a, b=b, magnitude=adapter.get("magnitude"), dropout_key=key, dropout=config.dropout,
             scale=lora.lora_scale(lora.alpha_for(path, config), a.shape[-1], config.variant), n_in=n_in)
     return lora.replace_at_paths(params, updated)
 
 
-__all__ = ["LoraWeight", "QuantizedWeight", "attach_lora", "dense", "materialize"]
+__all__ = ["LoraWeight", "QuantizedWeight", "attach_lora"]

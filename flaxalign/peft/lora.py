@@ -1,7 +1,7 @@
 """LoRA, rsLoRA and DoRA as pure functions over the parameter tree (optax / `jax.tree` style).
 
-Training runs LoRA in activation space: `attach(params, lora_params, config)` replaces each adapted weight W by a
-`LoraWeight` (W and its factors, never their product), and the model's dense layers compute
+Training runs LoRA in activation space: `peft.adapted.attach_lora(params, lora_params, config)` replaces each
+adapted weight W by a `LoraWeight` (W and its factors, never their product), and the model's dense layers compute
 
     y = x·W + s·(dropout(x)·A)·B
 
@@ -389,7 +389,7 @@ def unmerge(merged: Any, lora_params: Any, config: LoraConfig) -> Any:
 
     DoRA raises a `ConfigError`: W' = m ⊙ V/‖V‖ keeps only the direction of V = W + s·A·B, and for each output
     feature any length t of V, W = t·W'/m − s·A·B, is consistent with W', m, A and B. PEFT can unmerge only because
-    it caches ‖V‖ at merge time; here the base params are never modified (`apply_lora` runs inside the step), so
+    it caches ‖V‖ at merge time; here the base params are never modified (training never merges), so
     keep them instead of unmerging.
     """
     if config.variant == "dora":

@@ -13,9 +13,9 @@ axis) with I = prod(in):
            absmax over each block of B consecutive inputs of one output channel — bitsandbytes' blocks of 64
            consecutive elements of the HF [out, in] weight, whose rows are the output channels.
     double quantisation (nf4): the f32 absmax values themselves are stored as int8 — their mean c is subtracted
-           and the rest quantized symmetrically per block of 256 (one f32 scale each): absmax ≈ q·s₂ + c, about
-           8.5 bits less per 64 weights (QLoRA §3 quantizes this second level to FP8 with a mean offset;
-           linear int8 is used here, with its error bound tested).
+           and the rest quantized symmetrically per block of 256 (one f32 scale each): absmax ≈ q·s₂ + c, 8.1
+           instead of 32 bits per 64 weights, 4.13 bits per weight in all (QLoRA §3 quantizes this second level to
+           FP8 with a mean offset; linear int8 is used here, with its error bound tested).
 
 `QuantizedWeight` is a pytree whose leaves keep the leading layer axis, so `lax.scan` slices it per layer like any
 other weight. Its `dense(x, dtype)` dequantizes and multiplies under `jax.checkpoint`: the backward pass recomputes

@@ -88,21 +88,22 @@ class Models:
     chunk_size: int
 
 
-def policy_logps(trainable, frozen, rows, rng, m: Models):
-    """(Σ completion log-probs, completion length) of each row under the policy, `[N]` each."""
-    model = m.policy.model(trainable, frozen, rng)
+def _row_logps(model, rows, chunk_size: int):
+    """(Σ completion log-probs, completion length) of each row under `model`, `[N]` each."""
     hidden = model(rows["inputs"], rows["positions"], rows["segment_ids"])
     return sequence_logps(hidden, model.unembedding(), rows["targets"], rows["completion_mask"],
-                          chunk_size=m.chunk_size)
+                          chunk_size=chunk_size)
+
+
+def policy_logps(trainable, frozen, rows, rng, m: Models):
+    """(Σ completion log-probs, completion length) of each row under the policy, `[N]` each."""
+    return _row_logps(m.policy.model(trainable, frozen, rng), rows, m.chunk_size)
 
 
 def reference_logps(trainable, frozen, rows, m: Models):
     """Σ completion log-probs of each row under the reference (no gradient): the frozen copy, or the frozen base
     with the LoRA / adapters switched off."""
-    model = m.policy.reference_model(trainable, frozen)
-    hidden = model(rows["inputs"], rows["positions"], rows["segment_ids"])
-    logps, _ = sequence_logps(hidden, model.unembedding(), rows["targets"], rows["completion_mask"],
-                              chunk_size=m.chunk_size)
+    logps, _ = _row_logps(m.policy.reference_model(trainable, frozen), rows, m.chunk_size)
     return jax.lax.stop_gradient(logps)
 
 
@@ -226,15 +227,14 @@ def resolve_reference(config, method: Method, policy: TrainableModel) -> str:
     return policy.reference_mode(config.reference, reference_from=bool(config.reference_from))
 
 
-def precompute_reference_logps(data: dict, *, params, model_config, mesh, batch_size: int, chunk_size: int) -> np.ndarray:
-    """log π_ref of both rows of every `[N, 2, T]` example, float32 `[N, 2]`, in batches of `batch_size`; `params`
-    are the reference's full weights (`model_config`)."""
-    m = Models(TrainableModel(model_config), "copy", chunk_size)
+def precompute_reference_logps(data: dict, *, weights, forward, mesh, batch_size: int, chunk_size: int) -> np.ndarray:
+    """log π_ref of both rows of every `[N, 2, T]` example, float32 `[N, 2]`, in batches of `batch_size`;
+    `forward(weights)` builds the reference module (`TrainableModel.reference_forward`)."""
 
     @jax.jit
-    def logps_of(params, batch):
-        rows = unstack_pairs(batch)
-        return jnp.stack(jnp.split(reference_logps({}, params, rows, m), 2), axis=1)
+    def logps_of(weights, batch):
+        logps, _ = _row_logps(forward(weights), unstack_pairs(batch), chunk_size)
+        return jnp.stack(jnp.split(logps, 2), axis=1)
 
     n = len(data["inputs"])
     out = []
@@ -242,27 +242,27 @@ def precompute_reference_logps(data: dict, *, params, model_config, mesh, batch_
         for start in range(0, n, batch_size):
             idx = np.arange(start, start + batch_size) % n  # the last batch wraps around: one compiled shape
             batch = {k: data[k][idx] for k in ROW_KEYS}
-            out.append(np.asarray(jax.device_get(logps_of(params, batch)))[: n - start])
+            out.append(np.asarray(jax.device_get(logps_of(weights, batch)))[: n - start])
     return np.concatenate(out).astype(np.float32)
 
 
-def attach_reference_logps(data, *, workdir, reference_path, model_config, mesh, config, init_base) -> dict:
+def attach_reference_logps(data, *, workdir, reference_path, policy: TrainableModel, mesh, config, init_base,
+                           init_reference=None) -> dict:
     """Adds `ref_logps` to the train and eval arrays, reading `workdir/ref_logps.npz` when it was computed for the
-    same reference and data, else computing and writing it. `model_config`: the reference's architecture (no
-    adapters); `init_base(shardings)` reads its weights (random init when None)."""
-    key = hashlib.sha256(json.dumps({"ref": reference_path, "model": model_config.checkpoint_identity(),
-                                     "stats": data.stats, "seq_len": config.data.seq_len},
+    same reference and data, else computing and writing it — on the policy's frozen base with adapters off (for
+    QLoRA the quantized base, as the "base" reference would run it), or on `init_reference` / the starting weights
+    for full fine-tuning (`TrainableModel.reference_weights`)."""
+    key = hashlib.sha256(json.dumps({"ref": reference_path, "model": policy.identity(), "stats": data.stats,
+                                     "seq_len": config.data.seq_len},
                                     sort_keys=True, default=str).encode()).hexdigest()
     path = os.path.join(workdir, REF_LOGPS_FILE)
     if os.path.exists(path):
         stored = np.load(path)
         if str(stored["key"]) == key:
             return {"train": stored["train"], "eval": stored["eval"], "cached": True}
-    reference = TrainableModel(model_config, seed=config.seed)
-    params = reference.init_trainable(
-        sharding.tree_shardings(reference.trainable_logical, reference.abstract_trainable, mesh), {}, init_base)
-    kwargs = {"params": params, "model_config": model_config, "mesh": mesh, "batch_size": config.data.batch_size,
-              "chunk_size": config.loss_chunk}
+    abstract, logical, init = policy.reference_weights(init_base, init_reference)
+    kwargs = {"weights": init(sharding.tree_shardings(logical, abstract, mesh)), "forward": policy.reference_forward,
+              "mesh": mesh, "batch_size": config.data.batch_size, "chunk_size": config.loss_chunk}
     result = {"train": precompute_reference_logps(data.train, **kwargs),
               "eval": precompute_reference_logps(data.eval, **kwargs)}
     if jax.process_index() == 0:
@@ -325,9 +325,8 @@ def build_task(config, workdir: str, mesh) -> Task:
 
     data = (build_kto_datasets if method.loss_type == "kto" else build_preference_datasets)(data_cfg, tokenizer)
     if reference == "precomputed":
-        ref = attach_reference_logps(data, workdir=workdir, reference_path=reference_path or init_path,
-                                     model_config=model_config.without_adapters(), mesh=mesh, config=config,
-                                     init_base=init_reference or init_base)
+        ref = attach_reference_logps(data, workdir=workdir, reference_path=reference_path or init_path, policy=policy,
+                                     mesh=mesh, config=config, init_base=init_base, init_reference=init_reference)
         data.train["ref_logps"], data.eval["ref_logps"] = ref["train"], ref["eval"]
         print(f"reference log-probs: {'read from' if ref['cached'] else 'computed into'} "
               f"{os.path.join(workdir, REF_LOGPS_FILE)}")

@@ -128,7 +128,7 @@ def ppo_loss(trainable, frozen, batch, rng, *, m: PpoModels, h: PpoHyper):
     policy = m.policy.forward(trainable["policy"], frozen, rng)
     logps, hidden, unembed = onpolicy.response_logps(policy, batch, m.policy)
     pg_sum, count, pg = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps=h.clip_eps)
-    values = token_values(trainable, frozen, batch, rng, m)
+    values = token_values(trainable, frozen, batch, None if rng is None else jax.random.fold_in(rng, 1), m)
     vf_sum, _, vf = ppo_value_loss(values, batch["values"], batch["returns"], mask, clip_range=h.vf_clip)
     loss = pg_sum + h.vf_coef * vf_sum
     if h.entropy_coef:

@@ -20,6 +20,7 @@ from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
 from flaxalign.train.jit import CompiledEval, CompiledStep
 from tests import helpers, rollout_reference
+from tests.config_files import stage_config
 
 CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2)
 LORA = lora.LoraConfig(rank=4, alpha=8.0)
@@ -149,8 +150,8 @@ def test_precomputed_reference_equals_reference_forward(tmp_path):
     task = _task(init_reference=_other_reference)
     state, shardings = _state(task, mesh, str(tmp_path))
     batch = helpers.pair_batch(num_pairs=8, seed=5)
-    stored = dpo.precompute_reference_logps(batch, params=state.frozen, model_config=CONFIG, mesh=mesh,
-                                            batch_size=3, chunk_size=16)  # 3 ∤ 8: the wrap-around batch
+    stored = dpo.precompute_reference_logps(batch, weights=state.frozen, forward=TrainableModel(CONFIG).reference_forward,
+                                            mesh=mesh, batch_size=3, chunk_size=16)  # 3 ∤ 8: the wrap-around batch
     np.testing.assert_allclose(stored, np.stack(np.split(_naive_logps(CONFIG, state.frozen, batch), 2), 1),
                                rtol=1e-5)
     pre_task = _task(reference="precomputed")
@@ -161,6 +162,29 @@ def test_precomputed_reference_equals_reference_forward(tmp_path):
         pre_state, {**batch, "ref_logps": stored}))
     for key in ("loss", "rewards/margins", "rewards/accuracies"):
         np.testing.assert_allclose(precomputed[key], on_the_fly[key], rtol=1e-5, atol=1e-6)
+
+
+def test_qlora_precomputed_reference_scores_the_quantized_base(tmp_path):
+    """QLoRA with reference="precomputed": the stored log-probs are those of the quantized base with adapters off —
+    what the "base" reference computes during training — so at init the loss is ln 2, as with reference="base"
+    (a float32 reference would carry the quantisation error into every log-ratio)."""
+    mesh = helpers.mesh((1, 1, 1))
+    policy = TrainableModel(CONFIG, LORA, quant.QuantConfig("nf4"))
+    batch = helpers.pair_batch(num_pairs=8, seed=5)
+    data = dataclasses.make_dataclass("Data", ["train", "eval", "stats"])(batch, batch, {"pairs": 8})
+    float_init = lambda shardings: jax.device_put(helpers.random_params(CONFIG), shardings)  # noqa: E731
+    config = stage_config("dpo", {"data.batch_size": 8})
+    ref = dpo.attach_reference_logps(data, workdir=str(tmp_path), reference_path="", policy=policy, mesh=mesh,
+                                     config=config, init_base=float_init)
+    task = dpo.make_task(policy, helpers.optim_config(), dpo.Method(), reference="precomputed", chunk_size=16,
+                         init_base=float_init)
+    state, shardings = _state(task, mesh, str(tmp_path))
+    sums = jax.device_get(CompiledEval(task.eval_step, mesh, shardings)(state, {**batch, "ref_logps": ref["train"]}))
+    np.testing.assert_allclose(sums["loss"] / 8, np.log(2.0), rtol=1e-6)  # separately compiled: ~2.6e-7 apart
+    float_ref = dpo.precompute_reference_logps(batch, weights=helpers.random_params(CONFIG), mesh=mesh,
+                                               forward=TrainableModel(CONFIG).reference_forward, batch_size=8,
+                                               chunk_size=16)
+    assert np.abs(float_ref - ref["train"]).max() > 1e-3  # the quantisation error the float reference would add
 
 
 def _one_update(tmp_path, task_kwargs, batch, grad_accum, shape):

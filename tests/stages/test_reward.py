@@ -1,6 +1,7 @@
 """Reward model: the score is read at each sequence's last real token, the loss is Bradley–Terry on those scores,
 the head's initialisation, LoRA on a frozen backbone without LM head, micro-batch and sharding invariance."""
 
+import dataclasses
 import os
 
 import jax
@@ -114,25 +115,38 @@ def test_micro_batches_and_sharding_give_the_same_update(tmp_path, lora_config):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("lora_config, quant_config", [(None, None), (LORA, None), (LORA, quant.QuantConfig("nf4"))],
-                         ids=["full", "lora", "qlora"])
-def test_trained_reward_model_loads_a_saved_run_for_scoring(tmp_path, lora_config, quant_config):
-    """What PPO/GRPO load from a reward run (LoRA merged into the backbone, a quantized base dequantized) scores
-    like the trained state."""
-    task = _task(lora_config=lora_config, quant_config=quant_config)
+ADAPTERS = dataclasses.replace(CONFIG, adapter_placement="pfeiffer", adapter_names=("rm",), active_adapter="rm")
+SAVED_RUNS = {"full": (None, None, CONFIG), "lora": (LORA, None, CONFIG), "qlora": (LORA, quant.QuantConfig("nf4"), CONFIG),
+              "adapters": (None, None, ADAPTERS)}
+
+
+@pytest.mark.parametrize("kind", SAVED_RUNS)
+def test_trained_reward_model_loads_a_saved_run_for_scoring(tmp_path, kind):
+    """What PPO/GRPO/eval load from a reward run (`weights.reward_from`: LoRA merged into the backbone, a quantized
+    base dequantized, adapter sets kept with the run's active set) scores like the trained state."""
+    lora_config, quant_config, config = SAVED_RUNS[kind]
+    rm = _rm(lora_config, quant_config, config)
+    task = reward.make_task(rm, helpers.optim_config())
     mesh = helpers.mesh((1, 1, 1))
     state, shardings = _state(task, mesh, str(tmp_path), "train")
     state, _ = CompiledStep(task.train_step, mesh, shardings)(state, helpers.pair_batch(num_pairs=8))
+    if kind == "adapters":  # the adapters' up-projections start at 0: give them weight so that they show
+        state = state.replace(params=jax.tree.map(lambda x: x + 0.05, state.params))
     run = os.path.join(str(tmp_path), "run")
     checkpointer = Checkpointer(os.path.join(run, "checkpoints"))
     checkpointer.save(1, state, {"batches_consumed": 1}, task.metadata)
     checkpointer.close()
 
-    abstract, logical, load = weights.reward_model(run, CONFIG)
+    rm_config, abstract, logical, load = weights.reward_from(run, {}, CONFIG)
+    assert rm_config == config
     params = load(sharding.tree_shardings(logical, abstract, mesh))
     seqs = reward.full_sequences(unstack_pairs(helpers.pair_batch(num_pairs=4, seed=3)))
     args = (seqs["tokens"], seqs["mask"], seqs["positions"])
-    trained = _rm(lora_config, quant_config).sequence_scores(state.params, state.frozen, *args)
-    loaded = _rm().sequence_scores(params, {}, *args)
+    trained = rm.sequence_scores(state.params, state.frozen, *args)
+    loaded = ScalarModel(TrainableModel(rm_config, drop=UNUSED_BY_SCALAR)).sequence_scores(params, {}, *args)
     assert np.std(np.asarray(trained)) > 1e-3  # scores that differ between sequences
     np.testing.assert_allclose(loaded, trained, rtol=1e-4, atol=1e-5)
+    if kind == "adapters":  # the adapter sets are in what was loaded, and they change the scores
+        off = dataclasses.replace(config, active_adapter="")
+        without = ScalarModel(TrainableModel(off, drop=UNUSED_BY_SCALAR)).sequence_scores(params, {}, *args)
+        assert np.abs(np.asarray(without) - np.asarray(loaded)).max() > 1e-3
