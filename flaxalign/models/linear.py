@@ -19,3 +19,13 @@ def dense(x_NxI: jax.Array, w: Any, dtype, n_in: int = 1) -> jax.Array:
 def materialize(w: Any, dtype) -> jax.Array:
     """The matrix of a weight in `dtype` (a LoRA-adapted weight merged, a quantized one dequantized)."""
     return w.materialize(dtype) if hasattr(w, "materialize") else w.astype(dtype)
+
+
+class ReadWhole:
+    """For a weight object stored as a module's Param value: `param[...]` returns the object itself, which `dense` and
+    `materialize` then read (nothing else indexes a weight)."""
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError(f"a {type(self).__name__} is read whole, with [...]")
+        return self

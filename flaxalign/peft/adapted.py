@@ -20,13 +20,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from flaxalign.models.linear import dense, materialize
+from flaxalign.models.linear import ReadWhole, dense, materialize
 from flaxalign.peft import lora
 from flaxalign.peft.quant import QuantizedWeight
 
 
 @flax.struct.dataclass
-class LoraWeight:
+class LoraWeight(ReadWhole):
     """A frozen weight W with its adapter; multiplied as `dense` says, merged only by `materialize`."""
 
     base: Any  # W [*L, *in, *out]: an array or a QuantizedWeight
@@ -37,12 +37,6 @@ class LoraWeight:
     scale: float = flax.struct.field(pytree_node=False, default=1.0)
     dropout: float = flax.struct.field(pytree_node=False, default=0.0)
     n_in: int = flax.struct.field(pytree_node=False, default=1)
-
-    def __getitem__(self, index):
-        """`param[...]` on a module's Param returns the weight itself."""
-        if index is not Ellipsis:
-            raise TypeError("a LoraWeight is read whole, with [...]")
-        return self
 
     @property
     def n_layers(self) -> int:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxalign import errors
+from flaxalign.models.linear import ReadWhole
 from flaxalign.peft import lora
 
 KINDS = ("none", "int8", "nf4")
@@ -86,7 +87,7 @@ class QuantConfig:
 
 
 @flax.struct.dataclass
-class QuantizedWeight:
+class QuantizedWeight(ReadWhole):
     """A quantized linear weight (module docstring for the layouts). Static fields describe one layer's weight."""
 
     codes: jax.Array
@@ -97,12 +98,6 @@ class QuantizedWeight:
     in_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
     out_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
     block_size: int = flax.struct.field(pytree_node=False, default=64)
-
-    def __getitem__(self, index):
-        """`param[...]` on a module's Param returns the weight itself; `dense` and `materialize` read it."""
-        if index is not Ellipsis:
-            raise TypeError("a QuantizedWeight is read whole, with [...]")
-        return self
 
     @property
     def lead_shape(self) -> tuple[int, ...]:

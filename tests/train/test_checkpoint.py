@@ -13,20 +13,9 @@ from flaxalign.train.jit import CompiledStep
 from tests import helpers
 
 
-class _DataPosition:
-    def __init__(self):
-        self.state = {"batches_consumed": 0}
-
-    def get_state(self):
-        return dict(self.state)
-
-    def set_state(self, state):
-        self.state = dict(state)
-
-
 def _task(**model_overrides):
     task = helpers.clm_task(helpers.tiny_model_config(**model_overrides))
-    task.train_data = _DataPosition()
+    task.train_data = helpers.DataPosition()
     return task
 
 

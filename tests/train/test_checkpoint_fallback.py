@@ -26,20 +26,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 STEPS = (2, 4, 6)
 
 
-class _DataPosition:
-    def __init__(self):
-        self.state = {"batches_consumed": 0}
-
-    def get_state(self):
-        return dict(self.state)
-
-    def set_state(self, state):
-        self.state = dict(state)
-
-
 def _task():
     task = helpers.clm_task(helpers.tiny_model_config())
-    task.train_data = _DataPosition()
+    task.train_data = helpers.DataPosition()
     return task
 
 
@@ -164,7 +153,7 @@ def test_another_model_is_refused_not_taken_for_damage(saved_run, tmp_path):
     directory = os.path.join(root, "checkpoints")
     before = _digest(directory)
     task = helpers.clm_task(helpers.tiny_model_config(d_ff=128))
-    task.train_data = _DataPosition()
+    task.train_data = helpers.DataPosition()
     with pytest.raises(errors.CheckpointError, match="different model config"):
         loop.initial_state(task, 0, helpers.mesh((1, 1, 1)), Checkpointer(directory))
     assert _digest(directory) == before
@@ -176,7 +165,7 @@ def test_a_changed_optimizer_layout_is_refused_naming_the_array(saved_run, tmp_p
     directory = os.path.join(root, "checkpoints")
     before = _digest(directory)
     task = helpers.clm_task(helpers.tiny_model_config(), helpers.optim_config(clip_norm=0.0))
-    task.train_data = _DataPosition()
+    task.train_data = helpers.DataPosition()
     with pytest.raises(errors.CheckpointError, match=r"does not match this run's model or optimizer \(.*opt_state"):
         loop.initial_state(task, 0, helpers.mesh((1, 1, 1)), Checkpointer(directory))
     assert _digest(directory) == before
