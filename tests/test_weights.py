@@ -5,6 +5,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 
 from flaxalign import models, sharding, weights
 from flaxalign.models import adapters
@@ -104,14 +105,21 @@ def _float32_stacks(created: list, config) -> list:
     return [shape for shape, dtype in created if dtype == np.float32 and shape in stacked]
 
 
-def test_a_quantized_base_is_built_one_layer_at_a_time_from_an_hf_directory(tmp_path, monkeypatch):
-    """QLoRA from `hf:DIR`: the NF4 base equals quantizing the float32 weights whole, bit for bit, while no float32
-    array of a whole stacked layer weight is ever placed on the devices (each layer is quantized as it is read)."""
+@pytest.mark.parametrize("kind", ["hf", "gguf"])
+def test_a_quantized_base_is_built_one_layer_at_a_time_from_pretrained_files(tmp_path, monkeypatch, kind):
+    """QLoRA from `hf:DIR` or `gguf:FILE`: the NF4 base equals quantizing the float32 weights whole, bit for bit,
+    while no float32 array of a whole stacked layer weight is ever placed on the devices (each layer is quantized as
+    it is read)."""
     from flaxalign import interop
 
     config = dataclasses.replace(CONFIG, d_ff=128)
     params = helpers.random_params(config)
-    interop.save_hf(config, params, str(tmp_path / "hf"))
+    if kind == "hf":
+        interop.save_hf(config, params, str(tmp_path / "hf"))
+        source = f"hf:{tmp_path / 'hf'}"
+    else:
+        from tests.interop.test_gguf import write_gguf
+        source = f"gguf:{write_gguf(tmp_path / 'tiny.gguf', config, params)}"
     policy = TrainableModel(config, lora.LoraConfig(rank=4), quant.QuantConfig("nf4"))
     mesh = helpers.mesh((2, 1, 1))
     created = []
@@ -123,7 +131,7 @@ def test_a_quantized_base_is_built_one_layer_at_a_time_from_an_hf_directory(tmp_
         return array
 
     monkeypatch.setattr(jax, "make_array_from_callback", recording)
-    streamed = _quantized_base(policy, weights.initializer(config, f"hf:{tmp_path / 'hf'}"), mesh)
+    streamed = _quantized_base(policy, weights.initializer(config, source), mesh)
     monkeypatch.undo()
     assert created and not _float32_stacks(created, config), created
     whole = jax.device_get(quant.quantize_tree(params, models.abstract_model(config)[2], policy.quant))
