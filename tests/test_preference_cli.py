@@ -86,7 +86,7 @@ BAD_INPUTS = {
     "unknown loss type": (["--config.loss.loss_type=dpo2"], "unknown loss_type 'dpo2'; valid: sigmoid, robust"),
     "beta not positive": (["--config.loss.beta=0"], "loss.beta must be > 0"),
     "reference with another vocabulary": (["--config.reference_from=checkpoint:{other}"],
-                                          "the reference must use the policy's vocabulary"),
+                                          "the reference model must use the policy's vocabulary"),
 }
 
 
