@@ -284,6 +284,7 @@ def _config(reader, path: str, dtype: str) -> ModelConfig:
         rope_theta=_f32(key("rope.freq_base", ModelConfig.rope_theta)),
         rms_eps=_f32(key("attention.layer_norm_rms_epsilon", ModelConfig.rms_eps)),
         qkv_bias="blk.0.attn_q.bias" in names, tie_embeddings="output.weight" not in names, dtype=dtype,
+        sliding_window=int(key("attention.sliding_window", 0)),
     )
 
 

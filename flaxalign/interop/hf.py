@@ -74,9 +74,9 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     biases; Llama's `attention_bias` turns them on too (its o_proj bias must then be zero, see
     `params_from_hf_state_dict`).
 
-    Not supported, and not checked here: sliding-window attention. Mistral configs carry `sliding_window` (4096
-    for Mistral-7B-v0.1), and Qwen2 has `use_sliding_window`; flaxalign attention is always full causal, which
-    equals the HF model only for sequences no longer than the window. Keep `max_seq_len` within it.
+    Sliding windows as transformers applies them: Mistral's `sliding_window` on every layer; Qwen2's when
+    `use_sliding_window` is set, on the layers from `max_window_layers` on (or as its `layer_types` list says),
+    the others attending in full.
 
     Raises `ConfigError` for other architectures and for settings that would change the math silently (an
     activation other than silu, MLP biases, partial rotary, rope scaling other than "llama3").
@@ -103,7 +103,30 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         init_std=hf_config.get("initializer_range", ModelConfig.init_std),
         **_rope_fields(hf_config),
+        **_window_fields(hf_config, _model_type(arch)),
     )
+
+
+def _window_fields(hf_config: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """`sliding_window` / `full_attention_layers` of an HF config (see `model_config_from_hf`)."""
+    window = hf_config.get("sliding_window")
+    n_layers = hf_config["num_hidden_layers"]
+    if model_type == "llama" or not window:
+        return {}
+    if model_type == "qwen2" and not hf_config.get("use_sliding_window", False):
+        return {}
+    kinds = hf_config.get("layer_types")
+    if kinds is None:
+        first = hf_config.get("max_window_layers", 0) if model_type == "qwen2" else 0
+        kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    unknown = sorted(set(kinds) - {"sliding_attention", "full_attention"})
+    if unknown or len(kinds) != n_layers:
+        raise errors.ConfigError(f"HF config has layer_types {unknown or kinds}; flaxalign's layers attend in full or "
+                                 "in a sliding window ('full_attention', 'sliding_attention'), one per layer.")
+    full = tuple(i for i, kind in enumerate(kinds) if kind == "full_attention")
+    if len(full) == n_layers:
+        return {}
+    return {"sliding_window": int(window), "full_attention_layers": full}
 
 
 def _architecture(hf_config: Mapping[str, Any]) -> str:
@@ -535,7 +558,8 @@ def hf_config_dict(config: ModelConfig, *, score: bool = False) -> dict[str, Any
     """The transformers config.json dict of `config`: the inverse of `model_config_from_hf`. Models with q/k/v
     biases are written as Qwen2, all others as Llama (`*ForSequenceClassification` with one label when `score`).
     Both rope spellings are written (`rope_theta` / `rope_scaling` for transformers 4, `rope_parameters` for 5)."""
-    arch = "Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM"
+    arch = "Qwen2ForCausalLM" if config.qkv_bias else "MistralForCausalLM" if config.sliding_window else (
+        "LlamaForCausalLM")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling_factor:
         rope.update(rope_type="llama3", factor=config.rope_scaling_factor,
@@ -553,12 +577,33 @@ def hf_config_dict(config: ModelConfig, *, score: bool = False) -> dict[str, Any
     }
     if config.rope_scaling_factor:
         out["rope_scaling"] = dict(rope)
-    if arch == "Qwen2ForCausalLM":
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+    out.update(_hf_window_fields(config, arch))
     if score:
         out.update(architectures=[arch.replace("ForCausalLM", "ForSequenceClassification")], num_labels=1,
                    id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return out
+
+
+def _hf_window_fields(config: ModelConfig, arch: str) -> dict[str, Any]:
+    """The sliding-window fields of an exported config.json; a layer pattern the architecture cannot state is
+    refused in one line."""
+    windows = config.layer_windows()
+    if arch == "MistralForCausalLM":
+        if config.full_attention_layers:
+            raise errors.ConfigError(f"a model whose layers {list(config.full_attention_layers)} attend in full and "
+                                     "the others in a window cannot be written as a Mistral (Llama) HF model.")
+        return {"sliding_window": config.sliding_window}
+    if arch != "Qwen2ForCausalLM":
+        return {}
+    if not config.sliding_window:
+        return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers}
+    first = windows.index(config.sliding_window)
+    if any(w != (config.sliding_window if i >= first else 0) for i, w in enumerate(windows)):
+        raise errors.ConfigError(f"Qwen2 HF models window the layers from max_window_layers on; layers "
+                                 f"{list(config.full_attention_layers)} attending in full cannot be written so.")
+    kinds = ["full_attention" if w == 0 else "sliding_attention" for w in windows]
+    return {"use_sliding_window": True, "sliding_window": config.sliding_window, "max_window_layers": first,
+            "layer_types": kinds}
 
 
 def save_hf(config: ModelConfig, params: Mapping[str, Any], directory: str, *, score_head: Mapping | None = None,

@@ -34,9 +34,14 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU); params are float32
-    attention: str = "jnp"  # "jnp" (plain einsum softmax) or "dot_product" (jax.nn.dot_product_attention)
+    attention: str = "auto"  # auto | xla | blockwise | splash | cudnn (`flaxalign.models.attention`)
     remat: str = "none"  # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"
     scan_layers: bool = True  # False unrolls the layer loop (longer compile; see BUILD_NOTES for when it is faster)
+    # Sliding-window attention (Mistral, Qwen2, Gemma local layers): each query sees itself and the window − 1 keys
+    # before it; 0 = full causal attention. Layers listed in `full_attention_layers` attend in full anyway.
+    sliding_window: int = 0
+    full_attention_layers: tuple[int, ...] = ()
+    attn_softcap: float = 0.0  # > 0: attention logits soft-capped, s ← c·tanh(s / c) (Gemma 2)
     # Bottleneck adapters (Houlsby et al. 2019, Pfeiffer et al. 2020; `flaxalign.models.adapters`). The defaults
     # build exactly the plain model.
     adapter_placement: str = "none"  # "none", "houlsby" (after attention and after MLP) or "pfeiffer" (after MLP)
@@ -51,8 +56,10 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise errors.ConfigError(
                 f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}.")
-        if self.attention not in ("jnp", "dot_product"):
-            raise errors.ConfigError(f"model.attention must be 'jnp' or 'dot_product', not {self.attention!r}.")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS + tuple(LEGACY_ATTENTION):
+            raise errors.ConfigError(
+                f"model.attention must be one of {list(ATTENTION_IMPLEMENTATIONS)}, not {self.attention!r}.")
+        self._check_windows()
         if self.remat not in REMAT_POLICIES:
             raise errors.ConfigError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, not {self.remat!r}.")
         if self.dtype == "auto":
@@ -62,6 +69,22 @@ class ModelConfig:
             raise errors.ConfigError(
                 f"model.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}.")
         self._check_adapters()
+
+    def _check_windows(self):
+        object.__setattr__(self, "full_attention_layers", tuple(int(i) for i in self.full_attention_layers))
+        if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+            raise errors.ConfigError(f"model.sliding_window must be 0 (off) or a positive number of tokens, not "
+                                     f"{self.sliding_window!r}.")
+        bad = [i for i in self.full_attention_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise errors.ConfigError(f"model.full_attention_layers {bad} are not layer indices of a model with "
+                                     f"{self.n_layers} layers.")
+        if not self.attn_softcap >= 0:
+            raise errors.ConfigError(f"model.attn_softcap must be >= 0 (0 = off), not {self.attn_softcap}.")
+
+    def layer_windows(self) -> tuple[int, ...]:
+        """Each layer's attention window (0 = full causal attention)."""
+        return tuple(0 if i in self.full_attention_layers else self.sliding_window for i in range(self.n_layers))
 
     def _check_adapters(self):
         if isinstance(self.adapter_names, str):
@@ -123,13 +146,15 @@ class ModelConfig:
     def checkpoint_identity(self) -> dict[str, Any]:
         """The fields that define the function the params compute: a checkpoint restores only into a model with
         the same identity. Compute settings (dtype, attention kernel, remat, scan, active adapter) may change
-        between runs. Without adapters the adapter fields are left out, so identities (and checkpoints) from before
-        adapters existed still match; tuples become lists, as they come back from the JSON metadata."""
+        between runs. Without adapters the adapter fields are left out, and so are later fields at their defaults
+        (windows, soft cap), so identities (and checkpoints) from before they existed still match; tuples become
+        lists, as they come back from the JSON metadata."""
         identity = {k: list(v) if isinstance(v, tuple) else v
                     for k, v in self.to_dict().items() if k not in COMPUTE_ONLY_FIELDS}
         if self.adapter_placement == "none":
             identity = {k: v for k, v in identity.items() if k not in ADAPTER_FIELDS}
-        return identity
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {k: v for k, v in identity.items() if not (k in LATER_FIELDS and getattr(self, k) == defaults[k])}
 
     def without_adapters(self) -> "ModelConfig":
         """The same model with no bottleneck adapters: the base a run with adapters was built on."""
@@ -156,19 +181,26 @@ class ModelConfig:
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 per matmul weight (q, k, v, o, gate, up, down and the LM head; forward 2 +
-        backward 4) plus causal attention 12·L·T·H·Dh (scores and values, counted in full: the PaLM convention).
-        The active adapter's down and up matrices count like the other weights."""
+        backward 4) plus causal attention 12·T·H·Dh per layer (scores and values, counted in full: the PaLM
+        convention), with T the window instead where a layer's window is shorter. The active adapter's down and up
+        matrices count like the other weights."""
         d, hd = self.d_model, self.head_dim
         per_layer = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 3 * d * self.d_ff
         if self.active_adapter:
             per_layer += len(self.adapter_sites) * 2 * d * self.adapter_dim
         matmul_weights = self.n_layers * per_layer + d * self.vocab_size
-        attention = 12 * self.n_layers * seq_len * self.n_heads * hd
+        context = sum(min(seq_len, window) if window else seq_len for window in self.layer_windows())
+        attention = 12 * context * self.n_heads * hd
         return 6.0 * matmul_weights + attention
 
 
 # `active_adapter` picks which adapter set runs: outputs change, the parameter tree does not.
 COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "scan_layers", "active_adapter")
+# `flaxalign.models.attention`; the names of earlier versions are still read from old checkpoints' configs.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
+LEGACY_ATTENTION = {"jnp": "xla", "dot_product": "xla"}
+# Fields added after checkpoints existed: left out of the identity at their defaults.
+LATER_FIELDS = ("sliding_window", "full_attention_layers", "attn_softcap")
 ADAPTER_FIELDS = ("adapter_placement", "adapter_reduction", "adapter_activation", "adapter_names", "active_adapter")
 # placement -> the sub-layers (in layer order) whose output passes through an adapter before the residual add
 ADAPTER_SITES = {"none": (), "houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}

@@ -9,6 +9,7 @@
 
 Variants: GQA and MHA, head_dim ≠ d_model / n_heads, tied and untied embeddings, bottleneck adapters."""
 
+import dataclasses
 import math
 
 import jax
@@ -65,8 +66,9 @@ def dot_flops(jaxpr) -> int:
 
 
 def traced_flops_per_token(c, batch: int = 2, seq_len: int = 32) -> tuple[float, float]:
-    """(forward, forward + backward) dot FLOPs per token of the logits of `c`, from the traced programs."""
-    graphdef, abstract, _ = abstract_model(c)
+    """(forward, forward + backward) dot FLOPs per token of the logits of `c`, from the traced programs — with the
+    dense attention, whose products are the formula's full T × T (blockwise skips the causal half in loops)."""
+    graphdef, abstract, _ = abstract_model(dataclasses.replace(c, attention="xla"))
     tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
 
     def logits(params, tokens):

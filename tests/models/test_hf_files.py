@@ -162,3 +162,26 @@ def test_missing_shard_file(tmp_path):
     with pytest.raises(errors.CheckpointError) as e:
         interop.load_pretrained(str(tmp_path))
     assert "missing" in _one_sentence(e)
+
+
+def test_sliding_windows_map_to_and_from_hf_configs():
+    """Mistral's `sliding_window` on every layer, Qwen2's from `max_window_layers` on (or its `layer_types`);
+    config.json written back states the same pattern, and one it cannot state is refused in one line."""
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, vocab_size=128)
+    mistral = hf.model_config_from_hf({**base, "architectures": ["MistralForCausalLM"], "sliding_window": 16})
+    assert mistral.layer_windows() == (16, 16, 16, 16)
+    assert hf.model_config_from_hf(hf.hf_config_dict(mistral)) == mistral
+    qwen2 = {**base, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 8, "max_window_layers": 2}
+    assert hf.model_config_from_hf(qwen2).layer_windows() == (0, 0, 0, 0)  # use_sliding_window is off by default
+    windowed = hf.model_config_from_hf({**qwen2, "use_sliding_window": True})
+    assert windowed.layer_windows() == (0, 0, 8, 8)
+    written = hf.hf_config_dict(windowed)
+    assert written["max_window_layers"] == 2 and written["layer_types"][1:3] == ["full_attention", "sliding_attention"]
+    assert hf.model_config_from_hf(written) == windowed
+    listed = hf.model_config_from_hf({**qwen2, "use_sliding_window": True,
+                                      "layer_types": ["sliding_attention", "full_attention"] * 2})
+    assert listed.layer_windows() == (8, 0, 8, 0)
+    with pytest.raises(errors.ConfigError, match="layers \\[1, 3\\] attending in full cannot be written so"):
+        hf.hf_config_dict(listed)
+    assert hf.model_config_from_hf({**base, "architectures": ["LlamaForCausalLM"], "sliding_window": 4}
+                                   ).layer_windows() == (0, 0, 0, 0)  # Llama has no windows

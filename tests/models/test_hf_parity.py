@@ -24,7 +24,7 @@ def _import_reference_libraries():
 TOLERANCE = 1e-4  # float32 on both sides
 BATCH, LENGTH = 2, 32
 DOC_LENGTHS = (10, 7, 15)  # one packed row of three documents
-ATTENTION = ("jnp", "dot_product")
+ATTENTION = ("xla", "blockwise")
 
 # Shared tiny shapes; initializer_range makes q·k scores and logits O(1), so a layout error cannot hide in noise.
 BASE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -43,6 +43,11 @@ CASES = {
                                                                original_max_position_embeddings=64))),
     # window longer than every test sequence: full attention is then what Mistral computes
     "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=64, tie_word_embeddings=False)),
+    # windows shorter than the 32-token rows: each query sees itself and the 7 tokens before it
+    "mistral_window": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=8, tie_word_embeddings=False)),
+    # Qwen2: layer 0 attends in full, layer 1 (from max_window_layers on) in a window of 6
+    "qwen2_window": ("Qwen2ForCausalLM", "Qwen2Config", dict(use_sliding_window=True, sliding_window=6,
+                                                              max_window_layers=1, tie_word_embeddings=True)),
 }
 
 
@@ -94,6 +99,16 @@ def flax_runs(converted):
     return model, tokens, jax.tree.map(np.asarray, logits(params))
 
 
+def request_case(model) -> str:
+    """The CASES key a built model came from (its config's own fields say which)."""
+    hf_config = model.config
+    if getattr(hf_config, "use_sliding_window", False):
+        return "qwen2_window"
+    if isinstance(model, transformers.MistralForCausalLM):
+        return "mistral_window" if hf_config.sliding_window == 8 else "mistral"
+    return ""
+
+
 def _hf_logits(model, tokens):
     with torch.no_grad():
         return model(input_ids=torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
@@ -110,6 +125,8 @@ def test_config_mapping(converted):
     assert config.tie_embeddings == hf_config.tie_word_embeddings
     assert config.qkv_bias == isinstance(model, transformers.Qwen2ForCausalLM)
     assert config.rms_eps == hf_config.rms_norm_eps
+    windows = {"mistral": (64, 64), "mistral_window": (8, 8), "qwen2_window": (0, 6)}
+    assert config.layer_windows() == windows.get(request_case(model), (0, 0))
 
 
 @pytest.mark.parametrize("attention", ATTENTION)

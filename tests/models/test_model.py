@@ -11,7 +11,7 @@ import pytest
 
 from flaxalign import errors, models, sharding
 from flaxalign.interop import hf
-from flaxalign.models import llama
+from flaxalign.models import attention
 from tests import helpers
 
 TINY = models.ModelConfig(**models.preset("tiny"))
@@ -176,12 +176,18 @@ def _numpy_attention(q, k, v, mask):
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_attention_kernels_match_numpy(kv_heads):
+    """Every implementation, and JAX's own `dot_product_attention`, against the textbook loop: row 0 holds two
+    packed documents, row 1 one."""
     rng = np.random.default_rng(0)
     q = rng.normal(size=(2, 6, 4, 8)).astype(np.float32)
     k, v = (rng.normal(size=(2, 6, kv_heads, 8)).astype(np.float32) for _ in range(2))
-    mask = np.asarray(llama.attention_mask(jnp.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1]])))
+    segments = np.array([[1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 1]])
+    causal = np.tril(np.ones((6, 6), bool))
+    mask = (causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]  # [B, 1, T, S]
     expected = _numpy_attention(q, k, v, mask)
-    np.testing.assert_allclose(llama._einsum_attention(q, k, v, mask), expected, atol=1e-5)
+    masking = attention.Masking(q_segments=jnp.asarray(segments), k_segments=jnp.asarray(segments))
+    for impl in ("xla", "blockwise"):
+        np.testing.assert_allclose(attention.attend(q, k, v, masking, impl=impl, block=4), expected, atol=1e-5)
     np.testing.assert_allclose(jax.nn.dot_product_attention(q, k, v, mask=mask), expected, atol=1e-5)
 
 
