@@ -1,7 +1,8 @@
 """Preference optimisation: DPO and its variants, ORPO, SimPO, CPO and KTO — `loss.loss_type` picks the method.
 Presets: `tiny` (CPU tests, the demo), `smollm2_135m` (LoRA DPO of SmolLM2-135M-Instruct from its GGUF file;
 fetch it first with launch/fetch_smollm2.sh), `llama3_8b` (LoRA DPO of Llama-3-8B on a TPU pod slice; check the fit
-first with `flaxalign plan --config=configs/dpo.py:llama3_8b --topology=v5e:4x4`).
+first with `flaxalign plan --config=configs/dpo.py:llama3_8b --topology=v5e:2x4`), `llama3_8b_long` (the same at 4096
+tokens per sequence).
 
     flaxalign train --config=configs/dpo.py:tiny --workdir=runs/dpo --config.init_from=checkpoint:runs/sft
     flaxalign train --config=configs/dpo.py:tiny --workdir=runs/dpo_lora --config.init_from=checkpoint:runs/sft \
@@ -27,6 +28,11 @@ PRESETS = {
     # init_from=hf:DIR (local files).
     "llama3_8b": dict(steps=1000, lr=5e-5, warmup_steps=50, seq_len=1024, batch_size=64, grad_accum=4, lora_rank=16,
                       eval_every=100, eval_batches=8, eval_kl_prompts=32, remat="full", mesh_data=1, mesh_fsdp=-1),
+    # The same at 4096 tokens per sequence: 16 pairs per step, one pair per chip at a time on v5e:2x4 (splash
+    # attention: 10.4 GiB of 15.75 per chip; dense attention needs 19.5 GiB of temporaries).
+    "llama3_8b_long": dict(model="llama3_8b", steps=1000, lr=5e-5, warmup_steps=50, seq_len=4096, batch_size=16,
+                           grad_accum=2, lora_rank=16, eval_every=100, eval_batches=8, eval_kl_prompts=32,
+                           remat="full", mesh_data=1, mesh_fsdp=-1),
 }
 
 
@@ -38,7 +44,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.steps = p["steps"]
     # checkpoint:DIR of an SFT run, hf:DIR or gguf:FILE: the starting policy (and reference) and its tokenizer
     c.init_from = p.get("init_from", "")
-    c.model = config_blocks.model(arg, remat=p.get("remat", "none"))
+    c.model = config_blocks.model(p.get("model", arg), remat=p.get("remat", "none"))
 
     # sigmoid (DPO; label_smoothing > 0 = cDPO) robust hinge ipo sigmoid_norm exo_pair nca_pair bco_pair sppo_hard
     # aot aot_unpaired apo_zero apo_down discopop | orpo simpo cpo (no reference) | kto (unpaired data)

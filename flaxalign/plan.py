@@ -174,11 +174,14 @@ def _never(*_):
 
 
 def _tpu_config(config):
-    """A copy of the config whose compute dtype "auto" is bfloat16 (what it resolves to on a TPU)."""
+    """A copy of the config whose "auto" settings are what they resolve to on a TPU: compute dtype bfloat16 and the
+    splash attention kernel (this process's own backend, the CPU, would pick blockwise)."""
     config = config.copy_and_resolve_references()
     config.unlock()
     if config.model.get("dtype", "auto") == "auto":
         config.model.dtype = "bfloat16"
+    if config.model.get("attention", "auto") == "auto":
+        config.model.attention = "splash"
     return config
 
 
@@ -393,6 +396,7 @@ def plan(config, topology: str, *, mfu: float = 0.4) -> dict:
     report = {
         "stage": task.name, "topology": target.name, "chip": mesh.devices.flat[0].device_kind,
         "chips": target.chips, "mesh": sharding.mesh_shape_of(mesh), "model_params": model_config.num_params(),
+        "attention": model_config.attention,
         "trained_params": sum(math.prod(x.shape) for x in jax.tree.leaves(task.abstract_params)),
         "state": {"params": _per_chip_bytes(state.params), "frozen": _per_chip_bytes(state.frozen),
                   "opt_state": _per_chip_bytes(state.opt_state), "batch": _per_chip_bytes(batch)},
@@ -472,7 +476,7 @@ def format_report(report: dict) -> str:
     lines = [(f"flaxalign plan: {report['stage']} train step on {report['topology']} = {report['chips']} × "
               f"{report['chip']}, mesh {mesh}"),
              (f"  model {_count(params)} params, {_count(trained)} trained ({share:.3g}% of the model); "
-              f"{report['tokens_per_step']:,} tokens per step"),
+              f"{report['tokens_per_step']:,} tokens per step; {report['attention']} attention"),
              (f"  per chip          state: params {_size(state['params'])}, frozen {_size(state['frozen'])}, "
               f"optimizer {_size(state['opt_state'])}; batch {_size(state['batch'])}")]
     if memory is not None:

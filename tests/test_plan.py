@@ -120,7 +120,7 @@ def report(**changes) -> dict:
                       "total": 1.31e10},
            "hbm_bytes": 16 * GIB, "usable_bytes": int(15.75 * GIB), "peak_flops_per_chip": 197e12, "mfu": 0.4,
            "tokens_per_step": 4096, "flops_per_step": 2.48e14, "step_time_s": 0.394, "xla_flops_per_chip": 3e12,
-           "compile_s": 47.9, "fits": True}
+           "compile_s": 47.9, "fits": True, "attention": "splash"}
     out.update(changes)
     return out
 
@@ -128,7 +128,7 @@ def report(**changes) -> dict:
 def test_format_report():
     text = plan.format_report(report())
     assert "dpo train step on v5e:2x4 = 8 × TPU v5 lite, mesh data=1 fsdp=8 tensor=1" in text
-    assert "model 8.03B params, 21M trained (0.262% of the model)" in text
+    assert "model 8.03B params, 21M trained (0.262% of the model); 4,096 tokens per step; splash attention" in text
     assert "12.20 GiB of 15.75 GiB usable HBM (16.00 GiB datasheet): 77%, fits" in text
     assert "0.394 s at 40% MFU of 197 TFLOP/s" in text
     oom = plan.format_report(report(memory=None, fits=False, compile_error="RESOURCE_EXHAUSTED: …",
@@ -148,6 +148,12 @@ def test_auto_dtype_is_bfloat16_and_the_config_is_not_changed():
     assert plan._tpu_config(config).model.dtype == "bfloat16"
     assert config.model.dtype == "auto"
     assert plan._tpu_config(stage_config("dpo", **{"model.dtype": "float32"})).model.dtype == "float32"
+
+
+def test_auto_attention_is_splash_on_tpu():
+    """The plan compiles for a TPU from this CPU process, whose own backend would pick blockwise for "auto"."""
+    assert plan._tpu_config(stage_config("sft")).model.attention == "splash"
+    assert plan._tpu_config(stage_config("sft", **{"model.attention": "xla"})).model.attention == "xla"
 
 
 @pytest.mark.parametrize("stage, lora", [("clm", 0), ("sft", 8), ("reward", 0), ("dpo", 8), ("dpo", 0),
@@ -257,6 +263,59 @@ def test_llama3_8b_qlora_sft_fits_one_v5e_chip():
     print(plan.format_report(result))
     assert result["fits"] and result["chips"] == 1 and result["model_params"] == pytest.approx(8.03e9, rel=1e-3)
     assert result["state"]["frozen"] < 7.5 * GIB and result["step_time_s"] > 0
+
+
+def _long_context_plan(config, topology: str) -> dict:
+    """The plan with splash attention, printed beside the same step's memory with dense (xla) attention."""
+    result = plan.plan(config, topology)
+    print(plan.format_report(result))
+    config.model.attention = "xla"
+    dense = plan.plan(config, topology)
+    print(plan.format_report(dense))
+    assert result["attention"] == "splash" and dense["attention"] == "xla"
+    if dense["memory"] is not None:  # dense attention at this length: the [T, T] scores in HBM, when it fits at all
+        assert dense["memory"]["temp"] > result["memory"]["temp"]
+    return result
+
+
+@tpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_splash_attention_compiles_to_the_pallas_kernel_for_v5e(head_dim):
+    """The training gradient of splash attention (packed segments, GQA) compiled for a v5e chip: the Mosaic kernel
+    runs forward, dkv and dq (three custom calls), with no blockwise loop left."""
+    pytest.importorskip("libtpu")
+    import jax.numpy as jnp
+
+    from flaxalign.models import attention, splash
+    device = plan.topology_devices(plan.parse_topology("v5e:1x1"))[0]
+    q = jax.ShapeDtypeStruct((2, 256, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 256, 2, head_dim), jnp.bfloat16)
+    segments = jax.ShapeDtypeStruct((2, 256), jnp.int32)
+
+    def loss(q, k, v, segments):
+        masking = attention.Masking(q_segments=segments, k_segments=segments)
+        return jnp.sum(splash.attend(q, k, v, masking).astype(jnp.float32) ** 2)
+
+    placed = jax.sharding.SingleDeviceSharding(device)
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), in_shardings=(placed,) * 4).lower(
+        q, kv, kv, segments).compile().as_text()
+    assert text.count("tpu_custom_call") == 3 and " while(" not in text
+
+
+@tpu
+def test_llama3_8b_lora_sft_at_8192_tokens_fits_v5e_with_splash_attention():
+    """Issue 16's acceptance plan: configs/sft.py:llama3_8b_long, LoRA r=16 on sequences of 8192 tokens, FSDP over
+    v5e:2x4."""
+    pytest.importorskip("libtpu")
+    result = _long_context_plan(stage_config("sft", preset="llama3_8b_long"), "v5e:2x4")
+    assert result["fits"] and result["chips"] == 8
+
+
+@tpu
+def test_llama3_8b_lora_dpo_at_4096_tokens_fits_v5e_with_splash_attention():
+    pytest.importorskip("libtpu")
+    result = _long_context_plan(stage_config("dpo", preset="llama3_8b_long"), "v5e:2x4")
+    assert result["fits"] and result["chips"] == 8
 
 
 @tpu
