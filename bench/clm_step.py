@@ -1,11 +1,13 @@
 """Times the CLM train step and reports tokens/s and MFU against a matmul peak measured in this process, and the
-speed ratio to the same model in plain PyTorch eager (float32, AdamW) when torch is importable.
+speed ratio to the same model in PyTorch (float32, AdamW) when torch is importable — eager and under
+`torch.compile` (the whole training step), both built in this process and timed in the same rounds.
 
     python bench/clm_step.py                      # `small` preset: 6 layers, d=512, 8 heads, seq 256, batch 8
     python bench/clm_step.py --preset=tiny --steps=20
 
 This CPU's speed swings up to 2× between minutes, so the peak is measured right before and right after the model
 timing, and the flaxalign and torch timings alternate in rounds; the best round of each is reported.
+`--attention` picks flaxalign's attention (default: the model default, blockwise on CPU; `xla` = the dense one).
 """
 
 import argparse
@@ -39,10 +41,11 @@ def parse_args():
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--attention", default="jnp")
+    p.add_argument("--attention", default="auto")
     p.add_argument("--remat", default="none")
     p.add_argument("--loss_chunk", type=int, default=256)
     p.add_argument("--no_torch", action="store_true")
+    p.add_argument("--no_compile", action="store_true", help="skip the torch.compile reference")
     p.add_argument("--json", default="", help="also write the results to this file")
     return p.parse_args()
 
@@ -93,18 +96,21 @@ def main():
     import tempfile
     with tempfile.TemporaryDirectory() as workdir:
         timer = FlaxalignTimer(config, args, workdir)
-        torch_ref = None
+        references = {}
         if not args.no_torch:
             try:
                 from bench import torch_reference as torch_ref
             except ImportError:
                 torch_ref = None
-        jax_times, torch_times = [], []
+            if torch_ref is not None:
+                references["eager"] = torch_ref.TorchTrainer(config, args.batch, args.seq)
+                if not args.no_compile:
+                    references["compile"] = torch_ref.TorchTrainer(config, args.batch, args.seq, compiled=True)
+        jax_times, torch_times = [], {name: [] for name in references}
         for _ in range(args.rounds):
             jax_times.append(timer.seconds_per_step(args.steps))
-            if torch_ref is not None:
-                torch_times.append(torch_ref.torch_train_step_time(config, args.batch, args.seq, args.steps,
-                                                                   warmup=1)["seconds_per_step"])
+            for name, trainer in references.items():
+                torch_times[name].append(trainer.seconds_per_step(args.steps))
     peaks.append(measure_matmul_peak(peak_dtype, size=2048))
 
     peak = max(peaks)
@@ -116,10 +122,13 @@ def main():
         "achieved_flops": flops_per_step / best, "matmul_peak_flops": peak, "matmul_peaks": peaks,
         "mfu": flops_per_step / best / peak, "device": jax.devices()[0].device_kind,
     }
-    if torch_times:
-        result.update(torch_step_seconds=min(torch_times), torch_tokens_per_sec=tokens / min(torch_times),
-                      torch_mfu=flops_per_step / min(torch_times) / peak,
-                      speed_ratio_vs_torch=min(torch_times) / best)
+    for name, times in torch_times.items():
+        prefix = "torch" if name == "eager" else "torch_compile"
+        result.update({f"{prefix}_step_seconds": min(times), f"{prefix}_tokens_per_sec": tokens / min(times),
+                       f"{prefix}_mfu": flops_per_step / min(times) / peak,
+                       f"speed_ratio_vs_{prefix}": min(times) / best})
+    if "compile" in references:
+        result["torch_compile_seconds"] = references["compile"].compile_seconds
     print(f"CLM train step, preset {args.preset} ({config.num_params() / 1e6:.1f}M params), batch {args.batch} × "
           f"seq {args.seq}, {args.dtype}, on {result['device']}")
     print(f"  compile               {timer.compile_seconds:8.2f} s")
@@ -128,11 +137,12 @@ def main():
     print(f"  FLOPs/step            {flops_per_step:8.3g}   (6·N·tokens + attention)")
     print(f"  matmul peak           {peak:8.3g} FLOP/s  (measured: {', '.join(f'{p:.3g}' for p in peaks)})")
     print(f"  MFU                   {100 * result['mfu']:8.1f} %")
-    if torch_times:
-        print(f"  PyTorch eager step    {result['torch_step_seconds'] * 1e3:8.1f} ms   "
-              f"({result['torch_tokens_per_sec']:,.0f} tokens/s, MFU {100 * result['torch_mfu']:.1f} %)")
-        print(f"  flaxalign / PyTorch   {result['speed_ratio_vs_torch']:8.2f} ×  (tokens/s ratio)")
-    else:
+    for name, prefix, label in (("eager", "torch", "PyTorch eager"), ("compile", "torch_compile", "torch.compile")):
+        if name in torch_times:
+            print(f"  {label + ' step':<22}{result[f'{prefix}_step_seconds'] * 1e3:8.1f} ms   "
+                  f"({result[f'{prefix}_tokens_per_sec']:,.0f} tokens/s, MFU {100 * result[f'{prefix}_mfu']:.1f} %)")
+            print(f"  {'flaxalign / ' + label:<22}{result[f'speed_ratio_vs_{prefix}']:8.2f} ×  (tokens/s ratio)")
+    if not torch_times:
         print("  PyTorch               not importable: no ratio (pip install torch==2.13.0)")
     if args.json:
         with open(args.json, "w") as f:

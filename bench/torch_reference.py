@@ -7,7 +7,7 @@ and `F.scaled_dot_product_attention`, no transformers, no torch.compile. Module 
 flaxalign params load through `flaxalign.interop.hf.params_to_hf_state_dict`; `torch_logits` does that, for tests
 that check both implementations compute one function.
 
-`bench/clm_step.py` calls `torch_train_step_time` on the shapes it times flaxalign with.
+`bench/clm_step.py` times `TorchTrainer` (eager and `torch.compile`) on the shapes it times flaxalign with.
 """
 
 import math
@@ -161,32 +161,48 @@ def torch_logits(config: ModelConfig, params_numpy: Any, tokens, positions=None,
         return model(as_tensor(tokens), as_tensor(positions), as_tensor(segment_ids)).numpy()
 
 
-def torch_train_step_time(config: ModelConfig, batch_size: int, seq_len: int, steps: int, warmup: int) -> dict:
-    """Seconds per AdamW training step (forward, mean cross-entropy over all B·T next-token targets, backward,
-    optimizer step) of the torch reference in float32 on all CPU cores, and tokens per second."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"torch_train_step_time needs steps >= 1 and warmup >= 0, got {steps} and {warmup}.")
-    torch.set_num_threads(os.cpu_count())
-    torch.manual_seed(0)
-    model = TorchCausalLM(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    data = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
-    inputs, targets = data[:, :-1], data[:, 1:]
+class TorchTrainer:
+    """The torch reference's AdamW training step (forward, mean cross-entropy over all B·T next-token targets,
+    backward, optimizer step) in float32 on all CPU cores, eager or under `torch.compile` (the whole step: model,
+    loss, backward and optimizer, as a PyTorch user would compile it), built once so that its steps can be timed
+    in rounds beside flaxalign's."""
 
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.reshape(-1, config.vocab_size), targets.reshape(-1))
+    def __init__(self, config: ModelConfig, batch_size: int, seq_len: int, *, compiled: bool = False):
+        torch.set_num_threads(os.cpu_count())
+        torch.manual_seed(0)
+        self.model = TorchCausalLM(config).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1)
+        data = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
+        self.inputs, self.targets, self.vocab = data[:, :-1], data[:, 1:], config.vocab_size
+        self.tokens = batch_size * seq_len
+        self._step = torch.compile(self._eager_step) if compiled else self._eager_step
+        start = time.perf_counter()
+        self.loss = self._step()  # compiles when `compiled`
+        self.compile_seconds = time.perf_counter() - start
+
+    def _eager_step(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(self.inputs)
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab), self.targets.reshape(-1))
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
         return loss
 
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    seconds = (time.perf_counter() - start) / max(steps, 1)
+    def seconds_per_step(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.loss = self._step()
+        return (time.perf_counter() - start) / max(steps, 1)
+
+
+def torch_train_step_time(config: ModelConfig, batch_size: int, seq_len: int, steps: int, warmup: int) -> dict:
+    """Seconds per AdamW training step (`TorchTrainer`, eager) after `warmup` steps, and tokens per second."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"torch_train_step_time needs steps >= 1 and warmup >= 0, got {steps} and {warmup}.")
+    trainer = TorchTrainer(config, batch_size, seq_len)  # its first step counts as one warm-up step
+    if warmup > 1:
+        trainer.seconds_per_step(warmup - 1)
+    seconds = trainer.seconds_per_step(steps)
     return {"seconds_per_step": seconds, "tokens_per_second": batch_size * seq_len / seconds,
             "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
-            "threads": torch.get_num_threads(), "loss": float(loss.detach())}
+            "threads": torch.get_num_threads(), "loss": float(trainer.loss.detach())}
