@@ -2,8 +2,9 @@
 
     attend(q, k, v, masking, impl=..., softcap=...) -> out      q [B, T, N, H], k/v [B, S, K, H] (GQA: K divides N)
 
-Which keys a query sees (`Masking`): key column s ≤ query column (q_start + t) — causal over columns, which are
-positions within a packed segment and cache slots in decoding —, the same segment id (packed rows), a valid key
+Which keys a query sees (`Masking`): key column s ≤ query column (q_start + t) — causal over columns, the slots
+of a row (token slots in training, where packed documents are told apart by segment ids and not by columns; cache
+slots in decoding) —, the same segment id (packed rows), a valid key
 (`k_valid`: real tokens of a left-padded KV cache) and, with a window W > 0, q_start + t − s < W (sliding-window
 attention: each query sees itself and the W − 1 keys before it). Scores are soft-capped, s ← c·tanh(s / c), when
 `softcap` > 0 (Gemma 2). Scores and softmax are float32.
@@ -15,8 +16,9 @@ Implementations (`model.attention`):
              custom VJP whose backward recomputes each block from the saved log-sum-exp, so the memory is
              O(T · block) forward and backward. Works everywhere; the CPU default.
   splash     the Pallas TPU splash-attention kernel (causal, local windows, segment ids, GQA, soft-capping).
-  cudnn      `jax.nn.dot_product_attention(implementation="cudnn")` on a GPU, where its constraints hold (no packed
-             segments); blockwise otherwise.
+  cudnn      `jax.nn.dot_product_attention(implementation="cudnn")` on a GPU, where its constraints hold (half
+             precision, no soft cap, no KV-cache offset; unpacked right-padded rows as key lengths); blockwise
+             otherwise.
   auto       splash on TPU, cudnn on GPU, blockwise on CPU.
 """
 
@@ -26,7 +28,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from flaxalign.models.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from flaxalign.models.config import LEGACY_ATTENTION as LEGACY
 
 MASKED = -1e30  # a finite "minus infinity": a row with no visible key stays finite (its output is unused)
@@ -298,16 +299,33 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def _cudnn_applies(q, masking: Masking, softcap: float) -> bool:
     """cuDNN's fused attention takes causal masks, key lengths and local windows, in half precision, and no
-    segment ids or soft cap."""
+    segment ids, key masks, query offsets or soft cap."""
     return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and not softcap
-            and masking.q_segments is None and isinstance(masking.window, int) and isinstance(masking.q_start, int)
-            and masking.q_start == 0 and masking.k_valid is None and q.shape[-1] <= 128)
+            and isinstance(masking.window, int) and isinstance(masking.q_start, int) and masking.q_start == 0
+            and masking.k_valid is None and q.shape[-1] <= 128)
 
 
-def _cudnn(q, k, v, masking: Masking):
+def _cudnn(q, k, v, masking: Masking, *, implementation: str = "cudnn"):
+    """cuDNN attention. Training rows carry segment ids; where every row holds one document followed by right
+    padding (ids 1…1 0…0: SFT and preference rows that are not packed) they become key lengths, which cuDNN takes,
+    and packed rows run blockwise (`lax.cond`: a GPU runs one branch). Queries in the padding see the row's real
+    keys instead of the padding — their outputs are never read (losses mask them, and causal attention keeps
+    later layers' real queries from seeing them). `implementation` = "xla" runs the same call on any backend
+    (the CPU test of this mapping)."""
     window = (masking.window - 1, 0) if masking.window else None
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
-                                        implementation="cudnn")
+    call = functools.partial(jax.nn.dot_product_attention, is_causal=True, local_window_size=window,
+                             implementation=implementation)
+    if masking.q_segments is None:
+        return call(q, k, v)
+    segments = masking.q_segments
+    if segments.shape != masking.k_segments.shape:
+        return blockwise(q, k, v, masking)
+    lengths = jnp.sum(segments > 0, axis=1, dtype=jnp.int32)
+    one_document = (jnp.all(segments == (jnp.arange(segments.shape[1]) < lengths[:, None]))
+                    & jnp.all(segments == masking.k_segments))
+    return jax.lax.cond(one_document,
+                        lambda q, k, v: call(q, k, v, key_value_seq_lengths=jnp.maximum(lengths, 1)),
+                        lambda q, k, v: blockwise(q, k, v, masking), q, k, v)
 
 
-__all__ = ["IMPLEMENTATIONS", "Masking", "attend", "blockwise", "dense", "resolve"]
+__all__ = ["Masking", "attend", "blockwise", "dense", "resolve"]

@@ -29,12 +29,17 @@ def supported(q_BxTxNxH, k_BxSxKxH, masking) -> bool:
             and isinstance(masking.q_start, int) and masking.q_start == 0)
 
 
+def _block(t: int, s: int) -> int:
+    """The largest of 512 / 256 / 128 that divides both lengths (the kernel's blocks must tile them exactly)."""
+    return next(b for b in (512, 256, MIN_BLOCK) if t % b == 0 and s % b == 0)
+
+
 @functools.lru_cache(maxsize=32)
 def _kernel(heads: int, t: int, s: int, window: int, softcap: float, interpret: bool):
     shape = (t, s)
     head_mask = (mask_lib.LocalMask(shape, window_size=(window - 1, 0), offset=0) if window
                  else mask_lib.CausalMask(shape))
-    block = min(512, t, s)
+    block = _block(t, s)
     sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([head_mask] * heads), block_sizes=sizes,
@@ -58,7 +63,9 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, *, softcap: float = 0.0, wi
     if segments is None:
         segments = jnp.ones((b, t), jnp.int32)
     static = isinstance(masking.window, int)
-    choices = (masking.window,) if static else tuple(windows) or (0,)
+    if not static and not windows:
+        raise ValueError("splash.attend: a traced masking.window needs the static `windows` it can take")
+    choices = (masking.window,) if static else tuple(windows)
 
     def per_device(q, k, v, q_seg, k_seg, window):
         runs = [functools.partial(_run, _kernel(q.shape[1], t, s, w, float(softcap), interpret)) for w in choices]
@@ -79,13 +86,19 @@ def _run(kernel, q, k, v, q_seg, k_seg):
 
 def _sharded(fn, q, k, v, q_seg, k_seg, window):
     """`fn` per device under shard_map on the current mesh (batch over the batch axes, heads over "tensor"), or
-    directly without one."""
+    directly without one. The kernel pairs local query head n with local kv head n // (local N / local K), so where
+    the query heads are split over "tensor" and the kv heads cannot be (fewer kv heads than shards), each kv head
+    is repeated for its query heads first and both are split alike."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return fn(q, k, v, q_seg, k_seg, window)
     shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
     heads_q = sharding.logical_to_spec(("act_batch", "act_heads", None, None), q.shape, shape)
     heads_kv = sharding.logical_to_spec(("act_batch", "act_kv_heads", None, None), k.shape, shape)
+    if heads_q[1] != heads_kv[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)
+        heads_kv = heads_q
     rows = sharding.logical_to_spec(("act_batch", None), q_seg.shape, shape)
     spec = jax.sharding.PartitionSpec
     return jax.shard_map(fn, in_specs=(heads_q, heads_kv, heads_kv, rows, rows, spec()), out_specs=heads_q,

@@ -105,9 +105,9 @@ def _jax_reference(q, k, v, visible, softcap):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("window", [0, 3])
 def test_decoding_from_a_cache_matches_the_reference(impl, window):
-    """Queries at cache slots 9…11 over a 24-slot cache whose first slots are left padding (`k_valid` 0) and whose
-    slots after 11 are empty."""
-    t, s, start = 3, 24, 9
+    """Queries at cache slots 20…22 over a 32-slot cache whose first slots are left padding (`k_valid` 0) and whose
+    slots after 22 are empty; with a window the first key blocks are skipped (the band starts past block 0)."""
+    t, s, start = 3, 32, 20
     q, k, v, _ = _inputs(seed=1, t=t, s=s)
     valid = np.ones((B, s), np.int32)
     valid[0, :4], valid[:, start + t:] = 0, 0
@@ -148,7 +148,8 @@ def test_blockwise_memory_grows_linearly_not_quadratically():
 
 def test_model_windows_per_layer_and_the_cache_decoder_agree():
     """A model whose layer 1 attends in full and layer 0 in a window of 5: blockwise logits equal the dense
-    implementation's, differ from the window-free model's, and the KV-cache decoder reproduces the full forward."""
+    implementation's, differ from the window-free model's, and the KV-cache decoder (a 24-token prefill, then 8
+    single-token steps) reproduces the full forward."""
     base = helpers.tiny_model_config(vocab_size=64, max_seq_len=64)
     windowed = dataclasses.replace(base, sliding_window=5, full_attention_layers=(1,))
     assert windowed.layer_windows() == (5, 0)
@@ -169,11 +170,19 @@ def test_model_windows_per_layer_and_the_cache_decoder_agree():
         model = models.merge(graphdef, params)
         cache = model.init_cache(2, 40)
         positions = jnp.broadcast_to(jnp.arange(40), (2, 40))
-        hidden, _ = model.decode(tokens[:, :24], positions[:, :24], cache, 0, jnp.ones((2, 40), jnp.int32))
-        return hidden
+        valid = jnp.ones((2, 40), jnp.int32)
+        prefill, cache = model.decode(tokens[:, :24], positions[:, :24], cache, 0, valid)
+        steps = []
+        for index in range(24, 32):  # one token per step, as the sampler decodes
+            hidden, cache = model.decode(tokens[:, index:index + 1], positions[:, index:index + 1], cache, index,
+                                         valid)
+            steps.append(hidden)
+        return prefill, jnp.concatenate(steps, axis=1)
 
-    full = jax.jit(lambda p: models.merge(graphdef, p)(tokens))(params)
-    np.testing.assert_allclose(np.asarray(decoded(params)), np.asarray(full[:, :24]), atol=2e-5)
+    full = np.asarray(jax.jit(lambda p: models.merge(graphdef, p)(tokens))(params))
+    prefill, steps = decoded(params)
+    np.testing.assert_allclose(np.asarray(prefill), full[:, :24], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(steps), full[:, 24:32], atol=2e-5)  # past the window of 5, index > 0
 
 
 def test_bad_attention_settings_fail_with_one_sentence():
@@ -217,3 +226,40 @@ def test_splash_kernel_matches_the_reference_in_interpret_mode(window):
     np.testing.assert_allclose(np.asarray(grad_splash), np.asarray(grad_dense), atol=1e-4, rtol=1e-4)
     # shapes the kernel cannot take fall back to blockwise (here: a length that is not a multiple of 128)
     assert not splash.supported(q[:, :200], k[:, :200], masking._replace(q_segments=None, k_segments=None))
+
+
+def test_splash_tiles_lengths_that_512_does_not_divide_and_splits_grouped_heads_over_tensor():
+    """T = 640 (five 128-token blocks, not a multiple of 256 or 512), 8 query heads over 2 kv heads on a mesh with
+    tensor = 4: the kv heads cannot be split four ways, so the wrapper must pair each query head with its own kv
+    head before splitting — the output equals the dense reference computed without a mesh."""
+    from flaxalign.models import splash
+
+    b, t, n, k_heads, h = 2, 640, 8, 2, 16
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, t, k_heads, h)), jnp.float32) for _ in range(2))
+    masking = attention.Masking(window=200)
+    assert splash._block(t, t) == 128
+    expected = np.asarray(attention.dense(q, k, v, masking))
+    with jax.set_mesh(helpers.mesh((2, 1, 4))):
+        out = jax.jit(lambda q, k, v: splash.attend(q, k, v, masking, interpret=True))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="traced masking.window needs the static `windows`"):
+        jax.jit(lambda w: splash.attend(q, k, v, masking._replace(window=w), interpret=True))(jnp.int32(4))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cudnn_call_maps_right_padded_rows_to_key_lengths(packed):
+    """The arguments given to cuDNN (`attention._cudnn`), run through the same `jax.nn.dot_product_attention`
+    call with implementation="xla" so that this CPU can check them: right-padded one-document rows become key
+    lengths (outputs equal the reference at every real position), and packed rows take the blockwise branch."""
+    q, k, v, _ = _inputs(seed=4)
+    seg = np.ones((B, T), np.int32)
+    seg[0, 30:], seg[1, 12:] = 0, 0
+    if packed:
+        seg[1, 6:12] = 2
+    masking = attention.Masking(q_segments=jnp.asarray(seg), k_segments=jnp.asarray(seg), window=5)
+    out = np.asarray(jax.jit(lambda q, k, v: attention._cudnn(q, k, v, masking, implementation="xla"))(q, k, v))
+    expected = _numpy_attention(q, k, v, _visible(0, seg, seg, None, 5, T, T), 0.0)
+    real = seg > 0
+    np.testing.assert_allclose(out[real], expected[real], atol=1e-5, rtol=1e-5)
