@@ -272,6 +272,9 @@ def _config(reader, path: str, dtype: str) -> ModelConfig:
     if key("rope.dimension_count", head_dim) != head_dim:
         raise errors.ConfigError(f"GGUF file {path!r} rotates {key('rope.dimension_count')} of {head_dim} head "
                                  "dims; flaxalign rotates the whole head.")
+    if _value(reader, f"{arch}.attention.sliding_window_pattern", None) is not None:
+        raise errors.ConfigError(f"GGUF file {path!r} alternates windowed and full attention layers "
+                                 "(attention.sliding_window_pattern); flaxalign reads GGUF windows on every layer.")
     tokens = _value(reader, "tokenizer.ggml.tokens", None)
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab = len(tokens) if tokens else key("vocab_size", _shape(embedding)[0] if embedding is not None else None)

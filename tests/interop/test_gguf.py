@@ -473,6 +473,10 @@ def test_missing_unknown_and_unsupported_features(tmp_path):
     path = write_gguf(tmp_path / "b.gguf", config, params, metadata={"llama.rope.scaling.type": "linear"})
     with pytest.raises(errors.ConfigError, match="uses rope scaling"):
         gguf_io.load_gguf(path)
+    path = write_gguf(tmp_path / "e.gguf", config, params, metadata={"llama.attention.sliding_window": 4,
+                                                                     "llama.attention.sliding_window_pattern": 2})
+    with pytest.raises(errors.ConfigError, match="alternates windowed and full attention layers"):
+        gguf_io.load_gguf(path)
     path = write_gguf(tmp_path / "c.gguf", config, params, metadata={"llama.expert_count": 8})
     with pytest.raises(errors.ConfigError, match="mixture of experts"):
         gguf_io.load_gguf(path)

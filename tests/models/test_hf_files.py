@@ -1,6 +1,7 @@
 """HF model directories without torch: save_hf → load_pretrained round trips, sharded files, mesh placement,
 padding in apply_lm, and one-sentence errors."""
 
+import dataclasses
 import json
 import os
 
@@ -185,3 +186,25 @@ def test_sliding_windows_map_to_and_from_hf_configs():
         hf.hf_config_dict(listed)
     assert hf.model_config_from_hf({**base, "architectures": ["LlamaForCausalLM"], "sliding_window": 4}
                                    ).layer_windows() == (0, 0, 0, 0)  # Llama has no windows
+    # transformers' defaults and quirks: Mistral ignores layer_types (it windows every layer), a Mistral config
+    # without sliding_window gets 4096, and Qwen2's max_window_layers defaults to 28
+    ignored = hf.model_config_from_hf({**base, "architectures": ["MistralForCausalLM"], "sliding_window": 16,
+                                       "layer_types": ["full_attention"] * 4})
+    assert ignored.layer_windows() == (16, 16, 16, 16)
+    assert hf.model_config_from_hf({**base, "architectures": ["MistralForCausalLM"]}).sliding_window == 4096
+    deep = {**base, "num_hidden_layers": 30, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 8,
+            "use_sliding_window": True}
+    assert hf.model_config_from_hf(deep).layer_windows() == (0,) * 28 + (8, 8)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_configs_hf_cannot_state_are_refused_or_normalised_on_export(qkv_bias):
+    """A soft cap is refused in one line (no Llama/Mistral/Qwen2 attention has one); a window that no layer uses
+    (every layer listed in full_attention_layers) is written as no window."""
+    config = helpers.tiny_model_config(n_layers=2, qkv_bias=qkv_bias)
+    with pytest.raises(errors.ConfigError, match=r"model.attn_softcap=30.0 cannot be written as a Llama"):
+        hf.hf_config_dict(dataclasses.replace(config, attn_softcap=30.0))
+    unused = dataclasses.replace(config, sliding_window=8, full_attention_layers=(0, 1))
+    written = hf.hf_config_dict(unused)
+    assert written["architectures"] == ["Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM"]
+    assert hf.model_config_from_hf(written).layer_windows() == (0, 0)

@@ -67,9 +67,15 @@ def _build_hf(case: str):
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def converted(request):
+def case(request) -> str:
+    """The CASES key of the model under test."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def converted(case):
     """(HF model, flaxalign config, flaxalign params) for one case."""
-    model = _build_hf(request.param)
+    model = _build_hf(case)
     config = hf.model_config_from_hf(model.config.to_dict())
     state = {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
     return model, config, hf.params_from_hf_state_dict(config, state)
@@ -99,22 +105,12 @@ def flax_runs(converted):
     return model, tokens, jax.tree.map(np.asarray, logits(params))
 
 
-def request_case(model) -> str:
-    """The CASES key a built model came from (its config's own fields say which)."""
-    hf_config = model.config
-    if getattr(hf_config, "use_sliding_window", False):
-        return "qwen2_window"
-    if isinstance(model, transformers.MistralForCausalLM):
-        return "mistral_window" if hf_config.sliding_window == 8 else "mistral"
-    return ""
-
-
 def _hf_logits(model, tokens):
     with torch.no_grad():
         return model(input_ids=torch.from_numpy(np.asarray(tokens, np.int64))).logits.numpy()
 
 
-def test_config_mapping(converted):
+def test_config_mapping(case, converted):
     model, config, _ = converted
     hf_config = model.config
     assert (config.d_model, config.n_layers, config.n_heads, config.n_kv_heads, config.d_ff, config.vocab_size) == (
@@ -126,7 +122,7 @@ def test_config_mapping(converted):
     assert config.qkv_bias == isinstance(model, transformers.Qwen2ForCausalLM)
     assert config.rms_eps == hf_config.rms_norm_eps
     windows = {"mistral": (64, 64), "mistral_window": (8, 8), "qwen2_window": (0, 6)}
-    assert config.layer_windows() == windows.get(request_case(model), (0, 0))
+    assert config.layer_windows() == windows.get(case, (0, 0))
 
 
 @pytest.mark.parametrize("attention", ATTENTION)
