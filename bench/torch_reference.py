@@ -194,15 +194,3 @@ class TorchTrainer:
             self.loss = self._step()
         return (time.perf_counter() - start) / max(steps, 1)
 
-
-def torch_train_step_time(config: ModelConfig, batch_size: int, seq_len: int, steps: int, warmup: int) -> dict:
-    """Seconds per AdamW training step (`TorchTrainer`, eager) after `warmup` steps, and tokens per second."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"torch_train_step_time needs steps >= 1 and warmup >= 0, got {steps} and {warmup}.")
-    trainer = TorchTrainer(config, batch_size, seq_len)  # its first step counts as one warm-up step
-    if warmup > 1:
-        trainer.seconds_per_step(warmup - 1)
-    seconds = trainer.seconds_per_step(steps)
-    return {"seconds_per_step": seconds, "tokens_per_second": batch_size * seq_len / seconds,
-            "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
-            "threads": torch.get_num_threads(), "loss": float(trainer.loss.detach())}

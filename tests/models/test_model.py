@@ -207,10 +207,14 @@ def test_gqa_equals_multi_head_with_repeated_kv():
 
 
 def test_attention_implementations_agree():
+    """The dense reference and blockwise attention (the CPU default) give the same logits on a packed batch; an
+    old checkpoint's attention name still selects the dense one."""
     params = _random_params(FULL)
     batch = _batch(FULL)
-    dot_product = _logits_fn(dataclasses.replace(FULL, attention="dot_product"))(params, *batch)
-    np.testing.assert_allclose(dot_product, _logits_fn(FULL)(params, *batch), atol=1e-5)
+    dense = _logits_fn(dataclasses.replace(FULL, attention="xla"))(params, *batch)
+    np.testing.assert_allclose(dense, _logits_fn(dataclasses.replace(FULL, attention="blockwise"))(params, *batch),
+                               atol=1e-5)
+    assert attention.resolve("dot_product") == "xla"
 
 
 def test_packed_documents_do_not_see_each_other():
