@@ -133,12 +133,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: Any) -> "ModelConfig":
-        values = values.to_dict() if hasattr(values, "to_dict") else dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise errors.ConfigError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}.")
-        return cls(**values)
+        return cls(**errors.dataclass_fields(cls, values, "model config"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -126,12 +126,7 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, values: Any) -> "LoraConfig":
         """From a dict or an `ml_collections.ConfigDict` (e.g. `config.lora`); unknown keys are a `ConfigError`."""
-        values = values.to_dict() if hasattr(values, "to_dict") else dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise errors.ConfigError(f"unknown lora config field(s) {unknown}; known fields: {sorted(known)}.")
-        return cls(**values)
+        return cls(**errors.dataclass_fields(cls, values, "lora config"))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (lists and dicts), the inverse of `from_dict`."""

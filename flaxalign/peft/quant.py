@@ -75,12 +75,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, values: Any) -> "QuantConfig":
-        values = values.to_dict() if hasattr(values, "to_dict") else dict(values)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise errors.ConfigError(f"unknown quantization field(s) {unknown}; known fields: {sorted(known)}.")
-        return cls(**values)
+        return cls(**errors.dataclass_fields(cls, values, "quantization"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
