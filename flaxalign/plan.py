@@ -28,7 +28,7 @@ import numpy as np
 
 from flaxalign import errors, models, sharding, weights
 from flaxalign.data.batching import PREFERENCE_KEYS, SFT_KEYS
-from flaxalign.models import heads
+from flaxalign.models import attention, heads
 from flaxalign.policy import UNUSED_BY_SCALAR, ScalarModel
 from flaxalign.stages import dpo, grpo, lm, onpolicy, ppo, reward
 from flaxalign.stages.checks import check_shapes
@@ -407,8 +407,11 @@ def plan(config, topology: str, *, mfu: float = 0.4) -> dict:
     step = CompiledStep(task.train_step, mesh, state_sh)
     started = time.time()
     try:
+        with jax.set_mesh(mesh), attention.recording() as traced:
+            lowered = step.lower(state, batch)  # exactly the training loop's jit
+        report["attention"] = _attention_label(model_config.attention, traced)
         with jax.set_mesh(mesh):
-            compiled = step.lower(state, batch).compile()  # exactly the training loop's jit
+            compiled = lowered.compile()
     except Exception as e:  # running out of HBM is an answer; anything else propagates
         oom = compile_oom(e, sum(report["state"].values()))
         if oom is None:
@@ -423,6 +426,14 @@ def plan(config, topology: str, *, mfu: float = 0.4) -> dict:
     if not report["fits"]:
         report["message"] = overflow_message(report, memory["total"], config, model_config)
     return report
+
+
+def _attention_label(configured: str, traced: set[str]) -> str:
+    """The attention implementation(s) the step compiled, saying so where they differ from the configured one
+    (e.g. splash falling back to blockwise for a length its 128-token blocks do not divide)."""
+    if not traced or traced == {configured}:
+        return configured
+    return f"{' + '.join(sorted(traced))} (configured {configured}; shapes it cannot take fall back)"
 
 
 def suggestions(config, model_config, mesh_shape: dict, chips: int) -> list[str]:

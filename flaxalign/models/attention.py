@@ -22,6 +22,7 @@ Implementations (`model.attention`):
   auto       splash on TPU, cudnn on GPU, blockwise on CPU.
 """
 
+import contextlib
 import functools
 from typing import Any, NamedTuple
 
@@ -72,6 +73,21 @@ def resolve(impl: str) -> str:
     return {"tpu": "splash", "gpu": "cudnn"}.get(jax.default_backend(), "blockwise")
 
 
+_RECORDERS: list[set[str]] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects the implementations that `attend` traces inside the block (after fallbacks: "splash" where the
+    kernel takes the shapes, else "blockwise"), for `flaxalign plan` to report what it compiled."""
+    chosen: set[str] = set()
+    _RECORDERS.append(chosen)
+    try:
+        yield chosen
+    finally:
+        _RECORDERS.remove(chosen)
+
+
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking: Masking, *, impl: str = "auto", softcap: float = 0.0,
            windows: tuple[int, ...] = (), block: int | None = None):
     """softmax(mask(cap(q·kᵀ/√H)))·v `[B, T, N, H]` in q's dtype (module docstring). `windows`: the static values
@@ -79,8 +95,14 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking: Masking, *, impl: str = "au
     impl = resolve(impl)
     if impl == "splash":
         from flaxalign.models import splash  # Pallas TPU: imported only where it runs
+        impl = "splash" if splash.supported(q_BxTxNxH, k_BxSxKxH, masking) else "blockwise"
+    elif impl == "cudnn" and not _cudnn_applies(q_BxTxNxH, masking, softcap):
+        impl = "blockwise"
+    for recorder in _RECORDERS:
+        recorder.add(impl)
+    if impl == "splash":
         return splash.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap, windows=windows)
-    if impl == "cudnn" and _cudnn_applies(q_BxTxNxH, masking, softcap):
+    if impl == "cudnn":
         return _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking)
     if impl == "xla":
         return dense(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap)
@@ -328,4 +350,4 @@ def _cudnn(q, k, v, masking: Masking, *, implementation: str = "cudnn"):
                         lambda q, k, v: blockwise(q, k, v, masking), q, k, v)
 
 
-__all__ = ["Masking", "attend", "blockwise", "dense", "resolve"]
+__all__ = ["Masking", "attend", "blockwise", "dense", "recording", "resolve"]

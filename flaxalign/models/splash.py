@@ -24,7 +24,7 @@ MIN_BLOCK = 128
 
 def supported(q_BxTxNxH, k_BxSxKxH, masking) -> bool:
     """Whether the kernel can run these shapes and this masking (else the caller runs blockwise)."""
-    t, h, s = q_BxTxNxH.shape[1], q_BxTxNxH.shape[-1], k_BxSxKxH.shape[1]
+    t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
     return (t % MIN_BLOCK == 0 and s % MIN_BLOCK == 0 and masking.k_valid is None
             and isinstance(masking.q_start, int) and masking.q_start == 0)
 

@@ -224,8 +224,14 @@ def test_splash_kernel_matches_the_reference_in_interpret_mode(window):
     grad_splash = jax.grad(lambda q: jnp.sum(splash.attend(q, k, v, masking, softcap=5.0, interpret=True) ** 2))(q)
     grad_dense = jax.grad(lambda q: jnp.sum(attention.dense(q, k, v, masking, softcap=5.0) ** 2))(q)
     np.testing.assert_allclose(np.asarray(grad_splash), np.asarray(grad_dense), atol=1e-4, rtol=1e-4)
-    # shapes the kernel cannot take fall back to blockwise (here: a length that is not a multiple of 128)
-    assert not splash.supported(q[:, :200], k[:, :200], masking._replace(q_segments=None, k_segments=None))
+    # shapes the kernel cannot take fall back to blockwise (here: a length that is not a multiple of 128), and
+    # `recording` (what `flaxalign plan` reports) says which implementation was traced
+    short = q[:, :200], k[:, :200], v[:, :200]
+    assert not splash.supported(*short[:2], masking._replace(q_segments=None, k_segments=None))
+    for args, traced in ((short, {"blockwise"}), ((q, k, v), {"splash"})):
+        with attention.recording() as recorded:
+            jax.eval_shape(lambda q, k, v: attention.attend(q, k, v, attention.Masking(), impl="splash"), *args)
+        assert recorded == traced
 
 
 def test_splash_tiles_lengths_that_512_does_not_divide_and_splits_grouped_heads_over_tensor():
