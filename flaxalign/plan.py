@@ -382,8 +382,9 @@ def plan(config, topology: str, *, mfu: float = 0.4) -> dict:
     alias, temp, generated_code, total; None when the compile itself ran out of HBM), `hbm_bytes` (datasheet),
     `usable_bytes` (the compiler's limit), `fits`, `xla_flops_per_chip` (XLA's cost analysis of one chip's
     program, where a layer scan's body counts once), `flops_per_step` (flaxalign's model FLOPs, all chips),
-    `tokens_per_step`, `step_time_s` at `mfu`, `compile_s`, and when it does not fit `message`: one sentence with
-    the overflow (GiB needed vs available) and what to change."""
+    `tokens_per_step`, `step_time_s` at `mfu`, `compile_s`, `attention` (the implementation(s) the step traced,
+    `_attention_label`), and when it does not fit `message`: one sentence with the overflow (GiB needed vs
+    available) and what to change."""
     if not 0 < mfu <= 1:
         raise errors.ConfigError(f"--mfu must be in (0, 1], got {mfu}.")
     target = parse_topology(topology)
@@ -429,11 +430,14 @@ def plan(config, topology: str, *, mfu: float = 0.4) -> dict:
 
 
 def _attention_label(configured: str, traced: set[str]) -> str:
-    """The attention implementation(s) the step compiled, saying so where they differ from the configured one
+    """The attention implementation(s) the step traced, saying so where they differ from the configured one
     (e.g. splash falling back to blockwise for a length its 128-token blocks do not divide)."""
-    if not traced or traced == {configured}:
-        return configured
-    return f"{' + '.join(sorted(traced))} (configured {configured}; shapes it cannot take fall back)"
+    resolved = attention.resolve(configured)
+    if not traced:
+        return f"{resolved} (configured; not traced)"
+    if traced == {resolved}:
+        return resolved
+    return f"{' + '.join(sorted(traced))} (configured {configured})"
 
 
 def suggestions(config, model_config, mesh_shape: dict, chips: int) -> list[str]:

@@ -7,6 +7,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from flaxalign import errors, models, plan, sharding
@@ -154,6 +155,31 @@ def test_auto_attention_is_splash_on_tpu():
     """The plan compiles for a TPU from this CPU process, whose own backend would pick blockwise for "auto"."""
     assert plan._tpu_config(stage_config("sft")).model.attention == "splash"
     assert plan._tpu_config(stage_config("sft", **{"model.attention": "xla"})).model.attention == "xla"
+
+
+def test_the_report_names_the_attention_the_step_traced():
+    """What `attention.recording` collected while the step was traced, said against the configured setting; an
+    old config's name is compared as it resolves. Recorders nest: each sees the calls made while it is open."""
+    from flaxalign.models import attention
+
+    assert plan._attention_label("splash", {"splash"}) == "splash"
+    assert plan._attention_label("dot_product", {"xla"}) == "xla"
+    assert plan._attention_label("splash", {"blockwise", "splash"}) == "blockwise + splash (configured splash)"
+    assert plan._attention_label("splash", set()) == "splash (configured; not traced)"
+    q = jax.ShapeDtypeStruct((1, 8, 2, 4), np.float32)
+
+    def trace(impl):
+        jax.eval_shape(lambda q: attention.attend(q, q, q, attention.Masking(), impl=impl), q)
+
+    with attention.recording() as outer:
+        with attention.recording() as unused:  # equal to `outer` (both empty) when it closes
+            pass
+        trace("blockwise")
+        with attention.recording() as inner:
+            trace("xla")
+    assert unused == set() and inner == {"xla"} and outer == {"xla", "blockwise"}
+    trace("xla")  # after both closed, nothing records
+    assert outer == {"xla", "blockwise"}
 
 
 @pytest.mark.parametrize("stage, lora", [("clm", 0), ("sft", 8), ("reward", 0), ("dpo", 8), ("dpo", 0),

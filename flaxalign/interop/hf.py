@@ -1,4 +1,5 @@
-"""Hugging Face transformers ↔ flaxalign: config mapping and tensor-layout conversion as pure functions.
+"""Hugging Face transformers ↔ flaxalign: tensor-layout conversion as pure functions, and model directories read
+and written (the config.json mapping is `hf_config.py`, re-exported here).
 
 Supported architectures: LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (SmolLM is a Llama). The
 state-dict conversions work on in-memory arrays only: numpy in, numpy out, no torch. On top of them:

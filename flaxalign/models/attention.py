@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flaxalign import sharding
 from flaxalign.models.config import LEGACY_ATTENTION as LEGACY
 
 MASKED = -1e30  # a finite "minus infinity": a row with no visible key stays finite (its output is unused)
@@ -78,14 +79,15 @@ _RECORDERS: list[set[str]] = []
 
 @contextlib.contextmanager
 def recording():
-    """Collects the implementations that `attend` traces inside the block (after fallbacks: "splash" where the
-    kernel takes the shapes, else "blockwise"), for `flaxalign plan` to report what it compiled."""
+    """Collects the implementations that `attend` traces inside the block (after the static fallbacks: "splash"
+    where the kernel takes the shapes, else "blockwise"; "cudnn" also covers its per-batch blockwise branch for
+    packed rows), for `flaxalign plan` to report what it compiled. Blocks may nest."""
     chosen: set[str] = set()
     _RECORDERS.append(chosen)
     try:
         yield chosen
     finally:
-        _RECORDERS.remove(chosen)
+        del _RECORDERS[next(i for i, r in enumerate(_RECORDERS) if r is chosen)]
 
 
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking: Masking, *, impl: str = "auto", softcap: float = 0.0,
@@ -320,8 +322,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _cudnn_applies(q, masking: Masking, softcap: float) -> bool:
-    """cuDNN's fused attention takes causal masks, key lengths and local windows, in half precision, and no
-    segment ids, key masks, query offsets or soft cap."""
+    """cuDNN's fused attention takes causal masks, sequence lengths and one local window, in half precision, with
+    heads of ≤ 128; not key masks, query offsets (decoding), per-layer windows (a traced window) or a soft cap.
+    Segment ids are mapped to lengths where the rows allow it (`_cudnn`)."""
     return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and not softcap
             and isinstance(masking.window, int) and isinstance(masking.q_start, int) and masking.q_start == 0
             and masking.k_valid is None and q.shape[-1] <= 128)
@@ -329,12 +332,13 @@ def _cudnn_applies(q, masking: Masking, softcap: float) -> bool:
 
 def _cudnn(q, k, v, masking: Masking, *, implementation: str = "cudnn"):
     """cuDNN attention. Training rows carry segment ids; where every row holds one document followed by right
-    padding (ids 1…1 0…0: SFT and preference rows that are not packed) they become key lengths, which cuDNN takes,
-    and packed rows run blockwise (`lax.cond`: a GPU runs one branch). Queries in the padding see the row's real
-    keys instead of the padding — their outputs are never read (losses mask them, and causal attention keeps
-    later layers' real queries from seeing them). `implementation` = "xla" runs the same call on any backend
-    (the CPU test of this mapping)."""
+    padding (ids 1…1 0…0: SFT and preference rows that are not packed) they become query and key lengths, which
+    cuDNN takes, and packed rows run blockwise (`lax.cond`: a GPU runs one branch). Outputs at padding queries are
+    zero (never read: losses mask them, and causal attention keeps real queries from seeing them). Where the mesh
+    splits query heads over "tensor" but not the kv heads, the kv heads are repeated first (`align_kv_heads`).
+    `implementation` = "xla" runs the same call on any backend (the CPU test of this mapping)."""
     window = (masking.window - 1, 0) if masking.window else None
+    k, v = align_kv_heads(q, k, v)
     call = functools.partial(jax.nn.dot_product_attention, is_causal=True, local_window_size=window,
                              implementation=implementation)
     if masking.q_segments is None:
@@ -345,9 +349,29 @@ def _cudnn(q, k, v, masking: Masking, *, implementation: str = "cudnn"):
     lengths = jnp.sum(segments > 0, axis=1, dtype=jnp.int32)
     one_document = (jnp.all(segments == (jnp.arange(segments.shape[1]) < lengths[:, None]))
                     & jnp.all(segments == masking.k_segments))
-    return jax.lax.cond(one_document,
-                        lambda q, k, v: call(q, k, v, key_value_seq_lengths=jnp.maximum(lengths, 1)),
-                        lambda q, k, v: blockwise(q, k, v, masking), q, k, v)
+
+    def by_lengths(q, k, v):
+        clamped = jnp.maximum(lengths, 1)  # an all-padding row: one key, so no query row is empty
+        out = call(q, k, v, query_seq_lengths=clamped, key_value_seq_lengths=clamped)
+        return jnp.where((segments > 0)[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+    return jax.lax.cond(one_document, by_lengths, lambda q, k, v: blockwise(q, k, v, masking), q, k, v)
 
 
-__all__ = ["Masking", "attend", "blockwise", "dense", "recording", "resolve"]
+def align_kv_heads(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH):
+    """k and v with each kv head repeated for its query heads where the current mesh splits the query heads over
+    "tensor" but cannot split the K kv heads alike (fewer kv heads than shards): fused kernels pair the local
+    query and kv heads of each device, which is only right when both are split the same way."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return k_BxSxKxH, v_BxSxKxH
+    shape = sharding.mesh_shape_of(mesh)
+    heads_q = sharding.logical_to_spec(("act_heads",), q_BxTxNxH.shape[2:3], shape)
+    heads_kv = sharding.logical_to_spec(("act_kv_heads",), k_BxSxKxH.shape[2:3], shape)
+    if heads_q == heads_kv:
+        return k_BxSxKxH, v_BxSxKxH
+    groups = q_BxTxNxH.shape[2] // k_BxSxKxH.shape[2]
+    return jnp.repeat(k_BxSxKxH, groups, axis=2), jnp.repeat(v_BxSxKxH, groups, axis=2)
+
+
+__all__ = ["Masking", "align_kv_heads", "attend", "blockwise", "dense", "recording", "resolve"]

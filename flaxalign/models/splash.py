@@ -57,6 +57,7 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, *, softcap: float = 0.0, wi
         return attention.blockwise(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap)
     b, t, n, h = q_BxTxNxH.shape
     s = k_BxSxKxH.shape[1]
+    k_BxSxKxH, v_BxSxKxH = attention.align_kv_heads(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
     q = jnp.swapaxes(q_BxTxNxH * jnp.asarray(h ** -0.5, q_BxTxNxH.dtype), 1, 2)  # [B, N, T, H]
     k, v = jnp.swapaxes(k_BxSxKxH, 1, 2), jnp.swapaxes(v_BxSxKxH, 1, 2)
     segments = masking.q_segments
@@ -85,22 +86,15 @@ def _run(kernel, q, k, v, q_seg, k_seg):
 
 
 def _sharded(fn, q, k, v, q_seg, k_seg, window):
-    """`fn` per device under shard_map on the current mesh (batch over the batch axes, heads over "tensor"), or
-    directly without one. The kernel pairs local query head n with local kv head n // (local N / local K), so where
-    the query heads are split over "tensor" and the kv heads cannot be (fewer kv heads than shards), each kv head
-    is repeated for its query heads first and both are split alike."""
+    """`fn` per device under shard_map on the current mesh (batch over the batch axes, heads over "tensor", the kv
+    heads already split like the query heads: `attention.align_kv_heads`), or directly without one."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return fn(q, k, v, q_seg, k_seg, window)
-    shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    shape = sharding.mesh_shape_of(mesh)
     heads_q = sharding.logical_to_spec(("act_batch", "act_heads", None, None), q.shape, shape)
     heads_kv = sharding.logical_to_spec(("act_batch", "act_kv_heads", None, None), k.shape, shape)
-    if heads_q[1] != heads_kv[1]:
-        groups = q.shape[1] // k.shape[1]
-        k, v = jnp.repeat(k, groups, axis=1), jnp.repeat(v, groups, axis=1)
-        heads_kv = heads_q
     rows = sharding.logical_to_spec(("act_batch", None), q_seg.shape, shape)
     spec = jax.sharding.PartitionSpec
     return jax.shard_map(fn, in_specs=(heads_q, heads_kv, heads_kv, rows, rows, spec()), out_specs=heads_q,
                          check_vma=False)(q, k, v, q_seg, k_seg, window)
-

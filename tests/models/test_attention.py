@@ -173,9 +173,9 @@ def test_model_windows_per_layer_and_the_cache_decoder_agree():
         valid = jnp.ones((2, 40), jnp.int32)
         prefill, cache = model.decode(tokens[:, :24], positions[:, :24], cache, 0, valid)
         steps = []
-        for index in range(24, 32):  # one token per step, as the sampler decodes
-            hidden, cache = model.decode(tokens[:, index:index + 1], positions[:, index:index + 1], cache, index,
-                                         valid)
+        for index in range(24, 32):  # one token per step
+            hidden, cache = model.decode(tokens[:, index:index + 1], positions[:, index:index + 1], cache,
+                                         jnp.int32(index), valid)  # an array index, as in the sampler
             steps.append(hidden)
         return prefill, jnp.concatenate(steps, axis=1)
 
@@ -255,17 +255,27 @@ def test_splash_tiles_lengths_that_512_does_not_divide_and_splits_grouped_heads_
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_cudnn_call_maps_right_padded_rows_to_key_lengths(packed):
+def test_cudnn_call_maps_right_padded_rows_to_lengths(packed):
     """The arguments given to cuDNN (`attention._cudnn`), run through the same `jax.nn.dot_product_attention`
-    call with implementation="xla" so that this CPU can check them: right-padded one-document rows become key
-    lengths (outputs equal the reference at every real position), and packed rows take the blockwise branch."""
+    call with implementation="xla" so that this CPU can check them: right-padded one-document rows become query and
+    key lengths (outputs equal the reference at every real position and are zero at padding, where blockwise
+    attention gives non-zero values), packed rows take the blockwise branch (equal to it everywhere). On a mesh
+    whose tensor axis (4) splits the 4 query heads but not the 2 kv heads, the result is the same."""
     q, k, v, _ = _inputs(seed=4)
     seg = np.ones((B, T), np.int32)
     seg[0, 30:], seg[1, 12:] = 0, 0
     if packed:
         seg[1, 6:12] = 2
     masking = attention.Masking(q_segments=jnp.asarray(seg), k_segments=jnp.asarray(seg), window=5)
-    out = np.asarray(jax.jit(lambda q, k, v: attention._cudnn(q, k, v, masking, implementation="xla"))(q, k, v))
-    expected = _numpy_attention(q, k, v, _visible(0, seg, seg, None, 5, T, T), 0.0)
+    run = jax.jit(lambda q, k, v: attention._cudnn(q, k, v, masking, implementation="xla"))
+    out = np.asarray(run(q, k, v))
+    blockwise = np.asarray(attention.blockwise(q, k, v, masking))
     real = seg > 0
-    np.testing.assert_allclose(out[real], expected[real], atol=1e-5, rtol=1e-5)
+    if packed:
+        np.testing.assert_allclose(out, blockwise, atol=1e-6)
+    else:
+        expected = _numpy_attention(q, k, v, _visible(0, seg, seg, None, 5, T, T), 0.0)
+        np.testing.assert_allclose(out[real], expected[real], atol=1e-5, rtol=1e-5)
+        assert not out[~real].any() and np.abs(blockwise[~real]).max() > 0.1
+    with jax.set_mesh(helpers.mesh((2, 1, 4))):
+        np.testing.assert_allclose(np.asarray(run(q, k, v)), out, atol=1e-6)
