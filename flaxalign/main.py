@@ -160,9 +160,11 @@ def setup_logging():
 def setup_jax():
     """Device emulation and multi-process set-up; must run before JAX touches a backend."""
     import jax
+
+    from flaxalign import sharding
+    sharding.skip_absent_tpu()
     if FLAGS.cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
-    from flaxalign import sharding
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 

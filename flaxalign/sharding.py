@@ -7,9 +7,12 @@ is replicated, with a notice logged once. Batch dimensions are strict: they must
 """
 
 import glob
+import importlib.metadata
+import importlib.util
 import logging
 import math
 import os
+import pkgutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -179,6 +182,31 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
                                    process_id=process_id)
     elif _on_tpu_vm():
         jax.distributed.initialize()
+
+
+def skip_absent_tpu() -> bool:
+    """Where libtpu is installed (the `[tpu]` extra, for `flaxalign plan`) but this host has no TPU chips, no
+    platform was chosen and no other accelerator plugin is installed, selects the CPU before JAX initialises a
+    backend: JAX would otherwise probe for TPUs at start-up and print libtpu's errors before falling back to the
+    CPU. Returns whether it did."""
+    import jax
+    if jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS"):
+        return False
+    if importlib.util.find_spec("libtpu") is None or _on_tpu_vm() or _accelerator_plugins():
+        return False
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
+def _accelerator_plugins() -> bool:
+    """Whether a PJRT plugin (GPU: jax-cuda12-plugin and the like) is installed; JAX then picks the platform."""
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return True
+    try:
+        import jax_plugins
+    except ImportError:
+        return False
+    return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
 
 
 def _on_tpu_vm() -> bool:

@@ -23,7 +23,7 @@ POLL_SECONDS = 0.2
 
 
 def env(**extra) -> dict:
-    out = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
+    out = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **extra}
     out.pop("XLA_FLAGS", None)
     return out
 

@@ -370,3 +370,17 @@ def test_not_fitting_report_from_the_api():
     assert not result["fits"] and result["memory"] is None and "does not fit on v5e:2x4" in result["message"]
     with pytest.raises(errors.ConfigError, match="does not fit"):
         plan.require_fit(result)
+
+
+@tpu
+def test_cpu_commands_do_not_probe_for_tpus_when_libtpu_is_installed(tmp_path):
+    """With the `[tpu]` extra installed on a machine without TPU chips and no JAX_PLATFORMS set, a training run
+    selects the CPU before JAX starts: libtpu's probing errors (TPU_WORKER_HOSTNAMES, host bounds) never print."""
+    pytest.importorskip("libtpu")
+    rc, out, err = cli.run(["--config=configs/clm.py:tiny", f"--workdir={tmp_path}", "--config.steps=1",
+                            "--config.eval_every=0", "--config.checkpoint_every=0"], cpu_devices=1,
+                           JAX_PLATFORMS="")
+    assert rc == 0, err[-2000:]
+    assert "finished at step 1" in out + err
+    for noise in ("TPU_WORKER_HOSTNAMES", "libtpu", "Failed to find host bounds"):
+        assert noise not in err, noise
