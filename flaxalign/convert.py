@@ -26,10 +26,17 @@ FORMATS = ("hf", "peft", "checkpoint")
 TOKENIZER_DIR = "tokenizer"  # inside a converted checkpoint's run directory
 
 
-def convert(spec: str, destination: str, fmt: str) -> str:
-    """Converts `spec` into `destination` in format `fmt`; returns a one-line description of what was written."""
+def convert(spec: str, destination: str, fmt: str, *, overwrite: bool = False) -> str:
+    """Converts `spec` into `destination` in format `fmt`; returns a one-line description of what was written. A
+    destination that already holds files is refused unless `overwrite` (files of the same names are then
+    replaced, others left), so an export never lands silently on top of another."""
     if fmt not in FORMATS:
         raise errors.ConfigError(f"--format={fmt!r} is not one of {list(FORMATS)}.")
+    if os.path.exists(destination) and not os.path.isdir(destination):
+        raise errors.ConfigError(f"--to={destination} is a file; convert writes a directory.")
+    if os.path.isdir(destination) and os.listdir(destination) and not overwrite:
+        raise errors.ConfigError(f"--to={destination} is not empty; choose a new directory or pass --overwrite to "
+                                 "write into it.")
     source = weights.source_of(spec)
     meta = weights.metadata(source)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])

@@ -52,7 +52,8 @@ flags.DEFINE_integer("refine_rounds", 0, "generate: self-refine rounds (feedback
                      "2023); 0 = answer once.")
 flags.DEFINE_integer("seeds", 0, "pipeline: PPO and DPO runs per method (0 = the config's `seeds`).")
 flags.DEFINE_string("from", None, "convert: a run directory, hf:DIR (or a directory with config.json) or gguf:FILE.")
-flags.DEFINE_string("to", None, "convert: the output directory.")
+flags.DEFINE_string("to", None, "convert: the output directory (new or empty).")
+flags.DEFINE_bool("overwrite", False, "convert: write into a --to directory that already holds files.")
 flags.DEFINE_string("topology", None, "plan: the TPU slice to compile for, e.g. v5e:2x4, v6e:4x4, v4:2x2x1, "
                     "v5p:4x4x4 (needs the libtpu package; no TPU needed).")
 flags.DEFINE_float("mfu", 0.4, "plan: the model FLOPs utilisation the predicted step time assumes.")
@@ -335,7 +336,7 @@ def convert_command() -> None:
                 "--format=hf.")
     with user_errors():
         from flaxalign.convert import convert
-        print(f"flaxalign: {convert(FLAGS['from'].value, FLAGS.to, FLAGS.format)}.")
+        print(f"flaxalign: {convert(FLAGS['from'].value, FLAGS.to, FLAGS.format, overwrite=FLAGS.overwrite)}.")
 
 
 def plan_command() -> None:

@@ -96,6 +96,13 @@ def test_sequence_classification_directory_converts_to_hf_again(tmp_path):
     loaded = interop.load_pretrained(exported)
     assert loaded.head is not None
     np.testing.assert_allclose(np.asarray(loaded.head["kernel"]), np.asarray(head["kernel"]), atol=0, rtol=0)
+    # a destination that holds files is refused in one line unless overwrite is asked for
+    with pytest.raises(errors.ConfigError, match=r"--to=.*rm_again is not empty; choose a new directory or pass "
+                                                 r"--overwrite"):
+        convert(str(tmp_path / "rm"), exported, "hf")
+    assert "wrote a *ForSequenceClassification" in convert(str(tmp_path / "rm"), exported, "hf", overwrite=True)
+    with pytest.raises(errors.ConfigError, match="is a file"):
+        convert(str(tmp_path / "rm"), os.path.join(exported, "config.json"), "hf")
 
 
 @pytest.mark.slow  # the demo's SFT run
