@@ -123,13 +123,15 @@ def generate_recompute(model, prompts: dict, rng, *, max_new_tokens: int, eos_id
     return _outputs(prompts, tokens[:, prompt_len:], logps, done, eos_id)
 
 
-def respond(workdir: str, prompts: list[str], *, chat_template: str = "", max_new_tokens: int = 128,
-            temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+def respond(workdir: str, prompts: list[str], *, chat_template: str = "", system: str = "",
+            max_new_tokens: int = 128, temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0,
+            seed: int = 0) -> list[str]:
     """The responses of the policy a run trained (its latest checkpoint in `workdir`; or `hf:DIR` / `gguf:FILE`
     pretrained weights) to text prompts, decoded: `model_completer(...)(prompts)` in one batch.
     `chat_template` "" feeds the prompt text as is (after BOS), else wraps it as a user message of that template
-    with the generation prompt — use the template the model was fine-tuned with."""
-    complete = model_completer(workdir, chat_template=chat_template, max_new_tokens=max_new_tokens,
+    with the generation prompt (after a `system` message when given) — use the template the model was fine-tuned
+    with."""
+    complete = model_completer(workdir, chat_template=chat_template, system=system, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                batch_size=max(len(prompts), 1))
     return complete(prompts)
@@ -156,6 +158,7 @@ class ModelCompleter:
     max_new_tokens: int
     batch_size: int
     seed: int
+    system: str = ""  # a system message before each prompt's user turn (chat templates only)
     calls: int = 0
     truncated: int = 0
     _batches: int = 0
@@ -165,7 +168,8 @@ class ModelCompleter:
         return self.model_config.max_seq_len - self.max_new_tokens
 
     def encode(self, prompt: str) -> list[int]:
-        """The prompt's ids: the chat template's user turn + generation prompt, or the raw text after BOS."""
+        """The prompt's ids: the chat template's (system turn +) user turn + generation prompt, or the raw text
+        after BOS."""
         from flaxalign.data.chat import render_chat
 
         tokenizer = self.tokenizer
@@ -173,8 +177,9 @@ class ModelCompleter:
         if not self.chat_template:
             return bos + tokenizer.encode(prompt)
         lead = bos if self.chat_template == "plain" else []
-        return lead + render_chat([{"role": "user", "content": prompt}], tokenizer, self.chat_template,
-                                  add_generation_prompt=True).ids
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        messages.append({"role": "user", "content": prompt})
+        return lead + render_chat(messages, tokenizer, self.chat_template, add_generation_prompt=True).ids
 
     def __call__(self, prompts: list[str]) -> list[str]:
         import jax
@@ -208,7 +213,7 @@ def prompt_bucket(length: int, cap: int) -> int:
     return min(cap, max(16, 1 << (max(length, 1) - 1).bit_length()))
 
 
-def model_completer(checkpoint: str, *, chat_template: str = "", max_new_tokens: int = 128,
+def model_completer(checkpoint: str, *, chat_template: str = "", system: str = "", max_new_tokens: int = 128,
                     temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                     batch_size: int = 8) -> ModelCompleter:
     """A text model from the policy of a run directory (latest checkpoint), `checkpoint:DIR`, `hf:DIR` or
@@ -222,6 +227,8 @@ def model_completer(checkpoint: str, *, chat_template: str = "", max_new_tokens:
 
     if chat_template and chat_template not in TEMPLATES:
         raise errors.ConfigError(f"chat_template {chat_template!r} is not one of {list(TEMPLATES)}.")
+    if system and not chat_template:
+        raise errors.ConfigError("a system message needs a chat template to place it (e.g. --chat_template=chatml).")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or batch_size < 1:
         raise errors.ConfigError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1 and "
                                  "batch_size >= 1.")
@@ -242,4 +249,4 @@ def model_completer(checkpoint: str, *, chat_template: str = "", max_new_tokens:
     sample = jax.jit(lambda params, batch, rng: generate(models.merge(graphdef, params), batch, rng, **settings))
     return ModelCompleter(tokenizer=tokenizer, model_config=model_config, params=params, mesh=mesh, sample=sample,
                           chat_template=chat_template, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          seed=seed)
+                          seed=seed, system=system)

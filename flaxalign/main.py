@@ -29,6 +29,24 @@ from flaxalign import errors
 from flaxalign.train import preemption, workdir_lock
 
 COMMANDS = ("train", "generate", "convert", "constitutional", "pipeline", "eval", "plan")
+# What each command does and the flags it reads, for `flaxalign COMMAND --help`.
+COMMAND_HELP = {
+    "train": ("train one stage (CLM, SFT, reward, DPO, PPO, GRPO, …) from a config file; resumes from --workdir",
+              ("config", "workdir", "cpu_devices", "coordinator_address", "num_processes", "process_id")),
+    "generate": ("sample responses to prompts from a run, hf:DIR or gguf:FILE",
+                 ("checkpoint", "prompt", "chat_template", "system", "max_new_tokens", "temperature", "top_k",
+                  "top_p", "seed", "refine_rounds", "cpu_devices")),
+    "convert": ("export a run (HF, PEFT) or import pretrained weights as a run", ("from", "to", "format", "overwrite",
+                                                                                  "cpu_devices")),
+    "eval": ("evaluate a run's policy (win rate, KL, perplexity, …) into eval.json",
+             ("config", "checkpoint", "workdir", "cpu_devices")),
+    "pipeline": ("run the whole adaptation pipeline (CLM → SFT → reward → PPO/DPO → eval → report)",
+                 ("config", "workdir", "seeds")),
+    "constitutional": ("constitutional AI: critique-and-revise SFT data and AI preference pairs",
+                       ("config", "workdir", "cpu_devices")),
+    "plan": ("compile a stage's train step for a TPU topology and report per-chip memory and step time",
+             ("config", "topology", "mfu")),
+}
 
 config_flags.DEFINE_config_file("config", None, "Stage config file and preset, e.g. configs/clm.py:tiny.",
                                 lock_config=True)
@@ -47,6 +65,7 @@ flags.DEFINE_integer("top_k", 0, "generate: sample from the k most likely tokens
 flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass (1 = off).")
 flags.DEFINE_string("chat_template", "", "generate: wrap each prompt as a user message of this template "
                     "(plain, chatml, llama3); empty = the raw prompt text.")
+flags.DEFINE_string("system", "", "generate: a system message before each prompt (needs --chat_template).")
 flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 flags.DEFINE_integer("refine_rounds", 0, "generate: self-refine rounds (feedback → refined answer, Madaan et al. "
                      "2023); 0 = answer once.")
@@ -72,7 +91,11 @@ def fail(message: str) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with one-line errors (exit 2) instead of a usage dump."""
+    """absl flag parsing with one-line errors (exit 2) instead of a usage dump; `--help` prints the help of the
+    command given (or the list of commands) and exits 0."""
+    if any(arg in ("--help", "-h", "--helpshort", "-?") for arg in argv[1:]):
+        print(command_help(next((a for a in argv[1:] if a in COMMANDS), None)))
+        sys.exit(0)
     for arg in argv[1:]:
         if arg.startswith("--config=") and not os.path.isfile(arg[len("--config="):].split(":")[0]):
             fail(f"config file {arg[len('--config='):].split(':')[0]!r} does not exist (e.g. configs/clm.py:tiny).")
@@ -89,6 +112,24 @@ def parse_flags(argv: list[str]) -> list[str]:
         if isinstance(e, (AttributeError, KeyError)):  # ml_collections: --config.<field> names no field
             fail(_unknown_field_message(str(e)))
         raise
+
+
+def command_help(command: str | None) -> str:
+    """`flaxalign --help` (the commands) or `flaxalign COMMAND --help` (its own flags, one line each)."""
+    if command is None:
+        lines = ["usage: flaxalign COMMAND [flags]   (flaxalign COMMAND --help lists its flags)", "", "commands:"]
+        lines += [f"  {name:<15} {text}" for name, (text, _) in COMMAND_HELP.items()]
+        return "\n".join(lines)
+    text, names = COMMAND_HELP[command]
+    lines = [f"usage: flaxalign {command} [flags]", f"  {text}", "", "flags:"]
+    for name in names:
+        flag = FLAGS[name]
+        described = re.sub(r"^(?:[a-z]+, )*[a-z]+: ", "", flag.help.split(";\n")[0])  # "generate: …" prefixes
+        default = "" if flag.default in (None, "", []) else f" (default: {flag.default})"
+        lines.append(f"  --{name:<20} {described}{default}")
+    if "config" in names:
+        lines.append("  --config.FIELD=VALUE   overrides one field of the config file, e.g. --config.steps=100")
+    return "\n".join(lines)
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -298,7 +339,7 @@ def generate_command() -> None:
             raise errors.ConfigError(f"--chat_template={FLAGS.chat_template!r} is not one of {list(TEMPLATES)}.")
         if FLAGS.refine_rounds:
             return refine_and_print()
-        responses = respond(FLAGS.checkpoint, FLAGS.prompt, chat_template=FLAGS.chat_template,
+        responses = respond(FLAGS.checkpoint, FLAGS.prompt, chat_template=FLAGS.chat_template, system=FLAGS.system,
                             max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                             top_p=FLAGS.top_p, seed=FLAGS.seed)
     for prompt, response in zip(FLAGS.prompt, responses):
@@ -311,7 +352,7 @@ def refine_and_print() -> None:
     from flaxalign.constitutional import self_refine
     from flaxalign.generate import model_completer
 
-    complete = model_completer(FLAGS.checkpoint, chat_template=FLAGS.chat_template,
+    complete = model_completer(FLAGS.checkpoint, chat_template=FLAGS.chat_template, system=FLAGS.system,
                                max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                top_p=FLAGS.top_p, seed=FLAGS.seed, batch_size=len(FLAGS.prompt))
     answers, trace = self_refine(FLAGS.prompt, complete, FLAGS.refine_rounds)

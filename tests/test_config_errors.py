@@ -426,6 +426,29 @@ def test_unknown_command_is_one_line_exit_2(capsys):
         "got ['trian'].")
 
 
+def test_help_lists_the_commands_and_each_commands_own_flags(capsys):
+    """`flaxalign --help` lists the commands; `flaxalign COMMAND --help` that command's flags, one line each, and
+    no other command's; every flag of the CLI belongs to some command (a new flag must be placed), exit 0."""
+    defined = {flag.name for flag in main.FLAGS.flags_by_module_dict()[main.__name__]}
+    assert set().union(*(names for _, names in main.COMMAND_HELP.values())) == defined
+    assert set(main.COMMAND_HELP) == set(main.COMMANDS)
+
+    def help_text(*argv):
+        with pytest.raises(SystemExit) as e:
+            main.parse_flags(["flaxalign", *argv])
+        assert e.value.code == 0
+        return capsys.readouterr().out
+
+    listing = help_text("--help")
+    assert all(f"  {command} " in listing for command in main.COMMANDS)
+    generate = help_text("generate", "--help")
+    assert "--system" in generate and "--temperature" in generate and "(default: 0.7)" in generate
+    assert "--topology" not in generate and "--overwrite" not in generate and "generate:" not in generate
+    assert len([line for line in generate.splitlines() if line.startswith("  --")]) == len(
+        main.COMMAND_HELP["generate"][1])
+    assert "--config.FIELD=VALUE" in help_text("-h", "train")
+
+
 SUBPROCESS_CASES = {  # the real entry point: one before JAX starts, one from inside a stage after JAX logged
     "gs:// workdir": (["--config=configs/clm.py:tiny", "--workdir=gs://bucket/run"], COMMAND_CASES["gs:// workdir"][1]),
     "PPO without a reward model": (["--config=configs/ppo.py:tiny", "--workdir={tmp}/run"],

@@ -215,3 +215,17 @@ def test_templates_need_their_tokens(tmp_path):
     with pytest.raises(DataError, match=r"has no '<\|im_start\|>' token, which chat template 'chatml' needs"):
         render_chat(CONVERSATION, plain_sp, "chatml")
     assert render_chat(CONVERSATION, plain_sp, "plain").ids.count(plain_sp.eos_id) == 2
+
+
+@pytest.mark.parametrize("system", ["", "You are a helpful assistant."])
+def test_generate_prompts_place_an_optional_system_turn(tokenizers_by_name, system):
+    """`flaxalign generate --system=… --chat_template=chatml`: the prompt ids are the system turn (when given), the
+    user turn and the generation prompt, as the template's reference text writes them."""
+    from flaxalign.generate import ModelCompleter
+
+    tokenizer = tokenizers_by_name["hf_llama3"]
+    completer = ModelCompleter(tokenizer=tokenizer, model_config=None, params=None, mesh=None, sample=None,
+                               chat_template="chatml", max_new_tokens=1, batch_size=1, seed=0, system=system)
+    expected = CHATML_REFERENCE.split("<|im_start|>user")[0] if system else ""
+    expected += "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n" + GENERATION_PROMPTS["chatml"]
+    assert tokenizer.decode(completer.encode("What is the capital of France?")) == expected
