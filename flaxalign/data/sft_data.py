@@ -54,4 +54,20 @@ def build_sft_datasets(data_cfg, tokenizer, *, log=print) -> SftData:
         stats[f"{name}_rows"] = len(splits[name]["inputs"])
         stats[f"{name}_loss_tokens"] = int(np.sum(splits[name]["loss_mask"]))
     log("data: " + ", ".join(f"{key}={value}" for key, value in stats.items()))
+    log(describe_split(stats, len(train_records), len(eval_records), int(data_cfg.seq_len),
+                       held_out=not data_cfg.eval, batch_size=int(getattr(data_cfg, "batch_size", 0) or 0)))
     return SftData(train=splits["train"], eval=splits["eval"], stats=stats)
+
+
+def describe_split(stats: dict, train_examples: int, eval_examples: int, seq_len: int, *, held_out: bool,
+                   batch_size: int) -> str:
+    """One readable line on how the records became rows (examples packed several to a row, truncated, dropped,
+    the eval split), with a warning when the eval split fills less than one batch."""
+    line = (f"data: {train_examples} train examples packed into {stats['train_rows']} rows of {seq_len} tokens "
+            f"({stats['train_truncated']} truncated, {stats['train_dropped']} dropped); {eval_examples} eval "
+            f"examples ({'held out from data.train by data.eval_fraction' if held_out else 'data.eval'}) in "
+            f"{stats['eval_rows']} rows")
+    if batch_size and stats["eval_rows"] < batch_size:
+        line += (f"\nwarning: the eval split fills {stats['eval_rows']} of the {batch_size} rows of one batch, so "
+                 "eval losses rest on very few examples; give data.eval or a larger data.eval_fraction")
+    return line

@@ -91,6 +91,22 @@ def initial_state(task: Task, seed: int, mesh: Mesh, checkpointer: Checkpointer)
     return state, shardings, None
 
 
+def describe_state(state: TrainState) -> str:
+    """Trained and frozen parameter counts and bytes (a quantized base counts its stored codes and scales) and the
+    optimizer state's bytes, all devices together."""
+
+    def size(tree) -> tuple[int, int]:
+        leaves = jax.tree.leaves(tree)
+        return sum(x.size for x in leaves), sum(x.size * x.dtype.itemsize for x in leaves)
+
+    (trained, trained_bytes), (frozen, frozen_bytes) = size(state.params), size(state.frozen)
+    optimizer_bytes = size(state.opt_state)[1]
+    share = 100 * trained / max(trained + frozen, 1)
+    return (f"Parameters: {trained:,} trained ({trained_bytes / 2**20:,.2f} MiB, {share:.3g}% of the values held), "
+            f"{frozen:,} frozen values ({frozen_bytes / 2**20:,.2f} MiB); optimizer state "
+            f"{optimizer_bytes / 2**20:,.2f} MiB")
+
+
 class _NonfiniteStreak:
     """Counts consecutive steps whose every update was skipped for a non-finite loss or gradient norm (the step's
     `nonfinite` metric is 1). The flag is read one step late — after the next step is dispatched — so the host never
@@ -149,7 +165,10 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
     """Runs `cfg.steps` steps of `task` (resuming from `workdir/checkpoints` if there is a checkpoint)."""
     is_main = jax.process_index() == 0
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
+    loading = time.time()
     state, shardings, restored = initial_state(task, cfg.seed, mesh, checkpointer)
+    logging.info("%s; weights %s in %.1fs.", describe_state(state),
+                 "restored" if restored is not None else "initialised or loaded", time.time() - loading)
     start = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start if restored is not None else None)
     if restored is not None:

@@ -168,3 +168,29 @@ def test_adapter_sft_trains_only_the_adapters(tmp_path):
     assert losses[-1] < losses[0]
     for after, before in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(base)):
         np.testing.assert_array_equal(np.asarray(after), before)
+
+
+def test_the_data_line_says_rows_are_packed_and_warns_of_a_tiny_eval_split(tokenizer, tmp_path):
+    """16 records with the default 5 % held out: 15 train examples packed several to a row, one eval example —
+    fewer rows than a batch, which the log says in a warning line."""
+    import json
+    import types
+
+    from flaxalign.data.sft_data import build_sft_datasets
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "completion": f" It is {2 * i}."}) + "\n"
+                            for i in range(16)))
+    data_cfg = types.SimpleNamespace(train=str(path), eval="", eval_fraction=0.05, chat_template="plain", seq_len=64,
+                                     overlong="truncate_prompt_left", max_examples=0, batch_size=8)
+    lines = []
+    data = build_sft_datasets(data_cfg, tokenizer, log=lines.append)
+    rows = data.stats["train_rows"]
+    assert 1 < rows < 15  # several examples per row
+    summary = lines[-1].splitlines()
+    assert summary[0] == (f"data: 15 train examples packed into {rows} rows of 64 tokens (0 truncated, 0 dropped); "
+                          "1 eval examples (held out from data.train by data.eval_fraction) in 1 rows")
+    assert summary[1].startswith("warning: the eval split fills 1 of the 8 rows of one batch")
+    data_cfg.batch_size = 1
+    build_sft_datasets(data_cfg, tokenizer, log=lines.append)
+    assert "warning" not in lines[-1]

@@ -96,3 +96,20 @@ def test_consecutive_nonfinite_steps_stop_the_run_and_keep_the_finite_checkpoint
     rows = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 4, 8]
     assert rows[1]["nonfinite"] == 0.0 and rows[2]["nonfinite"] == 1.0
+
+
+def test_start_up_line_counts_trained_and_frozen_parameters():
+    """The log line a run starts with: LoRA-like trained leaves, a frozen float32 and a frozen uint8 (quantized)
+    leaf, and AdamW's two moments of the trained leaves."""
+    import jax.numpy as jnp
+    import optax
+
+    from flaxalign.train.loop import describe_state
+    from flaxalign.train.state import create_state
+
+    params = {"a": jnp.zeros((4, 8)), "b": jnp.zeros((8, 4))}  # 64 values, 256 bytes
+    frozen = {"w": jnp.zeros((256, 256)), "codes": jnp.zeros((1024,), jnp.uint8)}  # 66,560 values, 263,168 bytes
+    state = create_state(params, optax.adamw(1e-3), 0, frozen)
+    assert describe_state(state) == (
+        "Parameters: 64 trained (0.00 MiB, 0.0961% of the values held), 66,560 frozen values (0.25 MiB); "
+        "optimizer state 0.00 MiB")
