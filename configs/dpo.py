@@ -21,7 +21,7 @@ from flaxalign import config_blocks
 PRESETS = {
     "tiny": dict(steps=120, lr=2e-4, warmup_steps=10, seq_len=64, batch_size=16),
     "smollm2_135m": dict(steps=30, lr=5e-5, warmup_steps=3, seq_len=64, batch_size=8, lora_rank=8, eval_every=10,
-                         eval_batches=4, eval_kl_prompts=8, init_from=f"gguf:{config_blocks.SMOLLM2_GGUF}"),
+                         eval_batches=4, eval_kl_prompts=8, init_from=f"gguf:{config_blocks.smollm2_gguf()}"),
     # Llama-3-8B(-Instruct) DPO with LoRA on a TPU pod slice: params, LoRA and optimizer state sharded over every chip
     # (FSDP), activations recomputed in the backward pass, each step's 64 pairs as 4 micro-batches (on v5e:2x4, 16
     # rows of 1024 tokens per chip at once would take 96 % of HBM in activations; 4 take 57 %); weights from

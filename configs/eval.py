@@ -1,4 +1,5 @@
-"""Evaluation of a trained policy: `flaxalign eval`. Presets: `tiny` (the demo's tiny models on built-in data).
+"""Evaluation of a trained policy: `flaxalign eval`. Presets: `tiny` (the demo's tiny models on built-in data),
+`smollm2_135m` (SmolLM2-135M-Instruct runs: chatml prompts, longer windows).
 
     flaxalign eval --config=configs/eval.py:tiny --checkpoint=runs/dpo \
         --config.reference=checkpoint:runs/sft --config.reward_from=checkpoint:runs/reward
@@ -25,6 +26,12 @@ PRESETS = {
                  max_new_tokens=16, batch_size=16, text_files="builtin:stdlib", perplexity_window=128,
                  perplexity_max_tokens=4096, mc_file="builtin:arithmetic_mc?n=32&max=9&seed=1",
                  mc_template="{question}", mc_choice_prefix=""),
+    # SmolLM2-135M-Instruct runs (configs/sft.py:smollm2_135m and its DPO): chat-formatted arithmetic questions,
+    # perplexity on the stdlib docs in 512-token windows, multiple choice in the lm-eval-harness format.
+    "smollm2_135m": dict(prompts="builtin:arithmetic_prompts?max=9&seed=1", num_prompts=32, max_prompt_len=64,
+                         max_new_tokens=32, batch_size=8, text_files="builtin:stdlib", perplexity_window=512,
+                         perplexity_max_tokens=8192, mc_file="builtin:arithmetic_mc?n=32&max=9&seed=1",
+                         mc_template="Question: {question}\nAnswer:", mc_choice_prefix=" ", chat_template="chatml"),
 }
 
 
@@ -37,7 +44,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # Sampled responses: prompt records {"prompt", "answer"?} (JSONL, tfds:NAME, builtin:...); "" = no sampling.
     c.prompts = p["prompts"]
     c.num_prompts = p["num_prompts"]  # the first N records; 0 = all
-    c.chat_template = "plain"  # for message-list prompts: plain | chatml | llama3
+    c.chat_template = p.get("chat_template", "plain")  # for message-list prompts: plain | chatml | llama3
     c.max_prompt_len = p["max_prompt_len"]  # longer prompts are cut on the left
     c.max_new_tokens = p["max_new_tokens"]
     c.temperature = 0.7  # 0 = greedy

@@ -17,7 +17,7 @@ from flaxalign import config_blocks
 PRESETS = {
     "tiny": dict(steps=400, lr=3e-3, warmup_steps=10, seq_len=128, batch_size=16),
     "smollm2_135m": dict(steps=30, lr=3e-4, warmup_steps=3, seq_len=128, batch_size=8, lora_rank=8, eval_every=10,
-                         eval_batches=4, init_from=f"gguf:{config_blocks.SMOLLM2_GGUF}", chat_template="chatml"),
+                         eval_batches=4, init_from=f"gguf:{config_blocks.smollm2_gguf()}", chat_template="chatml"),
     # QLoRA (Dettmers et al. 2023) of Llama-3-8B on a single 16 GiB chip: the NF4 base (double-quantized scales)
     # holds 4.1 bits per weight, 8 sequences of 2048 tokens per step as 8 micro-batches of 1, activations
     # recomputed in the backward pass; weights from init_from=hf:DIR (quantized as they load).

@@ -2,15 +2,26 @@
 mesh or prompt-data field is defined once for all stages."""
 
 import dataclasses
+import os
 
 import ml_collections
 
 from flaxalign import errors
 from flaxalign.models.config import ADAPTER_FIELDS, ModelConfig, preset
 
-# Where launch/fetch_smollm2.sh puts SmolLM2-135M-Instruct (relative to the repo root); the smollm2_135m presets
-# start from it.
-SMOLLM2_GGUF = ".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELS_ENV = "FLAXALIGN_MODELS"  # where fetched weights live (launch/fetch_*.sh write there, presets read there)
+SMOLLM2_FILE = os.path.join("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # from launch/fetch_smollm2.sh
+
+
+def models_dir() -> str:
+    """The one place presets look for fetched weights: $FLAXALIGN_MODELS, default the repository's .cache/."""
+    return os.environ.get(MODELS_ENV) or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                      ".cache")
+
+
+def smollm2_gguf() -> str:
+    """SmolLM2-135M-Instruct (GGUF) where launch/fetch_smollm2.sh puts it; the smollm2_135m presets start from it."""
+    return os.path.join(models_dir(), SMOLLM2_FILE)
 
 
 def preset_values(arg: str, presets: dict, config_file: str) -> dict:

