@@ -38,6 +38,11 @@ from flaxalign.peft import adapted, lora, quant
 UNUSED_BY_SCALAR = ("lm_head",)  # a scalar model scores hidden states; its LM head is not part of it
 
 
+def _float32(tree: Any) -> Any:
+    """A frozen base stored in bfloat16 / float16 (`model.frozen_dtype`) as float32, for merging and new factors."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def _without(tree: dict, drop: tuple) -> dict:
     return {k: v for k, v in tree.items() if k not in drop}
 
@@ -125,7 +130,10 @@ class TrainableModel:
     def abstract_frozen(self) -> Any:
         if not self.frozen_base:
             return {}
-        return self._quantized_base()[0] if self.quant else self._float_base[0]
+        if self.quant:
+            return self._quantized_base()[0]
+        dtype = jnp.dtype(self.config.frozen_storage_dtype)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), self._float_base[0])
 
     @property
     def frozen_logical(self) -> Any:
@@ -167,7 +175,11 @@ class TrainableModel:
         if not self.frozen_base:
             return {}
         if self.quant is None:
-            return self._read_base(init_base, shardings)
+            base = self._read_base(init_base, shardings)
+            dtype = jnp.dtype(self.config.frozen_storage_dtype)
+            if all(x.dtype == dtype for x in jax.tree.leaves(base)):
+                return base
+            return jax.jit(lambda b: jax.tree.map(lambda x: x.astype(dtype), b), out_shardings=shardings)(base)
         float_base, logical = self._float_base
         if getattr(init_base, "quantizes", False):
             return init_base(shardings, quantizer=quant.LayerwiseQuantizer(self.quant, logical, shardings))
@@ -194,7 +206,7 @@ class TrainableModel:
         logical, saved, config, seed = self._float_base[1], self._lora_saved_paths(), self.lora, self.seed
 
         def create(base):
-            base = quant.dequantize_tree(base)
+            base = _float32(quant.dequantize_tree(base))
             lora_params, _ = lora.init_lora(base, logical, config, jax.random.PRNGKey(seed))
             return {"lora": lora_params, "saved": jax.tree.map(jnp.copy, lora.select_leaves(base, saved))}
 
@@ -239,10 +251,10 @@ class TrainableModel:
     def merged(self, trainable: Any, frozen: Any) -> dict:
         """Plain float32 params of the trained model: LoRA merged, a quantized base dequantized, adapter sets kept."""
         if self._adapters:
-            return quant.dequantize_tree(adapters.join(trainable, frozen))
+            return _float32(quant.dequantize_tree(adapters.join(trainable, frozen)))
         if self.lora is None:
             return trainable
-        base = lora.replace_leaves(quant.dequantize_tree(frozen), trainable["saved"])
+        base = lora.replace_leaves(_float32(quant.dequantize_tree(frozen)), trainable["saved"])
         return lora.merge(base, trainable["lora"], self.lora)
 
     # --- as a Task's param layout ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxalign import models, sharding, weights
+from flaxalign import errors, models, sharding, weights
 from flaxalign.models import adapters
 from flaxalign.peft import lora, quant
 from flaxalign.policy import TrainableModel
@@ -55,6 +55,48 @@ def test_init_from_a_lora_run_gives_its_merged_weights(tmp_path):
         {k: v for k, v in logical.items() if k not in drop}, {k: v for k, v in abstract.items() if k not in drop},
         mesh))
     assert jax.tree.structure(merged) == jax.tree.structure(abstract)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapters"])
+def test_a_frozen_base_stored_in_bfloat16_trains_resumes_and_merges_in_float32(tmp_path, method):
+    """model.frozen_dtype=bfloat16: the frozen base is held (and checkpointed) in bfloat16, the trained part and
+    the optimizer in float32; the run trains, resumes, and reads back as float32 weights equal to merging the
+    trained part into the bfloat16 base; resuming with another frozen dtype is refused in one line naming the
+    setting."""
+    config = dataclasses.replace(CONFIG, frozen_dtype="bfloat16")
+    if method == "adapters":
+        config = dataclasses.replace(config, adapter_placement="houlsby", adapter_names=("task",),
+                                     active_adapter="task")
+    lora_config = lora.LoraConfig(rank=4, alpha=8.0, modules_to_save=("final_norm/scale",)) if (
+        method == "lora") else None
+    policy = TrainableModel(config, lora_config)
+    assert {x.dtype for x in jax.tree.leaves(policy.abstract_frozen)} == {np.dtype("bfloat16")}
+    mesh = helpers.mesh((1, 1, 1))
+    state = _train_and_save(policy, tmp_path, mesh)
+    assert {x.dtype for x in jax.tree.leaves(state.frozen)} == {np.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))} <= {np.dtype("float32"),
+                                                                                    np.dtype("int32")}
+    loaded_config, params = weights.run_weights(str(tmp_path), mesh)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
+    tokens = helpers.packed_batch(batch_size=2)["inputs"]
+    expected = np.asarray(policy.model(state.params, state.frozen)(tokens))
+    np.testing.assert_allclose(_hidden(loaded_config, params, tokens), expected, rtol=2e-5, atol=2e-5)
+    # the same run resumed as saved, and with a float32 base: refused, naming the setting
+    class Data:  # the data position a resume restores
+        def set_state(self, state):
+            self.state = state
+
+    def task_of(policy):
+        return lm.make_task("sft", policy, helpers.optim_config(lr=5e-2), chunk_size=16, train_data=Data())
+
+    resumed = loop.initial_state(task_of(policy), 0, mesh,
+                                 Checkpointer(str(tmp_path / "checkpoints"), async_save=False))[0]
+    assert int(resumed.step) == 3
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), resumed.frozen,
+                                     state.frozen))
+    float_task = task_of(TrainableModel(dataclasses.replace(config, frozen_dtype="float32"), lora_config))
+    with pytest.raises(errors.CheckpointError, match="resume with --config.model.frozen_dtype=bfloat16"):
+        loop.initial_state(float_task, 0, mesh, Checkpointer(str(tmp_path / "checkpoints"), async_save=False))
 
 
 def test_a_qlora_run_keeps_its_quantized_base_and_reads_back_merged(tmp_path):

@@ -34,6 +34,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU); params are float32
+    # How a frozen base (LoRA, QLoRA's unquantized leaves stay float32, adapters) is stored: "auto" = the compute
+    # dtype (bfloat16 on GPU/TPU halves it, as PEFT users load it), or float32 / bfloat16 / float16. Trained
+    # params, optimizer state and full fine-tuning's reference copy stay float32.
+    frozen_dtype: str = "auto"
     attention: str = "auto"  # auto | xla | blockwise | splash | cudnn (`flaxalign.models.attention`)
     remat: str = "none"  # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"
     scan_layers: bool = True  # False unrolls the layer loop (longer compile; see BUILD_NOTES for when it is faster)
@@ -68,6 +72,9 @@ class ModelConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise errors.ConfigError(
                 f"model.dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}.")
+        if self.frozen_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise errors.ConfigError(
+                f"model.frozen_dtype must be auto, float32, bfloat16 or float16, not {self.frozen_dtype!r}.")
         self._check_adapters()
 
     def _check_windows(self):
@@ -138,6 +145,11 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def frozen_storage_dtype(self) -> str:
+        """The dtype a frozen base is stored in (`frozen_dtype`, "auto" = the compute dtype)."""
+        return self.dtype if self.frozen_dtype == "auto" else self.frozen_dtype
+
     def checkpoint_identity(self) -> dict[str, Any]:
         """The fields that define the function the params compute: a checkpoint restores only into a model with
         the same identity. Compute settings (dtype, attention kernel, remat, scan, active adapter) may change
@@ -190,7 +202,7 @@ class ModelConfig:
 
 
 # `active_adapter` picks which adapter set runs: outputs change, the parameter tree does not.
-COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "scan_layers", "active_adapter")
+COMPUTE_ONLY_FIELDS = ("dtype", "frozen_dtype", "attention", "remat", "scan_layers", "active_adapter")
 # `flaxalign.models.attention`; the names of earlier versions are still read from old checkpoints' configs.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
 LEGACY_ATTENTION = {"jnp": "xla", "dot_product": "xla"}

@@ -207,8 +207,12 @@ def check_layout(directory: str, step: int, item: str, abstract: Any, part: tupl
     changed = sorted(k for k in set(wanted) & set(saved_layout) if wanted[k] != saved_layout[k])
     first = (f"missing {'/'.join(missing[0])}" if missing else f"unexpected {'/'.join(extra[0])}" if extra else
              f"{'/'.join(changed[0])} is {saved_layout[changed[0]]} in the checkpoint, {wanted[changed[0]]} here")
+    hint = ""
+    if changed and not missing and not extra and changed[0][0] == "frozen":
+        saved_dtype = saved_layout[changed[0]][1]
+        hint = f"; it stores the frozen base in {saved_dtype}: resume with --config.model.frozen_dtype={saved_dtype}"
     raise errors.CheckpointError(
-        f"checkpoint {directory}/{step} does not match this run's model or optimizer ({first}).")
+        f"checkpoint {directory}/{step} does not match this run's model or optimizer ({first}{hint}).")
 
 
 def _checkpoint_dir(path: str) -> str:
