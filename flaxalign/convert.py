@@ -26,6 +26,9 @@ FORMATS = ("hf", "peft", "checkpoint")
 TOKENIZER_DIR = "tokenizer"  # inside a converted checkpoint's run directory
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
 def convert(spec: str, destination: str, fmt: str, *, overwrite: bool = False) -> str:
     """Converts `spec` into `destination` in format `fmt`; returns a one-line description of what was written. A
     destination that already holds files is refused unless `overwrite` (files of the same names are then
@@ -72,6 +75,9 @@ def _to_hf(source: str, meta: dict, destination: str, mesh) -> str:
     hf.save_hf(model_config, jax.device_get(params), destination, score_head=jax.device_get(head),
                pad_token_id=pad if head is not None else None)
     written = _export_tokenizer(tokenizer, destination)
+    if tokenizer is not None and head is None:
+        _write_generation_ids(tokenizer, destination)
+        written.append(GENERATION_CONFIG)
     kind = "a *ForSequenceClassification reward model" if head is not None else "a causal LM"
     return f"wrote {kind} to {destination}" + (f" with its tokenizer ({', '.join(written)})" if written else "")
 
@@ -104,6 +110,23 @@ def _to_peft(source: str, meta: dict, destination: str, mesh) -> str:
                                  "export would lose them — use --format=hf (merged) instead.")
     peft.save_peft_adapter(destination, model_config, lora_config, jax.device_get(trained["lora"]))
     return f"wrote a PEFT adapter (rank {lora_config.rank}, {lora_config.variant}) to {destination}"
+
+
+def _write_generation_ids(tokenizer, directory: str) -> None:
+    """bos / eos / pad ids in config.json and a generation_config.json whose eos list holds the end-of-turn tokens
+    (`chat.end_of_turn_ids`), so that transformers' `generate()` stops at the end of the assistant's turn."""
+    from flaxalign.data.chat import end_of_turn_ids
+
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**config, **ids}, f, indent=2)
+    stops = end_of_turn_ids(tokenizer)
+    generation = {**ids, "eos_token_id": stops[0] if len(stops) == 1 else stops, "_from_model_config": False}
+    with open(os.path.join(directory, GENERATION_CONFIG), "w") as f:
+        json.dump(generation, f, indent=2)
 
 
 def _export_tokenizer(tokenizer, directory: str, model_vocab_size: int | None = None) -> list[str]:

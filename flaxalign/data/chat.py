@@ -48,6 +48,19 @@ TEMPLATE_TOKENS = {
     "plain": (),
 }
 TEMPLATES = tuple(TEMPLATE_TOKENS)
+# The token that ends an assistant turn (generation should stop there); `plain` ends with EOS.
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The ids that end a response for this tokenizer: EOS, then the end-of-turn token of each chat template whose
+    tokens it has (a chatml vocabulary: `<|im_end|>`), so that a sampler stopping at any of them stops where a
+    model trained in any of those formats ends its turn."""
+    ids = [tokenizer.eos_id]
+    for template, token in END_OF_TURN.items():
+        if all(tokenizer.token_to_id(t) is not None for t in TEMPLATE_TOKENS[template]):
+            ids.append(tokenizer.token_to_id(token))
+    return list(dict.fromkeys(ids))
 
 PLAIN_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 

@@ -169,3 +169,27 @@ def test_tokenizer_matches_transformers_and_llama_cpp(ours, theirs):
     assert [ours.decode([i]) for i in ours.encode("x  42")] == ["x", "  ", "4", "2"]
     assert (ours.bos_id, ours.eos_id, ours.unk_id, ours.pad_id) == (1, 2, 0, 2) and ours.vocab_size == 49152
     assert ours.model_path.endswith(".gguf")
+
+
+def test_hf_export_generates_in_transformers_and_stops_at_the_end_of_the_turn(path, theirs, tmp_path):
+    """SmolLM2-135M-Instruct converted GGUF → HF directory: transformers' `generate()` (greedy, with the exported
+    generation_config.json) answers a chat prompt and stops at <|im_end|> instead of running into a new turn."""
+    from flaxalign.convert import convert
+
+    torch, _, _ = theirs
+    transformers = pytest.importorskip("transformers")
+    exported = str(tmp_path / "hf")
+    convert(f"gguf:{path}", exported, "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stops = model.generation_config.eos_token_id
+    assert im_end in (stops if isinstance(stops, list) else [stops])  # this GGUF's EOS is <|im_end|> itself
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=48, do_sample=False)
+    new = out[0, prompt["input_ids"].shape[1]:].tolist()
+    text = tokenizer.decode(new)
+    print(f"transformers on the export: {text!r}")
+    assert new[-1] == im_end and len(new) < 48 and "<|im_start|>" not in text and "Paris" in text
