@@ -18,7 +18,8 @@ from flaxalign import config_blocks
 PRESETS = {
     "tiny": dict(checkpoint="", prompts="builtin:arithmetic_prompts?n=32&seed=3", chat_template="plain",
                  max_new_tokens=24, temperature=0.7, batch_size=16),
-    "smollm2_135m": dict(checkpoint=f"gguf:{config_blocks.smollm2_gguf()}", prompts="builtin:arithmetic_prompts?n=4&seed=3",
+    "smollm2_135m": dict(checkpoint=f"gguf:{config_blocks.smollm2_gguf()}",
+                         prompts="builtin:arithmetic_prompts?n=4&seed=3",
                          chat_template="chatml", max_new_tokens=48, temperature=0.3, batch_size=4),
 }
 

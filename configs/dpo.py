@@ -24,12 +24,14 @@ PRESETS = {
                          eval_batches=4, eval_kl_prompts=8, init_from=f"gguf:{config_blocks.smollm2_gguf()}"),
     # Llama-3-8B(-Instruct) DPO with LoRA on a TPU pod slice: params, LoRA and optimizer state sharded over every chip
     # (FSDP), activations recomputed in the backward pass, each step's 64 pairs as 4 micro-batches (on v5e:2x4, 16
-    # rows of 1024 tokens per chip at once would take 96 % of HBM in activations; 4 take 57 %); weights from
+    # rows of 1024 tokens per chip at once would take 96 % of HBM in activations; 4 take 34 % with the frozen base in
+    # bfloat16, 57 % in float32); weights from
     # init_from=hf:DIR (local files).
     "llama3_8b": dict(steps=1000, lr=5e-5, warmup_steps=50, seq_len=1024, batch_size=64, grad_accum=4, lora_rank=16,
                       eval_every=100, eval_batches=8, eval_kl_prompts=32, remat="full", mesh_data=1, mesh_fsdp=-1),
     # The same at 4096 tokens per sequence: 16 pairs per step, one pair per chip at a time on v5e:2x4 (splash
-    # attention: 10.4 GiB of 15.75 per chip; dense attention needs 19.5 GiB of temporaries).
+    # attention: 10.4 GiB of 15.75 per chip with the frozen base in float32; dense attention needs 19.5 GiB of
+    # temporaries).
     "llama3_8b_long": dict(model="llama3_8b", steps=1000, lr=5e-5, warmup_steps=50, seq_len=4096, batch_size=16,
                            grad_accum=2, lora_rank=16, eval_every=100, eval_batches=8, eval_kl_prompts=32,
                            remat="full", mesh_data=1, mesh_fsdp=-1),

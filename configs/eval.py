@@ -26,8 +26,9 @@ PRESETS = {
                  max_new_tokens=16, batch_size=16, text_files="builtin:stdlib", perplexity_window=128,
                  perplexity_max_tokens=4096, mc_file="builtin:arithmetic_mc?n=32&max=9&seed=1",
                  mc_template="{question}", mc_choice_prefix=""),
-    # SmolLM2-135M-Instruct runs (configs/sft.py:smollm2_135m and its DPO): chat-formatted arithmetic questions,
-    # perplexity on the stdlib docs in 512-token windows, multiple choice in the lm-eval-harness format.
+    # SmolLM2-135M-Instruct runs (configs/sft.py:smollm2_135m and its DPO): arithmetic questions (plain-text prompts;
+    # chatml applies to prompt files of message lists), perplexity on the stdlib docs in 512-token windows, multiple
+    # choice in the lm-eval-harness format.
     "smollm2_135m": dict(prompts="builtin:arithmetic_prompts?max=9&seed=1", num_prompts=32, max_prompt_len=64,
                          max_new_tokens=32, batch_size=8, text_files="builtin:stdlib", perplexity_window=512,
                          perplexity_max_tokens=8192, mc_file="builtin:arithmetic_mc?n=32&max=9&seed=1",

@@ -26,7 +26,8 @@ PRESETS = {
                             eval_batches=4, chat_template="llama3"),
     # Long-context LoRA SFT of Llama-3-8B on a TPU pod slice: 64 sequences of 8192 tokens per step as 8 micro-batches
     # (one sequence per chip at a time on v5e:2x4, FSDP over every chip), activations recomputed; attention never holds
-    # a [T, T] matrix (splash on TPU): 10.3 GiB of 15.75 per chip, where dense attention needs 21 GiB of temporaries.
+    # a [T, T] matrix (splash on TPU): 10.3 GiB of 15.75 per chip (frozen base in float32), where dense attention
+    # needs 21 GiB of temporaries.
     "llama3_8b_long": dict(model="llama3_8b", steps=1000, lr=2e-4, warmup_steps=30, seq_len=8192, batch_size=64,
                            grad_accum=8, lora_rank=16, remat="full", eval_every=100, eval_batches=4,
                            chat_template="llama3", mesh_data=1, mesh_fsdp=-1),

@@ -15,8 +15,8 @@ SMOLLM2_FILE = os.path.join("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # fro
 
 def models_dir() -> str:
     """The one place presets look for fetched weights: $FLAXALIGN_MODELS, default the repository's .cache/."""
-    return os.environ.get(MODELS_ENV) or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                      ".cache")
+    return os.path.abspath(os.environ.get(MODELS_ENV) or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache"))
 
 
 def smollm2_gguf() -> str:
@@ -54,7 +54,8 @@ def adapters() -> ml_collections.ConfigDict:
 
 
 def quantization() -> ml_collections.ConfigDict:
-    """How the frozen base of LoRA / adapters is stored (`base` "none" = float32; "int8" or "nf4": QLoRA); see
+    """How the frozen base of LoRA / adapters is stored (`base` "none" = in model.frozen_dtype; "int8" or "nf4":
+    QLoRA); see
     `flaxalign.peft.quant.QuantConfig`."""
     return ml_collections.ConfigDict(dict(base="none", block_size=64, double_quant=False))
 

@@ -40,6 +40,9 @@ def convert(spec: str, destination: str, fmt: str, *, overwrite: bool = False) -
     if os.path.isdir(destination) and os.listdir(destination) and not overwrite:
         raise errors.ConfigError(f"--to={destination} is not empty; choose a new directory or pass --overwrite to "
                                  "write into it.")
+    if fmt == "checkpoint" and os.path.exists(os.path.join(destination, "checkpoints")):
+        raise errors.ConfigError(f"--to={destination} already holds a run's checkpoints; --overwrite replaces "
+                                 "files, not runs: choose a new directory.")
     source = weights.source_of(spec)
     meta = weights.metadata(source)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -75,11 +78,16 @@ def _to_hf(source: str, meta: dict, destination: str, mesh) -> str:
     hf.save_hf(model_config, jax.device_get(params), destination, score_head=jax.device_get(head),
                pad_token_id=pad if head is not None else None)
     written = _export_tokenizer(tokenizer, destination)
+    stale = os.path.join(destination, GENERATION_CONFIG)
+    if os.path.exists(stale):  # an earlier export's (with --overwrite); a reward model gets none
+        os.remove(stale)
+    generation = ""
     if tokenizer is not None and head is None:
         _write_generation_ids(tokenizer, destination)
-        written.append(GENERATION_CONFIG)
+        generation = f" and {GENERATION_CONFIG}"
     kind = "a *ForSequenceClassification reward model" if head is not None else "a causal LM"
-    return f"wrote {kind} to {destination}" + (f" with its tokenizer ({', '.join(written)})" if written else "")
+    return (f"wrote {kind} to {destination}" + (f" with its tokenizer ({', '.join(written)})" if written else "")
+            + generation)
 
 
 def _to_checkpoint(source: str, meta: dict, destination: str, mesh) -> str:

@@ -93,8 +93,9 @@ def fail(message: str) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with one-line errors (exit 2) instead of a usage dump; `--help` prints the help of the
     command given (or the list of commands) and exits 0."""
-    if any(arg in ("--help", "-h", "--helpshort", "-?") for arg in argv[1:]):
-        print(command_help(next((a for a in argv[1:] if a in COMMANDS), None)))
+    words = _words(argv[1:])
+    if any(arg in ("--help", "-h", "--helpshort", "-?") for arg in words):
+        print(command_help(next((a for a in words if a in COMMANDS), None)))
         sys.exit(0)
     for arg in argv[1:]:
         if arg.startswith("--config=") and not os.path.isfile(arg[len("--config="):].split(":")[0]):
@@ -112,6 +113,20 @@ def parse_flags(argv: list[str]) -> list[str]:
         if isinstance(e, (AttributeError, KeyError)):  # ml_collections: --config.<field> names no field
             fail(_unknown_field_message(str(e)))
         raise
+
+
+def _words(args: list[str]) -> list[str]:
+    """The arguments that are not the value of a preceding `--flag value` (so `--prompt -h` is a prompt)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        name = arg.lstrip("-")
+        if arg.startswith("-") and "=" not in arg and name in FLAGS and not FLAGS[name].boolean:
+            skip = True
+        out.append(arg)
+    return out
 
 
 def command_help(command: str | None) -> str:

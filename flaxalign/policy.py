@@ -14,8 +14,8 @@ adapters are the model config's `adapter_placement`. It owns
 
     method     trained part                                frozen part
     full       every weight                                {} (or the reference copy: `layout_with_reference`)
-    lora       {"lora": A/B (+ DoRA m), "saved": modules}   the base, float32 or quantized
-    adapters   the adapter sets                             the base, float32 or quantized
+    lora       {"lora": A/B (+ DoRA m), "saved": modules}   the base, in model.frozen_dtype or quantized
+    adapters   the adapter sets                             the base, in model.frozen_dtype or quantized
 
 A scalar model (reward model, PPO's value model) is a trainable backbone without LM head plus a head
 (`ScalarModel`); a value model on a frozen base shares the policy's base with its own adapters (`sibling`).
@@ -38,9 +38,13 @@ from flaxalign.peft import adapted, lora, quant
 UNUSED_BY_SCALAR = ("lm_head",)  # a scalar model scores hidden states; its LM head is not part of it
 
 
+def _is_float(x) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
 def _float32(tree: Any) -> Any:
     """A frozen base stored in bfloat16 / float16 (`model.frozen_dtype`) as float32, for merging and new factors."""
-    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if _is_float(x) else x, tree)
 
 
 def _without(tree: dict, drop: tuple) -> dict:
@@ -133,7 +137,8 @@ class TrainableModel:
         if self.quant:
             return self._quantized_base()[0]
         dtype = jnp.dtype(self.config.frozen_storage_dtype)
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), self._float_base[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if _is_float(x) else x.dtype),
+                            self._float_base[0])
 
     @property
     def frozen_logical(self) -> Any:
@@ -175,11 +180,12 @@ class TrainableModel:
         if not self.frozen_base:
             return {}
         if self.quant is None:
-            base = self._read_base(init_base, shardings)
+            base = self._read_base(init_base, shardings)  # float32; cast whole (a transient float32 copy)
             dtype = jnp.dtype(self.config.frozen_storage_dtype)
-            if all(x.dtype == dtype for x in jax.tree.leaves(base)):
+            if all(x.dtype == dtype or not _is_float(x) for x in jax.tree.leaves(base)):
                 return base
-            return jax.jit(lambda b: jax.tree.map(lambda x: x.astype(dtype), b), out_shardings=shardings)(base)
+            return jax.jit(lambda b: jax.tree.map(lambda x: x.astype(dtype) if _is_float(x) else x, b),
+                           out_shardings=shardings)(base)
         float_base, logical = self._float_base
         if getattr(init_base, "quantizes", False):
             return init_base(shardings, quantizer=quant.LayerwiseQuantizer(self.quant, logical, shardings))

@@ -447,6 +447,9 @@ def test_help_lists_the_commands_and_each_commands_own_flags(capsys):
     assert len([line for line in generate.splitlines() if line.startswith("  --")]) == len(
         main.COMMAND_HELP["generate"][1])
     assert "--config.FIELD=VALUE" in help_text("-h", "train")
+    # a flag's value is not a request for help, nor a command
+    assert main._words(["generate", "--prompt", "-h", "--system", "plan"]) == ["generate", "--prompt", "--system"]
+    assert main._words(["generate", "--overwrite", "-h"]) == ["generate", "--overwrite", "-h"]
 
 
 SUBPROCESS_CASES = {  # the real entry point: one before JAX starts, one from inside a stage after JAX logged

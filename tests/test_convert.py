@@ -103,6 +103,9 @@ def test_sequence_classification_directory_converts_to_hf_again(tmp_path):
     assert "wrote a *ForSequenceClassification" in convert(str(tmp_path / "rm"), exported, "hf", overwrite=True)
     with pytest.raises(errors.ConfigError, match="is a file"):
         convert(str(tmp_path / "rm"), os.path.join(exported, "config.json"), "hf")
+    os.makedirs(tmp_path / "run" / "checkpoints")  # a run directory is never written over, even with overwrite
+    with pytest.raises(errors.ConfigError, match="already holds a run's checkpoints; --overwrite replaces files, not"):
+        convert(str(tmp_path / "rm"), str(tmp_path / "run"), "checkpoint", overwrite=True)
 
 
 @pytest.mark.slow  # the demo's SFT run

@@ -7,6 +7,7 @@ are the NumPy params written into it and the `tokenizers` BPE its vocabulary cam
 reading of the file. The CLI runs are `slow` (≈ 75 s of subprocesses on a shared 2-core machine); the in-process
 conversion is in the default suite."""
 
+import json
 import os
 
 import jax
@@ -75,8 +76,19 @@ def _assert_hf_directory_is_the_file(directory: str, model: TinyGguf):
 
 def test_gguf_file_converts_to_an_hf_directory_with_its_logits_and_tokenizer(tiny_gguf, tmp_path):
     message = convert(f"gguf:{tiny_gguf.path}", str(tmp_path / "hf"), "hf")
-    assert "causal LM" in message and "tokenizer" in message, message
+    assert "causal LM" in message and "tokenizer" in message and "generation_config.json" in message, message
     _assert_hf_directory_is_the_file(str(tmp_path / "hf"), tiny_gguf)
+    # generation stops at EOS or at the chatml end of turn (this vocabulary has both, as different ids); the
+    # ids are in config.json too
+    tokenizer = load_tokenizer(str(tmp_path / "hf"))
+    with open(tmp_path / "hf" / "generation_config.json") as f:
+        generation = json.load(f)
+    with open(tmp_path / "hf" / "config.json") as f:
+        config = json.load(f)
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    assert im_end is not None and im_end != tokenizer.eos_id
+    assert generation["eos_token_id"] == [tokenizer.eos_id, im_end] and config["eos_token_id"] == tokenizer.eos_id
+    assert generation["pad_token_id"] == config["pad_token_id"] == tokenizer.pad_id
 
 
 @pytest.mark.slow  # a CLI subprocess

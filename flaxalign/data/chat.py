@@ -62,6 +62,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
             ids.append(tokenizer.token_to_id(token))
     return list(dict.fromkeys(ids))
 
+
 PLAIN_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 

@@ -34,9 +34,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU); params are float32
-    # How a frozen base (LoRA, QLoRA's unquantized leaves stay float32, adapters) is stored: "auto" = the compute
-    # dtype (bfloat16 on GPU/TPU halves it, as PEFT users load it), or float32 / bfloat16 / float16. Trained
-    # params, optimizer state and full fine-tuning's reference copy stay float32.
+    # How the frozen base of LoRA / adapters is stored: "auto" = the compute dtype (bfloat16 on GPU/TPU halves it,
+    # as PEFT users load it), or float32 / bfloat16 / float16. A checkpoint's frozen part is cast as it is read.
+    # Not affected: trained params, optimizer state, full fine-tuning's reference copy (float32) and a QLoRA base
+    # (quantization.base: its codes, with float32 embedding, LM head and norms).
     frozen_dtype: str = "auto"
     attention: str = "auto"  # auto | xla | blockwise | splash | cudnn (`flaxalign.models.attention`)
     remat: str = "none"  # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"

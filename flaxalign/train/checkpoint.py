@@ -200,6 +200,10 @@ def check_layout(directory: str, step: int, item: str, abstract: Any, part: tupl
         raise Unreadable(f"the {item} item's layout ({_first_line(e)})") from e
     saved_layout = {k: v for k, v in _layout(saved).items() if k[: len(part)] == part}
     wanted = _layout(abstract, part)
+    for key, (shape, dtype) in wanted.items():  # a frozen part is read in the dtype asked for (model.frozen_dtype)
+        if key[0] == "frozen" and saved_layout.get(key, (None,))[0] == shape and _floating(dtype) and _floating(
+                saved_layout[key][1]):
+            saved_layout[key] = (shape, dtype)
     if saved_layout == wanted or (partial and all(saved_layout.get(k) == v for k, v in wanted.items())):
         return
     missing = sorted(set(wanted) - set(saved_layout))
@@ -207,12 +211,12 @@ def check_layout(directory: str, step: int, item: str, abstract: Any, part: tupl
     changed = sorted(k for k in set(wanted) & set(saved_layout) if wanted[k] != saved_layout[k])
     first = (f"missing {'/'.join(missing[0])}" if missing else f"unexpected {'/'.join(extra[0])}" if extra else
              f"{'/'.join(changed[0])} is {saved_layout[changed[0]]} in the checkpoint, {wanted[changed[0]]} here")
-    hint = ""
-    if changed and not missing and not extra and changed[0][0] == "frozen":
-        saved_dtype = saved_layout[changed[0]][1]
-        hint = f"; it stores the frozen base in {saved_dtype}: resume with --config.model.frozen_dtype={saved_dtype}"
     raise errors.CheckpointError(
-        f"checkpoint {directory}/{step} does not match this run's model or optimizer ({first}{hint}).")
+        f"checkpoint {directory}/{step} does not match this run's model or optimizer ({first}).")
+
+
+def _floating(dtype: str) -> bool:
+    return dtype in ("float32", "bfloat16", "float16", "float64")
 
 
 def _checkpoint_dir(path: str) -> str:
@@ -265,7 +269,8 @@ def load_params(path: str, abstract_params: Any, shardings: Any, part: str = "pa
     manager = ocp.CheckpointManager(_checkpoint_dir(path), item_names=ITEMS,
                                     options=ocp.CheckpointManagerOptions(create=False))
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
-    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)
+    restore_args = jax.tree.map(lambda x, s: ocp.ArrayRestoreArgs(sharding=s, dtype=x.dtype), abstract_params,
+                                shardings)
 
     def read(directory: str, step: int):
         try:

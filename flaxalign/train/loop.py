@@ -167,6 +167,7 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints)
     loading = time.time()
     state, shardings, restored = initial_state(task, cfg.seed, mesh, checkpointer)
+    jax.block_until_ready(state)
     logging.info("%s; weights %s in %.1fs.", describe_state(state),
                  "restored" if restored is not None else "initialised or loaded", time.time() - loading)
     start = int(jax.device_get(state.step))

@@ -253,7 +253,6 @@ def test_exports_stop_generation_at_the_end_of_a_turn(tokenizers_by_name, tmp_pa
     generation = json.loads((tmp_path / GENERATION_CONFIG).read_text())
     assert generation["eos_token_id"] == [tokenizer.eos_id, *turn_ends]
 
-
     class NoChatTokens:  # a vocabulary without any template's special tokens
         eos_id = 2
 
