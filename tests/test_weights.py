@@ -57,7 +57,7 @@ def test_init_from_a_lora_run_gives_its_merged_weights(tmp_path):
     assert jax.tree.structure(merged) == jax.tree.structure(abstract)
 
 
-@pytest.mark.parametrize("method", ["lora", "adapters"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("adapters", marks=pytest.mark.slow)])  # 8 s each
 def test_a_frozen_base_stored_in_bfloat16_trains_resumes_and_merges_in_float32(tmp_path, method):
     """model.frozen_dtype=bfloat16: the frozen base is held (and checkpointed) in bfloat16, the trained part and
     the optimizer in float32; the run trains, resumes, and reads back as float32 weights equal to merging the
