@@ -136,6 +136,7 @@ def test_model_configs_agree_between_a_run_and_its_export(sft_demo_run, sft_expo
     assert interop.hf.read_model_config(sft_export).checkpoint_identity() == run_config.checkpoint_identity()
 
 
+@pytest.mark.slow  # a run trained, saved and read back (10–13 s): the default group is at its 15-min budget
 def test_peft_export_of_a_lora_run_reproduces_its_merged_model(tmp_path):
     from flaxalign.interop import peft
     from flaxalign.peft import lora

@@ -37,6 +37,7 @@ def _hidden(config, params, tokens):
     return np.asarray(models.merge(models.abstract_model(config)[0], params)(tokens))
 
 
+@pytest.mark.slow  # a run trained, saved and read back (10–13 s): the default group is at its 15-min budget
 def test_init_from_a_lora_run_gives_its_merged_weights(tmp_path):
     lora_config = lora.LoraConfig(rank=4, alpha=8.0, modules_to_save=("final_norm/scale",))
     policy = TrainableModel(CONFIG, lora_config)
@@ -104,6 +105,7 @@ def test_a_frozen_base_stored_in_bfloat16_trains_resumes_and_merges_in_float32(t
     np.testing.assert_array_equal(jax.tree.leaves(as_float.params)[0], jax.tree.leaves(state.params)[0])
 
 
+@pytest.mark.slow  # a run trained, saved and read back (10–13 s): the default group is at its 15-min budget
 def test_a_qlora_run_keeps_its_quantized_base_and_reads_back_merged(tmp_path):
     """NF4 base + LoRA: the checkpoint holds the base quantized (uint8 codes, bitwise as trained), resuming
     restores it, and `init_from` / `run_weights` give the dequantized base with the LoRA merged."""
