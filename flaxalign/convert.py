@@ -74,9 +74,11 @@ def _weights(source: str, meta: dict, mesh):
 def _to_hf(source: str, meta: dict, destination: str, mesh) -> str:
     model_config, params, head = _weights(source, meta, mesh)
     tokenizer = load_tokenizer(meta["tokenizer"]) if meta.get("tokenizer") else None
-    pad = tokenizer.pad_id if tokenizer is not None else None
-    hf.save_hf(model_config, jax.device_get(params), destination, score_head=jax.device_get(head),
-               pad_token_id=pad if head is not None else None)
+    ids = {}
+    if tokenizer is not None:  # a reward model's pad marks where HF scores; an LM's ids are for generate()
+        ids = {"pad_token_id": tokenizer.pad_id} if head is not None else {
+            "pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    hf.save_hf(model_config, jax.device_get(params), destination, score_head=jax.device_get(head), **ids)
     written = _export_tokenizer(tokenizer, destination)
     stale = os.path.join(destination, GENERATION_CONFIG)
     if os.path.exists(stale):  # an earlier export's (with --overwrite); a reward model gets none
@@ -121,16 +123,12 @@ def _to_peft(source: str, meta: dict, destination: str, mesh) -> str:
 
 
 def _write_generation_ids(tokenizer, directory: str) -> None:
-    """bos / eos / pad ids in config.json and a generation_config.json whose eos list holds the end-of-turn tokens
-    (`chat.end_of_turn_ids`), so that transformers' `generate()` stops at the end of the assistant's turn."""
+    """A generation_config.json with bos / pad and an eos list that holds the end-of-turn tokens
+    (`chat.end_of_turn_ids`), so that transformers' `generate()` stops at the end of the assistant's turn (the
+    ids themselves are in config.json: `hf.save_hf`)."""
     from flaxalign.data.chat import end_of_turn_ids
 
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    path = os.path.join(directory, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    with open(path, "w") as f:
-        json.dump({**config, **ids}, f, indent=2)
     stops = end_of_turn_ids(tokenizer)
     generation = {**ids, "eos_token_id": stops[0] if len(stops) == 1 else stops, "_from_model_config": False}
     with open(os.path.join(directory, GENERATION_CONFIG), "w") as f:

@@ -440,7 +440,8 @@ def _place(config: ModelConfig, tensors: _SafetensorsFiles, mesh: jax.sharding.M
 
 
 def save_hf(config: ModelConfig, params: Mapping[str, Any], directory: str, *, score_head: Mapping | None = None,
-            pad_token_id: int | None = None, max_shard_bytes: int = 2**31) -> None:
+            pad_token_id: int | None = None, bos_token_id: int | None = None, eos_token_id: int | None = None,
+            max_shard_bytes: int = 2**31) -> None:
     """Writes `params` as a transformers-loadable float32 model directory: config.json (see `hf_config_dict`) and
     model.safetensors, or model-0000i-of-0000n.safetensors files of at most `max_shard_bytes` each (a single larger
     tensor gets a file of its own) with model.safetensors.index.json. Adapter parameters are not written; merge or
@@ -457,8 +458,8 @@ def save_hf(config: ModelConfig, params: Mapping[str, Any], directory: str, *, s
         bias = float(np.asarray(score_head["bias"]))
         if bias:
             hf_config[SCORE_BIAS_FIELD] = bias
-    if pad_token_id is not None:
-        hf_config["pad_token_id"] = int(pad_token_id)
+    ids = {"pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    hf_config.update({name: int(value) for name, value in ids.items() if value is not None})
     state = params_to_hf_state_dict(config, params, score=score)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:

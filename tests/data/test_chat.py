@@ -232,8 +232,7 @@ def test_generate_prompts_place_an_optional_system_turn(tokenizers_by_name, syst
 
 
 def test_exports_stop_generation_at_the_end_of_a_turn(tokenizers_by_name, tmp_path):
-    """`convert --format=hf` writes bos/eos/pad ids into config.json and a generation_config.json whose eos list
-    also holds the end-of-turn token of each chat format the tokenizer can write (<|im_end|>, <|eot_id|>), so that
+    """`convert --format=hf` writes a generation_config.json with bos/pad ids and an eos list that also holds the end-of-turn token of each chat format the tokenizer can write (<|im_end|>, <|eot_id|>), so that
     transformers' generate() stops where a chat-trained model ends its turn; a tokenizer without chat tokens
     stops at EOS only."""
     import json
@@ -245,13 +244,10 @@ def test_exports_stop_generation_at_the_end_of_a_turn(tokenizers_by_name, tmp_pa
     turn_ends = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|eot_id|>")]
     assert None not in turn_ends and tokenizer.eos_id not in turn_ends
     assert end_of_turn_ids(tokenizer) == [tokenizer.eos_id, *turn_ends]
-    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 600}))
     _write_generation_ids(tokenizer, str(tmp_path))
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["vocab_size"] == 600 and config["eos_token_id"] == tokenizer.eos_id
-    assert config["pad_token_id"] == tokenizer.pad_id and config["bos_token_id"] == tokenizer.bos_id
     generation = json.loads((tmp_path / GENERATION_CONFIG).read_text())
     assert generation["eos_token_id"] == [tokenizer.eos_id, *turn_ends]
+    assert generation["pad_token_id"] == tokenizer.pad_id and generation["bos_token_id"] == tokenizer.bos_id
 
     class NoChatTokens:  # a vocabulary without any template's special tokens
         eos_id = 2
