@@ -45,7 +45,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # Sampled responses: prompt records {"prompt", "answer"?} (JSONL, tfds:NAME, builtin:...); "" = no sampling.
     c.prompts = p["prompts"]
     c.num_prompts = p["num_prompts"]  # the first N records; 0 = all
-    c.chat_template = p.get("chat_template", "plain")  # for message-list prompts: plain | chatml | llama3
+    # message-list prompts: plain | chatml | llama3; auto = the one the checkpoint trained with (else plain)
+    c.chat_template = p.get("chat_template", "auto")
     c.max_prompt_len = p["max_prompt_len"]  # longer prompts are cut on the left
     c.max_new_tokens = p["max_new_tokens"]
     c.temperature = 0.7  # 0 = greedy

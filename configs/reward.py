@@ -28,7 +28,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.eval_fraction = 0.1
     c.data.max_examples = 0
     c.data.tokenizer = ""  # "" = the init_from checkpoint's tokenizer
-    c.data.chat_template = "plain"
+    c.data.chat_template = ""  # message lists: plain | chatml | llama3; "" = the init_from run's (else plain)
     c.data.overlong = "truncate_prompt_left"
     c.data.seq_len = p["seq_len"]
     c.data.batch_size = p["batch_size"]

@@ -51,7 +51,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.eval_fraction = 0.05
     c.data.max_examples = 0  # 0 = all
     c.data.tokenizer = ""  # "" = the init_from checkpoint's tokenizer
-    c.data.chat_template = p.get("chat_template", "plain")  # for `messages` records: plain | chatml | llama3
+    # message lists: plain | chatml | llama3; "" = the init_from run's (else plain)
+    c.data.chat_template = p.get("chat_template", "")
     c.data.overlong = "truncate_prompt_left"  # or "drop"; counted in the data log line
     c.data.seq_len = p["seq_len"]
     c.data.batch_size = p["batch_size"]

@@ -72,4 +72,5 @@ def prompt_data(train: str, *, max_prompt_len: int, batch_size: int) -> ml_colle
         eval="",  # "" = hold out eval_fraction of the training records
         eval_fraction=0.05, max_examples=0,
         tokenizer="",  # "" = the init_from checkpoint's tokenizer
-        chat_template="plain", max_prompt_len=max_prompt_len, batch_size=batch_size))
+        chat_template="",  # message-list prompts: plain | chatml | llama3; "" = the init_from run's (else plain)
+        max_prompt_len=max_prompt_len, batch_size=batch_size))

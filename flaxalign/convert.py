@@ -29,7 +29,7 @@ TOKENIZER_DIR = "tokenizer"  # inside a converted checkpoint's run directory
 GENERATION_CONFIG = "generation_config.json"
 
 
-def convert(spec: str, destination: str, fmt: str, *, overwrite: bool = False) -> str:
+def convert(spec: str, destination: str, fmt: str, *, overwrite: bool = False, merge_parent: bool = False) -> str:
     """Converts `spec` into `destination` in format `fmt`; returns a one-line description of what was written. A
     destination that already holds files is refused unless `overwrite` (files of the same names are then
     replaced, others left), so an export never lands silently on top of another."""
@@ -46,8 +46,10 @@ def convert(spec: str, destination: str, fmt: str, *, overwrite: bool = False) -
     source = weights.source_of(spec)
     meta = weights.metadata(source)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    if merge_parent and fmt != "peft":
+        raise errors.ConfigError("--merge_parent applies to --format=peft only.")
     if fmt == "peft":
-        return _to_peft(source, meta, destination, mesh)
+        return _to_peft(source, meta, destination, mesh, merge_parent)
     if pretrained.is_pretrained(source) and fmt == "checkpoint":
         return _to_checkpoint(source, meta, destination, mesh)
     if fmt == "checkpoint":
@@ -79,7 +81,7 @@ def _to_hf(source: str, meta: dict, destination: str, mesh) -> str:
         ids = {"pad_token_id": tokenizer.pad_id} if head is not None else {
             "pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     hf.save_hf(model_config, jax.device_get(params), destination, score_head=jax.device_get(head), **ids)
-    written = _export_tokenizer(tokenizer, destination)
+    written = _export_tokenizer(tokenizer, destination, chat_template=meta.get("chat_template", ""))
     stale = os.path.join(destination, GENERATION_CONFIG)
     if os.path.exists(stale):  # an earlier export's (with --overwrite); a reward model gets none
         os.remove(stale)
@@ -99,27 +101,74 @@ def _to_checkpoint(source: str, meta: dict, destination: str, mesh) -> str:
     tokenizer_dir = os.path.abspath(os.path.join(destination, TOKENIZER_DIR))
     written = _export_tokenizer(tokenizer, tokenizer_dir, model_config.vocab_size)
     run_meta = {"stage": meta["stage"], "model": model_config.to_dict(), "init_from": meta["source"],
-                "tokenizer": (os.path.join(tokenizer_dir, written[0]) if written else "")}
+                "tokenizer": (os.path.join(tokenizer_dir, written[0]) if written else ""),
+                "chat_template": meta.get("chat_template", "")}
     saver = checkpoint.Checkpointer(os.path.join(destination, "checkpoints"), async_save=False)
     saver.save(0, state, {}, run_meta)
     saver.close()
     return f"wrote a flaxalign checkpoint ({meta['stage']}) of {meta['source']} to {destination}"
 
 
-def _to_peft(source: str, meta: dict, destination: str, mesh) -> str:
+def _to_peft(source: str, meta: dict, destination: str, mesh, merge_parent: bool) -> str:
+    """A LoRA run's adapter as a PEFT directory naming (and pinning by digest) the base it applies to: the run's
+    `init_from`. When that is itself a LoRA run, the adapter applies to its merged weights; `merge_parent` sums the
+    chain's adapters into one on the first base instead (`lora.concatenate_adapters`)."""
     from flaxalign.interop import peft
+    from flaxalign.peft import lora
 
+    model_config, lora_config, lora_params = _lora_adapter(source, meta, mesh)
+    base, chain = _parent(meta), [(lora_config, lora_params)]
+    if merge_parent:
+        if not _is_lora_run(base):
+            raise errors.ConfigError(f"--merge_parent: {source} was trained on {base or 'random weights'}, not on a "
+                                     "LoRA run; its adapter already applies to that base.")
+        while _is_lora_run(base):
+            parent_meta = weights.metadata(base)
+            chain.append(_lora_adapter(base, parent_meta, mesh)[1:])
+            base = _parent(parent_meta)
+        _, abstract, _ = models.abstract_model(model_config)
+        lora_config, lora_params = lora.concatenate_adapters(abstract, chain)
+    digest = ""
+    if base:
+        with jax.set_mesh(mesh):
+            digest = peft.base_digest(jax.device_get(_weights(base, weights.metadata(base), mesh)[1]))
+    name = os.path.abspath(weights.directory_of(base)) if base else ""
+    peft.save_peft_adapter(destination, model_config, lora_config, lora_params, base_model_name_or_path=name,
+                           base_weights_digest=digest)
+    what = f"wrote a PEFT adapter (rank {lora_config.rank}, {lora_config.variant}) to {destination}"
+    if len(chain) > 1:
+        return f"{what}: {len(chain)} chained LoRA runs summed into one adapter on {name}"
+    if _is_lora_run(base):
+        return (f"{what}: it applies to the merged weights of the LoRA run {base} (`convert --from={base} "
+                "--format=hf` exports them), or re-export with --merge_parent for one adapter on the original base")
+    if base and not pretrained.is_pretrained(base):
+        return f"{what}: it applies to the weights of the run {base} (`convert --from={base} --format=hf` exports them)"
+    return f"{what} for base {name or 'none (trained from random weights)'}"
+
+
+def _lora_adapter(source: str, meta: dict, mesh) -> tuple:
+    """(model config, LoRA config, host LoRA params) of a LoRA run."""
     if pretrained.is_pretrained(source) or not meta.get("lora"):
         raise errors.ConfigError(f"{source} is not a LoRA run; --format=peft exports a run trained with lora.rank > 0.")
     drop = UNUSED_BY_SCALAR if meta.get("stage") == "reward" else ()
     with jax.set_mesh(mesh):
         model, trained, _ = weights.run_parts(source, mesh, drop=drop)
-    model_config, lora_config = model.config, model.lora
     if trained["saved"]:
-        raise errors.ConfigError(f"{source} also trains modules_to_save {list(lora_config.modules_to_save)}; a PEFT "
+        raise errors.ConfigError(f"{source} also trains modules_to_save {list(model.lora.modules_to_save)}; a PEFT "
                                  "export would lose them — use --format=hf (merged) instead.")
-    peft.save_peft_adapter(destination, model_config, lora_config, jax.device_get(trained["lora"]))
-    return f"wrote a PEFT adapter (rank {lora_config.rank}, {lora_config.variant}) to {destination}"
+    if model.config.adapter_placement != "none":
+        raise errors.ConfigError(f"{source} also trains bottleneck adapters, which PEFT's LoRA format cannot hold; "
+                                 "use --format=hf (merged) instead.")
+    return model.config, model.lora, jax.device_get(trained["lora"])
+
+
+def _parent(meta: dict) -> str:
+    """The source a run started from (its `init_from`), "" for random weights."""
+    return weights.parse_source(meta["init_from"]) if meta.get("init_from") else ""
+
+
+def _is_lora_run(source: str) -> bool:
+    return bool(source) and not pretrained.is_pretrained(source) and bool(weights.metadata(source).get("lora"))
 
 
 def _write_generation_ids(tokenizer, directory: str) -> None:
@@ -135,15 +184,21 @@ def _write_generation_ids(tokenizer, directory: str) -> None:
         json.dump(generation, f, indent=2)
 
 
-def _export_tokenizer(tokenizer, directory: str, model_vocab_size: int | None = None) -> list[str]:
-    """Writes the tokenizer into `directory`; returns the file names (first: the one `load_tokenizer` reads)."""
+def _export_tokenizer(tokenizer, directory: str, model_vocab_size: int | None = None, *,
+                      chat_template: str = "") -> list[str]:
+    """Writes the tokenizer into `directory`; returns the file names (first: the one `load_tokenizer` reads).
+    `chat_template` names the template the run trained with: its Jinja (`chat.JINJA`) goes into
+    tokenizer_config.json, so that `apply_chat_template` gives the prompts training saw ("" keeps the tokenizer's
+    own, e.g. a GGUF file's)."""
+    from flaxalign.data.chat import JINJA
+
     if tokenizer is None:
         return []
     os.makedirs(directory, exist_ok=True)
-    if tokenizer.model_path.endswith(".model"):  # SentencePiece
+    if tokenizer.model_path.endswith(".model"):  # SentencePiece: no tokenizer_config.json to carry a template
         shutil.copy(tokenizer.model_path, os.path.join(directory, "tokenizer.model"))
         return ["tokenizer.model"]
-    files = [os.path.basename(f) for f in tokenizer.save_pretrained(directory)]
+    files = [os.path.basename(f) for f in tokenizer.save_pretrained(directory, JINJA.get(chat_template))]
     if model_vocab_size is not None and not os.path.exists(os.path.join(directory, "config.json")):
         # the pad rule of `HFTokenizer` reads the model's vocab_size next to tokenizer.json
         with open(os.path.join(directory, "config.json"), "w") as f:

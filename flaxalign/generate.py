@@ -123,14 +123,12 @@ def generate_recompute(model, prompts: dict, rng, *, max_new_tokens: int, eos_id
     return _outputs(prompts, tokens[:, prompt_len:], logps, done, eos_id)
 
 
-def respond(workdir: str, prompts: list[str], *, chat_template: str = "", system: str = "",
+def respond(workdir: str, prompts: list[str], *, chat_template: str = "auto", system: str = "",
             max_new_tokens: int = 128, temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0,
             seed: int = 0) -> list[str]:
     """The responses of the policy a run trained (its latest checkpoint in `workdir`; or `hf:DIR` / `gguf:FILE`
     pretrained weights) to text prompts, decoded: `model_completer(...)(prompts)` in one batch.
-    `chat_template` "" feeds the prompt text as is (after BOS), else wraps it as a user message of that template
-    with the generation prompt (after a `system` message when given) — use the template the model was fine-tuned
-    with."""
+    `chat_template` as for `model_completer`."""
     complete = model_completer(workdir, chat_template=chat_template, system=system, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                batch_size=max(len(prompts), 1))
@@ -213,28 +211,45 @@ def prompt_bucket(length: int, cap: int) -> int:
     return min(cap, max(16, 1 << (max(length, 1) - 1).bit_length()))
 
 
-def model_completer(checkpoint: str, *, chat_template: str = "", system: str = "", max_new_tokens: int = 128,
+TEMPLATE_CHOICES = ("auto", "none")  # besides the templates' names; "" = "none"
+
+
+def check_template_choice(chat_template: str, name: str = "chat_template") -> None:
+    """Refuses a `chat_template` (the setting `name`) that is neither a template's name, "auto" nor "none"."""
+    from flaxalign.data.chat import TEMPLATES
+
+    if chat_template and chat_template not in (*TEMPLATES, *TEMPLATE_CHOICES):
+        raise errors.ConfigError(f"{name}={chat_template!r} is not one of {[*TEMPLATE_CHOICES, *TEMPLATES]}.")
+
+
+def model_completer(checkpoint: str, *, chat_template: str = "auto", system: str = "", max_new_tokens: int = 128,
                     temperature: float = 0.7, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                     batch_size: int = 8) -> ModelCompleter:
     """A text model from the policy of a run directory (latest checkpoint), `checkpoint:DIR`, `hf:DIR` or
     `gguf:FILE`, on one device: weights and tokenizer loaded once, the KV-cache sampler jitted once per
-    (batch, padded prompt length)."""
+    (batch, padded prompt length). Each prompt becomes a user message of `chat_template` with the generation
+    prompt (after a `system` message when given): "auto" is the template the run trained with (its metadata's;
+    none for a run that never saw message lists, or pretrained weights), "none" or "" the prompt text as is
+    (after BOS)."""
     import jax
 
     from flaxalign import models, sharding, weights
-    from flaxalign.data.chat import TEMPLATES
     from flaxalign.data.tokenizer import load_tokenizer
 
-    if chat_template and chat_template not in TEMPLATES:
-        raise errors.ConfigError(f"chat_template {chat_template!r} is not one of {list(TEMPLATES)}.")
-    if system and not chat_template:
-        raise errors.ConfigError("a system message needs a chat template to place it (e.g. --chat_template=chatml).")
+    check_template_choice(chat_template)
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or batch_size < 1:
         raise errors.ConfigError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1 and "
                                  "batch_size >= 1.")
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     source = weights.source_of(checkpoint)
-    tokenizer_path = weights.metadata(source).get("tokenizer")
+    meta = weights.metadata(source)
+    if chat_template == "auto":
+        chat_template = meta.get("chat_template", "")
+    chat_template = "" if chat_template == "none" else chat_template
+    if system and not chat_template:
+        raise errors.ConfigError(f"a system message needs a chat template to place it, and {checkpoint} records none "
+                                 "(set one, e.g. --chat_template=chatml).")
+    tokenizer_path = meta.get("tokenizer")
     if not tokenizer_path:
         raise errors.ConfigError(f"{checkpoint} has no tokenizer to turn prompts into tokens.")
     tokenizer = load_tokenizer(tokenizer_path)

@@ -37,7 +37,7 @@ COMMAND_HELP = {
                  ("checkpoint", "prompt", "chat_template", "system", "max_new_tokens", "temperature", "top_k",
                   "top_p", "seed", "refine_rounds", "cpu_devices")),
     "convert": ("export a run (HF, PEFT) or import pretrained weights as a run", ("from", "to", "format", "overwrite",
-                                                                                  "cpu_devices")),
+                                                                                  "merge_parent", "cpu_devices")),
     "eval": ("evaluate a run's policy (win rate, KL, perplexity, …) into eval.json",
              ("config", "checkpoint", "workdir", "cpu_devices")),
     "pipeline": ("run the whole adaptation pipeline (CLM → SFT → reward → PPO/DPO → eval → report)",
@@ -63,9 +63,9 @@ flags.DEFINE_integer("max_new_tokens", 128, "generate: the most tokens to sample
 flags.DEFINE_float("temperature", 0.7, "generate: sampling temperature; 0 = greedy.")
 flags.DEFINE_integer("top_k", 0, "generate: sample from the k most likely tokens only (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass (1 = off).")
-flags.DEFINE_string("chat_template", "", "generate: wrap each prompt as a user message of this template "
-                    "(plain, chatml, llama3); empty = the raw prompt text.")
-flags.DEFINE_string("system", "", "generate: a system message before each prompt (needs --chat_template).")
+flags.DEFINE_string("chat_template", "auto", "generate: wrap each prompt as a user message of this template "
+                    "(plain, chatml, llama3); auto = the one the run trained with, none = the raw prompt text.")
+flags.DEFINE_string("system", "", "generate: a system message before each prompt (needs a chat template).")
 flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 flags.DEFINE_integer("refine_rounds", 0, "generate: self-refine rounds (feedback → refined answer, Madaan et al. "
                      "2023); 0 = answer once.")
@@ -73,6 +73,8 @@ flags.DEFINE_integer("seeds", 0, "pipeline: PPO and DPO runs per method (0 = the
 flags.DEFINE_string("from", None, "convert: a run directory, hf:DIR (or a directory with config.json) or gguf:FILE.")
 flags.DEFINE_string("to", None, "convert: the output directory (new or empty).")
 flags.DEFINE_bool("overwrite", False, "convert: write into a --to directory that already holds files.")
+flags.DEFINE_bool("merge_parent", False, "convert --format=peft: a LoRA run trained on another LoRA run becomes one "
+                  "adapter on the original base (ranks add).")
 flags.DEFINE_string("topology", None, "plan: the TPU slice to compile for, e.g. v5e:2x4, v6e:4x4, v4:2x2x1, "
                     "v5p:4x4x4 (needs the libtpu package; no TPU needed).")
 flags.DEFINE_float("mfu", 0.4, "plan: the model FLOPs utilisation the predicted step time assumes.")
@@ -348,10 +350,8 @@ def generate_command() -> None:
     if FLAGS.refine_rounds < 0:
         fail(f"--refine_rounds must be >= 0, got {FLAGS.refine_rounds}.")
     with user_errors():
-        from flaxalign.data.chat import TEMPLATES
-        from flaxalign.generate import respond
-        if FLAGS.chat_template and FLAGS.chat_template not in TEMPLATES:
-            raise errors.ConfigError(f"--chat_template={FLAGS.chat_template!r} is not one of {list(TEMPLATES)}.")
+        from flaxalign.generate import check_template_choice, respond
+        check_template_choice(FLAGS.chat_template, "--chat_template")
         if FLAGS.refine_rounds:
             return refine_and_print()
         responses = respond(FLAGS.checkpoint, FLAGS.prompt, chat_template=FLAGS.chat_template, system=FLAGS.system,
@@ -392,7 +392,9 @@ def convert_command() -> None:
                 "--format=hf.")
     with user_errors():
         from flaxalign.convert import convert
-        print(f"flaxalign: {convert(FLAGS['from'].value, FLAGS.to, FLAGS.format, overwrite=FLAGS.overwrite)}.")
+        done = convert(FLAGS["from"].value, FLAGS.to, FLAGS.format, overwrite=FLAGS.overwrite,
+                       merge_parent=FLAGS.merge_parent)
+        print(f"flaxalign: {done}.")
 
 
 def plan_command() -> None:

@@ -50,6 +50,50 @@ TEMPLATE_TOKENS = {
 TEMPLATES = tuple(TEMPLATE_TOKENS)
 # The token that ends an assistant turn (generation should stop there); `plain` ends with EOS.
 END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+# Each template as the Jinja that transformers' `apply_chat_template` runs (written into exports'
+# tokenizer_config.json): the same text as `render_chat_text`, and for `plain` the tokenizer's bos first, as the
+# stages write it (chatml has none; llama3 writes its own). Jinja escapes: the Python string holds '\\n'.
+JINJA = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
+    "llama3": (
+        "{{ '<|begin_of_text|>' }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
+    "plain": (
+        "{% if bos_token %}{{ bos_token }}{% endif %}{% for message in messages %}{% if not loop.first %}"
+        "{{ '\\n\\n' }}{% endif %}{{ {'system': 'System', 'user': 'User', 'assistant': 'Assistant'}[message['role']]"
+        " + ': ' + message['content'] }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"),
+}
+# Record fields that hold a conversation (a message list) instead of text.
+CONVERSATION_FIELDS = ("messages", "prompt", "chosen", "rejected", "completion")
+
+
+def is_conversation(record) -> bool:
+    """Whether a data record holds message lists, so that a chat template renders it."""
+    return any(isinstance(record.get(field), list) for field in CONVERSATION_FIELDS)
+
+
+def resolve_template(configured: str, inherited: str, *, source: str = "", log=print) -> str:
+    """The template a stage renders message lists with: `configured` (`data.chat_template`) when set, else
+    `inherited` — the template the run it starts from (`init_from`, named by `source`) trained with — else
+    `plain`. An explicit template that differs from the inherited one is allowed and logged, since the model
+    then learns a second format."""
+    if configured and configured not in TEMPLATE_TOKENS:
+        raise DataError(f"chat template '{configured}' is unknown; use one of {', '.join(TEMPLATES)}.")
+    if configured and inherited and configured != inherited:
+        log(f"chat template: {configured} (data.chat_template), although {source} trained with {inherited}")
+    elif not configured and inherited:
+        log(f"chat template: {inherited}, as {source} trained with (data.chat_template is unset)")
+    return configured or inherited or "plain"
+
+
+def trained_template(template: str, records_with_messages: int, inherited: str) -> str:
+    """The template to record in a run's metadata: the one it applied when its data held message lists, else the
+    one its `init_from` run recorded ("" when neither: the model never saw a chat format)."""
+    return template if records_with_messages else inherited
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:

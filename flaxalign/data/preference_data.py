@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 
 from flaxalign.data.batching import preference_batch, stack_pairs, truncate_examples
-from flaxalign.data.chat import render_chat
+from flaxalign.data.chat import is_conversation, render_chat
 from flaxalign.data.loader import split_every_kth
 from flaxalign.data.sources import read_records
 from flaxalign.errors import DataError
@@ -157,6 +157,7 @@ def build_preference_datasets(data_cfg, tokenizer, *, log=print) -> PreferenceDa
             splits[name]["margin"] = np.asarray(margins, np.float32)
         stats.update({f"{name}_{key}": int(value) for key, value in counts.items()})
         stats[f"{name}_pairs"] = len(kept)
+        stats[f"{name}_conversations"] = sum(map(is_conversation, records))
     log("data: " + ", ".join(f"{key}={value}" for key, value in stats.items()))
     return PreferenceData(train=splits["train"], eval=splits["eval"], stats=stats)
 
@@ -203,6 +204,7 @@ def build_kto_datasets(data_cfg, tokenizer, *, log=print) -> KtoData:
         stats.update({f"{name}_{key}": int(value) for key, value in counts.items()})
         stats[f"{name}_desirable"] = int(labels.sum())
         stats[f"{name}_undesirable"] = len(labels) - int(labels.sum())
+        stats[f"{name}_conversations"] = sum(map(is_conversation, records))
         if name == "train" and not (stats["train_desirable"] and stats["train_undesirable"]):
             missing = "desirable (label true)" if not stats["train_desirable"] else "undesirable (label false)"
             raise DataError(

@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 
 from flaxalign.data.batching import left_pad_prompts
-from flaxalign.data.chat import render_chat
+from flaxalign.data.chat import is_conversation, render_chat
 from flaxalign.data.preference_data import _read_splits
 from flaxalign.errors import ConfigError, DataError
 
@@ -93,6 +93,7 @@ def build_prompt_datasets(data_cfg, tokenizer, *, max_prompt_len: int, log=print
         stats[f"{name}_prompts"] = len(prompts)
         stats[f"{name}_truncated"] = int(truncated)
         stats[f"{name}_tokens_removed"] = int(removed)
+        stats[f"{name}_conversations"] = sum(map(is_conversation, records))
     log("data: " + ", ".join(f"{key}={value}" for key, value in stats.items()))
     return PromptData(train=splits["train"], eval=splits["eval"], records=records_by_split, stats=stats)
 

@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 
 from flaxalign.data.batching import pack_sft, truncate_examples
-from flaxalign.data.chat import render_chat
+from flaxalign.data.chat import is_conversation, render_chat
 from flaxalign.data.loader import split_every_kth
 from flaxalign.data.sources import read_records
 
@@ -53,6 +53,7 @@ def build_sft_datasets(data_cfg, tokenizer, *, log=print) -> SftData:
         stats.update({f"{name}_{key}": int(value) for key, value in counts.items()})
         stats[f"{name}_rows"] = len(splits[name]["inputs"])
         stats[f"{name}_loss_tokens"] = int(np.sum(splits[name]["loss_mask"]))
+        stats[f"{name}_conversations"] = sum(map(is_conversation, records))
     log("data: " + ", ".join(f"{key}={value}" for key, value in stats.items()))
     log(describe_split(stats, len(train_records), len(eval_records), int(data_cfg.seq_len),
                        held_out=not data_cfg.eval, batch_size=int(getattr(data_cfg, "batch_size", 0) or 0)))

@@ -317,9 +317,10 @@ class HFTokenizer:
         """Returns the id of a token (e.g. "<|im_start|>"), or None if there is none."""
         return self._tokenizer.token_to_id(token)
 
-    def save_pretrained(self, directory: str) -> list[str]:
+    def save_pretrained(self, directory: str, chat_template: str | None = None) -> list[str]:
         """Writes tokenizer.json (any in-memory pad included) and a tokenizer_config.json naming the special
-        tokens, so that transformers' `AutoTokenizer` and `load_tokenizer` read the same ids; returns the files."""
+        tokens, so that transformers' `AutoTokenizer` and `load_tokenizer` read the same ids; returns the files.
+        `chat_template` (Jinja) replaces the tokenizer's own (a GGUF file's) in tokenizer_config.json."""
         os.makedirs(directory, exist_ok=True)
         json_path = os.path.join(directory, "tokenizer.json")
         self._tokenizer.save(json_path)
@@ -327,7 +328,7 @@ class HFTokenizer:
                "unk_token": self._unk_id}
         config = {"tokenizer_class": "PreTrainedTokenizerFast",
                   **{key: self._tokenizer.id_to_token(i) for key, i in ids.items() if i is not None}}
-        chat_template = getattr(self, "chat_template", None)
+        chat_template = chat_template or getattr(self, "chat_template", None)
         if chat_template:
             config["chat_template"] = chat_template
         config_path = os.path.join(directory, "tokenizer_config.json")

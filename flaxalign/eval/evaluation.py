@@ -296,6 +296,8 @@ def evaluate(config, checkpoint: str, mesh=None, *, workdir: str = "") -> dict:
     if not meta.get("tokenizer"):
         raise errors.ConfigError(f"{checkpoint} has no tokenizer to turn prompts into tokens.")
     tokenizer = load_tokenizer(meta["tokenizer"])
+    if config.chat_template in ("", "auto"):  # the run's own (recorded in training), else plain
+        config.chat_template = meta.get("chat_template") or "plain"
     with jax.set_mesh(mesh):
         policy = load_policy(source, mesh)
         reference = rm = None

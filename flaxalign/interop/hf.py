@@ -240,6 +240,7 @@ class _SafetensorsFiles(Mapping):
     def __init__(self, files: list[str]):
         self._where: dict[str, tuple[str, dict[str, Any], int]] = {}
         self._maps: dict[str, np.memmap] = {}
+        self.metadata: dict[str, str] = {}  # the files' `__metadata__` string entries, merged
         for file in files:
             try:
                 with open(file, "rb") as f:
@@ -247,7 +248,7 @@ class _SafetensorsFiles(Mapping):
                     header = json.loads(f.read(header_len))
             except (OSError, ValueError, struct.error) as e:
                 raise errors.CheckpointError(f"cannot read safetensors file {file!r}: {e}.") from e
-            header.pop("__metadata__", None)
+            self.metadata.update(header.pop("__metadata__", None) or {})
             for name, info in header.items():
                 self._where[name] = (file, info, 8 + header_len)
 
@@ -271,8 +272,9 @@ class _SafetensorsFiles(Mapping):
         return len(self._where)
 
 
-def _write_safetensors(file: str, tensors: Mapping[str, np.ndarray]) -> None:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+def _write_safetensors(file: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+                       ) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, value in tensors.items():
         header[name] = {"dtype": _ST_NAMES[value.dtype], "shape": list(value.shape),

@@ -21,6 +21,7 @@ target) are checked for shape and otherwise ignored: the base params supply thos
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -39,6 +40,9 @@ from flaxalign.peft import lora
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# The digest of the base weights an adapter was trained on, in adapter_model.safetensors' metadata (adapter_config.json
+# keeps PEFT's own fields only: PEFT warns about any other key).
+BASE_DIGEST = "flaxalign.base_digest"
 _MAGNITUDE = "lora_magnitude_vector"
 # PEFT options whose non-empty value changes the forward pass, the adapted modules or the base weights.
 _UNSUPPORTED = ("layers_to_transform", "layer_replication", "modules_to_save", "lora_bias", "target_parameters",
@@ -93,11 +97,25 @@ def _model(config: ModelConfig) -> tuple[dict, dict[str, Any], dict[str, _Module
 # --- export ----------------------------------------------------------------------------------------------------
 
 
+def base_digest(params: Any) -> str:
+    """A sha256 of a model's weights — each path, shape and value rounded to bfloat16, so that a float32 base and
+    its bfloat16 copy agree — naming the exact base an adapter applies to."""
+    import ml_dtypes
+
+    digest = hashlib.sha256()
+    for path, leaf in sorted(lora.flatten_paths(params).items()):
+        value = np.asarray(leaf, np.float32).astype(ml_dtypes.bfloat16)
+        digest.update(f"{path}:{value.shape};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
 def save_peft_adapter(directory: str, model_config: ModelConfig, lora_config: lora.LoraConfig, lora_params: Any, *,
-                      base_model_name_or_path: str = "") -> None:
+                      base_model_name_or_path: str = "", base_weights_digest: str = "") -> None:
     """Writes `lora_params` (as made by `lora.init_lora` and trained) as a PEFT adapter directory that
     `peft.PeftModel.from_pretrained(hf_model, directory)` loads: adapter_config.json and float32
-    adapter_model.safetensors (layout in the module docstring).
+    adapter_model.safetensors (layout in the module docstring). `base_model_name_or_path` names the base it
+    applies to and `base_weights_digest` (`base_digest`) pins it, checked by `load_peft_adapter`.
 
     Raises `ConfigError` for what PEFT cannot express: LoRA off, `modules_to_save`, an adapted param with no HF
     module (e.g. a bottleneck-adapter weight), or adapter shapes that do not fit `model_config` (naming the path).
@@ -138,7 +156,8 @@ def save_peft_adapter(directory: str, model_config: ModelConfig, lora_config: lo
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(peft_config, f, indent=2)
-    hf._write_safetensors(os.path.join(directory, WEIGHTS_FILE), tensors)
+    hf._write_safetensors(os.path.join(directory, WEIGHTS_FILE), tensors,
+                          {BASE_DIGEST: base_weights_digest} if base_weights_digest else None)
 
 
 def _check_adapter(module: _Module, adapter: Mapping[str, Any], variant: str, n_layers: int) -> int:
@@ -171,7 +190,8 @@ def _to_peft(module: _Module, name: str, layer: Mapping[str, np.ndarray]) -> dic
 # --- import ----------------------------------------------------------------------------------------------------
 
 
-def load_peft_adapter(directory: str, model_config: ModelConfig) -> tuple[lora.LoraConfig, dict]:
+def load_peft_adapter(directory: str, model_config: ModelConfig, base_params: Any = None
+                      ) -> tuple[lora.LoraConfig, dict]:
     """(lora_config, lora_params) of a PEFT LoRA / rsLoRA / DoRA adapter directory (written by PEFT or by
     `save_peft_adapter`) for the base model of `model_config`: float32 params in exactly the tree `lora.init_lora`
     makes for that config, so `lora.apply_lora(params, lora_params, lora_config)` runs the adapted model.
@@ -180,7 +200,8 @@ def load_peft_adapter(directory: str, model_config: ModelConfig) -> tuple[lora.L
     names ("q", "lm_head"; full paths where a name is ambiguous); rank_pattern / alpha_pattern list the weights whose
     rank / alpha differ from r / lora_alpha. Raises `CheckpointError` for a missing directory, config or weights
     file, a non-LORA peft_type, unsupported options (named), a missing, misshapen (named) or unexpected tensor, and
-    a weight adapted in some layers only.
+    a weight adapted in some layers only, and — when `base_params` are given and the adapter records the digest of
+    its base (`save_peft_adapter`) — base weights other than those it was trained on.
     """
     peft_config = _read_config(directory)
     weights = os.path.join(directory, WEIGHTS_FILE)
@@ -189,6 +210,11 @@ def load_peft_adapter(directory: str, model_config: ModelConfig) -> tuple[lora.L
             os.path.join(directory, "adapter_model.bin")) else ""
         raise errors.CheckpointError(f"PEFT adapter directory {directory!r} has no {WEIGHTS_FILE}{legacy}.")
     tensors = hf._SafetensorsFiles([weights])
+    expected = tensors.metadata.get(BASE_DIGEST)
+    if base_params is not None and expected and base_digest(base_params) != expected:
+        raise errors.CheckpointError(
+            f"PEFT adapter {directory!r} was trained on other base weights than these: load it on "
+            f"{peft_config.get('base_model_name_or_path') or 'the base it was trained on'}.")
     _, linear, modules = _model(model_config)
     rank, alpha = peft_config.get("r", 8), peft_config.get("lora_alpha", 8)
     variant = "dora" if peft_config.get("use_dora") else "rslora" if peft_config.get("use_rslora") else "lora"

@@ -400,6 +400,39 @@ def unmerge(merged: Any, lora_params: Any, config: LoraConfig) -> Any:
     return replace_at_paths(merged, updated) if updated else merged
 
 
+def concatenate_adapters(params: Any, adapters: list[tuple[LoraConfig, Any]]) -> tuple[LoraConfig, dict]:
+    """One LoRA adapter on `params` (abstract params do) whose update is the sum of `adapters`' — each a
+    (config, lora params) pair — as when a LoRA run is trained on the merged weights of another:
+
+        Σ_k s_k·A_k·B_k = [A_1 … A_n] · [s_1·B_1; …; s_n·B_n],   rank Σ_k r_k, scale 1 (α = r, plain LoRA).
+
+    Exact for LoRA and rsLoRA. DoRA's update is not a sum of low-rank terms, and `modules_to_save` replaces
+    weights instead of adding to them: both raise a `ConfigError`."""
+    pieces: dict[str, list] = {}
+    for config, lora_params in adapters:
+        if config.variant == "dora" or config.modules_to_save:
+            raise errors.ConfigError("adapters with lora.variant='dora' or lora.modules_to_save cannot be summed into "
+                                     "one LoRA adapter.")
+        for path, (w, adapter) in weights_with_adapters(params, lora_params).items():
+            a, b = adapter["a"], adapter["b"]
+            scale = lora_scale(alpha_for(path, config), a.shape[-1], config.variant)
+            n_layers = a.ndim + b.ndim - 2 - w.ndim
+            pieces.setdefault(path, []).append((a, scale * jnp.asarray(b, jnp.float32), n_layers))
+    if not pieces:
+        raise errors.ConfigError("the adapters adapt no weight; there is nothing to concatenate.")
+    flat, ranks = {}, {}
+    for path, parts in pieces.items():
+        n_layers = parts[0][2]  # b's rank axis follows its layer axes
+        flat[f"{path}/a"] = jnp.concatenate([jnp.asarray(a, jnp.float32) for a, _, _ in parts], axis=-1)
+        flat[f"{path}/b"] = jnp.concatenate([b for _, b, _ in parts], axis=n_layers)
+        ranks[path] = flat[f"{path}/a"].shape[-1]
+    rank = max(ranks.values())
+    config = LoraConfig(rank=rank, alpha=float(rank), targets=tuple(ranks),
+                        rank_pattern={p: r for p, r in ranks.items() if r != rank},
+                        alpha_pattern={p: float(r) for p, r in ranks.items() if r != rank})
+    return config, unflatten_paths(flat)
+
+
 # --- trainable parts -------------------------------------------------------------------------------------------
 
 

@@ -38,4 +38,5 @@ def build_task(config, workdir: str, mesh) -> Task:
         chunk_size=config.loss_chunk, init_base=weights.initializer(model_config, init_path),
         train_data=train_data, eval_batches=eval_batches,
         tokens_per_step=tokens, flops_per_step=tokens * model_config.flops_per_token(data_cfg.seq_len),
-        metadata={"tokenizer": data.tokenizer.model_path, "init_from": config.init_from, "data": dict(data.stats)})
+        metadata={"tokenizer": data.tokenizer.model_path, "init_from": config.init_from, "data": dict(data.stats),
+                  "chat_template": meta.get("chat_template", "")})

@@ -323,6 +323,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     init_base = weights.initializer(model_config, init_path)
     init_reference = weights.initializer(model_config, reference_path) if reference_path else None
 
+    lm.resolve_chat_template(config, meta)
     data = (build_kto_datasets if method.loss_type == "kto" else build_preference_datasets)(data_cfg, tokenizer)
     if reference == "precomputed":
         ref = attach_reference_logps(data, workdir=workdir, reference_path=reference_path or init_path, policy=policy,
@@ -353,7 +354,8 @@ def build_task(config, workdir: str, mesh) -> Task:
         eval_batches=eval_batches, tokens_per_step=tokens,
         flops_per_step=passes * tokens * model_config.flops_per_token(data_cfg.seq_len),
         metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from,
-                  "reference_from": config.reference_from, "data": data.stats}, eval_extra=eval_extra)
+                  "reference_from": config.reference_from, "data": data.stats,
+                  **lm.chat_metadata(config, meta, data.stats)}, eval_extra=eval_extra)
 
 
 def training_passes(method: Method, reference: str) -> float:

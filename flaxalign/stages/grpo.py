@@ -268,6 +268,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     data_cfg = config.data
     rows = data_cfg.batch_size * h.group_size
     onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")
+    lm.resolve_chat_template(config, meta)
     data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
     train_data, _ = lm.data_iterators(data.train, data.eval, config)
     check_rows(mesh, data_cfg.batch_size, "data.batch_size (the prompts of a rollout)")
@@ -306,7 +307,8 @@ def build_task(config, workdir: str, mesh) -> Task:
         metadata={"stage": "grpo", **policy.metadata(), "resume_identity": identity, "tokenizer": tokenizer.model_path,
                   "init_from": config.init_from, "model_params": "params", "model_frozen": "frozen/policy",
                   "reward_from": config.reward_from, "rewards": [name for name, _ in functions],
-                  "grpo": dataclasses.asdict(h), "rollout": dataclasses.asdict(sampling), "data": data.stats},
+                  "grpo": dataclasses.asdict(h), "rollout": dataclasses.asdict(sampling), "data": data.stats,
+                  **lm.chat_metadata(config, meta, data.stats)},
         **layout)
 
 

@@ -11,6 +11,7 @@ import math
 import jax
 
 from flaxalign import errors
+from flaxalign.data.chat import resolve_template, trained_template
 from flaxalign.data.loader import BatchIterator
 from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.losses.lm import token_cross_entropy
@@ -71,6 +72,23 @@ def stage_tokenizer(config, meta: dict, model_config, stage: str):
         raise errors.ConfigError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}.")
     return tokenizer
+
+
+def resolve_chat_template(config, meta: dict) -> str:
+    """The chat template this stage renders message-list records with (`chat.resolve_template`: data.chat_template,
+    else the one the `init_from` run trained with, else plain), written back into `config.data` so that the data
+    builders and the run's config.json use it."""
+    template = resolve_template(config.data.chat_template, meta.get("chat_template", ""),
+                                source=config.get("init_from", ""))
+    config.data.chat_template = template
+    return template
+
+
+def chat_metadata(config, meta: dict, stats: dict) -> dict:
+    """The run-metadata entry of the chat template it trained with (`chat.trained_template`), which runs that start
+    from it inherit and `generate`, `eval` and `convert` use."""
+    return {"chat_template": trained_template(config.data.chat_template, stats.get("train_conversations", 0),
+                                              meta.get("chat_template", ""))}
 
 
 def make_task(name: str, policy: TrainableModel, optim_cfg, *, grad_accum: int = 1, chunk_size: int = 256,

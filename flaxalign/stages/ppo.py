@@ -242,6 +242,7 @@ def build_task(config, workdir: str, mesh) -> Task:
 
     data_cfg = config.data
     onpolicy.check_budget(config, model_config, sampling, data_cfg.batch_size, h.num_minibatches, "data.batch_size")
+    lm.resolve_chat_template(config, meta)
     data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
     train_data, _ = lm.data_iterators(data.train, data.eval, config)
     eval_prompts = {k: v[: config.eval_prompts] for k, v in _prompt_arrays(data.eval).items()}
@@ -268,7 +269,8 @@ def build_task(config, workdir: str, mesh) -> Task:
                   "model_params": "params/policy", "model_frozen": "frozen/policy",
                   "tokenizer": tokenizer.model_path, "init_from": config.init_from,
                   "reward_from": config.reward_from, "ppo": dataclasses.asdict(h),
-                  "rollout": dataclasses.asdict(sampling), "data": data.stats},
+                  "rollout": dataclasses.asdict(sampling), "data": data.stats,
+                  **lm.chat_metadata(config, meta, data.stats)},
         **layout)
 
 

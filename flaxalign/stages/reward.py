@@ -87,6 +87,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     tokenizer = lm.stage_tokenizer(config, meta, model_config, "the reward model")
     check_shapes(config, model_config, mesh)
     rm = ScalarModel(weights.trainable_model(config, model_config, drop=UNUSED_BY_SCALAR))
+    lm.resolve_chat_template(config, meta)
     data = build_preference_datasets(data_cfg, tokenizer)
     train_data, eval_batches = lm.data_iterators(data.train, data.eval, config)
     tokens = 2 * data_cfg.batch_size * (data_cfg.seq_len + 1)
@@ -102,7 +103,8 @@ def build_task(config, workdir: str, mesh) -> Task:
         init_base=weights.initializer(model_config, init_path, drop=UNUSED_BY_SCALAR),
         train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens,
         flops_per_step=tokens * model_config.flops_per_token(data_cfg.seq_len + 1), finalize=finalize,
-        metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from, "data": data.stats})
+        metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from, "data": data.stats,
+                  **lm.chat_metadata(config, meta, data.stats)})
 
 
 def normalize_rewards(state, *, workdir, mesh, policy_path, model_config, rm: ScalarModel, prompts, tokenizer,

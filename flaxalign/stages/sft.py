@@ -25,6 +25,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     check_shapes(config, model_config, mesh)
     policy = weights.trainable_model(config, model_config)
 
+    lm.resolve_chat_template(config, meta)
     data = build_sft_datasets(data_cfg, tokenizer)
     train_data, eval_batches = lm.data_iterators(data.train, data.eval, config)
 
@@ -33,4 +34,5 @@ def build_task(config, workdir: str, mesh) -> Task:
         policy, config.optim, grad_accum=config.grad_accum, chunk_size=config.loss_chunk,
         init_base=weights.initializer(model_config, init_path), train_data=train_data, eval_batches=eval_batches,
         tokens_per_step=tokens, flops_per_step=tokens * model_config.flops_per_token(data_cfg.seq_len),
-        metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from, "data": data.stats})
+        metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from, "data": data.stats,
+                  **lm.chat_metadata(config, meta, data.stats)})

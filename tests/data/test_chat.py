@@ -256,3 +256,30 @@ def test_exports_stop_generation_at_the_end_of_a_turn(tokenizers_by_name, tmp_pa
             return None
 
     assert end_of_turn_ids(NoChatTokens()) == [2]
+
+
+def test_a_stage_inherits_the_template_its_init_from_run_trained_with():
+    from flaxalign.data.chat import resolve_template
+
+    lines = []
+    assert resolve_template("", "chatml", source="checkpoint:runs/sft", log=lines.append) == "chatml"
+    assert lines == ["chat template: chatml, as checkpoint:runs/sft trained with (data.chat_template is unset)"]
+    lines.clear()
+    assert resolve_template("llama3", "chatml", source="checkpoint:runs/sft", log=lines.append) == "llama3"
+    assert lines == ["chat template: llama3 (data.chat_template), although checkpoint:runs/sft trained with chatml"]
+    lines.clear()
+    assert resolve_template("", "", log=lines.append) == "plain" and lines == []
+    assert resolve_template("chatml", "chatml", log=lines.append) == "chatml" and lines == []
+    with pytest.raises(DataError, match="'chatlm' is unknown"):
+        resolve_template("chatlm", "")
+
+
+def test_a_run_records_the_template_only_when_its_data_held_conversations():
+    from flaxalign.data.chat import is_conversation, trained_template
+
+    assert is_conversation({"messages": [{"role": "user", "content": "hi"}]})
+    assert is_conversation({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"})
+    assert not is_conversation({"prompt": "q", "completion": "a"})
+    assert trained_template("chatml", 3, "") == "chatml"
+    assert trained_template("plain", 0, "chatml") == "chatml"  # raw text on top of a chatml model: still chatml
+    assert trained_template("plain", 0, "") == ""

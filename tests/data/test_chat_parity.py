@@ -83,3 +83,23 @@ def test_ids_and_mask_equal_transformers_assistant_masks(transformers, tokenizer
         tokens = render_chat(messages, ours, template)
         assert tokens.ids == list(expected["input_ids"])
         assert tokens.assistant_mask == list(expected["assistant_masks"])
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "plain"])
+def test_the_exported_jinja_gives_the_training_ids_in_transformers(transformers, tokenizer_path, template, tmp_path):
+    """What `convert` writes into tokenizer_config.json (`chat.JINJA`) makes `apply_chat_template` reproduce the ids
+    the stages trained on, token for token: the generation prompt and whole conversations (plain's bos included)."""
+    from flaxalign.data.chat import JINJA
+
+    ours = HFTokenizer(tokenizer_path, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    ours.save_pretrained(str(tmp_path), JINJA[template])
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    lead = [ours.bos_id] if template == "plain" else []  # the stages' rule (sft_example, prompt_example)
+    for messages in CONVERSATIONS[:2] + [[{"role": "system", "content": "Be brief."}, *CONVERSATION[-2:-1]]]:
+        prompt = messages if messages[-1]["role"] == "user" else messages[:-1]
+        expected = reference.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
+        assert lead + render_chat(prompt, ours, template, add_generation_prompt=True).ids == list(
+            expected["input_ids"])
+        if messages[-1]["role"] == "assistant":
+            whole = reference.apply_chat_template(messages, tokenize=True, return_dict=True)
+            assert lead + render_chat(messages, ours, template).ids == list(whole["input_ids"])

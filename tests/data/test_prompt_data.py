@@ -146,6 +146,7 @@ def test_long_prompts_are_left_truncated_and_counted(tokenizer, tmp_path):
         "train_prompts": 6, "train_truncated": len(over),
         "train_tokens_removed": sum(len(ids) - max_len for ids in over),
         "eval_prompts": 1, "eval_truncated": 1, "eval_tokens_removed": len(encoded[2]) - max_len,
+        "train_conversations": 0, "eval_conversations": 0,  # string prompts: no chat template applied
     }
     assert lines == ["data: " + ", ".join(f"{key}={value}" for key, value in data.stats.items())]
     for row, ids in enumerate(encoded):

@@ -224,6 +224,7 @@ def test_evaluate_end_to_end_writes_eval_json_and_tensorboard(tiny, tmp_path):
     assert [sorted(e) for e in result["examples"]] == [
         ["answer", "prompt", "reference_response", "reference_score", "response", "score"]] * 2
     assert result["step"] == 0 and result["settings"]["reference"] == f"hf:{tiny.dirs['b']}"
+    assert result["settings"]["chat_template"] == "plain"  # "auto" with no template recorded (pretrained weights)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(out, "tensorboard")))
     assert cli.metrics(out) == [{"step": 0, **m}]
 

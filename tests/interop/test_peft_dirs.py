@@ -212,3 +212,19 @@ def test_load_reads_peft_target_spellings(saved, tmp_path):
     directory = _copy(saved, "lora", tmp_path / "x", exclude_modules=["down_proj"])
     with pytest.raises(errors.CheckpointError, match="down_proj.lora_A.weight"):  # now an unexpected tensor
         peft_dirs.load_peft_adapter(directory, TIED)
+
+
+def test_an_adapter_pinned_to_its_base_refuses_other_base_weights(tmp_path):
+    model_config, config = CASES["lora"]
+    base = helpers.random_params(model_config, 0)
+    lora_params = _random_adapter(model_config, config)
+    peft_dirs.save_peft_adapter(str(tmp_path), model_config, config, lora_params, base_model_name_or_path="/m/base",
+                                base_weights_digest=peft_dirs.base_digest(base))
+    assert json.load(open(tmp_path / "adapter_config.json"))["base_model_name_or_path"] == "/m/base"
+    as_bf16 = jax.tree.map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16), base)
+    for same in (base, as_bf16):  # a bfloat16 copy of the base is the same base
+        assert peft_dirs.load_peft_adapter(str(tmp_path), model_config, same)[0] == config
+    other = helpers.random_params(model_config, 1)
+    with pytest.raises(errors.CheckpointError, match="trained on other base weights than these: load it on /m/base"):
+        peft_dirs.load_peft_adapter(str(tmp_path), model_config, other)
+    assert peft_dirs.load_peft_adapter(str(tmp_path), model_config)[0] == config  # no base given: nothing to check

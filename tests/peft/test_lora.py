@@ -150,6 +150,24 @@ def test_unmerge_inverts_merge(variant):
     assert _max_diff(restored, params) <= 1e-6
 
 
+def test_a_chain_of_adapters_concatenates_into_one_with_the_same_merged_weights():
+    """merge(merge(W, A₁), A₂) = merge(W, [A₁ A₂]) for a rank-4 rsLoRA on all linear weights followed by a rank-2
+    LoRA on q, v and the LM head (ranks add where both adapt, scales fold into B), in float32."""
+    first = lora.LoraConfig(rank=4, alpha=16, variant="rslora")
+    second = lora.LoraConfig(rank=2, alpha=3, targets=("q", "v", "lm_head"), rank_pattern={"v": 3})
+    params = helpers.random_params(UNTIED)
+    one = _randomised(_init(UNTIED, first, params)[0], seed=1)
+    two = _randomised(_init(UNTIED, second, params)[0], seed=2)
+    config, joined = lora.concatenate_adapters(params, [(second, two), (first, one)])
+    assert lora.rank_for("layers/attn/q", config) == 6 and lora.rank_for("layers/attn/v", config) == 7
+    assert lora.rank_for("layers/mlp/up", config) == 4 and lora.rank_for("lm_head", config) == 2
+    chained = lora.merge(lora.merge(params, one, first), two, second)
+    assert _max_diff(lora.merge(params, joined, config), chained) <= 1e-5
+    assert _max_diff(chained, params) > 1e-2  # both adapters changed the weights
+    with pytest.raises(errors.ConfigError, match="cannot be summed into one LoRA adapter"):
+        lora.concatenate_adapters(params, [(dataclasses.replace(first, variant="dora"), one)])
+
+
 def test_dora_unmerge_is_refused():
     config = lora.LoraConfig(rank=4, variant="dora")
     params = helpers.random_params(TINY)
