@@ -3,6 +3,14 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA compiles dominate this suite's time, and many tests (and the CLI runs they start, which inherit the environment)
+# compile the same programs: a persistent compilation cache (keyed by the program, compile options and jax version;
+# results are those of a fresh compile) lets every later compile of one read it from disk. `rm -rf .cache/jax-tests`
+# empties it; CI's fresh clone starts with it empty.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".cache", "jax-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 

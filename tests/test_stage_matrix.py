@@ -134,8 +134,7 @@ def runs(request, tmp_path_factory):
     docs = stdlib_corpus(max_chars=100_000)
     (root / "corpus.txt").write_text("\n\n".join(docs))
     tokenizer = Tokenizer.train(docs, str(root / "tok.model"), vocab_size=512)
-    env = {"JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env = {}  # the runs share the suite's compilation cache (conftest.py): they compile the same few programs
     parallel = int(os.environ.get("FLAXALIGN_TEST_PARALLEL", min(4, os.cpu_count() or 1)))
     matrix = Runs(str(root / "runs"), {"corpus": str(root / "corpus.txt"), "tokenizer": tokenizer.model_path},
                   parallel, env)
