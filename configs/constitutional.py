@@ -36,8 +36,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.prompts = p["prompts"]
     c.num_prompts = 0  # 0 = every prompt record
     c.rounds = 1  # critique → revision rounds per prompt, each with its own principle
-    # the template the model was tuned with; a request is its user message. Non-empty: the records are written as
-    # message lists (train DPO/SFT on them with the same data.chat_template); "" = raw text and string records
+    # the template the model was tuned with (auto = the one its run recorded); a request is its user message. With
+    # a template the records are written as message lists (train DPO/SFT on them with the same data.chat_template);
+    # "" or none = raw text and string records
     c.chat_template = p["chat_template"]
     c.max_new_tokens = p["max_new_tokens"]  # per draft, critique and revision
     c.temperature = p["temperature"]

@@ -359,7 +359,7 @@ def run(config, workdir: str) -> str:
     for trace, record in zip(traces, records):
         if "answer" in record:
             trace["answer"] = record["answer"]
-    conversational = bool(config.chat_template)
+    conversational = bool(complete.chat_template)  # as resolved: "auto" may find none, "none" is raw text
     preferences, skipped = preference_records(traces, conversational=conversational)
     sft, sft_skipped = sft_records(traces, conversational=conversational)
     os.makedirs(workdir, exist_ok=True)

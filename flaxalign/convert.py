@@ -19,7 +19,6 @@ import jax
 from flaxalign import errors, models, sharding, weights
 from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.interop import hf, pretrained
-from flaxalign.policy import UNUSED_BY_SCALAR
 from flaxalign.train import checkpoint
 
 FORMATS = ("hf", "peft", "checkpoint")
@@ -116,28 +115,32 @@ def _to_peft(source: str, meta: dict, destination: str, mesh, merge_parent: bool
     from flaxalign.interop import peft
     from flaxalign.peft import lora
 
-    model_config, lora_config, lora_params = _lora_adapter(source, meta, mesh)
-    base, chain = _parent(meta), [(lora_config, lora_params)]
+    model, lora_params, frozen = _lora_adapter(source, meta, mesh)
+    base, chain, quantized = _parent(meta), [(model.lora, lora_params)], model.quant is not None
     if merge_parent:
         if not _is_lora_run(base):
             raise errors.ConfigError(f"--merge_parent: {source} was trained on {base or 'random weights'}, not on a "
                                      "LoRA run; its adapter already applies to that base.")
         while _is_lora_run(base):
             parent_meta = weights.metadata(base)
-            chain.append(_lora_adapter(base, parent_meta, mesh)[1:])
+            parent, parent_lora, frozen = _lora_adapter(base, parent_meta, mesh)
+            chain.append((parent.lora, parent_lora))
+            quantized = quantized or parent.quant is not None
             base = _parent(parent_meta)
-        _, abstract, _ = models.abstract_model(model_config)
+        _, abstract, _ = models.abstract_model(model.config)
         lora_config, lora_params = lora.concatenate_adapters(abstract, chain)
-    digest = ""
-    if base:
-        with jax.set_mesh(mesh):
-            digest = peft.base_digest(jax.device_get(_weights(base, weights.metadata(base), mesh)[1]))
+    else:
+        lora_config = model.lora
     name = os.path.abspath(weights.directory_of(base)) if base else ""
-    peft.save_peft_adapter(destination, model_config, lora_config, lora_params, base_model_name_or_path=name,
-                           base_weights_digest=digest)
+    peft.save_peft_adapter(destination, model.config, lora_config, lora_params, base_model_name_or_path=name,
+                           base_weights_digest=_base_digest(frozen, base, quantized, mesh))
+    if meta.get("tokenizer"):  # with the template it trained with, as TRL saves an adapter's tokenizer beside it
+        _export_tokenizer(load_tokenizer(meta["tokenizer"]), destination, chat_template=meta.get("chat_template", ""))
     what = f"wrote a PEFT adapter (rank {lora_config.rank}, {lora_config.variant}) to {destination}"
     if len(chain) > 1:
-        return f"{what}: {len(chain)} chained LoRA runs summed into one adapter on {name}"
+        return (f"{what}: {len(chain)} chained LoRA runs summed into one adapter on {name or 'random weights'}"
+                + (" (a run in the chain had a quantized base, so on the float base it is approximate, as for any "
+                   "QLoRA adapter)" if quantized else ""))
     if _is_lora_run(base):
         return (f"{what}: it applies to the merged weights of the LoRA run {base} (`convert --from={base} "
                 "--format=hf` exports them), or re-export with --merge_parent for one adapter on the original base")
@@ -146,20 +149,36 @@ def _to_peft(source: str, meta: dict, destination: str, mesh, merge_parent: bool
     return f"{what} for base {name or 'none (trained from random weights)'}"
 
 
+def _base_digest(frozen, base: str, quantized: bool, mesh) -> str:
+    """`peft.base_digest` of the weights an adapter applies to: the frozen base the (first) run of the chain saved —
+    its bfloat16 rounding is the digest's own — or, for a quantized base, the source it was quantized from ("" when
+    that is gone, or for random weights)."""
+    from flaxalign.interop import peft
+
+    if not quantized:
+        return peft.base_digest(frozen)
+    if not base or not os.path.exists(weights.directory_of(base)):
+        return ""
+    with jax.set_mesh(mesh):
+        return peft.base_digest(jax.device_get(_weights(base, weights.metadata(base), mesh)[1]))
+
+
 def _lora_adapter(source: str, meta: dict, mesh) -> tuple:
-    """(model config, LoRA config, host LoRA params) of a LoRA run."""
+    """(the run's model, its host LoRA params, its host frozen base) of a LoRA run."""
     if pretrained.is_pretrained(source) or not meta.get("lora"):
         raise errors.ConfigError(f"{source} is not a LoRA run; --format=peft exports a run trained with lora.rank > 0.")
-    drop = UNUSED_BY_SCALAR if meta.get("stage") == "reward" else ()
+    if meta.get("stage") == "reward":
+        raise errors.ConfigError(f"{source} is a reward model: a PEFT adapter would lose its score head — use "
+                                 "--format=hf (a *ForSequenceClassification model) instead.")
     with jax.set_mesh(mesh):
-        model, trained, _ = weights.run_parts(source, mesh, drop=drop)
+        model, trained, frozen = weights.run_parts(source, mesh)
     if trained["saved"]:
         raise errors.ConfigError(f"{source} also trains modules_to_save {list(model.lora.modules_to_save)}; a PEFT "
                                  "export would lose them — use --format=hf (merged) instead.")
     if model.config.adapter_placement != "none":
         raise errors.ConfigError(f"{source} also trains bottleneck adapters, which PEFT's LoRA format cannot hold; "
                                  "use --format=hf (merged) instead.")
-    return model.config, model.lora, jax.device_get(trained["lora"])
+    return model, jax.device_get(trained["lora"]), jax.device_get(frozen)
 
 
 def _parent(meta: dict) -> str:

@@ -185,7 +185,7 @@ def test_model_completer_loads_once_and_samples_reproducibly(tiny_hf_model):
     assert len(first) == 3 and all(isinstance(text, str) for text in first)
     assert complete.truncated == 1 and complete.calls == 1
     assert generate.model_completer(f"hf:{tiny_hf_model}", **kwargs)(prompts) == first
-    with pytest.raises(errors.ConfigError, match="chat_template 'chatm'"):
+    with pytest.raises(errors.ConfigError, match="chat_template='chatm' is not one of"):
         generate.model_completer(f"hf:{tiny_hf_model}", chat_template="chatm")
 
 

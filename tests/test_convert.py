@@ -165,6 +165,55 @@ def test_peft_export_of_a_lora_run_reproduces_its_merged_model(tmp_path):
     assert not np.allclose(np.asarray(ours), np.asarray(interop.apply_lm(config, base, TOKENS, MASK)), atol=1e-3)
 
 
+def _lora_run(workdir, config, lora_config, init_from: str, seed: int) -> None:
+    """A LoRA SFT run of 3 steps on `init_from` (hf:DIR or checkpoint:DIR), saved with its metadata."""
+    from flaxalign.train import loop
+    from flaxalign.train.checkpoint import Checkpointer
+    from flaxalign.train.jit import CompiledStep
+
+    source = weights.parse_source(init_from)
+    task = lm.make_task("sft", TrainableModel(config, lora_config), helpers.optim_config(lr=5e-2), chunk_size=16,
+                        init_base=weights.initializer(config, source), metadata={"init_from": init_from})
+    mesh = helpers.mesh((2, 1, 1))
+    checkpointer = Checkpointer(str(workdir / "checkpoints"), async_save=False)
+    state, shardings, _ = loop.initial_state(task, 0, mesh, checkpointer)
+    step = CompiledStep(task.train_step, mesh, shardings)
+    for i in range(3):  # the learning rate warms up from 0, so B leaves zero
+        state, _ = step(state, helpers.packed_batch(seed=seed + i))
+    checkpointer.save(3, state, {"batches_consumed": 3}, task.metadata)
+    checkpointer.close()
+
+
+@pytest.mark.slow  # two runs trained, saved and read back (≈ 25 s)
+def test_a_lora_run_on_a_lora_run_exports_against_its_parent_or_with_merge_parent_on_the_first_base(tmp_path):
+    from flaxalign.interop import peft
+    from flaxalign.peft import lora
+
+    config = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2, tie_embeddings=False)
+    base = helpers.random_params(config, 3)
+    interop.save_hf(config, base, str(tmp_path / "base"))
+    _lora_run(tmp_path / "first", config, lora.LoraConfig(rank=4, alpha=8.0, variant="rslora"),
+              f"hf:{tmp_path / 'base'}", 0)
+    _lora_run(tmp_path / "second", config, lora.LoraConfig(rank=2, alpha=4.0, targets=("q", "v", "up")),
+              f"checkpoint:{tmp_path / 'first'}", 10)
+
+    alone = convert(str(tmp_path / "second"), str(tmp_path / "alone"), "peft")
+    assert f"it applies to the merged weights of the LoRA run {tmp_path / 'first'}" in alone
+    with pytest.raises(errors.CheckpointError, match="trained on other base weights than these"):
+        peft.load_peft_adapter(str(tmp_path / "alone"), config, base)
+    merged_first = jax.device_get(weights.run_weights(str(tmp_path / "first"), _one_device_mesh())[1])
+    assert peft.load_peft_adapter(str(tmp_path / "alone"), config, merged_first)[0].rank == 2
+
+    message = convert(str(tmp_path / "second"), str(tmp_path / "joined"), "peft", merge_parent=True)
+    assert f"2 chained LoRA runs summed into one adapter on {tmp_path / 'base'}" in message
+    joined_config, joined = peft.load_peft_adapter(str(tmp_path / "joined"), config, base)
+    assert lora.rank_for("layers/attn/q", joined_config) == 6 and lora.rank_for("layers/attn/k", joined_config) == 4
+    ours = interop.apply_lm(config, lora.apply_lora(base, joined, joined_config), TOKENS, MASK)
+    np.testing.assert_allclose(np.asarray(ours), _run_logits(str(tmp_path / "second")), atol=2e-5, rtol=0)
+    with pytest.raises(errors.ConfigError, match="not on a LoRA run; its adapter already applies to that base"):
+        convert(str(tmp_path / "first"), str(tmp_path / "nothing"), "peft", merge_parent=True)
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--config=configs/nope.py:tiny", "--workdir=/tmp/x"], "config file 'configs/nope.py' does not exist"),
     (["--config=configs/clm.py:tiny", "--workdir=gs://bucket/run"], "--workdir=gs://bucket/run is a URL"),

@@ -100,6 +100,7 @@ def test_readme_walkthrough_from_gguf_to_transformers(tmp_path):
     exported = str(tmp_path / "exports/my_dpo")
     tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
     assert tokenizer.chat_template == JINJA["chatml"]
+    assert weights.metadata(f"hf:{exported}")["chat_template"] == "chatml"  # runs from the export inherit it
     ours = load_tokenizer(weights.metadata(str(run_dpo))["tokenizer"])
     messages = [{"role": "user", "content": QUESTION}]
     trained = render_chat(messages, ours, "chatml", add_generation_prompt=True).ids
@@ -127,6 +128,7 @@ def test_readme_walkthrough_from_gguf_to_transformers(tmp_path):
     adapter_config = json.load(open(os.path.join(adapter, "adapter_config.json")))
     assert adapter_config["base_model_name_or_path"] == os.path.abspath(gguf) and adapter_config["r"] == 16
     assert "2 chained LoRA runs summed into one adapter" in outputs[6]
+    assert transformers.AutoTokenizer.from_pretrained(adapter).chat_template == JINJA["chatml"]
     base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exports/smollm2"),
                                                              dtype=torch.float32).eval()
     with torch.no_grad():

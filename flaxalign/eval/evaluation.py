@@ -34,6 +34,7 @@ from absl import logging
 from flaxalign import errors, models, sharding, weights
 from flaxalign.data.atomic import write_atomically
 from flaxalign.data.batching import left_pad_prompts
+from flaxalign.data.chat import TEMPLATES
 from flaxalign.data.prompt_data import (
     prompt_example,
     prompt_texts,
@@ -229,6 +230,8 @@ def check_config(config) -> None:
         raise errors.ConfigError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0.")
     if config.tie_margin < 0:
         raise errors.ConfigError(f"tie_margin must be >= 0, got {config.tie_margin}.")
+    if config.chat_template not in ("", "auto", *TEMPLATES):  # message-list prompts need one ("none" has no use)
+        raise errors.ConfigError(f"chat_template={config.chat_template!r} is not one of {['auto', *TEMPLATES]}.")
 
 
 def check_length(model, config, name: str) -> None:

@@ -6,6 +6,7 @@ so `flaxalign.weights` treats runs and pretrained weights alike, and `initialize
 the stage's shardings.
 """
 
+import json
 import os
 
 import jax
@@ -30,8 +31,10 @@ def check_exists(source: str) -> None:
 
 
 def metadata(source: str) -> dict:
-    """{"stage": "pretrained", "model": config dict, "tokenizer": path or ""} of an `hf:` or `gguf:` source, read
-    without loading the weights."""
+    """{"stage": "pretrained", "model": config dict, "tokenizer": path or "", "chat_template": name or ""} of an
+    `hf:` or `gguf:` source, read without loading the weights. The template is named when the directory's
+    tokenizer_config.json holds one of flaxalign's own (`chat.JINJA`, as `convert` exports a run), so that runs,
+    `generate` and `eval` on an export use the template the run trained with."""
     check_exists(source)
     kind, _, path = source.partition(":")
     stage = STAGE
@@ -47,7 +50,20 @@ def metadata(source: str) -> dict:
 
         config = gguf.read_model_config(path)
         tokenizer = path  # the vocabulary is in the file's metadata
-    return {"stage": stage, "model": config.to_dict(), "tokenizer": tokenizer, "source": source}
+    return {"stage": stage, "model": config.to_dict(), "tokenizer": tokenizer, "source": source,
+            "chat_template": _exported_template(path) if kind == "hf" else ""}
+
+
+def _exported_template(directory: str) -> str:
+    """The name of the flaxalign chat template whose Jinja is the directory's tokenizer_config.json's, or ""."""
+    from flaxalign.data.chat import JINJA
+
+    try:
+        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
+            jinja = json.load(f).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return next((name for name, text in JINJA.items() if text == jinja), "")
 
 
 def _tokenizer_in(directory: str) -> str:
