@@ -18,6 +18,7 @@ def _load_bench():
     return module
 
 
+@pytest.mark.slow  # a bench script's smoke run, not a proof of the library: CI's slow group
 def test_peft_memory_tiny(tmp_path, capsys):
     bench = _load_bench()
     out = tmp_path / "peft.json"
@@ -77,6 +78,7 @@ def _check_dpo_result(result, out, *, end_to_end):
             assert abs(r["loop_first_loss"] - math.log(2)) < 1e-5 and math.isfinite(r["loop_last_loss"])
 
 
+@pytest.mark.slow  # a bench script's smoke run, not a proof of the library: CI's slow group
 def test_dpo_step_tiny(tmp_path, capsys):
     """bench/dpo_step.py times the in-step compiled DPO step of both configurations on the tiny preset without
     importing torch, and both start from policy = reference."""
@@ -148,6 +150,7 @@ def test_data_loader_tiny(capsys):
     assert "model: " in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a bench script's smoke run, not a proof of the library: CI's slow group
 def test_generate_bench_tiny(tmp_path, capsys):
     """bench/generate.py times the KV-cache and recompute samplers on the tiny preset without importing torch."""
     import sys

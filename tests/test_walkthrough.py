@@ -30,7 +30,8 @@ COMMANDS = [
     ("convert", "--from={gguf} --to=exports/smollm2 --format=hf"),
     ("convert", "--from=runs/my_dpo --to=exports/my_dpo_lora --format=peft --merge_parent"),
 ]
-# Two steps per stage on CPU: short rows, small batches, no sampled KL eval, the GGUF named directly.
+# Two steps per stage on CPU: short rows, small batches, no sampled KL eval, the GGUF named directly (and short
+# answers from generate).
 FAST = {"train": "--config.steps=2 --config.data.seq_len=48 --config.data.batch_size=2 --config.eval_every=0 "
                  "--config.init_from=gguf:{gguf}",
         "dpo": "--config.steps=2 --config.data.seq_len=48 --config.data.batch_size=2 --config.eval_every=0 "
@@ -76,6 +77,8 @@ def test_readme_walkthrough_from_gguf_to_transformers(tmp_path):
         line = args.format(gguf=gguf)
         if command == "train":
             line += " " + (FAST["dpo"] if "dpo.py" in line else FAST["train"].format(gguf=gguf))
+        elif command == "generate":
+            line += " --max_new_tokens=24"
         flags = [re.sub(r"=(runs|exports|my_)", lambda m: f"={tmp_path}/{m.group(1)}", flag)
                  .replace("checkpoint:runs", f"checkpoint:{tmp_path}/runs") for flag in _flags(line)]
         code, out, err = cli.run(flags, cpu_devices=1, command=command, timeout=600)
