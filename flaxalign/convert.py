@@ -164,7 +164,8 @@ def _base_digest(frozen, base: str, quantized: bool, mesh) -> str:
 
 
 def _lora_adapter(source: str, meta: dict, mesh) -> tuple:
-    """(the run's model, its host LoRA params, its host frozen base) of a LoRA run."""
+    """(the run's model, its host LoRA params, its frozen base on the device) of a LoRA run; the base is read to the
+    host leaf by leaf only when it is digested."""
     if pretrained.is_pretrained(source) or not meta.get("lora"):
         raise errors.ConfigError(f"{source} is not a LoRA run; --format=peft exports a run trained with lora.rank > 0.")
     if meta.get("stage") == "reward":
@@ -178,7 +179,7 @@ def _lora_adapter(source: str, meta: dict, mesh) -> tuple:
     if model.config.adapter_placement != "none":
         raise errors.ConfigError(f"{source} also trains bottleneck adapters, which PEFT's LoRA format cannot hold; "
                                  "use --format=hf (merged) instead.")
-    return model, jax.device_get(trained["lora"]), jax.device_get(frozen)
+    return model, jax.device_get(trained["lora"]), frozen
 
 
 def _parent(meta: dict) -> str:
