@@ -3,6 +3,7 @@ measured in the same process.
 
     python bench/data_loader.py                    # 50k SFT examples, 20k pairs, 50k documents; `small` CLM step
     python bench/data_loader.py --model_preset=tiny --model_tokens_per_sec=0   # 0 = measure (the default)
+    python bench/data_loader.py --parquet_only     # only the Parquet record stream (1M preference rows)
 
 The model side is the CLM train step (`bench/clm_step.py`'s timer: compiled step, AdamW, float32) of
 `--model_preset` on batches of the shape the SFT and CLM pipelines feed, `--batch` × `--seq_len`, timed before the
@@ -14,7 +15,9 @@ Pipelines (examples arrive as Python lists of token ids, as tokenizers return th
   preference  truncate_examples + preference_batch (all pairs at once) + stack_pairs, then one epoch of batches
   preference  per batch: preference_batch on each batch of pairs (the alternative to building all rows at once)
   CLM         pack_documents, then one epoch of batches
-and the per-batch cost of BatchIterator alone and through Prefetcher.
+and the per-batch cost of BatchIterator alone and through Prefetcher. First, before anything else runs, the
+record reader: `--parquet_rows` preference rows written to a Parquet file, then validated records streamed from it
+(`sources.iter_records`), with the process's peak memory growth while streaming (Linux VmHWM, reset first).
 tokens = real (input, target) positions delivered, padding excluded; the ratio divides them by the model's tokens/s,
 which counts every position of its batches, so the ratio is a lower bound (for the preference rows too: a DPO step
 does 8/6 of the CLM step's work per token).  Each timing is the best of --repeats.
@@ -59,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--model_steps", type=int, default=2, help="timed model steps per round (--repeats rounds)")
     p.add_argument("--model_tokens_per_sec", type=float, default=0.0,
                    help="use this train-step tokens/s instead of measuring it (0 = measure)")
+    p.add_argument("--parquet_rows", type=int, default=1_000_000, help="rows of the Parquet stream (0 = skip it)")
+    p.add_argument("--parquet_only", action="store_true", help="time only the Parquet record stream")
     return p.parse_args(argv)
 
 
@@ -182,8 +187,63 @@ def measure_model(args):
     return args.batch * args.seq_len / seconds, what
 
 
+def _peak_rss_mib(reset=False):
+    """The process's peak resident memory (VmHWM) in MiB, after resetting it when `reset`; None off Linux."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except OSError:
+        return None
+
+
+def parquet_stream(rows, repeats):
+    """Writes `rows` preference records to a Parquet file (in chunks, so writing does not raise the peak) and
+    returns {rows/s, seconds, peak memory growth while streaming, file size}, the best of `repeats`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flaxalign.data.sources import iter_records
+
+    chunk = 50_000
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "pairs.parquet")
+        schema = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
+                            ("source", pa.string())])
+        with pq.ParquetWriter(path, schema) as writer:
+            for start in range(0, rows, chunk):
+                ids = range(start, min(rows, start + chunk))
+                writer.write_table(pa.table({
+                    "prompt": [f"What is {i % 97} + {i % 89}? Answer with a number." for i in ids],
+                    "chosen": [f"The answer is {i % 97 + i % 89}." for i in ids],
+                    "rejected": [f"I think it might be {i % 97 + i % 89 + 1}, but I am not sure." for i in ids],
+                    "source": ["synthetic"] * len(ids)}, schema=schema))
+        best = None
+        for _ in range(repeats):
+            before = _peak_rss_mib(reset=True)
+            start = time.perf_counter()
+            count = sum(1 for _ in iter_records(path, "preference"))
+            seconds = time.perf_counter() - start
+            after = _peak_rss_mib()
+            assert count == rows
+            if best is None or seconds < best["seconds"]:
+                best = {"rows": rows, "seconds": seconds, "rows_per_sec": rows / seconds,
+                        "peak_growth_mib": None if before is None else after - before,
+                        "file_mib": os.path.getsize(path) / 2**20}
+    growth = "n/a" if best["peak_growth_mib"] is None else f"{best['peak_growth_mib']:.0f} MiB"
+    print(f"Parquet preference records: {rows:,} rows ({best['file_mib']:.0f} MiB file) streamed and validated in "
+          f"{best['seconds']:.2f} s = {best['rows_per_sec']:,.0f} rows/s (target ≥ 100,000); peak memory growth "
+          f"while streaming {growth} (best of {repeats})", flush=True)
+    return best
+
+
 def main(argv=None):
     args = parse_args(argv)
+    parquet = parquet_stream(args.parquet_rows, args.repeats) if args.parquet_rows else None
+    if args.parquet_only:
+        return {"parquet": parquet}
     print(f"timing the model: {args.model_preset} CLM train step on {args.batch}×{args.seq_len} ...", flush=True)
     model_tokens_per_sec, model_note = measure_model(args)
     rng = np.random.default_rng(0)
@@ -219,7 +279,7 @@ def main(argv=None):
     print(f"per batch of {args.batch} SFT rows: BatchIterator {plain:.0f} µs, through Prefetcher {prefetched:.0f} µs "
           f"(a thread hand-off; a {args.batch}×{args.seq_len} step at {model_tokens_per_sec:,.0f} tokens/s takes "
           f"{step_seconds:.2f} s)")
-    return {"model_tokens_per_sec": model_tokens_per_sec, "model": model_note, "pipelines": rows,
+    return {"parquet": parquet, "model_tokens_per_sec": model_tokens_per_sec, "model": model_note, "pipelines": rows,
             "batch_iterator_us": plain, "prefetcher_us": prefetched}
 
 

@@ -31,6 +31,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.train = "builtin:stdlib"  # a text file, folder or glob; builtin:stdlib = Python's own documentation
     c.data.eval = ""  # "" = hold out eval_fraction of the training documents
     c.data.eval_fraction = 0.02
+    c.data.format = "trl"  # trl | hh_rlhf | alpaca | gsm8k | ultrafeedback (flaxalign.data.formats)
+    c.data.columns = config_blocks.record_columns()  # {field: your column}; "" = the column of that name
     c.data.max_chars = DATA[arg]["max_chars"]  # 0 = the whole corpus
     c.data.tokenizer = ""  # a sentencepiece .model; "" = train one into the workdir
     c.data.vocab_size = c.model.get_ref("vocab_size")

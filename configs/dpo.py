@@ -61,6 +61,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.eval = ""  # "" = hold out eval_fraction of the training records
     c.data.eval_fraction = 0.1
     c.data.max_examples = 0
+    c.data.format = "trl"  # trl | hh_rlhf | alpaca | gsm8k | ultrafeedback (flaxalign.data.formats)
+    c.data.columns = config_blocks.record_columns()  # {field: your column}; "" = the column of that name
     c.data.tokenizer = ""  # "" = the init_from checkpoint's tokenizer
     c.data.chat_template = ""  # message lists: plain | chatml | llama3; "" = the init_from run's (else plain)
     c.data.overlong = "truncate_prompt_left"

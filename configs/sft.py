@@ -50,6 +50,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.eval = ""  # "" = hold out eval_fraction of the training records
     c.data.eval_fraction = 0.05
     c.data.max_examples = 0  # 0 = all
+    c.data.format = "trl"  # trl | hh_rlhf | alpaca | gsm8k | ultrafeedback (flaxalign.data.formats)
+    c.data.columns = config_blocks.record_columns()  # {field: your column}; "" = the column of that name
     c.data.tokenizer = ""  # "" = the init_from checkpoint's tokenizer
     # message lists: plain | chatml | llama3; "" = the init_from run's (else plain)
     c.data.chat_template = p.get("chat_template", "")

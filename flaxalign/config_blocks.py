@@ -7,6 +7,7 @@ import os
 import ml_collections
 
 from flaxalign import errors
+from flaxalign.data import formats
 from flaxalign.models.config import ADAPTER_FIELDS, ModelConfig, preset
 
 MODELS_ENV = "FLAXALIGN_MODELS"  # where fetched weights live (launch/fetch_*.sh write there, presets read there)
@@ -65,12 +66,20 @@ def mesh() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
 
+def record_columns() -> ml_collections.ConfigDict:
+    """The `data.columns` block: every field a `data.format` reads, mapped to the file's column ("" = same name),
+    so `--config.data.columns.prompt=question` works from the command line."""
+    return ml_collections.ConfigDict(formats.columns_block())
+
+
 def prompt_data(train: str, *, max_prompt_len: int, batch_size: int) -> ml_collections.ConfigDict:
     """The `data` block of the RL stages: `prompt` records, left-truncated to `max_prompt_len` (counted)."""
     return ml_collections.ConfigDict(dict(
         train=train,  # prompt records {"prompt", "answer"?} (JSONL, tfds:NAME, builtin:...)
         eval="",  # "" = hold out eval_fraction of the training records
         eval_fraction=0.05, max_examples=0,
+        format="trl",  # trl | hh_rlhf | alpaca | gsm8k | ultrafeedback (flaxalign.data.formats)
+        columns=record_columns(),  # {field: your column}; "" = the column of that name
         tokenizer="",  # "" = the init_from checkpoint's tokenizer
         chat_template="",  # message-list prompts: plain | chatml | llama3; "" = the init_from run's (else plain)
         max_prompt_len=max_prompt_len, batch_size=batch_size))

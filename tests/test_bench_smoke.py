@@ -140,8 +140,10 @@ def test_data_loader_tiny(capsys):
     pipeline's tokens/s by that measured number."""
     bench = _load_script("data_loader")
     result = bench.main(["--model_preset=tiny", "--examples=200", "--pairs=100", "--min_len=8", "--max_len=64",
-                         "--seq_len=32", "--pair_len=32", "--batch=2", "--repeats=1", "--model_steps=1"])
+                         "--seq_len=32", "--pair_len=32", "--batch=2", "--repeats=1", "--model_steps=1",
+                         "--parquet_rows=5000"])
     assert result["model_tokens_per_sec"] > 0 and "measured in this run" in result["model"]
+    assert result["parquet"]["rows"] == 5000 and result["parquet"]["rows_per_sec"] > 0
     assert [row["pipeline"] for row in result["pipelines"]] == [
         "SFT", "SFT, numpy inputs", "preference", "preference per batch", "CLM pack_documents"]
     for row in result["pipelines"]:

@@ -15,6 +15,8 @@ import shutil
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from flaxalign import main
@@ -72,8 +74,11 @@ def files(tmp_path_factory):
     good = json.dumps({"prompt": "What is 2 + 2?", "completion": " The answer is 4."})
     (root / "malformed.jsonl").write_text(good + "\n{\"prompt\": \"What is\n")
     (root / "no_completion.jsonl").write_text(good + "\n" + json.dumps({"prompt": "What is 3 + 3?"}) + "\n")
-    paths = {name.split(".")[0]: str(root / name)
-             for name in ("corpus.txt", "empty.txt", "malformed.jsonl", "no_completion.jsonl")}
+    pq.write_table(pa.table({"question": ["What is 2 + 2?"], "response": [" The answer is 4."]}),
+                   root / "qa.parquet")
+    (root / "broken.parquet").write_bytes((root / "qa.parquet").read_bytes()[:-20])  # its footer cut off
+    paths = {name.split(".")[0]: str(root / name) for name in (
+        "corpus.txt", "empty.txt", "malformed.jsonl", "no_completion.jsonl", "qa.parquet", "broken.parquet")}
     paths["tok"] = Tokenizer.train(docs, str(root / "tok.model"), vocab_size=512).model_path
     paths["clm_run"], paths["rm_run"] = str(root / "clm_lora"), str(root / "rm")
     _run_directory("clm", {"data.train": paths["corpus"], "data.tokenizer": paths["tok"], "data.seq_len": 32,
@@ -182,6 +187,17 @@ STAGE_CASES = {
     "tokenizer larger than the vocabulary": (
         "sft", {"init_from": "", "data.tokenizer": "{tok}", "model.vocab_size": 256},
         "the tokenizer has 512 tokens but the model's vocab_size is 256."),
+    "Parquet column mapped to a column the file lacks": (
+        "sft", {"data.train": "{qa}", "data.columns.prompt": "question", "data.columns.completion": "answer"},
+        "{qa} row 0: no column 'answer' (data.columns.completion names it); the file has 'question', 'response'."),
+    "truncated Parquet file": (
+        "sft", {"data.train": "{broken}"},
+        "{broken}: not a readable Parquet file (Parquet magic bytes not found in footer. Either the file is "
+        "corrupted or this is not a parquet file)."),
+    "data.format that has no records of the stage's kind": (
+        "dpo", {"data.format": "gsm8k"},
+        "data.format=gsm8k gives sft, prompt records, not preference records; use data.format=trl with "
+        "data.columns for this stage."),
     "malformed JSONL": (
         "sft", {"data.train": "{malformed}"},
         "{malformed} line 2: malformed JSON (Invalid control character at column 20)."),

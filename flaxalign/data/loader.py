@@ -16,6 +16,7 @@ import zipfile
 
 import numpy as np
 
+from flaxalign.data import formats
 from flaxalign.data.atomic import write_atomically
 from flaxalign.data.corpus import truncate_documents
 from flaxalign.data.packing import PACKED_KEYS, pack_documents
@@ -193,17 +194,19 @@ def build_clm_datasets(data_cfg, workdir: str, *, log=print) -> ClmData:
 
 def _train_and_eval_documents(data_cfg, max_chars):
     """Returns the training and evaluation documents for the config."""
-    train_docs = _text_documents(data_cfg.train, max_chars)
+    record_format = formats.from_config(data_cfg)
+    train_docs = _text_documents(data_cfg.train, max_chars, record_format)
     eval_spec = getattr(data_cfg, "eval", "") or ""
     if eval_spec:
-        return train_docs, _text_documents(eval_spec, max_chars)
+        return train_docs, _text_documents(eval_spec, max_chars, record_format)
     return split_every_kth(train_docs, float(getattr(data_cfg, "eval_fraction", 0.02)), data_cfg.train)
 
 
-def _text_documents(spec, max_chars):
-    """Documents of a `text` source: text files/folders, JSONL(.gz) with a `text` field, `tfds:NAME[:split]`, or
-    `builtin:stdlib`."""
-    return truncate_documents([record["text"] for record in read_records(spec, "text")], max_chars)
+def _text_documents(spec, max_chars, record_format=formats.TRL):
+    """Documents of a `text` source: text files/folders, JSONL(.gz), Parquet or Arrow with a `text` column (or
+    the one `data.columns.text` names), `tfds:NAME[:split]`, or `builtin:stdlib`."""
+    records = read_records(spec, "text", record_format=record_format)
+    return truncate_documents([record["text"] for record in records], max_chars)
 
 
 def split_every_kth(documents, eval_fraction: float, corpus_name: str = "corpus"):

@@ -26,8 +26,7 @@ import numpy as np
 
 from flaxalign.data.batching import preference_batch, stack_pairs, truncate_examples
 from flaxalign.data.chat import is_conversation, render_chat
-from flaxalign.data.loader import split_every_kth
-from flaxalign.data.sources import read_records
+from flaxalign.data.splits import read_splits
 from flaxalign.errors import DataError
 
 
@@ -135,7 +134,7 @@ def build_preference_datasets(data_cfg, tokenizer, *, log=print) -> PreferenceDa
     `_kept`, `_truncated`, `_dropped`, `_tokens_removed`, and `{split}_pairs`.
     """
     splits, stats = {}, {}
-    for name, (spec, records) in _read_splits(data_cfg, "preference").items():
+    for name, (spec, records) in read_splits(data_cfg, "preference").items():
         pairs = [preference_example(record, tokenizer, data_cfg.chat_template, source=f"{name} record {index}")
                  for index, record in enumerate(records)]
         margins = _margins(records, spec)
@@ -184,7 +183,7 @@ def build_kto_datasets(data_cfg, tokenizer, *, log=print) -> KtoData:
     records are every k-th desirable and every k-th undesirable record, so eval has both labels.
     """
     splits, stats = {}, {}
-    for name, (spec, records) in _read_splits(data_cfg, "kto").items():
+    for name, (spec, records) in read_splits(data_cfg, "kto").items():
         examples = [kto_example(record, tokenizer, data_cfg.chat_template, source=f"{name} record {index}")
                     for index, record in enumerate(records)]
         if len(examples) < 2:
@@ -212,33 +211,3 @@ def build_kto_datasets(data_cfg, tokenizer, *, log=print) -> KtoData:
             )
     log("data: " + ", ".join(f"{key}={value}" for key, value in stats.items()))
     return KtoData(train=splits["train"], eval=splits["eval"], stats=stats)
-
-
-def _read_splits(data_cfg, kind):
-    """{"train": (spec, records), "eval": (spec, records)} as in `build_sft_datasets`."""
-    train_records = read_records(data_cfg.train, kind)
-    if data_cfg.eval:
-        eval_spec, eval_records = data_cfg.eval, read_records(data_cfg.eval, kind)
-    else:
-        hold_out = _hold_out_by_label if kind == "kto" else split_every_kth
-        train_records, eval_records = hold_out(train_records, float(data_cfg.eval_fraction), data_cfg.train)
-        eval_spec = data_cfg.train
-    if data_cfg.max_examples:
-        train_records = train_records[: int(data_cfg.max_examples)]
-    return {"train": (data_cfg.train, train_records), "eval": (eval_spec, eval_records)}
-
-
-def _hold_out_by_label(records, eval_fraction, spec):
-    """`split_every_kth` within the desirable and within the undesirable records, keeping dataset order.
-
-    Unpaired data often alternates labels (`unpair_preferences`), and every k-th record of an alternating list
-    with an even k has a single label; holding out per label keeps both in eval.
-    """
-    groups = [[index for index, record in enumerate(records) if record["label"] is label] for label in (True, False)]
-    if min(len(group) for group in groups) < 2:
-        return split_every_kth(records, eval_fraction, spec)
-    held_out = set()
-    for group in groups:
-        held_out.update(split_every_kth(group, eval_fraction, spec)[1])
-    return ([record for index, record in enumerate(records) if index not in held_out],
-            [record for index, record in enumerate(records) if index in held_out])

@@ -16,7 +16,7 @@ import numpy as np
 
 from flaxalign.data.batching import left_pad_prompts
 from flaxalign.data.chat import is_conversation, render_chat
-from flaxalign.data.preference_data import _read_splits
+from flaxalign.data.splits import read_splits
 from flaxalign.errors import ConfigError, DataError
 
 
@@ -77,7 +77,7 @@ def build_prompt_datasets(data_cfg, tokenizer, *, max_prompt_len: int, log=print
             f"max_prompt_len must be at least 2 (a bos and one prompt token), got {max_prompt_len}; raise it."
         )
     splits, records_by_split, stats = {}, {}, {}
-    for name, (spec, records) in _read_splits(data_cfg, "prompt").items():
+    for name, (spec, records) in read_splits(data_cfg, "prompt").items():
         if not records:
             raise DataError(f"the {name} split of '{spec}' has no prompts; give it at least one prompt record.")
         prompts, truncated, removed = [], 0, 0

@@ -11,8 +11,7 @@ import numpy as np
 
 from flaxalign.data.batching import pack_sft, truncate_examples
 from flaxalign.data.chat import is_conversation, render_chat
-from flaxalign.data.loader import split_every_kth
-from flaxalign.data.sources import read_records
+from flaxalign.data.splits import read_splits
 
 
 @dataclasses.dataclass
@@ -36,14 +35,10 @@ def sft_example(record: dict, tokenizer, template: str, *, source: str = "") -> 
 
 def build_sft_datasets(data_cfg, tokenizer, *, log=print) -> SftData:
     """`data_cfg`: `train`, `eval` (record specs; "" = hold out `eval_fraction` of train), `eval_fraction`,
-    `chat_template`, `seq_len`, `overlong` ("truncate_prompt_left" | "drop"), `max_examples` (0 = all)."""
-    train_records = read_records(data_cfg.train, "sft")
-    if data_cfg.eval:
-        eval_records = read_records(data_cfg.eval, "sft")
-    else:
-        train_records, eval_records = split_every_kth(train_records, float(data_cfg.eval_fraction), data_cfg.train)
-    if data_cfg.max_examples:
-        train_records = train_records[: int(data_cfg.max_examples)]
+    `chat_template`, `seq_len`, `overlong` ("truncate_prompt_left" | "drop"), `max_examples` (0 = all),
+    `format` / `columns` (`flaxalign.data.formats`)."""
+    splits = read_splits(data_cfg, "sft")
+    (_, train_records), (_, eval_records) = splits["train"], splits["eval"]
     splits, stats = {}, {}
     for name, records in (("train", train_records), ("eval", eval_records)):
         examples = [sft_example(r, tokenizer, data_cfg.chat_template, source=f"{name} record {i}")

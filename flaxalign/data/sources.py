@@ -27,19 +27,26 @@ an empty user or assistant message.
 or a `builtin:` spec (see `flaxalign.data.embedded`).  Files ending in
 `.jsonl`, `.json`, `.jsonl.gz` or `.json.gz` hold one JSON object per line
 (blank lines skipped; a `.json` file may instead hold one JSON array of
-objects); other files are plain text, one `text` record per document as
-`flaxalign.data.corpus.read_text_documents` splits them.  A folder or glob
-that holds any JSON files is read as those JSON files only (so a README next
-to the data is not a record), in sorted path order.
+objects); `.parquet` and `.arrow` files hold one record per row, and a
+`datasets.save_to_disk` folder is read as its Arrow files
+(`flaxalign.data.arrow_io`); other files are plain text, one `text` record
+per document as `flaxalign.data.corpus.read_text_documents` splits them.  A
+folder or glob that holds any JSON, Parquet or Arrow files is read as those
+files only (so a README next to the data is not a record), in sorted path
+order.  Rows in other column names or public shapes (HH-RLHF, Alpaca, GSM8K,
+UltraFeedback) go through a `formats.RecordFormat` first.  Errors name the
+file and its line (JSON) or row from 0 (Parquet, Arrow).
 """
 
 import gzip
 import json
+import os
 import zlib
 from collections.abc import Iterator
 
-from flaxalign.data import embedded
+from flaxalign.data import arrow_io, embedded
 from flaxalign.data.corpus import read_text_documents
+from flaxalign.data.formats import TRL, RecordFormat
 from flaxalign.data.paths import list_files
 from flaxalign.errors import ConfigError, DataError
 
@@ -64,32 +71,55 @@ def check_kind(kind: str) -> None:
         raise ConfigError(f"unknown record kind {kind!r}; kinds are {', '.join(KINDS)}.")
 
 
-def read_records(spec: str, kind: str, *, data_dir: str | None = None) -> list[dict]:
+def read_records(spec: str, kind: str, *, data_dir: str | None = None,
+                 record_format: RecordFormat = TRL) -> list[dict]:
     """Returns the validated, normalised records of `spec` as a list of dicts.
 
     `spec` is a file, a folder, a glob, `tfds:NAME[:split]` (split `train` by
     default; NAME is a dataset name under `data_dir`, else env TFDS_DATA_DIR,
     else ~/tensorflow_datasets, or a dataset folder) or `builtin:NAME`.
     """
+    return list(iter_records(spec, kind, data_dir=data_dir, record_format=record_format))
+
+
+def iter_records(spec: str, kind: str, *, data_dir: str | None = None,
+                 record_format: RecordFormat = TRL) -> Iterator[dict]:
+    """Yields the validated, normalised records of `spec` one by one (files stream; see `read_records`)."""
     check_kind(kind)
+    record_format.check(kind)
+    for prefix in (embedded.BUILTIN_PREFIX, TFDS_PREFIX):
+        if spec.startswith(prefix) and not record_format.is_plain_trl:
+            raise ConfigError(f"data.format and data.columns apply to files (JSONL, Parquet, Arrow), not to "
+                              f"{prefix} specs like '{spec}'.")
     if spec.startswith(embedded.BUILTIN_PREFIX):
-        return embedded.builtin_records(spec, kind)
+        yield from embedded.builtin_records(spec, kind)
+        return
     if spec.startswith(TFDS_PREFIX):
         # Imported here: tensorflow_datasets takes a while to import.
         from flaxalign.data import tfds_io
 
-        return tfds_io.read_tfds_spec(spec, kind, data_dir=data_dir)
-    json_files = [path for path in list_files(spec) if is_json_file(path)]
-    if not json_files:
+        yield from tfds_io.read_tfds_spec(spec, kind, data_dir=data_dir)
+        return
+    record_files = _record_files(spec)
+    if not record_files:
         if kind != "text":
             raise DataError(
-                f"'{spec}' holds no {'/'.join(JSON_SUFFIXES)} file; {kind} records must be JSON lines."
+                f"'{spec}' holds no {'/'.join(JSON_SUFFIXES + arrow_io.SUFFIXES)} file; {kind} records must be "
+                "JSON lines, Parquet or Arrow."
             )
-        return [{"text": document} for document in read_text_documents(spec)]
-    records = []
-    for path in json_files:
-        records.extend(iter_file_records(path, kind))
-    return records
+        yield from ({"text": document} for document in read_text_documents(spec))
+        return
+    for path in record_files:
+        yield from iter_file_records(path, kind, record_format=record_format)
+
+
+def _record_files(spec: str) -> list[str]:
+    """The JSON, Parquet and Arrow files of `spec` (a save_to_disk folder's in its own order)."""
+    if os.path.isdir(spec):
+        saved = arrow_io.saved_dataset_files(spec)
+        if saved is not None:
+            return saved
+    return [path for path in list_files(spec) if is_json_file(path) or arrow_io.is_arrow_file(path)]
 
 
 def is_json_file(path: str) -> bool:
@@ -97,27 +127,40 @@ def is_json_file(path: str) -> bool:
     return path.endswith(JSON_SUFFIXES)
 
 
-def iter_file_records(path: str, kind: str) -> Iterator[dict]:
-    """Yields the validated records of one JSON file, streaming line by line.
+def iter_file_records(path: str, kind: str, *, record_format: RecordFormat = TRL) -> Iterator[dict]:
+    """Yields the validated records of one JSON, Parquet or Arrow file, streaming line by line or batch by batch.
 
-    Raises DataError naming the file and line for any bad line, and if the
+    Raises DataError naming the file and line (or row) for any bad record, and if the
     file holds no record at all.
     """
     check_kind(kind)
+    if arrow_io.is_arrow_file(path):
+        record_format.check_columns(arrow_io.column_names(path), where=f"{path} row 0", holder="the file")
+        rows = ((f"{path} row {index}", row)
+                for index, row in arrow_io.iter_rows(path, record_format.source_columns(kind)))
+    else:
+        rows = _json_rows(path)
     count = 0
-    lines = _numbered_lines(path)
-    for number, line in lines:
-        if not line.strip():
-            continue
-        if count == 0 and path.endswith((".json", ".json.gz")) and line.lstrip().startswith("["):
-            # A JSON array (HF `to_json(lines=False)`), not JSON lines.
-            yield from _array_records(path, kind)
-            return
-        where = f"{path} line {number}"
-        yield validate_record(_parse_json(line, where), kind, where=where)
+    for where, row in rows:
+        yield validate_record(record_format.to_record(row, kind, where=where), kind, where=where)
         count += 1
     if count == 0:
         raise DataError(f"file {path} has no records.")
+
+
+def _json_rows(path):
+    """Yields (where, parsed JSON value) of the records of a JSON-lines file (or a `.json` array)."""
+    first = True
+    for number, line in _numbered_lines(path):
+        if not line.strip():
+            continue
+        if first and path.endswith((".json", ".json.gz")) and line.lstrip().startswith("["):
+            # A JSON array (HF `to_json(lines=False)`), not JSON lines.
+            yield from _array_rows(path)
+            return
+        first = False
+        where = f"{path} line {number}"
+        yield where, _parse_json(line, where)
 
 
 def _numbered_lines(path):
@@ -166,8 +209,8 @@ def _json_problem(error: json.JSONDecodeError) -> str:
     return f"{error.msg.removesuffix(' at')} at column {error.colno}"
 
 
-def _array_records(path, kind):
-    """Yields the records of a `.json` file that holds one JSON array."""
+def _array_rows(path):
+    """Yields (where, value) of the elements of a `.json` file that holds one JSON array."""
     text = "\n".join(line for _, line in _numbered_lines(path))
     try:
         values = json.loads(text)
@@ -175,11 +218,10 @@ def _array_records(path, kind):
         raise DataError(
             f"{path} line {error.lineno}: malformed JSON ({_json_problem(error)})."
         ) from None
-    if not isinstance(values, list) or not values:
+    if not isinstance(values, list):
         raise DataError(f"file {path} has no records.")
     for index, value in enumerate(values):
-        where = f"{path} record {index}"
-        yield validate_record(value, kind, where=where)
+        yield f"{path} record {index}", value
 
 
 def validate_record(record, kind: str, *, where: str) -> dict:

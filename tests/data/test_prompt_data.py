@@ -230,7 +230,7 @@ def test_an_empty_split_is_a_data_error(tokenizer, tmp_path, monkeypatch):
         build_prompt_datasets(_data_cfg("builtin:arithmetic_prompts?n=8", str(empty)), tokenizer,
                               max_prompt_len=8, log=_silent)
     # Sources never yield an empty list today; the builder still refuses one, naming the split.
-    monkeypatch.setattr(prompt_data, "_read_splits", lambda cfg, kind: {
+    monkeypatch.setattr(prompt_data, "read_splits", lambda cfg, kind: {
         "train": ("train.jsonl", [{"prompt": "Hi?"}]), "eval": ("eval.jsonl", [])})
     with pytest.raises(DataError, match="the eval split of 'eval.jsonl' has no prompts"):
         build_prompt_datasets(_data_cfg("train.jsonl"), tokenizer, max_prompt_len=8, log=_silent)
