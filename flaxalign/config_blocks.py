@@ -72,6 +72,11 @@ def record_columns() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(formats.columns_block())
 
 
+def record_format() -> ml_collections.ConfigDict:
+    """A `format` + `columns` block for a record file that is not under `data` (eval's prompts)."""
+    return ml_collections.ConfigDict(dict(format="trl", columns=record_columns()))
+
+
 def prompt_data(train: str, *, max_prompt_len: int, batch_size: int) -> ml_collections.ConfigDict:
     """The `data` block of the RL stages: `prompt` records, left-truncated to `max_prompt_len` (counted)."""
     return ml_collections.ConfigDict(dict(

@@ -53,9 +53,11 @@ COLUMN_FIELDS = tuple(dict.fromkeys(field for kinds in FIELDS.values() for names
 
 @dataclasses.dataclass(frozen=True)
 class RecordFormat:
-    """A `data.format` and its `data.columns` renames ((field, column) pairs)."""
+    """A `data.format` and its `data.columns` renames ((field, column) pairs); `label` is the config block that
+    set them, for messages."""
     name: str = "trl"
     columns: tuple[tuple[str, str], ...] = ()
+    label: str = dataclasses.field(default="data", compare=False)
 
     @property
     def is_plain_trl(self) -> bool:
@@ -64,15 +66,15 @@ class RecordFormat:
     def check(self, kind: str) -> None:
         """Raises ConfigError unless this format gives `kind` records and every renamed field is one it reads."""
         if self.name not in FIELDS:
-            raise ConfigError(f"data.format={self.name!r} is not one of {', '.join(FORMATS)}.")
+            raise ConfigError(f"{self.label}.format={self.name!r} is not one of {', '.join(FORMATS)}.")
         if kind not in FIELDS[self.name]:
-            raise ConfigError(f"data.format={self.name} gives {', '.join(FIELDS[self.name])} records, not {kind} "
-                              "records; use data.format=trl with data.columns for this stage.")
+            raise ConfigError(f"{self.label}.format={self.name} gives {', '.join(FIELDS[self.name])} records, not "
+                              f"{kind} records; use {self.label}.format=trl with {self.label}.columns for this stage.")
         reads = FIELDS[self.name][kind]
         for field, _ in self.columns:
             if field not in reads:
-                raise ConfigError(f"data.columns.{field}: data.format={self.name} reads {', '.join(reads)} for "
-                                  f"{kind} records, not {field}.")
+                raise ConfigError(f"{self.label}.columns.{field}: {self.label}.format={self.name} reads "
+                                  f"{', '.join(reads)} for {kind} records, not {field}.")
 
     def source_columns(self, kind: str) -> list[str]:
         """The file columns the `kind` records are made of (so a columnar reader reads only those)."""
@@ -93,32 +95,32 @@ class RecordFormat:
         """Raises DataError when a column `data.columns` names is not among `names` (a row's or a file's)."""
         for field, column in self.columns:
             if column not in names:
-                raise DataError(f"{where}: no column '{column}' (data.columns.{field} names it); {holder} has "
+                raise DataError(f"{where}: no column '{column}' ({self.label}.columns.{field} names it); {holder} has "
                                 f"{', '.join(map(repr, names)) or 'no columns'}.")
 
 
 TRL = RecordFormat()
 
 
-def from_config(data_cfg) -> RecordFormat:
-    """The RecordFormat of a data config block (`format`, `columns`; absent = TRL), checked for its values'
-    types; `check(kind)` checks it against the stage's record kind."""
-    name = getattr(data_cfg, "format", "trl") or "trl"
+def from_config(block, label: str = "data") -> RecordFormat:
+    """The RecordFormat of a config block with `format` and `columns` (absent = TRL; `label` names the block in
+    messages), checked for its values' types; `check(kind)` checks it against the stage's record kind."""
+    name = getattr(block, "format", "trl") or "trl"
     if name not in FIELDS:
-        raise ConfigError(f"data.format={name!r} is not one of {', '.join(FORMATS)}.")
-    columns = getattr(data_cfg, "columns", None) or {}
+        raise ConfigError(f"{label}.format={name!r} is not one of {', '.join(FORMATS)}.")
+    columns = getattr(block, "columns", None) or {}
     if not isinstance(columns, (Mapping, ml_collections.ConfigDict)):
-        raise ConfigError(f"data.columns must be a mapping of field to column name, got {columns!r}.")
+        raise ConfigError(f"{label}.columns must be a mapping of field to column name, got {columns!r}.")
     pairs = []
     for field, column in sorted(columns.items()):
         if field not in COLUMN_FIELDS:
-            raise ConfigError(f"data.columns.{field} is not a field any data.format reads; fields are "
+            raise ConfigError(f"{label}.columns.{field} is not a field any format reads; fields are "
                               f"{', '.join(COLUMN_FIELDS)}.")
         if not isinstance(column, str):
-            raise ConfigError(f"data.columns.{field} must be a column name (a string), got {column!r}.")
+            raise ConfigError(f"{label}.columns.{field} must be a column name (a string), got {column!r}.")
         if column and column != field:
             pairs.append((field, column))
-    return RecordFormat(name, tuple(pairs))
+    return RecordFormat(name, tuple(pairs), label)
 
 
 def columns_block() -> dict:

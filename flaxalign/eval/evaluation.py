@@ -32,6 +32,7 @@ import numpy as np
 from absl import logging
 
 from flaxalign import errors, models, sharding, weights
+from flaxalign.data import formats
 from flaxalign.data.atomic import write_atomically
 from flaxalign.data.batching import left_pad_prompts
 from flaxalign.data.chat import TEMPLATES
@@ -242,8 +243,8 @@ def check_length(model, config, name: str) -> None:
             f"max_seq_len={model.config.max_seq_len}.")
 
 
-def read_prompts(spec: str, limit: int) -> list[dict]:
-    records = read_records(spec, "prompt")
+def read_prompts(spec: str, limit: int, record_format: formats.RecordFormat = formats.TRL) -> list[dict]:
+    records = read_records(spec, "prompt", record_format=record_format)
     return records[:limit] if limit else records
 
 
@@ -365,7 +366,8 @@ def run_parts(config, policy: Model, reference, rm, tokenizer) -> tuple[dict, di
 def sampled_part(config, policy: Model, reference, rm, tokenizer, samplers: dict, rng) -> tuple[dict, list]:
     """The metrics of the policy's responses to `prompts` (and the reference's, and their KL and reward), and the
     first `num_examples` of them. `samplers`: `make_sampler` of the policy (and of the reference)."""
-    records = read_prompts(config.prompts, config.num_prompts)
+    records = read_prompts(config.prompts, config.num_prompts,
+                           formats.from_config(config.get("prompts_format"), "prompts_format"))
     prompts = prompt_arrays(records, tokenizer, chat_template=config.chat_template,
                             max_prompt_len=config.max_prompt_len)
     samples = sample_responses(samplers["policy"], prompts, tokenizer, rng, config.batch_size)

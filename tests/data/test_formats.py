@@ -186,7 +186,7 @@ def test_from_config_reads_format_and_non_empty_columns():
      "data.columns.prompt: data.format=alpaca reads instruction, input, output for sft records, not prompt."),
     ({"columns": {"question": "q"}}, "sft",
      "data.columns.question: data.format=trl reads prompt, completion, messages for sft records, not question."),
-    ({"columns": {"prompts": "q"}}, "sft", "data.columns.prompts is not a field any data.format reads"),
+    ({"columns": {"prompts": "q"}}, "sft", "data.columns.prompts is not a field any format reads"),
     ({"columns": {"prompt": 3}}, "sft", "data.columns.prompt must be a column name"),
 ])
 def test_config_errors_are_one_sentence(data, kind, message):

@@ -241,3 +241,21 @@ def test_eval_command_prints_metrics_and_writes_to_the_checkpoint_s_eval_folder(
     rc, _, err = cli.run(["--config=configs/eval.py:tiny", "--checkpoint=/no/such/run"], cpu_devices=1,
                          command="eval")
     assert rc == 2 and "flaxalign: error: checkpoint '/no/such/run' does not exist" in err
+
+
+def test_prompts_in_a_public_format_are_read_through_prompts_format(tmp_path):
+    """`prompts_format` reads eval prompts as data.format does for the stages, e.g. GSM8K's test split as is."""
+    import ml_collections
+
+    from flaxalign.data import formats
+
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps({"question": "What is 6 * 7?", "answer": "6*7=<<6*7=42>>42\n#### 42"}) + "\n")
+    block = ml_collections.ConfigDict({"format": "gsm8k", "columns": formats.columns_block()})
+    records = ev.read_prompts(str(path), 0, formats.from_config(block, "prompts_format"))
+    assert records == [{"prompt": [{"role": "user", "content": "What is 6 * 7?"}], "answer": "42"}]
+    block.format = "hh_rlhf"
+    block.columns.question = "q"
+    with pytest.raises(errors.ConfigError, match=r"^prompts_format.columns.question: prompts_format.format=hh_rlhf "
+                                                 r"reads chosen for prompt records, not question.$"):
+        ev.read_prompts(str(path), 0, formats.from_config(block, "prompts_format"))
