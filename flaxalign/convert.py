@@ -1,4 +1,4 @@
-"""`flaxalign convert --from=SOURCE --to=DIR --format=hf|peft|checkpoint`.
+"""`flaxalign convert --from=SOURCE --to=DIR --format=hf|peft|checkpoint`, `--to=FILE.gguf --format=gguf`.
 
 SOURCE is a flaxalign run directory (`checkpoint:DIR` or just DIR), an HF model directory (`hf:DIR`, or a directory
 with config.json and no checkpoints/) or a GGUF file (`gguf:FILE`, or a path ending in .gguf).
@@ -8,6 +8,8 @@ with config.json and no checkpoints/) or a GGUF file (`gguf:FILE`, or a path end
     peft        a LoRA run's adapter as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
     checkpoint  a flaxalign run directory holding pretrained weights, for `init_from=checkpoint:DIR`, `generate`
                 and `eval` (its tokenizer is written next to the checkpoints)
+    gguf        one llama.cpp GGUF file (--to ends in .gguf): a run's policy with its LoRA merged, or pretrained
+                weights, with the tokenizer and chat template, matrices as --gguf_type (`interop.gguf_export`)
 """
 
 import json
@@ -21,19 +23,27 @@ from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.interop import hf, pretrained
 from flaxalign.train import checkpoint
 
-FORMATS = ("hf", "peft", "checkpoint")
+FORMATS = ("hf", "peft", "checkpoint", "gguf")
 TOKENIZER_DIR = "tokenizer"  # inside a converted checkpoint's run directory
 
 
 GENERATION_CONFIG = "generation_config.json"
 
 
-def convert(spec: str, destination: str, fmt: str, *, overwrite: bool = False, merge_parent: bool = False) -> str:
+def convert(spec: str, destination: str, fmt: str, *, overwrite: bool = False, merge_parent: bool = False,
+            gguf_type: str | None = None) -> str:
     """Converts `spec` into `destination` in format `fmt`; returns a one-line description of what was written. A
     destination that already holds files is refused unless `overwrite` (files of the same names are then
-    replaced, others left), so an export never lands silently on top of another."""
+    replaced, others left), so an export never lands silently on top of another. `gguf_type` is the type of a
+    GGUF file's weight matrices (None: `gguf_export.DEFAULT_GGUF_TYPE`)."""
     if fmt not in FORMATS:
         raise errors.ConfigError(f"--format={fmt!r} is not one of {list(FORMATS)}.")
+    if gguf_type is not None and fmt != "gguf":
+        raise errors.ConfigError("--gguf_type applies to --format=gguf only.")
+    if merge_parent and fmt != "peft":
+        raise errors.ConfigError("--merge_parent applies to --format=peft only.")
+    if fmt == "gguf":
+        return _to_gguf(spec, destination, overwrite, gguf_type)
     if os.path.exists(destination) and not os.path.isdir(destination):
         raise errors.ConfigError(f"--to={destination} is a file; convert writes a directory.")
     if os.path.isdir(destination) and os.listdir(destination) and not overwrite:
@@ -45,8 +55,6 @@ def convert(spec: str, destination: str, fmt: str, *, overwrite: bool = False, m
     source = weights.source_of(spec)
     meta = weights.metadata(source)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    if merge_parent and fmt != "peft":
-        raise errors.ConfigError("--merge_parent applies to --format=peft only.")
     if fmt == "peft":
         return _to_peft(source, meta, destination, mesh, merge_parent)
     if pretrained.is_pretrained(source) and fmt == "checkpoint":
@@ -91,6 +99,52 @@ def _to_hf(source: str, meta: dict, destination: str, mesh) -> str:
     kind = "a *ForSequenceClassification reward model" if head is not None else "a causal LM"
     return (f"wrote {kind} to {destination}" + (f" with its tokenizer ({', '.join(written)})" if written else "")
             + generation)
+
+
+def _to_gguf(spec: str, destination: str, overwrite: bool, gguf_type: str | None) -> str:
+    """A causal LM — a run's policy (LoRA merged, as for --format=hf), HF or GGUF weights — as one llama.cpp GGUF
+    file with its tokenizer and chat template: the run's recorded template as Jinja (`chat.JINJA`), else the
+    tokenizer's own. Everything GGUF cannot hold is refused before the weights are read."""
+    from flaxalign.data.chat import JINJA
+    from flaxalign.interop import gguf_export
+
+    gguf_type = gguf_type or gguf_export.DEFAULT_GGUF_TYPE
+    gguf_export.check_gguf_type(gguf_type)
+    if not destination.endswith(".gguf"):
+        raise errors.ConfigError(f"--to={destination} must name a file ending in .gguf for --format=gguf.")
+    if os.path.isdir(destination):
+        raise errors.ConfigError(f"--to={destination} is a directory; --format=gguf writes one .gguf file.")
+    if os.path.exists(destination) and not overwrite:
+        raise errors.ConfigError(f"--to={destination} already exists; choose a new file name or pass --overwrite to "
+                                 "replace it.")
+    source = weights.source_of(spec)
+    meta = weights.metadata(source)
+    if meta.get("stage") == "reward":
+        raise errors.ConfigError(f"{spec} is a reward model, and a GGUF file holds a causal LM (llama.cpp has no score "
+                                 "head); use --format=hf (a *ForSequenceClassification model) instead.")
+    model_config = models.ModelConfig.from_dict(meta["model"])
+    gguf_export.check_exportable(model_config)
+    tokenizer = load_tokenizer(meta["tokenizer"]) if meta.get("tokenizer") else None
+    vocab = gguf_export.gguf_vocab(tokenizer, model_config.vocab_size) if tokenizer is not None else None
+    template_name = meta.get("chat_template", "")
+    template = JINJA.get(template_name) or gguf_export.own_chat_template(tokenizer)
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    model_config, params, _ = _weights(source, meta, mesh)
+    name = os.path.basename(os.path.normpath(weights.directory_of(source))).removesuffix(".gguf")
+    exported = gguf_export.export_gguf(destination, model_config, params, vocab=vocab, chat_template=template,
+                                       gguf_type=gguf_type, name=name)
+    what = (f"wrote a llama GGUF file ({gguf_type}, {exported.tensors} tensors, {exported.size / 2**20:.1f} MiB) to "
+            f"{destination}")
+    if vocab is None:
+        what += " without a tokenizer (the source has none; llama.cpp needs one to run the file)"
+    else:
+        kind = f"the {template_name} chat template" if template_name in JINJA else \
+            "the tokenizer's chat template" if template else "no chat template"
+        what += f" with its tokenizer ({len(vocab.tokens)} tokens, pre-tokenizer {vocab.pre}) and {kind}"
+    if exported.fallbacks:
+        what += (f"; {len(exported.fallbacks)} matrices whose rows are not whole {gguf_type} blocks are F16 "
+                 f"(e.g. {exported.fallbacks[0]})")
+    return what
 
 
 def _to_checkpoint(source: str, meta: dict, destination: str, mesh) -> str:

@@ -3,6 +3,7 @@
     flaxalign train --config=configs/clm.py:tiny --workdir=runs/clm [--config.steps=200 ...]
     flaxalign generate --checkpoint=runs/sft --prompt="What does `len(obj)` do?" [--temperature=0 ...]
     flaxalign convert --from=runs/sft_lora --to=exports/sft --format=hf|peft|checkpoint
+    flaxalign convert --from=runs/sft_lora --to=exports/sft.gguf --format=gguf [--gguf_type=q8_0]   # for llama.cpp
     flaxalign eval --config=configs/eval.py:tiny --checkpoint=runs/dpo [--workdir=DIR --config.reference=...]
     flaxalign constitutional --config=configs/constitutional.py:tiny --workdir=runs/cai --config.checkpoint=runs/sft
     flaxalign generate --checkpoint=runs/sft --prompt=... --refine_rounds=2   # self-refine: feedback → revision
@@ -36,8 +37,8 @@ COMMAND_HELP = {
     "generate": ("sample responses to prompts from a run, hf:DIR or gguf:FILE",
                  ("checkpoint", "prompt", "chat_template", "system", "max_new_tokens", "temperature", "top_k",
                   "top_p", "seed", "refine_rounds", "cpu_devices")),
-    "convert": ("export a run (HF, PEFT) or import pretrained weights as a run", ("from", "to", "format", "overwrite",
-                                                                                  "merge_parent", "cpu_devices")),
+    "convert": ("export a run (HF, PEFT, GGUF) or import pretrained weights as a run",
+                ("from", "to", "format", "gguf_type", "overwrite", "merge_parent", "cpu_devices")),
     "eval": ("evaluate a run's policy (win rate, KL, perplexity, …) into eval.json",
              ("config", "checkpoint", "workdir", "cpu_devices")),
     "pipeline": ("run the whole adaptation pipeline (CLM → SFT → reward → PPO/DPO → eval → report)",
@@ -71,15 +72,19 @@ flags.DEFINE_integer("refine_rounds", 0, "generate: self-refine rounds (feedback
                      "2023); 0 = answer once.")
 flags.DEFINE_integer("seeds", 0, "pipeline: PPO and DPO runs per method (0 = the config's `seeds`).")
 flags.DEFINE_string("from", None, "convert: a run directory, hf:DIR (or a directory with config.json) or gguf:FILE.")
-flags.DEFINE_string("to", None, "convert: the output directory (new or empty).")
-flags.DEFINE_bool("overwrite", False, "convert: write into a --to directory that already holds files.")
+flags.DEFINE_string("to", None, "convert: the output directory (new or empty); for --format=gguf the output file "
+                    "(FILE.gguf).")
+flags.DEFINE_bool("overwrite", False, "convert: write into a --to directory that already holds files (--format=gguf: "
+                  "replace an existing file).")
 flags.DEFINE_bool("merge_parent", False, "convert --format=peft: a LoRA run trained on another LoRA run becomes one "
                   "adapter on the original base (ranks add).")
 flags.DEFINE_string("topology", None, "plan: the TPU slice to compile for, e.g. v5e:2x4, v6e:4x4, v4:2x2x1, "
                     "v5p:4x4x4 (needs the libtpu package; no TPU needed).")
 flags.DEFINE_float("mfu", 0.4, "plan: the model FLOPs utilisation the predicted step time assumes.")
-flags.DEFINE_string("format", None, "convert: hf (transformers directory), peft (a LoRA run's adapter) or "
-                    "checkpoint (a flaxalign run directory of pretrained weights).")
+flags.DEFINE_string("format", None, "convert: hf (transformers directory), peft (a LoRA run's adapter), "
+                    "checkpoint (a flaxalign run directory of pretrained weights) or gguf (one llama.cpp file).")
+flags.DEFINE_string("gguf_type", None, "convert --format=gguf: how the weight matrices are stored: f16 (default), "
+                    "bf16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0 (norms and biases stay f32).")
 FLAGS = flags.FLAGS
 
 # Fault injection for tests: `flaxalign train` sends itself SIGTERM at this start-up point ("before_jax": right after
@@ -393,7 +398,7 @@ def convert_command() -> None:
     with user_errors():
         from flaxalign.convert import convert
         done = convert(FLAGS["from"].value, FLAGS.to, FLAGS.format, overwrite=FLAGS.overwrite,
-                       merge_parent=FLAGS.merge_parent)
+                       merge_parent=FLAGS.merge_parent, gguf_type=FLAGS.gguf_type)
         print(f"flaxalign: {done}.")
 
 

@@ -6,14 +6,15 @@ TinyLlama, ...) into the same `hf.Pretrained` that `hf.load_pretrained` returns 
 `flaxalign.data.load_tokenizer(path)` builds the tokenizer from the file's metadata.
 
 How: the file is parsed with the `gguf` package (`GGUFReader`, memory-mapped). Each GGUF tensor is renamed to its HF
-name (`GGUF_TO_HF` below), dequantised by the small NumPy block decoders in this module, and its q/k rows are put
-back into HF order (`unpermute_rope_rows`); that lazy HF-named mapping then goes through hf.py's own checks and
-placement, so with a `mesh` every param is created directly in its sharding, tensor by tensor.
+name (`GGUF_TO_HF` below), dequantised by the package (`gguf.quants.dequantize`, ggml's block decoders in NumPy),
+and its q/k rows are put back into HF order (`unpermute_rope_rows`); that lazy HF-named mapping then goes through
+hf.py's own checks and placement (`hf.check_tensors`, `hf.place_params`), so with a `mesh` every param is created
+directly in its sharding, tensor by tensor (each tensor is dequantised whole: blocks do not follow shard bounds).
 
-Tensor types: F32, F16, BF16, Q8_0, Q4_0 and Q4_1 (the block layouts are in the `dequantize_*` docstrings); other
-types (the k-quants Q4_K..Q6_K, IQ*, Q5_*) raise `CheckpointError` naming the tensor and its type. Q4/Q8 weights are
-the quantised values, dequantised exactly: the model computes with them in float32 (no re-quantisation error, but
-the quantisation error of the file stays).
+Tensor types: every type `gguf.quants.dequantize` decodes (`supported_types()`: F32, F16, BF16, Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0, the k-quants Q2_K..Q6_K, the IQ* and TQ* types, MXFP4, NVFP4 with gguf 0.19); others (F64, integer
+types) raise `CheckpointError` naming the tensor and its type. Quantised weights are dequantised exactly: the model
+computes with them in float32 (no re-quantisation error, but the quantisation error of the file stays).
 
 Config keys: `llama.embedding_length`, `block_count`, `feed_forward_length`, `context_length`,
 `attention.head_count`, `attention.head_count_kv`, `attention.key_length` (head_dim), `rope.freq_base`,
@@ -26,12 +27,15 @@ Tokenizer: byte-level BPE (`tokenizer.ggml.model` "gpt2") only; see `GGUFTokeniz
 """
 
 import dataclasses
+import functools
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import gguf
 import jax
 import numpy as np
 import tokenizers
@@ -91,88 +95,43 @@ _HF_TO_GGUF = {hf_name: gguf_name for gguf_name, hf_name in GGUF_TO_HF.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tensor types: ggml's block formats, decoded with NumPy. All multi-byte fields are little-endian.
-
-QK = 32  # values per block of Q4_0, Q4_1 and Q8_0
+# Tensor types: decoded by the gguf package
 
 
-def _blocks(raw: np.ndarray, block_bytes: int) -> np.ndarray:
-    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    if raw.size % block_bytes:
-        raise ValueError(f"{raw.size} bytes are not a whole number of {block_bytes}-byte blocks")
-    return raw.reshape(-1, block_bytes)
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """[n, 16] bytes -> [n, 32] values 0..15: the low nibbles are values 0..15, the high nibbles values 16..31."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
-
-
-def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
-    """Q8_0 blocks -> float32 values, 32 per block.
-
-    Block (34 bytes): `d` float16 scale, then 32 int8 `q`; value = d · q.
-    """
-    blocks = _blocks(raw, 2 + QK)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-    q = blocks[:, 2:].view(np.int8).astype(np.float32)
-    return (d * q).reshape(-1)
-
-
-def dequantize_q4_0(raw: np.ndarray) -> np.ndarray:
-    """Q4_0 blocks -> float32 values, 32 per block.
-
-    Block (18 bytes): `d` float16 scale, then 16 bytes `qs`; byte j holds value j in its low nibble and value j + 16
-    in its high nibble; value = d · (nibble − 8).
-    """
-    blocks = _blocks(raw, 2 + QK // 2)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-    q = _nibbles(blocks[:, 2:]).astype(np.float32) - 8.0
-    return (d * q).reshape(-1)
-
-
-def dequantize_q4_1(raw: np.ndarray) -> np.ndarray:
-    """Q4_1 blocks -> float32 values, 32 per block.
-
-    Block (20 bytes): `d` float16 scale, `m` float16 minimum, then 16 bytes `qs` with the nibbles laid out as in
-    Q4_0; value = d · nibble + m.
-    """
-    blocks = _blocks(raw, 4 + QK // 2)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
-    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-    q = _nibbles(blocks[:, 4:]).astype(np.float32)
-    return (d * q + m).reshape(-1)
-
-
-def dequantize_bf16(raw: np.ndarray) -> np.ndarray:
-    """BF16 values (2 bytes each: the upper half of a float32) -> float32."""
-    halves = np.ascontiguousarray(raw).view(np.uint8).reshape(-1).view(np.uint16)
-    return (halves.astype(np.uint32) << 16).view(np.float32)
-
-
-def _plain(dtype: str):
-    def decode(raw: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(raw).view(np.uint8).reshape(-1).view(dtype).astype(np.float32)
-
-    return decode
-
-
-# ggml type name -> decoder of the raw bytes into a flat float32 array
-DEQUANTIZERS = {
-    "F32": _plain("<f4"), "F16": _plain("<f2"), "BF16": dequantize_bf16,
-    "Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1,
-}
+@functools.cache
+def supported_types() -> tuple[str, ...]:
+    """The ggml type names ("Q4_K", ...) that the installed gguf package's `gguf.quants.dequantize` decodes, in
+    ggml's type order. The package lists no such set publicly, so each type is tried on one block of zero bytes
+    (about 5 ms, once); the types it has no decoder for raise NotImplementedError there."""
+    names = []
+    for qtype in gguf.GGMLQuantizationType:
+        if qtype not in gguf.GGML_QUANT_SIZES:
+            continue
+        try:
+            gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+        except NotImplementedError:
+            continue
+        names.append(qtype.name)
+    return tuple(names)
 
 
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
     """The float32 array of `shape` (numpy order: rows first) stored as ggml type `type_name` ("Q4_1", ...) in
-    `raw` (the tensor's bytes, any shape). Raises ValueError for an unsupported type or a wrong size."""
-    if type_name not in DEQUANTIZERS:
-        raise ValueError(f"ggml type {type_name} is not supported; flaxalign reads {sorted(DEQUANTIZERS)}")
-    values = DEQUANTIZERS[type_name](raw)
-    if values.size != int(np.prod(shape)):
-        raise ValueError(f"{values.size} values do not fill shape {shape}")
-    return values.reshape(shape)
+    `raw` (the tensor's bytes, any shape), decoded by `gguf.quants.dequantize` a row at a time. Raises ValueError
+    for a type the package cannot decode and for bytes that do not hold `shape` in that type (one line each)."""
+    if type_name not in supported_types():
+        raise ValueError(f"ggml type {type_name} is not supported; flaxalign reads {list(supported_types())}")
+    qtype = gguf.GGMLQuantizationType[type_name]
+    block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    if not shape or shape[-1] % block_values:
+        raise ValueError(f"shape {shape} does not have rows of whole {block_values}-value {type_name} blocks")
+    row_bytes = shape[-1] // block_values * block_bytes
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    if raw.size != math.prod(shape[:-1]) * row_bytes:
+        raise ValueError(f"{raw.size} bytes do not hold shape {shape} as {type_name} ({row_bytes} bytes a row)")
+    values = gguf.quants.dequantize(raw.reshape(-1, row_bytes), qtype).reshape(shape)
+    # F32 comes back as a view of the (read-only, memory-mapped) bytes: the caller gets an array of its own
+    return values.astype(np.float32, copy=not values.flags.writeable)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,8 +158,6 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _open(path: str):
     """The `gguf.GGUFReader` of a file (memory-mapped), or `CheckpointError` naming the file."""
-    import gguf
-
     if not os.path.isfile(path):
         raise errors.CheckpointError(f"GGUF file {path!r} does not exist{_fetch_hint(path)}.")
     try:
@@ -308,8 +265,9 @@ def read_model_config(path: str, *, dtype: str = "float32") -> ModelConfig:
 
 
 class _GGUFTensors(Mapping):
-    """The tensors of a GGUF file under their HF names, as float32 numpy arrays in HF layout, decoded on access
-    (like hf.py's `_SafetensorsFiles`, which `hf._check_tensors` / `hf._place` read the same way)."""
+    """The tensors of a GGUF file under their HF names, as float32 numpy arrays in HF layout, decoded on access,
+    with `shape(name)` and `read(name, index)` as `hf.check_tensors` / `hf.place_params` read a
+    `safetensors_io.SafetensorsFiles` (a region is cut from the whole dequantised tensor)."""
 
     def __init__(self, reader, path: str, config: ModelConfig):
         self._path = path
@@ -322,10 +280,10 @@ class _GGUFTensors(Mapping):
                 unknown.append(tensor.name)
                 continue
             type_name = tensor.tensor_type.name
-            if type_name not in DEQUANTIZERS:
+            if type_name not in supported_types():
                 raise errors.CheckpointError(
                     f"GGUF tensor {tensor.name!r} of {path!r} has type {type_name}; flaxalign reads "
-                    f"{sorted(DEQUANTIZERS)} (requantise the file, e.g. llama-quantize ... Q8_0).")
+                    f"{list(supported_types())} (requantise the file, e.g. llama-quantize ... Q8_0).")
             self._where[name] = tensor
             if name.endswith(("q_proj.weight", "q_proj.bias")):
                 self._heads[name] = config.n_heads
@@ -348,6 +306,13 @@ class _GGUFTensors(Mapping):
             value = unpermute_rope_rows(value, self._heads[name])
         return value
 
+    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        value = self[name]
+        return value if index is None else value[index]
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would dequantise the tensor
+        return name in self._where
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
@@ -357,8 +322,8 @@ class _GGUFTensors(Mapping):
 
 def _check_present(config: ModelConfig, tensors: _GGUFTensors, path: str) -> None:
     """Every tensor the config needs is in the file with the right shape (in GGUF names; hf.py says it in HF's)."""
-    expected = {spec.hf_name: spec.hf_shape for spec in hf._global_tensors(config)}
-    for spec in hf._layer_tensors(config):
+    expected = {spec.hf_name: spec.hf_shape for spec in hf.global_tensors(config)}
+    for spec in hf.layer_tensors(config):
         expected.update({spec.hf_name.format(i=i): spec.hf_shape for i in range(config.n_layers)})
     for name, shape in expected.items():
         if name not in tensors:
@@ -385,8 +350,8 @@ def load_gguf(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None 
     config = _config(reader, path, dtype)
     tensors = _GGUFTensors(reader, path, config)
     _check_present(config, tensors, path)
-    hf._check_tensors(config, tensors)  # also refuses tensors left over (none, after the checks above)
-    params = hf._place(config, tensors, mesh, quantizer=quantizer)
+    hf.check_tensors(config, tensors)  # also refuses tensors left over (none, after the checks above)
+    params = hf.place_params(config, tensors, mesh, quantizer=quantizer)
     tokenizer = None
     if reader.get_field("tokenizer.ggml.model") is not None:
         try:
@@ -521,8 +486,9 @@ class GGUFTokenizer(HFTokenizer):
     `model_path` is the .gguf path, so `load_tokenizer(model_path)` builds it again. Special ids are the file's
     bos/eos/unk/padding ids. A pad that is missing or equal to EOS becomes EOS when the file's embedding has no spare
     row (the usual case: a pretrained vocabulary cannot grow, and flaxalign marks padding with masks), else (an
-    embedding with spare rows, or a vocabulary-only file) a new "<|pad|>" token, as `HFTokenizer` does. `chat_template` is the file's Jinja chat template (None when absent); `chat_template_name` is the
-    flaxalign template (`flaxalign.data.chat`) it writes, "chatml" or "llama3", or None when it is neither.
+    embedding with spare rows, or a vocabulary-only file) a new "<|pad|>" token, as `HFTokenizer` does.
+    `chat_template` is the file's Jinja chat template (None when absent); `chat_template_name` is the flaxalign
+    template (`flaxalign.data.chat`) it writes, "chatml" or "llama3", or None when it is neither.
     """
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, model_path: str, *, bos_id: int | None, eos_id: int | None,

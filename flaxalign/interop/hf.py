@@ -6,14 +6,15 @@ state-dict conversions work on in-memory arrays only: numpy in, numpy out, no to
 
 - `load_pretrained(directory)` reads an HF model directory (config.json, model.safetensors or sharded files with
   model.safetensors.index.json, optional tokenizer.json) into a `Pretrained` (config, params, tokenizer); with a
-  mesh each param is built shard by shard from memory-mapped files, so no full host copy of the model exists.
+  mesh each device's shard of a param is read as a region of the memory-mapped files (`place_params`), so no full
+  host copy of the model exists.
 - `save_hf(config, params, directory)` writes a transformers-loadable directory (float32 safetensors, sharded with
   an index above `max_shard_bytes`).
 - `apply_lm(config, params, input_ids, attention_mask)` gives float32 logits the way an HF causal LM does for a
   (right- or left-) padded batch.
 
-Safetensors files are read and written here directly (the format is an 8-byte header length, a JSON header and the
-raw little-endian data), so bfloat16 checkpoints load without torch and the default install needs no extra package.
+Safetensors files are read and written with the `safetensors` package's numpy framework (`safetensors_io.py`), so
+bfloat16 checkpoints load without torch.
 Reward models map to `*ForSequenceClassification`: the backbone without LM head plus `score.weight` [1, D] (our head
 kernel; HF's score layer has no bias, so a non-zero head bias is kept in config.json under `flaxalign_score_bias`).
 
@@ -41,13 +42,11 @@ of head_dim is needed (unlike Meta's original checkpoints).
 import dataclasses
 import json
 import os
-import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -61,6 +60,7 @@ from flaxalign.interop.hf_config import (  # noqa: F401 - the config mapping is 
     is_score_model,
     model_config_from_hf,
 )
+from flaxalign.interop.safetensors_io import SafetensorsFiles, write_safetensors
 from flaxalign.models.apply import apply_lm, apply_reward  # noqa: F401 - part of flaxalign.interop's API
 from flaxalign.models.config import ModelConfig
 
@@ -68,62 +68,97 @@ from flaxalign.models.config import ModelConfig
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+Index = tuple[slice, ...]  # a region of an array: one slice per dimension, numpy style
+
+
 @dataclasses.dataclass(frozen=True)
-class _Tensor:
-    """One HF tensor and where it lives in flaxalign's params; `hf_name` holds `{i}` for per-layer tensors."""
+class HFTensor:
+    """One HF tensor and where it lives in flaxalign's params; `hf_name` holds `{i}` for per-layer tensors.
+
+    `to_flax` / `to_hf` convert the whole tensor. `to_flax` also converts a region of the HF tensor that
+    `hf_region(index)` gives for a region `index` of the flax array (slices with int start and stop, step 1): that
+    region covers `index`, widened to whole heads where the flax array splits an HF dimension into heads × head_dim,
+    so `to_flax(hf[hf_region(index)])` is `flax[index]` except that a head_dim cut is still to be made
+    (`read_flax` makes it)."""
 
     hf_name: str
     path: tuple[str, ...]
     hf_shape: tuple[int, ...]
     to_flax: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    hf_region: Callable[[Index], Index]
+
+    def read_flax(self, tensors: Any, name: str, index: Index) -> np.ndarray:
+        """Region `index` (slices with int bounds, step 1) of the float32 flax-layout array of HF tensor `name` (this
+        tensor, or one layer's), read from `tensors` (`tensors.read(name, hf_index)`, e.g. a `SafetensorsFiles`) as
+        the region of the HF tensor that covers it."""
+        piece = self.to_flax(np.asarray(tensors.read(name, self.hf_region(index)), np.float32))
+        # a dimension read whole because the HF dimension holds whole heads (head_dim) is cut to `index` here
+        piece = piece[tuple(slice(None) if n == s.stop - s.start else s for n, s in zip(piece.shape, index))]
+        return np.ascontiguousarray(piece)
 
 
 def _transpose(x: np.ndarray) -> np.ndarray:
     return x.T
 
 
-def _identity(x: np.ndarray) -> np.ndarray:
+def _identity(x: Any) -> Any:
     return x
 
 
-def _global_tensors(config: ModelConfig, score: bool = False) -> list[_Tensor]:
+def _swapped(index: Index) -> Index:
+    """The region of a matrix that holds the transpose of region `index`."""
+    return index[::-1]
+
+
+def _heads(index: slice, head_dim: int) -> slice:
+    """The rows of whole heads `index.start` .. `index.stop` in an HF dimension of heads × head_dim."""
+    return slice(index.start * head_dim, index.stop * head_dim)
+
+
+def global_tensors(config: ModelConfig, score: bool = False) -> list[HFTensor]:
     """Embedding, final norm and the output layer: the LM head, or with `score` a reward model's score row (at
     params path ("score",), shape [D])."""
     d, v = config.d_model, config.vocab_size
     specs = [
-        _Tensor("model.embed_tokens.weight", ("embed",), (v, d), _identity, _identity),
-        _Tensor("model.norm.weight", ("final_norm", "scale"), (d,), _identity, _identity),
+        HFTensor("model.embed_tokens.weight", ("embed",), (v, d), _identity, _identity, _identity),
+        HFTensor("model.norm.weight", ("final_norm", "scale"), (d,), _identity, _identity, _identity),
     ]
     if score:
-        specs.append(_Tensor("score.weight", ("score",), (1, d), lambda w: w[0], lambda k: k[None]))
+        specs.append(HFTensor("score.weight", ("score",), (1, d), lambda w: w[0], lambda k: k[None],
+                              lambda ix: (slice(None), ix[0])))
     elif not config.tie_embeddings:
-        specs.append(_Tensor("lm_head.weight", ("lm_head",), (v, d), _transpose, _transpose))
+        specs.append(HFTensor("lm_head.weight", ("lm_head",), (v, d), _transpose, _transpose, _swapped))
     return specs
 
 
-def _layer_tensors(config: ModelConfig) -> list[_Tensor]:
+def layer_tensors(config: ModelConfig) -> list[HFTensor]:
+    """The tensors of layer `{i}`, in HF order (q, k, v, o, gate, up, down, the two norms, then q/k/v biases)."""
     d, f, hd = config.d_model, config.d_ff, config.head_dim
     h, k = config.n_heads, config.n_kv_heads
 
-    def in_proj(name: str, heads: int) -> _Tensor:
-        return _Tensor(f"model.layers.{{i}}.self_attn.{name}_proj.weight", ("attn", name), (heads * hd, d),
-                       lambda w: w.T.reshape(d, heads, hd), lambda p: p.reshape(d, heads * hd).T)
+    def in_proj(name: str, heads: int) -> HFTensor:  # flax [D, heads, hd] from HF [heads·hd, D]
+        return HFTensor(f"model.layers.{{i}}.self_attn.{name}_proj.weight", ("attn", name), (heads * hd, d),
+                        lambda w: w.T.reshape(w.shape[1], -1, hd), lambda p: p.reshape(d, heads * hd).T,
+                        lambda ix: (_heads(ix[1], hd), ix[0]))
 
-    def bias(name: str, heads: int) -> _Tensor:
-        return _Tensor(f"model.layers.{{i}}.self_attn.{name}_proj.bias", ("attn", f"{name}_bias"), (heads * hd,),
-                       lambda b: b.reshape(heads, hd), lambda p: p.reshape(heads * hd))
+    def bias(name: str, heads: int) -> HFTensor:  # flax [heads, hd] from HF [heads·hd]
+        return HFTensor(f"model.layers.{{i}}.self_attn.{name}_proj.bias", ("attn", f"{name}_bias"), (heads * hd,),
+                        lambda b: b.reshape(-1, hd), lambda p: p.reshape(heads * hd), lambda ix: (_heads(ix[0], hd),))
 
-    def mlp(name: str, hf_shape: tuple[int, int]) -> _Tensor:
-        return _Tensor(f"model.layers.{{i}}.mlp.{name}_proj.weight", ("mlp", name), hf_shape, _transpose, _transpose)
+    def mlp(name: str, hf_shape: tuple[int, int]) -> HFTensor:
+        return HFTensor(f"model.layers.{{i}}.mlp.{name}_proj.weight", ("mlp", name), hf_shape, _transpose,
+                        _transpose, _swapped)
 
-    def norm(hf_norm: str, flax_norm: str) -> _Tensor:
-        return _Tensor(f"model.layers.{{i}}.{hf_norm}.weight", (flax_norm, "scale"), (d,), _identity, _identity)
+    def norm(hf_norm: str, flax_norm: str) -> HFTensor:
+        return HFTensor(f"model.layers.{{i}}.{hf_norm}.weight", (flax_norm, "scale"), (d,), _identity, _identity,
+                        _identity)
 
     specs = [
         in_proj("q", h), in_proj("k", k), in_proj("v", k),
-        _Tensor("model.layers.{i}.self_attn.o_proj.weight", ("attn", "o"), (d, h * hd),
-                lambda w: w.T.reshape(h, hd, d), lambda p: p.reshape(h * hd, d).T),
+        HFTensor("model.layers.{i}.self_attn.o_proj.weight", ("attn", "o"), (d, h * hd),  # flax [H, hd, D]
+                 lambda w: w.T.reshape(-1, hd, w.shape[0]), lambda p: p.reshape(h * hd, d).T,
+                 lambda ix: (ix[2], _heads(ix[0], hd))),
         mlp("gate", (f, d)), mlp("up", (f, d)), mlp("down", (d, f)),
         norm("input_layernorm", "attn_norm"), norm("post_attention_layernorm", "mlp_norm"),
     ]
@@ -142,9 +177,9 @@ def params_from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndar
     """
     params: dict[str, Any] = {}
     used: set[str] = set()
-    for spec in _global_tensors(config, score):
+    for spec in global_tensors(config, score):
         _set(params, spec.path, spec.to_flax(_take(tensors, spec.hf_name, spec.hf_shape, used)))
-    for spec in _layer_tensors(config):
+    for spec in layer_tensors(config):
         per_layer = [spec.to_flax(_take(tensors, spec.hf_name.format(i=i), spec.hf_shape, used))
                      for i in range(config.n_layers)]
         _set(params, ("layers",) + spec.path, np.stack(per_layer))
@@ -157,9 +192,9 @@ def params_to_hf_state_dict(config: ModelConfig, params: Mapping[str, Any], *,
     """The HF state dict (float32 numpy, HF names and layouts) of flaxalign params; the inverse of
     `params_from_hf_state_dict`. Tied models get no `lm_head.weight`, as in HF's own safetensors files."""
     out: dict[str, np.ndarray] = {}
-    for spec in _global_tensors(config, score):
+    for spec in global_tensors(config, score):
         out[spec.hf_name] = _contiguous(spec.to_hf(_get(params, spec.path)))
-    for spec in _layer_tensors(config):
+    for spec in layer_tensors(config):
         stacked = _get(params, ("layers",) + spec.path)
         for i in range(config.n_layers):
             out[spec.hf_name.format(i=i)] = _contiguous(spec.to_hf(stacked[i]))
@@ -221,76 +256,11 @@ def _contiguous(x: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Safetensors files
+# Model directories
 
-_ST_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
-}
-_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-
-class _SafetensorsFiles(Mapping):
-    """The tensors of one or more safetensors files as a read-only mapping of memory-mapped numpy arrays: a tensor
-    is read from disk only when (and where) it is used, so converting one shard never copies the whole file."""
-
-    def __init__(self, files: list[str]):
-        self._where: dict[str, tuple[str, dict[str, Any], int]] = {}
-        self._maps: dict[str, np.memmap] = {}
-        self.metadata: dict[str, str] = {}  # the files' `__metadata__` string entries, merged
-        for file in files:
-            try:
-                with open(file, "rb") as f:
-                    (header_len,) = struct.unpack("<Q", f.read(8))
-                    header = json.loads(f.read(header_len))
-            except (OSError, ValueError, struct.error) as e:
-                raise errors.CheckpointError(f"cannot read safetensors file {file!r}: {e}.") from e
-            self.metadata.update(header.pop("__metadata__", None) or {})
-            for name, info in header.items():
-                self._where[name] = (file, info, 8 + header_len)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._where[name][1]["shape"])
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        file, info, data_start = self._where[name]
-        if info["dtype"] not in _ST_DTYPES:
-            raise errors.CheckpointError(f"HF tensor {name!r} has unsupported safetensors dtype {info['dtype']}.")
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-        begin, end = info["data_offsets"]
-        raw = self._maps[file][data_start + begin:data_start + end]
-        return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-
-def _write_safetensors(file: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
-                       ) -> None:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
-    for name, value in tensors.items():
-        header[name] = {"dtype": _ST_NAMES[value.dtype], "shape": list(value.shape),
-                        "data_offsets": [offset, offset + value.nbytes]}
-        offset += value.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for value in tensors.values():
-            f.write(np.ascontiguousarray(value).tobytes())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model directories
 
 
 @dataclasses.dataclass
@@ -329,9 +299,9 @@ def load_pretrained(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh |
     hf_config = read_hf_config(path)
     score = is_score_model(hf_config)
     config = dataclasses.replace(model_config_from_hf(hf_config), dtype=dtype)
-    tensors = _SafetensorsFiles(_weight_files(path))
-    _check_tensors(config, tensors, score)
-    params = _place(config, tensors, mesh, score, quantizer)
+    tensors = SafetensorsFiles(_weight_files(path))
+    check_tensors(config, tensors, score)
+    params = place_params(config, tensors, mesh, score, quantizer)
     head = None
     if score:
         head = {"kernel": params.pop("score"), "bias": jnp.float32(hf_config.get(SCORE_BIAS_FIELD, 0.0))}
@@ -380,10 +350,13 @@ def _weight_files(path: str) -> list[str]:
         f"HF model directory {path!r} has neither {SINGLE_FILE} nor {INDEX_FILE}; save it with safetensors.")
 
 
-def _check_tensors(config: ModelConfig, tensors: _SafetensorsFiles, score: bool = False) -> None:
-    """Names and shapes of every tensor the config needs, and no unexpected ones, before any data is read."""
-    expected = {spec.hf_name: spec.hf_shape for spec in _global_tensors(config, score)}
-    for spec in _layer_tensors(config):
+def check_tensors(config: ModelConfig, tensors: SafetensorsFiles, score: bool = False) -> None:
+    """Names and shapes of every tensor the config needs, and no unexpected ones, before any data is read.
+
+    `tensors` is a `SafetensorsFiles`, or another mapping of HF names with its `shape(name)` and `read(name, index)`
+    (`flaxalign.interop.gguf` hands its file over this way)."""
+    expected = {spec.hf_name: spec.hf_shape for spec in global_tensors(config, score)}
+    for spec in layer_tensors(config):
         expected.update({spec.hf_name.format(i=i): spec.hf_shape for i in range(config.n_layers)})
     for name, shape in expected.items():
         if name not in tensors:
@@ -391,41 +364,51 @@ def _check_tensors(config: ModelConfig, tensors: _SafetensorsFiles, score: bool 
         if tensors.shape(name) != shape:
             raise errors.CheckpointError(
                 f"HF tensor {name!r} has shape {tensors.shape(name)}, but the model config needs {shape}.")
+
     def embed() -> np.ndarray:
         return np.asarray(tensors["model.embed_tokens.weight"], np.float32)
 
     _check_leftovers(config, tensors, set(expected), embed)
 
 
-def _place(config: ModelConfig, tensors: _SafetensorsFiles, mesh: jax.sharding.Mesh | None,
-           score: bool = False, quantizer: Callable | None = None) -> dict[str, Any]:
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> Index:
+    """`index` (slices of `shape`, as `make_array_from_callback` gives them: step 1) with int bounds."""
+    return tuple(slice(*part.indices(n)[:2]) for part, n in zip(index, shape))
+
+
+def _whole(shape: tuple[int, ...]) -> Index:
+    return tuple(slice(0, n) for n in shape)
+
+
+def place_params(config: ModelConfig, tensors: SafetensorsFiles, mesh: jax.sharding.Mesh | None,
+                 score: bool = False, quantizer: Callable | None = None) -> dict[str, Any]:
+    """flaxalign's float32 params (device arrays) from checked HF `tensors` (see `check_tensors`): with `mesh`,
+    each param is created in its sharding (`sharding.tree_shardings`) from per-device regions, each read from
+    `tensors` as the region of the HF tensor(s) it covers (`tensors.read(name, index)`: a memory-mapped
+    safetensors slice), so a sharded param is never whole on the host; without one, each param is read whole and
+    put on the default device. `quantizer`: see `load_pretrained`."""
     shardings = None
     if mesh is not None:
         _, abstract, logical = models.abstract_model(config)
         shardings = sharding.tree_shardings(logical, abstract, mesh)
     params: dict[str, Any] = {}
-    unused: set[str] = set()
 
-    def put(path: tuple[str, ...], shape: tuple[int, ...], build: Callable[[tuple[slice, ...]], np.ndarray]):
+    def put(path: tuple[str, ...], shape: tuple[int, ...], build: Callable[[Index], np.ndarray]):
         if shardings is None:
-            value = jax.device_put(build(tuple(slice(None) for _ in shape)))
+            value = jax.device_put(build(_whole(shape)))
         else:
             target = NamedSharding(mesh, PartitionSpec()) if path == ("score",) else _get(shardings, path)
-            value = jax.make_array_from_callback(shape, target, build)
+            value = jax.make_array_from_callback(shape, target, lambda index: build(_bounds(index, shape)))
         _set(params, path, value)
 
-    for spec in _global_tensors(config, score):
+    for spec in global_tensors(config, score):
         shape = spec.to_flax(np.empty(spec.hf_shape, np.float32)).shape
-
-        def build_global(index, spec=spec):
-            return np.ascontiguousarray(spec.to_flax(_take(tensors, spec.hf_name, spec.hf_shape, unused))[index])
-
-        put(spec.path, shape, build_global)
-    for spec in _layer_tensors(config):
-        shape = (config.n_layers,) + spec.to_flax(np.empty(spec.hf_shape, np.float32)).shape
+        put(spec.path, shape, lambda index, spec=spec: spec.read_flax(tensors, spec.hf_name, index))
+    for spec in layer_tensors(config):
+        layer_shape = spec.to_flax(np.empty(spec.hf_shape, np.float32)).shape
         if quantizer is not None:
-            def layer(i, spec=spec):
-                return spec.to_flax(_take(tensors, spec.hf_name.format(i=i), spec.hf_shape, unused))
+            def layer(i, spec=spec, whole=_whole(layer_shape)):
+                return spec.read_flax(tensors, spec.hf_name.format(i=i), whole)
 
             quantized = quantizer("/".join(("layers",) + spec.path), layer, config.n_layers)
             if quantized is not None:
@@ -433,11 +416,10 @@ def _place(config: ModelConfig, tensors: _SafetensorsFiles, mesh: jax.sharding.M
                 continue
 
         def build_layers(index, spec=spec):
-            layers = range(config.n_layers)[index[0]]
-            return np.stack([spec.to_flax(_take(tensors, spec.hf_name.format(i=i), spec.hf_shape, unused))[index[1:]]
-                             for i in layers])
+            return np.stack([spec.read_flax(tensors, spec.hf_name.format(i=i), index[1:])
+                             for i in range(index[0].start, index[0].stop)])
 
-        put(("layers",) + spec.path, shape, build_layers)
+        put(("layers",) + spec.path, (config.n_layers,) + layer_shape, build_layers)
     return params
 
 
@@ -478,12 +460,12 @@ def save_hf(config: ModelConfig, params: Mapping[str, Any], directory: str, *, s
         if os.path.exists(os.path.join(directory, stale)):
             os.remove(os.path.join(directory, stale))
     if len(shards) == 1:
-        _write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0])
+        write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0])
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_safetensors(os.path.join(directory, name), shard)
+        write_safetensors(os.path.join(directory, name), shard)
         weight_map.update({tensor: name for tensor in shard})
     index = {"metadata": {"total_size": sum(v.nbytes for v in state.values())}, "weight_map": weight_map}
     with open(os.path.join(directory, INDEX_FILE), "w") as f:

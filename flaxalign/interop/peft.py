@@ -34,6 +34,7 @@ import numpy as np
 
 from flaxalign import errors, models
 from flaxalign.interop import hf
+from flaxalign.interop.safetensors_io import SafetensorsFiles, write_safetensors
 from flaxalign.models.config import ModelConfig
 from flaxalign.peft import lora
 
@@ -77,8 +78,8 @@ def _model(config: ModelConfig) -> tuple[dict, dict[str, Any], dict[str, _Module
     shapes = lora.flatten_paths(abstract)
     linear = {path: layout for path, axes in lora.flatten_paths(logical).items()
               if (layout := lora.linear_layout(axes)) is not None}
-    specs = [(spec, True) for spec in hf._layer_tensors(config)]
-    specs += [(spec, False) for spec in hf._global_tensors(config)]
+    specs = [(spec, True) for spec in hf.layer_tensors(config)]
+    specs += [(spec, False) for spec in hf.global_tensors(config)]
     modules = {}
     for spec, stacked in specs:
         path = "/".join((("layers",) if stacked else ()) + spec.path)
@@ -156,8 +157,8 @@ def save_peft_adapter(directory: str, model_config: ModelConfig, lora_config: lo
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(peft_config, f, indent=2)
-    hf._write_safetensors(os.path.join(directory, WEIGHTS_FILE), tensors,
-                          {BASE_DIGEST: base_weights_digest} if base_weights_digest else None)
+    write_safetensors(os.path.join(directory, WEIGHTS_FILE), tensors,
+                      {BASE_DIGEST: base_weights_digest} if base_weights_digest else None)
 
 
 def _check_adapter(module: _Module, adapter: Mapping[str, Any], variant: str, n_layers: int) -> int:
@@ -184,7 +185,7 @@ def _to_peft(module: _Module, name: str, layer: Mapping[str, np.ndarray]) -> dic
            f"{PREFIX}{name}.lora_B.weight": layer["b"].reshape(rank, fan_out).T}
     if "magnitude" in layer:
         out[f"{PREFIX}{name}.{_MAGNITUDE}"] = layer["magnitude"].reshape(fan_out)
-    return {key: hf._contiguous(value) for key, value in out.items()}
+    return {key: np.asarray(value, np.float32) for key, value in out.items()}
 
 
 # --- import ----------------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def load_peft_adapter(directory: str, model_config: ModelConfig, base_params: An
         legacy = " (adapter_model.bin is not read; re-save with safe_serialization=True)" if os.path.isfile(
             os.path.join(directory, "adapter_model.bin")) else ""
         raise errors.CheckpointError(f"PEFT adapter directory {directory!r} has no {WEIGHTS_FILE}{legacy}.")
-    tensors = hf._SafetensorsFiles([weights])
+    tensors = SafetensorsFiles([weights])
     expected = tensors.metadata.get(BASE_DIGEST)
     if base_params is not None and expected and base_digest(base_params) != expected:
         raise errors.CheckpointError(
@@ -244,7 +245,7 @@ def load_peft_adapter(directory: str, model_config: ModelConfig, base_params: An
     return config, lora.unflatten_paths(lora_flat)
 
 
-def _base_copies(tensors: hf._SafetensorsFiles, config: ModelConfig) -> set[str]:
+def _base_copies(tensors: SafetensorsFiles, config: ModelConfig) -> set[str]:
     """PEFT's copies of the base embedding / LM head weights of a targeted lm_head (`save_embedding_layers`, on by
     default then): ignored, since the base model supplies them, after checking that the vocabulary is not resized."""
     copies = {f"{PREFIX}{name}.base_layer.weight" for name in ("lm_head", "model.embed_tokens")} & set(tensors)
@@ -322,7 +323,7 @@ def _per_weight(patterns: Mapping[str, Any], names: list[str], default: Any, fie
     return values[0]
 
 
-def _read_adapter(tensors: hf._SafetensorsFiles, module: _Module, names: list[str], rank: int, dora: bool,
+def _read_adapter(tensors: SafetensorsFiles, module: _Module, names: list[str], rank: int, dora: bool,
                   used: set[str]) -> dict[str, Any]:
     fan_in, fan_out = math.prod(module.input_shape), math.prod(module.output_shape)
 

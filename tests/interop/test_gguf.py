@@ -1,6 +1,7 @@
-"""GGUF files without torch: block dequantisation vs the gguf package, the RoPE row permutation, tiny Llamas written
-with gguf.GGUFWriter loaded back (F32 exact, Q8_0 within quantisation error, onto a mesh), the tokenizer built from
-GGUF metadata, and one-sentence errors for bad files."""
+"""GGUF files without torch: dequantisation (gguf.quants behind our shape and type checks; a hand-packed Q4_K block
+and a Q4_K tiny Llama loaded exactly), the RoPE row permutation, tiny Llamas written
+by flaxalign's GGUF writer (`gguf_export`, on gguf.GGUFWriter) loaded back (F32 exact, Q8_0 within quantisation
+error, onto a mesh), the tokenizer built from GGUF metadata, and one-sentence errors for bad files."""
 
 import dataclasses
 import json
@@ -17,61 +18,30 @@ from flaxalign import errors, interop, models, sharding
 from flaxalign.data import chat
 from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.interop import gguf as gguf_io
-from flaxalign.interop import hf
+from flaxalign.interop import gguf_export
 from tests import helpers
 
 Q = gguf.GGMLQuantizationType
 
 
 def write_gguf(path, config, params=None, *, qtype="F32", arch="llama", vocab=None, metadata=None, skip=()):
-    """Writes flaxalign params as a llama.cpp-style GGUF: HF tensors renamed, q/k rows permuted for llama.cpp's
-    RoPE, matrices stored as `qtype` (norms stay F32, as llama.cpp keeps them), plus `vocab` metadata."""
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config.n_layers)
-    writer.add_context_length(config.max_seq_len)
-    writer.add_embedding_length(config.d_model)
-    writer.add_feed_forward_length(config.d_ff)
-    writer.add_head_count(config.n_heads)
-    writer.add_head_count_kv(config.n_kv_heads)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_eps)
-    writer.add_rope_dimension_count(config.head_dim)
-    for key, value in (metadata or {}).items():
-        writer.add_uint32(key, value) if isinstance(value, int) else writer.add_string(key, value)
-    if vocab is not None:
-        _add_vocab(writer, **vocab)
-    for name, value in ({} if params is None else hf.params_to_hf_state_dict(config, params)).items():
-        if name in skip:
-            continue
-        if ".q_proj." in name:
-            value = gguf_io.permute_rope_rows(value, config.n_heads)
-        elif ".k_proj." in name:
-            value = gguf_io.permute_rope_rows(value, config.n_kv_heads)
-        if value.ndim == 1 or qtype == "F32":
-            writer.add_tensor(gguf_io.gguf_tensor_name(name), value.astype(np.float32))
-        elif qtype == "F16":
-            writer.add_tensor(gguf_io.gguf_tensor_name(name), value.astype(np.float16))
-        else:
-            writer.add_tensor(gguf_io.gguf_tensor_name(name), gguf.quants.quantize(value, Q[qtype]), raw_dtype=Q[qtype])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    """Writes flaxalign params as a llama.cpp-style GGUF with flaxalign's own writer (`gguf_export`: HF tensors
+    renamed, q/k rows permuted for llama.cpp's RoPE, matrices stored as `qtype`, norms F32), plus `vocab` metadata
+    as given (so that tests can write odd vocabularies) and extra `metadata` keys; `skip` leaves HF tensors out."""
+    def add_metadata(writer):
+        gguf_export.add_hyperparameters(writer, config)
+        for key, value in (metadata or {}).items():
+            writer.add_uint32(key, value) if isinstance(value, int) else writer.add_string(key, value)
+        if vocab is not None:
+            _add_vocab(writer, **vocab)
+
+    tensors = [] if params is None else gguf_export.gguf_tensors(config, params, qtype)
+    gguf_export.write_file(str(path), add_metadata, [t for t in tensors if t.hf_name not in skip], arch=arch)
     return str(path)
 
 
-def _add_vocab(writer, tokens, merges, types, pre, bos=None, eos=None, unk=None, pad=None, template=None):
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for add, value in ((writer.add_bos_token_id, bos), (writer.add_eos_token_id, eos),
-                       (writer.add_unk_token_id, unk), (writer.add_pad_token_id, pad)):
-        if value is not None:
-            add(value)
-    if template is not None:
-        writer.add_chat_template(template)
+def _add_vocab(writer, template=None, **fields):
+    gguf_export.add_vocab(writer, gguf_export.GGUFVocab(**fields), template)
 
 
 def _assert_trees_equal(got, want):
@@ -88,45 +58,103 @@ def _config(**overrides):
 # Dequantisation
 
 
-@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"])
-def test_dequantize_matches_gguf_package_on_quantized_random_data(type_name):
-    values = np.random.default_rng(0).normal(size=(6, 96)).astype(np.float32) * 3.0
-    if type_name == "F32":
-        raw = values
-    elif type_name == "F16":
-        raw = values.astype(np.float16)
-    else:
+# ggml types a llama.cpp model file may hold, all read (the package also decodes the IQ*, TQ* and FP4 types)
+READ_TYPES = ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+def test_supported_types_are_those_the_gguf_package_decodes():
+    types = gguf_io.supported_types()
+    assert set(READ_TYPES) <= set(types)
+    assert not {"F64", "I8", "I16", "I32", "I64"} & set(types)  # gguf.quants has no decoder for them
+    for name in types:
+        block_values, block_bytes = gguf.GGML_QUANT_SIZES[Q[name]]
+        out = gguf_io.dequantize(np.zeros(3 * block_bytes, np.uint8), name, (3, block_values))
+        assert out.dtype == np.float32 and out.shape == (3, block_values), name
+
+
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16", "Q8_0", "Q5_1", "Q4_0"])
+def test_dequantize_gives_float32_of_the_tensor_shape(type_name):
+    """Any shape (rows first) of whole blocks per row comes back as float32 of that shape, within the type's error."""
+    values = np.random.default_rng(0).normal(size=(3, 2, 64)).astype(np.float32) * 3.0
+    raw = {"F32": values, "F16": values.astype(np.float16)}.get(type_name)
+    if raw is None:
         raw = gguf.quants.quantize(values, Q[type_name])
-    want = gguf.quants.dequantize(raw, Q[type_name]).astype(np.float32)
-    got = gguf_io.dequantize(raw, type_name, (6, 96))
-    assert got.dtype == np.float32 and got.shape == (6, 96)
-    np.testing.assert_array_equal(got, want)
-
-
-@pytest.mark.parametrize("type_name, block_bytes", [("Q8_0", 34), ("Q4_0", 18), ("Q4_1", 20), ("BF16", 2)])
-def test_dequantize_matches_gguf_package_on_random_bytes(type_name, block_bytes):
-    """Arbitrary bit patterns, scales included (also inf/nan halves): every byte of the block layout is read the
-    same way as ggml's reference decoder in gguf.quants."""
-    raw = np.random.default_rng(1).integers(0, 256, size=(4, 8 * block_bytes), dtype=np.uint8)
-    with np.errstate(invalid="ignore", over="ignore"):  # inf · 0 and inf − inf in blocks with inf scales
-        want = gguf.quants.dequantize(raw, Q[type_name]).astype(np.float32)
-        got = gguf_io.dequantize(raw, type_name, want.shape)
-    np.testing.assert_array_equal(got, want)
+    got = gguf_io.dequantize(raw, type_name, (3, 2, 64))
+    assert got.dtype == np.float32 and got.shape == (3, 2, 64)
+    error = {"F32": 0, "F16": 2.0**-11, "BF16": 2.0**-8, "Q8_0": 1 / 127, "Q5_1": 1 / 15, "Q4_0": 1 / 8}[type_name]
+    amax = np.abs(values).max()
+    assert np.abs(got - values).max() <= amax * (error + (2.0**-10 if error else 0))
 
 
 def test_q4_layout_low_nibbles_first():
     block = np.zeros(18, np.uint8)
     block[:2] = np.array([0.5], np.float16).view(np.uint8)
     block[2] = 0x9F  # value 0: low nibble 15 -> (15 - 8) * 0.5; value 16: high nibble 9 -> (9 - 8) * 0.5
-    out = gguf_io.dequantize_q4_0(block)
+    out = gguf_io.dequantize(block, "Q4_0", (32,))
     assert out[0] == 3.5 and out[16] == 0.5 and out[1] == -4.0
 
 
+def _q4_k_rows(rng, rows, cols):
+    """Random Q4_K rows packed by hand as ggml's `block_q4_K` (float16 d and dmin, 12 bytes of eight 6-bit
+    sub-block scales and mins, 128 bytes of 4-bit codes), and the float32 values `dequantize_row_q4_K` makes of them:
+    d·scale·code − dmin·min per 32-value sub-block, exact here (d and dmin are powers of two)."""
+    n = rows * cols // 256
+    codes = rng.integers(0, 16, size=(n, 256))
+    scales, mins = rng.integers(0, 64, size=(n, 8)), rng.integers(0, 64, size=(n, 8))
+    d, dmin = 2.0**-4, 2.0**-5
+    packed = np.concatenate([scales[:, :4] | (scales[:, 4:] >> 4) << 6, mins[:, :4] | (mins[:, 4:] >> 4) << 6,
+                             (scales[:, 4:] & 0xF) | (mins[:, 4:] & 0xF) << 4], axis=1)
+    # 64 values per 32 bytes: the low nibbles are the first 32 (sub-block 2c), the high nibbles the next 32
+    qs = np.concatenate([codes[:, 64 * c:64 * c + 32] | codes[:, 64 * c + 32:64 * c + 64] << 4 for c in range(4)],
+                        axis=1)
+    halves = np.tile(np.array([d, dmin], np.float16).view(np.uint8), (n, 1))
+    raw = np.concatenate([halves, packed.astype(np.uint8), qs.astype(np.uint8)], axis=1)
+    assert raw.shape[1] == gguf.GGML_QUANT_SIZES[Q.Q4_K][1]
+    values = d * np.repeat(scales, 32, axis=1) * codes - dmin * np.repeat(mins, 32, axis=1)
+    return raw.reshape(rows, -1), values.reshape(rows, cols).astype(np.float32)
+
+
+def test_q4_k_block_layout():
+    raw, want = _q4_k_rows(np.random.default_rng(4), 3, 512)
+    np.testing.assert_array_equal(gguf_io.dequantize(raw, "Q4_K", (3, 512)), want)
+
+
+def test_k_quant_llama_loads_exactly(tmp_path):
+    """A tiny Llama whose matrices are Q4_K (which gguf.quants can decode but not encode: packed by hand) loads to
+    exactly the values its blocks hold, q/k rows back in HF order."""
+    config = _config(d_model=256, n_heads=4, n_kv_heads=2, d_ff=512, tie_embeddings=False)
+    rng = np.random.default_rng(5)
+    path = tmp_path / "q4_k.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    gguf_export.add_hyperparameters(writer, config)
+    state = {}
+    for name, value in interop.params_to_hf_state_dict(config, helpers.random_params(config)).items():
+        if value.ndim == 2:
+            raw, value = _q4_k_rows(rng, *value.shape)  # the values in the file's (llama.cpp's) row order
+            writer.add_tensor(gguf_io.gguf_tensor_name(name), raw, raw_dtype=Q.Q4_K)
+            heads = {".q_proj.": config.n_heads, ".k_proj.": config.n_kv_heads}
+            for key, n in heads.items():
+                if key in name:
+                    value = gguf_io.unpermute_rope_rows(value, n)
+        else:
+            writer.add_tensor(gguf_io.gguf_tensor_name(name), value)
+        state[name] = value
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors} == {"Q4_K", "F32"}
+    loaded = gguf_io.load_gguf(str(path), dtype="float32")
+    _assert_trees_equal(loaded.params, interop.params_from_hf_state_dict(config, state))
+
+
 def test_dequantize_rejects_unsupported_type_and_wrong_size():
-    with pytest.raises(ValueError, match="ggml type Q4_K is not supported"):
-        gguf_io.dequantize(np.zeros(144, np.uint8), "Q4_K", (256,))
-    with pytest.raises(ValueError, match="not a whole number of 34-byte blocks"):
+    with pytest.raises(ValueError, match=r"^ggml type F64 is not supported; flaxalign reads \['F32', 'F16', "):
+        gguf_io.dequantize(np.zeros(8, np.uint8), "F64", (1,))
+    with pytest.raises(ValueError, match=r"^35 bytes do not hold shape \(32,\) as Q8_0 \(34 bytes a row\)$"):
         gguf_io.dequantize(np.zeros(35, np.uint8), "Q8_0", (32,))
+    with pytest.raises(ValueError, match=r"^shape \(2, 100\) does not have rows of whole 256-value Q4_K blocks$"):
+        gguf_io.dequantize(np.zeros(288, np.uint8), "Q4_K", (2, 100))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,11 +486,19 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
+    """A type gguf.quants cannot decode (F64 here) is named, with the types that are read."""
     config = _config()
-    path = write_gguf(tmp_path / "q5.gguf", config, helpers.random_params(config), qtype="Q5_0")
-    with pytest.raises(errors.CheckpointError, match=r"GGUF tensor 'token_embd.weight' of '.*q5.gguf' has type "
-                                                     r"Q5_0; flaxalign reads"):
-        gguf_io.load_gguf(path)
+    path = tmp_path / "f64.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    gguf_export.add_hyperparameters(writer, config)
+    writer.add_tensor("token_embd.weight", np.zeros((config.vocab_size, config.d_model), np.float64))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(errors.CheckpointError, match=r"GGUF tensor 'token_embd.weight' of '.*f64.gguf' has type "
+                                                     r"F64; flaxalign reads \['F32', 'F16', 'Q4_0', "):
+        gguf_io.load_gguf(str(path))
 
 
 def test_missing_unknown_and_unsupported_features(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from flaxalign import errors, models
-from flaxalign.interop import hf
+from flaxalign.interop import hf, safetensors_io
 from flaxalign.interop import peft as peft_dirs
 from flaxalign.peft import lora
 from tests import helpers
@@ -71,7 +71,7 @@ def test_files_use_peft_names_and_hf_layouts(saved):
     assert config["target_modules"] == ["k_proj", "lm_head", "o_proj", "q_proj", "v_proj"]
     assert config["rank_pattern"] == {"v_proj": 2} and config["alpha_pattern"] == {"o_proj": 5.0}
     assert config["use_dora"] and not config["use_rslora"] and config["base_model_name_or_path"] == "tiny"
-    tensors = hf._SafetensorsFiles([os.path.join(directory, "adapter_model.safetensors")])
+    tensors = safetensors_io.SafetensorsFiles([os.path.join(directory, "adapter_model.safetensors")])
     prefix = "base_model.model.model.layers.1.self_attn"
     assert tensors.shape(f"{prefix}.q_proj.lora_A.weight") == (4, 64)
     assert tensors.shape(f"{prefix}.q_proj.lora_B.weight") == (64, 4)
@@ -80,7 +80,7 @@ def test_files_use_peft_names_and_hf_layouts(saved):
     assert tensors.shape("base_model.model.lm_head.lora_B.weight") == (512, 4)
     assert len(tensors) == 3 * (4 * 2 + 1)
     # PEFT's ΔW = B·A is our A·B in HF's layout, as interop.hf converts the base weight
-    for name, spec in [("q_proj", hf._layer_tensors(UNTIED)[0]), ("o_proj", hf._layer_tensors(UNTIED)[3])]:
+    for name, spec in [("q_proj", hf.layer_tensors(UNTIED)[0]), ("o_proj", hf.layer_tensors(UNTIED)[3])]:
         ours = lora.low_rank_delta(lora_params["layers"]["attn"][name[0]]["a"][1],
                                    lora_params["layers"]["attn"][name[0]]["b"][1], 0)
         theirs = np.asarray(tensors[f"{prefix}.{name}.lora_B.weight"]) @ np.asarray(
@@ -173,12 +173,12 @@ def test_load_refuses_tensors_that_do_not_fit(saved, tmp_path):
         peft_dirs.load_peft_adapter(directory, TIED)
     # a missing tensor, and an adapter on the embedding, are named
     file = os.path.join(_copy(saved, "lora", tmp_path / "more"), "adapter_model.safetensors")
-    tensors = {k: np.array(v) for k, v in hf._SafetensorsFiles([file]).items()}
-    hf._write_safetensors(file, {k: v for k, v in tensors.items() if k != f"{q_proj}.lora_B.weight"})
+    tensors = {k: np.array(v) for k, v in safetensors_io.SafetensorsFiles([file]).items()}
+    safetensors_io.write_safetensors(file, {k: v for k, v in tensors.items() if k != f"{q_proj}.lora_B.weight"})
     with pytest.raises(errors.CheckpointError, match=f"no tensor '{q_proj}.lora_B.weight'"):
         peft_dirs.load_peft_adapter(os.path.dirname(file), TIED)
     embed = "base_model.model.model.embed_tokens.lora_embedding_A"
-    hf._write_safetensors(file, {**tensors, embed: np.zeros((4, 512), np.float32)})
+    safetensors_io.write_safetensors(file, {**tensors, embed: np.zeros((4, 512), np.float32)})
     with pytest.raises(errors.CheckpointError, match=f"'{embed}'.*embeddings, norms"):
         peft_dirs.load_peft_adapter(os.path.dirname(file), TIED)
 
@@ -188,10 +188,10 @@ def test_load_ignores_peft_copies_of_the_base_lm_head(saved, tmp_path):
     one of another vocabulary size is refused."""
     model_config, config = CASES["dora"]
     file = os.path.join(_copy(saved, "dora", tmp_path), "adapter_model.safetensors")
-    tensors = {k: np.array(v) for k, v in hf._SafetensorsFiles([file]).items()}
+    tensors = {k: np.array(v) for k, v in safetensors_io.SafetensorsFiles([file]).items()}
     for vocab, error in [(512, None), (520, "was the vocabulary resized")]:
         copy = {"base_model.model.lm_head.base_layer.weight": np.zeros((vocab, 64), np.float32)}
-        hf._write_safetensors(file, {**tensors, **copy})
+        safetensors_io.write_safetensors(file, {**tensors, **copy})
         if error is None:
             assert peft_dirs.load_peft_adapter(os.path.dirname(file), model_config)[0] == config
         else:

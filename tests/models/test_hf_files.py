@@ -6,11 +6,12 @@ import json
 import os
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
 from flaxalign import errors, interop, models, sharding
-from flaxalign.interop import hf
+from flaxalign.interop import hf, safetensors_io
 from tests import helpers
 
 
@@ -81,12 +82,12 @@ def test_mesh_with_fsdp_shards_layers(tmp_path):
 def test_bfloat16_checkpoint_loads(tmp_path):
     config = _config(tie_embeddings=True)
     params = helpers.random_params(config)
-    state = {k: v.astype(hf.ml_dtypes.bfloat16) for k, v in hf.params_to_hf_state_dict(config, params).items()}
-    hf._write_safetensors(str(tmp_path / hf.SINGLE_FILE), state)
+    state = {k: v.astype(ml_dtypes.bfloat16) for k, v in hf.params_to_hf_state_dict(config, params).items()}
+    safetensors_io.write_safetensors(str(tmp_path / hf.SINGLE_FILE), state)
     with open(tmp_path / "config.json", "w") as f:
         json.dump(hf.hf_config_dict(config), f)
     loaded = interop.load_pretrained(str(tmp_path))
-    want = jax.tree.map(lambda x: np.asarray(x).astype(hf.ml_dtypes.bfloat16).astype(np.float32), params)
+    want = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32), params)
     _assert_trees_equal(loaded.params, want)
 
 
@@ -138,7 +139,7 @@ def test_missing_tensor_is_named(tmp_path):
     params = helpers.random_params(config)
     state = hf.params_to_hf_state_dict(config, params)
     del state["model.layers.1.mlp.up_proj.weight"]
-    hf._write_safetensors(str(tmp_path / hf.SINGLE_FILE), state)
+    safetensors_io.write_safetensors(str(tmp_path / hf.SINGLE_FILE), state)
     with open(tmp_path / "config.json", "w") as f:
         json.dump(hf.hf_config_dict(config), f)
     with pytest.raises(errors.CheckpointError) as e:
@@ -163,6 +164,97 @@ def test_missing_shard_file(tmp_path):
     with pytest.raises(errors.CheckpointError) as e:
         interop.load_pretrained(str(tmp_path))
     assert "missing" in _one_sentence(e)
+
+@pytest.mark.parametrize("cut", ["half", "last byte", "in the header", "empty", "not safetensors"])
+def test_truncated_or_corrupt_weights_file_is_one_sentence_naming_it(tmp_path, cut):
+    config = _config(tie_embeddings=False)
+    interop.save_hf(config, helpers.random_params(config), str(tmp_path))
+    file = tmp_path / hf.SINGLE_FILE
+    data = file.read_bytes()
+    keep = {"half": data[:len(data) // 2], "last byte": data[:-1], "in the header": data[:40], "empty": b"",
+            "not safetensors": b"this is not a safetensors file at all" * 10}[cut]
+    file.write_bytes(keep)
+    with pytest.raises(errors.CheckpointError) as e:
+        interop.load_pretrained(str(tmp_path))
+    assert _one_sentence(e).startswith(f"cannot read safetensors file {str(file)!r}: ")
+
+
+def test_unsupported_dtype_is_named(tmp_path):
+    """float8 tensors (which safetensors' numpy framework cannot hold) are refused naming the tensor and dtype."""
+    config = _config(tie_embeddings=True)
+    state = hf.params_to_hf_state_dict(config, helpers.random_params(config))
+    state["model.norm.weight"] = state["model.norm.weight"].astype(ml_dtypes.float8_e4m3fn)
+    safetensors_io.write_safetensors(str(tmp_path / hf.SINGLE_FILE), state)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(hf.hf_config_dict(config), f)
+    with pytest.raises(errors.CheckpointError) as e:
+        interop.load_pretrained(str(tmp_path))
+    assert _one_sentence(e).startswith("HF tensor 'model.norm.weight' has unsupported safetensors dtype F8_E4M3")
+
+
+class _Recorded(dict):
+    """HF tensors in memory, read the way `hf.place_params` reads files (`shape`, `read(name, index)`), with every
+    read's region shape recorded."""
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        self.reads = []
+
+    def shape(self, name):
+        return self[name].shape
+
+    def read(self, name, index=None):
+        value = self[name] if index is None else self[name][index]
+        self.reads.append((name, value.shape))
+        return value
+
+
+def test_sharded_load_reads_only_each_devices_region(tmp_path):
+    """Onto a mesh, a param's shards are read as regions of the HF tensors: a sharded param is never read whole, and
+    the placed params equal the plain load."""
+    config = _config(tie_embeddings=False, qkv_bias=True)
+    params = helpers.random_params(config)
+    mesh = helpers.mesh((1, 2, 2))
+    tensors = _Recorded(hf.params_to_hf_state_dict(config, params))
+    placed = hf.place_params(config, tensors, mesh)
+    _assert_trees_equal(placed, params)
+    sharded = set()
+    for spec in hf.global_tensors(config) + hf.layer_tensors(config):
+        value = placed if "{i}" not in spec.hf_name else placed["layers"]
+        for key in spec.path:
+            value = value[key]
+        if not value.sharding.is_fully_replicated:
+            sharded.add(spec.hf_name.replace(".{i}.", ".1."))
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.1.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight"} <= sharded
+    for name, shape in tensors.reads:
+        if name in sharded:
+            assert np.prod(shape) < np.prod(tensors[name].shape), (name, shape)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_read_flax_gives_any_region_of_the_flax_layout(seed):
+    """`HFTensor.read_flax` of any region (head_dim cuts included, which no sharding rule makes today) equals the
+    region of the whole converted tensor, and reads no more of the HF tensor than whole heads around it."""
+    config = _config(tie_embeddings=False, qkv_bias=True)
+    rng = np.random.default_rng(seed)
+    state = hf.params_to_hf_state_dict(config, helpers.random_params(config))
+    state["score.weight"] = rng.normal(size=(1, config.d_model)).astype(np.float32)
+    tensors = _Recorded(state)
+    specs = hf.global_tensors(config) + hf.global_tensors(config, score=True)[-1:] + hf.layer_tensors(config)
+    for spec in specs:
+        name = spec.hf_name.format(i=1)
+        whole = spec.to_flax(state[name])
+        for _ in range(4):
+            bounds = [sorted(rng.choice(n + 1, size=2, replace=False)) for n in whole.shape]
+            index = tuple(slice(int(a), int(b)) for a, b in bounds)
+            tensors.reads.clear()
+            got = spec.read_flax(tensors, name, index)
+            np.testing.assert_array_equal(got, whole[index], err_msg=f"{name} {index}")
+            assert got.flags.c_contiguous and got.dtype == np.float32
+            heads_dim = config.head_dim if spec.path[-1] in ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias") else 1
+            assert np.prod(tensors.reads[0][1]) <= np.prod(got.shape) * heads_dim
+
 
 
 def test_sliding_windows_map_to_and_from_hf_configs():
