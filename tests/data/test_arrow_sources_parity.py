@@ -9,12 +9,16 @@ from flaxalign.errors import DataError
 from tests.data.test_formats import ULTRAFEEDBACK_ROWS
 
 pytestmark = pytest.mark.parity
-datasets = pytest.importorskip("datasets")
 
 ROWS = [{"prompt": f"What is {i} + 1?", "chosen": f" {i + 1}", "rejected": f" {i + 2}"} for i in range(2500)]
 
 
-def test_save_to_disk_and_to_parquet_read_as_the_rows(tmp_path):
+@pytest.fixture(scope="module")
+def datasets():
+    return pytest.importorskip("datasets")  # in a fixture: a module-level skip would fail the default group's collection
+
+
+def test_save_to_disk_and_to_parquet_read_as_the_rows(datasets, tmp_path):
     dataset = datasets.Dataset.from_list(ROWS)
     dataset.save_to_disk(str(tmp_path / "one"), num_shards=3)
     dataset.to_parquet(str(tmp_path / "rows.parquet"))
@@ -22,7 +26,7 @@ def test_save_to_disk_and_to_parquet_read_as_the_rows(tmp_path):
     assert read_records(str(tmp_path / "rows.parquet"), "preference") == ROWS
 
 
-def test_a_saved_dataset_dict_is_named_down_to_a_split(tmp_path):
+def test_a_saved_dataset_dict_is_named_down_to_a_split(datasets, tmp_path):
     datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(ULTRAFEEDBACK_ROWS),
                           "test_prefs": datasets.Dataset.from_list(ULTRAFEEDBACK_ROWS)}).save_to_disk(str(tmp_path))
     with pytest.raises(DataError, match="is a datasets DatasetDict with splits train_prefs, test_prefs"):
