@@ -47,7 +47,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.num_prompts = p["num_prompts"]  # the first N records; 0 = all
     # the prompts' shape and column names, as data.format / data.columns (e.g. format=gsm8k for GSM8K's test split)
     c.prompts_format = config_blocks.record_format()
-    # message-list prompts: plain | chatml | llama3; auto = the one the checkpoint trained with (else plain)
+    # message-list prompts: plain | chatml | llama3 | gemma | jinja (the tokenizer's own); auto = the one the
+    # checkpoint trained with (else plain)
     c.chat_template = p.get("chat_template", "auto")
     c.max_prompt_len = p["max_prompt_len"]  # longer prompts are cut on the left
     c.max_new_tokens = p["max_new_tokens"]

@@ -53,7 +53,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.format = "trl"  # trl | hh_rlhf | alpaca | gsm8k | ultrafeedback (flaxalign.data.formats)
     c.data.columns = config_blocks.record_columns()  # {field: your column}; "" = the column of that name
     c.data.tokenizer = ""  # "" = the init_from checkpoint's tokenizer
-    # message lists: plain | chatml | llama3; "" = the init_from run's (else plain)
+    # message lists: plain | chatml | llama3 | gemma | jinja (the tokenizer's own) | auto; "" = the init_from
+    # run's (else plain)
     c.data.chat_template = p.get("chat_template", "")
     c.data.overlong = "truncate_prompt_left"  # or "drop"; counted in the data log line
     c.data.seq_len = p["seq_len"]

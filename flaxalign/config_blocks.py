@@ -86,5 +86,7 @@ def prompt_data(train: str, *, max_prompt_len: int, batch_size: int) -> ml_colle
         format="trl",  # trl | hh_rlhf | alpaca | gsm8k | ultrafeedback (flaxalign.data.formats)
         columns=record_columns(),  # {field: your column}; "" = the column of that name
         tokenizer="",  # "" = the init_from checkpoint's tokenizer
-        chat_template="",  # message-list prompts: plain | chatml | llama3; "" = the init_from run's (else plain)
+        # message-list prompts: plain | chatml | llama3 | gemma | jinja (the tokenizer's own) | auto;
+        # "" = the init_from run's (else plain)
+        chat_template="",
         max_prompt_len=max_prompt_len, batch_size=batch_size))

@@ -168,13 +168,13 @@ class ModelCompleter:
     def encode(self, prompt: str) -> list[int]:
         """The prompt's ids: the chat template's (system turn +) user turn + generation prompt, or the raw text
         after BOS."""
-        from flaxalign.data.chat import render_chat
+        from flaxalign.data.chat import leading_ids, render_chat
 
         tokenizer = self.tokenizer
         bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
         if not self.chat_template:
             return bos + tokenizer.encode(prompt)
-        lead = bos if self.chat_template == "plain" else []
+        lead = leading_ids(tokenizer, self.chat_template)
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages.append({"role": "user", "content": prompt})
         return lead + render_chat(messages, tokenizer, self.chat_template, add_generation_prompt=True).ids

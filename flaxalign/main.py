@@ -65,7 +65,8 @@ flags.DEFINE_float("temperature", 0.7, "generate: sampling temperature; 0 = gree
 flags.DEFINE_integer("top_k", 0, "generate: sample from the k most likely tokens only (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass (1 = off).")
 flags.DEFINE_string("chat_template", "auto", "generate: wrap each prompt as a user message of this template "
-                    "(plain, chatml, llama3); auto = the one the run trained with, none = the raw prompt text.")
+                    "(plain, chatml, llama3, gemma, jinja = the tokenizer's own); auto = the one the run trained with, "
+                    "none = the raw prompt text.")
 flags.DEFINE_string("system", "", "generate: a system message before each prompt (needs a chat template).")
 flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 flags.DEFINE_integer("refine_rounds", 0, "generate: self-refine rounds (feedback → refined answer, Madaan et al. "

@@ -11,6 +11,11 @@ Templates (the text `render_chat_text` returns):
 * `llama3` (Meta-Llama-3-Instruct), `<|begin_of_text|>` once, then per message
   `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>`;
   generation prompt `<|start_header_id|>assistant<|end_header_id|>\\n\\n`.
+* `gemma` (Gemma 2 / 3): `<bos>` once, then per message
+  `<start_of_turn>{role}\n{content.strip()}<end_of_turn>\n` with role "model" for the assistant; a system
+  message has no turn of its own: its content and a blank line open the first user message.  Generation prompt
+  `<start_of_turn>model\n`.
+* `jinja`: the tokenizer's own Jinja chat template, rendered as transformers does (`flaxalign.data.jinja_chat`).
 * `plain`, for tokenizers without chat tokens: messages `System: {content}`,
   `User: {content}` and `Assistant: {content}{EOS}` joined by a blank line
   ("\\n\\n"); generation prompt `Assistant:` (after a blank line).  The space
@@ -18,7 +23,7 @@ Templates (the text `render_chat_text` returns):
   The EOS is the tokenizer's EOS id; in the text it is `eos_token`.
 
 The assistant mask is 1 on the tokens of each assistant message's content and
-its end token (`<|im_end|>`, `<|eot_id|>`, or EOS for `plain`; for `plain`
+its end token (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, or EOS for `plain`; for `plain`
 also the space before the content) and 0 elsewhere: role headers, system and
 user messages, separators and the generation prompt.
 
@@ -45,11 +50,13 @@ ROLES = ("system", "user", "assistant")
 TEMPLATE_TOKENS = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
     "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
     "plain": (),
 }
-TEMPLATES = tuple(TEMPLATE_TOKENS)
+OWN_TEMPLATE = "jinja"  # the tokenizer's own Jinja template
+TEMPLATES = (*TEMPLATE_TOKENS, OWN_TEMPLATE)
 # The token that ends an assistant turn (generation should stop there); `plain` ends with EOS.
-END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
 # Each template as the Jinja that transformers' `apply_chat_template` runs (written into exports'
 # tokenizer_config.json): the same text as `render_chat_text`, and for `plain` the tokenizer's bos first, as the
 # stages write it (chatml has none; llama3 writes its own). Jinja escapes: the Python string holds '\\n'.
@@ -61,6 +68,12 @@ JINJA = {
         "{{ '<|begin_of_text|>' }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
         "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
+    "gemma": (
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set lead = messages[0]['content'] + '\n\n' %}"
+        "{% set turns = messages[1:] %}{% else %}{% set lead = '' %}{% set turns = messages %}{% endif %}"
+        "{% for message in turns %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + "
+        "'\n' + (lead if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
     "plain": (
         "{% if bos_token %}{{ bos_token }}{% endif %}{% for message in messages %}{% if not loop.first %}"
         "{{ '\\n\\n' }}{% endif %}{{ {'system': 'System', 'user': 'User', 'assistant': 'Assistant'}[message['role']]"
@@ -76,13 +89,18 @@ def is_conversation(record) -> bool:
     return any(isinstance(record.get(field), list) for field in CONVERSATION_FIELDS)
 
 
-def resolve_template(configured: str, inherited: str, *, source: str = "", log=print) -> str:
+def resolve_template(configured: str, inherited: str, *, source: str = "", log=print, tokenizer=None) -> str:
     """The template a stage renders message lists with: `configured` (`data.chat_template`) when set, else
     `inherited` — the template the run it starts from (`init_from`, named by `source`) trained with — else
-    `plain`. An explicit template that differs from the inherited one is allowed and logged, since the model
-    then learns a second format."""
-    if configured and configured not in TEMPLATE_TOKENS:
-        raise DataError(f"chat template '{configured}' is unknown; use one of {', '.join(TEMPLATES)}.")
+    `plain`. `configured` "auto" is `inherited` when there is one, else the `tokenizer`'s own Jinja template
+    (`jinja`) when it has one, else `plain`. An explicit template that differs from the inherited one is allowed
+    and logged, since the model then learns a second format."""
+    if configured == "auto":
+        configured = inherited or (OWN_TEMPLATE if getattr(tokenizer, "chat_template", None) else "plain")
+        log(f"chat template: {configured} (data.chat_template=auto)")
+        return configured
+    if configured and configured not in TEMPLATES:
+        raise DataError(f"chat template '{configured}' is unknown; use auto or one of {', '.join(TEMPLATES)}.")
     if configured and inherited and configured != inherited:
         log(f"chat template: {configured} (data.chat_template), although {source} trained with {inherited}")
     elif not configured and inherited:
@@ -94,6 +112,12 @@ def trained_template(template: str, records_with_messages: int, inherited: str) 
     """The template to record in a run's metadata: the one it applied when its data held message lists, else the
     one its `init_from` run recorded ("" when neither: the model never saw a chat format)."""
     return template if records_with_messages else inherited
+
+
+def leading_ids(tokenizer, template: str) -> list[int]:
+    """The ids the stages put before a rendered conversation: BOS for `plain` (which writes none itself), nothing
+    for the templates that write their own start (llama3, gemma, and most Jinja templates) or have none (chatml)."""
+    return [tokenizer.bos_id] if template == "plain" and tokenizer.bos_id is not None else []
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
@@ -122,21 +146,24 @@ class ChatTokens:
 class _Piece:
     """A stretch of the rendered conversation: text, a special token, or the EOS id."""
 
-    kind: str  # "text", "token" (value is the token's string) or "eos"
+    kind: str  # "text", "token" (value is the token's string), "bos" or "eos"
     value: str
     trained: bool  # the assistant-mask value of its tokens
 
 
 def render_chat_text(messages, template: str, add_generation_prompt: bool = False, *,
-                     eos_token: str = "", source: str = "") -> str:
+                     eos_token: str = "", bos_token: str = "", source: str = "") -> str:
     """Returns the conversation rendered as one string.
 
     `eos_token` is the text written where the `plain` template puts the EOS
-    id (e.g. "</s>"; other templates ignore it).  `source` names where the
+    id (e.g. "</s>"; other templates ignore it), `bos_token` where `gemma` puts BOS.  `source` names where the
     messages come from (e.g. "'train.jsonl' line 3") in error messages.
     """
+    if template == OWN_TEMPLATE:
+        raise DataError("chat template 'jinja' is the tokenizer's own: render it with render_chat.")
     pieces = _render_pieces(messages, template, add_generation_prompt, source)
-    return "".join(eos_token if piece.kind == "eos" else piece.value for piece in pieces)
+    special = {"eos": eos_token, "bos": bos_token}
+    return "".join(special.get(piece.kind, piece.value) for piece in pieces)
 
 
 def render_chat(messages, tokenizer, template: str, *, add_generation_prompt: bool = False,
@@ -147,6 +174,13 @@ def render_chat(messages, tokenizer, template: str, *, add_generation_prompt: bo
     what the template writes (llama3's `<|begin_of_text|>`).  `source` names
     where the messages come from in error messages.
     """
+    if template == OWN_TEMPLATE:
+        from flaxalign.data import jinja_chat
+
+        _check_messages(messages, source or "the conversation")
+        ids, mask = jinja_chat.render_own(messages, tokenizer, add_generation_prompt=add_generation_prompt,
+                                          where=source or "the conversation")
+        return ChatTokens(ids=ids, assistant_mask=mask)
     pieces = _render_pieces(messages, template, add_generation_prompt, source)
     token_ids = _template_token_ids(tokenizer, template)
     ids, mask = [], []
@@ -155,6 +189,8 @@ def render_chat(messages, tokenizer, template: str, *, add_generation_prompt: bo
             piece_ids = tokenizer.encode(piece.value)
         elif piece.kind == "token":
             piece_ids = [token_ids[piece.value]]
+        elif piece.kind == "bos":
+            piece_ids = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
         else:
             piece_ids = [tokenizer.eos_id]
         ids.extend(piece_ids)
@@ -167,7 +203,8 @@ def _render_pieces(messages, template, add_generation_prompt, source):
     if template not in TEMPLATE_TOKENS:
         raise DataError(f"chat template '{template}' is unknown; use one of {', '.join(TEMPLATES)}.")
     _check_messages(messages, source or "the conversation")
-    render = {"chatml": _chatml_pieces, "llama3": _llama3_pieces, "plain": _plain_pieces}[template]
+    render = {"chatml": _chatml_pieces, "llama3": _llama3_pieces, "gemma": _gemma_pieces,
+              "plain": _plain_pieces}[template]
     return render(messages, add_generation_prompt)
 
 
@@ -201,6 +238,23 @@ def _llama3_pieces(messages, add_generation_prompt):
 
 def _llama3_header(role):
     return [_token("<|start_header_id|>"), _text(role), _token("<|end_header_id|>"), _text("\n\n")]
+
+
+def _gemma_pieces(messages, add_generation_prompt):
+    """`<bos>`, then `<start_of_turn>{user|model}\n{stripped content}<end_of_turn>\n` per message; a system
+    message's content and a blank line open the first user turn (not stripped, as in Gemma's template)."""
+    pieces = [_Piece("bos", "", False)]
+    lead = ""
+    if messages[0]["role"] == "system":
+        lead, messages = messages[0]["content"] + "\n\n", messages[1:]
+    for index, message in enumerate(messages):
+        trained = message["role"] == "assistant"
+        header = ("model" if trained else "user") + "\n" + (lead if index == 0 else "")
+        pieces += [_token("<start_of_turn>"), _text(header), _text(message["content"].strip(), trained),
+                   _token("<end_of_turn>", trained), _text("\n")]
+    if add_generation_prompt:
+        pieces += [_token("<start_of_turn>"), _text("model\n")]
+    return pieces
 
 
 def _plain_pieces(messages, add_generation_prompt):

@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 
 from flaxalign.data.batching import preference_batch, stack_pairs, truncate_examples
-from flaxalign.data.chat import is_conversation, render_chat
+from flaxalign.data.chat import is_conversation, leading_ids, render_chat
 from flaxalign.data.splits import read_splits
 from flaxalign.errors import DataError
 
@@ -68,7 +68,7 @@ def preference_example(record: dict, tokenizer, template: str, *,
     else:
         prompt_messages = _implicit_prompt(chosen, rejected, where)
         tails = {"chosen": chosen[len(prompt_messages):], "rejected": rejected[len(prompt_messages):]}
-    lead = bos if template == "plain" else []  # the same rule as sft_example's
+    lead = leading_ids(tokenizer, template)
     prompt_ids = lead + render_chat(prompt_messages, tokenizer, template, add_generation_prompt=True,
                                     source=f"{where} (prompt)").ids
     completions = [_completion_ids(prompt_ids, prompt_messages, tails[name], name, lead, tokenizer, template, where)

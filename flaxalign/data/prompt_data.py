@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 
 from flaxalign.data.batching import left_pad_prompts
-from flaxalign.data.chat import is_conversation, render_chat
+from flaxalign.data.chat import is_conversation, leading_ids, render_chat
 from flaxalign.data.splits import read_splits
 from flaxalign.errors import ConfigError, DataError
 
@@ -41,7 +41,7 @@ def prompt_example(record: dict, tokenizer, template: str, *, source: str = "") 
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     if isinstance(record["prompt"], str):
         return bos + tokenizer.encode(record["prompt"])
-    lead = bos if template == "plain" else []  # the same rule as preference_example's
+    lead = leading_ids(tokenizer, template)
     return lead + render_chat(record["prompt"], tokenizer, template, add_generation_prompt=True,
                               source=source or "a prompt record").ids
 

@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 
 from flaxalign.data.batching import pack_sft, truncate_examples
-from flaxalign.data.chat import is_conversation, render_chat
+from flaxalign.data.chat import is_conversation, leading_ids, render_chat
 from flaxalign.data.splits import read_splits
 
 
@@ -26,7 +26,7 @@ def sft_example(record: dict, tokenizer, template: str, *, source: str = "") -> 
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     if "messages" in record:
         chat = render_chat(record["messages"], tokenizer, template, source=source)
-        lead = bos if template == "plain" else []  # chatml has no bos; llama3 writes <|begin_of_text|> itself
+        lead = leading_ids(tokenizer, template)
         return lead + chat.ids, [0] * len(lead) + chat.assistant_mask
     prompt = bos + tokenizer.encode(record["prompt"])
     completion = tokenizer.encode(record["completion"]) + [tokenizer.eos_id]

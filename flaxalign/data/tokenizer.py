@@ -304,6 +304,18 @@ class HFTokenizer:
         """Returns the token ids of text, without bos or eos."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text` (as `encode`) and each token's [start, end) character span in it."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(span) for span in encoding.offsets]
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own Jinja chat template: `chat_template` of the tokenizer_config.json next to
+        tokenizer.json (a string, or the "default" entry of a list of named templates), else a
+        chat_template.jinja file there; None when there is neither."""
+        return _own_chat_template(os.path.dirname(os.path.abspath(self._model_path)))
+
     def encode_batch(self, texts) -> list[list[int]]:
         """Encodes many texts at once, in parallel Rust threads (no offsets computed)."""
         encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
@@ -390,6 +402,25 @@ def _read_tokenizer_json(model_path):
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer
+
+
+def _own_chat_template(folder: str) -> str | None:
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    template = None
+    if os.path.isfile(config_path):
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                template = json.load(handle).get("chat_template")
+        except (OSError, ValueError, AttributeError) as error:
+            raise DataError(f"tokenizer config '{config_path}' is not a readable JSON object ({error}).") from None
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        template = next((entry.get("template") for entry in template
+                         if isinstance(entry, dict) and entry.get("name") == "default"), None)
+    jinja_path = os.path.join(folder, "chat_template.jinja")
+    if not template and os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as handle:
+            template = handle.read()
+    return template if isinstance(template, str) and template.strip() else None
 
 
 def _special_token_names(model_path, arguments):

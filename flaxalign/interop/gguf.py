@@ -488,7 +488,7 @@ class GGUFTokenizer(HFTokenizer):
     row (the usual case: a pretrained vocabulary cannot grow, and flaxalign marks padding with masks), else (an
     embedding with spare rows, or a vocabulary-only file) a new "<|pad|>" token, as `HFTokenizer` does.
     `chat_template` is the file's Jinja chat template (None when absent); `chat_template_name` is the flaxalign
-    template (`flaxalign.data.chat`) it writes, "chatml" or "llama3", or None when it is neither.
+    template (`flaxalign.data.chat`) it writes, "chatml", "llama3" or "gemma", or None when it is none of them.
     """
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, model_path: str, *, bos_id: int | None, eos_id: int | None,
@@ -514,7 +514,7 @@ class GGUFTokenizer(HFTokenizer):
     def chat_template_name(self) -> str | None:
         from flaxalign.data.chat import TEMPLATE_TOKENS
 
-        for name in ("chatml", "llama3"):
+        for name in ("chatml", "llama3", "gemma"):
             needed = TEMPLATE_TOKENS[name]
             if self._chat_template and needed[-1] in self._chat_template and \
                     all(self.token_to_id(t) is not None for t in needed):

@@ -323,7 +323,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     init_base = weights.initializer(model_config, init_path)
     init_reference = weights.initializer(model_config, reference_path) if reference_path else None
 
-    lm.resolve_chat_template(config, meta)
+    lm.resolve_chat_template(config, meta, tokenizer)
     data = (build_kto_datasets if method.loss_type == "kto" else build_preference_datasets)(data_cfg, tokenizer)
     if reference == "precomputed":
         ref = attach_reference_logps(data, workdir=workdir, reference_path=reference_path or init_path, policy=policy,

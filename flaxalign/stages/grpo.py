@@ -268,7 +268,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     data_cfg = config.data
     rows = data_cfg.batch_size * h.group_size
     onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")
-    lm.resolve_chat_template(config, meta)
+    lm.resolve_chat_template(config, meta, tokenizer)
     data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
     train_data, _ = lm.data_iterators(data.train, data.eval, config)
     check_rows(mesh, data_cfg.batch_size, "data.batch_size (the prompts of a rollout)")

@@ -74,12 +74,12 @@ def stage_tokenizer(config, meta: dict, model_config, stage: str):
     return tokenizer
 
 
-def resolve_chat_template(config, meta: dict) -> str:
+def resolve_chat_template(config, meta: dict, tokenizer) -> str:
     """The chat template this stage renders message-list records with (`chat.resolve_template`: data.chat_template,
-    else the one the `init_from` run trained with, else plain), written back into `config.data` so that the data
-    builders and the run's config.json use it."""
+    else the one the `init_from` run trained with, else plain; "auto" may pick the tokenizer's own Jinja), written
+    back into `config.data` so that the data builders and the run's config.json use it."""
     template = resolve_template(config.data.chat_template, meta.get("chat_template", ""),
-                                source=config.get("init_from", ""))
+                                source=config.get("init_from", ""), tokenizer=tokenizer)
     config.data.chat_template = template
     return template
 

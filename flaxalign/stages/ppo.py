@@ -242,7 +242,7 @@ def build_task(config, workdir: str, mesh) -> Task:
 
     data_cfg = config.data
     onpolicy.check_budget(config, model_config, sampling, data_cfg.batch_size, h.num_minibatches, "data.batch_size")
-    lm.resolve_chat_template(config, meta)
+    lm.resolve_chat_template(config, meta, tokenizer)
     data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
     train_data, _ = lm.data_iterators(data.train, data.eval, config)
     eval_prompts = {k: v[: config.eval_prompts] for k, v in _prompt_arrays(data.eval).items()}

@@ -87,7 +87,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     tokenizer = lm.stage_tokenizer(config, meta, model_config, "the reward model")
     check_shapes(config, model_config, mesh)
     rm = ScalarModel(weights.trainable_model(config, model_config, drop=UNUSED_BY_SCALAR))
-    lm.resolve_chat_template(config, meta)
+    lm.resolve_chat_template(config, meta, tokenizer)
     data = build_preference_datasets(data_cfg, tokenizer)
     train_data, eval_batches = lm.data_iterators(data.train, data.eval, config)
     tokens = 2 * data_cfg.batch_size * (data_cfg.seq_len + 1)

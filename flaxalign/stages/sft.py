@@ -25,7 +25,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     check_shapes(config, model_config, mesh)
     policy = weights.trainable_model(config, model_config)
 
-    lm.resolve_chat_template(config, meta)
+    lm.resolve_chat_template(config, meta, tokenizer)
     data = build_sft_datasets(data_cfg, tokenizer)
     train_data, eval_batches = lm.data_iterators(data.train, data.eval, config)
 

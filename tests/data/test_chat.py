@@ -198,7 +198,7 @@ def test_errors_name_the_source():
 
 
 def test_unknown_template():
-    with pytest.raises(DataError, match=r"chat template 'vicuna' is unknown; use one of chatml, llama3, plain"):
+    with pytest.raises(DataError, match=r"chat template 'vicuna' is unknown; use one of chatml, llama3, gemma, plain, jinja"):
         render_chat_text(CONVERSATION, "vicuna")
 
 
