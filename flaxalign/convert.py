@@ -27,7 +27,7 @@ FORMATS = ("hf", "peft", "checkpoint", "gguf")
 TOKENIZER_DIR = "tokenizer"  # inside a converted checkpoint's run directory
 
 
-GENERATION_CONFIG = "generation_config.json"
+GENERATION_CONFIG = hf.GENERATION_CONFIG
 
 
 def convert(spec: str, destination: str, fmt: str, *, overwrite: bool = False, merge_parent: bool = False,
@@ -87,18 +87,16 @@ def _to_hf(source: str, meta: dict, destination: str, mesh) -> str:
     if tokenizer is not None:  # a reward model's pad marks where HF scores; an LM's ids are for generate()
         ids = {"pad_token_id": tokenizer.pad_id} if head is not None else {
             "pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-    hf.save_hf(model_config, jax.device_get(params), destination, score_head=jax.device_get(head), **ids)
+    # the HF class, ids and window spelling of the HF / GGUF model the run started from (none: decided by the config)
+    hf_config = hf.save_hf(model_config, jax.device_get(params), destination, score_head=jax.device_get(head),
+                           source=meta.get(hf.SOURCE_FIELD), **ids)
     written = _export_tokenizer(tokenizer, destination, chat_template=meta.get("chat_template", ""))
-    stale = os.path.join(destination, GENERATION_CONFIG)
-    if os.path.exists(stale):  # an earlier export's (with --overwrite); a reward model gets none
-        os.remove(stale)
-    generation = ""
     if tokenizer is not None and head is None:
-        _write_generation_ids(tokenizer, destination)
-        generation = f" and {GENERATION_CONFIG}"
+        _write_generation_ids(tokenizer, destination, hf_config)
     kind = "a *ForSequenceClassification reward model" if head is not None else "a causal LM"
-    return (f"wrote {kind} to {destination}" + (f" with its tokenizer ({', '.join(written)})" if written else "")
-            + generation)
+    return (f"wrote {kind} to {destination} ({hf_config['architectures'][0]})"
+            + (f" with its tokenizer ({', '.join(written)})" if written else "")
+            + (f" and {GENERATION_CONFIG}" if head is None else ""))
 
 
 def _to_gguf(spec: str, destination: str, overwrite: bool, gguf_type: str | None) -> str:
@@ -155,7 +153,7 @@ def _to_checkpoint(source: str, meta: dict, destination: str, mesh) -> str:
     written = _export_tokenizer(tokenizer, tokenizer_dir, model_config.vocab_size)
     run_meta = {"stage": meta["stage"], "model": model_config.to_dict(), "init_from": meta["source"],
                 "tokenizer": (os.path.join(tokenizer_dir, written[0]) if written else ""),
-                "chat_template": meta.get("chat_template", "")}
+                "chat_template": meta.get("chat_template", ""), hf.SOURCE_FIELD: meta.get(hf.SOURCE_FIELD)}
     saver = checkpoint.Checkpointer(os.path.join(destination, "checkpoints"), async_save=False)
     saver.save(0, state, {}, run_meta)
     saver.close()
@@ -245,17 +243,16 @@ def _is_lora_run(source: str) -> bool:
     return bool(source) and not pretrained.is_pretrained(source) and bool(weights.metadata(source).get("lora"))
 
 
-def _write_generation_ids(tokenizer, directory: str) -> None:
-    """A generation_config.json with bos / pad and an eos list that holds the end-of-turn tokens
-    (`chat.end_of_turn_ids`), so that transformers' `generate()` stops at the end of the assistant's turn (the
-    ids themselves are in config.json: `hf.save_hf`)."""
+def _write_generation_ids(tokenizer, directory: str, hf_config: dict | None = None) -> None:
+    """A generation_config.json with the bos / pad / eos ids of `hf_config` (the exported config.json; default: the
+    tokenizer's) and an eos list that also holds the end-of-turn tokens (`chat.end_of_turn_ids`), so that
+    transformers' `generate()` stops at the end of the assistant's turn (`hf.generation_config_dict`)."""
     from flaxalign.data.chat import end_of_turn_ids
 
-    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    stops = end_of_turn_ids(tokenizer)
-    generation = {**ids, "eos_token_id": stops[0] if len(stops) == 1 else stops, "_from_model_config": False}
+    ids = hf_config or {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                        "pad_token_id": tokenizer.pad_id}
     with open(os.path.join(directory, GENERATION_CONFIG), "w") as f:
-        json.dump(generation, f, indent=2)
+        json.dump(hf.generation_config_dict(ids, end_of_turn_ids(tokenizer)), f, indent=2)
 
 
 def _export_tokenizer(tokenizer, directory: str, model_vocab_size: int | None = None, *,

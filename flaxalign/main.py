@@ -238,7 +238,7 @@ def train(config, workdir: str) -> None:
     checkpoint) and writes the report. A SIGTERM that arrived while the task was built ends the run here, exit 0."""
     import jax
 
-    from flaxalign import sharding
+    from flaxalign import sharding, weights
     from flaxalign.stages import STAGES
 
     if config.stage not in STAGES:
@@ -248,6 +248,7 @@ def train(config, workdir: str) -> None:
         logging.info("Mesh %s on %d devices (%d processes).", dict(mesh.shape), jax.device_count(),
                      jax.process_count())
         task = STAGES[config.stage](config, workdir, mesh)
+        task.metadata.update(weights.inherited_metadata(config))
         _startup_fault("after_task")
         if preemption.any_process_requested():
             logging.warning("SIGTERM during start-up: stopping before training (nothing to save).")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 
 from flaxalign import errors, models, sharding
-from flaxalign.interop import pretrained
+from flaxalign.interop import hf, pretrained
 from flaxalign.models import adapters, heads
 from flaxalign.peft import lora, quant
 from flaxalign.policy import UNUSED_BY_SCALAR, TrainableModel
@@ -73,6 +73,18 @@ def resolve_model(config) -> tuple[models.ModelConfig, dict, str]:
     else:
         values = config.model.to_dict()
     return models.ModelConfig.from_dict({**values, **adapter_fields(config)}), meta, source
+
+
+def inherited_metadata(config) -> dict:
+    """Run-metadata entries a stage takes over from its `init_from` source (`flaxalign train` adds them to every
+    run's metadata): `hf_source`, the HF family, special ids and window spelling of the HF or GGUF model at the start
+    of the chain (`interop.hf_config.source_fields`), so that `convert --format=hf` writes a model started from a
+    Mistral as a Mistral however many runs later. {} without a source or when the source has none (random init, a
+    run from before it was kept)."""
+    if not config.get("init_from"):
+        return {}
+    kept = metadata(parse_source(config.init_from)).get(hf.SOURCE_FIELD)
+    return {hf.SOURCE_FIELD: kept} if kept else {}
 
 
 def adapter_fields(config) -> dict:

@@ -67,6 +67,11 @@ def test_sft_starts_from_an_hf_directory(sft_export, tmp_path):
     # the exported SFT model already fits the SFT data: its first loss is far below a random model's ln(512) = 6.2
     assert first["loss"] < 4.0, first
     assert weights.metadata(workdir)["init_from"] == f"hf:{sft_export}"
+    # the run keeps what its HF source's config.json says beyond the model config (class, ids, windows), so that its
+    # own export writes them again (`weights.inherited_metadata`)
+    source = weights.metadata(f"hf:{sft_export}")[interop.hf.SOURCE_FIELD]
+    assert source["architecture"] == "LlamaForCausalLM" and "eos_token_id" in source
+    assert weights.metadata(workdir)[interop.hf.SOURCE_FIELD] == source
 
 
 def test_reward_model_from_a_sequence_classification_directory(tmp_path):

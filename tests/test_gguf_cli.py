@@ -90,6 +90,7 @@ def test_gguf_file_converts_to_an_hf_directory_with_its_logits_and_tokenizer(tin
     assert generation["eos_token_id"] == [tokenizer.eos_id, im_end] and config["eos_token_id"] == tokenizer.eos_id
     assert generation["pad_token_id"] == config["pad_token_id"] == tokenizer.pad_id
     assert config["bos_token_id"] == tokenizer.bos_id and config["vocab_size"] == tiny_gguf.config.vocab_size
+    assert config["architectures"] == ["LlamaForCausalLM"]  # the HF class of the file's general.architecture
 
 
 @pytest.mark.slow  # a CLI subprocess

@@ -8,8 +8,10 @@ state-dict conversions work on in-memory arrays only: numpy in, numpy out, no to
   model.safetensors.index.json, optional tokenizer.json) into a `Pretrained` (config, params, tokenizer); with a
   mesh each device's shard of a param is read as a region of the memory-mapped files (`place_params`), so no full
   host copy of the model exists.
-- `save_hf(config, params, directory)` writes a transformers-loadable directory (float32 safetensors, sharded with
-  an index above `max_shard_bytes`).
+- `save_hf(config, params, directory)` writes a transformers-loadable directory (config.json, a causal LM's
+  generation_config.json, float32 safetensors sharded with an index above `max_shard_bytes`); given the
+  `source_fields` of the config.json (or GGUF file) the model came from, as run metadata keeps them, it writes the
+  same architecture class, special ids and window spelling back (`hf_config.hf_config_dict`).
 - `apply_lm(config, params, input_ids, attention_mask)` gives float32 logits the way an HF causal LM does for a
   (right- or left-) padded batch.
 
@@ -54,11 +56,16 @@ from flaxalign import errors, models, sharding
 from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.interop.hf_config import (  # noqa: F401 - the config mapping is part of this module's API
     ARCHITECTURES,
+    ID_FIELDS,
     SCORE_ARCHITECTURES,
     SCORE_BIAS_FIELD,
+    SOURCE_FIELD,
+    generation_config_dict,
+    gguf_source_fields,
     hf_config_dict,
     is_score_model,
     model_config_from_hf,
+    source_fields,
 )
 from flaxalign.interop.safetensors_io import SafetensorsFiles, write_safetensors
 from flaxalign.models.apply import apply_lm, apply_reward  # noqa: F401 - part of flaxalign.interop's API
@@ -260,6 +267,7 @@ def _contiguous(x: Any) -> np.ndarray:
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 
 
 
@@ -425,29 +433,42 @@ def place_params(config: ModelConfig, tensors: SafetensorsFiles, mesh: jax.shard
 
 def save_hf(config: ModelConfig, params: Mapping[str, Any], directory: str, *, score_head: Mapping | None = None,
             pad_token_id: int | None = None, bos_token_id: int | None = None, eos_token_id: int | None = None,
-            max_shard_bytes: int = 2**31) -> None:
-    """Writes `params` as a transformers-loadable float32 model directory: config.json (see `hf_config_dict`) and
-    model.safetensors, or model-0000i-of-0000n.safetensors files of at most `max_shard_bytes` each (a single larger
-    tensor gets a file of its own) with model.safetensors.index.json. Adapter parameters are not written; merge or
-    drop them first.
+            source: Mapping[str, Any] | None = None, max_shard_bytes: int = 2**31) -> dict[str, Any]:
+    """Writes `params` as a transformers-loadable float32 model directory: config.json (`hf_config_dict`), a causal
+    LM's generation_config.json (`generation_config_dict`: the bos / eos / pad ids of its config.json, when it has
+    any) and model.safetensors, or model-0000i-of-0000n.safetensors files of at most `max_shard_bytes` each (a
+    single larger tensor gets a file of its own) with model.safetensors.index.json. Adapter parameters are not
+    written; merge or drop them first. Returns the config.json dict.
 
-    With `score_head` ({"kernel": [D], "bias": []}, a reward model's head on the backbone `params`) the directory is
-    a `*ForSequenceClassification` model. Give it `pad_token_id`: HF scores the last token that is not pad."""
+    `source` (`hf_config.source_fields` of the HF config.json or GGUF file the model came from, kept in run metadata
+    under `hf_config.SOURCE_FIELD`) keeps its architecture class, special ids and window spelling; the id arguments
+    fill in the ids it does not state. With `score_head` ({"kernel": [D], "bias": []}, a reward model's head on the
+    backbone `params`) the directory is a `*ForSequenceClassification` model. Give it `pad_token_id`: HF scores the
+    last token that is not pad."""
     if config.adapter_placement != "none":
         raise errors.ConfigError("save_hf writes base models only; the config has adapters (adapter_placement).")
     score = score_head is not None
-    hf_config = hf_config_dict(config, score=score)
+    ids = {"pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    hf_config = hf_config_dict(config, score=score, source=source, ids=ids)
     if score:
         params = {**{k: v for k, v in params.items() if k != "lm_head"}, "score": score_head["kernel"]}
         bias = float(np.asarray(score_head["bias"]))
         if bias:
             hf_config[SCORE_BIAS_FIELD] = bias
-    ids = {"pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
-    hf_config.update({name: int(value) for name, value in ids.items() if value is not None})
     state = params_to_hf_state_dict(config, params, score=score)
+    if hf_config.get("attention_bias"):  # a Llama with q/k/v biases has an o_proj bias too; flaxalign's is zero
+        state.update({f"model.layers.{i}.self_attn.o_proj.bias": np.zeros(config.d_model, np.float32)
+                      for i in range(config.n_layers)})
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
+    generation = None if score else generation_config_dict(hf_config)  # a reward model does not generate
+    generation_file = os.path.join(directory, GENERATION_CONFIG)
+    if generation is not None and any(generation[key] is not None for key in ID_FIELDS):
+        with open(generation_file, "w") as f:
+            json.dump(generation, f, indent=2)
+    elif os.path.exists(generation_file):  # an earlier export's
+        os.remove(generation_file)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, value in state.items():
@@ -461,7 +482,7 @@ def save_hf(config: ModelConfig, params: Mapping[str, Any], directory: str, *, s
             os.remove(os.path.join(directory, stale))
     if len(shards) == 1:
         write_safetensors(os.path.join(directory, SINGLE_FILE), shards[0])
-        return
+        return hf_config
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -470,3 +491,4 @@ def save_hf(config: ModelConfig, params: Mapping[str, Any], directory: str, *, s
     index = {"metadata": {"total_size": sum(v.nbytes for v in state.values())}, "weight_map": weight_map}
     with open(os.path.join(directory, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=2)
+    return hf_config

@@ -1,12 +1,17 @@
 """Hugging Face `config.json` ↔ `ModelConfig`: which architectures map, how their fields (rope scaling, sliding
 windows per layer, reward-model heads) read and write, and which settings are refused because they would change
-the math silently. Pure functions on dicts; `hf.py` reads and writes the files and tensors."""
+the math silently. Pure functions on dicts; `hf.py` reads and writes the files and tensors.
 
-from collections.abc import Mapping
+One `ModelConfig` stands for Llama, Mistral and Qwen2 alike, so what an export needs beyond it — the family the model
+came from, its bos / eos / pad ids, how the family spells its windows — is taken from the source's config.json
+(`source_fields`, or `gguf_source_fields` for a GGUF file), kept in run metadata under `SOURCE_FIELD` and given back
+to `hf_config_dict`, which alone decides the class written."""
+
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flaxalign import errors
-from flaxalign.models.config import ModelConfig
+from flaxalign.models.config import ADAPTER_FIELDS, ModelConfig
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 # Reward models: the same decoder with a bias-free `score` Linear(d, 1) instead of the LM head.
@@ -15,6 +20,13 @@ SCORE_ARCHITECTURES = {"LlamaForSequenceClassification": "llama", "MistralForSeq
 HF_DEFAULT_WINDOW = 4096  # MistralConfig / Qwen2Config's sliding_window when config.json has none
 QWEN2_DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2Config's default
 SCORE_BIAS_FIELD = "flaxalign_score_bias"  # HF's score layer has no bias; ours is kept in config.json under this key
+MODEL_TYPES = {model_type: arch for arch, model_type in ARCHITECTURES.items()}  # "mistral" -> "MistralForCausalLM"
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # a GGUF file's general.architecture -> HF model_type
+# What run metadata keeps of the HF config.json (or GGUF file) a model came from (`source_fields`), under this key:
+SOURCE_FIELD = "hf_source"
+ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # no effect on the forward pass
+# How a family spells its windows; written back from the source only where they state the same windows
+SPELLING_FIELDS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 
 
 def model_config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
@@ -87,8 +99,7 @@ def _window_fields(hf_config: Mapping[str, Any], model_type: str) -> dict[str, A
 def _architecture(hf_config: Mapping[str, Any]) -> str:
     """The architecture name, from `architectures` (saved checkpoints) or `model_type` (configs built in code)."""
     names = hf_config.get("architectures") or []
-    by_type = {model_type: arch for arch, model_type in ARCHITECTURES.items()}
-    arch = names[0] if names else by_type.get(hf_config.get("model_type", ""), hf_config.get("model_type"))
+    arch = names[0] if names else MODEL_TYPES.get(hf_config.get("model_type", ""), hf_config.get("model_type"))
     if arch not in ARCHITECTURES and arch not in SCORE_ARCHITECTURES:
         raise errors.ConfigError(
             f"HF architecture {arch!r} is not supported; flaxalign converts "
@@ -138,39 +149,131 @@ def _rope_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def hf_config_dict(config: ModelConfig, *, score: bool = False) -> dict[str, Any]:
-    """The transformers config.json dict of `config`: the inverse of `model_config_from_hf`. Models with q/k/v
-    biases are written as Qwen2, windowed ones without as Mistral, all others as Llama (`*ForSequenceClassification`
-    with one label when `score`). Both rope spellings are written (`rope_theta` / `rope_scaling` for transformers 4,
-    `rope_parameters` for 5). Settings these architectures cannot state (an attention soft cap, a window pattern
-    other than theirs) are refused in one line rather than dropped."""
+def source_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """What an HF export needs from the config.json a model came from that `ModelConfig` does not state: its family
+    (`model_type`, and the `architecture` class it was saved as), its bos / eos / pad ids and the family's spelling of
+    its windows (`SPELLING_FIELDS`). Runs keep it in their metadata under `SOURCE_FIELD`, from the pretrained source
+    on (`interop.pretrained.metadata`), and `hf_config_dict(source=...)` writes it back."""
+    arch = _architecture(hf_config)
+    kept = {key: hf_config[key] for key in ID_FIELDS + SPELLING_FIELDS if key in hf_config}
+    return {"architecture": arch, "model_type": _model_type(arch), **kept}
+
+
+def gguf_source_fields(gguf_architecture: str) -> dict[str, Any]:
+    """`source_fields` of a GGUF file whose `general.architecture` is `gguf_architecture` ("llama", "qwen2"): the HF
+    family of that name (its ids are its tokenizer's, which an export writes)."""
+    model_type = GGUF_ARCHITECTURES.get(gguf_architecture)
+    if model_type is None:
+        raise errors.ConfigError(f"GGUF architecture {gguf_architecture!r} has no HF class flaxalign writes; known: "
+                                 f"{sorted(GGUF_ARCHITECTURES)}.")
+    return {"architecture": MODEL_TYPES[model_type], "model_type": model_type}
+
+
+def hf_config_dict(config: ModelConfig, *, score: bool = False, source: Mapping[str, Any] | None = None,
+                   ids: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The transformers config.json dict of `config`: the inverse of `model_config_from_hf`, and the one place that
+    decides the architecture written.
+
+    With `source` (`source_fields` of the HF config.json or GGUF file the model came from, as run metadata keeps it)
+    the model is written as that family whenever the family can state it — a Mistral stays `MistralForCausalLM`, a
+    Llama with q/k/v biases stays a Llama (`attention_bias`) — with the source's bos / eos / pad ids and its spelling
+    of the windows (`SPELLING_FIELDS`, taken only where they state the same windows). Without one, or for a model
+    its family cannot state, models with q/k/v biases are written as Qwen2, windowed ones without as Mistral, all
+    others as Llama. `ids` ({"bos_token_id": ..., ...}, e.g. the tokenizer's) fill in the ids the source does not
+    state. `*ForSequenceClassification` with one label when `score`. Both rope spellings are written (`rope_theta`
+    / `rope_scaling` for transformers 4, `rope_parameters` for 5). Settings these architectures cannot state (an
+    attention soft cap, a window pattern other than theirs) are refused in one line rather than dropped; whatever
+    is written is read back with `model_config_from_hf` and must give the same model."""
     if config.attn_softcap:
         raise errors.ConfigError(f"model.attn_softcap={config.attn_softcap} cannot be written as a Llama, Mistral or "
                                  "Qwen2 HF model (their attention has no soft cap); the exported model would differ.")
-    windowed = any(config.layer_windows())
-    arch = "Qwen2ForCausalLM" if config.qkv_bias else "MistralForCausalLM" if windowed else "LlamaForCausalLM"
+    source = dict(source or {})
+    family = source.get("model_type") if source.get("model_type") in MODEL_TYPES else None
+    inferred = "qwen2" if config.qkv_bias else "mistral" if any(config.layer_windows()) else "llama"
+    try:
+        out = _family_config(config, family, source) if family else None
+    except errors.ConfigError:
+        out = None  # the source's family cannot state this model (its fields were changed): the inferred one
+    if out is None:
+        out = _family_config(config, inferred, source if inferred == family else {})
+    out.update({key: source[key] for key in ID_FIELDS if source.get(key) is not None})
+    out.update({key: int(value) for key, value in (ids or {}).items()
+                if key in ID_FIELDS and value is not None and out.get(key) is None})
+    if score:
+        out.update(architectures=[out["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")],
+                   num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    return out
+
+
+def _family_config(config: ModelConfig, model_type: str, source: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json of `config` as a `model_type` causal LM, the windows spelled as `source` spells them where that
+    states the same windows; `ConfigError` when the family cannot state the model."""
+    arch = MODEL_TYPES[model_type]
+    if (model_type == "qwen2" and not config.qkv_bias) or (model_type == "mistral" and config.qkv_bias):
+        raise errors.ConfigError(f"{arch} {'always has' if model_type == 'qwen2' else 'has no'} q/k/v biases; "
+                                 f"model.qkv_bias={config.qkv_bias}.")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling_factor:
         rope.update(rope_type="llama3", factor=config.rope_scaling_factor,
                     low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
                     original_max_position_embeddings=config.rope_original_max_len)
     out = {
-        "architectures": [arch], "model_type": ARCHITECTURES[arch],
+        "architectures": [arch], "model_type": model_type,
         "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff,
         "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
         "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.rms_eps,
         "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.init_std,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-        "rope_theta": config.rope_theta, "rope_parameters": rope, "torch_dtype": "float32", "use_cache": True,
+        "hidden_act": "silu", "attention_dropout": 0.0, "rope_theta": config.rope_theta, "rope_parameters": rope,
+        "torch_dtype": "float32", "use_cache": True,
     }
+    if model_type == "llama":  # the one family that reads them; its q/k/v biases come with an o_proj bias
+        out.update(attention_bias=config.qkv_bias, mlp_bias=False)  # (written as zeros by `hf.save_hf`)
     if config.rope_scaling_factor:
         out["rope_scaling"] = dict(rope)
-    out.update(_hf_window_fields(config, arch))
-    if score:
-        out.update(architectures=[arch.replace("ForCausalLM", "ForSequenceClassification")], num_labels=1,
-                   id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-    return out
+    try:
+        written, refusal = {**out, **_hf_window_fields(config, arch)}, None
+    except errors.ConfigError as e:
+        written, refusal = out, e
+    spelled = {**written, **{key: source[key] for key in SPELLING_FIELDS if key in source}}
+    if spelled != written and _states(spelled, config):
+        return spelled
+    if refusal is not None:
+        raise refusal
+    if not _states(written, config):
+        raise errors.ConfigError(f"this model cannot be written as an HF {arch} (read back, it would differ).")
+    return written
+
+
+def _states(hf_config: Mapping[str, Any], config: ModelConfig) -> bool:
+    """Whether `hf_config` reads back (`model_config_from_hf`) as a model computing what `config` computes."""
+    try:
+        return _forward_fields(model_config_from_hf(hf_config)) == _forward_fields(config)
+    except errors.ConfigError:
+        return False
+
+
+def _forward_fields(config: ModelConfig) -> dict[str, Any]:
+    """The `ModelConfig` fields an HF config.json states, windows as each layer's (`layer_windows`), rope scaling
+    only when on."""
+    out = {key: value for key, value in config.checkpoint_identity().items()
+           if key not in ("sliding_window", "full_attention_layers") and key not in ADAPTER_FIELDS}
+    if not config.rope_scaling_factor:
+        for key in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
+            out.pop(key)
+    return {**out, "layer_windows": config.layer_windows()}
+
+
+def generation_config_dict(hf_config: Mapping[str, Any], stop_ids: Sequence[int] = ()) -> dict[str, Any]:
+    """generation_config.json of an exported causal LM: the bos / pad ids of its config.json (`hf_config`) and an eos
+    list that holds its eos id(s), then `stop_ids` (end-of-turn tokens, e.g. `chat.end_of_turn_ids`), so that
+    transformers' `generate()` stops at any of them (one id is written as an int)."""
+    eos = hf_config.get("eos_token_id")
+    stops = list(dict.fromkeys([*(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+                                *(int(i) for i in stop_ids)]))
+    return {"bos_token_id": hf_config.get("bos_token_id"),
+            "eos_token_id": stops[0] if len(stops) == 1 else stops or None,
+            "pad_token_id": hf_config.get("pad_token_id"), "_from_model_config": False}
 
 
 def _hf_window_fields(config: ModelConfig, arch: str) -> dict[str, Any]:
@@ -178,8 +281,11 @@ def _hf_window_fields(config: ModelConfig, arch: str) -> dict[str, Any]:
     refused in one line."""
     windows = config.layer_windows()
     if not any(windows):  # no window, or every layer listed in full_attention_layers
-        return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers} if (
-            arch == "Qwen2ForCausalLM") else {}
+        if arch == "Qwen2ForCausalLM":
+            return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers}
+        return {"sliding_window": None} if arch == "MistralForCausalLM" else {}
+    if arch == "LlamaForCausalLM":
+        raise errors.ConfigError("a model with sliding windows cannot be written as a Llama HF model.")
     if arch == "MistralForCausalLM":
         if config.full_attention_layers:
             raise errors.ConfigError(f"a model whose layers {list(config.full_attention_layers)} attend in full and "

@@ -31,10 +31,12 @@ def check_exists(source: str) -> None:
 
 
 def metadata(source: str) -> dict:
-    """{"stage": "pretrained", "model": config dict, "tokenizer": path or "", "chat_template": name or ""} of an
-    `hf:` or `gguf:` source, read without loading the weights. The template is named when the directory's
-    tokenizer_config.json holds one of flaxalign's own (`chat.JINJA`, as `convert` exports a run), so that runs,
-    `generate` and `eval` on an export use the template the run trained with."""
+    """{"stage": "pretrained", "model": config dict, "tokenizer": path or "", "chat_template": name or "",
+    "hf_source": ...} of an `hf:` or `gguf:` source, read without loading the weights. The template is named when the
+    directory's tokenizer_config.json holds one of flaxalign's own (`chat.JINJA`, as `convert` exports a run), so that
+    runs, `generate` and `eval` on an export use the template the run trained with. `hf_source`
+    (`hf.SOURCE_FIELD`: `hf_config.source_fields`) is what an HF export of the model, or of a run started from it
+    (runs inherit it: `weights.inherited_metadata`), needs to write the same architecture class, ids and windows."""
     check_exists(source)
     kind, _, path = source.partition(":")
     stage = STAGE
@@ -42,6 +44,7 @@ def metadata(source: str) -> dict:
         hf_config = hf.read_hf_config(path)
         config = hf.model_config_from_hf(hf_config)
         tokenizer = _tokenizer_in(path)
+        hf_source = hf.source_fields(hf_config)
         if hf.is_score_model(hf_config):
             stage = "reward"  # a *ForSequenceClassification model: usable as PPO's / GRPO's reward_from
     else:
@@ -50,8 +53,16 @@ def metadata(source: str) -> dict:
 
         config = gguf.read_model_config(path)
         tokenizer = path  # the vocabulary is in the file's metadata
+        hf_source = hf.gguf_source_fields(_gguf_architecture(path))
     return {"stage": stage, "model": config.to_dict(), "tokenizer": tokenizer, "source": source,
-            "chat_template": _exported_template(path) if kind == "hf" else ""}
+            "chat_template": _exported_template(path) if kind == "hf" else "", hf.SOURCE_FIELD: hf_source}
+
+
+def _gguf_architecture(path: str) -> str:
+    """A GGUF file's `general.architecture` (the file is known to be readable: its model config was read)."""
+    import gguf  # the package (flaxalign.interop.gguf is not imported under this name here)
+
+    return gguf.GGUFReader(path, "r").get_field("general.architecture").contents()
 
 
 def _exported_template(directory: str) -> str:

@@ -300,3 +300,136 @@ def test_configs_hf_cannot_state_are_refused_or_normalised_on_export(qkv_bias):
     written = hf.hf_config_dict(unused)
     assert written["architectures"] == ["Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM"]
     assert hf.model_config_from_hf(written).layer_windows() == (0, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lossless export (issue 17 item 5): a model keeps its source's HF class, ids and window spelling
+
+_SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=128, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.02)
+_FULL, _SLIDING = "full_attention", "sliding_attention"
+# config.json of each family as transformers 5.x (and, for rope scaling, 4.x) spells it; every field given here is
+# one an export must write back unchanged. `inferred`: the class written without the source (before issue 17).
+FAMILY_CONFIGS = {
+    "mistral_window": ("MistralForCausalLM", dict(sliding_window=16, bos_token_id=1, eos_token_id=2,
+                                                  pad_token_id=None, tie_word_embeddings=False)),
+    "mistral_no_window": ("LlamaForCausalLM", dict(sliding_window=None, bos_token_id=1, eos_token_id=2)),
+    "qwen2_windows": ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=8, max_window_layers=2,
+                                               layer_types=[_FULL, _FULL, _SLIDING, _SLIDING],
+                                               tie_word_embeddings=True, eos_token_id=[2, 5], pad_token_id=5)),
+    # alternating windows: only layer_types (transformers 5) states them; refused without the source
+    "qwen2_layer_types": (None, dict(use_sliding_window=True, sliding_window=8, max_window_layers=28,
+                                     layer_types=[_SLIDING, _FULL] * 2, bos_token_id=None, eos_token_id=3)),
+    "qwen2_no_window": ("Qwen2ForCausalLM", dict(use_sliding_window=False, sliding_window=None, max_window_layers=28,
+                                                 layer_types=[_FULL] * 4, eos_token_id=3)),
+    "llama31_v5": ("LlamaForCausalLM", dict(
+        tie_word_embeddings=True, bos_token_id=0, eos_token_id=[1, 7, 9],
+        rope_parameters=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=64, rope_theta=500000.0))),
+    "llama31_v4": ("LlamaForCausalLM", dict(
+        rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=64))),
+    "llama_attention_bias": ("Qwen2ForCausalLM", dict(attention_bias=True, bos_token_id=1, eos_token_id=2)),
+}
+
+
+def _family_config(case):
+    arch = {"m": "MistralForCausalLM", "q": "Qwen2ForCausalLM", "l": "LlamaForCausalLM"}[case[0]]
+    model_type = {"m": "mistral", "q": "qwen2", "l": "llama"}[case[0]]
+    return {"architectures": [arch], "model_type": model_type, **_SHAPE, **FAMILY_CONFIGS[case][1]}
+
+
+def _assert_written_back(written, source):
+    """Every field of `source` is in `written` with its value (a dict field: at least its keys, same values)."""
+    for key, value in source.items():
+        got = written.get(key)
+        if isinstance(value, dict):
+            got = {k: got[k] for k in value}
+        assert got == value, (key, got, value)
+
+
+@pytest.mark.parametrize("case", sorted(FAMILY_CONFIGS))
+def test_each_family_s_config_round_trips_with_its_class_ids_and_windows(case):
+    """config.json → `model_config_from_hf` → `hf_config_dict(source=source_fields(...))` gives the same class and
+    model type, the same bos / eos / pad ids, windows spelled as the family spells them, the same rope scaling and
+    tie flag, and reads back as the same `ModelConfig`; without the source the class is inferred from the config
+    (what every export did before: a windowless Mistral became a Llama, a Llama with q/k/v biases a Qwen2)."""
+    source = _family_config(case)
+    config = hf.model_config_from_hf(source)
+    written = hf.hf_config_dict(config, source=hf.source_fields(source))
+    _assert_written_back(written, source)
+    assert hf.model_config_from_hf(written) == config
+    assert hf.model_config_from_hf(json.loads(json.dumps(written))) == config  # as a file holds it
+    inferred = FAMILY_CONFIGS[case][0]
+    if inferred is None:
+        with pytest.raises(errors.ConfigError, match="attending in full cannot be written so"):
+            hf.hf_config_dict(config)
+    else:
+        assert hf.hf_config_dict(config)["architectures"] == [inferred]
+        assert hf.model_config_from_hf(hf.hf_config_dict(config)) == config
+    reward = hf.hf_config_dict(config, score=True, source=hf.source_fields(source))
+    assert reward["architectures"] == [source["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
+
+
+def test_a_source_family_that_cannot_state_the_model_gives_way_and_ids_fill_in():
+    """The source's class is kept only where it states the model: a Mistral source of a model with q/k/v biases is
+    written as Qwen2, and a Qwen2 source's window spelling is dropped when the windows differ; ids the source does
+    not state come from `ids` (the tokenizer's), the source's own win."""
+    source = hf.source_fields(_family_config("mistral_window"))
+    biased = helpers.tiny_model_config(n_layers=2, qkv_bias=True)
+    assert hf.hf_config_dict(biased, source=source)["architectures"] == ["Qwen2ForCausalLM"]
+    qwen2 = hf.source_fields(_family_config("qwen2_layer_types"))
+    unwindowed = hf.model_config_from_hf({**_family_config("qwen2_layer_types"), "use_sliding_window": False})
+    written = hf.hf_config_dict(unwindowed, source=qwen2)
+    assert written["architectures"] == ["Qwen2ForCausalLM"] and written["use_sliding_window"] is False
+    assert hf.model_config_from_hf(written) == unwindowed
+    ids = hf.hf_config_dict(unwindowed, source=qwen2, ids={"bos_token_id": 7, "eos_token_id": 8, "pad_token_id": 9})
+    assert (ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"]) == (7, 3, 9)
+    assert hf.gguf_source_fields("qwen2") == {"architecture": "Qwen2ForCausalLM", "model_type": "qwen2"}
+    with pytest.raises(errors.ConfigError, match="GGUF architecture 'gemma2' has no HF class"):
+        hf.gguf_source_fields("gemma2")
+
+
+def test_generation_config_holds_the_eos_ids_and_the_stops():
+    assert hf.generation_config_dict({"bos_token_id": 1, "eos_token_id": [2, 5], "pad_token_id": 0}, [5, 9]) == {
+        "bos_token_id": 1, "eos_token_id": [2, 5, 9], "pad_token_id": 0, "_from_model_config": False}
+    assert hf.generation_config_dict({"eos_token_id": 2})["eos_token_id"] == 2
+
+
+def test_save_hf_keeps_a_llama_with_attention_bias_and_its_source_travels_in_metadata(tmp_path):
+    """A Llama with `attention_bias` is written as a Llama again (zero o_proj biases, as it was read) with a
+    generation_config.json of its ids; `hf:` metadata carries the source fields, and a run started from it
+    inherits them (`weights.inherited_metadata`)."""
+    import ml_collections
+
+    from flaxalign import weights
+
+    source = _family_config("llama_attention_bias")
+    config = hf.model_config_from_hf(source)
+    params = helpers.random_params(config)
+    written = interop.save_hf(config, params, str(tmp_path / "a"), source=hf.source_fields(source), pad_token_id=4)
+    assert written["architectures"] == ["LlamaForCausalLM"] and written["attention_bias"] is True
+    state = safetensors_io.SafetensorsFiles([str(tmp_path / "a" / hf.SINGLE_FILE)])
+    assert not np.any(state["model.layers.3.self_attn.o_proj.bias"])
+    with open(tmp_path / "a" / hf.GENERATION_CONFIG) as f:
+        assert json.load(f) == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 4, "_from_model_config": False}
+    loaded = interop.load_pretrained(str(tmp_path / "a"), dtype="float32")
+    assert loaded.config == config
+    _assert_trees_equal(loaded.params, params)
+    meta = weights.metadata(f"hf:{tmp_path / 'a'}")
+    assert meta[hf.SOURCE_FIELD] == {**hf.source_fields(source), "pad_token_id": 4}
+    run = ml_collections.ConfigDict({"init_from": f"hf:{tmp_path / 'a'}"})
+    assert weights.inherited_metadata(run) == {hf.SOURCE_FIELD: meta[hf.SOURCE_FIELD]}
+    assert weights.inherited_metadata(ml_collections.ConfigDict({"init_from": ""})) == {}
+    interop.save_hf(config, params, str(tmp_path / "a"), score_head={"kernel": params["embed"][0], "bias": 0.0})
+    assert not (tmp_path / "a" / hf.GENERATION_CONFIG).exists()  # a reward model has none (an earlier one goes)
+
+
+def test_gguf_metadata_names_the_hf_class_of_its_architecture(tmp_path):
+    from flaxalign import weights
+    from tests.interop.test_gguf import write_gguf
+
+    config = _config(tie_embeddings=False)
+    path = write_gguf(tmp_path / "tiny.gguf", config, helpers.random_params(config))
+    assert weights.metadata(f"gguf:{path}")[hf.SOURCE_FIELD] == {"architecture": "LlamaForCausalLM",
+                                                                "model_type": "llama"}

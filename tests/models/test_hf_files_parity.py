@@ -1,6 +1,8 @@
 """HF model directories written by transformers load into flaxalign with equal logits, and directories written
 by `save_hf` load into transformers with equal logits (tiny random float32 models, padded batches included)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -41,10 +43,10 @@ def _compare(ours, theirs, mask):
     np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=TOLERANCE, rtol=0)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_transformers_directory_loads_with_equal_logits(libs, case, tmp_path):
+def _random_model(libs, case, model_cls, config_cls, overrides):
+    """A random float32 eager HF model whose norms and q/k/v biases are moved off their 1/0 initial values (a
+    Llama's o_proj bias stays zero: flaxalign has none)."""
     torch, transformers = libs
-    model_cls, config_cls, overrides = CASES[case]
     torch.manual_seed(sum(map(ord, case)))
     hf_config = getattr(transformers, config_cls)(**{**BASE, **overrides}, attn_implementation="eager")
     model = getattr(transformers, model_cls)(hf_config).float().eval()
@@ -52,8 +54,16 @@ def test_transformers_directory_loads_with_equal_logits(libs, case, tmp_path):
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.3 * torch.randn_like(param))
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") and "o_proj" not in name:
                 param.copy_(0.3 * torch.randn_like(param))
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_transformers_directory_loads_with_equal_logits(libs, case, tmp_path):
+    torch, transformers = libs
+    model_cls, config_cls, overrides = CASES[case]
+    model = _random_model(libs, case, *CASES[case])
     model.save_pretrained(str(tmp_path), max_shard_size="100KB")  # sharded, with an index file
     assert (tmp_path / "model.safetensors.index.json").exists()
     loaded = interop.load_pretrained(str(tmp_path), dtype="float32")
@@ -137,3 +147,72 @@ def test_reward_model_saved_by_save_hf_scores_equally_in_transformers(libs, tie,
     reloaded = interop.load_pretrained(str(tmp_path), dtype="float32")
     np.testing.assert_allclose(np.asarray(interop.apply_reward(config, reloaded.params, reloaded.head, tokens, mask)),
                                ours, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lossless export (issue 17 item 5): HF → flaxalign → HF keeps the class, the forward's config fields and the tensors
+
+WINDOWS = ["sliding_attention", "full_attention"]
+ROUND_TRIPS = {
+    # windows shorter than the 16-token rows, so that a window lost or moved changes the logits
+    "mistral_window": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=6, bos_token_id=1, eos_token_id=2)),
+    "mistral_no_window": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=None, tie_word_embeddings=True)),
+    "qwen2_max_window_layers": ("Qwen2ForCausalLM", "Qwen2Config",
+                                dict(use_sliding_window=True, sliding_window=5, max_window_layers=1, eos_token_id=7,
+                                     pad_token_id=3)),
+    "qwen2_layer_types": ("Qwen2ForCausalLM", "Qwen2Config",
+                          dict(use_sliding_window=True, sliding_window=5, layer_types=WINDOWS)),
+    "llama31_rope": ("LlamaForCausalLM", "LlamaConfig", dict(
+        bos_token_id=0, eos_token_id=[1, 5, 9], tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=64), rope_theta=500000.0)),
+    "llama_attention_bias": ("LlamaForCausalLM", "LlamaConfig", dict(attention_bias=True)),
+}
+# the transformers config fields that decide the forward pass (and generation's special ids)
+FORWARD_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps", "hidden_act",
+                  "tie_word_embeddings", "rope_parameters", "attention_bias", "mlp_bias", "sliding_window",
+                  "use_sliding_window", "max_window_layers", "layer_types", "bos_token_id", "eos_token_id",
+                  "pad_token_id")
+
+
+def _forward_fields(config):
+    fields = {name: getattr(config, name, None) for name in FORWARD_FIELDS}
+    return {**fields, "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads}
+
+
+@pytest.mark.parametrize("case", sorted(ROUND_TRIPS))
+def test_hf_directory_round_trips_through_flaxalign_losslessly(libs, case, tmp_path):
+    """A tiny random Mistral / Qwen2 (windows from max_window_layers or layer_types) / Llama-3.1 (rope scaling, eos
+    list) / Llama with attention_bias directory, converted to an HF directory again — directly and through a
+    flaxalign run directory (`--format=checkpoint`, whose metadata carries the source's `hf_source`) — loads in
+    transformers as the same class with the same forward config fields, the same tensors (the same safetensors
+    names) and the same logits; generation_config.json holds its ids."""
+    torch, transformers = libs
+    from safetensors.numpy import load_file
+
+    from flaxalign.convert import convert
+
+    model = _random_model(libs, case, *ROUND_TRIPS[case])
+    source = str(tmp_path / "source")
+    model.save_pretrained(source)
+    want = load_file(str(tmp_path / "source" / "model.safetensors"))
+    tokens, mask = _batch(model.config.vocab_size)
+    theirs = _hf_logits(torch, model, tokens, mask)
+    run = str(tmp_path / "run")
+    convert(source, run, "checkpoint")
+    for origin in (source, run):
+        exported = str(tmp_path / f"export_of_{os.path.basename(origin)}")
+        message = convert(origin, exported, "hf")
+        assert f"({type(model).__name__})" in message, message
+        again = transformers.AutoModelForCausalLM.from_pretrained(
+            exported, attn_implementation="eager", dtype=torch.float32).eval()
+        assert type(again) is type(model)
+        assert _forward_fields(again.config) == _forward_fields(model.config)
+        got = load_file(os.path.join(exported, "model.safetensors"))
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            np.testing.assert_array_equal(got[name], value, err_msg=name)
+        np.testing.assert_allclose(_hf_logits(torch, again, tokens, mask), theirs, atol=1e-5, rtol=0)
+        eos = model.config.eos_token_id
+        assert again.generation_config.eos_token_id == eos
