@@ -140,7 +140,8 @@ def global_tensors(config: ModelConfig, score: bool = False) -> list[HFTensor]:
 
 
 def layer_tensors(config: ModelConfig) -> list[HFTensor]:
-    """The tensors of layer `{i}`, in HF order (q, k, v, o, gate, up, down, the two norms, then q/k/v biases)."""
+    """The tensors of layer `{i}`, in HF order (q, k, v, o, gate, up, down, the two norms, then q/k/v biases and
+    q/k norms)."""
     d, f, hd = config.d_model, config.d_ff, config.head_dim
     h, k = config.n_heads, config.n_kv_heads
 
@@ -171,6 +172,9 @@ def layer_tensors(config: ModelConfig) -> list[HFTensor]:
     ]
     if config.qkv_bias:
         specs += [bias("q", h), bias("k", k), bias("v", k)]
+    if config.qk_norm:  # Qwen3: one [head_dim] scale per layer, shared by the heads
+        specs += [HFTensor(f"model.layers.{{i}}.self_attn.{name}_norm.weight", ("attn", f"{name}_norm", "scale"),
+                           (hd,), _identity, _identity, _identity) for name in ("q", "k")]
     return specs
 
 

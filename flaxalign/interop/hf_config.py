@@ -13,14 +13,17 @@ from typing import Any
 from flaxalign import errors
 from flaxalign.models.config import ADAPTER_FIELDS, ModelConfig
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "Qwen3ForCausalLM": "qwen3"}
 # Reward models: the same decoder with a bias-free `score` Linear(d, 1) instead of the LM head.
 SCORE_ARCHITECTURES = {"LlamaForSequenceClassification": "llama", "MistralForSequenceClassification": "mistral",
-                       "Qwen2ForSequenceClassification": "qwen2"}
+                       "Qwen2ForSequenceClassification": "qwen2", "Qwen3ForSequenceClassification": "qwen3"}
 HF_DEFAULT_WINDOW = 4096  # MistralConfig / Qwen2Config's sliding_window when config.json has none
 QWEN2_DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2Config's default
 SCORE_BIAS_FIELD = "flaxalign_score_bias"  # HF's score layer has no bias; ours is kept in config.json under this key
+QWEN_TYPES = ("qwen2", "qwen3")  # the families that spell windows with use_sliding_window / max_window_layers
 MODEL_TYPES = {model_type: arch for arch, model_type in ARCHITECTURES.items()}  # "mistral" -> "MistralForCausalLM"
+QWEN_ARCHITECTURES = tuple(MODEL_TYPES[t] for t in QWEN_TYPES)
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # a GGUF file's general.architecture -> HF model_type
 # What run metadata keeps of the HF config.json (or GGUF file) a model came from (`source_fields`), under this key:
 SOURCE_FIELD = "hf_source"
@@ -35,10 +38,10 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     Maps hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim,
     max_position_embeddings, rms_norm_eps, tie_word_embeddings, vocab_size, initializer_range, rope_theta (top
     level in 4.x, `rope_parameters["rope_theta"]` in 5.x) and "llama3" rope scaling. Qwen2 always has q/k/v
-    biases; Llama's `attention_bias` turns them on too (its o_proj bias must then be zero, see
-    `params_from_hf_state_dict`).
+    biases; Llama's and Qwen3's `attention_bias` turns them on too (Llama's o_proj bias must then be zero, see
+    `params_from_hf_state_dict`). Qwen3 normalises each query and key head (`qk_norm`).
 
-    Sliding windows as transformers applies them: Mistral's `sliding_window` on every layer; Qwen2's when
+    Sliding windows as transformers applies them: Mistral's `sliding_window` on every layer; Qwen2's and Qwen3's when
     `use_sliding_window` is set, on the layers from `max_window_layers` on (or as its `layer_types` list says),
     the others attending in full.
 
@@ -64,6 +67,7 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         max_seq_len=hf_config.get("max_position_embeddings", ModelConfig.max_seq_len),
         rms_eps=hf_config.get("rms_norm_eps", 1e-6),  # the transformers default for all three
         qkv_bias=_model_type(arch) == "qwen2" or bool(hf_config.get("attention_bias", False)),
+        qk_norm=_model_type(arch) == "qwen3",
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         init_std=hf_config.get("initializer_range", ModelConfig.init_std),
         **_rope_fields(hf_config),
@@ -78,7 +82,7 @@ def _window_fields(hf_config: Mapping[str, Any], model_type: str) -> dict[str, A
         return {}
     window = hf_config.get("sliding_window", HF_DEFAULT_WINDOW)
     n_layers = hf_config["num_hidden_layers"]
-    if not window or (model_type == "qwen2" and not hf_config.get("use_sliding_window", False)):
+    if not window or (model_type in QWEN_TYPES and not hf_config.get("use_sliding_window", False)):
         return {}
     if model_type == "mistral":
         return {"sliding_window": int(window)}
@@ -189,7 +193,8 @@ def hf_config_dict(config: ModelConfig, *, score: bool = False, source: Mapping[
                                  "Qwen2 HF model (their attention has no soft cap); the exported model would differ.")
     source = dict(source or {})
     family = source.get("model_type") if source.get("model_type") in MODEL_TYPES else None
-    inferred = "qwen2" if config.qkv_bias else "mistral" if any(config.layer_windows()) else "llama"
+    inferred = ("qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else
+                "mistral" if any(config.layer_windows()) else "llama")
     try:
         out = _family_config(config, family, source) if family else None
     except errors.ConfigError:
@@ -212,6 +217,9 @@ def _family_config(config: ModelConfig, model_type: str, source: Mapping[str, An
     if (model_type == "qwen2" and not config.qkv_bias) or (model_type == "mistral" and config.qkv_bias):
         raise errors.ConfigError(f"{arch} {'always has' if model_type == 'qwen2' else 'has no'} q/k/v biases; "
                                  f"model.qkv_bias={config.qkv_bias}.")
+    if config.qk_norm != (model_type == "qwen3"):
+        raise errors.ConfigError(f"{arch} {'always has' if model_type == 'qwen3' else 'has no'} q/k norms; "
+                                 f"model.qk_norm={config.qk_norm}.")
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
     if config.rope_scaling_factor:
         rope.update(rope_type="llama3", factor=config.rope_scaling_factor,
@@ -227,8 +235,10 @@ def _family_config(config: ModelConfig, model_type: str, source: Mapping[str, An
         "hidden_act": "silu", "attention_dropout": 0.0, "rope_theta": config.rope_theta, "rope_parameters": rope,
         "torch_dtype": "float32", "use_cache": True,
     }
-    if model_type == "llama":  # the one family that reads them; its q/k/v biases come with an o_proj bias
-        out.update(attention_bias=config.qkv_bias, mlp_bias=False)  # (written as zeros by `hf.save_hf`)
+    if model_type == "llama":  # its q/k/v biases come with an o_proj bias (written as zeros by `hf.save_hf`)
+        out.update(attention_bias=config.qkv_bias, mlp_bias=False)
+    if model_type == "qwen3":
+        out.update(attention_bias=config.qkv_bias)
     if config.rope_scaling_factor:
         out["rope_scaling"] = dict(rope)
     try:
@@ -281,7 +291,7 @@ def _hf_window_fields(config: ModelConfig, arch: str) -> dict[str, Any]:
     refused in one line."""
     windows = config.layer_windows()
     if not any(windows):  # no window, or every layer listed in full_attention_layers
-        if arch == "Qwen2ForCausalLM":
+        if arch in QWEN_ARCHITECTURES:
             return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers}
         return {"sliding_window": None} if arch == "MistralForCausalLM" else {}
     if arch == "LlamaForCausalLM":
@@ -293,7 +303,7 @@ def _hf_window_fields(config: ModelConfig, arch: str) -> dict[str, Any]:
         return {"sliding_window": config.sliding_window}
     first = windows.index(config.sliding_window)
     if any(w != (config.sliding_window if i >= first else 0) for i, w in enumerate(windows)):
-        raise errors.ConfigError(f"Qwen2 HF models window the layers from max_window_layers on; layers "
+        raise errors.ConfigError(f"Qwen2 / Qwen3 HF models window the layers from max_window_layers on; layers "
                                  f"{list(config.full_attention_layers)} attending in full cannot be written so.")
     kinds = ["full_attention" if w == 0 else "sliding_attention" for w in windows]
     return {"use_sliding_window": True, "sliding_window": config.sliding_window, "max_window_layers": first,

@@ -31,6 +31,7 @@ class ModelConfig:
     rope_original_max_len: int = 8192
     rms_eps: float = 1e-5
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE (Qwen3, Gemma 3)
     tie_embeddings: bool = False
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype ("auto": bfloat16 on GPU/TPU, float32 on CPU); params are float32
@@ -171,7 +172,8 @@ class ModelConfig:
 
     def num_params(self, include_embedding: bool = True) -> int:
         d, f, h, k, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
-        attn = d * hd * (h + 2 * k) + h * hd * d + (hd * (h + 2 * k) if self.qkv_bias else 0)
+        attn = (d * hd * (h + 2 * k) + h * hd * d + (hd * (h + 2 * k) if self.qkv_bias else 0)
+                + (2 * hd if self.qk_norm else 0))
         per_layer = attn + 3 * d * f + 2 * d
         total = self.n_layers * per_layer + d
         if include_embedding:
@@ -208,7 +210,7 @@ COMPUTE_ONLY_FIELDS = ("dtype", "frozen_dtype", "attention", "remat", "scan_laye
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
 LEGACY_ATTENTION = {"jnp": "xla", "dot_product": "xla"}
 # Fields added after checkpoints existed: left out of the identity at their defaults.
-LATER_FIELDS = ("sliding_window", "full_attention_layers", "attn_softcap")
+LATER_FIELDS = ("sliding_window", "full_attention_layers", "attn_softcap", "qk_norm")
 ADAPTER_FIELDS = ("adapter_placement", "adapter_reduction", "adapter_activation", "adapter_names", "active_adapter")
 # placement -> the sub-layers (in layer order) whose output passes through an adapter before the residual add
 ADAPTER_SITES = {"none": (), "houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
@@ -236,6 +238,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama3_1_8b": dict(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
                         max_seq_len=131072, rope_theta=500000.0, rms_eps=1e-5, rope_scaling_factor=8.0,
                         rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192),
+    # Qwen3 shapes (HF config.json values): q/k RMSNorm, head_dim 128 ≠ d_model / n_heads on the 0.6B.
+    "qwen3_0_6b": dict(vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, d_ff=3072,
+                       head_dim=128, max_seq_len=40960, rope_theta=1000000.0, rms_eps=1e-6, tie_embeddings=True,
+                       qk_norm=True),
+    "qwen3_8b": dict(vocab_size=151936, d_model=4096, n_layers=36, n_heads=32, n_kv_heads=8, d_ff=12288,
+                     head_dim=128, max_seq_len=40960, rope_theta=1000000.0, rms_eps=1e-6, qk_norm=True),
     "qwen2_7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944,
                      max_seq_len=32768, rope_theta=1000000.0, rms_eps=1e-6, qkv_bias=True),
 }

@@ -1,4 +1,4 @@
-"""A Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, SmolLM).
+"""A Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM).
 
 Layers are stacked along a leading "layers" axis and run with `jax.lax.scan`, so compile time does not grow with
 depth. Every parameter carries `logical_axes` metadata that `flaxalign.sharding` maps onto the mesh. Parameters are
@@ -9,7 +9,8 @@ that `[B, T, V]` float32 logits never exist at once during training.
 
 A linear weight may be a plain array or an object that computes its own product — `dense(x, dtype)` and
 `materialize(dtype)`, e.g. LoRA in activation space or a quantized frozen base (`flaxalign.peft.adapted`); `dense`
-and `unembedding` ask it (`models/linear.py`). The layer scan slices either kind per layer, so PEFT needs nothing else from the model.
+and `unembedding` ask it (`models/linear.py`). The layer scan slices either kind per layer, so PEFT needs nothing
+else from the model.
 """
 
 import jax
@@ -93,6 +94,9 @@ class Attention(nnx.Module):
             self.q_bias = _const_param(0.0, (c.n_heads, c.head_dim), ("heads", "head_dim"), stack)
             self.k_bias = _const_param(0.0, (c.n_kv_heads, c.head_dim), ("kv_heads", "head_dim"), stack)
             self.v_bias = _const_param(0.0, (c.n_kv_heads, c.head_dim), ("kv_heads", "head_dim"), stack)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_eps, stack=stack)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_eps, stack=stack)
 
     def __call__(self, x_BxTxD, cos, sin, masking: Masking, kv_cache=None):
         """Self-attention over the T positions of `x`, keys visible per `masking`; with `kv_cache = (k, v, index)`
@@ -109,6 +113,8 @@ class Attention(nnx.Module):
         if c.qkv_bias:
             q, k, v = (q + self.q_bias[...].astype(dtype), k + self.k_bias[...].astype(dtype),
                        v + self.v_bias[...].astype(dtype))
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = constrain(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
         if kv_cache is not None:

@@ -82,7 +82,8 @@ def test_transformers_directory_loads_with_equal_logits(libs, case, tmp_path):
 
 @pytest.mark.parametrize("overrides", [dict(tie_embeddings=True), dict(tie_embeddings=False, qkv_bias=True),
                                        dict(tie_embeddings=False, rope_theta=500000.0, rope_scaling_factor=8.0,
-                                            rope_original_max_len=64, n_kv_heads=1)])
+                                            rope_original_max_len=64, n_kv_heads=1),
+                                       dict(qk_norm=True, head_dim=24)])
 def test_save_hf_loads_in_transformers_with_equal_logits(libs, overrides, tmp_path):
     torch, transformers = libs
     config = helpers.tiny_model_config(**overrides)
@@ -90,7 +91,8 @@ def test_save_hf_loads_in_transformers_with_equal_logits(libs, overrides, tmp_pa
     interop.save_hf(config, params, str(tmp_path), max_shard_bytes=150_000)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), attn_implementation="eager", dtype=torch.float32).eval()
-    assert type(model).__name__ == ("Qwen2ForCausalLM" if config.qkv_bias else "LlamaForCausalLM")
+    assert type(model).__name__ == ("Qwen3ForCausalLM" if config.qk_norm else "Qwen2ForCausalLM" if config.qkv_bias
+                                    else "LlamaForCausalLM")
     tokens, mask = _batch(config.vocab_size)
     _compare(interop.apply_lm(config, params, tokens, mask), _hf_logits(torch, model, tokens, mask), mask)
 
@@ -167,6 +169,8 @@ ROUND_TRIPS = {
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=64), rope_theta=500000.0)),
     "llama_attention_bias": ("LlamaForCausalLM", "LlamaConfig", dict(attention_bias=True)),
+    "qwen3_window": ("Qwen3ForCausalLM", "Qwen3Config",
+                     dict(use_sliding_window=True, sliding_window=5, max_window_layers=1, head_dim=24, eos_token_id=7)),
 }
 # the transformers config fields that decide the forward pass (and generation's special ids)
 FORWARD_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

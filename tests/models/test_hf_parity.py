@@ -48,6 +48,11 @@ CASES = {
     # Qwen2: layer 0 attends in full, layer 1 (from max_window_layers on) in a window of 6
     "qwen2_window": ("Qwen2ForCausalLM", "Qwen2Config", dict(use_sliding_window=True, sliding_window=6,
                                                               max_window_layers=1, tie_word_embeddings=True)),
+    # Qwen3: q/k RMSNorm per head (scales moved off 1 below), head_dim 24 ≠ d/heads, untied
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=24, tie_word_embeddings=False)),
+    # Qwen3 windowed like Qwen2: layer 1 in a window of 6
+    "qwen3_window": ("Qwen3ForCausalLM", "Qwen3Config", dict(use_sliding_window=True, sliding_window=6,
+                                                              max_window_layers=1, tie_word_embeddings=True)),
 }
 
 
@@ -120,8 +125,9 @@ def test_config_mapping(case, converted):
     assert config.head_dim == head_dim
     assert config.tie_embeddings == hf_config.tie_word_embeddings
     assert config.qkv_bias == isinstance(model, transformers.Qwen2ForCausalLM)
+    assert config.qk_norm == isinstance(model, transformers.Qwen3ForCausalLM)
     assert config.rms_eps == hf_config.rms_norm_eps
-    windows = {"mistral": (64, 64), "mistral_window": (8, 8), "qwen2_window": (0, 6)}
+    windows = {"mistral": (64, 64), "mistral_window": (8, 8), "qwen2_window": (0, 6), "qwen3_window": (0, 6)}
     assert config.layer_windows() == windows.get(case, (0, 0))
 
 

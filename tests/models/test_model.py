@@ -15,8 +15,8 @@ from flaxalign.models import attention
 from tests import helpers
 
 TINY = models.ModelConfig(**models.preset("tiny"))
-# untied head and q/k/v biases, so the round trip and the axes cover every parameter kind
-FULL = dataclasses.replace(TINY, tie_embeddings=False, qkv_bias=True)
+# untied head, q/k/v biases and q/k norms, so the round trip and the axes cover every parameter kind
+FULL = dataclasses.replace(TINY, tie_embeddings=False, qkv_bias=True, qk_norm=True)
 
 
 # Cached: treat as read only.
@@ -271,3 +271,21 @@ def test_unrolled_layers_equal_scanned_layers():
     scanned = _logits_fn(FULL)(params, tokens, positions, segment_ids)
     unrolled = _logits_fn(dataclasses.replace(FULL, scan_layers=False))(params, tokens, positions, segment_ids)
     np.testing.assert_allclose(unrolled, scanned, rtol=1e-5, atol=1e-5)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_each_query_and_key_head():
+    """Qwen3 / Gemma 3: q and k are RMS-normalised per head before RoPE, so scaling a head's projection changes
+    nothing (eps made negligible here), while the norm scales themselves act on the scores."""
+    config = dataclasses.replace(TINY, qk_norm=True, rms_eps=1e-12)
+    params = helpers.random_params(config)
+    assert params["layers"]["attn"]["q_norm"]["scale"].shape == (config.n_layers, config.head_dim)
+    tokens = _tokens(config, (2, 16))
+    logits = np.asarray(_logits_fn(config)(params, tokens))
+    attn = params["layers"]["attn"]
+    scaled = {**params, "layers": {**params["layers"], "attn": {
+        **attn, "q": attn["q"] * np.array([3.0, 0.5, 2.0, 7.0])[None, None, :, None],
+        "k": attn["k"] * np.array([4.0, 0.25])[None, None, :, None]}}}
+    np.testing.assert_allclose(np.asarray(_logits_fn(config)(scaled, tokens)), logits, atol=1e-4)
+    sharper = {**params, "layers": {**params["layers"], "attn": {
+        **attn, "q_norm": {"scale": attn["q_norm"]["scale"] * 3.0}}}}
+    assert np.abs(np.asarray(_logits_fn(config)(sharper, tokens)) - logits).max() > 1e-3

@@ -113,3 +113,22 @@ def test_cpo_dpo_stage_builds_no_reference_and_its_loss_is_the_paper_formula(tok
     # log-softmax against float64)
     np.testing.assert_allclose(losses[0], expected.mean(), rtol=1e-6)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_qlora_dpo_trains_a_qwen3_shaped_model_with_its_qk_norms_frozen(tokenizer_path, tmp_path):
+    """Qwen3's q/k norms (`model.qk_norm`, head_dim ≠ d/heads) under QLoRA DPO: the norms are frozen base params in
+    float32, never LoRA targets or quantized, the adapters train and the loss falls."""
+    config = stage_config("dpo", {
+        "data.tokenizer": tokenizer_path, "data.train": "builtin:arithmetic_preferences?n=40", "data.seq_len": 48,
+        "data.batch_size": 8, "model.qk_norm": True, "model.head_dim": 32, "lora.rank": 4,
+        "quantization.base": "nf4", "optim.lr": 3e-3, "optim.warmup_steps": 0})
+    mesh = helpers.mesh((1, 1, 1))
+    task = dpo.build_task(config, str(tmp_path), mesh)
+    start, state, _, _, losses = _train_on_one_batch(task, mesh, str(tmp_path))
+    frozen_attn = state.frozen["layers"]["attn"]
+    for name in ("q_norm", "k_norm"):
+        assert frozen_attn[name]["scale"].dtype == np.float32 and frozen_attn[name]["scale"].shape == (2, 32)
+        np.testing.assert_array_equal(np.asarray(frozen_attn[name]["scale"]),
+                                      start.frozen["layers"]["attn"][name]["scale"])
+    assert set(state.params["lora"]["layers"]["attn"]) == {"q", "k", "v", "o"}
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
