@@ -70,6 +70,9 @@ def check_exportable(config: ModelConfig) -> None:
     if config.adapter_placement != "none":
         raise errors.ConfigError("a GGUF file holds base weights only, and this model has bottleneck adapters "
                                  "(adapter_placement); export the run it started from instead.")
+    if config.family != "llama":
+        raise errors.ConfigError(f"GGUF export writes llama.cpp's llama architecture only; model.family="
+                                 f"{config.family!r} is not exported as GGUF (export it with --format=hf).")
     if config.attn_softcap:
         raise errors.ConfigError("llama.cpp's llama architecture has no attention soft cap (model.attn_softcap); "
                                  "this model cannot be exported as GGUF.")

@@ -1,8 +1,9 @@
 """Hugging Face transformers ↔ flaxalign: tensor-layout conversion as pure functions, and model directories read
 and written (the config.json mapping is `hf_config.py`, re-exported here).
 
-Supported architectures: LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (SmolLM is a Llama). The
-state-dict conversions work on in-memory arrays only: numpy in, numpy out, no torch. On top of them:
+Supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (SmolLM is a
+Llama) and Gemma3ForCausalLM (`gemma3_text`). The state-dict conversions work on in-memory arrays only: numpy in,
+numpy out, no torch. On top of them:
 
 - `load_pretrained(directory)` reads an HF model directory (config.json, model.safetensors or sharded files with
   model.safetensors.index.json, optional tokenizer.json) into a `Pretrained` (config, params, tokenizer); with a
@@ -36,6 +37,10 @@ axis):
     lm_head.weight                                 [V, D]       -> lm_head               [D, V] (absent when tied)
     score.weight (reward models)                   [1, D]       -> head.kernel           [D]
 
+Gemma 3 (`models/gemma.py`'s table) has the same names plus four layer norms: input_layernorm → attn_norm,
+post_attention_layernorm → post_attn_norm, pre_feedforward_layernorm → mlp_norm, post_feedforward_layernorm →
+post_mlp_norm, and q_norm / k_norm. Each family's table lives next to its module (`models.families`).
+
 HF splits the q/k/v output features head-major (`view(B, T, heads, head_dim)`), which is exactly a reshape of the
 transposed kernel to [D, heads, head_dim]; RoPE uses the same rotate_half layout on both sides, so no permutation
 of head_dim is needed (unlike Meta's original checkpoints).
@@ -68,114 +73,25 @@ from flaxalign.interop.hf_config import (  # noqa: F401 - the config mapping is 
     source_fields,
 )
 from flaxalign.interop.safetensors_io import SafetensorsFiles, write_safetensors
+from flaxalign.models import families
 from flaxalign.models.apply import apply_lm, apply_reward  # noqa: F401 - part of flaxalign.interop's API
 from flaxalign.models.config import ModelConfig
+from flaxalign.models.tensors import HFTensor, Index  # noqa: F401 - HFTensor is part of this module's API
 
 # Buffers that some transformers versions put into state dicts; they are recomputed from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-Index = tuple[slice, ...]  # a region of an array: one slice per dimension, numpy style
-
-
-@dataclasses.dataclass(frozen=True)
-class HFTensor:
-    """One HF tensor and where it lives in flaxalign's params; `hf_name` holds `{i}` for per-layer tensors.
-
-    `to_flax` / `to_hf` convert the whole tensor. `to_flax` also converts a region of the HF tensor that
-    `hf_region(index)` gives for a region `index` of the flax array (slices with int start and stop, step 1): that
-    region covers `index`, widened to whole heads where the flax array splits an HF dimension into heads × head_dim,
-    so `to_flax(hf[hf_region(index)])` is `flax[index]` except that a head_dim cut is still to be made
-    (`read_flax` makes it)."""
-
-    hf_name: str
-    path: tuple[str, ...]
-    hf_shape: tuple[int, ...]
-    to_flax: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-    hf_region: Callable[[Index], Index]
-
-    def read_flax(self, tensors: Any, name: str, index: Index) -> np.ndarray:
-        """Region `index` (slices with int bounds, step 1) of the float32 flax-layout array of HF tensor `name` (this
-        tensor, or one layer's), read from `tensors` (`tensors.read(name, hf_index)`, e.g. a `SafetensorsFiles`) as
-        the region of the HF tensor that covers it."""
-        piece = self.to_flax(np.asarray(tensors.read(name, self.hf_region(index)), np.float32))
-        # a dimension read whole because the HF dimension holds whole heads (head_dim) is cut to `index` here
-        piece = piece[tuple(slice(None) if n == s.stop - s.start else s for n, s in zip(piece.shape, index))]
-        return np.ascontiguousarray(piece)
-
-
-def _transpose(x: np.ndarray) -> np.ndarray:
-    return x.T
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-def _swapped(index: Index) -> Index:
-    """The region of a matrix that holds the transpose of region `index`."""
-    return index[::-1]
-
-
-def _heads(index: slice, head_dim: int) -> slice:
-    """The rows of whole heads `index.start` .. `index.stop` in an HF dimension of heads × head_dim."""
-    return slice(index.start * head_dim, index.stop * head_dim)
-
-
 def global_tensors(config: ModelConfig, score: bool = False) -> list[HFTensor]:
     """Embedding, final norm and the output layer: the LM head, or with `score` a reward model's score row (at
-    params path ("score",), shape [D])."""
-    d, v = config.d_model, config.vocab_size
-    specs = [
-        HFTensor("model.embed_tokens.weight", ("embed",), (v, d), _identity, _identity, _identity),
-        HFTensor("model.norm.weight", ("final_norm", "scale"), (d,), _identity, _identity, _identity),
-    ]
-    if score:
-        specs.append(HFTensor("score.weight", ("score",), (1, d), lambda w: w[0], lambda k: k[None],
-                              lambda ix: (slice(None), ix[0])))
-    elif not config.tie_embeddings:
-        specs.append(HFTensor("lm_head.weight", ("lm_head",), (v, d), _transpose, _transpose, _swapped))
-    return specs
+    params path ("score",), shape [D]) — the table of `config.family` (`models.families`)."""
+    return families.family(config).global_tensors(config, score)
 
 
 def layer_tensors(config: ModelConfig) -> list[HFTensor]:
-    """The tensors of layer `{i}`, in HF order (q, k, v, o, gate, up, down, the two norms, then q/k/v biases and
-    q/k norms)."""
-    d, f, hd = config.d_model, config.d_ff, config.head_dim
-    h, k = config.n_heads, config.n_kv_heads
-
-    def in_proj(name: str, heads: int) -> HFTensor:  # flax [D, heads, hd] from HF [heads·hd, D]
-        return HFTensor(f"model.layers.{{i}}.self_attn.{name}_proj.weight", ("attn", name), (heads * hd, d),
-                        lambda w: w.T.reshape(w.shape[1], -1, hd), lambda p: p.reshape(d, heads * hd).T,
-                        lambda ix: (_heads(ix[1], hd), ix[0]))
-
-    def bias(name: str, heads: int) -> HFTensor:  # flax [heads, hd] from HF [heads·hd]
-        return HFTensor(f"model.layers.{{i}}.self_attn.{name}_proj.bias", ("attn", f"{name}_bias"), (heads * hd,),
-                        lambda b: b.reshape(-1, hd), lambda p: p.reshape(heads * hd), lambda ix: (_heads(ix[0], hd),))
-
-    def mlp(name: str, hf_shape: tuple[int, int]) -> HFTensor:
-        return HFTensor(f"model.layers.{{i}}.mlp.{name}_proj.weight", ("mlp", name), hf_shape, _transpose,
-                        _transpose, _swapped)
-
-    def norm(hf_norm: str, flax_norm: str) -> HFTensor:
-        return HFTensor(f"model.layers.{{i}}.{hf_norm}.weight", (flax_norm, "scale"), (d,), _identity, _identity,
-                        _identity)
-
-    specs = [
-        in_proj("q", h), in_proj("k", k), in_proj("v", k),
-        HFTensor("model.layers.{i}.self_attn.o_proj.weight", ("attn", "o"), (d, h * hd),  # flax [H, hd, D]
-                 lambda w: w.T.reshape(-1, hd, w.shape[0]), lambda p: p.reshape(h * hd, d).T,
-                 lambda ix: (ix[2], _heads(ix[0], hd))),
-        mlp("gate", (f, d)), mlp("up", (f, d)), mlp("down", (d, f)),
-        norm("input_layernorm", "attn_norm"), norm("post_attention_layernorm", "mlp_norm"),
-    ]
-    if config.qkv_bias:
-        specs += [bias("q", h), bias("k", k), bias("v", k)]
-    if config.qk_norm:  # Qwen3: one [head_dim] scale per layer, shared by the heads
-        specs += [HFTensor(f"model.layers.{{i}}.self_attn.{name}_norm.weight", ("attn", f"{name}_norm", "scale"),
-                           (hd,), _identity, _identity, _identity) for name in ("q", "k")]
-    return specs
+    """The tensors of layer `{i}` in the table of `config.family` (Llama's: q, k, v, o, gate, up, down, the two
+    norms, then q/k/v biases and q/k norms; Gemma's has four layer norms)."""
+    return families.family(config).layer_tensors(config)
 
 
 def params_from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndarray], *,
@@ -289,8 +205,8 @@ class Pretrained:
 
 def load_pretrained(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None = None,
                     quantizer: Callable | None = None) -> Pretrained:
-    """Loads an HF Llama / Qwen2 / Mistral directory saved by transformers (`save_pretrained`, safetensors), a causal
-    LM or a `*ForSequenceClassification` reward model.
+    """Loads an HF Llama / Qwen2 / Qwen3 / Mistral / Gemma 3 directory saved by transformers (`save_pretrained`,
+    safetensors), a causal LM or a `*ForSequenceClassification` reward model.
 
     `dtype` is the compute dtype of the returned config ("auto", "float32", "bfloat16"); params are float32 whatever
     the file holds. With `mesh`, every param is created directly in its sharding (`sharding.tree_shardings`), each

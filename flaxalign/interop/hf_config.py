@@ -2,27 +2,32 @@
 windows per layer, reward-model heads) read and write, and which settings are refused because they would change
 the math silently. Pure functions on dicts; `hf.py` reads and writes the files and tensors.
 
-One `ModelConfig` stands for Llama, Mistral and Qwen2 alike, so what an export needs beyond it — the family the model
-came from, its bos / eos / pad ids, how the family spells its windows — is taken from the source's config.json
-(`source_fields`, or `gguf_source_fields` for a GGUF file), kept in run metadata under `SOURCE_FIELD` and given back
-to `hf_config_dict`, which alone decides the class written."""
+Families (`models.families`) other than Llama bring their own mapping (`config_from_hf` / `config_to_hf`, e.g.
+`models/gemma.py`); this module maps the fields every family shares and dispatches by `model_type` and
+`model.family`. One `ModelConfig` stands for Llama, Mistral, Qwen2 and Qwen3 alike, so what an export needs beyond
+it — the family the model came from, its bos / eos / pad ids, how the family spells its windows — is taken from the
+source's config.json (`source_fields`, or `gguf_source_fields` for a GGUF file), kept in run metadata under
+`SOURCE_FIELD` and given back to `hf_config_dict`, which alone decides the class written."""
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flaxalign import errors
+from flaxalign.models import families
 from flaxalign.models.config import ADAPTER_FIELDS, ModelConfig
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3"}
-# Reward models: the same decoder with a bias-free `score` Linear(d, 1) instead of the LM head.
-SCORE_ARCHITECTURES = {"LlamaForSequenceClassification": "llama", "MistralForSequenceClassification": "mistral",
-                       "Qwen2ForSequenceClassification": "qwen2", "Qwen3ForSequenceClassification": "qwen3"}
+# HF class -> model_type, from each family's `hf_classes` (`models.families`): causal LMs, and reward models (the
+# same decoder with a bias-free `score` Linear(d, 1) instead of the LM head).
+ARCHITECTURES = {classes[0]: model_type for f in families.FAMILIES.values()
+                 for model_type, classes in f.hf_classes.items()}
+SCORE_ARCHITECTURES = {classes[1]: model_type for f in families.FAMILIES.values()
+                       for model_type, classes in f.hf_classes.items()}
 HF_DEFAULT_WINDOW = 4096  # MistralConfig / Qwen2Config's sliding_window when config.json has none
 QWEN2_DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2Config's default
 SCORE_BIAS_FIELD = "flaxalign_score_bias"  # HF's score layer has no bias; ours is kept in config.json under this key
 QWEN_TYPES = ("qwen2", "qwen3")  # the families that spell windows with use_sliding_window / max_window_layers
 MODEL_TYPES = {model_type: arch for arch, model_type in ARCHITECTURES.items()}  # "mistral" -> "MistralForCausalLM"
+SCORE_CLASSES = {model_type: arch for arch, model_type in SCORE_ARCHITECTURES.items()}
 QWEN_ARCHITECTURES = tuple(MODEL_TYPES[t] for t in QWEN_TYPES)
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # a GGUF file's general.architecture -> HF model_type
 # What run metadata keeps of the HF config.json (or GGUF file) a model came from (`source_fields`), under this key:
@@ -46,17 +51,34 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     the others attending in full.
 
     Raises `ConfigError` for other architectures and for settings that would change the math silently (an
-    activation other than silu, MLP biases, partial rotary, rope scaling other than "llama3").
+    activation other than silu, MLP biases, partial rotary, rope scaling other than "llama3"). Another family's
+    config.json (Gemma 3: `gemma3_text`) is mapped by that family's `config_from_hf`, given the shared fields.
     """
     arch = _architecture(hf_config)
+    model_type = _model_type(arch)
+    family = families.FAMILIES[families.of_hf_type(model_type)]
+    shared = _shared_fields(hf_config)
+    if family.config_from_hf is not None:
+        return ModelConfig(**family.config_from_hf(hf_config, shared))
     if hf_config.get("hidden_act", "silu") != "silu":
         raise errors.ConfigError(
             f"HF config has hidden_act={hf_config['hidden_act']!r}; flaxalign's MLP is SwiGLU (silu) only.")
     if hf_config.get("mlp_bias", False):
         raise errors.ConfigError("HF config has mlp_bias=True; flaxalign's MLP has no biases.")
+    return ModelConfig(
+        **shared,
+        qkv_bias=model_type == "qwen2" or bool(hf_config.get("attention_bias", False)),
+        qk_norm=model_type == "qwen3",
+        **_rope_fields(hf_config),
+        **_window_fields(hf_config, model_type),
+    )
+
+
+def _shared_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The `ModelConfig` fields every family's config.json states alike: shapes, eps, tying, init scale."""
     d_model = _require(hf_config, "hidden_size")
     n_heads = _require(hf_config, "num_attention_heads")
-    return ModelConfig(
+    return dict(
         vocab_size=_require(hf_config, "vocab_size"),
         d_model=d_model,
         n_layers=_require(hf_config, "num_hidden_layers"),
@@ -65,13 +87,9 @@ def model_config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         d_ff=_require(hf_config, "intermediate_size"),
         head_dim=hf_config.get("head_dim") or d_model // n_heads,
         max_seq_len=hf_config.get("max_position_embeddings", ModelConfig.max_seq_len),
-        rms_eps=hf_config.get("rms_norm_eps", 1e-6),  # the transformers default for all three
-        qkv_bias=_model_type(arch) == "qwen2" or bool(hf_config.get("attention_bias", False)),
-        qk_norm=_model_type(arch) == "qwen3",
+        rms_eps=hf_config.get("rms_norm_eps", 1e-6),  # the transformers default of all these families
         tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         init_std=hf_config.get("initializer_range", ModelConfig.init_std),
-        **_rope_fields(hf_config),
-        **_window_fields(hf_config, _model_type(arch)),
     )
 
 
@@ -183,18 +201,24 @@ def hf_config_dict(config: ModelConfig, *, score: bool = False, source: Mapping[
     Llama with q/k/v biases stays a Llama (`attention_bias`) — with the source's bos / eos / pad ids and its spelling
     of the windows (`SPELLING_FIELDS`, taken only where they state the same windows). Without one, or for a model
     its family cannot state, models with q/k/v biases are written as Qwen2, windowed ones without as Mistral, all
-    others as Llama. `ids` ({"bos_token_id": ..., ...}, e.g. the tokenizer's) fill in the ids the source does not
+    others as Llama; a model of another family (`model.family`) as that family's class (Gemma: Gemma3ForCausalLM).
+    `ids` ({"bos_token_id": ..., ...}, e.g. the tokenizer's) fill in the ids the source does not
     state. `*ForSequenceClassification` with one label when `score`. Both rope spellings are written (`rope_theta`
     / `rope_scaling` for transformers 4, `rope_parameters` for 5). Settings these architectures cannot state (an
     attention soft cap, a window pattern other than theirs) are refused in one line rather than dropped; whatever
     is written is read back with `model_config_from_hf` and must give the same model."""
     if config.attn_softcap:
-        raise errors.ConfigError(f"model.attn_softcap={config.attn_softcap} cannot be written as a Llama, Mistral or "
-                                 "Qwen2 HF model (their attention has no soft cap); the exported model would differ.")
+        raise errors.ConfigError(f"model.attn_softcap={config.attn_softcap} cannot be written as a Llama, Mistral, "
+                                 "Qwen2, Qwen3 or Gemma 3 HF model (their attention has no soft cap); the exported "
+                                 "model would differ.")
     source = dict(source or {})
-    family = source.get("model_type") if source.get("model_type") in MODEL_TYPES else None
-    inferred = ("qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else
-                "mistral" if any(config.layer_windows()) else "llama")
+    model_types = families.family(config).hf_classes
+    family = source.get("model_type") if source.get("model_type") in model_types else None
+    if config.family == "llama":
+        inferred = ("qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else
+                    "mistral" if any(config.layer_windows()) else "llama")
+    else:
+        inferred = next(iter(model_types))
     try:
         out = _family_config(config, family, source) if family else None
     except errors.ConfigError:
@@ -205,14 +229,43 @@ def hf_config_dict(config: ModelConfig, *, score: bool = False, source: Mapping[
     out.update({key: int(value) for key, value in (ids or {}).items()
                 if key in ID_FIELDS and value is not None and out.get(key) is None})
     if score:
-        out.update(architectures=[out["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")],
-                   num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        out.update(architectures=[SCORE_CLASSES[out["model_type"]]], num_labels=1, id2label={"0": "LABEL_0"},
+                   label2id={"LABEL_0": 0})
     return out
 
 
 def _family_config(config: ModelConfig, model_type: str, source: Mapping[str, Any]) -> dict[str, Any]:
     """config.json of `config` as a `model_type` causal LM, the windows spelled as `source` spells them where that
     states the same windows; `ConfigError` when the family cannot state the model."""
+    arch = MODEL_TYPES[model_type]
+    family = families.FAMILIES[families.of_hf_type(model_type)]
+    shared = {
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.rms_eps,
+        "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.init_std,
+        "attention_dropout": 0.0, "torch_dtype": "float32", "use_cache": True,
+    }
+    if family.config_to_hf is not None:
+        written, refusal = family.config_to_hf(config, shared), None
+    else:
+        written, refusal = _llama_family_config(config, model_type, shared)
+    spelled = {**written, **{key: source[key] for key in SPELLING_FIELDS if key in source}}
+    if spelled != written and _states(spelled, config):
+        return spelled
+    if refusal is not None:
+        raise refusal
+    if not _states(written, config):
+        differ = _differing(written, config)
+        raise errors.ConfigError(f"this model cannot be written as an HF {arch} (read back, it would differ"
+                                 f"{' in model.' + ', model.'.join(differ) if differ else ''}).")
+    return written
+
+
+def _llama_family_config(config: ModelConfig, model_type: str, shared: dict[str, Any]
+                         ) -> tuple[dict[str, Any], errors.ConfigError | None]:
+    """(config.json of a Llama-family `model_type`, the refusal of its window fields or None)."""
     arch = MODEL_TYPES[model_type]
     if (model_type == "qwen2" and not config.qkv_bias) or (model_type == "mistral" and config.qkv_bias):
         raise errors.ConfigError(f"{arch} {'always has' if model_type == 'qwen2' else 'has no'} q/k/v biases; "
@@ -225,16 +278,8 @@ def _family_config(config: ModelConfig, model_type: str, source: Mapping[str, An
         rope.update(rope_type="llama3", factor=config.rope_scaling_factor,
                     low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
                     original_max_position_embeddings=config.rope_original_max_len)
-    out = {
-        "architectures": [arch], "model_type": model_type,
-        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff,
-        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
-        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.rms_eps,
-        "tie_word_embeddings": config.tie_embeddings, "initializer_range": config.init_std,
-        "hidden_act": "silu", "attention_dropout": 0.0, "rope_theta": config.rope_theta, "rope_parameters": rope,
-        "torch_dtype": "float32", "use_cache": True,
-    }
+    out = {"architectures": [arch], "model_type": model_type, **shared, "hidden_act": "silu",
+           "rope_theta": config.rope_theta, "rope_parameters": rope}
     if model_type == "llama":  # its q/k/v biases come with an o_proj bias (written as zeros by `hf.save_hf`)
         out.update(attention_bias=config.qkv_bias, mlp_bias=False)
     if model_type == "qwen3":
@@ -242,17 +287,9 @@ def _family_config(config: ModelConfig, model_type: str, source: Mapping[str, An
     if config.rope_scaling_factor:
         out["rope_scaling"] = dict(rope)
     try:
-        written, refusal = {**out, **_hf_window_fields(config, arch)}, None
+        return {**out, **_hf_window_fields(config, arch)}, None
     except errors.ConfigError as e:
-        written, refusal = out, e
-    spelled = {**written, **{key: source[key] for key in SPELLING_FIELDS if key in source}}
-    if spelled != written and _states(spelled, config):
-        return spelled
-    if refusal is not None:
-        raise refusal
-    if not _states(written, config):
-        raise errors.ConfigError(f"this model cannot be written as an HF {arch} (read back, it would differ).")
-    return written
+        return out, e
 
 
 def _states(hf_config: Mapping[str, Any], config: ModelConfig) -> bool:
@@ -261,6 +298,16 @@ def _states(hf_config: Mapping[str, Any], config: ModelConfig) -> bool:
         return _forward_fields(model_config_from_hf(hf_config)) == _forward_fields(config)
     except errors.ConfigError:
         return False
+
+
+def _differing(hf_config: Mapping[str, Any], config: ModelConfig) -> list[str]:
+    """The forward fields (`_forward_fields`) in which `hf_config`, read back, differs from `config`."""
+    try:
+        back = _forward_fields(model_config_from_hf(hf_config))
+    except errors.ConfigError:
+        return []
+    ours = _forward_fields(config)
+    return sorted(key for key in ours.keys() | back.keys() if ours.get(key) != back.get(key))
 
 
 def _forward_fields(config: ModelConfig) -> dict[str, Any]:

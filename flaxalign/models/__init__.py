@@ -1,4 +1,5 @@
-"""Llama-family decoder models (Flax NNX) and their presets."""
+"""Decoder models (Flax NNX) by family — Llama (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM) and Gemma 3 — and their
+presets."""
 
 from flaxalign.models.apply import apply_lm, apply_reward
 from flaxalign.models.config import PRESETS, ModelConfig, preset

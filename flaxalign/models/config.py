@@ -13,7 +13,8 @@ from flaxalign import errors
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM)."""
+    """Shape and numerics of a decoder: `family` picks the module (`models.families`: "llama" for Llama 2/3,
+    Mistral, Qwen2, Qwen3, SmolLM; "gemma" for Gemma 3), the other fields are shared by all families."""
 
     vocab_size: int
     d_model: int
@@ -48,6 +49,14 @@ class ModelConfig:
     sliding_window: int = 0
     full_attention_layers: tuple[int, ...] = ()
     attn_softcap: float = 0.0  # > 0: attention logits soft-capped, s ← c·tanh(s / c) (Gemma 2)
+    # The module family (`models.families`); what a family does differently is implied by it (Gemma: (1 + w)
+    # norms, post-sub-layer norms, GeGLU, √d embedding scale), not stated by more flags.
+    family: str = "llama"
+    # Scores q·k / √query_pre_attn_scalar; 0 = head_dim (the usual 1/√head_dim; a value equal to head_dim is stored
+    # as 0, so both spellings are one config). Gemma.
+    query_pre_attn_scalar: float = 0.0
+    # The RoPE base of windowed layers (unscaled); 0 = rope_theta (stored as 0 when equal). Gemma 3's local layers.
+    rope_local_theta: float = 0.0
     # Bottleneck adapters (Houlsby et al. 2019, Pfeiffer et al. 2020; `flaxalign.models.adapters`). The defaults
     # build exactly the plain model.
     adapter_placement: str = "none"  # "none", "houlsby" (after attention and after MLP) or "pfeiffer" (after MLP)
@@ -66,6 +75,7 @@ class ModelConfig:
             raise errors.ConfigError(
                 f"model.attention must be one of {list(ATTENTION_IMPLEMENTATIONS)}, not {self.attention!r}.")
         self._check_windows()
+        self._check_family()
         if self.remat not in REMAT_POLICIES:
             raise errors.ConfigError(f"model.remat must be one of {sorted(REMAT_POLICIES)}, not {self.remat!r}.")
         if self.dtype == "auto":
@@ -90,6 +100,18 @@ class ModelConfig:
                                      f"{self.n_layers} layers.")
         if not self.attn_softcap >= 0:
             raise errors.ConfigError(f"model.attn_softcap must be >= 0 (0 = off), not {self.attn_softcap}.")
+
+    def _check_family(self):
+        if self.family not in FAMILIES:
+            raise errors.ConfigError(f"model.family must be one of {list(FAMILIES)}, not {self.family!r}.")
+        for name in ("query_pre_attn_scalar", "rope_local_theta"):
+            if not getattr(self, name) >= 0:
+                raise errors.ConfigError(f"model.{name} must be >= 0 (0 = the default), not {getattr(self, name)}.")
+        # one config per function: the value that means the default is stored as the default
+        if self.query_pre_attn_scalar == self.head_dim:
+            object.__setattr__(self, "query_pre_attn_scalar", 0.0)
+        if self.rope_local_theta == self.rope_theta:
+            object.__setattr__(self, "rope_local_theta", 0.0)
 
     def layer_windows(self) -> tuple[int, ...]:
         """Each layer's attention window (0 = full causal attention)."""
@@ -174,7 +196,7 @@ class ModelConfig:
         d, f, h, k, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim
         attn = (d * hd * (h + 2 * k) + h * hd * d + (hd * (h + 2 * k) if self.qkv_bias else 0)
                 + (2 * hd if self.qk_norm else 0))
-        per_layer = attn + 3 * d * f + 2 * d
+        per_layer = attn + 3 * d * f + (4 if self.family == "gemma" else 2) * d  # Gemma: post-sub-layer norms too
         total = self.n_layers * per_layer + d
         if include_embedding:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
@@ -210,7 +232,10 @@ COMPUTE_ONLY_FIELDS = ("dtype", "frozen_dtype", "attention", "remat", "scan_laye
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
 LEGACY_ATTENTION = {"jnp": "xla", "dot_product": "xla"}
 # Fields added after checkpoints existed: left out of the identity at their defaults.
-LATER_FIELDS = ("sliding_window", "full_attention_layers", "attn_softcap", "qk_norm")
+LATER_FIELDS = ("sliding_window", "full_attention_layers", "attn_softcap", "qk_norm", "family",
+                "query_pre_attn_scalar", "rope_local_theta")
+# The module families; `models.families.FAMILIES` maps each to its module, HF tensor table and config mapping.
+FAMILIES = ("llama", "gemma")
 ADAPTER_FIELDS = ("adapter_placement", "adapter_reduction", "adapter_activation", "adapter_names", "active_adapter")
 # placement -> the sub-layers (in layer order) whose output passes through an adapter before the residual add
 ADAPTER_SITES = {"none": (), "houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
@@ -244,6 +269,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                        qk_norm=True),
     "qwen3_8b": dict(vocab_size=151936, d_model=4096, n_layers=36, n_heads=32, n_kv_heads=8, d_ff=12288,
                      head_dim=128, max_seq_len=40960, rope_theta=1000000.0, rms_eps=1e-6, qk_norm=True),
+    # Gemma 3 shapes (HF config.json values, google/gemma-3-270m and -1b): MQA, head_dim 256, windows of 512 on
+    # five layers of six (every 6th global), RoPE 1e6 global / 1e4 local, query_pre_attn_scalar 256 (= head_dim).
+    "gemma3_270m": dict(family="gemma", vocab_size=262144, d_model=640, n_layers=18, n_heads=4, n_kv_heads=1,
+                        d_ff=2048, head_dim=256, max_seq_len=32768, rope_theta=1000000.0, rope_local_theta=10000.0,
+                        rms_eps=1e-6, tie_embeddings=True, qk_norm=True, query_pre_attn_scalar=256.0,
+                        sliding_window=512, full_attention_layers=(5, 11, 17)),
+    "gemma3_1b": dict(family="gemma", vocab_size=262144, d_model=1152, n_layers=26, n_heads=4, n_kv_heads=1,
+                      d_ff=6912, head_dim=256, max_seq_len=32768, rope_theta=1000000.0, rope_local_theta=10000.0,
+                      rms_eps=1e-6, tie_embeddings=True, qk_norm=True, query_pre_attn_scalar=256.0,
+                      sliding_window=512, full_attention_layers=(5, 11, 17, 23)),
     "qwen2_7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944,
                      max_seq_len=32768, rope_theta=1000000.0, rms_eps=1e-6, qkv_bias=True),
 }

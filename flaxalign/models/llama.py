@@ -1,4 +1,5 @@
-"""A Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM).
+"""A Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM), and the pieces other families
+build on (`models.families`; Gemma subclasses the norm, MLP, layer and `CausalLM` in `models/gemma.py`).
 
 Layers are stacked along a leading "layers" axis and run with `jax.lax.scan`, so compile time does not grow with
 depth. Every parameter carries `logical_axes` metadata that `flaxalign.sharding` maps onto the mesh. Parameters are
@@ -21,6 +22,7 @@ from flaxalign.models import adapters
 from flaxalign.models.attention import Masking, attend
 from flaxalign.models.config import ModelConfig
 from flaxalign.models.linear import dense, materialize
+from flaxalign.models.tensors import HFTensor, heads, identity, swapped, transpose, vector
 from flaxalign.sharding import constrain
 
 BATCH_LENGTH_EMBED = ("act_batch", "act_length", "act_embed")
@@ -38,21 +40,29 @@ def _const_param(value, shape, logical_axes, stack=()):
 
 
 class RMSNorm(nnx.Module):
-    """y = x / sqrt(mean(x²) + eps) · scale, computed in float32."""
+    """y = x / sqrt(mean(x²) + eps) · weight, computed in float32; the weight is `scale` (initialised to 1)."""
+
+    initial_scale = 1.0
 
     def __init__(self, dim: int, eps: float, *, stack=()):
         self.eps = eps
-        self.scale = _const_param(1.0, (dim,), ("norm",), stack)
+        self.scale = _const_param(self.initial_scale, (dim,), ("norm",), stack)
+
+    def weight(self):
+        return self.scale[...]
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...]).astype(x.dtype)
+        return (y * self.weight()).astype(x.dtype)
 
 
-def rope_frequencies(config: ModelConfig) -> jax.Array:
-    """Inverse frequencies θ^(-2i/d), with Llama-3.1 wavelength-dependent scaling when configured."""
+def rope_frequencies(config: ModelConfig, local: bool = False) -> jax.Array:
+    """Inverse frequencies θ^(-2i/d), with Llama-3.1 wavelength-dependent scaling when configured. `local`: those of
+    windowed layers when `rope_local_theta` gives them a base of their own (then plain, unscaled)."""
     dim = config.head_dim
+    if local and config.rope_local_theta:
+        return 1.0 / (config.rope_local_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     if config.rope_scaling_factor:
         factor = config.rope_scaling_factor
@@ -67,10 +77,27 @@ def rope_frequencies(config: ModelConfig) -> jax.Array:
     return inv_freq
 
 
-def rope_cos_sin(positions_BxT, config: ModelConfig):
-    angles = positions_BxT.astype(jnp.float32)[..., None] * rope_frequencies(config)
+def rope_cos_sin(positions_BxT, config: ModelConfig, local: bool = False):
+    angles = positions_BxT.astype(jnp.float32)[..., None] * rope_frequencies(config, local)
     angles = jnp.concatenate([angles, angles], axis=-1)  # HF "rotate_half" layout
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def _rope_tables(positions_BxT, config: ModelConfig):
+    """(cos, sin) of full-attention layers and of windowed ones (the same tables unless `rope_local_theta`)."""
+    full = rope_cos_sin(positions_BxT, config)
+    return full, rope_cos_sin(positions_BxT, config, local=True) if config.rope_local_theta else full
+
+
+def _layer_rope(tables, window, layer_window):
+    """The (cos, sin) of one layer: chosen statically when every layer has the same `window`, else from its traced
+    `layer_window` (0 = full attention)."""
+    full, local = tables
+    if local is full:
+        return full
+    if layer_window is None:
+        return local if window else full
+    return jax.tree.map(lambda f, w: jnp.where(layer_window > 0, w, f), full, local)
 
 
 def apply_rope(x_BxTxNxH, cos, sin):
@@ -81,6 +108,10 @@ def apply_rope(x_BxTxNxH, cos, sin):
 
 
 class Attention(nnx.Module):
+    """GQA self-attention with RoPE; q/k/v biases and per-head q/k norms (`norm`) when configured."""
+
+    norm = RMSNorm
+
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs, *, stack=()):
         c = config
         self.config = c
@@ -95,8 +126,8 @@ class Attention(nnx.Module):
             self.k_bias = _const_param(0.0, (c.n_kv_heads, c.head_dim), ("kv_heads", "head_dim"), stack)
             self.v_bias = _const_param(0.0, (c.n_kv_heads, c.head_dim), ("kv_heads", "head_dim"), stack)
         if c.qk_norm:
-            self.q_norm = RMSNorm(c.head_dim, c.rms_eps, stack=stack)
-            self.k_norm = RMSNorm(c.head_dim, c.rms_eps, stack=stack)
+            self.q_norm = self.norm(c.head_dim, c.rms_eps, stack=stack)
+            self.k_norm = self.norm(c.head_dim, c.rms_eps, stack=stack)
 
     def __call__(self, x_BxTxD, cos, sin, masking: Masking, kv_cache=None):
         """Self-attention over the T positions of `x`, keys visible per `masking`; with `kv_cache = (k, v, index)`
@@ -115,7 +146,11 @@ class Attention(nnx.Module):
                        v + self.v_bias[...].astype(dtype))
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = constrain(apply_rope(q, cos, sin), ("act_batch", "act_length", "act_heads", None))
+        # scores q·k / √query_pre_attn_scalar (Gemma) where `attend` divides by √head_dim: q is rotated by tables
+        # scaled by √(head_dim / scalar), in float32 (RoPE is linear in cos and sin)
+        q_scale = (c.head_dim / c.query_pre_attn_scalar) ** 0.5 if c.query_pre_attn_scalar else 1.0
+        q_cos, q_sin = (cos, sin) if q_scale == 1.0 else (cos * q_scale, sin * q_scale)
+        q = constrain(apply_rope(q, q_cos, q_sin), ("act_batch", "act_length", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
         if kv_cache is not None:
             cache_k, cache_v, index = kv_cache
@@ -128,7 +163,9 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate·x) ⊙ up·x)."""
+    """Gated MLP: down(act(gate·x) ⊙ up·x), SwiGLU with `act` = silu."""
+
+    act = staticmethod(jax.nn.silu)
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs, *, stack=()):
         c = config
@@ -141,7 +178,7 @@ class MLP(nnx.Module):
         dtype = x_BxTxD.dtype
         x_NxD = x_BxTxD.reshape(b * t, d)
         gate, up = dense(x_NxD, self.gate[...], dtype), dense(x_NxD, self.up[...], dtype)
-        hidden = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_mlp"))
+        hidden = constrain(self.act(gate) * up, ("act_batch", "act_mlp"))
         return dense(hidden, self.down[...], dtype).reshape(b, t, d)
 
 
@@ -150,14 +187,19 @@ def _no_adapter(site, h):
 
 
 class DecoderLayer(nnx.Module):
-    """x ← x + A_attn(attn(norm(x))); x ← x + A_mlp(mlp(norm(x))), where A is the active bottleneck adapter at that
-    site (`models.adapters`) or the identity."""
+    """x ← x + A_attn(post_attn(attn(norm(x)))); x ← x + A_mlp(post_mlp(mlp(norm(x)))), where A is the active
+    bottleneck adapter at that site (`models.adapters`) or the identity, and the post-sub-layer maps are the identity
+    here (Gemma's norms them). A family swaps its pieces through `norm`, `attention` and `mlp_class`."""
+
+    norm = RMSNorm
+    attention = Attention
+    mlp_class = MLP
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs, *, stack=()):
-        self.attn_norm = RMSNorm(config.d_model, config.rms_eps, stack=stack)
-        self.attn = Attention(config, rngs, stack=stack)
-        self.mlp_norm = RMSNorm(config.d_model, config.rms_eps, stack=stack)
-        self.mlp = MLP(config, rngs, stack=stack)
+        self.attn_norm = self.norm(config.d_model, config.rms_eps, stack=stack)
+        self.attn = self.attention(config, rngs, stack=stack)
+        self.mlp_norm = self.norm(config.d_model, config.rms_eps, stack=stack)
+        self.mlp = self.mlp_class(config, rngs, stack=stack)
         self.active_adapter = config.active_adapter  # static: switching sets retraces, the params stay the same
         if config.adapter_placement != "none":
             self.adapters = adapters.adapter_sets(config, rngs, stack=stack)
@@ -167,10 +209,16 @@ class DecoderLayer(nnx.Module):
         adapter = self.adapters[self.active_adapter] if self.active_adapter else _no_adapter
         attn = self.attn(self.attn_norm(x_BxTxD), cos, sin, masking, kv_cache)
         attn, new_cache = attn if kv_cache is not None else (attn, None)
-        x = x_BxTxD + adapter("attn", attn)
-        x = x + adapter("mlp", self.mlp(self.mlp_norm(x)))
+        x = x_BxTxD + adapter("attn", self.post_attn(attn))
+        x = x + adapter("mlp", self.post_mlp(self.mlp(self.mlp_norm(x))))
         x = constrain(x, BATCH_LENGTH_EMBED)
         return x if kv_cache is None else (x, new_cache)
+
+    def post_attn(self, x):
+        return x
+
+    def post_mlp(self, x):
+        return x
 
 
 _REMAT = {
@@ -190,14 +238,22 @@ def _layer_windows(config: ModelConfig):
 
 
 class CausalLM(nnx.Module):
-    """Token embedding → L scanned decoder layers → final RMSNorm. `unembedding()` gives the LM head `[D, V]`."""
+    """Token embedding → L scanned decoder layers → final RMSNorm. `unembedding()` gives the LM head `[D, V]`.
+
+    Every family's model is this class or a subclass with its own `layer` class, `norm` class and `embed_tokens`
+    (`models.families`): the interface below — `__call__`, `init_cache`, `decode`, `unembedding`, `logits` — and the
+    param tree's linear weights (`layers/attn/{q,k,v,o}`, `layers/mlp/{gate,up,down}`, `embed`, `lm_head`) are the
+    same for all, so stages, LoRA / QLoRA, the sampler and `plan` need nothing per family."""
+
+    layer = DecoderLayer
+    norm = RMSNorm
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         c = config
         self.config = c
         self.embed = _param(rngs, (c.vocab_size, c.d_model), c.init_std, ("vocab", "embed"))
-        self.layers = DecoderLayer(c, rngs, stack=(c.n_layers,))
-        self.final_norm = RMSNorm(c.d_model, c.rms_eps)
+        self.layers = self.layer(c, rngs, stack=(c.n_layers,))
+        self.final_norm = self.norm(c.d_model, c.rms_eps)
         if not c.tie_embeddings:
             self.lm_head = _param(rngs, (c.d_model, c.vocab_size), c.init_std, ("embed", "vocab"))
 
@@ -206,9 +262,8 @@ class CausalLM(nnx.Module):
         c = self.config
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
-        x = jnp.take(self.embed[...].astype(c.dtype), tokens_BxT, axis=0)
-        x = constrain(x, BATCH_LENGTH_EMBED)
-        cos, sin = rope_cos_sin(positions_BxT, c)
+        x = constrain(self.embed_tokens(tokens_BxT), BATCH_LENGTH_EMBED)
+        tables = _rope_tables(positions_BxT, c)
         masking = Masking(q_segments=segment_ids_BxT, k_segments=segment_ids_BxT)
         graphdef, stacked = nnx.split(self.layers)
         window, windows = _layer_windows(c)
@@ -216,6 +271,7 @@ class CausalLM(nnx.Module):
         def layer_step(x, xs):
             layer_params, layer_window = xs
             layer_masking = masking._replace(window=window if windows is None else layer_window)
+            cos, sin = _layer_rope(tables, window, layer_window)
             return nnx.merge(graphdef, layer_params)(x, cos, sin, layer_masking), None
 
         if c.remat != "none":
@@ -241,8 +297,8 @@ class CausalLM(nnx.Module):
         index + t − s < W (the real tokens of a row sit in consecutive slots). RoPE uses `positions`, so left padding
         (masked slots) does not shift the real tokens' positions."""
         c = self.config
-        x = constrain(jnp.take(self.embed[...].astype(c.dtype), tokens_BxT, axis=0), BATCH_LENGTH_EMBED)
-        cos, sin = rope_cos_sin(positions_BxT, c)
+        x = constrain(self.embed_tokens(tokens_BxT), BATCH_LENGTH_EMBED)
+        tables = _rope_tables(positions_BxT, c)
         masking = Masking(q_start=index, k_valid=key_mask_BxS)
         graphdef, stacked = nnx.split(self.layers)
         window, windows = _layer_windows(c)
@@ -250,12 +306,17 @@ class CausalLM(nnx.Module):
         def layer_step(x, xs):
             layer_params, layer_window, cache_k, cache_v = xs
             layer_masking = masking._replace(window=window if windows is None else layer_window)
+            cos, sin = _layer_rope(tables, window, layer_window)
             x, (cache_k, cache_v) = nnx.merge(graphdef, layer_params)(x, cos, sin, layer_masking,
                                                                      (cache_k, cache_v, index))
             return x, (cache_k, cache_v)
 
         x, (new_k, new_v) = jax.lax.scan(layer_step, x, (stacked, windows, cache["k"], cache["v"]))
         return self.final_norm(x), {"k": new_k, "v": new_v}
+
+    def embed_tokens(self, tokens_BxT):
+        """The token embeddings `[B, T, D]` in the compute dtype."""
+        return jnp.take(self.embed[...].astype(self.config.dtype), tokens_BxT, axis=0)
 
     def unembedding(self):
         """The LM-head matrix `[D, V]` in the compute dtype (the transposed embedding when tied)."""
@@ -267,3 +328,56 @@ class CausalLM(nnx.Module):
         """Full float32 logits `[B, T, V]`: for evaluation and tests, not for training steps."""
         hidden = self(tokens_BxT, positions_BxT, segment_ids_BxT)
         return jnp.einsum("btd,dv->btv", hidden, self.unembedding(), preferred_element_type=jnp.float32)
+
+
+# --- the HF tensor table (`models.tensors`) ---------------------------------------------------------------------
+
+
+def global_tensors(config: ModelConfig, score: bool = False) -> list[HFTensor]:
+    """Embedding, final norm and the output layer: the LM head, or with `score` a reward model's score row (at
+    params path ("score",), shape [D])."""
+    d, v = config.d_model, config.vocab_size
+    specs = [HFTensor("model.embed_tokens.weight", ("embed",), (v, d), identity, identity, identity),
+             vector("model.norm.weight", ("final_norm", "scale"), d)]
+    if score:
+        specs.append(HFTensor("score.weight", ("score",), (1, d), lambda w: w[0], lambda k: k[None],
+                              lambda ix: (slice(None), ix[0])))
+    elif not config.tie_embeddings:
+        specs.append(HFTensor("lm_head.weight", ("lm_head",), (v, d), transpose, transpose, swapped))
+    return specs
+
+
+def layer_tensors(config: ModelConfig, norms: tuple[tuple[str, str], ...] = (
+        ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "mlp_norm"))) -> list[HFTensor]:
+    """The tensors of layer `{i}`, in HF order (q, k, v, o, gate, up, down, the layer norms — `norms`: (HF name,
+    flax name) pairs —, then q/k/v biases and q/k norms)."""
+    d, f, hd = config.d_model, config.d_ff, config.head_dim
+    h, k = config.n_heads, config.n_kv_heads
+
+    def in_proj(name: str, n: int) -> HFTensor:  # flax [D, n, hd] from HF [n·hd, D]
+        return HFTensor(f"model.layers.{{i}}.self_attn.{name}_proj.weight", ("attn", name), (n * hd, d),
+                        lambda w: w.T.reshape(w.shape[1], -1, hd), lambda p: p.reshape(d, n * hd).T,
+                        lambda ix: (heads(ix[1], hd), ix[0]))
+
+    def bias(name: str, n: int) -> HFTensor:  # flax [n, hd] from HF [n·hd]
+        return HFTensor(f"model.layers.{{i}}.self_attn.{name}_proj.bias", ("attn", f"{name}_bias"), (n * hd,),
+                        lambda b: b.reshape(-1, hd), lambda p: p.reshape(n * hd), lambda ix: (heads(ix[0], hd),))
+
+    def mlp(name: str, hf_shape: tuple[int, int]) -> HFTensor:
+        return HFTensor(f"model.layers.{{i}}.mlp.{name}_proj.weight", ("mlp", name), hf_shape, transpose,
+                        transpose, swapped)
+
+    specs = [
+        in_proj("q", h), in_proj("k", k), in_proj("v", k),
+        HFTensor("model.layers.{i}.self_attn.o_proj.weight", ("attn", "o"), (d, h * hd),  # flax [H, hd, D]
+                 lambda w: w.T.reshape(-1, hd, w.shape[0]), lambda p: p.reshape(h * hd, d).T,
+                 lambda ix: (ix[2], heads(ix[0], hd))),
+        mlp("gate", (f, d)), mlp("up", (f, d)), mlp("down", (d, f)),
+    ]
+    specs += [vector(f"model.layers.{{i}}.{hf_norm}.weight", (flax_norm, "scale"), d) for hf_norm, flax_norm in norms]
+    if config.qkv_bias:
+        specs += [bias("q", h), bias("k", k), bias("v", k)]
+    if config.qk_norm:  # Qwen3, Gemma 3: one [head_dim] scale per layer, shared by the heads
+        specs += [vector(f"model.layers.{{i}}.self_attn.{name}_norm.weight", ("attn", f"{name}_norm", "scale"), hd)
+                  for name in ("q", "k")]
+    return specs

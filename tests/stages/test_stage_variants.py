@@ -132,3 +132,24 @@ def test_qlora_dpo_trains_a_qwen3_shaped_model_with_its_qk_norms_frozen(tokenize
                                       start.frozen["layers"]["attn"][name]["scale"])
     assert set(state.params["lora"]["layers"]["attn"]) == {"q", "k", "v", "o"}
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_lora_dpo_trains_a_gemma_model_through_its_stage(tokenizer_path, tmp_path):
+    """`model.family=gemma` (windowed and global layers, (1 + w) norms, GeGLU, q·k/√scalar) built by the DPO stage
+    with LoRA on every linear weight: the adapters are Llama's (same names), the four layer norms and q/k norms are
+    frozen base params, the base stays bitwise frozen and the loss falls."""
+    config = stage_config("dpo", {
+        "data.tokenizer": tokenizer_path, "data.train": "builtin:arithmetic_preferences?n=40", "data.seq_len": 48,
+        "data.batch_size": 8, "model.family": "gemma", "model.qk_norm": True, "model.sliding_window": 16,
+        "model.full_attention_layers": (1,), "model.rope_local_theta": 1000.0, "model.query_pre_attn_scalar": 8.0,
+        "lora.rank": 4, "optim.lr": 3e-3, "optim.warmup_steps": 0})
+    mesh = helpers.mesh((1, 1, 1))
+    task = dpo.build_task(config, str(tmp_path), mesh)
+    assert task.metadata["model"]["family"] == "gemma"
+    start, state, _, _, losses = _train_on_one_batch(task, mesh, str(tmp_path), steps=3)
+    assert set(state.params["lora"]["layers"]) == {"attn", "mlp"}
+    assert set(state.params["lora"]["layers"]["attn"]) == {"q", "k", "v", "o"}
+    assert {"post_attn_norm", "post_mlp_norm"} <= set(state.frozen["layers"])
+    for after, before in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(start.frozen)):
+        np.testing.assert_array_equal(np.asarray(after), before)
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
