@@ -12,6 +12,7 @@ from flaxalign.models.config import ADAPTER_FIELDS, ModelConfig, preset
 
 MODELS_ENV = "FLAXALIGN_MODELS"  # where fetched weights live (launch/fetch_*.sh write there, presets read there)
 SMOLLM2_FILE = os.path.join("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # from launch/fetch_smollm2.sh
+GEMMA3_FILE = os.path.join("gemma3", "gemma-3-270m-q4_k_m.gguf")  # from launch/fetch_gemma3.sh
 
 
 def models_dir() -> str:
@@ -23,6 +24,11 @@ def models_dir() -> str:
 def smollm2_gguf() -> str:
     """SmolLM2-135M-Instruct (GGUF) where launch/fetch_smollm2.sh puts it; the smollm2_135m presets start from it."""
     return os.path.join(models_dir(), SMOLLM2_FILE)
+
+
+def gemma3_gguf() -> str:
+    """Gemma-3-270M (Q4_K_M GGUF) where launch/fetch_gemma3.sh puts it (Gemma terms: fetched, never committed)."""
+    return os.path.join(models_dir(), GEMMA3_FILE)
 
 
 def preset_values(arg: str, presets: dict, config_file: str) -> dict:

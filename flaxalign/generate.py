@@ -60,11 +60,11 @@ def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad
     """
     batch, prompt_len = prompts["input_ids"].shape
     total = prompt_len + max_new_tokens
-    unembed = model.unembedding()
+    head = model.output_head()
     key_mask = jnp.pad(prompts["attention_mask"], ((0, 0), (0, max_new_tokens)))
     hidden, cache = model.decode(prompts["input_ids"], prompts["positions"], model.init_cache(batch, total), 0,
                                  key_mask)
-    logits = jnp.dot(hidden[:, -1], unembed, preferred_element_type=jnp.float32)
+    logits = head.logits(hidden[:, -1])
     next_position = prompts["positions"][:, -1] + 1
 
     def step(i, carry):
@@ -77,7 +77,7 @@ def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad
         slot = prompt_len + i
         key_mask = key_mask.at[:, slot].set(1)
         hidden, cache = model.decode(token[:, None], (next_position + i)[:, None], cache, slot, key_mask)
-        logits = jnp.dot(hidden[:, -1], unembed, preferred_element_type=jnp.float32)
+        logits = head.logits(hidden[:, -1])
         return logits, cache, key_mask, done | (token == eos_id), rng, response, logps
 
     init = (logits, cache, key_mask, jnp.zeros((batch,), bool), rng,
@@ -102,14 +102,14 @@ def generate_recompute(model, prompts: dict, rng, *, max_new_tokens: int, eos_id
     batch, prompt_len = prompts["input_ids"].shape
     tokens = jnp.pad(prompts["input_ids"], ((0, 0), (0, max_new_tokens)), constant_values=pad_id)
     mask = jnp.pad(prompts["attention_mask"], ((0, 0), (0, max_new_tokens)))
-    unembed = model.unembedding()
+    head = model.output_head()
 
     def step(i, carry):
         tokens, mask, done, rng, logps = carry
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         hidden = model(tokens, positions, mask)
         last = prompt_len + i - 1
-        logits = jnp.dot(hidden[:, last], unembed, preferred_element_type=jnp.float32)
+        logits = head.logits(hidden[:, last])
         rng, key = jax.random.split(rng)
         token, logp = _pick(logits, key, temperature, top_k, top_p)
         token = jnp.where(done, pad_id, token).astype(tokens.dtype)

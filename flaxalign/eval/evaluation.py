@@ -170,8 +170,8 @@ def response_kl(policy_params, reference_params, tokens, mask, response_mask, *,
     positions = jnp.maximum(jnp.cumsum(in_mask, axis=1) - 1, 0)
     policy = models.merge(policy_graphdef, policy_params)
     reference = models.merge(reference_graphdef, reference_params)
-    kl = chunked_token_kl(policy(inputs, positions, in_mask), policy.unembedding(),
-                          reference(inputs, positions, in_mask), reference.unembedding(), chunk_size=chunk_size)
+    kl = chunked_token_kl(policy(inputs, positions, in_mask), policy.output_head(),
+                          reference(inputs, positions, in_mask), reference.output_head(), chunk_size=chunk_size)
     return jnp.sum(kl[:, prompt_len - 1:] * response_mask.astype(jnp.float32), axis=1)
 
 

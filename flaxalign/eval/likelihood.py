@@ -51,7 +51,7 @@ def row_logps(params, rows: dict, *, graphdef, chunk_size: int):
     """(Σ_t m_t log p(y_t | x_≤t), Σ_t m_t) of each row `[B]`: the log-likelihood of a row's scored targets."""
     model = models.merge(graphdef, params)
     hidden = model(rows["inputs"], rows["positions"], rows["segment_ids"])
-    return sequence_logps(hidden, model.unembedding(), rows["targets"], rows["loss_mask"], chunk_size=chunk_size)
+    return sequence_logps(hidden, model.output_head(), rows["targets"], rows["loss_mask"], chunk_size=chunk_size)
 
 
 def make_scorer(graphdef, chunk_size: int = 256):

@@ -1,29 +1,36 @@
 """llama.cpp GGUF files → flaxalign: weights (dequantised to float32), model config and tokenizer.
 
-`load_gguf(path)` reads a GGUF file of the `llama` architecture (Llama 1/2/3 without rope scaling, SmolLM,
-TinyLlama, ...) into the same `hf.Pretrained` that `hf.load_pretrained` returns for an HF directory;
-`flaxalign.interop.load_pretrained(path)` dispatches here for a path ending in `.gguf`, and
-`flaxalign.data.load_tokenizer(path)` builds the tokenizer from the file's metadata.
+`load_gguf(path)` reads a GGUF file of architecture (`general.architecture`) `llama` (Llama 1/2/3 without rope
+scaling, SmolLM, TinyLlama, ...), `qwen2`, `qwen3` or `gemma3` (Gemma 3 text models) into the same `hf.Pretrained`
+that `hf.load_pretrained` returns for an HF directory; `flaxalign.interop.load_pretrained(path)` dispatches here for
+a path ending in `.gguf`, and `flaxalign.data.load_tokenizer(path)` builds the tokenizer from the file's metadata.
+Another architecture stops with one line naming `general.architecture` and the supported values.
 
 How: the file is parsed with the `gguf` package (`GGUFReader`, memory-mapped). Each GGUF tensor is renamed to its HF
-name (`GGUF_TO_HF` below), dequantised by the package (`gguf.quants.dequantize`, ggml's block decoders in NumPy),
-and its q/k rows are put back into HF order (`unpermute_rope_rows`); that lazy HF-named mapping then goes through
-hf.py's own checks and placement (`hf.check_tensors`, `hf.place_params`), so with a `mesh` every param is created
-directly in its sharding, tensor by tensor (each tensor is dequantised whole: blocks do not follow shard bounds).
+name (`TENSOR_NAMES[arch]` below), dequantised by the package (`gguf.quants.dequantize`, ggml's block decoders in
+NumPy), and, for `llama` files only, its q/k rows are put back into HF order (`unpermute_rope_rows`; llama.cpp
+permutes no other architecture: Qwen2/3 and Gemma 3 rotate halves, as HF does); Gemma 3 files store every norm
+weight as 1 + w (llama.cpp's convert adds 1), read back as w. That lazy HF-named mapping then goes through hf.py's own
+checks and placement (`hf.check_tensors`, `hf.place_params`), so with a `mesh` every param is created directly in
+its sharding, tensor by tensor (each tensor is dequantised whole: blocks do not follow shard bounds).
 
 Tensor types: every type `gguf.quants.dequantize` decodes (`supported_types()`: F32, F16, BF16, Q4_0, Q4_1, Q5_0,
 Q5_1, Q8_0, the k-quants Q2_K..Q6_K, the IQ* and TQ* types, MXFP4, NVFP4 with gguf 0.19); others (F64, integer
 types) raise `CheckpointError` naming the tensor and its type. Quantised weights are dequantised exactly: the model
 computes with them in float32 (no re-quantisation error, but the quantisation error of the file stays).
 
-Config keys: `llama.embedding_length`, `block_count`, `feed_forward_length`, `context_length`,
+Config keys (`{arch}.` prefix): `embedding_length`, `block_count`, `feed_forward_length`, `context_length`,
 `attention.head_count`, `attention.head_count_kv`, `attention.key_length` (head_dim), `rope.freq_base`,
-`attention.layer_norm_rms_epsilon`; vocab size = the length of `tokenizer.ggml.tokens` (else `llama.vocab_size`, else
-the embedding rows); embeddings are tied when there is no `output.weight`; q/k/v biases when `blk.0.attn_q.bias`
-exists. Not supported (`ConfigError`): other architectures, rope scaling (`llama.rope.scaling.type`, Llama-3.1's
-`rope_freqs.weight`), partial rotary (`rope.dimension_count` != head_dim), mixture of experts, per-layer head counts.
+`attention.layer_norm_rms_epsilon`, `attention.sliding_window`; vocab size = the length of `tokenizer.ggml.tokens`
+(else `vocab_size`, else the embedding rows); embeddings are tied when there is no `output.weight`; q/k/v biases when
+`blk.0.attn_q.bias` exists, q/k norms when `blk.0.attn_q_norm.weight` does. Gemma 3 (`_gemma3_fields`): as llama.cpp
+computes such a file, every 6th layer global, the others windowed, local RoPE base 10000, scores by 1/√head_dim.
+Not supported (`ConfigError`): rope scaling (`rope.scaling.type`, Llama-3.1's `rope_freqs.weight`; so Gemma 3 4B+,
+whose files state linear scaling), partial rotary (`rope.dimension_count` != head_dim), mixture of experts, per-layer
+head counts, logit soft caps.
 
-Tokenizer: byte-level BPE (`tokenizer.ggml.model` "gpt2") only; see `GGUFTokenizer`.
+Tokenizer: byte-level BPE (`tokenizer.ggml.model` "gpt2"), and SentencePiece BPE ("llama") for gemma3 files only;
+see `GGUFTokenizer`, `_build_sentencepiece`.
 """
 
 import dataclasses
@@ -47,7 +54,12 @@ from flaxalign.models.config import ModelConfig
 
 _LOG = logging.getLogger(__name__)
 
-ARCHITECTURES = ("llama",)
+# `general.architecture` values read, and what each implies: llama.cpp permutes the q/k rows of "llama" files only
+# (`LlamaModel.permute`; Qwen2/3 and Gemma 3 use NEOX RoPE, already HF's rotate_half order); Gemma 3 files store
+# every norm weight as 1 + w (llama.cpp's convert adds 1; Gemma's RMSNorm multiplies by 1 + w).
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+ROPE_PERMUTED = ("llama",)
+NORMS_PLUS_ONE = ("gemma3",)
 
 # GGUF tensor name -> HF name; `{i}` is the layer index (`blk.{i}.` in GGUF, `model.layers.{i}.` in HF).
 GGUF_TO_HF = {
@@ -67,31 +79,50 @@ GGUF_TO_HF = {
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
+# Qwen3 and Gemma 3: a [head_dim] RMSNorm on every query / key head
+_QK_NORMS = {
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+}
+# Gemma 3's four layer norms (llama.cpp's names): ffn_norm is the pre-MLP norm there, not Llama's second norm
+_GEMMA3_NORMS = {
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+TENSOR_NAMES = {  # general.architecture -> its GGUF -> HF table
+    "llama": GGUF_TO_HF,
+    "qwen2": GGUF_TO_HF,
+    "qwen3": {**GGUF_TO_HF, **_QK_NORMS},
+    "gemma3": {**GGUF_TO_HF, **_QK_NORMS, **_GEMMA3_NORMS},
+}
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF name of a llama GGUF tensor ("blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight"), or
-    None for a tensor flaxalign's Llama has no place for."""
-    if gguf_name in GGUF_TO_HF:
-        return GGUF_TO_HF[gguf_name]
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The HF name of a GGUF tensor of architecture `arch` ("blk.3.attn_q.weight" ->
+    "model.layers.3.self_attn.q_proj.weight"), or None for a tensor flaxalign's model has no place for."""
+    table = TENSOR_NAMES[arch]
+    if gguf_name in table:
+        return table[gguf_name]
     match = _LAYER_NAME.fullmatch(gguf_name)
     if match:
-        pattern = GGUF_TO_HF.get(f"blk.{{i}}.{match.group(2)}")
+        pattern = table.get(f"blk.{{i}}.{match.group(2)}")
         if pattern:
             return pattern.format(i=int(match.group(1)))
     return None
 
 
-def gguf_tensor_name(hf_name: str) -> str:
-    """The GGUF name of an HF tensor name of a Llama (the inverse of `hf_tensor_name`)."""
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
+    """The GGUF name of an HF tensor name (the inverse of `hf_tensor_name`)."""
     match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
     key = f"model.layers.{{i}}.{match.group(2)}" if match else hf_name
-    name = _HF_TO_GGUF[key]
+    name = _HF_TO_GGUF[arch][key]
     return name.format(i=int(match.group(1))) if match else name
 
 
-_HF_TO_GGUF = {hf_name: gguf_name for gguf_name, hf_name in GGUF_TO_HF.items()}
+_HF_TO_GGUF = {arch: {hf_name: gguf_name for gguf_name, hf_name in table.items()}
+               for arch, table in TENSOR_NAMES.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,9 +188,17 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _open(path: str):
-    """The `gguf.GGUFReader` of a file (memory-mapped), or `CheckpointError` naming the file."""
+    """The `gguf.GGUFReader` of a file (memory-mapped), or `CheckpointError` naming the file. The last two readers
+    are kept (by path, size and modification time): parsing the metadata of a 262k-token vocabulary takes seconds,
+    and loading a model reads it for its config, weights and tokenizer."""
     if not os.path.isfile(path):
         raise errors.CheckpointError(f"GGUF file {path!r} does not exist{_fetch_hint(path)}.")
+    stat = os.stat(path)
+    return _open_cached(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, path)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_cached(real_path: str, size: int, mtime_ns: int, path: str):
     try:
         reader = gguf.GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, OSError) as e:
@@ -196,7 +235,10 @@ def _fetch_hint(path: str) -> str:
     models = os.path.realpath(config_blocks.models_dir())
     if not os.path.realpath(path).startswith(models + os.sep):
         return ""
-    fetch = " (launch/fetch_smollm2.sh fetches it" if path.endswith(config_blocks.SMOLLM2_FILE) else " (fetch it first"
+    scripts = {config_blocks.SMOLLM2_FILE: "launch/fetch_smollm2.sh",
+               config_blocks.GEMMA3_FILE: "launch/fetch_gemma3.sh"}
+    script = next((script for file, script in scripts.items() if path.endswith(file)), None)
+    fetch = f" ({script} fetches it" if script else " (fetch it first"
     return f"{fetch}; presets read fetched weights from ${config_blocks.MODELS_ENV}, now {models})"
 
 
@@ -217,10 +259,7 @@ def _shape(tensor) -> tuple[int, ...]:
 
 
 def _config(reader, path: str, dtype: str) -> ModelConfig:
-    arch = _value(reader, "general.architecture", None)
-    if arch not in ARCHITECTURES:
-        raise errors.ConfigError(
-            f"GGUF file {path!r} has architecture {arch!r}; flaxalign loads {list(ARCHITECTURES)} GGUF files.")
+    arch = architecture(reader, path)
     names = {t.name for t in reader.tensors}
 
     def key(name: str, default: Any = _MISSING) -> Any:
@@ -240,23 +279,62 @@ def _config(reader, path: str, dtype: str) -> ModelConfig:
     if key("rope.dimension_count", head_dim) != head_dim:
         raise errors.ConfigError(f"GGUF file {path!r} rotates {key('rope.dimension_count')} of {head_dim} head "
                                  "dims; flaxalign rotates the whole head.")
-    if _value(reader, f"{arch}.attention.sliding_window_pattern", None) is not None:
+    n_layers = int(key("block_count"))
+    family = {}
+    if arch == "gemma3":
+        family = _gemma3_fields(reader, path, n_layers, int(d_model), int(n_heads), int(head_dim))
+    elif _value(reader, f"{arch}.attention.sliding_window_pattern", None) is not None:
         raise errors.ConfigError(f"GGUF file {path!r} alternates windowed and full attention layers "
                                  "(attention.sliding_window_pattern); flaxalign reads GGUF windows on every layer.")
+    else:
+        family = {"sliding_window": int(key("attention.sliding_window", 0)),
+                  "qk_norm": arch == "qwen3" and "blk.0.attn_q_norm.weight" in names}
     tokens = _value(reader, "tokenizer.ggml.tokens", None)
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab = len(tokens) if tokens else key("vocab_size", _shape(embedding)[0] if embedding is not None else None)
     if vocab is None:
         raise errors.CheckpointError(f"GGUF file {path!r} has neither a token list nor token_embd.weight.")
     return ModelConfig(
-        vocab_size=int(vocab), d_model=int(d_model), n_layers=int(key("block_count")), n_heads=int(n_heads),
+        vocab_size=int(vocab), d_model=int(d_model), n_layers=n_layers, n_heads=int(n_heads),
         n_kv_heads=int(key("attention.head_count_kv", n_heads)), d_ff=int(key("feed_forward_length")),
         head_dim=int(head_dim), max_seq_len=int(key("context_length", ModelConfig.max_seq_len)),
         rope_theta=_f32(key("rope.freq_base", ModelConfig.rope_theta)),
         rms_eps=_f32(key("attention.layer_norm_rms_epsilon", ModelConfig.rms_eps)),
         qkv_bias="blk.0.attn_q.bias" in names, tie_embeddings="output.weight" not in names, dtype=dtype,
-        sliding_window=int(key("attention.sliding_window", 0)),
+        **family,
     )
+
+
+def architecture(reader, path: str) -> str:
+    """The file's `general.architecture`, or a one-line `ConfigError` naming the field and the supported values."""
+    arch = _value(reader, "general.architecture", None)
+    if arch not in ARCHITECTURES:
+        raise errors.ConfigError(f"GGUF file {path!r} has general.architecture={arch!r}; flaxalign reads "
+                                 f"{', '.join(ARCHITECTURES)}.")
+    return arch
+
+
+GEMMA3_PATTERN = 6  # llama.cpp (`LLM_ARCH_GEMMA3`, set_swa_pattern(6)) and transformers: every 6th layer is global
+GEMMA3_LOCAL_THETA = 10_000.0  # llama.cpp's rope_freq_base_train_swa and Gemma3TextConfig's rope_local_base_freq
+
+
+def _gemma3_fields(reader, path: str, n_layers: int, d_model: int, n_heads: int, head_dim: int) -> dict[str, Any]:
+    """The Gemma 3 fields a gemma3 GGUF file implies, chosen as llama.cpp computes such a file: windows of
+    `attention.sliding_window` tokens on every layer but each 6th (the pattern is fixed in llama.cpp; a scalar
+    `attention.sliding_window_pattern` overrides it), RoPE base `rope.freq_base` on the global layers and 10000 on the
+    windowed ones, scores scaled by 1/√head_dim (1/√(d_model / n_heads) for the 62-layer 27B, as llama.cpp does;
+    transformers' GGUF reader leaves query_pre_attn_scalar at 256, the same for every size but the 27B).
+    `ConfigError` for logit soft caps (Gemma 2 style), which a Gemma 3 file does not have."""
+    for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if _value(reader, f"gemma3.{cap}", None) is not None:
+            raise errors.ConfigError(f"GGUF file {path!r} has gemma3.{cap}; flaxalign's Gemma 3 has no soft caps.")
+    pattern = _scalar(_value(reader, "gemma3.attention.sliding_window_pattern", GEMMA3_PATTERN),
+                      "gemma3.attention.sliding_window_pattern")
+    window = int(_scalar(_value(reader, "gemma3.attention.sliding_window", 0), "gemma3.attention.sliding_window"))
+    full = tuple(i for i in range(n_layers) if (i + 1) % int(pattern) == 0)
+    windows = {"sliding_window": window, "full_attention_layers": full} if window and len(full) < n_layers else {}
+    return dict(family="gemma", qk_norm=True, rope_local_theta=GEMMA3_LOCAL_THETA,
+                query_pre_attn_scalar=float(d_model // n_heads if n_layers == 62 else head_dim), **windows)
 
 
 def read_model_config(path: str, *, dtype: str = "float32") -> ModelConfig:
@@ -269,13 +347,14 @@ class _GGUFTensors(Mapping):
     with `shape(name)` and `read(name, index)` as `hf.check_tensors` / `hf.place_params` read a
     `safetensors_io.SafetensorsFiles` (a region is cut from the whole dequantised tensor)."""
 
-    def __init__(self, reader, path: str, config: ModelConfig):
+    def __init__(self, reader, path: str, config: ModelConfig, arch: str = "llama"):
         self._path = path
+        self._arch = arch
         self._where: dict[str, Any] = {}
         self._heads: dict[str, int] = {}
         unknown = []
         for tensor in reader.tensors:
-            name = hf_tensor_name(tensor.name)
+            name = hf_tensor_name(tensor.name, arch)
             if name is None:
                 unknown.append(tensor.name)
                 continue
@@ -285,12 +364,14 @@ class _GGUFTensors(Mapping):
                     f"GGUF tensor {tensor.name!r} of {path!r} has type {type_name}; flaxalign reads "
                     f"{list(supported_types())} (requantise the file, e.g. llama-quantize ... Q8_0).")
             self._where[name] = tensor
+            if arch not in ROPE_PERMUTED:
+                continue
             if name.endswith(("q_proj.weight", "q_proj.bias")):
                 self._heads[name] = config.n_heads
             elif name.endswith(("k_proj.weight", "k_proj.bias")):
                 self._heads[name] = config.n_kv_heads
         if unknown:
-            raise errors.CheckpointError(f"GGUF file {path!r} has {len(unknown)} tensor(s) that flaxalign's Llama "
+            raise errors.CheckpointError(f"GGUF file {path!r} has {len(unknown)} tensor(s) that flaxalign's {arch} "
                                          f"has no place for, e.g. {unknown[:3]}.")
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -304,6 +385,8 @@ class _GGUFTensors(Mapping):
             raise errors.CheckpointError(f"GGUF tensor {tensor.name!r} of {self._path!r} is corrupt ({e}).") from e
         if name in self._heads:
             value = unpermute_rope_rows(value, self._heads[name])
+        if self._arch in NORMS_PLUS_ONE and name.endswith("norm.weight"):
+            value = value - np.float32(1.0)  # stored 1 + w; flaxalign's Gemma keeps w (as HF does)
         return value
 
     def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
@@ -320,7 +403,7 @@ class _GGUFTensors(Mapping):
         return len(self._where)
 
 
-def _check_present(config: ModelConfig, tensors: _GGUFTensors, path: str) -> None:
+def _check_present(config: ModelConfig, tensors: _GGUFTensors, path: str, arch: str = "llama") -> None:
     """Every tensor the config needs is in the file with the right shape (in GGUF names; hf.py says it in HF's)."""
     expected = {spec.hf_name: spec.hf_shape for spec in hf.global_tensors(config)}
     for spec in hf.layer_tensors(config):
@@ -328,11 +411,11 @@ def _check_present(config: ModelConfig, tensors: _GGUFTensors, path: str) -> Non
     for name, shape in expected.items():
         if name not in tensors:
             raise errors.CheckpointError(
-                f"GGUF file {path!r} has no tensor {gguf_tensor_name(name)!r}, which its llama metadata needs.")
+                f"GGUF file {path!r} has no tensor {gguf_tensor_name(name, arch)!r}, which its {arch} metadata needs.")
         if tensors.shape(name) != shape:
             raise errors.CheckpointError(
-                f"GGUF tensor {gguf_tensor_name(name)!r} of {path!r} has shape {tensors.shape(name)} (rows first), "
-                f"but its llama metadata needs {shape}.")
+                f"GGUF tensor {gguf_tensor_name(name, arch)!r} of {path!r} has shape {tensors.shape(name)} (rows "
+                f"first), but its {arch} metadata needs {shape}.")
 
 
 def load_gguf(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None = None,
@@ -348,8 +431,9 @@ def load_gguf(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None 
     """
     reader = _open(path)
     config = _config(reader, path, dtype)
-    tensors = _GGUFTensors(reader, path, config)
-    _check_present(config, tensors, path)
+    arch = _value(reader, "general.architecture")
+    tensors = _GGUFTensors(reader, path, config, arch)
+    _check_present(config, tensors, path, arch)
     hf.check_tensors(config, tensors)  # also refuses tensors left over (none, after the checks above)
     params = hf.place_params(config, tensors, mesh, quantizer=quantizer)
     tokenizer = None
@@ -364,7 +448,8 @@ def load_gguf(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None 
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
-TOKENIZER_MODELS = ("gpt2",)
+TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE; SentencePiece BPE (Gemma 3 files only, see below)
+SENTENCEPIECE_ARCHITECTURES = ("gemma3",)  # whose "llama" (SentencePiece) vocabularies are built
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -423,6 +508,8 @@ class _Vocab:
     special: dict[str, int | None]  # bos/eos/unk/pad ids
     pre: str
     chat_template: str | None
+    model: str = "gpt2"  # tokenizer.ggml.model
+    add_bos: bool = False  # tokenizer.ggml.add_bos_token, read for SentencePiece vocabularies
 
 
 def _read_vocab(reader, path: str) -> _Vocab:
@@ -432,9 +519,14 @@ def _read_vocab(reader, path: str) -> _Vocab:
     if model not in TOKENIZER_MODELS:
         raise errors.DataError(f"GGUF file {path!r} has a {model!r} tokenizer; flaxalign builds "
                                f"{list(TOKENIZER_MODELS)} (byte-level BPE) tokenizers from GGUF metadata.")
+    if model == "llama":
+        arch = _value(reader, "general.architecture", None)
+        if arch not in SENTENCEPIECE_ARCHITECTURES:
+            raise errors.DataError(f"GGUF file {path!r} has a SentencePiece ('llama') tokenizer for architecture "
+                                   f"{arch!r}; flaxalign builds those for {list(SENTENCEPIECE_ARCHITECTURES)} only.")
     tokens = _value(reader, "tokenizer.ggml.tokens")
     merges = []
-    for merge in _value(reader, "tokenizer.ggml.merges"):
+    for merge in _value(reader, "tokenizer.ggml.merges", []):
         parts = merge.split(" ")
         if len(parts) != 2:
             raise errors.DataError(f"GGUF file {path!r} has a malformed BPE merge {merge!r}.")
@@ -449,7 +541,52 @@ def _read_vocab(reader, path: str) -> _Vocab:
                                    f"a token id (the vocabulary has {len(tokens)}).")
     return _Vocab(tokens=tokens, types=types, merges=merges, special=special,
                   pre=_value(reader, "tokenizer.ggml.pre", "default"),
-                  chat_template=_value(reader, "tokenizer.chat_template", None))
+                  chat_template=_value(reader, "tokenizer.chat_template", None), model=model,
+                  # llama.cpp (and transformers) add BOS to a SentencePiece vocabulary that does not say otherwise
+                  add_bos=model == "llama" and bool(_value(reader, "tokenizer.ggml.add_bos_token", True)))
+
+
+def _sentencepiece_merges(tokens: list[str]) -> list[tuple[str, str]]:
+    """The BPE merges a Gemma vocabulary implies (its GGUF file lists none), as transformers' GGUF reader derives
+    them (`generate_merges` with each token's position as its score, Gemma's scores not following merge order): every
+    split of a token into two tokens, the token earliest in the file first, ties by the lengths of the halves."""
+    vocab = {token: index for index, token in enumerate(tokens)}
+    merges = []
+    for token, index in vocab.items():
+        local = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+        local.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges += [(left, right, -index) for left, right in local]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable, as transformers' sort
+    return [(left, right) for left, right, _ in merges]
+
+
+def _build_sentencepiece(vocab: _Vocab) -> tokenizers.Tokenizer:
+    """Gemma's tokenizer from a GGUF vocabulary, as transformers' GGUF reader builds it (`GemmaTokenizer`): BPE with
+    byte fallback (the <0xNN> tokens) over merges derived from the vocabulary (`_sentencepiece_merges`), spaces
+    written "▁" (no prefix space), whitespace-only tokens with a space respelled as that many "▁" (the file stores
+    "  " where the model spells "▁▁"); control tokens (type 3) special and user-defined ones (type 4) plain added
+    tokens, both matched whole in text."""
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in vocab.tokens]
+    ids = {token: index for index, token in enumerate(tokens)}
+    unk = tokens[vocab.special["unk"]] if vocab.special["unk"] is not None else "<unk>"
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(
+        vocab=ids, merges=_sentencepiece_merges(tokens), dropout=None, fuse_unk=True, unk_token=unk,
+        byte_fallback=True))
+    tokenizer.normalizer = tokenizers.normalizers.Replace(" ", "\u2581")
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tokenizer.decoder = tokenizers.decoders.Sequence([
+        tokenizers.decoders.Replace("\u2581", " "), tokenizers.decoders.ByteFallback(), tokenizers.decoders.Fuse()])
+    tokenizer.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                  for t, kind in zip(tokens, vocab.types) if kind == CONTROL])
+    tokenizer.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
+                          for t, kind in zip(tokens, vocab.types) if kind == USER_DEFINED])
+    if vocab.add_bos and vocab.special["bos"] is not None:
+        # flaxalign's encode adds no special tokens; an HF export's tokenizer.json then adds <bos> in transformers,
+        # as Gemma's own tokenizer and transformers' GGUF one do
+        bos = tokens[vocab.special["bos"]]
+        tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, vocab.special["bos"])])
+    return tokenizer
 
 
 def _build_tokenizer(vocab: _Vocab, path: str) -> tokenizers.Tokenizer:
@@ -457,7 +594,10 @@ def _build_tokenizer(vocab: _Vocab, path: str) -> tokenizers.Tokenizer:
     (type 3) as special tokens and user-defined ones (type 4) as plain added tokens, both matched whole in text.
 
     As in transformers' GGUF reader, a token spelled outside the byte alphabet is respelled byte by byte (it could
-    never be produced otherwise), and a control token spelled outside it is not added (llama.cpp mislabels some)."""
+    never be produced otherwise), and a control token spelled outside it is not added (llama.cpp mislabels some).
+    A SentencePiece ("llama") vocabulary is built by `_build_sentencepiece`."""
+    if vocab.model == "llama":
+        return _build_sentencepiece(vocab)
     spelling = _byte_alphabet()
     alphabet = set(spelling.values())
     ids = {}

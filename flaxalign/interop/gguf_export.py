@@ -76,6 +76,9 @@ def check_exportable(config: ModelConfig) -> None:
     if config.attn_softcap:
         raise errors.ConfigError("llama.cpp's llama architecture has no attention soft cap (model.attn_softcap); "
                                  "this model cannot be exported as GGUF.")
+    if config.final_softcap:
+        raise errors.ConfigError("llama.cpp's llama architecture has no final logit soft cap (model.final_softcap); "
+                                 "this model cannot be exported as GGUF.")
     if config.qk_norm:
         raise errors.ConfigError("llama.cpp's llama architecture has no query / key norms (model.qk_norm: Qwen3); "
                                  "GGUF export writes llama models only.")

@@ -2,8 +2,8 @@
 and written (the config.json mapping is `hf_config.py`, re-exported here).
 
 Supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (SmolLM is a
-Llama) and Gemma3ForCausalLM (`gemma3_text`). The state-dict conversions work on in-memory arrays only: numpy in,
-numpy out, no torch. On top of them:
+Llama), Gemma3ForCausalLM (`gemma3_text`) and Phi3ForCausalLM. The state-dict conversions work on in-memory arrays
+only: numpy in, numpy out, no torch. On top of them:
 
 - `load_pretrained(directory)` reads an HF model directory (config.json, model.safetensors or sharded files with
   model.safetensors.index.json, optional tokenizer.json) into a `Pretrained` (config, params, tokenizer); with a
@@ -39,7 +39,9 @@ axis):
 
 Gemma 3 (`models/gemma.py`'s table) has the same names plus four layer norms: input_layernorm → attn_norm,
 post_attention_layernorm → post_attn_norm, pre_feedforward_layernorm → mlp_norm, post_feedforward_layernorm →
-post_mlp_norm, and q_norm / k_norm. Each family's table lives next to its module (`models.families`).
+post_mlp_norm, and q_norm / k_norm. Phi-3 (`models/phi3.py`) fuses q/k/v into `self_attn.qkv_proj.weight` and
+gate/up into `mlp.gate_up_proj.weight`: each part is rows of the fused tensor (`HFTensor.rows`), read as a region
+of those rows and written concatenated. Each family's table lives next to its module (`models.families`).
 
 HF splits the q/k/v output features head-major (`view(B, T, heads, head_dim)`), which is exactly a reshape of the
 transposed kernel to [D, heads, head_dim]; RoPE uses the same rotate_half layout on both sides, so no permutation
@@ -76,7 +78,12 @@ from flaxalign.interop.safetensors_io import SafetensorsFiles, write_safetensors
 from flaxalign.models import families
 from flaxalign.models.apply import apply_lm, apply_reward  # noqa: F401 - part of flaxalign.interop's API
 from flaxalign.models.config import ModelConfig
-from flaxalign.models.tensors import HFTensor, Index  # noqa: F401 - HFTensor is part of this module's API
+from flaxalign.models.tensors import (  # noqa: F401 - HFTensor is part of this module's API
+    HFTensor,
+    Index,
+    assemble,
+    whole_shapes,
+)
 
 # Buffers that some transformers versions put into state dicts; they are recomputed from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -104,10 +111,11 @@ def params_from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndar
     """
     params: dict[str, Any] = {}
     used: set[str] = set()
+    shapes = whole_shapes(global_tensors(config, score) + layer_tensors(config))  # fused tensors whole
     for spec in global_tensors(config, score):
-        _set(params, spec.path, spec.to_flax(_take(tensors, spec.hf_name, spec.hf_shape, used)))
+        _set(params, spec.path, spec.to_flax(spec.part(_take(tensors, spec.hf_name, shapes[spec.hf_name], used))))
     for spec in layer_tensors(config):
-        per_layer = [spec.to_flax(_take(tensors, spec.hf_name.format(i=i), spec.hf_shape, used))
+        per_layer = [spec.to_flax(spec.part(_take(tensors, spec.hf_name.format(i=i), shapes[spec.hf_name], used)))
                      for i in range(config.n_layers)]
         _set(params, ("layers",) + spec.path, np.stack(per_layer))
     _check_leftovers(config, tensors, used, lambda: params["embed"])
@@ -117,15 +125,15 @@ def params_from_hf_state_dict(config: ModelConfig, tensors: Mapping[str, np.ndar
 def params_to_hf_state_dict(config: ModelConfig, params: Mapping[str, Any], *,
                             score: bool = False) -> dict[str, np.ndarray]:
     """The HF state dict (float32 numpy, HF names and layouts) of flaxalign params; the inverse of
-    `params_from_hf_state_dict`. Tied models get no `lm_head.weight`, as in HF's own safetensors files."""
-    out: dict[str, np.ndarray] = {}
-    for spec in global_tensors(config, score):
-        out[spec.hf_name] = _contiguous(spec.to_hf(_get(params, spec.path)))
+    `params_from_hf_state_dict`. Tied models get no `lm_head.weight`, as in HF's own safetensors files; a fused HF
+    tensor (Phi-3's qkv_proj) is its parts concatenated."""
+    pieces = [(spec.hf_name, spec, _contiguous(spec.to_hf(_get(params, spec.path))))
+              for spec in global_tensors(config, score)]
     for spec in layer_tensors(config):
         stacked = _get(params, ("layers",) + spec.path)
-        for i in range(config.n_layers):
-            out[spec.hf_name.format(i=i)] = _contiguous(spec.to_hf(stacked[i]))
-    return out
+        pieces += [(spec.hf_name.format(i=i), spec, _contiguous(spec.to_hf(stacked[i])))
+                   for i in range(config.n_layers)]
+    return {name: _contiguous(value) for name, value in assemble(pieces).items()}
 
 
 def _take(tensors: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], used: set[str]) -> np.ndarray:
@@ -205,8 +213,8 @@ class Pretrained:
 
 def load_pretrained(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None = None,
                     quantizer: Callable | None = None) -> Pretrained:
-    """Loads an HF Llama / Qwen2 / Qwen3 / Mistral / Gemma 3 directory saved by transformers (`save_pretrained`,
-    safetensors), a causal LM or a `*ForSequenceClassification` reward model.
+    """Loads an HF Llama / Qwen2 / Qwen3 / Mistral / Gemma 3 / Phi-3 directory saved by transformers
+    (`save_pretrained`, safetensors), a causal LM or a `*ForSequenceClassification` reward model.
 
     `dtype` is the compute dtype of the returned config ("auto", "float32", "bfloat16"); params are float32 whatever
     the file holds. With `mesh`, every param is created directly in its sharding (`sharding.tree_shardings`), each
@@ -283,9 +291,9 @@ def check_tensors(config: ModelConfig, tensors: SafetensorsFiles, score: bool = 
 
     `tensors` is a `SafetensorsFiles`, or another mapping of HF names with its `shape(name)` and `read(name, index)`
     (`flaxalign.interop.gguf` hands its file over this way)."""
-    expected = {spec.hf_name: spec.hf_shape for spec in global_tensors(config, score)}
-    for spec in layer_tensors(config):
-        expected.update({spec.hf_name.format(i=i): spec.hf_shape for i in range(config.n_layers)})
+    expected = dict(whole_shapes(global_tensors(config, score)))
+    for name, shape in whole_shapes(layer_tensors(config)).items():
+        expected.update({name.format(i=i): shape for i in range(config.n_layers)})
     for name, shape in expected.items():
         if name not in tensors:
             raise errors.CheckpointError(f"HF checkpoint has no tensor {name!r}, which this model config needs.")

@@ -29,7 +29,8 @@ QWEN_TYPES = ("qwen2", "qwen3")  # the families that spell windows with use_slid
 MODEL_TYPES = {model_type: arch for arch, model_type in ARCHITECTURES.items()}  # "mistral" -> "MistralForCausalLM"
 SCORE_CLASSES = {model_type: arch for arch, model_type in SCORE_ARCHITECTURES.items()}
 QWEN_ARCHITECTURES = tuple(MODEL_TYPES[t] for t in QWEN_TYPES)
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # a GGUF file's general.architecture -> HF model_type
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",  # GGUF general.architecture -> HF
+                      "gemma3": "gemma3_text"}  # model_type (interop.gguf.ARCHITECTURES reads these)
 # What run metadata keeps of the HF config.json (or GGUF file) a model came from (`source_fields`), under this key:
 SOURCE_FIELD = "hf_source"
 ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # no effect on the forward pass
@@ -201,16 +202,14 @@ def hf_config_dict(config: ModelConfig, *, score: bool = False, source: Mapping[
     Llama with q/k/v biases stays a Llama (`attention_bias`) — with the source's bos / eos / pad ids and its spelling
     of the windows (`SPELLING_FIELDS`, taken only where they state the same windows). Without one, or for a model
     its family cannot state, models with q/k/v biases are written as Qwen2, windowed ones without as Mistral, all
-    others as Llama; a model of another family (`model.family`) as that family's class (Gemma: Gemma3ForCausalLM).
+    others as Llama; a model of another family (`model.family`) as that family's class (Gemma: Gemma3ForCausalLM
+    with q/k norms, Gemma2ForCausalLM without).
     `ids` ({"bos_token_id": ..., ...}, e.g. the tokenizer's) fill in the ids the source does not
     state. `*ForSequenceClassification` with one label when `score`. Both rope spellings are written (`rope_theta`
     / `rope_scaling` for transformers 4, `rope_parameters` for 5). Settings these architectures cannot state (an
-    attention soft cap, a window pattern other than theirs) are refused in one line rather than dropped; whatever
-    is written is read back with `model_config_from_hf` and must give the same model."""
-    if config.attn_softcap:
-        raise errors.ConfigError(f"model.attn_softcap={config.attn_softcap} cannot be written as a Llama, Mistral, "
-                                 "Qwen2, Qwen3 or Gemma 3 HF model (their attention has no soft cap); the exported "
-                                 "model would differ.")
+    attention or final logit soft cap outside Gemma 2, a window pattern other than theirs) are refused in one line
+    rather than dropped; whatever is written is read back with `model_config_from_hf` and must give the same
+    model."""
     source = dict(source or {})
     model_types = families.family(config).hf_classes
     family = source.get("model_type") if source.get("model_type") in model_types else None
@@ -267,6 +266,11 @@ def _llama_family_config(config: ModelConfig, model_type: str, shared: dict[str,
                          ) -> tuple[dict[str, Any], errors.ConfigError | None]:
     """(config.json of a Llama-family `model_type`, the refusal of its window fields or None)."""
     arch = MODEL_TYPES[model_type]
+    for name in ("attn_softcap", "final_softcap"):
+        if getattr(config, name):
+            raise errors.ConfigError(f"model.{name}={getattr(config, name)} cannot be written as a Llama, Mistral, "
+                                     "Qwen2 or Qwen3 HF model (they have no logit soft caps); the exported model "
+                                     "would differ.")
     if (model_type == "qwen2" and not config.qkv_bias) or (model_type == "mistral" and config.qkv_bias):
         raise errors.ConfigError(f"{arch} {'always has' if model_type == 'qwen2' else 'has no'} q/k/v biases; "
                                  f"model.qkv_bias={config.qkv_bias}.")

@@ -83,8 +83,8 @@ def _model(config: ModelConfig) -> tuple[dict, dict[str, Any], dict[str, _Module
     modules = {}
     for spec, stacked in specs:
         path = "/".join((("layers",) if stacked else ()) + spec.path)
-        if path not in linear or not spec.hf_name.endswith(".weight"):
-            continue
+        if path not in linear or not spec.hf_name.endswith(".weight") or spec.rows is not None:
+            continue  # a row part of a fused HF tensor (Phi-3's qkv_proj) is no HF module of its own
         n_layers, n_inputs = len(linear[path].layer_axes), len(linear[path].input_axes)
         shape = tuple(shapes[path].shape)
         module = _Module(path, spec.hf_name[:-len(".weight")], stacked, shape[n_layers:n_layers + n_inputs],
@@ -136,6 +136,11 @@ def save_peft_adapter(directory: str, model_config: ModelConfig, lora_config: lo
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas = {}, {}
     for path, (_, adapter) in adapters.items():
+        fused = _fused_module(model_config, path)
+        if fused:
+            raise errors.ConfigError(f"lora target {path!r} is a part of HF's fused {fused} ({model_config.family}), "
+                                     f"which PEFT adapts as one Linear, so a PEFT adapter cannot express it; adapt "
+                                     f"only {sorted(modules)} to export one, or merge it and export with save_hf.")
         if path not in modules:
             raise errors.ConfigError(f"lora target {path!r} has no Hugging Face module, so a PEFT adapter cannot "
                                      f"express it; PEFT adapters cover {sorted(modules)}.")
@@ -159,6 +164,13 @@ def save_peft_adapter(directory: str, model_config: ModelConfig, lora_config: lo
         json.dump(peft_config, f, indent=2)
     write_safetensors(os.path.join(directory, WEIGHTS_FILE), tensors,
                       {BASE_DIGEST: base_weights_digest} if base_weights_digest else None)
+
+
+def _fused_module(config: ModelConfig, path: str) -> str | None:
+    """The fused HF tensor (e.g. "model.layers.{i}.self_attn.qkv_proj.weight") that layer param `path` is a row part
+    of, or None."""
+    return next((spec.hf_name for spec in hf.layer_tensors(config)
+                 if spec.rows is not None and "/".join(("layers",) + spec.path) == path), None)
 
 
 def _check_adapter(module: _Module, adapter: Mapping[str, Any], variant: str, n_layers: int) -> int:

@@ -14,7 +14,7 @@ from flaxalign import errors
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a decoder: `family` picks the module (`models.families`: "llama" for Llama 2/3,
-    Mistral, Qwen2, Qwen3, SmolLM; "gemma" for Gemma 3), the other fields are shared by all families."""
+    Mistral, Qwen2, Qwen3, SmolLM; "gemma" for Gemma 2 and 3), the other fields are shared by all families."""
 
     vocab_size: int
     d_model: int
@@ -49,6 +49,7 @@ class ModelConfig:
     sliding_window: int = 0
     full_attention_layers: tuple[int, ...] = ()
     attn_softcap: float = 0.0  # > 0: attention logits soft-capped, s ← c·tanh(s / c) (Gemma 2)
+    final_softcap: float = 0.0  # > 0: output logits soft-capped the same way (Gemma 2; `models.lm_head.LMHead`)
     # The module family (`models.families`); what a family does differently is implied by it (Gemma: (1 + w)
     # norms, post-sub-layer norms, GeGLU, √d embedding scale), not stated by more flags.
     family: str = "llama"
@@ -98,8 +99,9 @@ class ModelConfig:
         if bad:
             raise errors.ConfigError(f"model.full_attention_layers {bad} are not layer indices of a model with "
                                      f"{self.n_layers} layers.")
-        if not self.attn_softcap >= 0:
-            raise errors.ConfigError(f"model.attn_softcap must be >= 0 (0 = off), not {self.attn_softcap}.")
+        for name in ("attn_softcap", "final_softcap"):
+            if not getattr(self, name) >= 0:
+                raise errors.ConfigError(f"model.{name} must be >= 0 (0 = off), not {getattr(self, name)}.")
 
     def _check_family(self):
         if self.family not in FAMILIES:
@@ -233,9 +235,9 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
 LEGACY_ATTENTION = {"jnp": "xla", "dot_product": "xla"}
 # Fields added after checkpoints existed: left out of the identity at their defaults.
 LATER_FIELDS = ("sliding_window", "full_attention_layers", "attn_softcap", "qk_norm", "family",
-                "query_pre_attn_scalar", "rope_local_theta")
+                "query_pre_attn_scalar", "rope_local_theta", "final_softcap")
 # The module families; `models.families.FAMILIES` maps each to its module, HF tensor table and config mapping.
-FAMILIES = ("llama", "gemma")
+FAMILIES = ("llama", "gemma", "phi3")
 ADAPTER_FIELDS = ("adapter_placement", "adapter_reduction", "adapter_activation", "adapter_names", "active_adapter")
 # placement -> the sub-layers (in layer order) whose output passes through an adapter before the residual add
 ADAPTER_SITES = {"none": (), "houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
@@ -279,6 +281,20 @@ PRESETS: dict[str, dict[str, Any]] = {
                       d_ff=6912, head_dim=256, max_seq_len=32768, rope_theta=1000000.0, rope_local_theta=10000.0,
                       rms_eps=1e-6, tie_embeddings=True, qk_norm=True, query_pre_attn_scalar=256.0,
                       sliding_window=512, full_attention_layers=(5, 11, 17, 23)),
+    # Gemma 2 shapes (config.json values of google/gemma-2-2b and -9b, from memory; see BUILD_NOTES): no q/k norms,
+    # one RoPE base, windows of 4096 on the even layers (odd ones global), soft caps 50 (attention) / 30 (logits).
+    "gemma2_2b": dict(family="gemma", vocab_size=256000, d_model=2304, n_layers=26, n_heads=8, n_kv_heads=4,
+                      d_ff=9216, head_dim=256, max_seq_len=8192, rope_theta=10000.0, rms_eps=1e-6,
+                      tie_embeddings=True, query_pre_attn_scalar=256.0, sliding_window=4096,
+                      full_attention_layers=tuple(range(1, 26, 2)), attn_softcap=50.0, final_softcap=30.0),
+    "gemma2_9b": dict(family="gemma", vocab_size=256000, d_model=3584, n_layers=42, n_heads=16, n_kv_heads=8,
+                      d_ff=14336, head_dim=256, max_seq_len=8192, rope_theta=10000.0, rms_eps=1e-6,
+                      tie_embeddings=True, query_pre_attn_scalar=256.0, sliding_window=4096,
+                      full_attention_layers=tuple(range(1, 42, 2)), attn_softcap=50.0, final_softcap=30.0),
+    # Phi-3-mini-4k-instruct shapes (its config.json, from memory; = Phi3Config's defaults): MHA, a 2047-token
+    # window on every layer, fused qkv / gate_up tensors in HF files (`models.phi3`).
+    "phi3_mini": dict(family="phi3", vocab_size=32064, d_model=3072, n_layers=32, n_heads=32, n_kv_heads=32,
+                      d_ff=8192, max_seq_len=4096, rope_theta=10000.0, rms_eps=1e-5, sliding_window=2047),
     "qwen2_7b": dict(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944,
                      max_seq_len=32768, rope_theta=1000000.0, rms_eps=1e-6, qkv_bias=True),
 }

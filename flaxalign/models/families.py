@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flaxalign.models import gemma, llama
+from flaxalign.models import gemma, llama, phi3
 from flaxalign.models.config import FAMILIES as NAMES
 from flaxalign.models.config import ModelConfig
 
@@ -42,6 +42,8 @@ FAMILIES: dict[str, Family] = {
         "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification")}),
     "gemma": Family(gemma.CausalLM, gemma.global_tensors, gemma.layer_tensors, gemma.HF_CLASSES,
                     gemma.config_from_hf, gemma.config_to_hf),
+    "phi3": Family(phi3.CausalLM, phi3.global_tensors, phi3.layer_tensors, phi3.HF_CLASSES, phi3.config_from_hf,
+                   phi3.config_to_hf),
 }
 assert tuple(FAMILIES) == NAMES, "config.FAMILIES names the registry's families"
 

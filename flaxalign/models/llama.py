@@ -22,6 +22,7 @@ from flaxalign.models import adapters
 from flaxalign.models.attention import Masking, attend
 from flaxalign.models.config import ModelConfig
 from flaxalign.models.linear import dense, materialize
+from flaxalign.models.lm_head import LMHead
 from flaxalign.models.tensors import HFTensor, heads, identity, swapped, transpose, vector
 from flaxalign.sharding import constrain
 
@@ -238,12 +239,12 @@ def _layer_windows(config: ModelConfig):
 
 
 class CausalLM(nnx.Module):
-    """Token embedding → L scanned decoder layers → final RMSNorm. `unembedding()` gives the LM head `[D, V]`.
+    """Token embedding → L scanned decoder layers → final RMSNorm. `output_head()` gives the LM head (`LMHead`).
 
     Every family's model is this class or a subclass with its own `layer` class, `norm` class and `embed_tokens`
-    (`models.families`): the interface below — `__call__`, `init_cache`, `decode`, `unembedding`, `logits` — and the
-    param tree's linear weights (`layers/attn/{q,k,v,o}`, `layers/mlp/{gate,up,down}`, `embed`, `lm_head`) are the
-    same for all, so stages, LoRA / QLoRA, the sampler and `plan` need nothing per family."""
+    (`models.families`): the interface below — `__call__`, `init_cache`, `decode`, `unembedding`, `output_head`,
+    `logits` — and the param tree's linear weights (`layers/attn/{q,k,v,o}`, `layers/mlp/{gate,up,down}`, `embed`,
+    `lm_head`) are the same for all, so stages, LoRA / QLoRA, the sampler and `plan` need nothing per family."""
 
     layer = DecoderLayer
     norm = RMSNorm
@@ -319,15 +320,21 @@ class CausalLM(nnx.Module):
         return jnp.take(self.embed[...].astype(self.config.dtype), tokens_BxT, axis=0)
 
     def unembedding(self):
-        """The LM-head matrix `[D, V]` in the compute dtype (the transposed embedding when tied)."""
+        """The raw LM-head matrix `[D, V]` in the compute dtype (the transposed embedding when tied). Logits are
+        computed through `output_head()`, which adds the family's numerics (a final soft cap)."""
         if self.config.tie_embeddings:
             return self.embed[...].T.astype(self.config.dtype)
         return materialize(self.lm_head[...], self.config.dtype)
 
+    def output_head(self) -> LMHead:
+        """The LM-head object (`models.lm_head`): `output_head().logits(hidden)` = the float32 next-token logits,
+        soft-capped by `final_softcap` (Gemma 2). Every consumer — losses, sampler, on-policy log-probs, evaluation
+        — computes logits through it."""
+        return LMHead(self.unembedding(), softcap=self.config.final_softcap)
+
     def logits(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
         """Full float32 logits `[B, T, V]`: for evaluation and tests, not for training steps."""
-        hidden = self(tokens_BxT, positions_BxT, segment_ids_BxT)
-        return jnp.einsum("btd,dv->btv", hidden, self.unembedding(), preferred_element_type=jnp.float32)
+        return self.output_head().logits(self(tokens_BxT, positions_BxT, segment_ids_BxT))
 
 
 # --- the HF tensor table (`models.tensors`) ---------------------------------------------------------------------

@@ -91,7 +91,7 @@ class Models:
 def _row_logps(model, rows, chunk_size: int):
     """(Σ completion log-probs, completion length) of each row under `model`, `[N]` each."""
     hidden = model(rows["inputs"], rows["positions"], rows["segment_ids"])
-    return sequence_logps(hidden, model.unembedding(), rows["targets"], rows["completion_mask"],
+    return sequence_logps(hidden, model.output_head(), rows["targets"], rows["completion_mask"],
                           chunk_size=chunk_size)
 
 
@@ -211,7 +211,8 @@ def sampled_kl(state: TrainState, prompts: dict, rng, *, m: Models, max_new_toke
     hidden = policy(tokens, positions, mask)
     reference = m.policy.reference_model(state.params, state.frozen)
     ref_hidden = reference(tokens, positions, mask)
-    kl = chunked_token_kl(hidden, policy.unembedding(), ref_hidden, reference.unembedding(), chunk_size=m.chunk_size)
+    kl = chunked_token_kl(hidden, policy.output_head(), ref_hidden, reference.output_head(),
+                          chunk_size=m.chunk_size)
     response = out["response_mask"].astype(jnp.float32)
     prompt_len = prompts["input_ids"].shape[1]
     kl = kl[:, prompt_len - 1:] * response

@@ -26,7 +26,7 @@ def lm_loss(trainable, frozen, batch, rng, *, policy: TrainableModel, chunk_size
     model whose trained part is `trainable` on `frozen`. LoRA dropout runs only when an rng is given (training)."""
     model = policy.model(trainable, frozen, rng)
     hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    loss_sum, count = token_cross_entropy(hidden, model.unembedding(), batch["targets"], batch["loss_mask"],
+    loss_sum, count = token_cross_entropy(hidden, model.output_head(), batch["targets"], batch["loss_mask"],
                                           chunk_size=chunk_size)
     return loss_sum, (count, {})
 

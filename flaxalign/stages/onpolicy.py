@@ -102,18 +102,19 @@ def response_hidden(model, tokens, mask, response_width: int):
 
 
 def response_logps(model, batch, policy: Policy):
-    """(log π(y_t | x, y_<t) `[B, N]` under softmax(logits / T), hidden `[B, N, D]`, unembedding / T) of `model`
-    (the policy's or the reference's module)."""
+    """(log π(y_t | x, y_<t) `[B, N]` under softmax(logits / T), hidden `[B, N, D]`, the LM head at temperature T)
+    of `model` (the policy's or the reference's module). T divides the logits after the family's soft cap, as
+    transformers' sampler does (`LMHead.at_temperature`)."""
     response = batch["response"]
     hidden = response_hidden(model, batch["tokens"], batch["mask"], response.shape[1])
-    unembed = model.unembedding() / jnp.asarray(policy.temperature, model.unembedding().dtype)
-    return chunked_token_logps(hidden, unembed, response, chunk_size=policy.chunk_size), hidden, unembed
+    head = model.output_head().at_temperature(policy.temperature)
+    return chunked_token_logps(hidden, head, response, chunk_size=policy.chunk_size), hidden, head
 
 
-def reference_comparison(hidden, unembed, ref_hidden, ref_unembed, mask, policy: Policy) -> dict:
+def reference_comparison(hidden, head, ref_hidden, ref_head, mask, policy: Policy) -> dict:
     """Per-token full-vocabulary KL(π‖π_ref) (≥ 0; 0 exactly when π = π_ref) and policy entropy, 0 where masked."""
-    kl = chunked_token_kl(hidden, unembed, ref_hidden, ref_unembed, chunk_size=policy.chunk_size)
-    entropy = chunked_token_entropy(hidden, unembed, chunk_size=policy.chunk_size)
+    kl = chunked_token_kl(hidden, head, ref_hidden, ref_head, chunk_size=policy.chunk_size)
+    entropy = chunked_token_entropy(hidden, head, chunk_size=policy.chunk_size)
     m = mask > 0
     return {"kl": jnp.where(m, kl, 0.0), "entropy": jnp.where(m, entropy, 0.0)}
 

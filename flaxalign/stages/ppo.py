@@ -109,10 +109,10 @@ def ppo_rollout(state: TrainState, prompts: dict, rng, *, m: PpoModels, sampling
                    temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     batch = {k: out[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
     mask = batch["response_mask"] > 0
-    logps, hidden, unembed = onpolicy.response_logps(policy, batch, m.policy)
+    logps, hidden, head = onpolicy.response_logps(policy, batch, m.policy)
     reference = m.policy.reference(state.params["policy"], state.frozen)
-    ref_logps, ref_hidden, ref_unembed = onpolicy.response_logps(reference, batch, m.policy)
-    batch.update(onpolicy.reference_comparison(hidden, unembed, ref_hidden, ref_unembed, mask, m.policy))
+    ref_logps, ref_hidden, ref_head = onpolicy.response_logps(reference, batch, m.policy)
+    batch.update(onpolicy.reference_comparison(hidden, head, ref_hidden, ref_head, mask, m.policy))
     values = token_values(state.params, state.frozen, batch, None, m)
     raw = onpolicy.reward_model_scores(m.reward, state.frozen, batch["tokens"], batch["mask"])
     scores = gain * raw + bias - missing_eos_penalty * (1.0 - batch["ended"].astype(jnp.float32))
@@ -126,13 +126,13 @@ def ppo_loss(trainable, frozen, batch, rng, *, m: PpoModels, h: PpoHyper):
     − entropy_coef · entropy, summed over the real response tokens."""
     mask = batch["response_mask"] > 0
     policy = m.policy.forward(trainable["policy"], frozen, rng)
-    logps, hidden, unembed = onpolicy.response_logps(policy, batch, m.policy)
+    logps, hidden, head = onpolicy.response_logps(policy, batch, m.policy)
     pg_sum, count, pg = ppo_policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps=h.clip_eps)
     values = token_values(trainable, frozen, batch, None if rng is None else jax.random.fold_in(rng, 1), m)
     vf_sum, _, vf = ppo_value_loss(values, batch["values"], batch["returns"], mask, clip_range=h.vf_clip)
     loss = pg_sum + h.vf_coef * vf_sum
     if h.entropy_coef:
-        entropy = chunked_token_entropy(hidden, unembed, chunk_size=m.policy.chunk_size)
+        entropy = chunked_token_entropy(hidden, head, chunk_size=m.policy.chunk_size)
         loss = loss - h.entropy_coef * jnp.sum(jnp.where(mask, entropy, 0.0))
     sums = {"policy_loss": pg_sum, "value_loss": vf_sum, **onpolicy.token_sums(pg), **onpolicy.token_sums(vf)}
     return loss, (count, sums)

@@ -184,6 +184,120 @@ def test_tensor_names_map_to_hf():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Qwen2, Qwen3 and Gemma 3 files: llama.cpp's tensor names, no q/k row permutation (NEOX RoPE), Gemma's 1 + w norms
+
+
+def _write_arch(path, arch, config, params, metadata=()):
+    """A GGUF file of `arch` as llama.cpp's convert_hf_to_gguf.py writes one from the HF tensors of `params`:
+    renamed, q/k rows as they are (Qwen2/3 and Gemma 3 rotate halves like HF), every Gemma 3 norm stored as 1 + w."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    gguf_export.add_hyperparameters(writer, config)
+    for key, value in dict(metadata).items():
+        writer.add_uint32(key, value)
+    for name, value in interop.params_to_hf_state_dict(config, params).items():
+        value = np.asarray(value, np.float32)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            value = value + np.float32(1.0)
+        writer.add_tensor(gguf_io.gguf_tensor_name(name, arch), value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("qwen2", dict(qkv_bias=True, rope_theta=1e6)),
+    ("qwen3", dict(qk_norm=True, head_dim=32, tie_embeddings=False)),
+])
+def test_qwen_files_load_with_their_tensor_names_unpermuted(tmp_path, arch, overrides):
+    config = _config(**overrides)
+    params = helpers.random_params(config)
+    path = _write_arch(tmp_path / f"{arch}.gguf", arch, config, params)
+    loaded = gguf_io.load_gguf(path, dtype="float32")
+    assert loaded.config == dataclasses.replace(config, init_std=0.02)
+    _assert_trees_equal(loaded.params, params)
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert ("blk.0.attn_q_norm.weight" in names) == (arch == "qwen3")
+    assert ("blk.0.attn_q.bias" in names) == (arch == "qwen2")
+
+
+def test_gemma3_file_loads_as_the_gemma_family(tmp_path):
+    """Gemma 3's names (ffn_norm is the pre-MLP norm; post_attention_norm, post_ffw_norm, q/k norms), norms stored
+    1 + w, and the config llama.cpp implies: every 6th layer global (or `attention.sliding_window_pattern`), local
+    RoPE base 10000, q·k scaled by 1/√head_dim."""
+    config = _config(family="gemma", qk_norm=True, n_layers=4, sliding_window=8, full_attention_layers=(1, 3),
+                     rope_theta=1e6, rope_local_theta=1e4, rms_eps=1e-6)
+    # norms away from 0, in steps of 2^-10 so that the file's 1 + w gives w back exactly
+    params = jax.tree.map(lambda x: np.round((np.asarray(x) + 0.25) * 1024) / 1024 if x.ndim <= 2 else x,
+                          helpers.random_params(config))
+    path = _write_arch(tmp_path / "gemma3.gguf", "gemma3", config, params,
+                       {"gemma3.attention.sliding_window_pattern": 2})
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert {"blk.0.ffn_norm.weight", "blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight",
+            "blk.0.attn_k_norm.weight"} <= names
+    loaded = gguf_io.load_gguf(path, dtype="float32")
+    assert loaded.config == dataclasses.replace(config, init_std=0.02)
+    assert loaded.config.query_pre_attn_scalar == 0.0  # = head_dim
+    _assert_trees_equal(loaded.params, params)
+    tokens = np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 12))
+    np.testing.assert_array_equal(np.asarray(interop.apply_lm(loaded.config, loaded.params, tokens)),
+                                  np.asarray(interop.apply_lm(config, params, tokens)))
+    # without the pattern key: llama.cpp's fixed pattern, every 6th layer global (here: none of the 4)
+    path = _write_arch(tmp_path / "plain.gguf", "gemma3", config, params)
+    assert gguf_io.read_model_config(path).full_attention_layers == ()
+    assert gguf_io.read_model_config(path).layer_windows() == (8, 8, 8, 8)
+
+
+def test_gemma3_sentencepiece_tokenizer(tmp_path):
+    """A "llama" (SentencePiece) vocabulary of a gemma3 file: BPE merges implied by the vocabulary (earlier tokens
+    merge first), byte fallback for unknown characters, spaces as "▁", control tokens whole."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "ll", "he", "hell", "hello", "▁w", "or", "▁wor", "ld", "▁world",
+              "  "]
+    tokens += pieces
+    types = [3] * 6 + [6] * 256 + [1] * len(pieces)
+    config = _config(family="gemma", qk_norm=True, vocab_size=len(tokens), rope_local_theta=1e4)
+    path = tmp_path / "tok.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    gguf_export.add_hyperparameters(writer, config)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tokenizer = load_tokenizer(str(path))
+    ids = tokenizer.encode("hello world")
+    assert [tokens[i] for i in ids] == ["hello", "▁world"]
+    assert tokenizer.decode(ids) == "hello world"
+    ids = tokenizer.encode("<start_of_turn>hez  é")
+    assert [tokens[i] for i in ids] == ["<start_of_turn>", "he", "<0x7A>", "  ", "<0xC3>", "<0xA9>"]
+    assert tokenizer.decode(ids) == "<start_of_turn>hez  é"
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id, tokenizer.pad_id) == (2, 1, 3, 0)
+    # encode adds nothing; the tokenizer.json an HF export writes adds <bos> (add_bos_token absent: true)
+    assert tokenizer._tokenizer.encode("hello", add_special_tokens=True).ids == [2, tokens.index("hello")]
+    # a SentencePiece vocabulary of another architecture is not built (no reference to match)
+    writer = gguf.GGUFWriter(str(tmp_path / "llama_sp.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_eos_token_id(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(errors.DataError, match=r"SentencePiece \('llama'\) tokenizer for architecture 'llama'"):
+        gguf_io.load_gguf_tokenizer(str(tmp_path / "llama_sp.gguf"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Tiny Llamas written as GGUF
 
 
@@ -443,7 +557,8 @@ def test_tokenizer_pad_and_errors(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(errors.DataError, match=r"has a 'llama' tokenizer; flaxalign builds \['gpt2'\]"):
+    with pytest.raises(errors.DataError, match=r"has a SentencePiece \('llama'\) tokenizer for architecture 'llama'; "
+                                               r"flaxalign builds those for \['gemma3'\] only"):
         load_tokenizer(str(spm_file))
 
 
@@ -481,7 +596,8 @@ def test_not_a_gguf_file(tmp_path):
 def test_unsupported_architecture(tmp_path):
     config = _config()
     path = write_gguf(tmp_path / "phi.gguf", config, arch="phi3")
-    with pytest.raises(errors.ConfigError, match=r"architecture 'phi3'; flaxalign loads \['llama'\] GGUF files"):
+    with pytest.raises(errors.ConfigError, match=r"^GGUF file '.*phi.gguf' has general.architecture='phi3'; "
+                                                 r"flaxalign reads llama, qwen2, qwen3, gemma3\.$"):
         gguf_io.load_gguf(path)
 
 
@@ -535,7 +651,7 @@ def test_missing_unknown_and_unsupported_features(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(errors.CheckpointError, match=r"1 tensor\(s\) that flaxalign's Llama has no place for, "
+    with pytest.raises(errors.CheckpointError, match=r"1 tensor\(s\) that flaxalign's llama has no place for, "
                                                      r"e.g. \['blk.0.attn_qkv.weight'\]"):
         gguf_io.load_gguf(str(writer_path))
 
@@ -557,5 +673,8 @@ def test_presets_read_fetched_weights_from_one_place_and_a_missing_file_says_how
     with pytest.raises(errors.CheckpointError, match=r"does not exist \(launch/fetch_smollm2.sh fetches it; presets "
                                                      r"read fetched weights from \$FLAXALIGN_MODELS, now "):
         gguf_io.load_gguf(config_blocks.smollm2_gguf())
+    assert config_blocks.gemma3_gguf() == str(tmp_path / "gemma3" / "gemma-3-270m-q4_k_m.gguf")
+    with pytest.raises(errors.CheckpointError, match=r"does not exist \(launch/fetch_gemma3.sh fetches it; presets"):
+        gguf_io.load_gguf(config_blocks.gemma3_gguf())
     with pytest.raises(errors.CheckpointError, match=r"does not exist\.$"):  # elsewhere: no hint
         gguf_io.load_gguf("/nonexistent/model.gguf")

@@ -1,4 +1,5 @@
-"""Gemma 3 (text) against transformers: tiny random float32 `Gemma3ForCausalLM` models converted to flaxalign give
+"""Gemma 3 (text) and Gemma 2 against transformers: tiny random float32 `Gemma3ForCausalLM` / `Gemma2ForCausalLM`
+models (Gemma 2 with attention and final logit soft caps small enough to bite) converted to flaxalign give
 the same logits (both attention implementations, packed rows, a right-padded row), `save_hf` writes directories
 transformers loads with the same logits, the KV-cache sampler's greedy tokens equal the full forward's and
 transformers' own `generate`, and `Gemma3TextForSequenceClassification` reward models load and save."""
@@ -47,15 +48,22 @@ CASES = {
     # local), the global layer from the older sliding_window_pattern spelling (every 3rd: layer 2)
     "mqa_tied": dict(num_key_value_heads=1, head_dim=16, tie_word_embeddings=True, query_pre_attn_scalar=16,
                      sliding_window_pattern=3),
+    # Gemma 2: GQA, untied, no q/k norms, one RoPE base of our own, Gemma2Config's default layer_types (every 2nd
+    # layer global: layer 1), soft caps that bite (attention scores reach ~3, logits ~6 uncapped)
+    "gemma2": dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, query_pre_attn_scalar=20,
+                   rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=3.0),
 }
-GLOBAL_LAYERS = {"gqa_untied": (1,), "mqa_tied": (2,)}
+GLOBAL_LAYERS = {"gqa_untied": (1,), "mqa_tied": (2,), "gemma2": (1,)}
+HF_CLASSES = {"gemma2": ("Gemma2Config", "Gemma2ForCausalLM")}  # the others: Gemma 3
 
 
-def _build_hf(case: str, cls: str = "Gemma3ForCausalLM", **extra):
+def _build_hf(case: str, cls: str | None = None, **extra):
     """A random float32 eager HF model whose (1 + w) norm weights, q/k norms included, are moved off 0."""
     torch.manual_seed(sum(map(ord, case)))
-    hf_config = transformers.Gemma3TextConfig(**{**BASE, **CASES[case], **extra}, attn_implementation="eager")
-    model = getattr(transformers, cls)(hf_config).float().eval()
+    config_cls, default_cls = HF_CLASSES.get(case, ("Gemma3TextConfig", "Gemma3ForCausalLM"))
+    hf_config = getattr(transformers, config_cls)(**{**BASE, **CASES[case], **extra}, attn_implementation="eager")
+    model = getattr(transformers, cls or default_cls)(hf_config).float().eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -108,15 +116,21 @@ def _hf_logits(model, tokens, mask=None):
 def test_config_mapping(case, converted):
     model, config, _ = converted
     c = model.config
-    assert config.family == "gemma" and config.qk_norm and not config.qkv_bias
+    gemma2 = case in HF_CLASSES
+    assert config.family == "gemma" and config.qk_norm == (not gemma2) and not config.qkv_bias
     assert (config.d_model, config.n_layers, config.n_heads, config.n_kv_heads, config.d_ff, config.head_dim) == (
         c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
         c.head_dim)
     assert config.tie_embeddings == c.tie_word_embeddings and config.rms_eps == c.rms_norm_eps
     assert config.full_attention_layers == GLOBAL_LAYERS[case] and config.sliding_window == WINDOW
     assert (config.query_pre_attn_scalar or config.head_dim) == c.query_pre_attn_scalar
+    if gemma2:
+        assert config.rope_theta == c.rope_parameters["rope_theta"] and not config.rope_local_theta
+        assert (config.attn_softcap, config.final_softcap) == (c.attn_logit_softcapping, c.final_logit_softcapping)
+        return
     assert config.rope_theta == c.rope_parameters["full_attention"]["rope_theta"]
     assert (config.rope_local_theta or config.rope_theta) == c.rope_parameters["sliding_attention"]["rope_theta"]
+    assert config.attn_softcap == config.final_softcap == 0.0
 
 
 @pytest.mark.parametrize("attention", ATTENTION)
@@ -157,7 +171,7 @@ def test_state_dict_round_trip(converted):
 def test_save_hf_loads_in_transformers_with_equal_logits(converted, tmp_path):
     model, config, params = converted
     written = hf.save_hf(config, params, str(tmp_path), source=hf.source_fields(model.config.to_dict()))
-    assert written["architectures"] == ["Gemma3ForCausalLM"] and written["model_type"] == "gemma3_text"
+    assert written["architectures"] == [type(model).__name__] and written["model_type"] == model.config.model_type
     again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager",
                                                               dtype=torch.float32).eval()
     assert type(again) is type(model)
@@ -192,10 +206,12 @@ def test_kv_cache_greedy_decode_equals_the_full_forward_and_transformers_generat
         np.testing.assert_array_equal(cached["response"][row], theirs, err_msg=f"row {row}")
 
 
-def test_sequence_classification_loads_and_saves_as_a_reward_model(tmp_path):
-    """`Gemma3TextForSequenceClassification` → flaxalign reward model (scores equal) → `save_hf` with the head →
-    transformers loads the same class with the same scores."""
-    model = _build_hf("gqa_untied", "Gemma3TextForSequenceClassification", num_labels=1, pad_token_id=0)
+@pytest.mark.parametrize("case, cls", [("gqa_untied", "Gemma3TextForSequenceClassification"),
+                                       ("gemma2", "Gemma2ForSequenceClassification")])
+def test_sequence_classification_loads_and_saves_as_a_reward_model(tmp_path, case, cls):
+    """`Gemma3TextForSequenceClassification` / `Gemma2ForSequenceClassification` → flaxalign reward model (scores
+    equal) → `save_hf` with the head → transformers loads the same class with the same scores."""
+    model = _build_hf(case, cls, num_labels=1, pad_token_id=0)
     model.save_pretrained(str(tmp_path / "source"))
     loaded = hf.load_pretrained(str(tmp_path / "source"), dtype="float32")
     assert loaded.config.family == "gemma" and loaded.head is not None and "lm_head" not in loaded.params
@@ -213,5 +229,19 @@ def test_sequence_classification_loads_and_saves_as_a_reward_model(tmp_path):
     hf.save_hf(loaded.config, loaded.params, str(tmp_path / "export"), score_head=loaded.head, pad_token_id=0)
     again = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(tmp_path / "export"), attn_implementation="eager", dtype=torch.float32).eval()
-    assert type(again).__name__ == "Gemma3TextForSequenceClassification"
+    assert type(again).__name__ == cls
     np.testing.assert_allclose(hf_scores(again), theirs, atol=1e-5, rtol=0)
+
+
+def test_gemma2_soft_caps_bite():
+    """Without either cap flaxalign's logits leave transformers' by far more than the tolerance: the parity above
+    checks both caps, not a model on which they do nothing."""
+    model = _build_hf("gemma2")
+    config = hf.model_config_from_hf(model.config.to_dict())
+    params = hf.params_from_hf_state_dict(config, {k: v.detach().numpy() for k, v in model.state_dict().items()})
+    tokens, _, _ = _packed_batch(config.vocab_size)
+    theirs = _hf_logits(model, tokens[:BATCH])
+    for field in ("attn_softcap", "final_softcap"):
+        off = dataclasses.replace(config, **{field: 0.0})
+        ours = np.asarray(models.merge(models.abstract_model(off)[0], params).logits(tokens[:BATCH]))
+        assert np.abs(ours - theirs).max() > 100 * TOLERANCE, field

@@ -153,3 +153,21 @@ def test_lora_dpo_trains_a_gemma_model_through_its_stage(tokenizer_path, tmp_pat
     for after, before in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(start.frozen)):
         np.testing.assert_array_equal(np.asarray(after), before)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_lora_dpo_trains_a_gemma2_model_with_soft_caps_through_its_stage(tokenizer_path, tmp_path):
+    """Gemma 2's flags (no q/k norms, attention and final logit soft caps) through the DPO stage with LoRA: the
+    log-probs come through the capped LM head (`output_head`), the reference's too, and the loss falls."""
+    config = stage_config("dpo", {
+        "data.tokenizer": tokenizer_path, "data.train": "builtin:arithmetic_preferences?n=40", "data.seq_len": 48,
+        "data.batch_size": 8, "model.family": "gemma", "model.sliding_window": 16, "model.full_attention_layers": (1,),
+        "model.query_pre_attn_scalar": 8.0, "model.attn_softcap": 5.0, "model.final_softcap": 3.0,
+        "lora.rank": 4, "optim.lr": 3e-3, "optim.warmup_steps": 0})
+    mesh = helpers.mesh((1, 1, 1))
+    task = dpo.build_task(config, str(tmp_path), mesh)
+    assert task.metadata["model"]["final_softcap"] == 3.0 and not task.metadata["model"]["qk_norm"]
+    start, state, _, _, losses = _train_on_one_batch(task, mesh, str(tmp_path), steps=3)
+    assert "q_norm" not in state.frozen["layers"]["attn"]
+    for after, before in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(start.frozen)):
+        np.testing.assert_array_equal(np.asarray(after), before)
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
