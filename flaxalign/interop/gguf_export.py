@@ -35,8 +35,9 @@ import gguf
 import numpy as np
 
 from flaxalign import errors
+from flaxalign.data.gguf_tokenizer import PRE_TOKENIZERS
 from flaxalign.interop import hf
-from flaxalign.interop.gguf import PRE_TOKENIZERS, gguf_tensor_name, permute_rope_rows
+from flaxalign.interop.gguf import gguf_tensor_name, permute_rope_rows
 from flaxalign.models.config import ModelConfig
 
 ARCHITECTURE = "llama"

@@ -226,12 +226,8 @@ def load_pretrained(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh |
     weight as `layer(i) -> numpy` and returns it quantized and placed, or None to place it in float32: a quantized
     base is built one layer at a time, never whole in float32.
 
-    A path ending in `.gguf` (a llama.cpp file, not a directory) is read by `flaxalign.interop.gguf.load_gguf`.
+    `flaxalign.interop.load_pretrained` (`pretrained.load_pretrained`) also reads a llama.cpp `.gguf` file.
     """
-    if str(path).endswith(".gguf") and not os.path.isdir(path):
-        from flaxalign.interop import gguf  # gguf.py builds on this module
-
-        return gguf.load_gguf(path, dtype=dtype, mesh=mesh, quantizer=quantizer)
     hf_config = read_hf_config(path)
     score = is_score_model(hf_config)
     config = dataclasses.replace(model_config_from_hf(hf_config), dtype=dtype)

@@ -86,6 +86,18 @@ def _tokenizer_in(directory: str) -> str:
     return sentencepiece if os.path.isfile(sentencepiece) else ""
 
 
+def load_pretrained(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None = None,
+                    quantizer=None) -> hf.Pretrained:
+    """`hf.load_pretrained` of an HF directory, or `gguf.load_gguf` of a path ending in `.gguf` (a llama.cpp file,
+    not a directory): the same `hf.Pretrained` either way (see those two for `dtype`, `mesh` and `quantizer`)."""
+    if str(path).endswith(".gguf") and not os.path.isdir(path):
+        # imported here: the gguf package is needed only for GGUF files
+        from flaxalign.interop import gguf
+
+        return gguf.load_gguf(path, dtype=dtype, mesh=mesh, quantizer=quantizer)
+    return hf.load_pretrained(path, dtype=dtype, mesh=mesh, quantizer=quantizer)
+
+
 def initializer(source: str, drop: tuple = ()):
     """`init_base(shardings, quantizer=None) -> params` reading the source's weights (less the top-level params in
     `drop`) straight into `shardings`; with a `quantizer` (`peft.quant.LayerwiseQuantizer`) the layer weights are
@@ -94,7 +106,7 @@ def initializer(source: str, drop: tuple = ()):
 
     def init_base(shardings, quantizer=None):
         mesh = jax.tree.leaves(shardings)[0].mesh
-        params = hf.load_pretrained(path, mesh=mesh, quantizer=quantizer).params
+        params = load_pretrained(path, mesh=mesh, quantizer=quantizer).params
         params = {k: v for k, v in params.items() if k not in drop}
         return jax.device_put(params, shardings)
 
@@ -109,7 +121,7 @@ def reward_initializer(source: str, drop: tuple = ()):
 
     def init(shardings):
         mesh = jax.tree.leaves(shardings)[0].mesh
-        loaded = hf.load_pretrained(path, mesh=mesh)
+        loaded = load_pretrained(path, mesh=mesh)
         if loaded.head is None:
             raise errors.ConfigError(f"{source} is a causal LM, not a reward model (*ForSequenceClassification).")
         model = {k: v for k, v in loaded.params.items() if k not in drop}

@@ -15,7 +15,7 @@ import tokenizers
 from tokenizers import decoders, pre_tokenizers, trainers
 
 from flaxalign import errors, interop, models, sharding
-from flaxalign.data import chat
+from flaxalign.data import chat, gguf_tokenizer
 from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.interop import gguf as gguf_io
 from flaxalign.interop import gguf_export
@@ -294,7 +294,7 @@ def test_gemma3_sentencepiece_tokenizer(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(errors.DataError, match=r"SentencePiece \('llama'\) tokenizer for architecture 'llama'"):
-        gguf_io.load_gguf_tokenizer(str(tmp_path / "llama_sp.gguf"))
+        gguf_tokenizer.load_gguf_tokenizer(str(tmp_path / "llama_sp.gguf"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ def test_tokenizer_matches_reference_bpe(tmp_path, pre):
     vocab = _vocab_metadata(reference, pre, bos=1, eos=2, unk=0, pad=2, template=CHATML)
     path = write_gguf(tmp_path / "tok.gguf", config, helpers.random_params(config), vocab=vocab)
     tokenizer = load_tokenizer(path)
-    assert isinstance(tokenizer, gguf_io.GGUFTokenizer) and tokenizer.model_path == path
+    assert isinstance(tokenizer, gguf_tokenizer.GGUFTokenizer) and tokenizer.model_path == path
     for text in SAMPLES:
         want = reference.encode(text, add_special_tokens=False).ids
         assert tokenizer.encode(text) == want, text
@@ -458,7 +458,7 @@ def test_smollm_pre_tokenizer_splits_digits(tmp_path):
     config = _config(vocab_size=reference.get_vocab_size())
     for pre in ("smollm", "gpt2"):
         write_gguf(tmp_path / f"{pre}.gguf", config, vocab=_vocab_metadata(reference, pre, eos=2))
-    smollm, gpt2 = (gguf_io.load_gguf_tokenizer(str(tmp_path / f"{pre}.gguf")) for pre in ("smollm", "gpt2"))
+    smollm, gpt2 = (gguf_tokenizer.load_gguf_tokenizer(str(tmp_path / f"{pre}.gguf")) for pre in ("smollm", "gpt2"))
     assert reference.token_to_id("ĠĠ") is not None  # a two-space token exists
     assert [smollm.decode([i]) for i in smollm.encode("x  42")] == ["x", "  ", "4", "2"]
     assert [gpt2.decode([i]) for i in gpt2.encode("x  42")] == ["x", " ", " ", "4", "2"]
@@ -518,7 +518,7 @@ def test_split_pre_tokenizers_match_llama_cpp_regex(tmp_path, pre):
     reference = _with_pre_tokenizer(vocabulary, _reference_pre_tokenizer(pre))
     config = _config(vocab_size=reference.get_vocab_size())
     path = write_gguf(tmp_path / f"{pre}.gguf", config, vocab=_vocab_metadata(reference, pre, eos=2))
-    tokenizer = gguf_io.load_gguf_tokenizer(path)
+    tokenizer = gguf_tokenizer.load_gguf_tokenizer(path)
     for text in SPLIT_TEXTS:
         want = reference.encode(text, add_special_tokens=False).ids
         assert tokenizer.encode(text) == want, text
@@ -537,16 +537,16 @@ def test_tokenizer_pad_and_errors(tmp_path):
     config = _config(vocab_size=reference.get_vocab_size())
     # no pad in a vocabulary-only file (no embedding to fit): "<|pad|>" is added, as HFTokenizer does
     path = write_gguf(tmp_path / "nopad.gguf", config, vocab=_vocab_metadata(reference, "gpt2", eos=2))
-    tokenizer = gguf_io.load_gguf_tokenizer(path)
+    tokenizer = gguf_tokenizer.load_gguf_tokenizer(path)
     assert tokenizer.pad_id == config.vocab_size == tokenizer.vocab_size - 1 and tokenizer.bos_id is None
     assert tokenizer.chat_template is None and tokenizer.chat_template_name is None
     path = write_gguf(tmp_path / "pad.gguf", config, vocab=_vocab_metadata(reference, "gpt2", eos=2, pad=0))
-    assert gguf_io.load_gguf_tokenizer(path).pad_id == 0
+    assert gguf_tokenizer.load_gguf_tokenizer(path).pad_id == 0
     with pytest.raises(errors.DataError, match="has no tokenizer.ggml.eos_token_id"):
-        gguf_io.load_gguf_tokenizer(write_gguf(tmp_path / "noeos.gguf", config,
+        gguf_tokenizer.load_gguf_tokenizer(write_gguf(tmp_path / "noeos.gguf", config,
                                                vocab=_vocab_metadata(reference, "gpt2")))
     with pytest.raises(errors.DataError, match=r"tokenizer.ggml.pre 'mystery'; flaxalign knows"):
-        gguf_io.load_gguf_tokenizer(write_gguf(tmp_path / "pre.gguf", config,
+        gguf_tokenizer.load_gguf_tokenizer(write_gguf(tmp_path / "pre.gguf", config,
                                                vocab=_vocab_metadata(reference, "mystery", eos=2)))
     with pytest.raises(errors.DataError, match=r"has no tokenizer metadata"):
         load_tokenizer(write_gguf(tmp_path / "none.gguf", config))

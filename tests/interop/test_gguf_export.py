@@ -15,7 +15,7 @@ import tokenizers
 from tokenizers import pre_tokenizers
 
 from flaxalign import errors, interop
-from flaxalign.data import chat
+from flaxalign.data import chat, gguf_tokenizer
 from flaxalign.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from flaxalign.interop import gguf as gguf_io
 from flaxalign.interop import gguf_export
@@ -195,8 +195,8 @@ def test_each_known_pre_tokenizer_is_written_under_llama_cpp_s_name_and_encodes_
     original = hf_tokenizer(tmp_path / "hf", pre)
     config = helpers.tiny_model_config(vocab_size=original.vocab_size)
     vocab = gguf_export.gguf_vocab(original, config.vocab_size)
-    assert vocab.pre == name and name in gguf_io.PRE_TOKENIZERS
-    read = gguf_io.load_gguf_tokenizer(_vocab_only_file(tmp_path / "tok.gguf", vocab, config))
+    assert vocab.pre == name and name in gguf_tokenizer.PRE_TOKENIZERS
+    read = gguf_tokenizer.load_gguf_tokenizer(_vocab_only_file(tmp_path / "tok.gguf", vocab, config))
     for text in TEXTS:
         assert read.encode(text) == original.encode(text), text
         assert read.decode(read.encode(text)) == text
@@ -208,7 +208,7 @@ def test_llama3_split_as_its_tokenizer_json_spells_it_is_llama_bpe(tmp_path):
     """Llama-3's tokenizer.json spells the contractions (?i:'s|...), llama.cpp '[sS]|...: the same split."""
     reference = _reference_tokenizer("llama-bpe")
     reference.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(gguf_io.PRE_TOKENIZERS["llama-bpe"]), behavior="isolated"),
+        pre_tokenizers.Split(tokenizers.Regex(gguf_tokenizer.PRE_TOKENIZERS["llama-bpe"]), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     original = hf_tokenizer(tmp_path, reference=reference)
     assert gguf_export.gguf_vocab(original, original.vocab_size).pre == "llama-bpe"

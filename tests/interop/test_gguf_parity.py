@@ -132,9 +132,9 @@ def _llama_cpp_reference(backend, text, specials):
     (transformers' BPE model over the file's vocabulary and merges)."""
     import regex
 
-    from flaxalign.interop.gguf import _byte_alphabet
+    from flaxalign.data.gguf_tokenizer import byte_alphabet
 
-    spelling = _byte_alphabet()
+    spelling = byte_alphabet()
     ids = []
     for part in regex.split("(" + "|".join(map(regex.escape, specials)) + ")", text):
         if part in specials:
