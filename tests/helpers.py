@@ -101,3 +101,16 @@ class DataPosition:
 
     def set_state(self, state):
         self.state = dict(state)
+
+
+def random_rows_and_a_packed_row(vocab_size: int, *, rows: int = 2, length: int = 32, doc_lengths=(10, 7, 15)):
+    """(tokens, positions, segment_ids) `[rows + 1, length]` for HF parity tests: `rows` rows of random tokens with
+    default positions, then one row packing `doc_lengths` documents, positions restarting at each (one batch shape,
+    so a case compiles once)."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab_size, (rows + 1, length), dtype=np.int32)
+    positions = np.tile(np.arange(length, dtype=np.int32), (rows + 1, 1))
+    segment_ids = np.ones((rows + 1, length), np.int32)
+    positions[-1] = np.concatenate([np.arange(n) for n in doc_lengths])
+    segment_ids[-1] = np.concatenate([np.full(n, i + 1) for i, n in enumerate(doc_lengths)])
+    return tokens, positions, segment_ids

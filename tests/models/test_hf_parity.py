@@ -8,6 +8,7 @@ import pytest
 
 from flaxalign import models
 from flaxalign.interop import hf
+from tests import helpers
 
 pytestmark = pytest.mark.parity
 
@@ -86,16 +87,6 @@ def converted(case):
     return model, config, hf.params_from_hf_state_dict(config, state)
 
 
-def _packed_batch(vocab_size: int):
-    """Rows 0..BATCH-1: random tokens, default positions; last row: DOC_LENGTHS documents packed, positions
-    restarting at each document. One batch shape, so each case compiles once."""
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab_size, (BATCH + 1, LENGTH), dtype=np.int32)
-    positions = np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH + 1, 1))
-    segment_ids = np.ones((BATCH + 1, LENGTH), np.int32)
-    positions[-1] = np.concatenate([np.arange(n) for n in DOC_LENGTHS])
-    segment_ids[-1] = np.concatenate([np.full(n, i + 1) for i, n in enumerate(DOC_LENGTHS)])
-    return tokens, positions, segment_ids
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +94,7 @@ def flax_runs(converted):
     """(HF model, tokens, {attention: flaxalign logits}) of the packed batch. Both attention implementations run
     in one jit: one compile per case, which is most of this file's time."""
     model, config, params = converted
-    tokens, positions, segment_ids = _packed_batch(config.vocab_size)
+    tokens, positions, segment_ids = helpers.random_rows_and_a_packed_row(config.vocab_size)
     graphdefs = {impl: models.abstract_model(dataclasses.replace(config, attention=impl))[0] for impl in ATTENTION}
     logits = jax.jit(lambda p: {impl: models.merge(g, p).logits(tokens, positions, segment_ids)
                                 for impl, g in graphdefs.items()})

@@ -70,22 +70,13 @@ def converted(case):
     return model, config, hf.params_from_hf_state_dict(config, state)
 
 
-def _packed_batch(vocab_size: int):
-    """Rows 0..BATCH-1: random tokens, default positions; last row: DOC_LENGTHS documents packed."""
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab_size, (BATCH + 1, LENGTH), dtype=np.int32)
-    positions = np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH + 1, 1))
-    segment_ids = np.ones((BATCH + 1, LENGTH), np.int32)
-    positions[-1] = np.concatenate([np.arange(n) for n in DOC_LENGTHS])
-    segment_ids[-1] = np.concatenate([np.full(n, i + 1) for i, n in enumerate(DOC_LENGTHS)])
-    return tokens, positions, segment_ids
 
 
 @pytest.fixture(scope="module")
 def flax_runs(converted):
     """(HF model, tokens, {attention: flaxalign logits}) of the packed batch, both implementations in one jit."""
     model, config, params = converted
-    tokens, positions, segment_ids = _packed_batch(config.vocab_size)
+    tokens, positions, segment_ids = helpers.random_rows_and_a_packed_row(config.vocab_size)
     graphdefs = {impl: models.abstract_model(dataclasses.replace(config, attention=impl))[0] for impl in ATTENTION}
     logits = jax.jit(lambda p: {impl: models.merge(g, p).logits(tokens, positions, segment_ids)
                                 for impl, g in graphdefs.items()})
@@ -171,7 +162,7 @@ def test_save_hf_is_lossless_and_loads_in_transformers_with_equal_logits(convert
     assert got.keys() == want.keys()
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value, err_msg=name)
-    tokens, _, _ = _packed_batch(config.vocab_size)
+    tokens, _, _ = helpers.random_rows_and_a_packed_row(config.vocab_size)
     np.testing.assert_allclose(_hf_logits(again, tokens[:BATCH]), _hf_logits(model, tokens[:BATCH]), atol=1e-5,
                                rtol=0)
     assert hf.read_model_config(str(tmp_path)) == config
