@@ -2,7 +2,7 @@
 file readers it shares with `flaxalign.interop.gguf` (`open_reader`, `metadata_value`, `tensor_shape`).
 
 Tokenizers built: byte-level BPE (`tokenizer.ggml.model` "gpt2", the pre-tokenizer `tokenizer.ggml.pre` names:
-`PRE_TOKENIZERS`), and SentencePiece BPE ("llama") for gemma3 files only (`_build_sentencepiece`).
+`PRE_TOKENIZERS`), and SentencePiece BPE ("llama") for gemma2 / gemma3 files only (`_build_sentencepiece`).
 `flaxalign.data.load_tokenizer(path)` reads a `.gguf` path here; `flaxalign.interop.gguf.load_gguf` attaches the
 tokenizer to the model it loads.
 """
@@ -85,8 +85,9 @@ def tensor_shape(tensor) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
-TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE; SentencePiece BPE (Gemma 3 files only, see below)
-SENTENCEPIECE_ARCHITECTURES = ("gemma3",)  # whose "llama" (SentencePiece) vocabularies are built
+TOKENIZER_MODELS = ("gpt2", "llama")  # byte-level BPE; SentencePiece BPE (Gemma 2 / 3 files only, see below)
+# whose "llama" (SentencePiece) vocabularies are built: Gemma's (no prefix space, merges implied by the vocabulary)
+SENTENCEPIECE_ARCHITECTURES = ("gemma2", "gemma3")
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

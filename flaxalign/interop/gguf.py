@@ -1,7 +1,8 @@
 """llama.cpp GGUF files → flaxalign: weights (dequantised to float32), model config and tokenizer.
 
 `load_gguf(path)` reads a GGUF file of architecture (`general.architecture`) `llama` (Llama 1/2/3 without rope
-scaling, SmolLM, TinyLlama, ...), `qwen2`, `qwen3` or `gemma3` (Gemma 3 text models) into the same `hf.Pretrained`
+scaling, SmolLM, TinyLlama, ...), `qwen2`, `qwen3`, `gemma2`, `gemma3` (Gemma 3 text models) or `phi3` (Phi-3 and
+Phi-3.5 mini / medium without LongRoPE, Phi-4) into the same `hf.Pretrained`
 that `hf.load_pretrained` returns for an HF directory; `flaxalign.interop.load_pretrained(path)` dispatches here for
 a path ending in `.gguf`, and `flaxalign.data.load_tokenizer(path)` builds the tokenizer from the file's metadata.
 Another architecture stops with one line naming `general.architecture` and the supported values.
@@ -9,8 +10,9 @@ Another architecture stops with one line naming `general.architecture` and the s
 How: the file is parsed with the `gguf` package (`GGUFReader`, memory-mapped). Each GGUF tensor is renamed to its HF
 name (`TENSOR_NAMES[arch]` below), dequantised by the package (`gguf.quants.dequantize`, ggml's block decoders in
 NumPy), and, for `llama` files only, its q/k rows are put back into HF order (`unpermute_rope_rows`; llama.cpp
-permutes no other architecture: Qwen2/3 and Gemma 3 rotate halves, as HF does); Gemma 3 files store every norm
-weight as 1 + w (llama.cpp's convert adds 1), read back as w. That lazy HF-named mapping then goes through hf.py's own
+permutes no other architecture: Qwen2/3, Gemma and Phi-3 rotate halves, as HF does); Gemma 2 / 3 files store every
+norm weight as 1 + w (llama.cpp's convert adds 1), read back as w; Phi-3's fused `attn_qkv` / `ffn_up` are HF's
+`qkv_proj` / `gate_up_proj` (`models.phi3` splits them). That lazy HF-named mapping then goes through hf.py's own
 checks and placement (`hf.check_tensors`, `hf.place_params`), so with a `mesh` every param is created directly in
 its sharding, tensor by tensor (each tensor is dequantised whole: blocks do not follow shard bounds).
 
@@ -25,11 +27,14 @@ Config keys (`{arch}.` prefix): `embedding_length`, `block_count`, `feed_forward
 (else `vocab_size`, else the embedding rows); embeddings are tied when there is no `output.weight`; q/k/v biases when
 `blk.0.attn_q.bias` exists, q/k norms when `blk.0.attn_q_norm.weight` does. Gemma 3 (`_gemma3_fields`): as llama.cpp
 computes such a file, every 6th layer global, the others windowed, local RoPE base 10000, scores by 1/√head_dim.
-Not supported (`ConfigError`): rope scaling (`rope.scaling.type`, Llama-3.1's `rope_freqs.weight`; so Gemma 3 4B+,
-whose files state linear scaling), partial rotary (`rope.dimension_count` != head_dim), mixture of experts, per-layer
-head counts, logit soft caps.
+Gemma 2 (`_gemma2_fields`): windowed even layers, full odd ones, the file's attention / final logit soft caps.
+Phi-3 (`_phi3_fields`): one window on every layer. Not supported (`ConfigError`): rope scaling (`rope.scaling.type`,
+Llama-3.1's `rope_freqs.weight`, Phi-3's LongRoPE `rope_factors_long`; so Gemma 3 4B+, whose files state linear
+scaling), partial rotary (`rope.dimension_count` != head_dim), mixture of experts, per-layer head counts, soft caps
+in a gemma3 file.
 
-Tokenizer: byte-level BPE (`tokenizer.ggml.model` "gpt2"), and SentencePiece BPE ("llama") for gemma3 files only;
+Tokenizer: byte-level BPE (`tokenizer.ggml.model` "gpt2"), and SentencePiece BPE ("llama") for Gemma 2 / 3 files
+(Phi-3's Llama-2-style SentencePiece vocabulary is not built: its weights load, with a logged notice);
 built by `flaxalign.data.gguf_tokenizer` (`GGUFTokenizer`, `load_gguf_tokenizer`), which also opens and reads the
 file's metadata for this module.
 """
@@ -48,16 +53,18 @@ import numpy as np
 from flaxalign import errors
 from flaxalign.data.gguf_tokenizer import MISSING, metadata_value, open_reader, tensor_shape, tokenizer_of
 from flaxalign.interop import hf
+from flaxalign.models import gemma
 from flaxalign.models.config import ModelConfig
+from flaxalign.models.tensors import whole_shapes
 
 _LOG = logging.getLogger(__name__)
 
 # `general.architecture` values read, and what each implies: llama.cpp permutes the q/k rows of "llama" files only
 # (`LlamaModel.permute`; Qwen2/3 and Gemma 3 use NEOX RoPE, already HF's rotate_half order); Gemma 3 files store
 # every norm weight as 1 + w (llama.cpp's convert adds 1; Gemma's RMSNorm multiplies by 1 + w).
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 ROPE_PERMUTED = ("llama",)
-NORMS_PLUS_ONE = ("gemma3",)
+NORMS_PLUS_ONE = ("gemma2", "gemma3")
 
 # GGUF tensor name -> HF name; `{i}` is the layer index (`blk.{i}.` in GGUF, `model.layers.{i}.` in HF).
 GGUF_TO_HF = {
@@ -82,17 +89,26 @@ _QK_NORMS = {
     "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
     "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
 }
-# Gemma 3's four layer norms (llama.cpp's names): ffn_norm is the pre-MLP norm there, not Llama's second norm
-_GEMMA3_NORMS = {
+# Gemma 2 and 3's four layer norms (llama.cpp's names): ffn_norm is the pre-MLP norm there, not Llama's second norm
+_GEMMA_NORMS = {
     "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
     "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
+# Phi-3 fuses q/k/v and gate/up in one tensor each, in HF's row order (`models.phi3`), which llama.cpp keeps
+_PHI3_FUSED = {
+    "blk.{i}.attn_qkv.weight": "model.layers.{i}.self_attn.qkv_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.gate_up_proj.weight",
+}
+_PHI3_UNFUSED = ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight", "blk.{i}.ffn_gate.weight",
+                 "blk.{i}.ffn_up.weight", "blk.{i}.attn_q.bias", "blk.{i}.attn_k.bias", "blk.{i}.attn_v.bias")
 TENSOR_NAMES = {  # general.architecture -> its GGUF -> HF table
     "llama": GGUF_TO_HF,
     "qwen2": GGUF_TO_HF,
     "qwen3": {**GGUF_TO_HF, **_QK_NORMS},
-    "gemma3": {**GGUF_TO_HF, **_QK_NORMS, **_GEMMA3_NORMS},
+    "gemma2": {**GGUF_TO_HF, **_GEMMA_NORMS},
+    "gemma3": {**GGUF_TO_HF, **_QK_NORMS, **_GEMMA_NORMS},
+    "phi3": {**{k: v for k, v in GGUF_TO_HF.items() if k not in _PHI3_UNFUSED}, **_PHI3_FUSED},
 }
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 
@@ -221,6 +237,10 @@ def _config(reader, path: str, dtype: str) -> ModelConfig:
     family = {}
     if arch == "gemma3":
         family = _gemma3_fields(reader, path, n_layers, int(d_model), int(n_heads), int(head_dim))
+    elif arch == "gemma2":
+        family = _gemma2_fields(reader, n_layers, int(d_model), int(n_heads), int(head_dim))
+    elif arch == "phi3":
+        family = _phi3_fields(reader, path, names, n_layers)
     elif metadata_value(reader, f"{arch}.attention.sliding_window_pattern", None) is not None:
         raise errors.ConfigError(f"GGUF file {path!r} alternates windowed and full attention layers "
                                  "(attention.sliding_window_pattern); flaxalign reads GGUF windows on every layer.")
@@ -274,6 +294,39 @@ def _gemma3_fields(reader, path: str, n_layers: int, d_model: int, n_heads: int,
     windows = {"sliding_window": window, "full_attention_layers": full} if window and len(full) < n_layers else {}
     return dict(family="gemma", qk_norm=True, rope_local_theta=GEMMA3_LOCAL_THETA,
                 query_pre_attn_scalar=float(d_model // n_heads if n_layers == 62 else head_dim), **windows)
+
+
+GEMMA2_WINDOW = 4096  # llama.cpp's n_swa for a gemma2 file without attention.sliding_window (Gemma 2's own)
+
+
+def _gemma2_fields(reader, n_layers: int, d_model: int, n_heads: int, head_dim: int) -> dict[str, Any]:
+    """The Gemma 2 fields a gemma2 GGUF file implies, as llama.cpp computes it: windows of `attention.sliding_window`
+    (else 4096) tokens on the even layers, full attention on the odd ones (HF's Gemma 2 pattern), one RoPE base, the
+    attention and final logit soft caps of the file (else Gemma 2's 50 / 30, llama.cpp's defaults), no q/k norms,
+    scores scaled by 1/√head_dim (1/√(d_model / n_heads) for the 46-layer 27B, as llama.cpp does)."""
+    caps = {key: float(_scalar(metadata_value(reader, f"gemma2.{key}", default), f"gemma2.{key}"))
+            for key, default in gemma.GEMMA2_SOFTCAPS.items()}
+    window = int(_scalar(metadata_value(reader, "gemma2.attention.sliding_window", GEMMA2_WINDOW),
+                         "gemma2.attention.sliding_window"))
+    full = tuple(i for i in range(n_layers) if i % 2 == 1)
+    windows = {"sliding_window": window, "full_attention_layers": full} if window and len(full) < n_layers else {}
+    return dict(family="gemma", qk_norm=False, attn_softcap=caps["attn_logit_softcapping"],
+                final_softcap=caps["final_logit_softcapping"],
+                query_pre_attn_scalar=float(d_model // n_heads if n_layers == 46 else head_dim), **windows)
+
+
+def _phi3_fields(reader, path: str, names: set[str], n_layers: int) -> dict[str, Any]:
+    """The Phi-3 fields of a phi3 GGUF file: the window `attention.sliding_window` on every layer (0: none, Phi-4;
+    a file without the key gets llama.cpp's 2047 where llama.cpp gives it one: 32 or 40 layers and a 4096-token
+    context). `ConfigError` for the 128k models' rope scaling (LongRoPE factor tensors)."""
+    if names & {"rope_factors_long.weight", "rope_factors_short.weight"}:
+        raise errors.ConfigError(f"GGUF file {path!r} uses LongRoPE scaling (rope_factors_long / _short: a 128k "
+                                 "Phi-3); flaxalign's Phi-3 supports rope_type 'default' only.")
+    window = _scalar(metadata_value(reader, "phi3.attention.sliding_window", None), "phi3.attention.sliding_window")
+    if window is None:
+        context = metadata_value(reader, "phi3.context_length", None)
+        window = 2047 if n_layers in (32, 40) and context == 4096 else 0
+    return dict(family="phi3", sliding_window=int(window))
 
 
 def read_model_config(path: str, *, dtype: str = "float32") -> ModelConfig:
@@ -344,9 +397,9 @@ class _GGUFTensors(Mapping):
 
 def _check_present(config: ModelConfig, tensors: _GGUFTensors, path: str, arch: str = "llama") -> None:
     """Every tensor the config needs is in the file with the right shape (in GGUF names; hf.py says it in HF's)."""
-    expected = {spec.hf_name: spec.hf_shape for spec in hf.global_tensors(config)}
-    for spec in hf.layer_tensors(config):
-        expected.update({spec.hf_name.format(i=i): spec.hf_shape for i in range(config.n_layers)})
+    expected = whole_shapes(hf.global_tensors(config))
+    for name, shape in whole_shapes(hf.layer_tensors(config)).items():
+        expected.update({name.format(i=i): shape for i in range(config.n_layers)})
     for name, shape in expected.items():
         if name not in tensors:
             raise errors.CheckpointError(
@@ -359,8 +412,8 @@ def _check_present(config: ModelConfig, tensors: _GGUFTensors, path: str, arch: 
 
 def load_gguf(path: str, *, dtype: str = "auto", mesh: jax.sharding.Mesh | None = None,
               quantizer=None) -> hf.Pretrained:
-    """Loads a llama-architecture GGUF file: config, float32 params and tokenizer (None when the file has no
-    tokenizer metadata or one of a kind other than byte-level BPE, with a logged notice for the latter).
+    """Loads a GGUF file of one of `ARCHITECTURES`: config, float32 params and tokenizer (None when the file has no
+    tokenizer metadata or one flaxalign does not build, with a logged notice for the latter).
 
     `dtype` is the compute dtype of the returned config ("auto", "float32", "bfloat16"). With `mesh`, every param
     is created directly in its sharding, decoded from the memory-mapped file, and a `quantizer` quantizes the layer

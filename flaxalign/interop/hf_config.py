@@ -30,7 +30,8 @@ MODEL_TYPES = {model_type: arch for arch, model_type in ARCHITECTURES.items()}  
 SCORE_CLASSES = {model_type: arch for arch, model_type in SCORE_ARCHITECTURES.items()}
 QWEN_ARCHITECTURES = tuple(MODEL_TYPES[t] for t in QWEN_TYPES)
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",  # GGUF general.architecture -> HF
-                      "gemma3": "gemma3_text"}  # model_type (interop.gguf.ARCHITECTURES reads these)
+                      "gemma2": "gemma2", "gemma3": "gemma3_text",  # model_type (interop.gguf.ARCHITECTURES reads
+                      "phi3": "phi3"}  # these)
 # What run metadata keeps of the HF config.json (or GGUF file) a model came from (`source_fields`), under this key:
 SOURCE_FIELD = "hf_source"
 ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # no effect on the forward pass

@@ -187,16 +187,28 @@ def test_tensor_names_map_to_hf():
 # Qwen2, Qwen3 and Gemma 3 files: llama.cpp's tensor names, no q/k row permutation (NEOX RoPE), Gemma's 1 + w norms
 
 
-def _write_arch(path, arch, config, params, metadata=()):
+def _write_arch(path, arch, config, params, metadata=(), hyperparameters=True):
     """A GGUF file of `arch` as llama.cpp's convert_hf_to_gguf.py writes one from the HF tensors of `params`:
-    renamed, q/k rows as they are (Qwen2/3 and Gemma 3 rotate halves like HF), every Gemma 3 norm stored as 1 + w."""
+    renamed (Phi-3's fused q/k/v and gate/up kept whole), q/k rows as they are (Qwen2/3, Gemma and Phi-3 rotate
+    halves like HF), every Gemma 2 / 3 norm stored as 1 + w. `metadata`: extra keys, ints as uint32 and floats as
+    float32; `hyperparameters=False` leaves out the optional ones (window, rope base) as Gemma 2's converter does."""
     writer = gguf.GGUFWriter(str(path), arch)
-    gguf_export.add_hyperparameters(writer, config)
+    if hyperparameters:
+        gguf_export.add_hyperparameters(writer, config)
+    else:
+        for key in ("context_length", "embedding_length", "feed_forward_length", "block_count",
+                    "attention.head_count", "attention.head_count_kv", "attention.key_length"):
+            writer.add_uint32(f"{arch}.{key}", {
+                "context_length": config.max_seq_len, "embedding_length": config.d_model,
+                "feed_forward_length": config.d_ff, "block_count": config.n_layers,
+                "attention.head_count": config.n_heads, "attention.head_count_kv": config.n_kv_heads,
+                "attention.key_length": config.head_dim}[key])
+        writer.add_layer_norm_rms_eps(config.rms_eps)
     for key, value in dict(metadata).items():
-        writer.add_uint32(key, value)
+        writer.add_uint32(key, value) if isinstance(value, int) else writer.add_float32(key, value)
     for name, value in interop.params_to_hf_state_dict(config, params).items():
         value = np.asarray(value, np.float32)
-        if arch == "gemma3" and name.endswith("norm.weight"):
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             value = value + np.float32(1.0)
         writer.add_tensor(gguf_io.gguf_tensor_name(name, arch), value)
     writer.write_header_to_file()
@@ -247,6 +259,62 @@ def test_gemma3_file_loads_as_the_gemma_family(tmp_path):
     path = _write_arch(tmp_path / "plain.gguf", "gemma3", config, params)
     assert gguf_io.read_model_config(path).full_attention_layers == ()
     assert gguf_io.read_model_config(path).layer_windows() == (8, 8, 8, 8)
+
+
+def _norms_off_zero(params):
+    """Norm weights away from 0, in steps of 2^-10, so that a file's 1 + w gives w back exactly."""
+    return jax.tree.map(lambda x: np.round((np.asarray(x) + 0.25) * 1024) / 1024 if x.ndim <= 2 else x, params)
+
+
+def _assert_same_logits(loaded, config, params):
+    tokens = np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 12))
+    np.testing.assert_array_equal(np.asarray(interop.apply_lm(loaded.config, loaded.params, tokens)),
+                                  np.asarray(interop.apply_lm(config, params, tokens)))
+
+
+def test_gemma2_file_loads_with_its_soft_caps_and_alternating_windows(tmp_path):
+    """Gemma 2's converter writes no RoPE base and no q/k norms; llama.cpp reads windows on the even layers (4096
+    tokens without the key), the file's soft caps (50 / 30 without them), and scores by 1/√head_dim."""
+    config = _config(family="gemma", n_layers=4, sliding_window=8, full_attention_layers=(1, 3), rms_eps=1e-6,
+                     attn_softcap=5.0, final_softcap=3.0)
+    params = _norms_off_zero(helpers.random_params(config))
+    path = _write_arch(tmp_path / "gemma2.gguf", "gemma2", config, params,
+                       {"gemma2.attention.sliding_window": 8, "gemma2.attn_logit_softcapping": 5.0,
+                        "gemma2.final_logit_softcapping": 3.0}, hyperparameters=False)
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert {"blk.0.ffn_norm.weight", "blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= names
+    assert "blk.0.attn_q_norm.weight" not in names
+    loaded = gguf_io.load_gguf(path, dtype="float32")
+    assert loaded.config == dataclasses.replace(config, init_std=0.02)
+    _assert_trees_equal(loaded.params, params)
+    _assert_same_logits(loaded, config, params)
+    defaults = gguf_io.read_model_config(_write_arch(tmp_path / "plain.gguf", "gemma2", config, params,
+                                                     hyperparameters=False))
+    assert (defaults.sliding_window, defaults.attn_softcap, defaults.final_softcap) == (4096, 50.0, 30.0)
+    assert defaults.full_attention_layers == (1, 3) and defaults.rope_theta == 10_000.0
+
+
+def test_phi3_file_splits_its_fused_tensors_and_windows_every_layer(tmp_path):
+    config = _config(family="phi3", n_kv_heads=4, tie_embeddings=False, sliding_window=8)
+    params = helpers.random_params(config)
+    path = _write_arch(tmp_path / "phi3.gguf", "phi3", config, params)
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight", "output.weight"} <= names
+    assert not names & {"blk.0.attn_q.weight", "blk.0.ffn_gate.weight"}
+    loaded = gguf_io.load_gguf(path, dtype="float32")
+    assert loaded.config == dataclasses.replace(config, init_std=0.02)
+    _assert_trees_equal(loaded.params, params)
+    _assert_same_logits(loaded, config, params)
+    # LongRoPE (the 128k models) is refused in one line
+    writer = gguf.GGUFWriter(str(tmp_path / "long.gguf"), "phi3")
+    gguf_export.add_hyperparameters(writer, config)
+    writer.add_tensor("rope_factors_long.weight", np.ones(config.head_dim // 2, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(errors.ConfigError, match=r"long.gguf' uses LongRoPE scaling \(rope_factors_long"):
+        gguf_io.load_gguf(str(tmp_path / "long.gguf"))
 
 
 def test_gemma3_sentencepiece_tokenizer(tmp_path):
@@ -558,7 +626,7 @@ def test_tokenizer_pad_and_errors(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(errors.DataError, match=r"has a SentencePiece \('llama'\) tokenizer for architecture 'llama'; "
-                                               r"flaxalign builds those for \['gemma3'\] only"):
+                                               r"flaxalign builds those for \['gemma2', 'gemma3'\] only"):
         load_tokenizer(str(spm_file))
 
 
@@ -595,9 +663,9 @@ def test_not_a_gguf_file(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     config = _config()
-    path = write_gguf(tmp_path / "phi.gguf", config, arch="phi3")
-    with pytest.raises(errors.ConfigError, match=r"^GGUF file '.*phi.gguf' has general.architecture='phi3'; "
-                                                 r"flaxalign reads llama, qwen2, qwen3, gemma3\.$"):
+    path = write_gguf(tmp_path / "phi.gguf", config, arch="phi2")
+    with pytest.raises(errors.ConfigError, match=r"^GGUF file '.*phi.gguf' has general.architecture='phi2'; "
+                                                 r"flaxalign reads llama, qwen2, qwen3, gemma2, gemma3, phi3\.$"):
         gguf_io.load_gguf(path)
 
 

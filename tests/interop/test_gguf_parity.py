@@ -118,7 +118,8 @@ def test_greedy_chatml_answer_names_paris(ours):
                               add_generation_prompt=True).ids
     batch = left_pad_prompts([prompt], pad_id=tokenizer.pad_id)
     graphdef = models.abstract_model(ours.config)[0]
-    out = jax.jit(lambda params, batch: generate(models.merge(graphdef, params), batch, jax.random.PRNGKey(0), max_new_tokens=24,
+    out = jax.jit(lambda params, batch: generate(models.merge(graphdef, params), batch, jax.random.PRNGKey(0),
+                                                 max_new_tokens=24,
                                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                                                  temperature=0.0))(ours.params, batch)
     answer = decode_responses(tokenizer, np.asarray(out["response"]), np.asarray(out["response_mask"]))[0]

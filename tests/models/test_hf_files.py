@@ -386,8 +386,9 @@ def test_a_source_family_that_cannot_state_the_model_gives_way_and_ids_fill_in()
     ids = hf.hf_config_dict(unwindowed, source=qwen2, ids={"bos_token_id": 7, "eos_token_id": 8, "pad_token_id": 9})
     assert (ids["bos_token_id"], ids["eos_token_id"], ids["pad_token_id"]) == (7, 3, 9)
     assert hf.gguf_source_fields("qwen2") == {"architecture": "Qwen2ForCausalLM", "model_type": "qwen2"}
-    with pytest.raises(errors.ConfigError, match="GGUF architecture 'gemma2' has no HF class"):
-        hf.gguf_source_fields("gemma2")
+    assert hf.gguf_source_fields("phi3") == {"architecture": "Phi3ForCausalLM", "model_type": "phi3"}
+    with pytest.raises(errors.ConfigError, match="GGUF architecture 'phi2' has no HF class"):
+        hf.gguf_source_fields("phi2")
 
 
 def test_generation_config_holds_the_eos_ids_and_the_stops():
