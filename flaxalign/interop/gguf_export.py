@@ -1,8 +1,10 @@
-"""flaxalign → llama.cpp: a llama-architecture GGUF file from a model config, its params, a tokenizer and a chat
-template (`flaxalign convert --format=gguf`; `gguf.py` reads such files back).
+"""flaxalign → llama.cpp: a GGUF file from a model config, its params, a tokenizer and a chat template (`flaxalign
+convert --format=gguf`; `gguf.py` reads such files back).
 
 `export_gguf(path, config, params, vocab=gguf_vocab(tokenizer, ...), chat_template=..., gguf_type="f16")` writes
-what llama.cpp's convert_hf_to_gguf.py writes for a LlamaForCausalLM:
+what llama.cpp's convert_hf_to_gguf.py writes for the model's HF class, under the architecture `gguf_architecture`
+picks (`llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3`; what llama.cpp would compute otherwise is refused by
+`check_exportable`). For a LlamaForCausalLM:
 
 - metadata: `general.architecture` "llama", `general.name`, `general.file_type`, `general.quantization_version`;
   `llama.vocab_size`, `context_length` (max_seq_len), `embedding_length`, `feed_forward_length`, `block_count`,
@@ -15,8 +17,14 @@ what llama.cpp's convert_hf_to_gguf.py writes for a LlamaForCausalLM:
   `permute_rope_rows` for llama.cpp's RoPE (with n_kv_heads for k: GQA), no `output.weight` when embeddings are
   tied. Norms and biases (1-D) stay F32 as llama.cpp keeps them; the matrices are `GGUF_TYPES[gguf_type]`. A
   matrix whose rows do not split into whole quantisation blocks falls back to F16, as in convert_hf_to_gguf.py.
-- tokenizer (byte-level BPE only, see `gguf_vocab`): `tokenizer.ggml.model` "gpt2", `pre`, tokens, token types,
+- tokenizer (byte-level BPE, see `gguf_vocab`): `tokenizer.ggml.model` "gpt2", `pre`, tokens, token types,
   merges, bos/eos/unk/pad ids, `add_bos_token`, the end-of-turn id, and `tokenizer.chat_template` (Jinja).
+
+The other architectures differ as llama.cpp's converter makes them: no q/k row permutation (they rotate halves, as
+HF), Gemma's norm weights stored as 1 + w and Gemma 2's `attn_logit_softcapping` / `final_logit_softcapping`, Phi-3's
+`attn_qkv` / `ffn_up` fused from q/k/v and gate/up (HF's row order), the window of Gemma and Phi-3. A Gemma model
+whose tokenizer is a GGUF file's SentencePiece vocabulary gets that vocabulary back as the file states it (tokens,
+scores, types: llama.cpp merges by score).
 
 The file is written to a temporary file beside `path` and renamed over it at the end, so a failed export leaves
 no half file; tensors are converted and written one at a time (the sizes are known from the config up front), so
@@ -35,10 +43,18 @@ import gguf
 import numpy as np
 
 from flaxalign import errors
-from flaxalign.data.gguf_tokenizer import PRE_TOKENIZERS
+from flaxalign.data.gguf_tokenizer import PRE_TOKENIZERS, GGUFTokenizer, metadata_value, open_reader
 from flaxalign.interop import hf
-from flaxalign.interop.gguf import gguf_tensor_name, permute_rope_rows
+from flaxalign.interop.gguf import (
+    GEMMA3_LOCAL_THETA,
+    GEMMA3_PATTERN,
+    NORMS_PLUS_ONE,
+    ROPE_PERMUTED,
+    gguf_tensor_name,
+    permute_rope_rows,
+)
 from flaxalign.models.config import ModelConfig
+from flaxalign.models.tensors import assemble, whole_shapes
 
 ARCHITECTURE = "llama"
 # --gguf_type -> (ggml type of the weight matrices, general.file_type). The types `gguf.quants.quantize` can write
@@ -66,26 +82,69 @@ def check_gguf_type(gguf_type: str) -> None:
         raise errors.ConfigError(f"--gguf_type={gguf_type!r} is not one of {list(GGUF_TYPES)}.")
 
 
+def gguf_architecture(config: ModelConfig) -> str:
+    """The llama.cpp architecture (`general.architecture`) a model is written as: `gemma3` / `gemma2` for the gemma
+    family with / without q/k norms, `phi3`, and for the llama family `qwen3` with q/k norms, `qwen2` with q/k/v
+    biases (llama.cpp's `llama` would run those too, transformers' GGUF reader would drop them), else `llama`."""
+    if config.family == "gemma":
+        return "gemma3" if config.qk_norm else "gemma2"
+    if config.family == "phi3":
+        return "phi3"
+    return "qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else ARCHITECTURE
+
+
+def _gemma_scalar(config: ModelConfig, big_model_layers: int) -> float:
+    """The q·k scale divisor llama.cpp fixes for a Gemma file: head_dim, but d_model / n_heads for the 27B models
+    (Gemma 2: 46 layers, Gemma 3: 62), as `interop.gguf` reads it."""
+    return float(config.d_model // config.n_heads if config.n_layers == big_model_layers else config.head_dim)
+
+
 def check_exportable(config: ModelConfig) -> None:
-    """Refuses model features llama.cpp's llama architecture cannot compute (one sentence each)."""
+    """Refuses model features llama.cpp's architecture for the model (`gguf_architecture`) cannot compute, one
+    sentence each naming the field; what is written is what `interop.gguf` reads back as the same model."""
     if config.adapter_placement != "none":
         raise errors.ConfigError("a GGUF file holds base weights only, and this model has bottleneck adapters "
                                  "(adapter_placement); export the run it started from instead.")
-    if config.family != "llama":
-        raise errors.ConfigError(f"GGUF export writes llama.cpp's llama architecture only; model.family="
-                                 f"{config.family!r} is not exported as GGUF (export it with --format=hf).")
-    if config.attn_softcap:
-        raise errors.ConfigError("llama.cpp's llama architecture has no attention soft cap (model.attn_softcap); "
-                                 "this model cannot be exported as GGUF.")
-    if config.final_softcap:
-        raise errors.ConfigError("llama.cpp's llama architecture has no final logit soft cap (model.final_softcap); "
-                                 "this model cannot be exported as GGUF.")
-    if config.qk_norm:
-        raise errors.ConfigError("llama.cpp's llama architecture has no query / key norms (model.qk_norm: Qwen3); "
-                                 "GGUF export writes llama models only.")
-    if config.full_attention_layers:
-        raise errors.ConfigError("llama.cpp's llama architecture attends alike on every layer, but this model mixes "
+    arch = gguf_architecture(config)
+    if arch not in ("gemma2",):
+        for field in ("attn_softcap", "final_softcap"):
+            if getattr(config, field):
+                raise errors.ConfigError(f"llama.cpp's {arch} architecture has no "
+                                         f"{'attention' if field == 'attn_softcap' else 'final logit'} soft cap "
+                                         f"(model.{field}); this model cannot be exported as GGUF.")
+    windows = config.layer_windows()
+    if arch == "gemma2":
+        want = tuple(i % 2 == 0 for i in range(config.n_layers))
+        if tuple(bool(w) for w in windows) != want:
+            raise errors.ConfigError("llama.cpp's gemma2 windows the even layers and attends in full on the odd ones; "
+                                     f"this model's windows per layer are {list(windows)} (model.sliding_window / "
+                                     "model.full_attention_layers).")
+    elif arch == "gemma3":
+        want = tuple((i + 1) % GEMMA3_PATTERN != 0 for i in range(config.n_layers))
+        if config.sliding_window and tuple(bool(w) for w in windows) != want:
+            raise errors.ConfigError(f"llama.cpp's gemma3 makes every {GEMMA3_PATTERN}th layer global and windows the "
+                                     f"others; this model's windows per layer are {list(windows)} "
+                                     "(model.full_attention_layers).")
+        if (config.rope_local_theta or config.rope_theta) != GEMMA3_LOCAL_THETA:
+            raise errors.ConfigError(f"llama.cpp's gemma3 uses RoPE base {GEMMA3_LOCAL_THETA:g} on its windowed "
+                                     f"layers; this model has model.rope_local_theta="
+                                     f"{config.rope_local_theta or config.rope_theta:g}.")
+    elif config.full_attention_layers:
+        raise errors.ConfigError(f"llama.cpp's {arch} architecture attends alike on every layer, but this model mixes "
                                  "windowed and full attention layers (model.full_attention_layers).")
+    if arch.startswith("gemma"):
+        fixed = _gemma_scalar(config, 46 if arch == "gemma2" else 62)
+        if (config.query_pre_attn_scalar or config.head_dim) != fixed:
+            raise errors.ConfigError(f"llama.cpp's {arch} scales q·k by 1/√{fixed:g} at this size; this model has "
+                                     "model.query_pre_attn_scalar="
+                                     f"{config.query_pre_attn_scalar or config.head_dim:g}.")
+    elif config.query_pre_attn_scalar or config.rope_local_theta:
+        raise errors.ConfigError(f"llama.cpp's {arch} architecture scales q·k by 1/√head_dim with one RoPE base; "
+                                 f"model.query_pre_attn_scalar={config.query_pre_attn_scalar:g} and "
+                                 f"model.rope_local_theta={config.rope_local_theta:g} cannot be written.")
+    if arch == "phi3" and config.head_dim * config.n_heads != config.d_model:
+        raise errors.ConfigError(f"llama.cpp's phi3 rotates d_model / n_heads dims of each head; this model has "
+                                 f"model.head_dim={config.head_dim} ≠ {config.d_model} / {config.n_heads}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,35 +181,50 @@ class GGUFTensor:
 
 
 def gguf_tensors(config: ModelConfig, params: Mapping[str, Any], matrix_type: str = "F16") -> list[GGUFTensor]:
-    """The tensors of `params` (flaxalign's layout: numpy or jax arrays, layers stacked) as llama.cpp wants them,
-    in the order embedding, rope factors, blocks, output norm, output, the matrices as ggml type
-    `matrix_type` ("Q8_0", ...: any type `gguf.quants.quantize` writes) and 1-D tensors as F32. Nothing is read
-    yet: each tensor's `values()` slices its one layer out of the params when it is written."""
+    """The tensors of `params` (flaxalign's layout: numpy or jax arrays, layers stacked) as llama.cpp wants them for
+    the model's architecture (`gguf_architecture`), in the order embedding, rope factors, blocks, output norm,
+    output, the matrices as ggml type `matrix_type` ("Q8_0", ...: any type `gguf.quants.quantize` writes) and 1-D
+    tensors as F32: q/k rows interleaved for llama.cpp's RoPE in `llama` files only, Gemma's norms stored as 1 + w,
+    Phi-3's q/k/v and gate/up parts fused in HF's row order. Nothing is read yet: each tensor's `values()` slices its
+    one layer out of the params when it is written."""
+    arch = gguf_architecture(config)
     matrix_type = gguf.GGMLQuantizationType[matrix_type]
     heads = {"q": config.n_heads, "q_bias": config.n_heads, "k": config.n_kv_heads, "k_bias": config.n_kv_heads}
 
-    def planned(spec, layer: int | None) -> GGUFTensor:
-        hf_name = spec.hf_name if layer is None else spec.hf_name.format(i=layer)
+    def part(spec, layer: int | None) -> np.ndarray:
+        leaf = params
+        for key in (spec.path if layer is None else ("layers",) + spec.path):
+            leaf = leaf[key]
+        value = spec.to_hf(np.asarray(leaf if layer is None else leaf[layer], dtype=np.float32))
+        if arch in ROPE_PERMUTED and spec.path[-1] in heads:
+            value = permute_rope_rows(value, heads[spec.path[-1]])
+        if arch in NORMS_PLUS_ONE and spec.hf_name.endswith("norm.weight"):
+            value = value + np.float32(1.0)  # llama.cpp's Gemma multiplies by the stored weight
+        return value
 
-        def values() -> np.ndarray:
-            leaf = params
-            for key in (spec.path if layer is None else ("layers",) + spec.path):
-                leaf = leaf[key]
-            value = spec.to_hf(np.asarray(leaf if layer is None else leaf[layer], dtype=np.float32))
-            if spec.path[-1] in heads:
-                value = permute_rope_rows(value, heads[spec.path[-1]])
-            return value
+    def planned(specs, shape, layer: int | None) -> GGUFTensor:
+        hf_name = specs[0].hf_name if layer is None else specs[0].hf_name.format(i=layer)
 
-        return GGUFTensor(gguf_tensor_name(hf_name), spec.hf_shape, _storage_type(spec.hf_shape, matrix_type),
-                          values, hf_name)
+        def values() -> np.ndarray:  # a fused tensor: its parts in row order
+            return assemble([(hf_name, spec, part(spec, layer)) for spec in specs])[hf_name]
 
-    globals_ = {spec.hf_name: spec for spec in hf.global_tensors(config)}
-    out = [planned(globals_.pop("model.embed_tokens.weight"), None)]
+        return GGUFTensor(gguf_tensor_name(hf_name, arch), shape, _storage_type(shape, matrix_type), values, hf_name)
+
+    def by_name(specs) -> list[tuple[list, tuple[int, ...]]]:
+        grouped: dict[str, list] = {}
+        for spec in specs:
+            grouped.setdefault(spec.hf_name, []).append(spec)
+        shapes = whole_shapes(specs)
+        return [(group, shapes[name]) for name, group in grouped.items()]
+
+    globals_ = {group[0].hf_name: (group, shape) for group, shape in by_name(hf.global_tensors(config))}
+    out = [planned(*globals_.pop("model.embed_tokens.weight"), None)]
     if config.rope_scaling_factor:
         out.append(GGUFTensor(ROPE_FREQS, (config.head_dim // 2,), gguf.GGMLQuantizationType.F32,
                               lambda: rope_frequency_factors(config)))
-    out += [planned(spec, i) for i in range(config.n_layers) for spec in hf.layer_tensors(config)]
-    out += [planned(spec, None) for spec in globals_.values()]  # output norm, then output (when not tied)
+    layer_groups = by_name(hf.layer_tensors(config))
+    out += [planned(group, shape, i) for i in range(config.n_layers) for group, shape in layer_groups]
+    out += [planned(group, shape, None) for group, shape in globals_.values()]  # output norm, then output
     return out
 
 
@@ -204,6 +278,9 @@ class GGUFVocab:
     pad: int | None = None
     eot: int | None = None  # the end-of-turn token of the chat template, when it is not EOS
     add_bos: bool = False
+    model: str = "gpt2"  # tokenizer.ggml.model: "llama" is a SentencePiece vocabulary (`scores`, no merges)
+    scores: list[float] | None = None
+    add_space_prefix: bool | None = None
 
 
 def gguf_vocab(tokenizer, model_vocab_size: int) -> GGUFVocab:
@@ -212,13 +289,17 @@ def gguf_vocab(tokenizer, model_vocab_size: int) -> GGUFVocab:
 
     `add_bos` is true exactly when the tokenizer has a BOS, because flaxalign's stages and `generate` put one
     before every sequence; the end-of-turn id is that of the chat format the vocabulary has (`chat.end_of_turn_ids`).
-    Raises `ConfigError` for anything else (SentencePiece, WordPiece, a normaliser other than NFC, a
+    A GGUF file's SentencePiece vocabulary (Gemma's) is copied as the file states it (`_sentencepiece_vocab`).
+    Raises `ConfigError` for anything else (other SentencePiece, WordPiece, a normaliser other than NFC, a
     pre-tokenizer outside `LLAMA_CPP_PRE_NAMES`, more tokens than embedding rows). NFC (Qwen2's) passes: llama.cpp
     skips it, which changes the ids of text that is not NFC already."""
     from flaxalign.data.chat import end_of_turn_ids
     from flaxalign.data.tokenizer import HFTokenizer
 
     where = f"tokenizer {tokenizer.model_path}"
+    if isinstance(tokenizer, GGUFTokenizer) and \
+            metadata_value(open_reader(tokenizer.model_path), "tokenizer.ggml.model", None) == "llama":
+        return _sentencepiece_vocab(tokenizer, model_vocab_size)
     if not isinstance(tokenizer, HFTokenizer):
         raise errors.ConfigError(f"{where} is a SentencePiece model, which GGUF export cannot write; it writes "
                                  f"{SUPPORTED_TOKENIZERS}.")
@@ -257,6 +338,29 @@ def gguf_vocab(tokenizer, model_vocab_size: int) -> GGUFVocab:
     return GGUFVocab(tokens=tokens, types=types, merges=merges, pre=pre, bos=tokenizer.bos_id,
                      eos=tokenizer.eos_id, unk=tokenizer.unk_id, pad=tokenizer.pad_id,
                      eot=stops[0] if stops else None, add_bos=tokenizer.bos_id is not None)
+
+
+def _sentencepiece_vocab(tokenizer, model_vocab_size: int) -> GGUFVocab:
+    """A GGUF file's SentencePiece vocabulary (Gemma's, the only kind flaxalign builds) as that file states it:
+    tokens, scores and types copied, so llama.cpp tokenizes as with the source; unused "[PAD{i}]" tokens for any
+    embedding rows beyond it."""
+    from flaxalign.data.chat import end_of_turn_ids
+
+    reader = open_reader(tokenizer.model_path)
+    tokens = list(metadata_value(reader, "tokenizer.ggml.tokens"))
+    if len(tokens) > model_vocab_size:
+        raise errors.ConfigError(f"tokenizer {tokenizer.model_path} has {len(tokens)} tokens, but the model's "
+                                 f"embedding has {model_vocab_size} rows; GGUF needs one token per row.")
+    spare = model_vocab_size - len(tokens)
+    scores = list(metadata_value(reader, "tokenizer.ggml.scores", None) or [0.0] * len(tokens))
+    types = list(metadata_value(reader, "tokenizer.ggml.token_type", None) or [NORMAL] * len(tokens))
+    stops = [i for i in end_of_turn_ids(tokenizer) if i != tokenizer.eos_id]
+    return GGUFVocab(
+        tokens=tokens + [f"[PAD{i}]" for i in range(len(tokens), model_vocab_size)], types=types + [UNUSED] * spare,
+        merges=[], pre=metadata_value(reader, "tokenizer.ggml.pre", "default"), bos=tokenizer.bos_id,
+        eos=tokenizer.eos_id, unk=tokenizer.unk_id, pad=tokenizer.pad_id, eot=stops[0] if stops else None,
+        add_bos=bool(metadata_value(reader, "tokenizer.ggml.add_bos_token", True)), model="llama",
+        scores=scores + [0.0] * spare, add_space_prefix=metadata_value(reader, "tokenizer.ggml.add_space_prefix", None))
 
 
 def _split_of(pre_tokenizer: dict | None) -> str | None:
@@ -310,7 +414,8 @@ def own_chat_template(tokenizer) -> str | None:
 
 
 def add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
-    """The `{arch}.*` keys of `config` (the writer's architecture names the prefix)."""
+    """The `{arch}.*` keys of `config` (the writer's architecture names the prefix): the shapes, and the keys of its
+    architecture (`gguf_architecture`): Gemma 2's soft caps, the window of Gemma and Phi-3 (0 for none)."""
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.d_model)
@@ -323,16 +428,25 @@ def add_hyperparameters(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_eps)
-    if config.sliding_window:
+    arch = gguf_architecture(config)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_softcap)
+        writer.add_final_logit_softcapping(config.final_softcap)
+    if config.sliding_window or arch == "phi3":  # phi3: 0 says "no window" (Phi-4) rather than llama.cpp's default
         writer.add_sliding_window(config.sliding_window)
 
 
 def add_vocab(writer: gguf.GGUFWriter, vocab: GGUFVocab, chat_template: str | None = None) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     for add, value in ((writer.add_bos_token_id, vocab.bos), (writer.add_eos_token_id, vocab.eos),
                        (writer.add_unk_token_id, vocab.unk), (writer.add_pad_token_id, vocab.pad),
                        (writer.add_eot_token_id, vocab.eot)):
@@ -389,9 +503,9 @@ class Exported:
 def export_gguf(path: str, config: ModelConfig, params: Mapping[str, Any], *, vocab: GGUFVocab | None = None,
                 chat_template: str | None = None, gguf_type: str = DEFAULT_GGUF_TYPE, name: str = "") -> Exported:
     """Writes `params` (a causal LM of `config`) with `vocab` (`gguf_vocab`; None: no tokenizer metadata, which
-    llama.cpp needs to run the file) and `chat_template` (Jinja, written with the vocabulary) as a
-    llama-architecture GGUF file at `path`; see the module docstring. Raises `ConfigError` for a model GGUF cannot
-    express before anything is written."""
+    llama.cpp needs to run the file) and `chat_template` (Jinja, written with the vocabulary) as a GGUF file at
+    `path` (architecture: `gguf_architecture(config)`); see the module docstring. Raises `ConfigError` for a model
+    GGUF cannot express before anything is written."""
     check_gguf_type(gguf_type)
     check_exportable(config)
     if vocab is not None and len(vocab.tokens) != config.vocab_size:
@@ -409,6 +523,6 @@ def export_gguf(path: str, config: ModelConfig, params: Mapping[str, Any], *, vo
         if vocab is not None:
             add_vocab(writer, vocab, chat_template)
 
-    size = write_file(path, add_metadata, tensors)
+    size = write_file(path, add_metadata, tensors, arch=gguf_architecture(config))
     fallbacks = tuple(t.name for t in tensors if len(t.shape) > 1 and t.qtype.name != matrix_type)
     return Exported(path=path, size=size, tensors=len(tensors), fallbacks=fallbacks)

@@ -24,10 +24,12 @@ from tests import helpers
 Q = gguf.GGMLQuantizationType
 
 
-def write_gguf(path, config, params=None, *, qtype="F32", arch="llama", vocab=None, metadata=None, skip=()):
+def write_gguf(path, config, params=None, *, qtype="F32", arch=None, vocab=None, metadata=None, skip=()):
     """Writes flaxalign params as a llama.cpp-style GGUF with flaxalign's own writer (`gguf_export`: HF tensors
-    renamed, q/k rows permuted for llama.cpp's RoPE, matrices stored as `qtype`, norms F32), plus `vocab` metadata
-    as given (so that tests can write odd vocabularies) and extra `metadata` keys; `skip` leaves HF tensors out."""
+    renamed, q/k rows permuted for llama.cpp's RoPE in `llama` files, matrices stored as `qtype`, norms F32), plus
+    `vocab` metadata as given (so that tests can write odd vocabularies) and extra `metadata` keys; `skip` leaves HF
+    tensors out. `arch`: the file's `general.architecture` (default: the one the export writes for `config`)."""
+    arch = arch or gguf_export.gguf_architecture(config)
     def add_metadata(writer):
         gguf_export.add_hyperparameters(writer, config)
         for key, value in (metadata or {}).items():

@@ -4,6 +4,7 @@ embeddings, GQA, q/k/v biases; the tokenizer read back encodes as the original (
 knows); Llama-3.1 rope factors; refusals in one sentence; atomic writes. The parity group loads the exported
 file in transformers (`from_pretrained(..., gguf_file=...)`) and compares logits and token ids."""
 
+import dataclasses
 import json
 import os
 
@@ -21,7 +22,7 @@ from flaxalign.interop import gguf as gguf_io
 from flaxalign.interop import gguf_export
 from flaxalign.models.llama import rope_frequencies
 from tests import helpers
-from tests.interop.test_gguf import SAMPLES, SPLIT_TEXTS, _reference_tokenizer
+from tests.interop.test_gguf import SAMPLES, SPLIT_TEXTS, _norms_off_zero, _reference_tokenizer, _write_arch
 
 TOKENS = np.random.default_rng(3).integers(0, 512, size=(2, 12))
 TEXTS = SAMPLES + SPLIT_TEXTS
@@ -324,3 +325,96 @@ def test_smollm2_exported_again_is_what_llama_cpp_s_converter_wrote(tmp_path):
         assert mine.tensor_type.name == "F32", mine.name
         np.testing.assert_array_equal(mine.data, gguf.quants.dequantize(reference.data, reference.tensor_type),
                                       err_msg=mine.name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Other architectures: Qwen3, Gemma 2 / 3, Phi-3 written as llama.cpp's converter writes them
+
+
+FAMILY_CONFIGS = {  # architecture -> a tiny model of it that llama.cpp can run as it is
+    "qwen3": dict(qk_norm=True, head_dim=32, tie_embeddings=False),
+    "gemma2": dict(family="gemma", n_layers=4, sliding_window=8, full_attention_layers=(1, 3), attn_softcap=5.0,
+                   final_softcap=3.0, rms_eps=1e-6),
+    "gemma3": dict(family="gemma", qk_norm=True, n_layers=6, sliding_window=8, full_attention_layers=(5,),
+                   rope_theta=1e6, rope_local_theta=1e4, rms_eps=1e-6),
+    "phi3": dict(family="phi3", n_kv_heads=4, tie_embeddings=False, sliding_window=8),
+}
+
+
+@pytest.mark.parametrize("arch", FAMILY_CONFIGS)
+def test_other_architectures_are_written_as_llama_cpp_s_converter_writes_them(tmp_path, arch):
+    """The exported file (f32) holds the tensors a file converted by llama.cpp from the HF checkpoint holds (names,
+    Gemma's 1 + w norms, Phi-3's fused tensors, no RoPE row permutation: `test_gguf._write_arch`), under the
+    architecture of the model, and reads back as the same model."""
+    config = helpers.tiny_model_config(**FAMILY_CONFIGS[arch])
+    params = _norms_off_zero(helpers.random_params(config, seed=3))
+    assert gguf_export.gguf_architecture(config) == arch
+    path = str(tmp_path / "ours.gguf")
+    gguf_export.export_gguf(path, config, params, gguf_type="f32")
+    ours, theirs = gguf.GGUFReader(path), gguf.GGUFReader(_write_arch(tmp_path / "theirs.gguf", arch, config, params))
+    assert gguf_tokenizer.metadata_value(ours, "general.architecture") == arch
+    want = {t.name: np.asarray(t.data) for t in theirs.tensors}
+    assert sorted(t.name for t in ours.tensors) == sorted(want)
+    for tensor in ours.tensors:
+        np.testing.assert_array_equal(np.asarray(tensor.data), want[tensor.name], err_msg=tensor.name)
+    loaded = gguf_io.load_gguf(path, dtype="float32")
+    assert loaded.config == dataclasses.replace(config, init_std=0.02)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 12))
+    np.testing.assert_array_equal(np.asarray(interop.apply_lm(loaded.config, loaded.params, tokens)),
+                                  np.asarray(interop.apply_lm(config, params, tokens)))
+
+
+@pytest.mark.parametrize("arch, overrides, message", [
+    ("gemma2", dict(full_attention_layers=(0, 2)), r"gemma2 windows the even layers .* are \[0, 8, 0, 8\]"),
+    ("gemma2", dict(query_pre_attn_scalar=8.0), r"scales q·k by 1/√16 at this size; .*query_pre_attn_scalar=8"),
+    ("gemma3", dict(full_attention_layers=(2, 5)), r"every 6th layer global .* \(model.full_attention_layers\)"),
+    ("gemma3", dict(rope_local_theta=5e4), r"RoPE base 10000 on its windowed layers; .*rope_local_theta=50000"),
+    ("gemma3", dict(final_softcap=3.0), r"gemma3 architecture has no final logit soft cap \(model.final_softcap\)"),
+    ("phi3", dict(head_dim=32), r"phi3 rotates d_model / n_heads dims .* model.head_dim=32"),
+    ("qwen3", dict(query_pre_attn_scalar=8.0), r"qwen3 architecture scales q·k by 1/√head_dim with one RoPE base"),
+])
+def test_what_llama_cpp_computes_otherwise_is_refused_in_one_line(tmp_path, arch, overrides, message):
+    config = helpers.tiny_model_config(**{**FAMILY_CONFIGS[arch], **overrides})
+    with pytest.raises(errors.ConfigError, match=message) as e:
+        gguf_export.export_gguf(str(tmp_path / "m.gguf"), config, helpers.random_params(config))
+    assert "\n" not in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_gemma_gguf_vocabulary_is_written_back_as_the_source_states_it(tmp_path):
+    """A Gemma model whose tokenizer is its GGUF file's SentencePiece vocabulary exports with that vocabulary:
+    tokens, scores and types copied (llama.cpp merges by score), the special ids and add_bos kept, and the file
+    reads back to a tokenizer that encodes alike."""
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tokens += [f"<0x{b:02X}>" for b in range(256)] + ["▁", "h", "e", "l", "o", "he", "hell", "hello", "▁hello"]
+    types = [3] * 6 + [6] * 256 + [1] * 9
+    scores = [0.0] * 262 + [-float(i) for i in range(9)]
+    config = helpers.tiny_model_config(**FAMILY_CONFIGS["gemma3"], vocab_size=len(tokens) + 3)
+    source = tmp_path / "source.gguf"
+    writer = gguf.GGUFWriter(str(source), "gemma3")
+    gguf_export.add_hyperparameters(writer, config)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    for add, value in ((writer.add_bos_token_id, 2), (writer.add_eos_token_id, 1), (writer.add_unk_token_id, 3),
+                       (writer.add_pad_token_id, 0)):
+        add(value)
+    writer.add_add_space_prefix(False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tokenizer = load_tokenizer(str(source))
+    vocab = gguf_export.gguf_vocab(tokenizer, config.vocab_size)
+    assert vocab.model == "llama" and vocab.tokens[:len(tokens)] == tokens and vocab.scores[:len(tokens)] == scores
+    assert vocab.tokens[len(tokens):] == [f"[PAD{i}]" for i in range(len(tokens), len(tokens) + 3)]
+    path = str(tmp_path / "model.gguf")
+    gguf_export.export_gguf(path, config, helpers.random_params(config), vocab=vocab, gguf_type="f32")
+    reader = gguf.GGUFReader(path)
+    assert gguf_tokenizer.metadata_value(reader, "tokenizer.ggml.add_space_prefix") is False
+    assert gguf_tokenizer.metadata_value(reader, "tokenizer.ggml.bos_token_id") == 2
+    again = load_tokenizer(path)
+    for text in ("hello hello", "<start_of_turn>hello é<end_of_turn>"):
+        assert again.encode(text) == tokenizer.encode(text), text

@@ -1,5 +1,6 @@
 """Tiny GGUF files of each non-Llama architecture flaxalign reads — qwen2, qwen3, gemma2, gemma3, phi3 — written as
-llama.cpp's convert_hf_to_gguf.py writes them (`test_gguf._write_arch`), loaded by transformers (`gguf_file=`, its
+llama.cpp's convert_hf_to_gguf.py writes them (`test_gguf._write_arch`) and as flaxalign exports them, loaded by
+transformers (`gguf_file=`, its
 own GGUF reader and tensor renaming) and by flaxalign: the same logits on a right-padded batch. This checks our
 tensor tables, the Gemma norms' 1 + w, Phi-3's fused tensors and the windows / soft caps each file implies
 against an independent reader. Each config stays inside what transformers' GGUF reader maps: it reads no soft caps
@@ -14,6 +15,7 @@ import pytest
 
 from flaxalign import interop
 from flaxalign.interop import gguf as gguf_io
+from flaxalign.interop import gguf_export
 from tests import helpers
 from tests.interop.test_gguf import _norms_off_zero, _write_arch
 
@@ -38,13 +40,25 @@ def transformers():
     return torch, pytest.importorskip("transformers")
 
 
+def _exported(path, config, params) -> str:
+    """The model as `flaxalign convert --format=gguf` writes it (f32), with a stand-in vocabulary for the ids."""
+    vocab = gguf_export.GGUFVocab(tokens=[f"t{i}" for i in range(config.vocab_size)],
+                                  types=[gguf_export.NORMAL] * config.vocab_size, merges=[], pre="gpt-2", eos=1, pad=0)
+    gguf_export.export_gguf(str(path), config, params, vocab=vocab, gguf_type="f32")
+    return str(path)
+
+
+@pytest.mark.parametrize("writer", ["converter", "export"])
 @pytest.mark.parametrize("arch", CASES)
-def test_transformers_reads_our_tiny_file_as_we_do(transformers, tmp_path, arch):
+def test_transformers_reads_the_tiny_file_as_we_do(transformers, tmp_path, arch, writer):
+    """`converter`: the file as llama.cpp converts the HF checkpoint (what flaxalign reads); `export`: the file
+    flaxalign writes (`gguf_export`; qwen2 goes out as `llama`, with its q/k rows permuted)."""
     torch, transformers = transformers
     overrides, metadata = CASES[arch]
     config = helpers.tiny_model_config(**overrides)
     params = _norms_off_zero(helpers.random_params(config, seed=7))
-    path = _write_arch(tmp_path / "model.gguf", arch, config, params, metadata)
+    path = (_write_arch(tmp_path / "model.gguf", arch, config, params, metadata) if writer == "converter" else
+            _exported(tmp_path / "model.gguf", config, params))
     ours = gguf_io.load_gguf(path, dtype="float32")
     assert ours.config == dataclasses.replace(config, init_std=0.02)
 
