@@ -9,9 +9,10 @@ time without a constitution: response → feedback → refined response, N round
 feedback starts with `STOP_MARKER`.
 
 Everything here is a function of a *text model* `complete(prompts: list[str]) -> list[str]` (one response per
-prompt, batched), so the tests drive it with a scripted stub. `flaxalign.generate.model_completer` makes one from a run directory,
-`hf:DIR` or `gguf:FILE`, loading the weights once. Each phase is one call over all prompts: a constitutional run makes
-1 + 2·rounds calls (drafts, then critiques and revisions per round), self-refine at most the same.
+prompt, batched), so the tests drive it with a scripted stub. `flaxalign.generate.model_completer` makes one from a
+run directory, `hf:DIR` or `gguf:FILE`, loading the weights once. Each phase is one call over all prompts: a
+constitutional run makes 1 + 2·rounds calls (drafts, then critiques and revisions per round), self-refine at most
+the same.
 
 Requests are the `str.format` templates below (fields in `TEMPLATE_FIELDS`), sent as the user message of the model's
 chat template. Model outputs go through `clean_output`: surrounding whitespace and an echoed label ("Revision:") are

@@ -158,7 +158,8 @@ def _figures(workdir: str, metrics: dict, evals: dict, names: dict) -> list[tupl
             series[f"{method.upper()} (one point per seed)"] = ([p[0] for p in points], [p[1] for p in points])
     joined = {label: False for label in series}
     for name in names["ppo"]:
-        points = [(r["eval_kl"], r["eval_score"]) for r in metrics.get(name, []) if "eval_kl" in r and "eval_score" in r]
+        points = [(r["eval_kl"], r["eval_score"]) for r in metrics.get(name, [])
+                  if "eval_kl" in r and "eval_score" in r]
         if points:
             series[f"{name} during training"] = ([p[0] for p in points], [p[1] for p in points])
     for name, label in (("sft", "SFT"), ("clm", "base (CLM)")):

@@ -354,7 +354,8 @@ class ScalarModel:
 
     @property
     def abstract_trainable(self) -> dict:
-        return {"model": self.backbone.abstract_trainable, "head": heads.abstract_scalar_head(self.backbone.config.d_model)}
+        return {"model": self.backbone.abstract_trainable,
+                "head": heads.abstract_scalar_head(self.backbone.config.d_model)}
 
     @property
     def trainable_logical(self) -> dict:

@@ -147,7 +147,8 @@ def prompt_arrays(records: list[dict], tokenizer, *, chat_template: str, max_pro
 def make_sampler(model: Model, config, *, eos_id: int, pad_id: int):
     """`sample(prompts, rng)`: `generate` of the model, jitted (one compile per prompt shape)."""
     run = jax.jit(lambda params, prompts, rng: {k: v for k, v in generate(
-        models.merge(model.graphdef, params), prompts, rng, max_new_tokens=config.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+        models.merge(model.graphdef, params), prompts, rng, max_new_tokens=config.max_new_tokens, eos_id=eos_id,
+        pad_id=pad_id,
         temperature=config.temperature, top_k=config.top_k, top_p=config.top_p).items() if k in SAMPLE_KEYS})
     return lambda prompts, rng: run(model.params, prompts, rng)
 

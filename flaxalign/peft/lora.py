@@ -522,7 +522,8 @@ def replace_at_paths(tree: Mapping, updated: Mapping[str, Any], prefix: str = ""
     for key, value in tree.items():
         path = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            out[key] = replace_at_paths(value, updated, path) if any(p.startswith(path + "/") for p in updated) else value
+            inside = any(p.startswith(path + "/") for p in updated)
+            out[key] = replace_at_paths(value, updated, path) if inside else value
         else:
             out[key] = updated.get(path, value)
     return out

@@ -72,10 +72,12 @@ class PpoHyper:
         checks = [(self.epochs >= 1, "ppo.epochs must be >= 1"),
                   (self.num_minibatches >= 1, "ppo.num_minibatches must be >= 1"),
                   (self.clip_eps > 0, "ppo.clip_eps must be > 0"), (self.vf_clip > 0, "ppo.vf_clip must be > 0"),
-                  (self.vf_coef >= 0, "ppo.vf_coef must be >= 0"), (0 <= self.gamma <= 1, "ppo.gamma must be in [0, 1]"),
+                  (self.vf_coef >= 0, "ppo.vf_coef must be >= 0"),
+                  (0 <= self.gamma <= 1, "ppo.gamma must be in [0, 1]"),
                   (0 <= self.lam <= 1, "ppo.lam must be in [0, 1]"), (self.kl_coef >= 0, "ppo.kl_coef must be >= 0"),
                   (self.kl_estimator in KL_KINDS, f"ppo.kl_estimator must be one of {', '.join(KL_KINDS)}"),
-                  (self.kl_target >= 0, "ppo.kl_target must be >= 0"), (self.kl_horizon > 0, "ppo.kl_horizon must be > 0"),
+                  (self.kl_target >= 0, "ppo.kl_target must be >= 0"),
+                  (self.kl_horizon > 0, "ppo.kl_horizon must be > 0"),
                   (self.missing_eos_penalty >= 0, "ppo.missing_eos_penalty must be >= 0")]
         for ok, message in checks:
             if not ok:

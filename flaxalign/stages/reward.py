@@ -2,8 +2,8 @@
 on preference pairs with the Bradley–Terry loss  L = −log σ(r(x, y_c) − r(x, y_r) − m) + c·(r_c + r_r)².
 
 Params: `{"model": the backbone's trained part, "head": {"kernel", "bias"}}` (`policy.ScalarModel`); the backbone
-trains fully, with LoRA or with adapters, on a frozen base stored in model.frozen_dtype or quantized. The LM head is not part of a reward
-model.
+trains fully, with LoRA or with adapters, on a frozen base stored in model.frozen_dtype or quantized. The LM head
+is not part of a reward model.
 
 After training, the reward is normalised (Ziegler et al. 2019): responses of the SFT policy to held-out prompts are
 scored and gain g, bias b chosen so that g·r + b has mean 0 and std 1 over them; `reward_normalization.json` in the

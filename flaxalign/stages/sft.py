@@ -1,7 +1,7 @@
 """Supervised fine-tuning: L = −Σ_t m_t log p_θ(y_t | x, y_<t), the mask m on completion (or assistant) tokens only,
 normalised by the global number of loss tokens. Full fine-tuning, LoRA (`lora.rank > 0`) or bottleneck adapters
-(`adapters.placement`) on a frozen base, stored in model.frozen_dtype or quantized (`quantization.base`, QLoRA); the loss, steps and task
-builder are the LM stages' (`stages/lm.py`)."""
+(`adapters.placement`) on a frozen base, stored in model.frozen_dtype or quantized (`quantization.base`, QLoRA);
+the loss, steps and task builder are the LM stages' (`stages/lm.py`)."""
 
 import functools
 

@@ -34,7 +34,8 @@ def write_report(workdir: str, config, result, seconds: float) -> str:
     if eval_rows:
         lines += eval_table(eval_rows[0], eval_rows[-1])
     files = "`metrics.jsonl`, `tensorboard/`, `checkpoints/`, `config.json`"
-    curves = plots.plot_curves(os.path.join(workdir, "curves.png"), rows, plots.STAGE_PANELS.get(config.stage, ("loss",)),
+    curves = plots.plot_curves(os.path.join(workdir, "curves.png"), rows,
+                               plots.STAGE_PANELS.get(config.stage, ("loss",)),
                                title=f"{config.stage}: {os.path.basename(os.path.abspath(workdir))}")
     if curves:
         lines += ["", "![training curves](curves.png)"]

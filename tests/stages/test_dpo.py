@@ -150,7 +150,8 @@ def test_precomputed_reference_equals_reference_forward(tmp_path):
     task = _task(init_reference=_other_reference)
     state, shardings = _state(task, mesh, str(tmp_path))
     batch = helpers.pair_batch(num_pairs=8, seed=5)
-    stored = dpo.precompute_reference_logps(batch, weights=state.frozen, forward=TrainableModel(CONFIG).reference_forward,
+    stored = dpo.precompute_reference_logps(batch, weights=state.frozen,
+                                            forward=TrainableModel(CONFIG).reference_forward,
                                             mesh=mesh, batch_size=3, chunk_size=16)  # 3 ∤ 8: the wrap-around batch
     np.testing.assert_allclose(stored, np.stack(np.split(_naive_logps(CONFIG, state.frozen, batch), 2), 1),
                                rtol=1e-5)

@@ -34,7 +34,8 @@ def _reward_model():
     def without_head(tree):
         return {k: v for k, v in tree.items() if k != "lm_head"}
 
-    params = {"model": without_head(helpers.random_params(CONFIG, 1)), "head": heads.init_scalar_head(CONFIG.d_model, 3)}
+    params = {"model": without_head(helpers.random_params(CONFIG, 1)),
+              "head": heads.init_scalar_head(CONFIG.d_model, 3)}
     return ({"model": without_head(abstract), "head": heads.abstract_scalar_head(CONFIG.d_model)},
             {"model": without_head(logical), "head": heads.HEAD_LOGICAL},
             lambda shardings: jax.device_put(params, shardings))

@@ -116,7 +116,8 @@ def test_micro_batches_and_sharding_give_the_same_update(tmp_path, lora_config):
 
 
 ADAPTERS = dataclasses.replace(CONFIG, adapter_placement="pfeiffer", adapter_names=("rm",), active_adapter="rm")
-SAVED_RUNS = {"full": (None, None, CONFIG), "lora": (LORA, None, CONFIG), "qlora": (LORA, quant.QuantConfig("nf4"), CONFIG),
+SAVED_RUNS = {"full": (None, None, CONFIG), "lora": (LORA, None, CONFIG),
+              "qlora": (LORA, quant.QuantConfig("nf4"), CONFIG),
               "adapters": (None, None, ADAPTERS)}
 
 
