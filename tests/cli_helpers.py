@@ -20,11 +20,13 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300
 POLL_SECONDS = 0.2
+# Every test process and every CLI run a test starts: no LLVM optimisation passes (faster compiles; see conftest.py)
+XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def env(**extra) -> dict:
     out = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **extra}
-    out.pop("XLA_FLAGS", None)
+    out["XLA_FLAGS"] = XLA_TEST_FLAGS  # only this flag: a device count comes from --cpu_devices
     return out
 
 

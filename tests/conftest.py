@@ -12,6 +12,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".cache",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# Tests compile far more than they compute: at these tiny shapes LLVM's optimisation passes are ~40 % of a compile
+# and buy nothing back at run time (measured in BUILD_NOTES). The CLI runs the tests start get the same flag.
+from tests.cli_helpers import XLA_TEST_FLAGS  # noqa: E402
+
+if XLA_TEST_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS}".strip()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -123,29 +123,3 @@ def test_peft_export_refuses_fused_parts_and_writes_the_others(tmp_path):
     peft_dirs.save_peft_adapter(str(tmp_path / "b"), config, plain, lora_params)
     loaded_config, loaded = peft_dirs.load_peft_adapter(str(tmp_path / "b"), config)
     _assert_trees_equal(loaded, jax.tree.map(np.asarray, lora_params))
-
-
-def test_lora_sft_trains_a_phi3_model_through_its_stage(tmp_path):
-    """`model.family=phi3` built by the SFT stage with LoRA on every linear weight: Llama's adapters, the base bitwise
-    frozen, the loss falls."""
-    from flaxalign.data.corpus import stdlib_corpus
-    from flaxalign.data.tokenizer import Tokenizer
-    from flaxalign.stages import sft
-    from tests.config_files import stage_config
-    from tests.stages.test_stage_variants import _train_on_one_batch
-
-    tokenizer = Tokenizer.train(stdlib_corpus(max_chars=100_000), str(tmp_path / "tok.model"),
-                                vocab_size=512).model_path
-    config = stage_config("sft", {
-        "data.tokenizer": tokenizer, "data.train": "builtin:arithmetic_sft?n=16", "data.seq_len": 32,
-        "data.batch_size": 4, "model.family": "phi3", "model.sliding_window": 8, "lora.rank": 4,
-        "optim.lr": 3e-3, "optim.warmup_steps": 0})
-    mesh = helpers.mesh((1, 1, 1))
-    task = sft.build_task(config, str(tmp_path), mesh)
-    assert task.metadata["model"]["family"] == "phi3"
-    start, state, _, _, losses = _train_on_one_batch(task, mesh, str(tmp_path), steps=2)
-    assert set(state.params["lora"]["layers"]) == {"attn", "mlp"}
-    assert set(state.params["lora"]["layers"]["attn"]) == {"q", "k", "v", "o"}
-    for after, before in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(start.frozen)):
-        np.testing.assert_array_equal(np.asarray(after), before)
-    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
