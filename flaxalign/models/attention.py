@@ -20,6 +20,10 @@ Implementations (`model.attention`):
              precision, no soft cap, no KV-cache offset; unpacked right-padded rows as key lengths); blockwise
              otherwise.
   auto       splash on TPU, cudnn on GPU, blockwise on CPU.
+
+A decoding step (one new query per row) does not go through `attend`: `single_query` reads the KV cache in its
+heads-first `[B, K, S, H]` layout with the query heads grouped under their kv head — O(S) scores, and no copy of the
+cache transposed, repeated per query head or padded — on every backend.
 """
 
 import contextlib
@@ -138,6 +142,23 @@ def dense(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking: Masking, *, softcap: float =
     probs = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
     probs = (probs / probs.sum(axis=-1, keepdims=True)).astype(v.dtype)
     return jnp.swapaxes(jnp.einsum("bnqk,bnkh->bnqh", probs, v), 1, 2).astype(q_BxTxNxH.dtype)
+
+
+def single_query(q_BxNxH, k_BxKxSxH, v_BxKxSxH, masking: Masking, *, softcap: float = 0.0):
+    """One new query per row against a KV cache laid out heads first, `[B, K, S, H]` (the decoder's, every backend):
+    all [B, N, S] scores at once — O(S) memory, as a decoding step needs — with the query heads grouped under their
+    kv head, so the cache is read in place: not transposed, repeated per query head or padded to blocks. `masking`
+    as for `attend` (the query at column `q_start`). Returns `[B, N, H]` in q's dtype."""
+    b, n, h = q_BxNxH.shape
+    kv_heads, s = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+    q = (q_BxNxH * jnp.asarray(h ** -0.5, q_BxNxH.dtype)).reshape(b, kv_heads, n // kv_heads, h)
+    scores = _cap(jnp.einsum("bkgh,bksh->bkgs", q, k_BxKxSxH, preferred_element_type=jnp.float32), softcap)
+    visible = masking.allowed(masking.q_start + jnp.arange(1), jnp.arange(s))  # [B or 1, 1, S]
+    scores = jnp.where(visible[:, None], scores, MASKED)
+    probs = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = (probs / probs.sum(axis=-1, keepdims=True)).astype(v_BxKxSxH.dtype)
+    out = jnp.einsum("bkgs,bksh->bkgh", probs, v_BxKxSxH)
+    return out.reshape(b, n, h).astype(q_BxNxH.dtype)
 
 
 # --- blockwise (flash attention in plain JAX) --------------------------------------------------------------------

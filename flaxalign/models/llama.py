@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxalign.models import adapters
-from flaxalign.models.attention import Masking, attend
+from flaxalign.models.attention import Masking, attend, single_query
 from flaxalign.models.config import ModelConfig
 from flaxalign.models.linear import dense, materialize
 from flaxalign.models.lm_head import LMHead
@@ -131,9 +131,12 @@ class Attention(nnx.Module):
             self.k_norm = self.norm(c.head_dim, c.rms_eps, stack=stack)
 
     def __call__(self, x_BxTxD, cos, sin, masking: Masking, kv_cache=None):
-        """Self-attention over the T positions of `x`, keys visible per `masking`; with `kv_cache = (k, v, index)`
-        (`[B, S, K, H]` each, S the cache length) the new keys/values are written at slots index…index+T−1 and the
-        queries attend to the cache; then returns (out, (k, v))."""
+        """Self-attention over the T positions of `x`, keys visible per `masking`; with `kv_cache = (k, v, index,
+        layer)` (the whole stacked cache, `[L, B, K, S, H]` each, S the cache length) the new keys/values are written
+        at slots index…index+T−1 of `layer` and the queries attend to that layer's cache; then returns (out, (k, v)),
+        the stacked cache updated. The stack (not a layer's slice) goes in and out so that the write is one in-place
+        update of the loop-carried buffer, not a copy of the cache per token (`CausalLM.decode`); a decoding step
+        (T = 1) reads the heads-first cache as it lies (`attention.single_query`)."""
         c = self.config
         b, t, d = x_BxTxD.shape
         dtype = x_BxTxD.dtype
@@ -154,13 +157,21 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, q_cos, q_sin), ("act_batch", "act_length", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
         if kv_cache is not None:
-            cache_k, cache_v, index = kv_cache
-            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
-        out = attend(q, k.astype(dtype), v.astype(dtype), masking, impl=c.attention, softcap=c.attn_softcap,
-                     windows=tuple(sorted(set(c.layer_windows()))))
+            cache_k, cache_v, index, layer = kv_cache
+            start = (layer, 0, 0, index, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, jnp.swapaxes(k, 1, 2).astype(cache_k.dtype)[None], start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, jnp.swapaxes(v, 1, 2).astype(cache_v.dtype)[None], start)
+            k, v = cache_k[layer].astype(dtype), cache_v[layer].astype(dtype)  # [B, K, S, H]
+            if t == 1:
+                out = single_query(q[:, 0], k, v, masking, softcap=c.attn_softcap)[:, None]
+            else:  # the prefill
+                out = attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), masking, impl=c.attention,
+                             softcap=c.attn_softcap, windows=tuple(sorted(set(c.layer_windows()))))
+        else:
+            out = attend(q, k.astype(dtype), v.astype(dtype), masking, impl=c.attention, softcap=c.attn_softcap,
+                         windows=tuple(sorted(set(c.layer_windows()))))
         out = dense(out.reshape(b * t, c.n_heads * c.head_dim), self.o[...], dtype, n_in=2).reshape(b, t, d)
-        return out if kv_cache is None else (out, (k, v))
+        return out if kv_cache is None else (out, (cache_k, cache_v))
 
 
 class MLP(nnx.Module):
@@ -286,9 +297,10 @@ class CausalLM(nnx.Module):
         return self.final_norm(x)
 
     def init_cache(self, batch: int, length: int) -> dict:
-        """An empty KV cache for `decode`: `k`, `v` of shape `[L, B, S, K, H]` in the compute dtype."""
+        """An empty KV cache for `decode`: `k`, `v` of shape `[L, B, K, S, H]` (heads first: a decoding step reads
+        it in place) in the compute dtype."""
         c = self.config
-        shape = (c.n_layers, batch, length, c.n_kv_heads, c.head_dim)
+        shape = (c.n_layers, batch, c.n_kv_heads, length, c.head_dim)
         return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
 
     def decode(self, tokens_BxT, positions_BxT, cache: dict, index, key_mask_BxS):
@@ -304,15 +316,19 @@ class CausalLM(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
         window, windows = _layer_windows(c)
 
-        def layer_step(x, xs):
-            layer_params, layer_window, cache_k, cache_v = xs
+        # The cache rides in the scan's carry and each layer writes its new slots in place: as scanned inputs and
+        # outputs, the whole [L, B, S, K, H] cache would be read and written again at every token.
+        def layer_step(carry, xs):
+            x, cache_k, cache_v = carry
+            layer_params, layer_window, layer = xs
             layer_masking = masking._replace(window=window if windows is None else layer_window)
             cos, sin = _layer_rope(tables, window, layer_window)
             x, (cache_k, cache_v) = nnx.merge(graphdef, layer_params)(x, cos, sin, layer_masking,
-                                                                     (cache_k, cache_v, index))
-            return x, (cache_k, cache_v)
+                                                                     (cache_k, cache_v, index, layer))
+            return (x, cache_k, cache_v), None
 
-        x, (new_k, new_v) = jax.lax.scan(layer_step, x, (stacked, windows, cache["k"], cache["v"]))
+        layers = jnp.arange(c.n_layers, dtype=jnp.int32)
+        (x, new_k, new_v), _ = jax.lax.scan(layer_step, (x, cache["k"], cache["v"]), (stacked, windows, layers))
         return self.final_norm(x), {"k": new_k, "v": new_v}
 
     def embed_tokens(self, tokens_BxT):

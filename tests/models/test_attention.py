@@ -117,6 +117,22 @@ def test_decoding_from_a_cache_matches_the_reference(impl, window):
     np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, visible, 0.0), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window, softcap", [(0, 0.0), (3, 0.0), (0, 3.0)])
+def test_a_decoding_step_reads_the_heads_first_cache_as_the_reference_does(window, softcap):
+    """`single_query`: one query per row at slot 21 of a 32-slot cache in the decoder's [B, K, S, H] layout, left
+    padding and empty slots after it invalid, GQA (N = 2·K), against the float64 definition."""
+    s, start = 32, 21
+    q, k, v, _ = _inputs(seed=2, t=1, s=s)
+    valid = np.ones((B, s), np.int32)
+    valid[0, :6], valid[:, start + 1:] = 0, 0
+    masking = attention.Masking(q_start=jnp.int32(start), k_valid=jnp.asarray(valid), window=window)
+    heads_first = [jnp.asarray(np.swapaxes(x, 1, 2)) for x in (k, v)]
+    out = jax.jit(lambda q, k, v: attention.single_query(q, k, v, masking, softcap=softcap))(q[:, 0], *heads_first)
+    visible = _visible(start, None, None, valid, window, 1, s)
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, visible, softcap)[:, 0], atol=1e-5,
+                               rtol=1e-5)
+
+
 def test_blockwise_never_visits_key_blocks_outside_the_band():
     """Causal: query block i reads key blocks 0…i; with a window of 8 (one block) only the diagonal block and the
     one before it. Counted from the key-block loop's trip counts."""
