@@ -42,6 +42,14 @@ def write_gguf(path, config, params=None, *, qtype="F32", arch=None, vocab=None,
     return str(path)
 
 
+def write_and_close(writer):
+    """Writes a `gguf.GGUFWriter`'s header, metadata and tensors (added with `add_tensor`), and closes it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _add_vocab(writer, template=None, **fields):
     gguf_export.add_vocab(writer, gguf_export.GGUFVocab(**fields), template)
 
@@ -141,10 +149,7 @@ def test_k_quant_llama_loads_exactly(tmp_path):
         else:
             writer.add_tensor(gguf_io.gguf_tensor_name(name), value)
         state[name] = value
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_and_close(writer)
     assert {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors} == {"Q4_K", "F32"}
     loaded = gguf_io.load_gguf(str(path), dtype="float32")
     _assert_trees_equal(loaded.params, interop.params_from_hf_state_dict(config, state))
@@ -213,10 +218,7 @@ def _write_arch(path, arch, config, params, metadata=(), hyperparameters=True):
         if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             value = value + np.float32(1.0)
         writer.add_tensor(gguf_io.gguf_tensor_name(name, arch), value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_and_close(writer)
     return str(path)
 
 
@@ -311,10 +313,7 @@ def test_phi3_file_splits_its_fused_tensors_and_windows_every_layer(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "long.gguf"), "phi3")
     gguf_export.add_hyperparameters(writer, config)
     writer.add_tensor("rope_factors_long.weight", np.ones(config.head_dim // 2, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_and_close(writer)
     with pytest.raises(errors.ConfigError, match=r"long.gguf' uses LongRoPE scaling \(rope_factors_long"):
         gguf_io.load_gguf(str(tmp_path / "long.gguf"))
 
@@ -340,10 +339,7 @@ def test_gemma3_sentencepiece_tokenizer(tmp_path):
     writer.add_eos_token_id(1)
     writer.add_unk_token_id(3)
     writer.add_pad_token_id(0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_and_close(writer)
     tokenizer = load_tokenizer(str(path))
     ids = tokenizer.encode("hello world")
     assert [tokens[i] for i in ids] == ["hello", "▁world"]
@@ -359,10 +355,7 @@ def test_gemma3_sentencepiece_tokenizer(tmp_path):
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_eos_token_id(1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_and_close(writer)
     with pytest.raises(errors.DataError, match=r"SentencePiece \('llama'\) tokenizer for architecture 'llama'"):
         gguf_tokenizer.load_gguf_tokenizer(str(tmp_path / "llama_sp.gguf"))
 
@@ -623,10 +616,7 @@ def test_tokenizer_pad_and_errors(tmp_path):
     spm_file = tmp_path / "spm.gguf"
     writer = gguf.GGUFWriter(str(spm_file), "llama")
     writer.add_tokenizer_model("llama")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_and_close(writer)
     with pytest.raises(errors.DataError, match=r"has a SentencePiece \('llama'\) tokenizer for architecture 'llama'; "
                                                r"flaxalign builds those for \['gemma2', 'gemma3'\] only"):
         load_tokenizer(str(spm_file))
@@ -678,10 +668,7 @@ def test_unsupported_tensor_type(tmp_path):
     writer = gguf.GGUFWriter(str(path), "llama")
     gguf_export.add_hyperparameters(writer, config)
     writer.add_tensor("token_embd.weight", np.zeros((config.vocab_size, config.d_model), np.float64))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_and_close(writer)
     with pytest.raises(errors.CheckpointError, match=r"GGUF tensor 'token_embd.weight' of '.*f64.gguf' has type "
                                                      r"F64; flaxalign reads \['F32', 'F16', 'Q4_0', "):
         gguf_io.load_gguf(str(path))
@@ -705,10 +692,7 @@ def test_missing_unknown_and_unsupported_features(tmp_path):
         gguf_io.load_gguf(path)
     writer_path = tmp_path / "d.gguf"
     writer = gguf.GGUFWriter(str(writer_path), "llama")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_and_close(writer)
     with pytest.raises(errors.CheckpointError, match=r"GGUF file '.*d.gguf' has no metadata key 'llama.embedding"):
         gguf_io.load_gguf(str(writer_path))
     writer = gguf.GGUFWriter(str(writer_path), "llama")
@@ -717,10 +701,7 @@ def test_missing_unknown_and_unsupported_features(tmp_path):
     writer.add_uint32("llama.attention.head_count", 4)
     writer.add_tensor("token_embd.weight", np.zeros((512, 64), np.float32))
     writer.add_tensor("blk.0.attn_qkv.weight", np.zeros((192, 64), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_and_close(writer)
     with pytest.raises(errors.CheckpointError, match=r"1 tensor\(s\) that flaxalign's llama has no place for, "
                                                      r"e.g. \['blk.0.attn_qkv.weight'\]"):
         gguf_io.load_gguf(str(writer_path))

@@ -22,7 +22,14 @@ from flaxalign.interop import gguf as gguf_io
 from flaxalign.interop import gguf_export
 from flaxalign.models.llama import rope_frequencies
 from tests import helpers
-from tests.interop.test_gguf import SAMPLES, SPLIT_TEXTS, _norms_off_zero, _reference_tokenizer, _write_arch
+from tests.interop.test_gguf import (
+    SAMPLES,
+    SPLIT_TEXTS,
+    _norms_off_zero,
+    _reference_tokenizer,
+    _write_arch,
+    write_and_close,
+)
 
 TOKENS = np.random.default_rng(3).integers(0, 512, size=(2, 12))
 TEXTS = SAMPLES + SPLIT_TEXTS
@@ -402,10 +409,7 @@ def test_a_gemma_gguf_vocabulary_is_written_back_as_the_source_states_it(tmp_pat
                        (writer.add_pad_token_id, 0)):
         add(value)
     writer.add_add_space_prefix(False)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_and_close(writer)
     tokenizer = load_tokenizer(str(source))
     vocab = gguf_export.gguf_vocab(tokenizer, config.vocab_size)
     assert vocab.model == "llama" and vocab.tokens[:len(tokens)] == tokens and vocab.scores[:len(tokens)] == scores
