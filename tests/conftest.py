@@ -13,7 +13,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Tests compile far more than they compute: at these tiny shapes LLVM's optimisation passes are ~40 % of a compile
-# and buy nothing back at run time (measured in BUILD_NOTES). The CLI runs the tests start get the same flag.
+# and buy nothing back at run time (measured in BUILD_NOTES). The CLI runs the tests start do not get the flag
+# (`cli_helpers.env`).
 from tests.cli_helpers import XLA_TEST_FLAGS  # noqa: E402
 
 if XLA_TEST_FLAGS not in os.environ.get("XLA_FLAGS", ""):
