@@ -131,8 +131,8 @@ def _to_gguf(spec: str, destination: str, overwrite: bool, gguf_type: str | None
     name = os.path.basename(os.path.normpath(weights.directory_of(source))).removesuffix(".gguf")
     exported = gguf_export.export_gguf(destination, model_config, params, vocab=vocab, chat_template=template,
                                        gguf_type=gguf_type, name=name)
-    what = (f"wrote a {gguf_export.gguf_architecture(model_config)} GGUF file ({gguf_type}, {exported.tensors} tensors, {exported.size / 2**20:.1f} MiB) to "
-            f"{destination}")
+    what = (f"wrote a {gguf_export.gguf_architecture(model_config)} GGUF file ({gguf_type}, {exported.tensors} "
+            f"tensors, {exported.size / 2**20:.1f} MiB) to {destination}")
     if vocab is None:
         what += " without a tokenizer (the source has none; llama.cpp needs one to run the file)"
     else:

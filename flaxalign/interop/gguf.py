@@ -272,8 +272,23 @@ def architecture(reader, path: str) -> str:
     return arch
 
 
-GEMMA3_PATTERN = 6  # llama.cpp (`LLM_ARCH_GEMMA3`, set_swa_pattern(6)) and transformers: every 6th layer is global
+# llama.cpp's fixed Gemma layouts (`interop.gguf_export` writes only models that follow them): every Nth layer is
+# global, the others windowed (Gemma 2: set_swa_pattern(2), the odd layers; Gemma 3: 6), and q·k is scaled by
+# 1/√head_dim except in the 27B models (46 / 62 layers), where it is 1/√(d_model / n_heads).
+GEMMA_PATTERNS = {"gemma2": 2, "gemma3": 6}
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 GEMMA3_LOCAL_THETA = 10_000.0  # llama.cpp's rope_freq_base_train_swa and Gemma3TextConfig's rope_local_base_freq
+
+
+def gemma_full_layers(arch: str, n_layers: int, pattern: int | None = None) -> tuple[int, ...]:
+    """The global (full attention) layers of a Gemma file of `arch`: every `pattern`-th (default llama.cpp's)."""
+    pattern = pattern or GEMMA_PATTERNS[arch]
+    return tuple(i for i in range(n_layers) if (i + 1) % pattern == 0)
+
+
+def gemma_query_scalar(arch: str, n_layers: int, d_model: int, n_heads: int, head_dim: int) -> float:
+    """The q·k scale divisor (`query_pre_attn_scalar`) llama.cpp fixes for a Gemma file of `arch`."""
+    return float(d_model // n_heads if n_layers == GEMMA_27B_LAYERS[arch] else head_dim)
 
 
 def _gemma3_fields(reader, path: str, n_layers: int, d_model: int, n_heads: int, head_dim: int) -> dict[str, Any]:
@@ -286,14 +301,14 @@ def _gemma3_fields(reader, path: str, n_layers: int, d_model: int, n_heads: int,
     for cap in ("final_logit_softcapping", "attn_logit_softcapping"):
         if metadata_value(reader, f"gemma3.{cap}", None) is not None:
             raise errors.ConfigError(f"GGUF file {path!r} has gemma3.{cap}; flaxalign's Gemma 3 has no soft caps.")
-    pattern = _scalar(metadata_value(reader, "gemma3.attention.sliding_window_pattern", GEMMA3_PATTERN),
+    pattern = _scalar(metadata_value(reader, "gemma3.attention.sliding_window_pattern", GEMMA_PATTERNS["gemma3"]),
                       "gemma3.attention.sliding_window_pattern")
     window = int(_scalar(metadata_value(reader, "gemma3.attention.sliding_window", 0),
                          "gemma3.attention.sliding_window"))
-    full = tuple(i for i in range(n_layers) if (i + 1) % int(pattern) == 0)
+    full = gemma_full_layers("gemma3", n_layers, int(pattern))
     windows = {"sliding_window": window, "full_attention_layers": full} if window and len(full) < n_layers else {}
     return dict(family="gemma", qk_norm=True, rope_local_theta=GEMMA3_LOCAL_THETA,
-                query_pre_attn_scalar=float(d_model // n_heads if n_layers == 62 else head_dim), **windows)
+                query_pre_attn_scalar=gemma_query_scalar("gemma3", n_layers, d_model, n_heads, head_dim), **windows)
 
 
 GEMMA2_WINDOW = 4096  # llama.cpp's n_swa for a gemma2 file without attention.sliding_window (Gemma 2's own)
@@ -308,11 +323,11 @@ def _gemma2_fields(reader, n_layers: int, d_model: int, n_heads: int, head_dim: 
             for key, default in gemma.GEMMA2_SOFTCAPS.items()}
     window = int(_scalar(metadata_value(reader, "gemma2.attention.sliding_window", GEMMA2_WINDOW),
                          "gemma2.attention.sliding_window"))
-    full = tuple(i for i in range(n_layers) if i % 2 == 1)
+    full = gemma_full_layers("gemma2", n_layers)
     windows = {"sliding_window": window, "full_attention_layers": full} if window and len(full) < n_layers else {}
     return dict(family="gemma", qk_norm=False, attn_softcap=caps["attn_logit_softcapping"],
                 final_softcap=caps["final_logit_softcapping"],
-                query_pre_attn_scalar=float(d_model // n_heads if n_layers == 46 else head_dim), **windows)
+                query_pre_attn_scalar=gemma_query_scalar("gemma2", n_layers, d_model, n_heads, head_dim), **windows)
 
 
 def _phi3_fields(reader, path: str, names: set[str], n_layers: int) -> dict[str, Any]:

@@ -47,9 +47,11 @@ from flaxalign.data.gguf_tokenizer import PRE_TOKENIZERS, GGUFTokenizer, metadat
 from flaxalign.interop import hf
 from flaxalign.interop.gguf import (
     GEMMA3_LOCAL_THETA,
-    GEMMA3_PATTERN,
+    GEMMA_PATTERNS,
     NORMS_PLUS_ONE,
     ROPE_PERMUTED,
+    gemma_full_layers,
+    gemma_query_scalar,
     gguf_tensor_name,
     permute_rope_rows,
 )
@@ -93,10 +95,12 @@ def gguf_architecture(config: ModelConfig) -> str:
     return "qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else ARCHITECTURE
 
 
-def _gemma_scalar(config: ModelConfig, big_model_layers: int) -> float:
-    """The q·k scale divisor llama.cpp fixes for a Gemma file: head_dim, but d_model / n_heads for the 27B models
-    (Gemma 2: 46 layers, Gemma 3: 62), as `interop.gguf` reads it."""
-    return float(config.d_model // config.n_heads if config.n_layers == big_model_layers else config.head_dim)
+_GEMMA_LAYOUTS = {  # how llama.cpp lays out its layers, and the fields that say ours
+    "gemma2": ("windows the even layers and attends in full on the odd ones",
+               "model.sliding_window / model.full_attention_layers"),
+    "gemma3": (f"makes every {GEMMA_PATTERNS['gemma3']}th layer global and windows the others",
+               "model.full_attention_layers"),
+}
 
 
 def check_exportable(config: ModelConfig) -> None:
@@ -113,27 +117,23 @@ def check_exportable(config: ModelConfig) -> None:
                                          f"{'attention' if field == 'attn_softcap' else 'final logit'} soft cap "
                                          f"(model.{field}); this model cannot be exported as GGUF.")
     windows = config.layer_windows()
-    if arch == "gemma2":
-        want = tuple(i % 2 == 0 for i in range(config.n_layers))
-        if tuple(bool(w) for w in windows) != want:
-            raise errors.ConfigError("llama.cpp's gemma2 windows the even layers and attends in full on the odd ones; "
-                                     f"this model's windows per layer are {list(windows)} (model.sliding_window / "
-                                     "model.full_attention_layers).")
-    elif arch == "gemma3":
-        want = tuple((i + 1) % GEMMA3_PATTERN != 0 for i in range(config.n_layers))
-        if config.sliding_window and tuple(bool(w) for w in windows) != want:
-            raise errors.ConfigError(f"llama.cpp's gemma3 makes every {GEMMA3_PATTERN}th layer global and windows the "
-                                     f"others; this model's windows per layer are {list(windows)} "
-                                     "(model.full_attention_layers).")
-        if (config.rope_local_theta or config.rope_theta) != GEMMA3_LOCAL_THETA:
-            raise errors.ConfigError(f"llama.cpp's gemma3 uses RoPE base {GEMMA3_LOCAL_THETA:g} on its windowed "
-                                     f"layers; this model has model.rope_local_theta="
-                                     f"{config.rope_local_theta or config.rope_theta:g}.")
+    if arch in GEMMA_PATTERNS:
+        full = gemma_full_layers(arch, config.n_layers)
+        layout = tuple(w == 0 for w in windows) == tuple(i in full for i in range(config.n_layers))
+        if not layout and (arch == "gemma2" or config.sliding_window):  # a windowless Gemma 3 is one llama.cpp runs
+            rule, fields = _GEMMA_LAYOUTS[arch]
+            raise errors.ConfigError(f"llama.cpp's {arch} {rule}; this model's windows per layer are "
+                                     f"{list(windows)} ({fields}).")
     elif config.full_attention_layers:
         raise errors.ConfigError(f"llama.cpp's {arch} architecture attends alike on every layer, but this model mixes "
                                  "windowed and full attention layers (model.full_attention_layers).")
-    if arch.startswith("gemma"):
-        fixed = _gemma_scalar(config, 46 if arch == "gemma2" else 62)
+    local_theta = config.rope_local_theta or config.rope_theta
+    want = {"gemma2": config.rope_theta, "gemma3": GEMMA3_LOCAL_THETA}.get(arch, local_theta)  # Gemma 2: one base
+    if local_theta != want:
+        raise errors.ConfigError(f"llama.cpp's {arch} uses RoPE base {want:g} on its windowed layers; this model has "
+                                 f"model.rope_local_theta={local_theta:g}.")
+    if arch in GEMMA_PATTERNS:
+        fixed = gemma_query_scalar(arch, config.n_layers, config.d_model, config.n_heads, config.head_dim)
         if (config.query_pre_attn_scalar or config.head_dim) != fixed:
             raise errors.ConfigError(f"llama.cpp's {arch} scales q·k by 1/√{fixed:g} at this size; this model has "
                                      "model.query_pre_attn_scalar="

@@ -156,6 +156,7 @@ class Attention(nnx.Module):
         q_cos, q_sin = (cos, sin) if q_scale == 1.0 else (cos * q_scale, sin * q_scale)
         q = constrain(apply_rope(q, q_cos, q_sin), ("act_batch", "act_length", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
+        out = None
         if kv_cache is not None:
             cache_k, cache_v, index, layer = kv_cache
             start = (layer, 0, 0, index, 0)
@@ -164,10 +165,9 @@ class Attention(nnx.Module):
             k, v = cache_k[layer].astype(dtype), cache_v[layer].astype(dtype)  # [B, K, S, H]
             if t == 1:
                 out = single_query(q[:, 0], k, v, masking, softcap=c.attn_softcap)[:, None]
-            else:  # the prefill
-                out = attend(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), masking, impl=c.attention,
-                             softcap=c.attn_softcap, windows=tuple(sorted(set(c.layer_windows()))))
-        else:
+            else:  # the prefill attends like training, over [B, S, K, H]
+                k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        if out is None:
             out = attend(q, k.astype(dtype), v.astype(dtype), masking, impl=c.attention, softcap=c.attn_softcap,
                          windows=tuple(sorted(set(c.layer_windows()))))
         out = dense(out.reshape(b * t, c.n_heads * c.head_dim), self.o[...], dtype, n_in=2).reshape(b, t, d)

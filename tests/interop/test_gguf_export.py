@@ -376,6 +376,7 @@ def test_other_architectures_are_written_as_llama_cpp_s_converter_writes_them(tm
     ("gemma2", dict(query_pre_attn_scalar=8.0), r"scales q·k by 1/√16 at this size; .*query_pre_attn_scalar=8"),
     ("gemma3", dict(full_attention_layers=(2, 5)), r"every 6th layer global .* \(model.full_attention_layers\)"),
     ("gemma3", dict(rope_local_theta=5e4), r"RoPE base 10000 on its windowed layers; .*rope_local_theta=50000"),
+    ("gemma2", dict(rope_local_theta=5e4), r"gemma2 uses RoPE base 10000 on its windowed .*rope_local_theta=50000"),
     ("gemma3", dict(final_softcap=3.0), r"gemma3 architecture has no final logit soft cap \(model.final_softcap\)"),
     ("phi3", dict(head_dim=32), r"phi3 rotates d_model / n_heads dims .* model.head_dim=32"),
     ("qwen3", dict(query_pre_attn_scalar=8.0), r"qwen3 architecture scales q·k by 1/√head_dim with one RoPE base"),
