@@ -20,15 +20,12 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300
 POLL_SECONDS = 0.2
-# The test process compiles without LLVM optimisation passes (faster compiles; see conftest.py). The CLI runs a
-# test starts do not: they train for hundreds of steps, where unoptimised code runs slower (the slow group took
-# 20.5 min instead of ≈ 14 with the flag) and rounds differently from what `flaxalign train` computes for users.
-XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def env(**extra) -> dict:
     out = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **extra}
-    out.pop("XLA_FLAGS", None)  # a device count comes from --cpu_devices; no test-only flag
+    # a device count comes from --cpu_devices, and the test process's compile flag (conftest.py) is not for CLI runs
+    out.pop("XLA_FLAGS", None)
     return out
 
 
