@@ -1,6 +1,8 @@
 """SIGKILL at a random moment — during start-up, compilation, a step, an async checkpoint save or the final save —
-never loses the last good checkpoint, and the rerun ends with the uninterrupted run's losses, bit for bit, for CLM,
-SFT and DPO. The moment is drawn from a seeded generator (the seed is in the test id), so a failure can be rerun."""
+never loses the last good checkpoint, and the rerun ends with the uninterrupted run's metrics, bit for bit, for CLM,
+SFT, DPO, PPO (adaptive KL) and GRPO: every logged metric but the timings, so an RL rerun also samples the same
+rollouts (rollout rng, data position, KL coefficient and optimizer counts all come back from the checkpoint). The
+moment is drawn from a seeded generator (the seed is in the test id), so a failure can be rerun."""
 
 import os
 import random
@@ -15,26 +17,40 @@ pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 48, 8
 COMMON = {"steps": STEPS, "checkpoint_every": EVERY, "keep_checkpoints": 2, "log_every": 1, "eval_every": 0,
-          "data.seq_len": 32, "data.batch_size": 4}
+          "data.batch_size": 4}
+RL = {"init_from": "checkpoint:{clm}", "eval_at_start": False, "eval_prompts": 0}
 STAGES = {
-    "clm": ("configs/clm.py:tiny", {"data.max_chars": 200_000}),
-    "sft": ("configs/sft.py:tiny", {"init_from": "checkpoint:{clm}", "eval_at_start": False,
+    "clm": ("configs/clm.py:tiny", {"data.max_chars": 200_000, "data.seq_len": 32}),
+    "sft": ("configs/sft.py:tiny", {"init_from": "checkpoint:{clm}", "eval_at_start": False, "data.seq_len": 32,
                                     "data.train": "builtin:arithmetic_sft?n=64"}),
-    "dpo": ("configs/dpo.py:tiny", {"init_from": "checkpoint:{clm}", "eval_at_start": False,
+    "dpo": ("configs/dpo.py:tiny", {"init_from": "checkpoint:{clm}", "eval_at_start": False, "data.seq_len": 32,
                                     "data.train": "builtin:arithmetic_preferences?n=64", "eval_kl.num_prompts": 0}),
+    # the reward model is a 4-step run from the same CLM checkpoint; the adaptive controller moves β every step
+    "ppo": ("configs/ppo.py:tiny", {**RL, "reward_from": "checkpoint:{reward}", "ppo.kl_target": 0.1}),
+    # a reward that differs between samples of a prompt (an untrained policy never gets an answer right)
+    "grpo": ("configs/grpo.py:tiny", {**RL, "grpo.group_size": 4, "rewards": "tests.test_rewards:length_reward"}),
 }
+TIMINGS = ("step_time", "tokens_per_sec", "mfu")
 # "startup": killed before the first step is logged (flags, data, model, compilation); a number: a seed for a moment
 # in the training phase (steps, async saves, the final save)
-# Every stage is killed at start-up and at one moment of its training phase, each stage at another one (seeds 14, 3,
-# 10: 10 %, 21 %, 51 % of the phase), so the three moments are all covered in half the runs of every pair.
-CASES = [(stage, "startup") for stage in STAGES] + [("clm", 14), ("sft", 3), ("dpo", 10)]
+# CLM, SFT and DPO are killed at start-up and at one moment of their training phase, each stage at another one
+# (seeds 14, 3, 10: 10 %, 21 %, 51 % of the phase), so the three moments are all covered in half the runs of every
+# pair; PPO and GRPO (whose start-up is the same code) in their training phase only (seeds 7, 12: 29 %, 43 %).
+CASES = [(stage, "startup") for stage in ("clm", "sft", "dpo")] + [("clm", 14), ("sft", 3), ("dpo", 10), ("ppo", 7),
+                                                                   ("grpo", 12)]
 
 
-def _flags(stage: str, workdir: str, upstream: str, **overrides) -> list[str]:
+def _flags(stage: str, workdir: str, upstream: dict, **overrides) -> list[str]:
+    """`upstream`: {"clm": DIR, "reward": DIR} of the runs the later stages start from."""
     config, extra = STAGES[stage]
     values = {**COMMON, **extra, **overrides}
     return [f"--config={config}", f"--workdir={workdir}"] + [
-        f"--config.{k}={str(v).format(clm=upstream)}" for k, v in values.items()]
+        f"--config.{k}={str(v).format(**upstream)}" for k, v in values.items()]
+
+
+def _metrics(workdir: str) -> dict:
+    """{step: its logged metrics but the timings}."""
+    return {r["step"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in cli.metrics(workdir)}
 
 
 def _run_timed(args: list[str], kill_at=None) -> tuple[float, float]:
@@ -63,26 +79,33 @@ def _run_timed(args: list[str], kill_at=None) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
-    """A 4-step CLM run the SFT and DPO runs start from."""
-    workdir = str(tmp_path_factory.mktemp("upstream"))
-    rc, _, err = cli.run(_flags("clm", workdir, "", steps=4, checkpoint_every=0, log_every=4), cpu_devices=1)
+    """A 4-step CLM run the other stages start from, and a 4-step reward model from it for PPO."""
+    runs = {"clm": str(tmp_path_factory.mktemp("upstream")), "reward": str(tmp_path_factory.mktemp("reward"))}
+    rc, _, err = cli.run(_flags("clm", runs["clm"], runs, steps=4, checkpoint_every=0, log_every=4), cpu_devices=1)
     assert rc == 0, err[-2000:]
-    return workdir
+    reward = ["--config=configs/reward.py:tiny", f"--workdir={runs['reward']}", f"--config.init_from=checkpoint:"
+              f"{runs['clm']}"] + [f"--config.{k}={v}" for k, v in {
+                  "steps": 4, "checkpoint_every": 0, "log_every": 4, "eval_every": 0, "eval_at_start": False,
+                  "data.batch_size": 4}.items()]
+    rc, _, err = cli.run(reward, cpu_devices=1)
+    assert rc == 0, err[-2000:]
+    return runs
 
 
 @pytest.fixture(scope="module")
 def straight(upstream, tmp_path_factory):
-    """The uninterrupted run of each stage: {stage: ({step: loss}, seconds to its first logged step, to its end)}."""
+    """The uninterrupted run of each stage: {stage: ({step: metrics}, seconds to its first logged step, to its
+    end)}."""
     runs = {}
     for stage in STAGES:
         workdir = str(tmp_path_factory.mktemp(f"straight_{stage}"))
         first_row, end = _run_timed(_flags(stage, workdir, upstream))
-        runs[stage] = ({r["step"]: r["loss"] for r in cli.metrics(workdir)}, first_row, end)
+        runs[stage] = (_metrics(workdir), first_row, end)
     return runs
 
 
 @pytest.mark.parametrize("stage, moment", CASES)
-def test_a_sigkill_at_a_random_moment_resumes_to_the_same_losses(stage, moment, upstream, straight, tmp_path):
+def test_a_sigkill_at_a_random_moment_resumes_to_the_same_metrics(stage, moment, upstream, straight, tmp_path):
     expected, first_row, end = straight[stage]
     if moment == "startup":
         fraction = random.Random(stage).uniform(0.2, 0.9)
@@ -105,6 +128,7 @@ def test_a_sigkill_at_a_random_moment_resumes_to_the_same_losses(stage, moment, 
           f"resumed at step {resumed_at}")
     # every step the rerun trained equals the straight run's, exactly (a kill before the first checkpoint
     # restarts from scratch: then all of them)
-    got = {r["step"]: r["loss"] for r in rows}
+    got = _metrics(workdir)
+    assert expected[STEPS]["loss"] != 0.0  # a run whose updates do something
     assert {s: got[s] for s in got if s > resumed_at} == {s: expected[s] for s in expected if s > resumed_at}, \
         f"killed after {killed_after:.1f}s, resumed at {resumed_at}"
