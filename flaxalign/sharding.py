@@ -162,6 +162,11 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def constrain_rows(tree):
+    """Each `[batch, ...]` array of `tree` sharded by rows over data×fsdp (`constrain`)."""
+    return jax.tree.map(lambda x: constrain(x, ("act_batch",) + (None,) * (x.ndim - 1)), tree)
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles each host's rows into global arrays sharded over data×fsdp (each host reads only its shard)."""
     out = {}

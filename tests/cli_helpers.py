@@ -86,9 +86,11 @@ def run(args: list[str], cpu_devices: int = 8, timeout: float = TIMEOUT, command
     return finish(start(args, cpu_devices, command, **env_extra), timeout)
 
 
-def run_together(commands: list[list[str]], timeout: float = TIMEOUT, **env_extra) -> list[tuple[int, str]]:
+def run_together(commands: list[list[str]], timeout: float = TIMEOUT, expected_rc: int = 0,
+                 **env_extra) -> list[tuple[int, str]]:
     """Runs processes that need each other (a jax.distributed job) and returns [(returncode, output)] once all
-    exit 0. The first one to fail fails the test at once with its output tail, and the others are killed: they
+    exit `expected_rc`. The first one to exit otherwise fails the test at once with its output tail, and the others
+    are killed: they
     would otherwise wait for the dead peer in a collective until `timeout`. Output goes to files, not pipes, so
     polling never blocks a child on a full pipe."""
     with tempfile.TemporaryDirectory() as logs:
@@ -99,7 +101,7 @@ def run_together(commands: list[list[str]], timeout: float = TIMEOUT, **env_extr
                 with open(path, "w") as log:
                     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env(**env_extra), stdout=log,
                                                   stderr=subprocess.STDOUT, text=True, start_new_session=True))
-            failed, hung = _wait_for_all_or_a_failure(procs, timeout)
+            failed, hung = _wait_for_all_or_a_failure(procs, timeout, expected_rc)
         finally:
             for proc in procs:
                 kill_group(proc)
@@ -112,15 +114,16 @@ def run_together(commands: list[list[str]], timeout: float = TIMEOUT, **env_extr
     return [(proc.returncode, out) for proc, out in zip(procs, outputs)]
 
 
-def _wait_for_all_or_a_failure(procs, timeout) -> tuple[int | None, bool]:
-    """(index of the first process seen to fail or None, whether `timeout` passed first)."""
+def _wait_for_all_or_a_failure(procs, timeout, expected_rc: int = 0) -> tuple[int | None, bool]:
+    """(index of the first process seen to exit with another code than `expected_rc` or None, whether `timeout`
+    passed first)."""
     deadline = time.monotonic() + timeout
     while True:
         codes = [proc.poll() for proc in procs]
-        failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
+        failed = [i for i, code in enumerate(codes) if code not in (None, expected_rc)]
         if failed:
             return failed[0], False
-        if all(code == 0 for code in codes):
+        if all(code == expected_rc for code in codes):
             return None, False
         if time.monotonic() > deadline:
             return None, True

@@ -48,6 +48,21 @@ def sft_demo_run(clm_demo_run, tmp_path_factory):
     return workdir
 
 
+@pytest.fixture(scope="session")
+def rl_upstream(tmp_path_factory):
+    """Quick starting points for RL runs whose learning is not the point: {"clm": a 4-step CLM run (tiny, 200k
+    characters), "reward": a 4-step reward model from it}."""
+    runs = {"clm": str(tmp_path_factory.mktemp("upstream_clm")), "reward": str(tmp_path_factory.mktemp("upstream_rm"))}
+    quick = {"steps": 4, "checkpoint_every": 0, "log_every": 4, "eval_every": 0, "data.batch_size": 4}
+    for config, workdir, extra in (
+            ("clm", runs["clm"], {"data.max_chars": 200_000, "data.seq_len": 32}),
+            ("reward", runs["reward"], {"init_from": f"checkpoint:{runs['clm']}", "eval_at_start": False})):
+        rc, _, err = cli.run([f"--config=configs/{config}.py:tiny", f"--workdir={workdir}"] + [
+            f"--config.{k}={v}" for k, v in {**quick, **extra}.items()], cpu_devices=1)
+        assert rc == 0, err[-2000:]
+    return runs
+
+
 def pytest_addoption(parser):
     parser.addoption("--no-skips", action="store_true",
                      help="a skipped test fails (CI: a test that silently stops running is a failure); "

@@ -25,7 +25,7 @@ STAGES = {
                                     "data.train": "builtin:arithmetic_sft?n=64"}),
     "dpo": ("configs/dpo.py:tiny", {"init_from": "checkpoint:{clm}", "eval_at_start": False, "data.seq_len": 32,
                                     "data.train": "builtin:arithmetic_preferences?n=64", "eval_kl.num_prompts": 0}),
-    # the reward model is a 4-step run from the same CLM checkpoint; the adaptive controller moves β every step
+    # the reward model is `rl_upstream`'s; the adaptive controller moves β every step
     "ppo": ("configs/ppo.py:tiny", {**RL, "reward_from": "checkpoint:{reward}", "ppo.kl_target": 0.1}),
     # a reward that differs between samples of a prompt (an untrained policy never gets an answer right)
     "grpo": ("configs/grpo.py:tiny", {**RL, "grpo.group_size": 4, "rewards": "tests.test_rewards:length_reward"}),
@@ -78,34 +78,19 @@ def _run_timed(args: list[str], kill_at=None) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    """A 4-step CLM run the other stages start from, and a 4-step reward model from it for PPO."""
-    runs = {"clm": str(tmp_path_factory.mktemp("upstream")), "reward": str(tmp_path_factory.mktemp("reward"))}
-    rc, _, err = cli.run(_flags("clm", runs["clm"], runs, steps=4, checkpoint_every=0, log_every=4), cpu_devices=1)
-    assert rc == 0, err[-2000:]
-    reward = ["--config=configs/reward.py:tiny", f"--workdir={runs['reward']}", f"--config.init_from=checkpoint:"
-              f"{runs['clm']}"] + [f"--config.{k}={v}" for k, v in {
-                  "steps": 4, "checkpoint_every": 0, "log_every": 4, "eval_every": 0, "eval_at_start": False,
-                  "data.batch_size": 4}.items()]
-    rc, _, err = cli.run(reward, cpu_devices=1)
-    assert rc == 0, err[-2000:]
-    return runs
-
-
-@pytest.fixture(scope="module")
-def straight(upstream, tmp_path_factory):
+def straight(rl_upstream, tmp_path_factory):
     """The uninterrupted run of each stage: {stage: ({step: metrics}, seconds to its first logged step, to its
     end)}."""
     runs = {}
     for stage in STAGES:
         workdir = str(tmp_path_factory.mktemp(f"straight_{stage}"))
-        first_row, end = _run_timed(_flags(stage, workdir, upstream))
+        first_row, end = _run_timed(_flags(stage, workdir, rl_upstream))
         runs[stage] = (_metrics(workdir), first_row, end)
     return runs
 
 
 @pytest.mark.parametrize("stage, moment", CASES)
-def test_a_sigkill_at_a_random_moment_resumes_to_the_same_metrics(stage, moment, upstream, straight, tmp_path):
+def test_a_sigkill_at_a_random_moment_resumes_to_the_same_metrics(stage, moment, rl_upstream, straight, tmp_path):
     expected, first_row, end = straight[stage]
     if moment == "startup":
         fraction = random.Random(stage).uniform(0.2, 0.9)
@@ -114,7 +99,7 @@ def test_a_sigkill_at_a_random_moment_resumes_to_the_same_metrics(stage, moment,
         fraction = random.Random(moment).uniform(0.0, 0.9)
         kill_at = lambda seen: None if seen is None else seen + fraction * (end - first_row)  # noqa: E731
     workdir = str(tmp_path / "killed")
-    args = _flags(stage, workdir, upstream)
+    args = _flags(stage, workdir, rl_upstream)
     _, killed_after = _run_timed(args, kill_at)
     rc, _, err = cli.run(args, cpu_devices=1)
     assert rc == 0, f"killed after {killed_after:.1f}s; the rerun failed:\n{err[-3000:]}"

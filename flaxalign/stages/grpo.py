@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from flaxalign import errors, sharding, weights
+from flaxalign import errors, host_rows, sharding, weights
 from flaxalign.data.prompt_data import build_prompt_datasets, prompt_texts
 from flaxalign.generate import decode_responses, generate
 from flaxalign.losses.rl import (
@@ -89,21 +89,25 @@ class GrpoModels:
 
 def grpo_rollout(state: TrainState, prompts: dict, rng, *, m: GrpoModels, sampling: onpolicy.Sampling, eos_id: int,
                  pad_id: int, with_reference: bool, group_size: int = 1, greedy: bool = False) -> dict:
-    """`group_size` responses to each of `prompts` (consecutive rows), with the reward model's raw `rm_scores`
-    (zeros without one) and, unless `greedy` (evaluation), `old_logps` and `ref_logps` (zeros without a
-    reference)."""
-    prompts = {k: jnp.repeat(prompts[k], group_size, axis=0) for k in onpolicy.PROMPT_KEYS}
+    """`group_size` responses to each of `prompts` (consecutive rows; an optional `index` [P] is repeated too), with the
+    reward model's raw `rm_scores` (zeros without one) and, unless `greedy` (evaluation), `old_logps` and
+    `ref_logps` (zeros without a reference). Every output is sharded by rows, as the prompts are, so that each
+    process scores the rows it holds."""
+    prompts = {k: jnp.repeat(v, group_size, axis=0) for k, v in prompts.items()}
     policy = m.policy.forward(state.params, state.frozen)
-    out = generate(policy, prompts, rng, max_new_tokens=sampling.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                   temperature=0.0 if greedy else sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    out = generate(policy, {k: prompts[k] for k in onpolicy.PROMPT_KEYS}, rng, max_new_tokens=sampling.max_new_tokens,
+                   eos_id=eos_id, pad_id=pad_id, temperature=0.0 if greedy else sampling.temperature,
+                   top_k=sampling.top_k, top_p=sampling.top_p)
     batch = {k: out[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
+    if "index" in prompts:
+        batch["index"] = prompts["index"]
     mask = batch["response_mask"] > 0
     if m.reward is not None:
         batch["rm_scores"] = onpolicy.reward_model_scores(m.reward, state.frozen, batch["tokens"], batch["mask"])
     else:
         batch["rm_scores"] = jnp.zeros(mask.shape[:1], jnp.float32)
     if greedy:
-        return batch
+        return sharding.constrain_rows(batch)
     zero = jnp.zeros((), jnp.float32)
     logps, _, _ = onpolicy.response_logps(policy, batch, m.policy)
     batch["old_logps"] = jnp.where(mask, logps, zero)
@@ -113,7 +117,7 @@ def grpo_rollout(state: TrainState, prompts: dict, rng, *, m: GrpoModels, sampli
         batch["ref_logps"] = jnp.where(mask, ref_logps, zero)
     else:
         batch["ref_logps"] = jnp.zeros_like(batch["old_logps"])
-    return batch
+    return sharding.constrain_rows(batch)
 
 
 def grpo_loss(trainable, frozen, batch, rng, *, m: GrpoModels, h: GrpoHyper, max_completion_length: int):
@@ -177,28 +181,48 @@ def _grpo_update(state, batch, *, m, h, optimizer, grad_accum):
 
 
 class Scorer:
-    """Reward functions (+ the optional reward model) over one rollout: total reward `[B]` and per-function means."""
+    """Reward functions (+ the optional reward model) over one rollout: total reward `[B]` and per-function means.
+
+    Each process decodes and scores the rollout rows it owns, and the per-row rewards are all-gathered
+    (`host_rows`), so every process returns the same totals: reward functions are Python on the host, and a
+    multi-process run splits that work instead of leaving it to one process."""
 
     def __init__(self, functions, weights, tokenizer, records, *, reward_model_weight: float, gain: float,
                  bias: float, missing_eos_penalty: float):
         self.functions, self.weights, self.tokenizer, self.records = functions, weights, tokenizer, records
         self.rm_weight, self.gain, self.bias, self.penalty = reward_model_weight, gain, bias, missing_eos_penalty
 
-    def __call__(self, rollout: dict, index, group_size: int) -> tuple[np.ndarray, dict]:
-        host = jax.device_get({k: rollout[k] for k in ("response", "response_mask", "ended", "rm_scores")})
-        records = [self.records[int(i)] for i in np.repeat(np.asarray(index), group_size)]
+    def __call__(self, rollout: dict) -> tuple[np.ndarray, dict]:
+        """`rollout`: `grpo_rollout`'s, whose `index` is each row's record."""
+        rows = host_rows.owned_rows(rollout["response"])
+        host = {k: host_rows.local_rows(rollout[k], rows)
+                for k in ("response", "response_mask", "ended", "rm_scores", "index")}
+        failure, columns = None, np.zeros((len(rows), len(self.functions) + 2))
+        try:
+            columns = self._score(host)
+        except errors.FlaxalignError as error:  # every process stops, none waits for the failed one
+            failure = error
+        host_rows.raise_together(failure)
+        columns = host_rows.gather_rows(columns, rows, rollout["response"].shape[0])
+        total, rm, per_function = columns[:, 0], columns[:, 1], columns[:, 2:]
+        logged = {f"rewards/{name}": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+                  for (name, _), v in zip(self.functions, per_function.T)}
+        if self.rm_weight:
+            logged["rewards/reward_model"] = float(np.mean(rm))
+        return total, logged
+
+    def _score(self, host: dict) -> np.ndarray:
+        """`[rows, 2 + functions]`: total reward, normalised reward-model score, each function's rewards."""
+        records = [self.records[int(i)] for i in host["index"]]
         completions = decode_responses(self.tokenizer, host["response"], host["response_mask"])
         columns = {"answer": [r.get("answer") for r in records]} if any("answer" in r for r in records) else {}
         total, per_function = score_completions(self.functions, self.weights, prompt_texts(records), completions,
                                                 columns)
-        logged = {f"rewards/{name}": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-                  for name, v in per_function.items()}
+        rm = self.gain * np.asarray(host["rm_scores"], np.float64) + self.bias
         if self.rm_weight:
-            rm = self.gain * np.asarray(host["rm_scores"], np.float64) + self.bias
             total = total + self.rm_weight * rm
-            logged["rewards/reward_model"] = float(np.mean(rm))
         total = total - self.penalty * (1.0 - np.asarray(host["ended"], np.float64))
-        return total, logged
+        return np.stack([total, rm, *per_function.values()], axis=1)
 
 
 class GrpoRollouts:
@@ -211,14 +235,15 @@ class GrpoRollouts:
 
     def __call__(self, state, step, batch):
         with jax.set_mesh(self.mesh):
-            rollout = self.fn(state, {k: batch[k] for k in onpolicy.PROMPT_KEYS})
-        rewards, logged = self.scorer(rollout, jax.device_get(batch["index"]), self.h.group_size)
+            rollout = self.fn(state, {k: batch[k] for k in (*onpolicy.PROMPT_KEYS, "index")})
+        rewards, logged = self.scorer(rollout)
         bad = int(np.sum(~np.isfinite(rewards)))
         if bad:
             logging.warning("step %d: %d of %d rewards are not finite; this update is skipped.", step, bad,
                             rewards.size)
         rows = sharding.batch_sharding(self.mesh, rewards.size, 1)
-        rollout["rewards"] = jax.device_put(rewards.astype(np.float32), rows)
+        rollout["rewards"] = jax.make_array_from_callback(rewards.shape, rows,
+                                                          lambda index: rewards[index].astype(np.float32))
         return rollout, logged
 
 
@@ -233,15 +258,15 @@ class GrpoEval:
                                                                        **rollout_kwargs))
 
     def __call__(self, state) -> dict:
-        prompts = {k: self.prompts[k] for k in onpolicy.PROMPT_KEYS}
+        prompts = {k: self.prompts[k] for k in (*onpolicy.PROMPT_KEYS, "index")}
         out = {}
         for name, fn in (("greedy", self.greedy), ("sampled", self.sampled)):
             with jax.set_mesh(self.mesh):
                 rollout = fn(state, prompts, self.rng)
-            total, logged = self.scorer(rollout, self.prompts["index"], 1)
+            total, logged = self.scorer(rollout)
             out[f"reward_{name}"] = float(np.nanmean(total))
             out.update({f"{key.split('/', 1)[1]}_{name}": value for key, value in logged.items()})
-            out[f"response_length_{name}"] = float(np.mean(np.sum(jax.device_get(rollout["response_mask"]), 1)))
+            out[f"response_length_{name}"] = float(jnp.mean(jnp.sum(rollout["response_mask"], axis=1)))
         return out
 
 
@@ -260,8 +285,6 @@ def build_task(config, workdir: str, mesh) -> Task:
     functions = resolve_reward_functions(config.rewards) if config.rewards.strip() else []
     if not functions and not config.reward_from:
         raise errors.ConfigError("GRPO needs rewards: name reward functions in `rewards` and/or set reward_from.")
-    if jax.process_count() > 1 and functions:
-        raise errors.ConfigError("Python reward functions run on one host; multi-process GRPO needs reward_from only.")
     weights_of_rewards = _weights(config.reward_weights)
     policy = weights.trainable_model(config, model_config)
 
