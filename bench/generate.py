@@ -49,7 +49,7 @@ import numpy as np
 
 from flaxalign import models
 from flaxalign.data.batching import left_pad_prompts
-from flaxalign.generate import generate, generate_recompute
+from flaxalign.sampler import generate, generate_recompute
 
 PAD_ID = 0
 EOS_ID = -1  # never sampled: no row stops early

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxalign import errors, models, sharding, weights
+from flaxalign import errors, models, plan_rollout, sampler, sharding, weights
 from flaxalign.data.batching import PREFERENCE_KEYS, SFT_KEYS
 from flaxalign.models import attention, heads
 from flaxalign.policy import UNUSED_BY_SCALAR, ScalarModel
@@ -193,7 +193,7 @@ def _lm_task(config, mesh, name: str):
                         grad_accum=config.grad_accum, chunk_size=config.loss_chunk, init_base=_never,
                         tokens_per_step=b * t, flops_per_step=b * t * model_config.flops_per_token(t))
     batch = {k: _struct((b, t), np.float32 if k == "loss_mask" else np.int32) for k in SFT_KEYS}
-    return task, model_config, batch
+    return task, model_config, batch, None
 
 
 def _pairs_batch(config) -> dict:
@@ -218,7 +218,7 @@ def _dpo_task(config, mesh):
         batch["label"] = _struct((b,), np.float32)
     if reference == "precomputed":
         batch["ref_logps"] = _struct((b, 2), np.float32)
-    return task, model_config, batch
+    return task, model_config, batch, None
 
 
 def _reward_task(config, mesh):
@@ -230,7 +230,7 @@ def _reward_task(config, mesh):
     task = reward.make_task(rm, config.optim, grad_accum=config.grad_accum, center_coef=config.center_coef,
                             init_base=_never, tokens_per_step=tokens,
                             flops_per_step=tokens * model_config.flops_per_token(t + 1))
-    return task, model_config, _pairs_batch(config)
+    return task, model_config, _pairs_batch(config), None
 
 
 def _reward_model(config, model_config):
@@ -244,10 +244,6 @@ def _reward_model(config, model_config):
              "head": heads.abstract_scalar_head(model_config.d_model)},
             {"model": {k: v for k, v in logical.items() if k not in UNUSED_BY_SCALAR}, "head": heads.HEAD_LOGICAL},
             _never)
-
-
-def _prompts(config, rows: int) -> dict:
-    return {k: _struct((rows, config.data.max_prompt_len), np.int32) for k in onpolicy.PROMPT_KEYS}
 
 
 def _abstract_state(task, seed: int):
@@ -265,9 +261,12 @@ def _ppo_task(config, mesh):
                         _reward_model(config, model_config), init_base=_never)
     task = _rl_task("ppo", core, functools.partial(ppo.ppo_step, m=core.models, h=h, optimizer=core.optimizer,
                                                    grad_accum=config.grad_accum))
-    rollout = functools.partial(ppo.ppo_rollout, m=core.models, sampling=sampling, eos_id=0, pad_id=0)
-    batch = jax.eval_shape(rollout, _abstract_state(task, config.seed), _prompts(config, b), jax.random.PRNGKey(0))
-    return task, model_config, batch
+    sampled = sampler.rollout_shapes(b, config.data.max_prompt_len, sampling)
+    batch = jax.eval_shape(functools.partial(ppo.ppo_score, m=core.models), _abstract_state(task, config.seed),
+                           sampled)
+    rollout = plan_rollout.RolloutSpec(core.models.policy, sampling, b, config.data.max_prompt_len,
+                                       policy_params=lambda params: params["policy"], scoring_forwards=4)
+    return task, model_config, batch, rollout
 
 
 def _grpo_task(config, mesh):
@@ -281,11 +280,14 @@ def _grpo_task(config, mesh):
     core = grpo.grpo_core(config, weights.trainable_model(config, model_config), h, sampling, rm, init_base=_never)
     task = _rl_task("grpo", core, functools.partial(grpo.grpo_step, m=core.models, h=h, optimizer=core.optimizer,
                                                     grad_accum=config.grad_accum))
-    rollout = functools.partial(grpo.grpo_rollout, m=core.models, sampling=sampling, eos_id=0, pad_id=0,
-                                with_reference=h.needs_reference, group_size=h.group_size)
-    batch = jax.eval_shape(rollout, _abstract_state(task, config.seed), _prompts(config, b), jax.random.PRNGKey(0))
+    sampled = sampler.rollout_shapes(rows, config.data.max_prompt_len, sampling)
+    score = functools.partial(grpo.grpo_score, m=core.models, with_reference=h.needs_reference)
+    batch = jax.eval_shape(score, _abstract_state(task, config.seed), sampled, _struct((rows,), np.int32))
     batch["rewards"] = _struct((rows,), np.float32)
-    return task, model_config, batch
+    rollout = plan_rollout.RolloutSpec(core.models.policy, sampling, rows, config.data.max_prompt_len,
+                                       policy_params=lambda params: params,
+                                       scoring_forwards=1 + int(h.needs_reference) + int(rm is not None))
+    return task, model_config, batch, rollout
 
 
 def _rl_task(name, core, train_step):
@@ -298,7 +300,8 @@ TASKS = {"clm": functools.partial(_lm_task, name="clm"), "sft": functools.partia
 
 
 def abstract_task(config, mesh):
-    """(Task without data, model config, abstract global batch) of `config`'s stage on `mesh`."""
+    """(Task without data, model config, abstract global batch, `plan_rollout.RolloutSpec` of an RL stage's rollout
+    or None) of `config`'s stage on `mesh`."""
     if config.stage not in TASKS:
         raise errors.ConfigError(f"flaxalign plan knows the stages {sorted(TASKS)}, not {config.stage!r}.")
     return TASKS[config.stage](config, mesh)
@@ -307,12 +310,6 @@ def abstract_task(config, mesh):
 # ----------------------------------------------------------------------------------------------------------------
 # Compile and report
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _per_chip_bytes(tree) -> int:
-    """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (replicated arrays count fully)."""
-    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-               for leaf in jax.tree.leaves(tree))
 
 
 def abstract_arguments(task: Task, batch: dict, mesh, seed: int):
@@ -391,7 +388,7 @@ def plan(config, topology: str, *, mfu: float = 0.4) -> dict:
     config = _tpu_config(config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
                               devices=topology_devices(target))
-    task, model_config, batch = abstract_task(config, mesh)
+    task, model_config, batch, rollout = abstract_task(config, mesh)
     state, batch, state_sh = abstract_arguments(task, batch, mesh, config.seed)
     chip = target.chip
     report = {
@@ -399,8 +396,8 @@ def plan(config, topology: str, *, mfu: float = 0.4) -> dict:
         "chips": target.chips, "mesh": sharding.mesh_shape_of(mesh), "model_params": model_config.num_params(),
         "attention": model_config.attention,
         "trained_params": sum(math.prod(x.shape) for x in jax.tree.leaves(task.abstract_params)),
-        "state": {"params": _per_chip_bytes(state.params), "frozen": _per_chip_bytes(state.frozen),
-                  "opt_state": _per_chip_bytes(state.opt_state), "batch": _per_chip_bytes(batch)},
+        "state": {key: plan_rollout.per_chip_bytes(tree) for key, tree in (
+            ("params", state.params), ("frozen", state.frozen), ("opt_state", state.opt_state), ("batch", batch))},
         "hbm_bytes": chip.hbm_bytes, "usable_bytes": chip.usable_bytes, "peak_flops_per_chip": chip.peak_flops,
         "mfu": mfu, "tokens_per_step": task.tokens_per_step, "flops_per_step": task.flops_per_step,
         "step_time_s": task.flops_per_step / (target.chips * chip.peak_flops * mfu),
@@ -426,7 +423,47 @@ def plan(config, topology: str, *, mfu: float = 0.4) -> dict:
                   xla_flops_per_chip=_cost_flops(compiled))
     if not report["fits"]:
         report["message"] = overflow_message(report, memory["total"], config, model_config)
+    if rollout is not None:
+        _plan_rollout(report, rollout, state, task, model_config, mesh, config, started)
     return report
+
+
+def _plan_rollout(report: dict, spec, state, task, model_config, mesh, config, started: float) -> None:
+    """Adds the RL rollout to `report` (`plan_rollout.rollout_report`): `rollout`, `update_s`, `step_time_s` =
+    rollout + update, and `fits` / `message` for the rollout phase too."""
+    chip = CHIPS[report["topology"].split(":")[0]]
+    try:
+        rollout = plan_rollout.rollout_report(spec, state, model_config, mesh, memory_of=_memory, chip=chip,
+                                              mfu=report["mfu"])
+    except Exception as e:  # running out of HBM is an answer; anything else propagates
+        oom = compile_oom(e, plan_rollout.per_chip_bytes(state))
+        if oom is None:
+            raise
+        report.update(fits=False, rollout={"compile_error": oom["detail"]},
+                      compile_s=time.time() - started)
+        report.setdefault("message", rollout_overflow_message(report, oom["needed"], config, at_least=True))
+        return
+    update_s = max(task.flops_per_step - rollout["rollout_flops"], 0.0) / (
+        report["chips"] * chip.peak_flops * report["mfu"])
+    report.update(rollout=rollout, update_s=update_s, step_time_s=rollout["rollout_s"] + update_s,
+                  compile_s=time.time() - started)
+    if rollout["phase_total"] > chip.usable_bytes:
+        report["fits"] = False
+        report.setdefault("message", rollout_overflow_message(report, rollout["phase_total"], config))
+
+
+def rollout_overflow_message(report: dict, needed: float | None, config, at_least: bool = False) -> str:
+    """One sentence: the rollout phase's overflow and what to change."""
+    need = f"{'at least ' if at_least else ''}{_size(needed)}" if needed else "more HBM than that"
+    rows = "data.batch_size × grpo.group_size" if report["stage"] == "grpo" else "data.batch_size"
+    partial = config.get("lora", {}).get("rank") or config.get("adapters", {}).get("placement", "none") != "none"
+    tips = [f"fewer rollout rows ({rows})", "a shorter rollout.max_new_tokens or data.max_prompt_len",
+            "parameters sharded over more chips (mesh.fsdp=-1 with mesh.data=1)"]
+    if not partial:
+        tips.append("LoRA instead of full fine-tuning (lora.rank=16: one frozen base serves policy and reference)")
+    return (f"the {report['stage']} rollout does not fit on {report['topology']}: each {report['chip']} chip needs "
+            f"{need} (the sampler with its KV cache, plus the optimizer and the models it does not read) but has "
+            f"{_size(report['usable_bytes'])} of usable HBM; try {', '.join(tips[:-1])} or {tips[-1]}.")
 
 
 def _attention_label(configured: str, traced: set[str]) -> str:
@@ -482,6 +519,23 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
+def _rollout_lines(report: dict) -> list[str]:
+    """The RL rollout's part of the table: memory per role and the rollout phase's total."""
+    rollout = report.get("rollout")
+    if rollout is None:
+        return []
+    if "compile_error" in rollout:
+        return [f"  rollout            the sampler's compile ran out of HBM: {rollout['compile_error']}"]
+    roles = ", ".join(f"{name} {_size(n)}" for name, n in rollout["roles"].items())
+    sampler, usable = rollout["sampler_memory"], report["usable_bytes"]
+    total = rollout["phase_total"]
+    return [f"  per role, per chip {roles}; KV cache {_size(rollout['kv_cache'])}",
+            (f"  rollout phase      sampler {_size(sampler['total'])} (arguments {_size(sampler['argument'])}, "
+             f"temporaries with the KV cache {_size(sampler['temp'])}) + resident {_size(rollout['resident'])} "
+             f"(optimizer and the models it does not read) = {_size(total)} of {_size(usable)}: "
+             f"{100 * total / usable:.2g}%, {'fits' if total <= usable else 'DOES NOT FIT'}")]
+
+
 def format_report(report: dict) -> str:
     """The plan as a readable table."""
     mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items())
@@ -500,14 +554,21 @@ def format_report(report: dict) -> str:
             lines.append(f"    {label:<20}{_size(memory[key]):>12}")
         lines.append(f"    {'total':<20}{_size(memory['total']):>12} of {_size(usable)} usable HBM "
                      f"({_size(report['hbm_bytes'])} datasheet): {100 * memory['total'] / usable:.2g}%, "
-                     f"{'fits' if report['fits'] else 'DOES NOT FIT'}")
+                     f"{'fits' if memory['total'] <= usable else 'DOES NOT FIT'}")
     else:
         lines.append(f"    the compile ran out of HBM: {report['compile_error']}")
+    lines += _rollout_lines(report)
     xla = report["xla_flops_per_chip"]
     lines.append(f"  FLOPs per step     {report['flops_per_step']:.3g} (flaxalign's count)"
                  + (f"; XLA cost analysis {xla:.3g} per chip × {report['chips']} = {xla * report['chips']:.3g} "
                     "(counts a layer scan's body once)" if xla else ""))
     step = report["step_time_s"]
+    if report.get("update_s") is not None:
+        rollout = report["rollout"]
+        lines.append(f"  rollout time       {rollout['rollout_s']:.3g} s = prefill {rollout['prefill_s']:.3g} s + "
+                     f"decode {rollout['decode_s']:.3g} s (each token reads the weights and the KV cache at "
+                     f"{rollout['hbm_bandwidth'] / 1e9:,.0f} GB/s, or computes at the MFU below) + scoring "
+                     f"{rollout['scoring_s']:.3g} s; update {report['update_s']:.3g} s")
     lines.append(f"  step time          {step:.3g} s at {100 * report['mfu']:.0f}% MFU of "
                  f"{report['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 per chip "
                  f"({report['tokens_per_step'] / step:,.0f} tokens/s)")

@@ -9,7 +9,7 @@ import pytest
 
 from flaxalign import models
 from flaxalign.data.batching import left_pad_prompts
-from flaxalign.generate import filter_logits, generate, generate_recompute
+from flaxalign.sampler import filter_logits, generate, generate_recompute
 from tests import helpers
 
 CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2, vocab_size=64)
@@ -45,6 +45,47 @@ def test_some_rows_stop_at_eos_and_are_padded_after_it():
             assert row[n - 1] == EOS and EOS not in row[: n - 1] and (row[n:] == PAD).all()
         else:
             assert n == 40 and EOS not in row
+
+
+class _CountingDecodes:
+    """A model whose decode calls (the prefill, then one per generated token) are counted as they run."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def _count(self):
+        self.calls += 1
+
+    def output_head(self):
+        return self.model.output_head()
+
+    def init_cache(self, *args):
+        return self.model.init_cache(*args)
+
+    def decode(self, *args):
+        jax.debug.callback(self._count, ordered=True)
+        return self.model.decode(*args)
+
+
+def test_decoding_stops_once_every_row_has_ended():
+    """Both rows' greedy first token is made the EOS: the loop ends after one token, with the outputs of 12."""
+    prompts = [PROMPTS[0]] * 2
+    first = int(_run(generate, prompts=prompts, temperature=0.0)["response"][0, 0])
+    counted = {}
+
+    def run(params, batch):
+        counted["model"] = _CountingDecodes(models.merge(GRAPHDEF, params))
+        return generate(counted["model"], batch, jax.random.PRNGKey(0), max_new_tokens=12, eos_id=first, pad_id=PAD,
+                        temperature=0.0)
+
+    out = jax.device_get(jax.jit(run)(PARAMS, left_pad_prompts(prompts, pad_id=PAD)))
+    jax.effects_barrier()
+    assert counted["model"].calls == 2  # the prefill and the first token's step, not 12
+    np.testing.assert_array_equal(out["response"][:, 0], [first, first])
+    assert (out["response"][:, 1:] == PAD).all() and out["ended"].all()
+    np.testing.assert_array_equal(out["response_mask"], np.eye(1, 12, dtype=int).repeat(2, axis=0))
+    recomputed = _run(generate_recompute, prompts=prompts, temperature=0.0, eos_id=first)
+    np.testing.assert_array_equal(out["tokens"], recomputed["tokens"])
 
 
 def test_left_padding_does_not_change_the_real_tokens():

@@ -189,7 +189,7 @@ def test_abstract_tasks_need_no_data(stage, lora):
     weights), with the batch layout its step takes; arguments get the loop's shardings."""
     config = plan._tpu_config(stage_config(stage, **{"lora.rank": lora}))
     mesh = sharding.make_mesh(-1, 1, 1)
-    task, model_config, batch = plan.abstract_task(config, mesh)
+    task, model_config, batch, rollout = plan.abstract_task(config, mesh)
     b = config.data.batch_size
     if stage in ("clm", "sft"):
         assert batch["inputs"].shape == (b, config.data.seq_len)
@@ -200,6 +200,9 @@ def test_abstract_tasks_need_no_data(stage, lora):
         width = config.data.max_prompt_len + config.rollout.max_new_tokens
         assert batch["tokens"].shape == (rows, width) and batch["response_mask"].shape[0] == rows
         assert "rewards" in batch if stage == "grpo" else "scores" in batch
+        assert (rollout.rows, rollout.prompt_len) == (rows, config.data.max_prompt_len)
+        assert rollout.sampling.max_new_tokens == config.rollout.max_new_tokens
+    assert (rollout is None) == (stage not in ("ppo", "grpo"))
     assert model_config.dtype == "bfloat16" and task.flops_per_step > 0 and task.tokens_per_step > 0
     state, batch, _ = plan.abstract_arguments(task, batch, mesh, config.seed)
     assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
@@ -252,6 +255,52 @@ def test_every_stage_compiles_for_v4(stage):
     pytest.importorskip("libtpu")
     result = plan.plan(stage_config(stage), "v4:2x2x1")
     assert result["fits"] and result["memory"]["total"] > 0 and result["stage"] == stage
+
+
+@tpu
+@pytest.mark.parametrize("stage, overrides, roles", [
+    ("grpo", {"lora.rank": 8, "grpo.beta": 0.04}, ["policy (trained)", "frozen base (policy, reference)"]),
+    ("ppo", {}, ["policy (trained)", "value model (trained)", "reference (frozen copy)", "reward model"])])
+def test_rl_plan_reports_every_role_and_the_rollout(stage, overrides, roles):
+    """The RL plan also compiles the sampler (prefill + decode at the rollout's rows and lengths): memory per role,
+    the KV cache (2 · L · rows · K · (prompt + response) · H in bfloat16, rows split over the 8 chips), the
+    rollout phase (the sampler program + the state it does not read) and step time = rollout + update."""
+    pytest.importorskip("libtpu")
+    config = stage_config(stage, **overrides)
+    result = plan.plan(config, "v5e:2x4")
+    text = plan.format_report(result)
+    print(text)
+    rollout, c = result["rollout"], models.ModelConfig.from_dict(config.model.to_dict())
+    assert result["fits"] and list(rollout["roles"]) == roles + ["optimizer state"]
+    rows = config.data.batch_size * (config.grpo.group_size if stage == "grpo" else 1)
+    width = config.data.max_prompt_len + config.rollout.max_new_tokens
+    assert rollout["kv_cache"] == 2 * c.n_layers * rows * c.n_kv_heads * width * c.head_dim * 2 // 8
+    assert rollout["sampler_memory"]["temp"] >= rollout["kv_cache"] > 0
+    assert rollout["phase_total"] == rollout["sampler_memory"]["total"] + rollout["resident"]
+    assert rollout["resident"] >= rollout["roles"]["optimizer state"]
+    assert result["step_time_s"] == pytest.approx(rollout["rollout_s"] + result["update_s"]) and result["update_s"] > 0
+    for line in ("per role, per chip", "rollout phase", "rollout time", "fits"):
+        assert line in text
+
+
+@tpu
+def test_a_rollout_that_does_not_fit_is_refused_with_what_to_change():
+    """PPO on one v5e chip whose update fits (micro-batches of 256 rows) but whose sampler decodes all 65,536 rows
+    at once: the sampler's compile runs out of HBM, and the plan says so in one sentence with the rollout's knobs."""
+    pytest.importorskip("libtpu")
+    config = stage_config("ppo", **{"data.batch_size": 65536, "ppo.num_minibatches": 16, "grad_accum": 16,
+                                    "rollout.max_new_tokens": 200, "data.max_prompt_len": 56})
+    result = plan.plan(config, "v5e:1x1")
+    assert result["memory"]["total"] < result["usable_bytes"]  # the train step alone fits
+    assert not result["fits"] and "compile_error" in result["rollout"]
+    assert "the sampler's compile ran out of HBM" in plan.format_report(result)
+    with pytest.raises(errors.ConfigError) as refused:
+        plan.require_fit(result)
+    message = str(refused.value)
+    assert message.startswith("the ppo rollout does not fit on v5e:1x1: each TPU v5 lite chip needs at least ")
+    assert "\n" not in message
+    for tip in ("data.batch_size", "rollout.max_new_tokens", "mesh.fsdp=-1", "lora.rank=16"):
+        assert tip in message
 
 
 @tpu

@@ -21,6 +21,7 @@ to evaluate replicated; give `mesh` to use more.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -44,10 +45,11 @@ from flaxalign.data.prompt_data import (
 from flaxalign.data.sources import read_records
 from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.eval import likelihood, text_metrics
-from flaxalign.generate import decode_responses, generate
+from flaxalign.generate import decode_responses
 from flaxalign.interop import pretrained
 from flaxalign.losses.lm import chunked_token_kl
 from flaxalign.models.apply import apply_reward
+from flaxalign.sampler import KVCacheSampler, Sampling
 from flaxalign.train import checkpoint as ckpt
 from flaxalign.train.metrics import MetricsWriter
 
@@ -145,12 +147,14 @@ def prompt_arrays(records: list[dict], tokenizer, *, chat_template: str, max_pro
 
 
 def make_sampler(model: Model, config, *, eos_id: int, pad_id: int):
-    """`sample(prompts, rng)`: `generate` of the model, jitted (one compile per prompt shape)."""
-    run = jax.jit(lambda params, prompts, rng: {k: v for k, v in generate(
-        models.merge(model.graphdef, params), prompts, rng, max_new_tokens=config.max_new_tokens, eos_id=eos_id,
-        pad_id=pad_id,
-        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p).items() if k in SAMPLE_KEYS})
-    return lambda prompts, rng: run(model.params, prompts, rng)
+    """`sample(prompts, rng)`: the model's responses from its `KVCacheSampler` (one compile per prompt shape) at
+    the evaluation's sampling settings, the `SAMPLE_KEYS` of the rollout."""
+    engine = KVCacheSampler(functools.partial(models.merge, model.graphdef), eos_id=eos_id, pad_id=pad_id)
+    sampling = Sampling(config.max_new_tokens, config.temperature, config.top_k, config.top_p)
+
+    def sample(prompts, rng):
+        return {k: v for k, v in engine.sample(model.params, prompts, rng, sampling).items() if k in SAMPLE_KEYS}
+    return sample
 
 
 def sample_responses(sample, prompts: dict, tokenizer, rng, batch_size: int) -> dict:

@@ -28,7 +28,6 @@ import numpy as np
 from flaxalign import errors, sharding, weights
 from flaxalign.data.batching import left_pad_prompts, pair_prompts, unstack_pairs
 from flaxalign.data.preference_data import build_kto_datasets, build_preference_datasets
-from flaxalign.generate import generate
 from flaxalign.losses.lm import chunked_token_kl, sequence_logps
 from flaxalign.losses.preference import (
     DPO_LOSS_TYPES,
@@ -39,6 +38,7 @@ from flaxalign.losses.preference import (
     simpo_loss,
 )
 from flaxalign.policy import TrainableModel
+from flaxalign.sampler import KVCacheSampler, Sampling
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_rows, check_shapes
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
@@ -198,14 +198,12 @@ def dpo_eval_step(state: TrainState, batch: dict, *, method: Method, m: Models) 
     return {"loss": loss_sum, "count": count, **sums}
 
 
-def sampled_kl(state: TrainState, prompts: dict, rng, *, m: Models, max_new_tokens: int, eos_id: int,
-               pad_id: int) -> dict:
-    """KL(π‖π_ref) on prompts: responses y ~ π are sampled, and Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)) over each
-    response's tokens (the full-vocabulary KL at every step, so ≥ 0 and exactly 0 while π = π_ref; its mean over
-    samples estimates the sequence KL without the sign noise of Σ_t log π(y_t) − log π_ref(y_t)). Sums over the
-    prompts of `kl` and `response_length`, and `count`."""
+def sampled_kl(state: TrainState, out: dict, *, m: Models) -> dict:
+    """KL(π‖π_ref) on prompts, from responses y ~ π (`out`: a rollout of the policy at temperature 1, the `sampler`
+    contract): Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)) over each response's tokens (the full-vocabulary KL at every
+    step, so ≥ 0 and exactly 0 while π = π_ref; its mean over samples estimates the sequence KL without the sign
+    noise of Σ_t log π(y_t) − log π_ref(y_t)). Sums over the prompts of `kl` and `response_length`, and `count`."""
     policy = m.policy.model(state.params, state.frozen)
-    out = generate(policy, prompts, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
     tokens, mask = out["tokens"][:, :-1], out["mask"][:, :-1]  # inputs whose next token is a response token
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     hidden = policy(tokens, positions, mask)
@@ -214,7 +212,7 @@ def sampled_kl(state: TrainState, prompts: dict, rng, *, m: Models, max_new_toke
     kl = chunked_token_kl(hidden, policy.output_head(), ref_hidden, reference.output_head(),
                           chunk_size=m.chunk_size)
     response = out["response_mask"].astype(jnp.float32)
-    prompt_len = prompts["input_ids"].shape[1]
+    prompt_len = out["tokens"].shape[1] - response.shape[1]
     kl = kl[:, prompt_len - 1:] * response
     return {"kl": jnp.sum(kl), "response_length": jnp.sum(response),
             "count": jnp.asarray(tokens.shape[0], jnp.float32)}
@@ -370,16 +368,18 @@ def training_passes(method: Method, reference: str) -> float:
 
 
 class SampledKlEval:
-    """`eval_kl` and `eval_response_length` (means over held-out prompts) for the loop's evaluation: `sampled_kl`
-    jitted once for the task's models `m`."""
+    """`eval_kl` and `eval_response_length` (means over held-out prompts) for the loop's evaluation: responses at
+    temperature 1 from the policy's sampler, `sampled_kl` jitted once for the task's models `m`."""
 
     def __init__(self, m: Models, *, prompts, mesh, seed, max_new_tokens, eos_id, pad_id):
         self.prompts, self.mesh, self.rng = prompts, mesh, jax.random.PRNGKey(seed)
-        self.fn = jax.jit(functools.partial(sampled_kl, m=m, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                                            pad_id=pad_id))
+        self.engine = KVCacheSampler(lambda w: m.policy.model(*w), eos_id=eos_id, pad_id=pad_id)
+        self.sampling = Sampling(max_new_tokens, temperature=1.0)
+        self.fn = jax.jit(functools.partial(sampled_kl, m=m))
 
     def __call__(self, state) -> dict:
         with jax.set_mesh(self.mesh):
-            sums = jax.device_get(self.fn(state, self.prompts, self.rng))
+            rollout = self.engine.sample((state.params, state.frozen), self.prompts, self.rng, self.sampling)
+            sums = jax.device_get(self.fn(state, rollout))
         count = float(sums["count"])
         return {"kl": float(sums["kl"]) / count, "response_length": float(sums["response_length"]) / count}

@@ -26,7 +26,7 @@ from absl import logging
 
 from flaxalign import errors, host_rows, sharding, weights
 from flaxalign.data.prompt_data import build_prompt_datasets, prompt_texts
-from flaxalign.generate import decode_responses, generate
+from flaxalign.generate import decode_responses
 from flaxalign.losses.rl import (
     GRPO_LOSS_TYPES,
     SCALE_REWARDS,
@@ -87,36 +87,34 @@ class GrpoModels:
     reward: ScalarModel | None = None  # None: no reward model
 
 
-def grpo_rollout(state: TrainState, prompts: dict, rng, *, m: GrpoModels, sampling: onpolicy.Sampling, eos_id: int,
-                 pad_id: int, with_reference: bool, group_size: int = 1, greedy: bool = False) -> dict:
-    """`group_size` responses to each of `prompts` (consecutive rows; an optional `index` [P] is repeated too), with the
-    reward model's raw `rm_scores` (zeros without one) and, unless `greedy` (evaluation), `old_logps` and
-    `ref_logps` (zeros without a reference). Every output is sharded by rows, as the prompts are, so that each
-    process scores the rows it holds."""
-    prompts = {k: jnp.repeat(v, group_size, axis=0) for k, v in prompts.items()}
-    policy = m.policy.forward(state.params, state.frozen)
-    out = generate(policy, {k: prompts[k] for k in onpolicy.PROMPT_KEYS}, rng, max_new_tokens=sampling.max_new_tokens,
-                   eos_id=eos_id, pad_id=pad_id, temperature=0.0 if greedy else sampling.temperature,
-                   top_k=sampling.top_k, top_p=sampling.top_p)
-    batch = {k: out[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
-    if "index" in prompts:
-        batch["index"] = prompts["index"]
+def repeat_prompts(prompts: dict, group_size: int) -> dict:
+    """Each prompt row (and its `index`) `group_size` times, consecutively; sharded by rows."""
+    return sharding.constrain_rows({k: jnp.repeat(v, group_size, axis=0) for k, v in prompts.items()})
+
+
+def grpo_score(state: TrainState, rollout: dict, index, *, m: GrpoModels, with_reference: bool,
+               learner_logps: bool = True) -> dict:
+    """A sampled rollout (the `sampler` contract) with each row's record `index`, the reward model's raw
+    `rm_scores` (zeros without one) and, when `learner_logps`, the learner's `old_logps` and `ref_logps` (zeros
+    without a reference), recomputed here rather than taken from the sampler. Sharded by rows, so that each process
+    scores the rows it holds."""
+    batch = {k: rollout[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
+    batch["index"] = index
     mask = batch["response_mask"] > 0
     if m.reward is not None:
         batch["rm_scores"] = onpolicy.reward_model_scores(m.reward, state.frozen, batch["tokens"], batch["mask"])
     else:
         batch["rm_scores"] = jnp.zeros(mask.shape[:1], jnp.float32)
-    if greedy:
-        return sharding.constrain_rows(batch)
-    zero = jnp.zeros((), jnp.float32)
-    logps, _, _ = onpolicy.response_logps(policy, batch, m.policy)
-    batch["old_logps"] = jnp.where(mask, logps, zero)
-    if with_reference:
-        reference = m.policy.reference(state.params, state.frozen)
-        ref_logps, _, _ = onpolicy.response_logps(reference, batch, m.policy)
-        batch["ref_logps"] = jnp.where(mask, ref_logps, zero)
-    else:
-        batch["ref_logps"] = jnp.zeros_like(batch["old_logps"])
+    if learner_logps:
+        zero = jnp.zeros((), jnp.float32)
+        logps, _, _ = onpolicy.response_logps(m.policy.forward(state.params, state.frozen), batch, m.policy)
+        batch["old_logps"] = jnp.where(mask, logps, zero)
+        if with_reference:
+            reference = m.policy.reference(state.params, state.frozen)
+            ref_logps, _, _ = onpolicy.response_logps(reference, batch, m.policy)
+            batch["ref_logps"] = jnp.where(mask, ref_logps, zero)
+        else:
+            batch["ref_logps"] = jnp.zeros_like(batch["old_logps"])
     return sharding.constrain_rows(batch)
 
 
@@ -226,16 +224,23 @@ class Scorer:
 
 
 class GrpoRollouts:
-    """`Task.prepare`: repeat the prompts G times, sample and score (jitted), reward on the host."""
+    """`Task.prepare`: the prompts repeated G times, sampled by `engine` (default: the policy's KV-cache sampler; rng
+    fold_in(state.rng, 1)), scored by the learner (`grpo_score`), rewarded on the host (`Scorer`)."""
 
-    def __init__(self, mesh, scorer: Scorer, h: GrpoHyper, **rollout_kwargs):
-        self.mesh, self.scorer, self.h = mesh, scorer, h
-        self.fn = jax.jit(lambda state, prompts: grpo_rollout(state, prompts, jax.random.fold_in(state.rng, 1),
-                                                              group_size=h.group_size, **rollout_kwargs))
+    def __init__(self, mesh, scorer: Scorer, h: GrpoHyper, *, m: GrpoModels, sampling: onpolicy.Sampling,
+                 eos_id: int, pad_id: int, with_reference: bool, engine=None):
+        self.mesh, self.scorer, self.sampling, self.m = mesh, scorer, sampling, m
+        self.engine = engine or m.policy.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
+        self.repeat = jax.jit(functools.partial(repeat_prompts, group_size=h.group_size))
+        self.score = jax.jit(functools.partial(grpo_score, m=m, with_reference=with_reference))
 
     def __call__(self, state, step, batch):
         with jax.set_mesh(self.mesh):
-            rollout = self.fn(state, {k: batch[k] for k in (*onpolicy.PROMPT_KEYS, "index")})
+            prompts = self.repeat({k: batch[k] for k in (*onpolicy.PROMPT_KEYS, "index")})
+            weights = self.m.policy.weights(state.params, state.frozen)
+            sampled = self.engine.sample(weights, {k: prompts[k] for k in onpolicy.PROMPT_KEYS},
+                                         jax.random.fold_in(state.rng, 1), self.sampling)
+            rollout = self.score(state, sampled, prompts["index"])
         rewards, logged = self.scorer(rollout)
         bad = int(np.sum(~np.isfinite(rewards)))
         if bad:
@@ -251,18 +256,21 @@ class GrpoEval:
     """`Task.eval_extra`: each reward function's mean over held-out prompts, for greedy responses and for one
     sampled response per prompt at the rollout temperature (fixed rng)."""
 
-    def __init__(self, mesh, prompts: dict, scorer: Scorer, seed: int, **rollout_kwargs):
+    def __init__(self, mesh, prompts: dict, scorer: Scorer, seed: int, *, m: GrpoModels,
+                 sampling: onpolicy.Sampling, eos_id: int, pad_id: int, with_reference: bool, engine=None):
         self.mesh, self.prompts, self.scorer, self.rng = mesh, prompts, scorer, jax.random.PRNGKey(seed + 1)
-        self.sampled = jax.jit(lambda state, prompts, rng: grpo_rollout(state, prompts, rng, **rollout_kwargs))
-        self.greedy = jax.jit(lambda state, prompts, rng: grpo_rollout(state, prompts, rng, greedy=True,
-                                                                       **rollout_kwargs))
+        self.m, self.settings = m, {"greedy": sampling.greedy(), "sampled": sampling}
+        self.engine = engine or m.policy.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
+        self.score = jax.jit(functools.partial(grpo_score, m=m, with_reference=with_reference, learner_logps=False))
 
     def __call__(self, state) -> dict:
-        prompts = {k: self.prompts[k] for k in (*onpolicy.PROMPT_KEYS, "index")}
+        prompts = {k: self.prompts[k] for k in onpolicy.PROMPT_KEYS}
         out = {}
-        for name, fn in (("greedy", self.greedy), ("sampled", self.sampled)):
+        for name, sampling in self.settings.items():
             with jax.set_mesh(self.mesh):
-                rollout = fn(state, prompts, self.rng)
+                sampled = self.engine.sample(self.m.policy.weights(state.params, state.frozen), prompts, self.rng,
+                                             sampling)
+                rollout = self.score(state, sampled, self.prompts["index"])
             total, logged = self.scorer(rollout)
             out[f"reward_{name}"] = float(np.nanmean(total))
             out.update({f"{key.split('/', 1)[1]}_{name}": value for key, value in logged.items()})

@@ -2,7 +2,7 @@
 epochs × shuffled minibatches × micro-batches update loop, and skipping an update whose rewards are not finite.
 
 A rollout batch holds `tokens` and `mask` `[B, L + N]` (left-padded prompt of width L, then the response of width N,
-`generate`'s layout) and `response_mask` `[B, N]` (EOS + 1). The hidden state at position L − 1 + t predicts
+the sampler's layout) and `response_mask` `[B, N]` (EOS + 1). The hidden state at position L − 1 + t predicts
 response token t, so "the response's hidden states" are positions L − 1 … L + N − 2 of a forward pass over
 `tokens[:, :-1]`.
 
@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flaxalign import errors, models
+from flaxalign import errors, models, sampler
 from flaxalign.losses.lm import (
     chunked_token_entropy,
     chunked_token_kl,
@@ -47,6 +47,16 @@ class Policy:
         """The reference: the frozen base with adapters off, or the frozen copy of the start."""
         return self.model.reference_model(trainable, frozen["policy"])
 
+    @staticmethod
+    def weights(trainable, frozen: dict) -> dict:
+        """What a sampler reads the policy from: its trained part and the state's frozen `policy` part only."""
+        return {"trainable": trainable, "frozen": {k: v for k, v in frozen.items() if k == "policy"}}
+
+    def rollout_sampler(self, *, eos_id: int, pad_id: int) -> sampler.Sampler:
+        """The rollout engine, reading `weights(...)`."""
+        return sampler.KVCacheSampler(lambda w: self.forward(w["trainable"], w["frozen"]), eos_id=eos_id,
+                                      pad_id=pad_id)
+
 
 def reward_scorer(config: models.ModelConfig) -> ScalarModel:
     """The frozen reward model of an RL stage, scoring with the full weights in `state.frozen["reward"]`."""
@@ -60,18 +70,16 @@ def reward_model_scores(scorer: ScalarModel, frozen: dict, tokens, mask):
 
 
 @dataclasses.dataclass(frozen=True)
-class Sampling:
-    """The `rollout` config block: how responses are sampled."""
-    max_new_tokens: int = 24
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
+class Sampling(sampler.Sampling):
+    """The `rollout` config block: how responses are sampled (at a temperature > 0: the policy's log-probs are those
+    of softmax(logits / T))."""
 
     def __post_init__(self):
         if not self.temperature > 0:
             raise errors.ConfigError(f"rollout.temperature must be > 0 for on-policy RL, got {self.temperature}.")
         if self.max_new_tokens < 1:
             raise errors.ConfigError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        super().__post_init__()
 
 
 def check_budget(config, model_config, sampling: Sampling, rows: int, num_minibatches: int, what: str) -> None:

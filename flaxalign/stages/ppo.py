@@ -29,7 +29,6 @@ import jax.numpy as jnp
 
 from flaxalign import errors, weights
 from flaxalign.data.prompt_data import build_prompt_datasets
-from flaxalign.generate import generate
 from flaxalign.losses.lm import chunked_token_entropy
 from flaxalign.losses.rl import (
     KL_KINDS,
@@ -101,17 +100,15 @@ def token_values(trainable, frozen, batch, rng, m: PpoModels):
     return heads.token_scores(hidden, value["head"])
 
 
-def ppo_rollout(state: TrainState, prompts: dict, rng, *, m: PpoModels, sampling: onpolicy.Sampling, eos_id: int,
-                pad_id: int, gain: float = 1.0, bias: float = 0.0, missing_eos_penalty: float = 0.0) -> dict:
-    """Responses to left-padded `prompts` with everything `ppo_step` needs: `tokens`, `mask`, `response`,
-    `response_mask`, `ended`, `old_logps`, `ref_logps`, `values` (`[B, N]`, 0 where masked), `scores` `[B]`
-    (gain·r + bias − penalty·[no EOS]), `raw_scores`, and per-token `kl` / `entropy` for the metrics."""
-    policy = m.policy.forward(state.params["policy"], state.frozen)
-    out = generate(policy, prompts, rng, max_new_tokens=sampling.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                   temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-    batch = {k: out[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
+def ppo_score(state: TrainState, rollout: dict, *, m: PpoModels, gain: float = 1.0, bias: float = 0.0,
+              missing_eos_penalty: float = 0.0) -> dict:
+    """A sampled rollout (the `sampler` contract) with everything `ppo_step` needs, computed by the learner:
+    `old_logps`, `ref_logps`, `values` (`[B, N]`, 0 where masked), `scores` `[B]` (gain·r + bias −
+    penalty·[no EOS]), `raw_scores`, and per-token `kl` / `entropy` for the metrics."""
+    batch = {k: rollout[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
     mask = batch["response_mask"] > 0
-    logps, hidden, head = onpolicy.response_logps(policy, batch, m.policy)
+    logps, hidden, head = onpolicy.response_logps(m.policy.forward(state.params["policy"], state.frozen), batch,
+                                                  m.policy)
     reference = m.policy.reference(state.params["policy"], state.frozen)
     ref_logps, ref_hidden, ref_head = onpolicy.response_logps(reference, batch, m.policy)
     batch.update(onpolicy.reference_comparison(hidden, head, ref_hidden, ref_head, mask, m.policy))
@@ -193,16 +190,22 @@ def _ppo_update(state, batch, *, m, h, optimizer, grad_accum):
 
 
 class Rollouts:
-    """`Task.prepare`: `ppo_rollout` jitted once, on this step's prompts, with rng fold_in(state.rng, 1)."""
+    """`Task.prepare`: this step's prompts sampled by `engine` (default: the policy's KV-cache sampler; rng
+    fold_in(state.rng, 1)) and scored by the learner (`ppo_score`)."""
 
-    def __init__(self, mesh, **rollout_kwargs):
-        self.mesh = mesh
-        self.fn = jax.jit(lambda state, prompts: ppo_rollout(state, prompts, jax.random.fold_in(state.rng, 1),
-                                                              **rollout_kwargs))
+    def __init__(self, mesh, *, m: PpoModels, sampling: onpolicy.Sampling, eos_id: int, pad_id: int, engine=None,
+                 **score_kwargs):
+        self.mesh, self.m, self.sampling = mesh, m, sampling
+        self.engine = engine or m.policy.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
+        self.score = jax.jit(functools.partial(ppo_score, m=m, **score_kwargs))
+
+    def rollout(self, state, prompts: dict, rng) -> dict:
+        with jax.set_mesh(self.mesh):
+            weights = self.m.policy.weights(state.params["policy"], state.frozen)
+            return self.score(state, self.engine.sample(weights, prompts, rng, self.sampling))
 
     def __call__(self, state, step, batch):
-        with jax.set_mesh(self.mesh):
-            return self.fn(state, {k: batch[k] for k in onpolicy.PROMPT_KEYS}), {}
+        return self.rollout(state, {k: batch[k] for k in onpolicy.PROMPT_KEYS}, jax.random.fold_in(state.rng, 1)), {}
 
 
 class RolloutEval:
@@ -210,13 +213,14 @@ class RolloutEval:
     held-out prompts (fixed rng, so evaluations are comparable across steps)."""
 
     def __init__(self, mesh, prompts: dict, seed: int, **rollout_kwargs):
-        self.mesh, self.prompts, self.rng = mesh, prompts, jax.random.PRNGKey(seed + 1)
-        self.fn = jax.jit(lambda state, prompts, rng: _eval_stats(ppo_rollout(state, prompts, rng,
-                                                                              **rollout_kwargs), state))
+        self.prompts, self.rng = prompts, jax.random.PRNGKey(seed + 1)
+        self.rollouts, self.mesh = Rollouts(mesh, **rollout_kwargs), mesh
+        self.stats = jax.jit(_eval_stats)
 
     def __call__(self, state) -> dict:
+        batch = self.rollouts.rollout(state, self.prompts, self.rng)
         with jax.set_mesh(self.mesh):
-            return {k: float(v) for k, v in jax.device_get(self.fn(state, self.prompts, self.rng)).items()}
+            return {k: float(v) for k, v in jax.device_get(self.stats(batch, state)).items()}
 
 
 def _eval_stats(batch, state):

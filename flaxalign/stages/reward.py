@@ -21,9 +21,9 @@ import numpy as np
 from flaxalign import models, sharding, weights
 from flaxalign.data.batching import left_pad_prompts, pair_prompts, unstack_pairs
 from flaxalign.data.preference_data import build_preference_datasets
-from flaxalign.generate import generate
 from flaxalign.losses import bradley_terry_loss
 from flaxalign.policy import UNUSED_BY_SCALAR, ScalarModel
+from flaxalign.sampler import KVCacheSampler, Sampling
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_rows, check_shapes
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
@@ -116,16 +116,17 @@ def normalize_rewards(state, *, workdir, mesh, policy_path, model_config, rm: Sc
     policy = weights.initializer(policy_config, policy_path)(sharding.tree_shardings(logical, abstract, mesh))
     batch = left_pad_prompts(prompts, pad_id=tokenizer.pad_id)
 
+    engine = KVCacheSampler(functools.partial(models.merge, graphdef), eos_id=tokenizer.eos_id,
+                            pad_id=tokenizer.pad_id)
+
     @jax.jit
-    def sample_and_score(policy, params, frozen, batch, rng):
-        out = generate(models.merge(graphdef, policy), batch, rng, max_new_tokens=max_new_tokens,
-                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    def score(params, frozen, out):
         positions = jnp.maximum(jnp.cumsum(out["mask"], axis=1) - 1, 0)
         return rm.sequence_scores(params, frozen, out["tokens"], out["mask"], positions)
 
     with jax.set_mesh(mesh):
-        scores = np.asarray(jax.device_get(sample_and_score(policy, state.params, state.frozen, batch,
-                                                            jax.random.PRNGKey(seed))), np.float64)
+        out = engine.sample(policy, batch, jax.random.PRNGKey(seed), Sampling(max_new_tokens, temperature=1.0))
+        scores = np.asarray(jax.device_get(score(state.params, state.frozen, out)), np.float64)
     mean, std = float(scores.mean()), float(scores.std())
     gain = 1.0 / max(std, 1e-6)
     stats = {"gain": gain, "bias": -mean * gain, "raw_mean": mean, "raw_std": std, "num_samples": int(scores.size),

@@ -16,8 +16,8 @@ import pytest
 from flaxalign import interop, models
 from flaxalign.data.batching import left_pad_prompts
 from flaxalign.data.corpus import stdlib_corpus
-from flaxalign.generate import generate
 from flaxalign.interop import gguf as gguf_io
+from flaxalign.sampler import generate
 
 pytestmark = pytest.mark.parity
 

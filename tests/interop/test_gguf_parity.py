@@ -16,8 +16,9 @@ import pytest
 from flaxalign import interop, models
 from flaxalign.data import chat
 from flaxalign.data.batching import left_pad_prompts
-from flaxalign.generate import decode_responses, generate
+from flaxalign.generate import decode_responses
 from flaxalign.interop import gguf as gguf_io
+from flaxalign.sampler import generate
 
 pytestmark = pytest.mark.parity
 

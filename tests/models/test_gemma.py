@@ -11,8 +11,8 @@ import pytest
 
 from flaxalign import errors, models, sharding
 from flaxalign.data.batching import left_pad_prompts
-from flaxalign.generate import generate, generate_recompute
 from flaxalign.interop import gguf_export, hf
+from flaxalign.sampler import generate, generate_recompute
 from tests import helpers
 
 # Gemma-3-shaped tiny model: layer 1 global, the others windowed with their own RoPE base, q·k/√8, untied

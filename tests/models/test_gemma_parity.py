@@ -12,8 +12,8 @@ import pytest
 
 from flaxalign import models
 from flaxalign.data.batching import left_pad_prompts
-from flaxalign.generate import generate, generate_recompute
 from flaxalign.interop import hf
+from flaxalign.sampler import generate, generate_recompute
 from tests import helpers
 
 pytestmark = pytest.mark.parity

@@ -11,10 +11,10 @@ import pytest
 
 from flaxalign import errors, models, sharding
 from flaxalign.data.batching import left_pad_prompts, unstack_pairs
-from flaxalign.generate import generate
 from flaxalign.models import adapters
 from flaxalign.peft import lora, quant
 from flaxalign.policy import TrainableModel
+from flaxalign.sampler import generate
 from flaxalign.stages import dpo
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
@@ -237,9 +237,8 @@ def test_sampled_kl_is_zero_when_policy_equals_reference(tmp_path):
                "attention_mask": np.array([[0, 1, 1, 1], [1, 1, 1, 1]], np.int32),
                "positions": np.array([[0, 0, 1, 2], [0, 1, 2, 3]], np.int32)}
     m = dpo.Models(TrainableModel(CONFIG, LORA), "base", 16)
-    out = jax.jit(lambda s, p: dpo.sampled_kl(s, p, jax.random.PRNGKey(0), m=m, max_new_tokens=6, eos_id=2,
-                                              pad_id=0))(state, prompts)
-    assert float(out["kl"]) == 0.0 and float(out["response_length"]) > 0
+    out = dpo.SampledKlEval(m, prompts=prompts, mesh=mesh, seed=0, max_new_tokens=6, eos_id=2, pad_id=0)(state)
+    assert out["kl"] == 0.0 and out["response_length"] > 0
 
 
 KL_PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19]]
@@ -266,12 +265,13 @@ def test_sampled_kl_equals_full_softmax_kl_of_each_response(tmp_path):
     eos_id = int(sample(state.params, np.int32(-1))["response"][0, 2])  # row 0 ends by its third token
     responses = jax.device_get(sample(state.params, np.int32(eos_id)))["response"]
     m = dpo.Models(TrainableModel(CONFIG), "copy", 16)
-    out = jax.device_get(jax.jit(lambda s: dpo.sampled_kl(s, prompts, jax.random.PRNGKey(0), m=m, max_new_tokens=6,
-                                                          eos_id=eos_id, pad_id=0))(state))
+    # the evaluation's own path (the policy's sampler at temperature 1, rng PRNGKey(seed)); means over the prompts
+    out = dpo.SampledKlEval(m, prompts=prompts, mesh=mesh, seed=0, max_new_tokens=6, eos_id=eos_id, pad_id=0)(state)
+    out = {k: v * len(KL_PROMPTS) for k, v in out.items()}
     rows = [rollout_reference.unpadded_row(p, r, eos_id) for p, r in zip(KL_PROMPTS, responses)]
     lengths = [len(row) - len(p) for row, p in zip(rows, KL_PROMPTS)]
     assert min(lengths) <= 3 and max(lengths) == 6, lengths  # rows cut at their EOS and rows without one
-    assert float(out["response_length"]) == sum(lengths) and float(out["count"]) == len(KL_PROMPTS)
+    assert out["response_length"] == sum(lengths)
     kl = rollout_reference.response_token_kl(CONFIG, jax.device_get(state.params), jax.device_get(state.frozen),
                                              rows, [len(p) for p in KL_PROMPTS])
     expected = sum(row_kl.sum() for row_kl in kl)

@@ -65,9 +65,17 @@ def _rollout_with_eos(task, m, h, tmp, greedy=False):
     mesh = helpers.mesh((1, 1, 1))
     state, _ = _state(task, mesh, tmp, "rollout")
     prompts = left_pad_prompts(PROMPT_IDS, pad_id=0)
-    fn = jax.jit(lambda state, prompts, rng, eos_id: grpo.grpo_rollout(
-        state, prompts, rng, m=m, sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=eos_id, pad_id=0,
-        with_reference=h.needs_reference, group_size=G, greedy=greedy))
+    sampling = onpolicy.Sampling(NEW_TOKENS, 1.0)
+
+    @jax.jit
+    def fn(state, prompts, rng, eos_id):  # the stage's pieces: repeat, the policy's sampler, the learner's scores
+        prompts = grpo.repeat_prompts({**prompts, "index": np.arange(PROMPTS)}, G)
+        engine = m.policy.rollout_sampler(eos_id=eos_id, pad_id=0)
+        sampled = engine.traced(m.policy.weights(state.params, state.frozen),
+                                {k: prompts[k] for k in onpolicy.PROMPT_KEYS}, rng,
+                                sampling.greedy() if greedy else sampling)
+        return grpo.grpo_score(state, sampled, prompts["index"], m=m, with_reference=h.needs_reference,
+                               learner_logps=not greedy)
 
     def rollout(eos_id):
         with jax.set_mesh(mesh):

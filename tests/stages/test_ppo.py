@@ -11,11 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from flaxalign import errors, models
+from flaxalign import errors, models, sampler
 from flaxalign.data.batching import left_pad_prompts
 from flaxalign.models import heads
 from flaxalign.peft import lora
 from flaxalign.policy import TrainableModel, value_model
+from flaxalign.sampler import generate_recompute
 from flaxalign.stages import onpolicy, ppo
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
@@ -77,11 +78,11 @@ def _prompts():
 
 
 def _rollout(state, eos_id, penalty=0.0, mesh=None, lora_config=None):
-    fn = jax.jit(functools.partial(ppo.ppo_rollout, m=_models(lora_config=lora_config),
-                                   sampling=onpolicy.Sampling(NEW_TOKENS, 0.7), eos_id=eos_id, pad_id=PAD,
-                                   gain=2.0, bias=-0.5, missing_eos_penalty=penalty))
-    with jax.set_mesh(mesh or helpers.mesh((1, 1, 1))):
-        return jax.device_get(fn(state, _prompts(), jax.random.PRNGKey(11)))
+    """The stage's own rollout: the policy's sampler, then `ppo_score`."""
+    rollouts = ppo.Rollouts(mesh or helpers.mesh((1, 1, 1)), m=_models(lora_config=lora_config),
+                            sampling=onpolicy.Sampling(NEW_TOKENS, 0.7), eos_id=eos_id, pad_id=PAD, gain=2.0,
+                            bias=-0.5, missing_eos_penalty=penalty)
+    return jax.device_get(rollouts.rollout(state, _prompts(), jax.random.PRNGKey(11)))
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,41 @@ def _reference_advantages(batch, beta, gamma=1.0, lam=0.95):
     real = advantages[mask]
     whitened = (advantages - real.mean()) / np.sqrt(real.var(ddof=1) + 1e-8)
     return np.where(mask, whitened, 0.0)
+
+
+class _HostEngine:
+    """Another engine behind the sampler seam, as an external server would be: `generate_recompute` (no cache) run
+    on its own, answering with numpy arrays of the contract's shapes. It also records what it was given."""
+
+    def __init__(self, m, eos_id):
+        self.run = jax.jit(lambda w, p, r, s: generate_recompute(
+            m.policy.forward(w["trainable"], w["frozen"]), p, r, max_new_tokens=s.max_new_tokens, eos_id=eos_id,
+            pad_id=PAD, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p), static_argnums=3)
+        self.seen, self.answers = [], []
+
+    def sample(self, weights, prompts, rng, sampling):
+        self.seen.append(sampling)
+        self.answers.append(jax.device_get(self.run(weights, prompts, rng, sampling)))
+        return self.answers[-1]
+
+
+def test_another_engine_plugs_into_the_rollout(setup):
+    """The PPO rollout through the seam with a host-side engine that recomputes the prefix (numpy outputs): the
+    same tokens as the default KV-cache sampler (same rng), and the learner's own log-probs, values and scores."""
+    task, mesh, eos_id, rollout, tmp = setup
+    state, _ = _state(task, mesh, tmp, "engine")
+    engine = _HostEngine(_models(), eos_id)
+    rollouts = ppo.Rollouts(mesh, m=_models(), sampling=onpolicy.Sampling(NEW_TOKENS, 0.7), eos_id=eos_id, pad_id=PAD,
+                            gain=2.0, bias=-0.5, engine=engine)
+    other = jax.device_get(rollouts.rollout(state, _prompts(), jax.random.PRNGKey(11)))
+    assert engine.seen == [onpolicy.Sampling(NEW_TOKENS, 0.7)]
+    contract = sampler.rollout_shapes(len(PROMPT_IDS), _prompts()["input_ids"].shape[1], engine.seen[0])
+    assert {k: (v.shape, v.dtype) for k, v in engine.answers[0].items()} == {
+        k: (v.shape, v.dtype) for k, v in contract.items()}
+    for key in ("tokens", "mask", "response", "response_mask", "ended"):
+        np.testing.assert_array_equal(other[key], rollout[key], err_msg=key)
+    for key in ("old_logps", "ref_logps", "values", "scores"):
+        np.testing.assert_allclose(other[key], rollout[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_rollout_masks_values_and_kl_zero_at_start(setup):

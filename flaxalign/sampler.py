@@ -1,0 +1,198 @@
+"""The sampler seam: the one way the RL stages, DPO's sampled KL, reward normalisation, evaluation and
+`flaxalign generate` get responses from a model.
+
+    rollout = sampler.sample(weights, prompts, rng, sampling)
+
+- `weights`: the pytree the engine reads the model from. `KVCacheSampler(build)` calls `build(weights)` inside its
+  traced program to make the module: a trainable model's LoRA runs in activation space, a quantized base is
+  dequantized per layer, nothing is merged or copied.
+- `prompts`: int32 `input_ids`, `attention_mask`, `positions` `[B, L]`, left-padded (`left_pad_prompts`).
+- `rng`: a PRNG key; `sampling`: `Sampling` (static: each setting compiles its own program; temperature 0 = greedy).
+- The rollout, a dict (`rollout_shapes` states it as code): `tokens` and `mask` `[B, L + N]` (prompt, response, pad
+  after the end; mask 1 on real tokens), `response` `[B, N]`, `response_mask` `[B, N]` (1 up to and including the
+  first EOS, "EOS + 1"), `logps` `[B, N]` float32 (the engine's log-probability of each drawn token under
+  softmax(logits / T), 0 where masked) and `ended` `[B]` (the row emitted EOS). Arrays are sharded by rows, as the
+  prompts are.
+
+What learns from a rollout never uses the engine's `logps` for its ratio: the RL stages recompute the old policy's
+log-probs with their own jitted function (`onpolicy.response_logps`). An engine with another numeric path — a bf16
+cache, paged attention, an external server — therefore changes which tokens are drawn, never the consistency of the
+loss. Another engine implements `sample` with this contract (numpy or jax arrays) and is passed where the stages
+build theirs (`onpolicy.Policy.rollout_sampler`).
+
+`generate` is the KV-cache engine's algorithm: one prefill pass over the prompts, then one token per step inside
+`jax.lax.while_loop` (which stops once every row has ended), with fixed shapes so it compiles once for a (batch,
+prompt length, max_new_tokens) shape. `generate_recompute` runs the whole prefix again for every new token (no
+cache): the slow, obviously-correct reference the tests and `bench/generate.py` compare against.
+"""
+
+import dataclasses
+import functools
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from flaxalign import errors, sharding
+
+
+def filter_logits(logits_BxV, *, top_k: int = 0, top_p: float = 1.0):
+    """Sets the logits outside the top-k and outside the top-p nucleus (the smallest set of most likely tokens whose
+    probability reaches p; the most likely token is always kept) to −inf. top_k = 0 and top_p = 1 disable them."""
+    if top_k:
+        kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
+        kept = mass_before < top_p
+        threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < threshold, -jnp.inf, logits_BxV)
+    return logits_BxV
+
+
+def _pick(logits_BxV, key, temperature, top_k, top_p):
+    """(token, log p(token)) with p = softmax(logits / temperature) (temperature 0: greedy, log-probs of the
+    unscaled logits). Log-probs are of the distribution before top-k/top-p filtering."""
+    if temperature > 0:
+        scaled = logits_BxV / temperature
+        token = jax.random.categorical(key, filter_logits(scaled, top_k=top_k, top_p=top_p), axis=-1)
+    else:
+        scaled = logits_BxV
+        token = jnp.argmax(logits_BxV, axis=-1)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token, logp
+
+
+def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad_id: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> dict:
+    """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
+
+    `model`: a `CausalLM` built inside the traced function (`models.merge(graphdef, params)`, or a trainable model's
+    `model(trainable, frozen)`: LoRA runs in activation space, a quantized base dequantizes per layer).
+    `prompts`: `input_ids`, `attention_mask`, `positions`, int32 `[B, L]`, left-padded (`left_pad_prompts`).
+    Returns `tokens` `[B, L + N]` (prompt, response, pad after the end), `mask` `[B, L + N]` (1 on real tokens),
+    `response` `[B, N]`, `response_mask` `[B, N]` (EOS + 1 convention), `logps` `[B, N]` (log-probability of
+    each sampled token under softmax(logits / temperature), 0 where masked) and `ended` `[B]` (the row emitted EOS).
+    Sampling settings are static: each combination compiles its own program.
+    """
+    batch, prompt_len = prompts["input_ids"].shape
+    total = prompt_len + max_new_tokens
+    head = model.output_head()
+    key_mask = jnp.pad(prompts["attention_mask"], ((0, 0), (0, max_new_tokens)))
+    hidden, cache = model.decode(prompts["input_ids"], prompts["positions"], model.init_cache(batch, total), 0,
+                                 key_mask)
+    logits = head.logits(hidden[:, -1])
+    next_position = prompts["positions"][:, -1] + 1
+
+    def step(carry):
+        i, logits, cache, key_mask, done, rng, response, logps = carry
+        rng, key = jax.random.split(rng)
+        token, logp = _pick(logits, key, temperature, top_k, top_p)
+        token = jnp.where(done, pad_id, token).astype(jnp.int32)
+        response = response.at[:, i].set(token)
+        logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
+        slot = prompt_len + i
+        key_mask = key_mask.at[:, slot].set(1)
+        hidden, cache = model.decode(token[:, None], (next_position + i)[:, None], cache, slot, key_mask)
+        logits = head.logits(hidden[:, -1])
+        return i + 1, logits, cache, key_mask, done | (token == eos_id), rng, response, logps
+
+    def unfinished(carry):  # stop early once every row has ended: what is left would be pad
+        return (carry[0] < max_new_tokens) & ~jnp.all(carry[4])
+
+    init = (jnp.zeros((), jnp.int32), logits, cache, key_mask, jnp.zeros((batch,), bool), rng,
+            jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.float32))
+    *_, done, _, response, logps = jax.lax.while_loop(unfinished, step, init)
+    return _outputs(prompts, response, logps, done, eos_id)
+
+
+def _outputs(prompts, response, logps, ended, eos_id):
+    after_eos = jnp.cumsum(response == eos_id, axis=1) - (response == eos_id)  # EOSes strictly before each token
+    response_mask = (after_eos == 0).astype(jnp.int32)
+    return {"tokens": jnp.concatenate([prompts["input_ids"], response], axis=1),
+            "mask": jnp.concatenate([prompts["attention_mask"], response_mask], axis=1),
+            "response": response, "response_mask": response_mask, "logps": logps * response_mask,
+            "ended": ended}
+
+
+def generate_recompute(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad_id: int,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> dict:
+    """`generate` without a cache: the full `[B, L + N]` buffer runs through the model for every new token. Same
+    outputs (token for token under the same rng), O(N) times the work."""
+    batch, prompt_len = prompts["input_ids"].shape
+    tokens = jnp.pad(prompts["input_ids"], ((0, 0), (0, max_new_tokens)), constant_values=pad_id)
+    mask = jnp.pad(prompts["attention_mask"], ((0, 0), (0, max_new_tokens)))
+    head = model.output_head()
+
+    def step(i, carry):
+        tokens, mask, done, rng, logps = carry
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        hidden = model(tokens, positions, mask)
+        last = prompt_len + i - 1
+        logits = head.logits(hidden[:, last])
+        rng, key = jax.random.split(rng)
+        token, logp = _pick(logits, key, temperature, top_k, top_p)
+        token = jnp.where(done, pad_id, token).astype(tokens.dtype)
+        tokens = tokens.at[:, last + 1].set(token)
+        mask = mask.at[:, last + 1].set(1)  # pad after EOS is masked below, not attended before
+        logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
+        return tokens, mask, done | (token == eos_id), rng, logps
+
+    init = (tokens, mask, jnp.zeros((batch,), bool), rng, jnp.zeros((batch, max_new_tokens), jnp.float32))
+    tokens, _, done, _, logps = jax.lax.fori_loop(0, max_new_tokens, step, init)
+    return _outputs(prompts, tokens[:, prompt_len:], logps, done, eos_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How responses are drawn: up to `max_new_tokens` tokens at `temperature` (0: greedy), after top-k / top-p
+    filtering (0 / 1: off)."""
+    max_new_tokens: int = 24
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise errors.ConfigError(f"sampling needs max_new_tokens >= 1, temperature >= 0, top_k >= 0 and "
+                                     f"0 < top_p <= 1, got {self}.")
+
+    def greedy(self) -> "Sampling":
+        return Sampling(self.max_new_tokens, 0.0, self.top_k, self.top_p)
+
+
+class Sampler(Protocol):
+    def sample(self, weights, prompts: dict, rng, sampling: Sampling) -> dict: ...
+
+
+def rollout_shapes(batch: int, prompt_len: int, sampling: Sampling) -> dict:
+    """The rollout contract's arrays as `jax.ShapeDtypeStruct`s (for `flaxalign plan` and engines' tests)."""
+    total, new = prompt_len + sampling.max_new_tokens, sampling.max_new_tokens
+    struct = jax.ShapeDtypeStruct
+    return {"tokens": struct((batch, total), jnp.int32), "mask": struct((batch, total), jnp.int32),
+            "response": struct((batch, new), jnp.int32), "response_mask": struct((batch, new), jnp.int32),
+            "logps": struct((batch, new), jnp.float32), "ended": struct((batch,), jnp.bool_)}
+
+
+class KVCacheSampler:
+    """The default engine: `generate` (KV cache, in-place cache updates, one compile per prompt shape and sampling
+    setting), jitted under the caller's mesh."""
+
+    def __init__(self, build: Callable, *, eos_id: int, pad_id: int):
+        self.build, self.eos_id, self.pad_id = build, eos_id, pad_id
+
+    def sample(self, weights, prompts: dict, rng, sampling: Sampling) -> dict:
+        return self._compiled(sampling)(weights, prompts, rng)
+
+    @functools.cache
+    def _compiled(self, sampling: Sampling):
+        return jax.jit(functools.partial(self.traced, sampling=sampling))
+
+    def traced(self, weights, prompts: dict, rng, sampling: Sampling) -> dict:
+        """`sample` inside a caller's own traced program."""
+        out = generate(self.build(weights), prompts, rng, max_new_tokens=sampling.max_new_tokens,
+                       eos_id=self.eos_id, pad_id=self.pad_id, temperature=sampling.temperature,
+                       top_k=sampling.top_k, top_p=sampling.top_p)
+        return sharding.constrain_rows(out)
