@@ -1,5 +1,5 @@
 """GRPO and RLOO with verifiable rewards (Python functions over the decoded text) and/or a reward model. Presets:
-`tiny` (CPU tests, the demo).
+`tiny` (CPU tests, the demo), `llama3_8b` (LoRA GRPO of Llama-3-8B on a TPU pod slice).
 
     flaxalign train --config=configs/grpo.py:tiny --workdir=runs/grpo --config.init_from=checkpoint:runs/sft
     flaxalign train --config=configs/grpo.py:tiny --workdir=runs/rloo --config.init_from=checkpoint:runs/sft \
@@ -14,6 +14,14 @@ from flaxalign import config_blocks
 
 PRESETS = {
     "tiny": dict(steps=1200, lr=3e-4, batch_size=16, group_size=16, max_prompt_len=24, max_new_tokens=12),
+    # Llama-3-8B(-Instruct) GRPO with LoRA on a TPU pod slice (weights from init_from=hf:DIR, prompts with answers in
+    # data.train): 32 prompts × 8 samples of up to 512 tokens after prompts of up to 256; the frozen base (which is
+    # also the reference) and the optimizer sharded over every chip, activations recomputed, each update over
+    # micro-batches of 16 rows. `flaxalign plan --config=configs/grpo.py:llama3_8b --topology=v5e:2x4` shows the
+    # memory of every role and of the rollout (docs/rl_plan.md).
+    "llama3_8b": dict(steps=500, lr=1e-5, batch_size=32, group_size=8, max_prompt_len=256, max_new_tokens=512,
+                      num_minibatches=4, grad_accum=4, lora_rank=16, beta=0.04, remat="full", mesh_data=1,
+                      mesh_fsdp=-1, eval_every=50, eval_prompts=64),
 }
 
 
@@ -24,7 +32,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.seed = 0
     c.steps = p["steps"]  # iterations: one rollout of data.batch_size prompts × group_size samples each
     c.init_from = ""  # checkpoint:DIR of an SFT run: the starting policy (and reference) and its tokenizer
-    c.model = config_blocks.model(arg)
+    c.model = config_blocks.model(arg, remat=p.get("remat", "none"))
 
     # reward functions, comma-separated: built-ins (exact_answer, answer_format, answer_closeness) or
     # "package.module:function", called as fn(prompts, completions, answer=[...]) -> floats; summed with
@@ -41,10 +49,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=1.0, top_k=0,
                                                top_p=1.0))
     c.grpo = ml_collections.ConfigDict(dict(
-        algorithm="grpo", group_size=p["group_size"], epochs=1, num_minibatches=2, clip_eps=0.2, clip_eps_high=0.0,
-        beta=0.0, loss_type="dapo", scale_rewards="group", rloo_normalize=False, missing_eos_penalty=0.0))
+        algorithm="grpo", group_size=p["group_size"], epochs=1, num_minibatches=p.get("num_minibatches", 2),
+        clip_eps=0.2, clip_eps_high=0.0, beta=p.get("beta", 0.0), loss_type="dapo", scale_rewards="group",
+        rloo_normalize=False, missing_eos_penalty=0.0))
 
     c.lora = config_blocks.lora()
+    c.lora.rank = p.get("lora_rank", 0)
     c.adapters = config_blocks.adapters()
     c.quantization = config_blocks.quantization()  # the frozen base as int8 / nf4 (QLoRA)
 
@@ -53,12 +63,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         weight_decay=0.0, clip_norm=1.0, total_steps=0))
 
     c.mesh = config_blocks.mesh()
-    c.grad_accum = 1
+    c.mesh.data, c.mesh.fsdp = p.get("mesh_data", -1), p.get("mesh_fsdp", 1)
+    c.grad_accum = p.get("grad_accum", 1)
     c.loss_chunk = 256
     c.log_every = 5
-    c.eval_every = 100
+    c.eval_every = p.get("eval_every", 100)
     c.eval_at_start = True
-    c.eval_prompts = 128  # held-out prompts answered (greedy and sampled) at every evaluation (0 = off)
+    # held-out prompts answered (greedy and sampled) at every evaluation (0 = off)
+    c.eval_prompts = p.get("eval_prompts", 128)
     c.checkpoint_every = 100
     c.keep_checkpoints = 2
     c.max_nonfinite_steps = 5  # consecutive steps with a NaN/inf loss or grad norm (skipped) before the run stops

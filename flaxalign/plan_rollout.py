@@ -7,9 +7,10 @@ in HBM through the rollout, so the rollout phase needs the sampler program's mem
 weights, its temporaries the KV cache and activations) plus the optimizer state and whatever else of the train state
 the sampler does not read (the reward and value models): that is what must fit.
 
-Decode time is predicted as memory-bound (each new token reads the policy's weights and the KV cache once per
-chip, at the chip's HBM bandwidth), or compute-bound when the batch is large enough; prefill and scoring at the
-configured MFU.
+Decode time is predicted as memory-bound (each new token reads, on every chip, the KV cache it holds and the weights
+it computes with — its tensor-parallel share, all of it when FSDP gathers the weights — at the chip's HBM
+bandwidth; a lower bound where FSDP's gathers are slower than HBM), or compute-bound when the batch is large
+enough; prefill and scoring at the configured MFU.
 """
 
 import dataclasses
@@ -46,6 +47,11 @@ def per_chip_bytes(tree) -> int:
     """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (replicated arrays count fully)."""
     return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
                for leaf in jax.tree.leaves(tree))
+
+
+def _bytes(tree) -> int:
+    """Bytes of a whole tree (all chips together)."""
+    return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree))
 
 
 def role_bytes(spec: RolloutSpec, state) -> dict[str, int]:
@@ -104,7 +110,9 @@ def rollout_report(spec: RolloutSpec, state, model_config, mesh, *, memory_of, c
     seq = prompt_len + new
     flops_per_token = model_config.flops_per_token(seq) / 3  # a forward pass: a third of forward + backward
     prefill_s = rows * prompt_len * flops_per_token / (chips * chip.peak_flops * mfu)
-    read_per_token = per_chip_bytes(weights) + cache  # every decode step reads the weights and the whole cache
+    # every decode step reads the whole cache and all the weights a chip computes with: its tensor-parallel share,
+    # gathered whole when they are sharded over fsdp (rows are split over data × fsdp, weights are not)
+    read_per_token = _bytes(weights) // mesh.shape.get("tensor", 1) + cache
     decode_step_s = max(read_per_token / HBM_BANDWIDTH[chip.kind],
                         rows * flops_per_token / (chips * chip.peak_flops * mfu))
     scoring_flops = spec.scoring_forwards * rows * seq * flops_per_token
