@@ -8,7 +8,7 @@ import functools
 import jax
 
 from flaxalign import errors
-from flaxalign.sampler import KVCacheSampler, Sampling
+from flaxalign.sampler import KVCacheSampler, Sampling, prompt_bucket
 
 
 def respond(workdir: str, prompts: list[str], *, chat_template: str = "auto", system: str = "",
@@ -90,12 +90,6 @@ class ModelCompleter:
             responses += decode_responses(self.tokenizer, out["response"][:len(chunk)],
                                           out["response_mask"][:len(chunk)])
         return responses
-
-
-def prompt_bucket(length: int, cap: int) -> int:
-    """The padded prompt length for a batch whose longest prompt has `length` tokens: the next power of two (at
-    least 16), at most `cap`, so the sampler compiles for a few shapes only."""
-    return min(cap, max(16, 1 << (max(length, 1) - 1).bit_length()))
 
 
 TEMPLATE_CHOICES = ("auto", "none")  # besides the templates' names; "" = "none"

@@ -163,6 +163,25 @@ class Sampling:
         return Sampling(self.max_new_tokens, 0.0, self.top_k, self.top_p)
 
 
+def prompt_bucket(length: int, cap: int) -> int:
+    """The padded prompt length for a batch whose longest prompt has `length` tokens: the next power of two (at
+    least 16), at most `cap`, so the sampler compiles for a few shapes only."""
+    return min(cap, max(16, 1 << (max(length, 1) - 1).bit_length()))
+
+
+def trim_left_padding(prompts: dict) -> dict:
+    """Left-padded `prompts` (and any `[B]` arrays beside them, kept) cut on the left to `prompt_bucket` of their
+    longest row. The columns dropped are padding in every row, so the responses and the learner's scores stay the
+    same (up to float rounding) while prefill, cache and attention shrink with the prompts; a few widths, a few
+    compiles."""
+    width = prompts["input_ids"].shape[1]
+    longest = int(jax.device_get(jnp.max(jnp.sum(prompts["attention_mask"], axis=1))))
+    keep = prompt_bucket(longest, width)
+    if keep == width:
+        return prompts
+    return {k: v[:, width - keep:] if v.ndim == 2 else v for k, v in prompts.items()}
+
+
 class Sampler(Protocol):
     def sample(self, weights, prompts: dict, rng, sampling: Sampling) -> dict: ...
 

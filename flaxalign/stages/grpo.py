@@ -37,6 +37,7 @@ from flaxalign.losses.rl import (
 )
 from flaxalign.policy import ScalarModel, TrainableModel
 from flaxalign.rewards import resolve_reward_functions, score_completions
+from flaxalign.sampler import trim_left_padding
 from flaxalign.stages import lm, onpolicy
 from flaxalign.stages.checks import check_rows
 from flaxalign.train.state import TrainState
@@ -224,8 +225,9 @@ class Scorer:
 
 
 class GrpoRollouts:
-    """`Task.prepare`: the prompts repeated G times, sampled by `engine` (default: the policy's KV-cache sampler; rng
-    fold_in(state.rng, 1)), scored by the learner (`grpo_score`), rewarded on the host (`Scorer`)."""
+    """`Task.prepare`: the prompts (cut to their bucket's width, `trim_left_padding`) repeated G times, sampled by
+    `engine` (default: the policy's KV-cache sampler; rng fold_in(state.rng, 1)), scored by the learner
+    (`grpo_score`), rewarded on the host (`Scorer`)."""
 
     def __init__(self, mesh, scorer: Scorer, h: GrpoHyper, *, m: GrpoModels, sampling: onpolicy.Sampling,
                  eos_id: int, pad_id: int, with_reference: bool, engine=None):
@@ -236,7 +238,7 @@ class GrpoRollouts:
 
     def __call__(self, state, step, batch):
         with jax.set_mesh(self.mesh):
-            prompts = self.repeat({k: batch[k] for k in (*onpolicy.PROMPT_KEYS, "index")})
+            prompts = self.repeat(trim_left_padding({k: batch[k] for k in (*onpolicy.PROMPT_KEYS, "index")}))
             weights = self.m.policy.weights(state.params, state.frozen)
             sampled = self.engine.sample(weights, {k: prompts[k] for k in onpolicy.PROMPT_KEYS},
                                          jax.random.fold_in(state.rng, 1), self.sampling)
@@ -258,7 +260,8 @@ class GrpoEval:
 
     def __init__(self, mesh, prompts: dict, scorer: Scorer, seed: int, *, m: GrpoModels,
                  sampling: onpolicy.Sampling, eos_id: int, pad_id: int, with_reference: bool, engine=None):
-        self.mesh, self.prompts, self.scorer, self.rng = mesh, prompts, scorer, jax.random.PRNGKey(seed + 1)
+        self.mesh, self.scorer, self.rng = mesh, scorer, jax.random.PRNGKey(seed + 1)
+        self.prompts = trim_left_padding(prompts)
         self.m, self.settings = m, {"greedy": sampling.greedy(), "sampled": sampling}
         self.engine = engine or m.policy.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
         self.score = jax.jit(functools.partial(grpo_score, m=m, with_reference=with_reference, learner_logps=False))

@@ -43,6 +43,7 @@ from flaxalign.losses.rl import (
 )
 from flaxalign.models import heads
 from flaxalign.policy import ScalarModel, TrainableModel, value_model
+from flaxalign.sampler import trim_left_padding
 from flaxalign.stages import lm, onpolicy
 from flaxalign.stages.checks import check_rows
 from flaxalign.train.state import TrainState
@@ -190,8 +191,8 @@ def _ppo_update(state, batch, *, m, h, optimizer, grad_accum):
 
 
 class Rollouts:
-    """`Task.prepare`: this step's prompts sampled by `engine` (default: the policy's KV-cache sampler; rng
-    fold_in(state.rng, 1)) and scored by the learner (`ppo_score`)."""
+    """`Task.prepare`: this step's prompts (cut to their bucket's width, `trim_left_padding`) sampled by `engine`
+    (default: the policy's KV-cache sampler; rng fold_in(state.rng, 1)) and scored by the learner (`ppo_score`)."""
 
     def __init__(self, mesh, *, m: PpoModels, sampling: onpolicy.Sampling, eos_id: int, pad_id: int, engine=None,
                  **score_kwargs):
@@ -205,7 +206,8 @@ class Rollouts:
             return self.score(state, self.engine.sample(weights, prompts, rng, self.sampling))
 
     def __call__(self, state, step, batch):
-        return self.rollout(state, {k: batch[k] for k in onpolicy.PROMPT_KEYS}, jax.random.fold_in(state.rng, 1)), {}
+        prompts = trim_left_padding({k: batch[k] for k in onpolicy.PROMPT_KEYS})
+        return self.rollout(state, prompts, jax.random.fold_in(state.rng, 1)), {}
 
 
 class RolloutEval:
@@ -213,7 +215,7 @@ class RolloutEval:
     held-out prompts (fixed rng, so evaluations are comparable across steps)."""
 
     def __init__(self, mesh, prompts: dict, seed: int, **rollout_kwargs):
-        self.prompts, self.rng = prompts, jax.random.PRNGKey(seed + 1)
+        self.prompts, self.rng = trim_left_padding(prompts), jax.random.PRNGKey(seed + 1)
         self.rollouts, self.mesh = Rollouts(mesh, **rollout_kwargs), mesh
         self.stats = jax.jit(_eval_stats)
 

@@ -161,6 +161,28 @@ def test_another_engine_plugs_into_the_rollout(setup):
         np.testing.assert_allclose(other[key], rollout[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+def test_prompts_cut_to_their_bucket_give_the_same_rollout(setup):
+    """Prompts left-padded to 40 columns are cut to 16 (`trim_left_padding`: the next power of two ≥ 16 above the
+    longest, 8): the dropped columns are padding in every row, so the responses are the same token for token and the
+    learner's scores the same up to rounding."""
+    task, mesh, eos_id, _, tmp = setup
+    state, _ = _state(task, mesh, tmp, "trim")
+    wide = left_pad_prompts(PROMPT_IDS, pad_id=PAD, length=40)
+    cut = sampler.trim_left_padding({**wide, "index": np.arange(len(PROMPT_IDS))})
+    assert cut["input_ids"].shape == (len(PROMPT_IDS), 16) and (cut["index"] == np.arange(len(PROMPT_IDS))).all()
+    np.testing.assert_array_equal(cut["input_ids"], wide["input_ids"][:, 24:])
+    rollouts = ppo.Rollouts(mesh, m=_models(), sampling=onpolicy.Sampling(NEW_TOKENS, 0.7), eos_id=eos_id, pad_id=PAD,
+                            gain=2.0, bias=-0.5)
+    rng = jax.random.PRNGKey(11)
+    full = jax.device_get(rollouts.rollout(state, wide, rng))
+    short = jax.device_get(rollouts.rollout(state, {k: cut[k] for k in onpolicy.PROMPT_KEYS}, rng))
+    assert short["tokens"].shape[1] == 16 + NEW_TOKENS
+    for key in ("response", "response_mask", "ended"):
+        np.testing.assert_array_equal(short[key], full[key], err_msg=key)
+    for key in ("old_logps", "ref_logps", "values", "scores"):
+        np.testing.assert_allclose(short[key], full[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
 def test_rollout_masks_values_and_kl_zero_at_start(setup):
     _, _, eos_id, rollout, _ = setup
     mask = rollout["response_mask"].astype(bool)
