@@ -250,7 +250,7 @@ def test_tiny_dpo_lora_fits_v5e():
 
 
 @tpu
-@pytest.mark.parametrize("stage", ["clm", "sft", "reward", "ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["clm", "sft", "reward"])  # PPO and GRPO: test_rl_plan_reports_every_role_…
 def test_every_stage_compiles_for_v4(stage):
     pytest.importorskip("libtpu")
     result = plan.plan(stage_config(stage), "v4:2x2x1")
@@ -415,16 +415,6 @@ def test_too_big_config_exits_2_with_the_suggestions():
     assert "but has 15.75 GiB of usable HBM" in message
     for tip in ("model.remat='full'", "mesh.fsdp=-1", "data.batch_size", "grad_accum", "lora.rank=16"):
         assert tip in message
-
-
-@tpu
-def test_not_fitting_report_from_the_api():
-    pytest.importorskip("libtpu")
-    config = llama3_8b_dpo(**{"reference": "copy", "data.seq_len": 256, "data.batch_size": 8})
-    result = plan.plan(config, "v5e:2x4")
-    assert not result["fits"] and result["memory"] is None and "does not fit on v5e:2x4" in result["message"]
-    with pytest.raises(errors.ConfigError, match="does not fit"):
-        plan.require_fit(result)
 
 
 @tpu

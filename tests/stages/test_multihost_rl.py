@@ -19,8 +19,9 @@ STAGES = {
     # exact_answer looks each row's answer up in its prompt record; the length reward gives the groups a spread
     "grpo": ("configs/grpo.py:tiny", {"grpo.group_size": 4,
                                       "rewards": "exact_answer,tests.stages.test_multihost_rl:counted_length_reward"}),
+    # PPO has no host-side work: its held-out evaluation is the same jitted program as its rollout, so it is off
     "ppo": ("configs/ppo.py:tiny", {"reward_from": "checkpoint:{reward}", "ppo.kl_target": 0.1, "data.batch_size": 16,
-                                    "ppo.num_minibatches": 2}),
+                                    "ppo.num_minibatches": 2, "eval_prompts": 0}),
 }
 TIMINGS = ("step_time", "tokens_per_sec", "mfu")
 
@@ -73,8 +74,8 @@ def test_two_processes_give_the_metrics_of_one(stage, rl_upstream, tmp_path):
     expected, got = cli.metrics(one), cli.metrics(two)
     assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, STEPS + 1))
     assert expected[-1]["loss"] != 0.0  # updates that do something
-    evaluated = [k for k in expected[-1] if k.endswith("_greedy") or k.endswith("_sampled") or k.startswith("eval")]
-    assert evaluated, expected[-1]  # the held-out evaluation ran (on both sides)
+    if stage == "grpo":  # the held-out evaluation ran (on both sides), its rewards scored per process
+        assert "reward_greedy" in expected[-1] and "reward_sampled" in expected[-1]
     for want, have in zip(expected, got):
         assert set(have) == set(want)
         for key in set(want) - set(TIMINGS):
