@@ -148,7 +148,8 @@ def test_generate_cli_talks_to_a_checkpoint(sft_demo_run):
     from tests import cli_helpers as cli
 
     prompts = ["What does `len(obj)` do?", "What is 7 * 8?"]
-    args = [f"--checkpoint={sft_demo_run}", "--temperature=0", "--max_new_tokens=16"] + [f"--prompt={p}" for p in prompts]
+    args = [f"--checkpoint={sft_demo_run}", "--temperature=0", "--max_new_tokens=16"] + [
+        f"--prompt={p}" for p in prompts]
     rc, out, err = cli.run(args, cpu_devices=1, command="generate")
     assert rc == 0, err[-2000:]
     blocks = [b for b in out.split(">>> ") if b.strip()]
@@ -156,7 +157,8 @@ def test_generate_cli_talks_to_a_checkpoint(sft_demo_run):
     assert all(b.splitlines()[1].strip() for b in blocks)  # a non-empty response each
     assert cli.run(args, cpu_devices=1, command="generate")[1] == out  # greedy: the same text again
     rc, _, err = cli.run(["--checkpoint=/no/such/run", "--prompt=hi"], cpu_devices=1, command="generate")
-    assert rc == 2 and err.strip().splitlines()[-1] == "flaxalign: error: checkpoint path '/no/such/run' does not exist."
+    assert rc == 2
+    assert err.strip().splitlines()[-1] == "flaxalign: error: checkpoint path '/no/such/run' does not exist."
     rc, _, err = cli.run([f"--checkpoint={sft_demo_run}", "--prompt=hi", "--chat_template=vicuna"], cpu_devices=1,
                          command="generate")
     assert rc == 2 and "--chat_template='vicuna' is not one of" in err.strip().splitlines()[-1]
