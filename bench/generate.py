@@ -1,5 +1,5 @@
 """Rollout speed: seconds and generated tokens/s of sampling `--new_tokens` tokens after a batch of left-padded prompts,
-for flaxalign's KV-cache sampler (`flaxalign.generate.generate`), its no-cache reference that recomputes the whole
+for flaxalign's KV-cache sampler (`flaxalign.sampler.generate`), its no-cache reference that recomputes the whole
 prefix for every token (`generate_recompute`), and Hugging Face transformers' `model.generate` on the same weights
 when torch and transformers are importable.
 

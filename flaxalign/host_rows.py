@@ -44,8 +44,10 @@ def local_rows(x: jax.Array, rows: np.ndarray) -> np.ndarray:
 
 
 def gather_rows(values: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray:
-    """`[total, ...]`: every process's `values` (one per row it owns, `[len(rows), ...]`) put at their rows.
-    Called by every process at once."""
+    """`[total, ...]` float32: every process's `values` (one per row it owns, `[len(rows), ...]`) put at their rows
+    (float32 whatever the process count: the all-gather goes through the devices). Called by every process at
+    once."""
+    values = np.asarray(values, np.float32)
     if jax.process_count() == 1:
         return values
     full = np.zeros((total,) + values.shape[1:], values.dtype)
@@ -56,16 +58,20 @@ def gather_rows(values: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray:
     return everyone[np.argmax(owners, axis=0), np.arange(total)]
 
 
-def raise_together(error: errors.FlaxalignError | None) -> None:
+def raise_together(error: Exception | None) -> None:
     """Raises on every process when any process failed (`error` is this process's failure or None), so no process
-    is left waiting in the next collective: the failed process raises its own error, the others name it."""
+    is left waiting in the next collective: the failed process raises its own error (an unexpected one as a
+    `TrainingError` naming it, when other processes are waiting), the others name the failed process."""
     if jax.process_count() == 1:
         if error is not None:
             raise error
         return
     failed = multihost_utils.process_allgather(np.asarray(error is not None))
-    if error is not None:
+    if isinstance(error, errors.FlaxalignError):
         raise error
+    if error is not None:
+        raise errors.TrainingError(f"scoring the rollout failed on this process: {type(error).__name__}: "
+                                   f"{error}") from error
     if failed.any():
         first = int(np.argmax(failed))
         raise errors.TrainingError(f"process {first} stopped on an error (see its log); this process stops too.")

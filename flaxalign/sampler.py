@@ -17,8 +17,8 @@
 What learns from a rollout never uses the engine's `logps` for its ratio: the RL stages recompute the old policy's
 log-probs with their own jitted function (`onpolicy.response_logps`). An engine with another numeric path — a bf16
 cache, paged attention, an external server — therefore changes which tokens are drawn, never the consistency of the
-loss. Another engine implements `sample` with this contract (numpy or jax arrays) and is passed where the stages
-build theirs (`onpolicy.Policy.rollout_sampler`).
+loss. Another engine implements `sample` with this contract (numpy or jax arrays) and is given to the RL stages'
+rollout objects (`engine=` of `ppo.Rollouts`, `grpo.GrpoRollouts`, `grpo.GrpoEval`; the config has no selector yet).
 
 `generate` is the KV-cache engine's algorithm: one prefill pass over the prompts, then one token per step inside
 `jax.lax.while_loop` (which stops once every row has ended), with fixed shapes so it compiles once for a (batch,
@@ -201,17 +201,16 @@ class KVCacheSampler:
 
     def __init__(self, build: Callable, *, eos_id: int, pad_id: int):
         self.build, self.eos_id, self.pad_id = build, eos_id, pad_id
+        self._programs = {}  # one jitted program per sampling setting
 
     def sample(self, weights, prompts: dict, rng, sampling: Sampling) -> dict:
-        return self._compiled(sampling)(weights, prompts, rng)
-
-    @functools.cache
-    def _compiled(self, sampling: Sampling):
-        return jax.jit(functools.partial(self.traced, sampling=sampling))
+        if sampling not in self._programs:
+            self._programs[sampling] = jax.jit(functools.partial(self.traced, sampling=sampling))
+        return self._programs[sampling](weights, prompts, rng)
 
     def traced(self, weights, prompts: dict, rng, sampling: Sampling) -> dict:
         """`sample` inside a caller's own traced program."""
         out = generate(self.build(weights), prompts, rng, max_new_tokens=sampling.max_new_tokens,
                        eos_id=self.eos_id, pad_id=self.pad_id, temperature=sampling.temperature,
                        top_k=sampling.top_k, top_p=sampling.top_p)
-        return sharding.constrain_rows(out)
+        return sharding.constrain_rows(out, strict=False)  # rows that do not divide the mesh stay replicated

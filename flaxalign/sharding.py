@@ -162,9 +162,17 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-def constrain_rows(tree):
-    """Each `[batch, ...]` array of `tree` sharded by rows over data×fsdp (`constrain`)."""
-    return jax.tree.map(lambda x: constrain(x, ("act_batch",) + (None,) * (x.ndim - 1)), tree)
+def constrain_rows(tree, strict: bool = True):
+    """Each `[batch, ...]` array of `tree` sharded by rows over data×fsdp (`constrain`). Not `strict`: an array whose
+    rows do not divide data×fsdp is left as it is instead of refused."""
+    def rows(x):
+        try:
+            return constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
+        except errors.MeshError:
+            if strict:
+                raise
+            return x
+    return jax.tree.map(rows, tree)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -190,16 +190,19 @@ class Scorer:
                  bias: float, missing_eos_penalty: float):
         self.functions, self.weights, self.tokenizer, self.records = functions, weights, tokenizer, records
         self.rm_weight, self.gain, self.bias, self.penalty = reward_model_weight, gain, bias, missing_eos_penalty
+        # decided over all records, so that every process passes the functions the same columns
+        self.with_answers = any("answer" in r for r in records)
 
     def __call__(self, rollout: dict) -> tuple[np.ndarray, dict]:
-        """`rollout`: `grpo_rollout`'s, whose `index` is each row's record."""
+        """`rollout`: `grpo_score`'s, whose `index` is each row's record."""
         rows = host_rows.owned_rows(rollout["response"])
         host = {k: host_rows.local_rows(rollout[k], rows)
                 for k in ("response", "response_mask", "ended", "rm_scores", "index")}
         failure, columns = None, np.zeros((len(rows), len(self.functions) + 2))
         try:
-            columns = self._score(host)
-        except errors.FlaxalignError as error:  # every process stops, none waits for the failed one
+            if len(rows):  # a process holding only rows another process owns has nothing to score
+                columns = self._score(host)
+        except Exception as error:  # noqa: BLE001 - every process stops, none waits for the failed one
             failure = error
         host_rows.raise_together(failure)
         columns = host_rows.gather_rows(columns, rows, rollout["response"].shape[0])
@@ -214,7 +217,7 @@ class Scorer:
         """`[rows, 2 + functions]`: total reward, normalised reward-model score, each function's rewards."""
         records = [self.records[int(i)] for i in host["index"]]
         completions = decode_responses(self.tokenizer, host["response"], host["response_mask"])
-        columns = {"answer": [r.get("answer") for r in records]} if any("answer" in r for r in records) else {}
+        columns = {"answer": [r.get("answer") for r in records]} if self.with_answers else {}
         total, per_function = score_completions(self.functions, self.weights, prompt_texts(records), completions,
                                                 columns)
         rm = self.gain * np.asarray(host["rm_scores"], np.float64) + self.bias

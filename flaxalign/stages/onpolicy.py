@@ -47,10 +47,11 @@ class Policy:
         """The reference: the frozen base with adapters off, or the frozen copy of the start."""
         return self.model.reference_model(trainable, frozen["policy"])
 
-    @staticmethod
-    def weights(trainable, frozen: dict) -> dict:
-        """What a sampler reads the policy from: its trained part and the state's frozen `policy` part only."""
-        return {"trainable": trainable, "frozen": {k: v for k, v in frozen.items() if k == "policy"}}
+    def weights(self, trainable, frozen: dict) -> dict:
+        """What a sampler reads the policy from: its trained part and, when it has one, its frozen base (not the
+        reference copy that full fine-tuning keeps in the same place, nor the reward or value models)."""
+        base = {"policy": frozen["policy"]} if self.model.frozen_base and "policy" in frozen else {}
+        return {"trainable": trainable, "frozen": base}
 
     def rollout_sampler(self, *, eos_id: int, pad_id: int) -> sampler.Sampler:
         """The rollout engine, reading `weights(...)`."""

@@ -2,8 +2,9 @@
 (Huang et al. 2023) and TRL's PPOTrainer.
 
 One train step is one PPO iteration on a batch of prompts:
-  1. rollout (`ppo_rollout`, host-driven through `Task.prepare`): sample responses with the KV-cache sampler at
-     `rollout.temperature`, cut after the first EOS (EOS + 1 mask), recompute the policy's log-probs
+  1. rollout (`Rollouts`, host-driven through `Task.prepare`): sample responses through the sampler seam (the
+     KV-cache sampler) at `rollout.temperature`, cut after the first EOS (EOS + 1 mask); then `ppo_score`, its own
+     jitted program, recomputes the policy's log-probs
      log softmax(logits / T) with a forward pass, the reference's log-probs, the values and the reward model's score
      at the last real token (normalised with the reward run's gain/bias, minus `missing_eos_penalty` for responses
      without EOS);
@@ -148,7 +149,7 @@ def adaptive_kl_coef(kl_coef, kl, *, target: float, horizon: float, batch_size: 
 
 
 def ppo_step(state: TrainState, batch: dict, *, m: PpoModels, h: PpoHyper, optimizer, grad_accum: int):
-    """One PPO iteration on a rollout (`ppo_rollout`'s output): GAE, whitening, epochs × minibatches of updates,
+    """One PPO iteration on a rollout (`ppo_score`'s output): GAE, whitening, epochs × minibatches of updates,
     the KL controller. A rollout with a non-finite score changes nothing but the step count (`skipped` = 1)."""
     return onpolicy.unless_nonfinite(functools.partial(_ppo_update, m=m, h=h, optimizer=optimizer,
                                                        grad_accum=grad_accum), state, batch, batch["scores"])

@@ -134,10 +134,11 @@ class _HostEngine:
         self.run = jax.jit(lambda w, p, r, s: generate_recompute(
             m.policy.forward(w["trainable"], w["frozen"]), p, r, max_new_tokens=s.max_new_tokens, eos_id=eos_id,
             pad_id=PAD, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p), static_argnums=3)
-        self.seen, self.answers = [], []
+        self.seen, self.answers, self.frozen_given = [], [], []
 
     def sample(self, weights, prompts, rng, sampling):
         self.seen.append(sampling)
+        self.frozen_given.append(weights["frozen"])
         self.answers.append(jax.device_get(self.run(weights, prompts, rng, sampling)))
         return self.answers[-1]
 
@@ -152,6 +153,7 @@ def test_another_engine_plugs_into_the_rollout(setup):
                             gain=2.0, bias=-0.5, engine=engine)
     other = jax.device_get(rollouts.rollout(state, _prompts(), jax.random.PRNGKey(11)))
     assert engine.seen == [onpolicy.Sampling(NEW_TOKENS, 0.7)]
+    assert "policy" in state.frozen and engine.frozen_given == [{}]  # full fine-tuning: not the reference copy
     contract = sampler.rollout_shapes(len(PROMPT_IDS), _prompts()["input_ids"].shape[1], engine.seen[0])
     assert {k: (v.shape, v.dtype) for k, v in engine.answers[0].items()} == {
         k: (v.shape, v.dtype) for k, v in contract.items()}
