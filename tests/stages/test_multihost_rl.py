@@ -75,7 +75,7 @@ def test_two_processes_give_the_metrics_of_one(stage, rl_upstream, tmp_path):
     assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, STEPS + 1))
     assert expected[-1]["loss"] != 0.0  # updates that do something
     if stage == "grpo":  # the held-out evaluation ran (on both sides), its rewards scored per process
-        assert "reward_greedy" in expected[-1] and "reward_sampled" in expected[-1]
+        assert "eval_reward_greedy" in expected[-1] and "eval_reward_sampled" in expected[-1]
     for want, have in zip(expected, got):
         assert set(have) == set(want)
         for key in set(want) - set(TIMINGS):
