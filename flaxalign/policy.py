@@ -238,6 +238,11 @@ class TrainableModel:
         base = lora.replace_leaves(frozen, trainable["saved"])
         return adapted.attach_lora(base, trainable["lora"], self.lora, rng)
 
+    def forward_frozen(self, frozen: Any) -> Any:
+        """The part of `frozen` that `model` reads: the frozen base (LoRA, adapters), nothing under full fine-tuning
+        (where a stage may keep its reference copy in the same place)."""
+        return frozen if self.frozen_base else {}
+
     def model(self, trainable: Any, frozen: Any, rng: jax.Array | None = None) -> models.CausalLM:
         return models.merge(self.graphdef, self._complete(self.params(trainable, frozen, rng)))
 

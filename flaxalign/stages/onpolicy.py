@@ -50,8 +50,7 @@ class Policy:
     def weights(self, trainable, frozen: dict) -> dict:
         """What a sampler reads the policy from: its trained part and, when it has one, its frozen base (not the
         reference copy that full fine-tuning keeps in the same place, nor the reward or value models)."""
-        base = {"policy": frozen["policy"]} if self.model.frozen_base and "policy" in frozen else {}
-        return {"trainable": trainable, "frozen": base}
+        return {"trainable": trainable, "frozen": {"policy": self.model.forward_frozen(frozen.get("policy", {}))}}
 
     def rollout_sampler(self, *, eos_id: int, pad_id: int) -> sampler.Sampler:
         """The rollout engine, reading `weights(...)`."""

@@ -153,7 +153,8 @@ def test_another_engine_plugs_into_the_rollout(setup):
                             gain=2.0, bias=-0.5, engine=engine)
     other = jax.device_get(rollouts.rollout(state, _prompts(), jax.random.PRNGKey(11)))
     assert engine.seen == [onpolicy.Sampling(NEW_TOKENS, 0.7)]
-    assert "policy" in state.frozen and engine.frozen_given == [{}]  # full fine-tuning: not the reference copy
+    assert "policy" in state.frozen  # full fine-tuning's reference copy, which the sampler is not given
+    assert engine.frozen_given == [{"policy": {}}]
     contract = sampler.rollout_shapes(len(PROMPT_IDS), _prompts()["input_ids"].shape[1], engine.seen[0])
     assert {k: (v.shape, v.dtype) for k, v in engine.answers[0].items()} == {
         k: (v.shape, v.dtype) for k, v in contract.items()}
