@@ -17,6 +17,7 @@ tokens per sequence).
 import ml_collections
 
 from flaxalign import config_blocks
+from flaxalign.losses import preference
 
 PRESETS = {
     "tiny": dict(steps=120, lr=2e-4, warmup_steps=10, seq_len=64, batch_size=16),
@@ -49,9 +50,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model = config_blocks.model(p.get("model", arg), remat=p.get("remat", "none"))
 
     # sigmoid (DPO; label_smoothing > 0 = cDPO) robust hinge ipo sigmoid_norm exo_pair nca_pair bco_pair sppo_hard
-    # aot aot_unpaired apo_zero apo_down discopop | orpo simpo cpo (no reference) | kto (unpaired data)
+    # aot aot_unpaired apo_zero apo_down discopop | orpo simpo cpo (no reference) | kto (unpaired data). The DPO
+    # family's own hyper-parameters (label_smoothing, discopop_tau, …) come from its registry.
     c.loss = ml_collections.ConfigDict(dict(
-        loss_type="sigmoid", beta=0.1, label_smoothing=0.0, discopop_tau=0.05, simpo_gamma=0.5, cpo_alpha=1.0,
+        loss_type="sigmoid", beta=0.1, **preference.DPO_HYPER_DEFAULTS, simpo_gamma=0.5, cpo_alpha=1.0,
         desirable_weight=1.0, undesirable_weight=1.0))
     c.reference = "auto"  # auto | copy (frozen copy) | base (LoRA/adapters off) | precomputed (log-probs stored once)
     c.reference_from = ""  # checkpoint:DIR of another reference model (same vocabulary); "" = the starting policy

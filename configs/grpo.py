@@ -48,10 +48,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=1.0, top_k=0,
                                                top_p=1.0))
+    # algorithm: the advantage estimator (grpo, rloo, reinforce_pp, reinforce_pp_baseline); policy_loss: clip or
+    # cispo; importance_sampling_level: token, or sequence (GSPO); loss_type: dapo, bnpo, grpo, dr_grpo. README
+    # "GRPO family" lists every field and the recipes (GSPO, CISPO, DAPO, REINFORCE++).
     c.grpo = ml_collections.ConfigDict(dict(
         algorithm="grpo", group_size=p["group_size"], epochs=1, num_minibatches=p.get("num_minibatches", 2),
-        clip_eps=0.2, clip_eps_high=0.0, beta=p.get("beta", 0.0), loss_type="dapo", scale_rewards="group",
-        rloo_normalize=False, missing_eos_penalty=0.0))
+        policy_loss="clip", importance_sampling_level="token", clip_eps=0.2, clip_eps_high=0.0, delta=0.0,
+        cispo_max_weight=5.0, beta=p.get("beta", 0.0), loss_type="dapo", scale_rewards="group",
+        rloo_normalize=False, missing_eos_penalty=0.0, sampler_correction="none", sampler_correction_min=0.0,
+        sampler_correction_max=3.0, overlong_buffer=0, overlong_penalty=1.0, dynamic_sampling=False,
+        dynamic_sampling_max_rounds=3))
 
     c.lora = config_blocks.lora()
     c.lora.rank = p.get("lora_rank", 0)

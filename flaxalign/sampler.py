@@ -11,11 +11,12 @@
 - The rollout, a dict (`rollout_shapes` states it as code): `tokens` and `mask` `[B, L + N]` (prompt, response, pad
   after the end; mask 1 on real tokens), `response` `[B, N]`, `response_mask` `[B, N]` (1 up to and including the
   first EOS, "EOS + 1"), `logps` `[B, N]` float32 (the engine's log-probability of each drawn token under
-  softmax(logits / T), 0 where masked) and `ended` `[B]` (the row emitted EOS). Arrays are sharded by rows, as the
-  prompts are.
+  the distribution it was drawn from, softmax(logits / T) after top-k/top-p filtering, 0 where masked) and `ended`
+  `[B]` (the row emitted EOS). Arrays are sharded by rows, as the prompts are.
 
 What learns from a rollout never uses the engine's `logps` for its ratio: the RL stages recompute the old policy's
-log-probs with their own jitted function (`onpolicy.response_logps`). An engine with another numeric path — a bf16
+log-probs with their own jitted function (`onpolicy.response_logps`); GRPO logs the gap between the two and may
+weight the loss by their ratio (`grpo.sampler_correction`). An engine with another numeric path — a bf16
 cache, paged attention, an external server — therefore changes which tokens are drawn, never the consistency of the
 loss. Another engine implements `sample` with this contract (numpy or jax arrays) and is given to the RL stages'
 rollout objects (`engine=` of `ppo.Rollouts`, `grpo.GrpoRollouts`, `grpo.GrpoEval`; the config has no selector yet).
@@ -53,11 +54,12 @@ def filter_logits(logits_BxV, *, top_k: int = 0, top_p: float = 1.0):
 
 
 def _pick(logits_BxV, key, temperature, top_k, top_p):
-    """(token, log p(token)) with p = softmax(logits / temperature) (temperature 0: greedy, log-probs of the
-    unscaled logits). Log-probs are of the distribution before top-k/top-p filtering."""
+    """(token, log p(token)) with p the distribution the token is drawn from: softmax(logits / temperature) after
+    top-k/top-p filtering (temperature 0: greedy, log-probs of the unscaled logits), so that importance weights
+    against the learner's unfiltered log-probs see the filtering."""
     if temperature > 0:
-        scaled = logits_BxV / temperature
-        token = jax.random.categorical(key, filter_logits(scaled, top_k=top_k, top_p=top_p), axis=-1)
+        scaled = filter_logits(logits_BxV / temperature, top_k=top_k, top_p=top_p)
+        token = jax.random.categorical(key, scaled, axis=-1)
     else:
         scaled = logits_BxV
         token = jnp.argmax(logits_BxV, axis=-1)

@@ -1,6 +1,7 @@
 """End-to-end runs of `flaxalign train` in subprocesses: resume after SIGKILL, SIGTERM, multi-process, bad input."""
 
 import hashlib
+import math
 import os
 import shutil
 import signal
@@ -230,6 +231,7 @@ def test_demo_config_learns(clm_demo_run):
     assert rows[0]["step"] == 1 and rows[-1]["step"] == 300
     assert losses[-1] <= 0.7 * losses[0], f"loss {losses[0]:.3f} → {losses[-1]:.3f}"
     assert rows[-1]["eval_loss"] < 0.7 * losses[0]
+    assert rows[-1]["eval_perplexity"] == pytest.approx(math.exp(rows[-1]["eval_loss"]), rel=1e-6)
     assert os.path.exists(os.path.join(workdir, "report.md")) and "report" in out
 
 

@@ -214,9 +214,12 @@ STAGE_CASES = {
     "beta negative": (
         "dpo", {"loss.beta": -0.1},
         "loss.beta must be > 0, got -0.1."),
-    "robust DPO without label smoothing": (
-        "dpo", {"loss.loss_type": "robust"},
-        "loss_type='robust' needs 0 < loss.label_smoothing < 0.5, got 0.0."),
+    "robust DPO with label smoothing of one half or more": (
+        "dpo", {"loss.loss_type": "robust", "loss.label_smoothing": 0.6},
+        "loss_type 'robust' needs label_smoothing < 0.5, got 0.6."),
+    "EXO without label smoothing": (
+        "dpo", {"loss.loss_type": "exo_pair"},
+        "loss_type 'exo_pair' needs 0 < label_smoothing < 1 (EXO recommends 1e-3), got 0.0."),
     "label smoothing of 1": (
         "dpo", {"loss.label_smoothing": 1.0},
         "loss.label_smoothing must be in [0, 1), got 1.0."),
@@ -307,7 +310,7 @@ STAGE_CASES = {
         "grpo.group_size must be >= 2 (the baseline needs other samples)."),
     "unknown GRPO algorithm": (
         "grpo", {"grpo.algorithm": "ppo"},
-        "grpo.algorithm must be one of grpo, rloo."),
+        "Unknown grpo.algorithm 'ppo'; valid ones: grpo, rloo, reinforce_pp, reinforce_pp_baseline."),
     "GRPO prompt + response longer than the model": (
         "grpo", {"rollout.max_new_tokens": 250},
         "data.max_prompt_len=24 + rollout.max_new_tokens=250 exceeds model.max_seq_len=256."),

@@ -119,6 +119,22 @@ def test_logps_are_those_of_the_sampled_tokens_under_the_tempered_model():
     np.testing.assert_allclose(out["logps"], picked * out["response_mask"], atol=2e-5)
 
 
+def test_logps_are_those_of_the_filtered_distribution_under_top_k():
+    """With top-k the token is drawn from the renormalised top k: its log-prob is taken there (≥ the unfiltered one;
+    exactly 0 for k = 1), so the sampler/learner importance weight sees the filtering."""
+    out = _run(generate, temperature=0.7, top_k=5, seed=5)
+    tokens, mask = out["tokens"], out["mask"]
+    logits = np.asarray(models.merge(GRAPHDEF, PARAMS).logits(
+        tokens[:, :-1], np.maximum(np.cumsum(mask, 1) - 1, 0)[:, :-1], mask[:, :-1]), np.float64) / 0.7
+    top = np.sort(logits, axis=-1)[..., -5:]
+    log_z = top.max(-1) + np.log(np.exp(top - top.max(-1, keepdims=True)).sum(-1))
+    picked = (np.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0] - log_z)[:, -12:]
+    np.testing.assert_allclose(out["logps"], picked * out["response_mask"], atol=2e-5)
+    unfiltered = _run(generate, temperature=0.7, seed=5)["logps"]
+    assert np.max(np.abs(out["logps"] - unfiltered)) > 0.1
+    np.testing.assert_array_equal(_run(generate, temperature=0.7, top_k=1, seed=5)["logps"], 0.0)
+
+
 def test_compiles_once_per_shape():
     traces = []
 

@@ -40,6 +40,7 @@ def test_dpo_raises_held_out_preference_accuracy_by_20_points(dpo_run):
     first, last = evals[0], evals[-1]
     assert first["step"] == 0 and first["eval_loss"] == pytest.approx(0.693147, abs=1e-5)  # π = π_ref: ln 2
     assert first["eval_kl"] == 0.0
+    assert "eval_perplexity" not in first  # a pairwise loss is no token NLL
     gain = last["eval_pref_accuracy_per_token"] - first["eval_pref_accuracy_per_token"]
     assert gain >= 0.20, f"{first['eval_pref_accuracy_per_token']:.3f} → {last['eval_pref_accuracy_per_token']:.3f}"
     assert last["eval_rewards/accuracies"] >= 0.7 and last["eval_rewards/margins"] > 1.0

@@ -4,7 +4,8 @@
 * PPO from the demo's SFT run with a reward model trained on the built-in preference pairs: the held-out mean
   reward rises by at least one standard deviation of its initial distribution while the KL stays below a budget.
 * GRPO with the exact-answer reward from an SFT run on the single-digit arithmetic task: held-out exact-answer
-  accuracy (one sample per prompt at the rollout temperature, and greedy) rises by at least 15 points.
+  accuracy (one sample per prompt at the rollout temperature, and greedy) rises by at least 15 points; likewise
+  GSPO (sequence-level importance ratios and clipping, the GSPO paper's ε = 3e-4 / 4e-4).
 """
 
 import pytest
@@ -65,16 +66,21 @@ def arithmetic_sft_run(clm_demo_run, tmp_path_factory):
     return workdir
 
 
+GSPO = ["--config.grpo.importance_sampling_level=sequence", "--config.grpo.loss_type=grpo",
+        "--config.grpo.clip_eps=3e-4", "--config.grpo.clip_eps_high=4e-4"]
+
+
 @pytest.mark.timeout(DEMO_TIMEOUT + STAGE_TIMEOUT + GRPO_TIMEOUT + MARGIN)  # arithmetic_sft_run + GRPO
-def test_grpo_raises_exact_answer_accuracy(arithmetic_sft_run, tmp_path):
-    workdir = str(tmp_path / "grpo")
+@pytest.mark.parametrize("method, flags", [("GRPO", []), ("GSPO", GSPO)])
+def test_grpo_family_raises_exact_answer_accuracy(arithmetic_sft_run, tmp_path, method, flags):
+    workdir = str(tmp_path / method)
     rc, _, err = cli.run(["--config=configs/grpo.py:tiny", f"--workdir={workdir}",
-                          f"--config.init_from=checkpoint:{arithmetic_sft_run}",
+                          f"--config.init_from=checkpoint:{arithmetic_sft_run}", *flags,
                           ], cpu_devices=1, timeout=GRPO_TIMEOUT)  # the tiny preset: 1200 steps, G = 16, β = 0
     assert rc == 0, err[-2000:]
     evals = _evals(workdir, "eval_exact_answer_sampled")
     start, end = evals[0][1], evals[-1][1]
-    print("GRPO exact-answer accuracy (sampled, greedy): " + ", ".join(
+    print(f"{method} exact-answer accuracy (sampled, greedy): " + ", ".join(
         f"step {step}: {row['eval_exact_answer_sampled']:.3f}/{row['eval_exact_answer_greedy']:.3f}"
         for step, row in evals))
     assert end["eval_exact_answer_sampled"] - start["eval_exact_answer_sampled"] >= 0.15

@@ -1,5 +1,18 @@
 """Algorithm math as small pure functions (equations in the docstrings)."""
 
+from flaxalign.losses.group_rl import (
+    ADVANTAGE_ESTIMATORS,
+    GRPO_LOSS_TYPES,
+    POLICY_LOSSES,
+    grpo_advantages,
+    grpo_policy_loss,
+    informative_groups,
+    overlong_penalty,
+    reinforce_pp_advantages,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+    sampler_correction,
+)
 from flaxalign.losses.lm import (
     chunked_token_entropy,
     chunked_token_kl,
@@ -18,10 +31,7 @@ from flaxalign.losses.preference import (
     simpo_loss,
 )
 from flaxalign.losses.rl import (
-    GRPO_LOSS_TYPES,
     gae_advantages,
-    grpo_advantages,
-    grpo_policy_loss,
     kl_penalty,
     masked_mean,
     masked_var,
@@ -29,12 +39,13 @@ from flaxalign.losses.rl import (
     ppo_policy_loss,
     ppo_rewards,
     ppo_value_loss,
-    rloo_advantages,
 )
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "DPO_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
+    "POLICY_LOSSES",
     "bradley_terry_loss",
     "chunked_token_entropy",
     "chunked_token_kl",
@@ -44,6 +55,7 @@ __all__ = [
     "gae_advantages",
     "grpo_advantages",
     "grpo_policy_loss",
+    "informative_groups",
     "kl_penalty",
     "kto_kl",
     "kto_loss",
@@ -51,10 +63,14 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "orpo_loss",
+    "overlong_penalty",
     "ppo_policy_loss",
     "ppo_rewards",
     "ppo_value_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_baseline_advantages",
     "rloo_advantages",
+    "sampler_correction",
     "sequence_logps",
     "simpo_loss",
     "token_cross_entropy",

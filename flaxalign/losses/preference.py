@@ -10,20 +10,24 @@ Semantics follow TRL 1.16 (`DPOTrainer._compute_loss`, `RewardTrainer.compute_lo
 `trl.experimental.orpo` / `.cpo`); where TRL 1.x differs from TRL 0.x the docstring says which one is followed.
 Notation: h_w = log π(y_w|x) − log π_ref(y_w|x), h_l likewise for the rejected completion, Δ = h_w − h_l, σ the
 logistic function, ε the label smoothing, |y| a completion's token count.
+
+The DPO family is a registry (`DPO_LOSSES`, `flaxalign.registry`): a new loss is its function, one `register` line
+naming its own hyper-parameters and their defaults (`PairLoss.hyper`), and its test. `configs/dpo.py`'s `loss` block
+gets one field per hyper-parameter from `DPO_HYPER_DEFAULTS`, and the DPO stage passes them through unread.
 """
 
 import numbers
+import types
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from flaxalign.errors import ConfigError
+from flaxalign.registry import Registry
 
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair", "bco_pair",
-                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop")
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
-_NEEDS_LENGTHS = ("ipo", "sigmoid_norm")
 _LN2 = 0.6931471805599453
 
 
@@ -71,104 +75,152 @@ class _Pair(NamedTuple):
     rejected_len: jax.Array | None
 
 
-def _dpo_sigmoid(p, beta, eps, tau):
+class PairLoss(NamedTuple):
+    """A DPO-family entry: `loss(pair, h) -> [B]`, where `h` holds β (`h.beta`) and the entry's own hyper-parameters
+    (`hyper`: name → default; the `loss` config block gets one field per name), validated by `check(h)`."""
+    loss: Callable
+    hyper: dict = {}
+    needs_lengths: bool = False
+    check: Callable | None = None
+
+
+DPO_LOSSES = Registry("DPO loss_type", PreferenceLossError)
+
+
+def _smoothing(h):
+    _require(not _known(h.label_smoothing) or 0 <= h.label_smoothing <= 1,
+             f"label_smoothing must be in [0, 1], got {h.label_smoothing}.")
+
+
+def _robust_smoothing(h):
+    _smoothing(h)
+    _require(not _known(h.label_smoothing) or h.label_smoothing < 0.5,
+             f"loss_type 'robust' needs label_smoothing < 0.5, got {h.label_smoothing}.")
+
+
+def _exo_smoothing(h):
+    _require(not _known(h.label_smoothing) or 0 < h.label_smoothing < 1,
+             f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (EXO recommends 1e-3), got {h.label_smoothing}.")
+
+
+SMOOTHED = {"label_smoothing": 0.0}
+
+
+def _dpo_sigmoid(p, h):
     """DPO (Rafailov et al. 2023), cDPO for ε > 0: −(1−ε)·log σ(βΔ) − ε·log σ(−βΔ)."""
-    return _smoothed_logistic(beta * (p.chosen - p.rejected), eps)
+    return _smoothed_logistic(h.beta * (p.chosen - p.rejected), h.label_smoothing)
 
 
-def _dpo_robust(p, beta, eps, tau):
+def _dpo_robust(p, h):
     """rDPO (Chowdhury et al. 2024): (−(1−ε)·log σ(βΔ) + ε·log σ(−βΔ)) / (1 − 2ε)."""
-    x = beta * (p.chosen - p.rejected)
+    x, eps = h.beta * (p.chosen - p.rejected), h.label_smoothing
     return (-(1 - eps) * jax.nn.log_sigmoid(x) + eps * jax.nn.log_sigmoid(-x)) / (1 - 2 * eps)
 
 
-def _dpo_hinge(p, beta, eps, tau):
+def _dpo_hinge(p, h):
     """SLiC hinge (Zhao et al. 2023): max(0, 1 − βΔ)."""
-    return jax.nn.relu(1 - beta * (p.chosen - p.rejected))
+    return jax.nn.relu(1 - h.beta * (p.chosen - p.rejected))
 
 
-def _dpo_ipo(p, beta, eps, tau):
+def _dpo_ipo(p, h):
     """IPO (Azar et al. 2023, Eq. 17) on per-token log-ratios: (h_w/|y_w| − h_l/|y_l| − 1/(2β))²."""
-    return (p.chosen / p.chosen_len - p.rejected / p.rejected_len - 1 / (2 * beta)) ** 2
+    return (p.chosen / p.chosen_len - p.rejected / p.rejected_len - 1 / (2 * h.beta)) ** 2
 
 
-def _dpo_sigmoid_norm(p, beta, eps, tau):
+def _dpo_sigmoid_norm(p, h):
     """Length-normalised DPO: −log σ(β·(h_w/|y_w| − h_l/|y_l|))."""
-    return -jax.nn.log_sigmoid(beta * (p.chosen / p.chosen_len - p.rejected / p.rejected_len))
+    return -jax.nn.log_sigmoid(h.beta * (p.chosen / p.chosen_len - p.rejected / p.rejected_len))
 
 
-def _dpo_exo_pair(p, beta, eps, tau):
+def _dpo_exo_pair(p, h):
     """EXO-pref (Ji et al. 2024, Eq. 16), KL(p_θ ‖ [1−ε, ε]) with p_θ = [σ(βΔ), σ(−βΔ)]:
     σ(βΔ)·(log σ(βΔ) − log(1−ε)) + σ(−βΔ)·(log σ(−βΔ) − log ε)."""
-    x = beta * (p.chosen - p.rejected)
+    x, eps = h.beta * (p.chosen - p.rejected), h.label_smoothing
     return (jax.nn.sigmoid(x) * (jax.nn.log_sigmoid(x) - jnp.log1p(-eps))
             + jax.nn.sigmoid(-x) * (jax.nn.log_sigmoid(-x) - jnp.log(eps)))
 
 
-def _dpo_nca_pair(p, beta, eps, tau):
+def _dpo_nca_pair(p, h):
     """NCA (Chen et al. 2024): −log σ(βh_w) − ½·log σ(−βh_w) − ½·log σ(−βh_l)."""
-    return (-jax.nn.log_sigmoid(beta * p.chosen) - 0.5 * jax.nn.log_sigmoid(-beta * p.chosen)
-            - 0.5 * jax.nn.log_sigmoid(-beta * p.rejected))
+    return (-jax.nn.log_sigmoid(h.beta * p.chosen) - 0.5 * jax.nn.log_sigmoid(-h.beta * p.chosen)
+            - 0.5 * jax.nn.log_sigmoid(-h.beta * p.rejected))
 
 
-def _dpo_bco_pair(p, beta, eps, tau):
+def _dpo_bco_pair(p, h):
     """Paired BCO (Jung et al. 2024) as in TRL 1.x, without the running reward shift δ: −log σ(βh_w) − log σ(−βh_l)."""
-    return -jax.nn.log_sigmoid(beta * p.chosen) - jax.nn.log_sigmoid(-beta * p.rejected)
+    return -jax.nn.log_sigmoid(h.beta * p.chosen) - jax.nn.log_sigmoid(-h.beta * p.rejected)
 
 
-def _dpo_sppo_hard(p, beta, eps, tau):
+def _dpo_sppo_hard(p, h):
     """SPPO with hard win probabilities (Wu et al. 2024, Eq. 4.7): (h_w − 1/(2β))² + (h_l + 1/(2β))²."""
-    return (p.chosen - 0.5 / beta) ** 2 + (p.rejected + 0.5 / beta) ** 2
+    return (p.chosen - 0.5 / h.beta) ** 2 + (p.rejected + 0.5 / h.beta) ** 2
 
 
-def _dpo_aot(p, beta, eps, tau):
+def _dpo_aot(p, h):
     """AOT paired (Melnyk et al. 2024): d = sort_B(log π_w − log π_l) − sort_B(log π_ref,w − log π_ref,l);
     −(1−ε)·log σ(βd) − ε·log σ(−βd). Sorting over the batch makes each entry depend on the whole batch."""
-    return _smoothed_logistic(beta * (jnp.sort(p.policy_margin) - jnp.sort(p.ref_margin)), eps)
+    return _smoothed_logistic(h.beta * (jnp.sort(p.policy_margin) - jnp.sort(p.ref_margin)), h.label_smoothing)
 
 
-def _dpo_aot_unpaired(p, beta, eps, tau):
+def _dpo_aot_unpaired(p, h):
     """AOT unpaired: d = sort_B(h_w) − sort_B(h_l); −(1−ε)·log σ(βd) − ε·log σ(−βd) (batch-dependent, as `aot`)."""
-    return _smoothed_logistic(beta * (jnp.sort(p.chosen) - jnp.sort(p.rejected)), eps)
+    return _smoothed_logistic(h.beta * (jnp.sort(p.chosen) - jnp.sort(p.rejected)), h.label_smoothing)
 
 
-def _dpo_apo_zero(p, beta, eps, tau):
+def _dpo_apo_zero(p, h):
     """APO-zero (D'Oosterlinck et al. 2024, Eq. 7): 1 − σ(βh_w) + σ(βh_l)."""
-    return 1 - jax.nn.sigmoid(beta * p.chosen) + jax.nn.sigmoid(beta * p.rejected)
+    return 1 - jax.nn.sigmoid(h.beta * p.chosen) + jax.nn.sigmoid(h.beta * p.rejected)
 
 
-def _dpo_apo_down(p, beta, eps, tau):
+def _dpo_apo_down(p, h):
     """APO-down (D'Oosterlinck et al. 2024, Eq. 8): σ(βh_w) + 1 − σ(βΔ)."""
-    return jax.nn.sigmoid(beta * p.chosen) + 1 - jax.nn.sigmoid(beta * (p.chosen - p.rejected))
+    return jax.nn.sigmoid(h.beta * p.chosen) + 1 - jax.nn.sigmoid(h.beta * (p.chosen - p.rejected))
 
 
-def _dpo_discopop(p, beta, eps, tau):
+def _dpo_discopop(p, h):
     """DiscoPOP / LRML (Chan et al. 2024, Eq. 5), x = βΔ, w = σ(x/τ): (1 − w)·(−log σ(x)) + w·exp(−x)."""
-    x = beta * (p.chosen - p.rejected)
-    w = jax.nn.sigmoid(x / tau)
+    x = h.beta * (p.chosen - p.rejected)
+    w = jax.nn.sigmoid(x / h.discopop_tau)
     return (1 - w) * -jax.nn.log_sigmoid(x) + w * jnp.exp(-x)
 
 
-_DPO_LOSSES = {"sigmoid": _dpo_sigmoid, "robust": _dpo_robust, "hinge": _dpo_hinge, "ipo": _dpo_ipo,
-               "sigmoid_norm": _dpo_sigmoid_norm, "exo_pair": _dpo_exo_pair, "nca_pair": _dpo_nca_pair,
-               "bco_pair": _dpo_bco_pair, "sppo_hard": _dpo_sppo_hard, "aot": _dpo_aot,
-               "aot_unpaired": _dpo_aot_unpaired, "apo_zero": _dpo_apo_zero, "apo_down": _dpo_apo_down,
-               "discopop": _dpo_discopop}
-assert tuple(_DPO_LOSSES) == DPO_LOSS_TYPES
+def _positive_tau(h):
+    _require(not _known(h.discopop_tau) or h.discopop_tau > 0, f"discopop_tau must be > 0, got {h.discopop_tau}.")
 
 
-def _check_dpo_args(beta, loss_type, label_smoothing, lengths_given, discopop_tau):
-    _require(loss_type in _DPO_LOSSES, f"Unknown DPO loss_type {loss_type!r}; valid ones: {', '.join(DPO_LOSS_TYPES)}.")
+DPO_LOSSES.register("sigmoid", PairLoss(_dpo_sigmoid, SMOOTHED, check=_smoothing))
+DPO_LOSSES.register("robust", PairLoss(_dpo_robust, SMOOTHED, check=_robust_smoothing))
+DPO_LOSSES.register("hinge", PairLoss(_dpo_hinge))
+DPO_LOSSES.register("ipo", PairLoss(_dpo_ipo, needs_lengths=True))
+DPO_LOSSES.register("sigmoid_norm", PairLoss(_dpo_sigmoid_norm, needs_lengths=True))
+DPO_LOSSES.register("exo_pair", PairLoss(_dpo_exo_pair, SMOOTHED, check=_exo_smoothing))
+DPO_LOSSES.register("nca_pair", PairLoss(_dpo_nca_pair))
+DPO_LOSSES.register("bco_pair", PairLoss(_dpo_bco_pair))
+DPO_LOSSES.register("sppo_hard", PairLoss(_dpo_sppo_hard))
+DPO_LOSSES.register("aot", PairLoss(_dpo_aot, SMOOTHED, check=_smoothing))
+DPO_LOSSES.register("aot_unpaired", PairLoss(_dpo_aot_unpaired, SMOOTHED, check=_smoothing))
+DPO_LOSSES.register("apo_zero", PairLoss(_dpo_apo_zero))
+DPO_LOSSES.register("apo_down", PairLoss(_dpo_apo_down))
+DPO_LOSSES.register("discopop", PairLoss(_dpo_discopop, {"discopop_tau": 0.05}, check=_positive_tau))
+DPO_LOSS_TYPES = DPO_LOSSES.names
+# every DPO-family hyper-parameter and its default (the first entry's, where two share a name)
+DPO_HYPER_DEFAULTS = {}
+for _, _entry in DPO_LOSSES.items():
+    for _name, _default in _entry.hyper.items():
+        DPO_HYPER_DEFAULTS.setdefault(_name, _default)
+
+
+def dpo_hyper(loss_type: str, beta, **hyper) -> types.SimpleNamespace:
+    """`loss_type`'s hyper-parameters: β, then its own (`PairLoss.hyper`) from `hyper` or their defaults, validated.
+    Names that belong to another DPO-family loss are accepted and ignored; any other name is refused."""
+    entry = DPO_LOSSES[loss_type]
+    unknown = sorted(set(hyper) - set(DPO_HYPER_DEFAULTS))
+    _require(not unknown, f"Unknown DPO hyper-parameter {', '.join(unknown)}; known: {', '.join(DPO_HYPER_DEFAULTS)}.")
     _check_beta(beta)
-    _require(loss_type not in _NEEDS_LENGTHS or lengths_given,
-             f"loss_type {loss_type!r} normalises by completion length: pass chosen_lengths and rejected_lengths.")
-    eps = label_smoothing
-    if _known(eps):
-        _require(0 <= eps <= 1, f"label_smoothing must be in [0, 1], got {eps}.")
-        _require(loss_type != "exo_pair" or 0 < eps < 1,
-                 f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (EXO recommends 1e-3), got {eps}.")
-        _require(loss_type != "robust" or eps < 0.5, f"loss_type 'robust' needs label_smoothing < 0.5, got {eps}.")
-    _require(not _known(discopop_tau) or discopop_tau > 0, f"discopop_tau must be > 0, got {discopop_tau}.")
+    h = types.SimpleNamespace(beta=beta, **{name: hyper.get(name, default) for name, default in entry.hyper.items()})
+    if entry.check is not None:
+        entry.check(h)
+    return h
 
 
 def _token_count(lengths, dtype):
@@ -177,11 +229,12 @@ def _token_count(lengths, dtype):
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1, loss_type="sigmoid",
-             label_smoothing=0.0, chosen_lengths=None, rejected_lengths=None, discopop_tau=0.05):
+             chosen_lengths=None, rejected_lengths=None, **hyper):
     """The DPO family on per-pair completion log-probs (each `[B]`, summed over completion tokens).
 
-    h_w = log π(y_w|x) − log π_ref(y_w|x), h_l likewise, Δ = h_w − h_l; `loss_type` picks the per-pair loss (the
-    equations are in the `_dpo_<name>` docstrings; e.g. `sigmoid`: −log σ(βΔ)). `chosen_lengths`/`rejected_lengths`
+    h_w = log π(y_w|x) − log π_ref(y_w|x), h_l likewise, Δ = h_w − h_l; `loss_type` picks the per-pair loss in
+    `DPO_LOSSES` (the equations are in the `_dpo_<name>` docstrings; e.g. `sigmoid`: −log σ(βΔ)); `hyper` are its own
+    hyper-parameters (`label_smoothing`, `discopop_tau`; see `dpo_hyper`). `chosen_lengths`/`rejected_lengths`
     (completion token counts `[B]`, clamped to ≥ 1 as TRL does) are required by `ipo` and `sigmoid_norm`.
 
     Label smoothing ε is used by `sigmoid` (cDPO, the TRL ≤ 0.29 behaviour; TRL 1.x's `sigmoid` ignores ε, which is
@@ -190,13 +243,14 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     (micro-)batch, as in TRL: its mean is the loss. Returns `(losses [B], metrics)` with metrics `rewards/chosen`
     = βh_w, `rewards/rejected` = βh_l, `rewards/margins`, `rewards/accuracies` (1.0 where chosen > rejected).
     """
-    _check_dpo_args(beta, loss_type, label_smoothing, chosen_lengths is not None and rejected_lengths is not None,
-                    discopop_tau)
+    h = dpo_hyper(loss_type, beta, **hyper)
+    entry = DPO_LOSSES[loss_type]
+    _require(not entry.needs_lengths or (chosen_lengths is not None and rejected_lengths is not None),
+             f"loss_type {loss_type!r} normalises by completion length: pass chosen_lengths and rejected_lengths.")
     chosen, rejected = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
     pair = _Pair(chosen, rejected, chosen_logps - rejected_logps, ref_chosen_logps - ref_rejected_logps,
                  _token_count(chosen_lengths, chosen.dtype), _token_count(rejected_lengths, chosen.dtype))
-    losses = _DPO_LOSSES[loss_type](pair, beta, label_smoothing, discopop_tau)
-    return losses, _rewards(beta * chosen, beta * rejected)
+    return entry.loss(pair, h), _rewards(beta * chosen, beta * rejected)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Policy-gradient RL math: KL estimators, masked statistics, GAE, the PPO-RLHF rewards and policy/value losses, GRPO
-and RLOO advantages and the GRPO loss.
+"""Policy-gradient RL math shared by PPO and the GRPO family (`flaxalign.losses.group_rl`): KL estimators, masked
+statistics, GAE and the PPO-RLHF rewards and policy/value losses.
 
 Token tensors are `[B, T]` over the response (completion) tokens only, with a `mask [B, T]` (bool, or 0/1 float) that
 is 1 on the real response tokens up to and including the first EOS and 0 after it (the "EOS+1" convention: a row whose
@@ -32,10 +32,7 @@ from flaxalign.errors import ConfigError
 
 KL_KINDS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token", "sequence")
-SCALE_REWARDS = ("group", "batch", "none")
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 _WHITEN_EPS = 1e-8  # TRL `masked_whiten`
-_STD_EPS = 1e-4  # TRL GRPO/RLOO: advantages / (std + 1e-4)
 
 
 class RLLossError(ConfigError, ValueError):
@@ -221,125 +218,3 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip_range=0.2):
     clipped = jnp.square(jnp.clip(values, old_values - clip_range, old_values + clip_range) - returns)
     loss_sum, count = _aggregate(0.5 * jnp.maximum(unclipped, clipped), m, "token")
     return loss_sum, count, _token_means(m, loss_sum.dtype, vf_clipfrac=clipped > unclipped)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Group baselines: GRPO and RLOO advantages (TRL 1.16 `_generate_and_score_completions`)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _groups(rewards, group_size):
-    _require(isinstance(group_size, numbers.Integral) and group_size >= 1,
-             f"group_size must be a positive int, got {group_size!r}.")
-    _require(jnp.ndim(rewards) == 1, f"rewards must be [B], got shape {jnp.shape(rewards)}.")
-    _require(rewards.shape[0] % group_size == 0,
-             f"the batch of {rewards.shape[0]} rewards is not a whole number of groups of {group_size}.")
-    return rewards.reshape(-1, group_size)
-
-
-def _std(x, axis=None, keepdims=False):
-    """The unbiased (Bessel-corrected) standard deviation, TRL's `nanstd` without NaNs; needs ≥ 2 entries."""
-    n = x.size if axis is None else x.shape[axis]
-    centred = x - jnp.mean(x, axis=axis, keepdims=True)
-    return jnp.sqrt(jnp.sum(jnp.square(centred), axis=axis, keepdims=keepdims) / (n - 1))
-
-
-def grpo_advantages(rewards, group_size, *, scale_rewards="group"):
-    """GRPO advantages (Shao et al. 2024) `[B]` from rewards `[B]` laid out as consecutive groups of G = group_size
-    completions per prompt: A_i = (r_i − mean_group(r)) / (s + 1e-4), with s per `scale_rewards` (TRL 1.16):
-      "group" (default, or True): the unbiased std of r_i's group (0 when G = 1, so A = 0)
-      "batch": the unbiased std of all B rewards (PPO-Lite; the mean stays the group mean)
-      "none" (or False): no division (Dr. GRPO)
-    TRL's NaN handling of unscorable completions is not reproduced: rewards must be finite. In TRL the rewards of the
-    whole generation batch (all processes) are normalised together: pass all of them.
-    """
-    scale_rewards = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
-    _one_of(scale_rewards, SCALE_REWARDS, "scale_rewards")
-    grouped = _groups(rewards, group_size)
-    advantages = (grouped - jnp.mean(grouped, axis=1, keepdims=True)).reshape(-1)
-    if scale_rewards == "none":
-        return advantages
-    if scale_rewards == "group":
-        std = _std(grouped, axis=1, keepdims=True) if group_size > 1 else jnp.zeros_like(grouped)
-        std = jnp.broadcast_to(std, grouped.shape).reshape(-1)
-    else:
-        std = _std(rewards) if rewards.shape[0] > 1 else jnp.zeros((), rewards.dtype)
-    return advantages / (std + _STD_EPS)
-
-
-def rloo_advantages(rewards, group_size, *, normalize=False):
-    """RLOO advantages (Kool et al. 2019; Ahmadian et al. 2024) `[B]` from rewards `[B]` in consecutive groups of G:
-    the leave-one-out baseline A_i = r_i − (Σ_group r − r_i)/(G − 1) = G/(G − 1)·(r_i − mean_group(r)); 0 for G = 1
-    (as TRL). `normalize` is TRL 1.16's `normalize_advantages` (default False): A ← (A − mean_B(A)) / (std_B(A) + 1e-4)
-    over the whole batch, std unbiased. TRL's RLOO folds its KL penalty into the rewards first: pass
-    r − β·Σ_t m·kl_penalty(old_logps, ref_logps, "k1") (TRL RLOOConfig β = 0.05), clipped to `reward_clip_range`
-    before that if set.
-    """
-    grouped = _groups(rewards, group_size)
-    if group_size > 1:
-        baseline = (jnp.sum(grouped, axis=1, keepdims=True) - grouped) / (group_size - 1)
-        advantages = (grouped - baseline).reshape(-1)
-    else:
-        advantages = jnp.zeros_like(rewards)
-    if not normalize:
-        return advantages
-    if rewards.shape[0] == 1:
-        return jnp.zeros_like(advantages)
-    return (advantages - jnp.mean(advantages)) / (_std(advantages) + _STD_EPS)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# GRPO loss (TRL 1.16 `GRPOTrainer._compute_loss`, importance_sampling_level="token")
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def grpo_policy_loss(logps, old_logps, ref_logps, advantages, mask, *, clip_eps=0.2, clip_eps_high=None, beta=0.0,
-                     loss_type="dapo", max_completion_length=None):
-    """The GRPO family's clipped surrogate with a k3 KL term (TRL 1.16 `GRPOTrainer._compute_loss`, token-level
-    importance sampling). Per token, with ρ = exp(logps − old_logps) and the sequence advantage A_b `[B]` broadcast
-    over its tokens (or per-token advantages `[B, T]`):
-      ℓ_t = −min(ρ_t·A, clip(ρ_t, 1 − ε_low, 1 + ε_high)·A) + β·k3(logps_t, ref_logps_t)
-    (ε_low = clip_eps, ε_high = clip_eps_high or clip_eps; DAPO suggests 0.28). `ref_logps` may be None when β = 0.
-
-    Returns `(loss_sum, count, metrics)` per `loss_type` (TRL's default is "dapo"):
-      "grpo"    Σ_b (Σ_t m·ℓ / max(|o_b|, 1)) and B            (mean over each sequence's tokens, then over sequences)
-      "bnpo"    Σ m·ℓ and Σ m, divided per call                 (TRL: the local batch's token count)
-      "dapo"    Σ m·ℓ and Σ m, divided by the global sum        (TRL: tokens of the whole accumulated batch)
-      "dr_grpo" Σ m·ℓ and B·L, L = max_completion_length (default T, the padded width; TRL uses its config value)
-    "bnpo" and "dapo" return the same numbers; they differ in what the caller sums `count` over before dividing.
-    Metrics, token means as TRL logs them: `clip_ratio/low_mean` (ρ < 1 − ε_low and A < 0), `clip_ratio/high_mean`
-    (ρ > 1 + ε_high and A > 0), `clip_ratio/region_mean` (either), `kl` (k3, when ref_logps is given), `tokens`.
-    """
-    _one_of(loss_type, GRPO_LOSS_TYPES, "GRPO loss_type")
-    eps_low = clip_eps
-    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    _require(not _known(eps_low) or eps_low > 0, f"clip_eps must be > 0, got {eps_low}.")
-    _require(not _known(eps_high) or eps_high > 0, f"clip_eps_high must be > 0, got {eps_high}.")
-    _require(ref_logps is not None or (_known(beta) and beta == 0),
-             f"grpo_policy_loss needs ref_logps when beta != 0 (got beta={beta}).")
-    _require(max_completion_length is None or not _known(max_completion_length) or max_completion_length > 0,
-             f"max_completion_length must be > 0, got {max_completion_length}.")
-    m = _bool(mask)
-    advantages = jax.lax.stop_gradient(advantages)
-    if advantages.ndim == 1:
-        advantages = advantages[:, None]
-    advantages = _where(m, advantages)
-    logps = _where(m, logps)
-    ratio = jnp.exp(logps - jax.lax.stop_gradient(_where(m, old_logps)))
-    per_token = -jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - eps_low, 1 + eps_high) * advantages)
-    kl = {}
-    if ref_logps is not None:
-        kl["kl"] = kl_penalty(logps, jax.lax.stop_gradient(_where(m, ref_logps)), "k3")
-        per_token = per_token + beta * kl["kl"]
-    if loss_type == "grpo":
-        loss_sum, count = _aggregate(per_token, m, "sequence")
-    else:
-        loss_sum, count = _aggregate(per_token, m, "token")
-    if loss_type == "dr_grpo":
-        length = m.shape[-1] if max_completion_length is None else max_completion_length
-        count = jnp.asarray(m.shape[0] * length, loss_sum.dtype)
-    low = (ratio < 1 - eps_low) & (advantages < 0)
-    high = (ratio > 1 + eps_high) & (advantages > 0)
-    metrics = _token_means(m, loss_sum.dtype, **{"clip_ratio/low_mean": low, "clip_ratio/high_mean": high,
-                                                 "clip_ratio/region_mean": low | high}, **kl)
-    return loss_sum, count, metrics

@@ -1,8 +1,8 @@
 """Preference optimisation without RL: the DPO family, ORPO / SimPO / CPO and KTO, one stage, `loss_type` picks.
 
 DPO (Rafailov et al. 2023):  L = −log σ(β[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))]),
-and its variants in `losses.preference.DPO_LOSS_TYPES`. Log-probs are sums over completion tokens; the chosen and
-rejected rows of a batch go through the model in one forward pass ([chosen; rejected] layout).
+and its variants in the `losses.preference.DPO_LOSSES` registry. Log-probs are sums over completion tokens; the
+chosen and rejected rows of a batch go through the model in one forward pass ([chosen; rejected] layout).
 
 The reference model π_ref (`reference`):
   "copy"         a frozen copy of the starting weights (full fine-tuning; or `reference_from` another checkpoint),
@@ -30,8 +30,10 @@ from flaxalign.data.batching import left_pad_prompts, pair_prompts, unstack_pair
 from flaxalign.data.preference_data import build_kto_datasets, build_preference_datasets
 from flaxalign.losses.lm import chunked_token_kl, sequence_logps
 from flaxalign.losses.preference import (
-    DPO_LOSS_TYPES,
+    DPO_HYPER_DEFAULTS,
+    DPO_LOSSES,
     cpo_loss,
+    dpo_hyper,
     dpo_loss,
     kto_loss,
     orpo_loss,
@@ -47,33 +49,42 @@ from flaxalign.train.step import gradient_step
 from flaxalign.train.task import Task
 
 REFERENCE_FREE = ("orpo", "simpo", "cpo")
-LOSS_TYPES = DPO_LOSS_TYPES + REFERENCE_FREE + ("kto",)
+OTHER_LOSS_TYPES = REFERENCE_FREE + ("kto",)
 ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "completion_mask")
 REF_LOGPS_FILE = "ref_logps.npz"
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """The loss and its hyper-parameters (`configs/dpo.py`'s `loss` block, validated)."""
+    """The loss and its hyper-parameters (`configs/dpo.py`'s `loss` block, validated). `hyper` holds the DPO family's
+    own hyper-parameters as (name, value) pairs (`preference.DPO_HYPER_DEFAULTS` for the missing ones): the stage passes
+    them to `dpo_loss` without reading them, so a new DPO-family loss needs no change here."""
     loss_type: str = "sigmoid"
     beta: float = 0.1
-    label_smoothing: float = 0.0
-    discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
     cpo_alpha: float = 1.0
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    hyper: tuple = ()
 
     def __post_init__(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise errors.ConfigError(f"unknown loss_type {self.loss_type!r}; valid: {', '.join(LOSS_TYPES)}.")
+        if self.loss_type not in DPO_LOSSES and self.loss_type not in OTHER_LOSS_TYPES:
+            valid = ", ".join(DPO_LOSSES.names + OTHER_LOSS_TYPES)
+            raise errors.ConfigError(f"unknown loss_type {self.loss_type!r}; valid: {valid}.")
         if not self.beta > 0:
             raise errors.ConfigError(f"loss.beta must be > 0, got {self.beta}.")
-        if self.loss_type in ("robust", "exo_pair") and not 0 < self.label_smoothing < 0.5:
-            raise errors.ConfigError(
-                f"loss_type={self.loss_type!r} needs 0 < loss.label_smoothing < 0.5, got {self.label_smoothing}.")
         if not 0 <= self.label_smoothing < 1:
             raise errors.ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if self.loss_type in DPO_LOSSES:
+            dpo_hyper(self.loss_type, self.beta, **self.dpo_hyper)
+
+    @property
+    def dpo_hyper(self) -> dict:
+        return {**DPO_HYPER_DEFAULTS, **dict(self.hyper)}
+
+    @property
+    def label_smoothing(self) -> float:  # also SimPO's and CPO's
+        return self.dpo_hyper["label_smoothing"]
 
     @property
     def needs_reference(self) -> bool:
@@ -134,8 +145,7 @@ def pair_loss(trainable, frozen, batch, rng, *, method: Method, m: Models):
         else:
             ref_chosen, ref_rejected = jnp.split(reference_logps(trainable, frozen, rows, m), 2)
         losses, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=method.beta, loss_type=t,
-                                   label_smoothing=method.label_smoothing, chosen_lengths=chosen_len,
-                                   rejected_lengths=rejected_len, discopop_tau=method.discopop_tau)
+                                   chosen_lengths=chosen_len, rejected_lengths=rejected_len, **method.dpo_hyper)
     # The policy's own ranking of the pair — comparable across models, and defined for the SFT model, whose implicit
     # reward against itself is 0: by total log-likelihood, and per token (free of the bias towards short answers).
     metrics = {**metrics, "pref_accuracy": (chosen > rejected).astype(jnp.float32),
@@ -274,10 +284,10 @@ def attach_reference_logps(data, *, workdir, reference_path, policy: TrainableMo
 
 def make_method(config) -> Method:
     block = config.loss
-    return Method(loss_type=block.loss_type, beta=float(block.beta), label_smoothing=float(block.label_smoothing),
-                  discopop_tau=float(block.discopop_tau), simpo_gamma=float(block.simpo_gamma),
+    return Method(loss_type=block.loss_type, beta=float(block.beta), simpo_gamma=float(block.simpo_gamma),
                   cpo_alpha=float(block.cpo_alpha), desirable_weight=float(block.desirable_weight),
-                  undesirable_weight=float(block.undesirable_weight))
+                  undesirable_weight=float(block.undesirable_weight),
+                  hyper=tuple((name, float(block[name])) for name in DPO_HYPER_DEFAULTS))
 
 
 def make_task(policy: TrainableModel, optim_cfg, method: Method, *, reference: str, grad_accum: int = 1,

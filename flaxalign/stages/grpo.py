@@ -1,5 +1,5 @@
-"""GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024) with verifiable rewards: no value model, a baseline from
-G samples of the same prompt.
+"""GRPO (Shao et al. 2024) and its family — RLOO, REINFORCE++, GSPO, CISPO, DAPO — with verifiable rewards: no value
+model, a baseline from G samples of the same prompt (or the batch).
 
 One train step on a batch of P prompts:
   1. rollout (`Task.prepare`, on the host): each prompt repeated G = `group_size` times, responses sampled with the
@@ -7,13 +7,16 @@ One train step on a batch of P prompts:
      program; completions decoded and scored by the reward functions — plain Python callables over text
      (`flaxalign.rewards`: `exact_answer`, `answer_format`, … or `module:function`) — plus, optionally, a reward
      model (`reward_from`, weight `reward_model_weight`). A reward function that raises stops the run with its
-     name (after a checkpoint); non-finite rewards skip the update (logged, `skipped` = 1).
-  2. `grpo_step` (pure): advantages — GRPO: (r − mean_group r) / (std + 1e-4) (`scale_rewards` group / batch /
-     none); RLOO: the leave-one-out baseline on r − β·Σ_t k1 — then `epochs` × `num_minibatches` updates of the
-     clipped surrogate (`grpo_policy_loss`, with GRPO's k3 KL term β·k3 in the loss; RLOO has its KL in the
-     reward), aggregated per `loss_type` (token-level "dapo"/"bnpo", sequence-level "grpo", "dr_grpo").
+     name (after a checkpoint); non-finite rewards skip the update (logged, `skipped` = 1). With
+     `dynamic_sampling`, groups with equal rewards are replaced by informative groups of new prompts (DAPO).
+  2. `grpo_step` (pure): DAPO's overlong penalty on the rewards (`overlong_buffer`); advantages from the
+     `algorithm`'s estimator (`group_rl.ADVANTAGE_ESTIMATORS`: grpo, rloo, reinforce_pp, reinforce_pp_baseline;
+     RLOO and REINFORCE++ put β·k1 in the reward, the others β·k3 in the loss); sampler-mismatch importance weights
+     (`sampler_correction`, the gap always logged); then `epochs` × `num_minibatches` updates of the
+     `policy_loss` (clip — with DAPO's ε_high and the optional δ — or cispo) at the `importance_sampling_level`
+     (token, or sequence: GSPO), aggregated per `loss_type` (dapo/bnpo token-level, grpo sequence-level, dr_grpo).
 With LoRA, adapters or a quantized base the reference is the frozen base with the adapters off; full fine-tuning
-keeps a frozen copy (only when β > 0 or for RLOO's reward KL: at β = 0 GRPO needs no reference at all).
+keeps a frozen copy (only when β > 0: at β = 0 no method needs a reference at all).
 """
 
 import dataclasses
@@ -27,14 +30,21 @@ from absl import logging
 from flaxalign import errors, host_rows, sharding, weights
 from flaxalign.data.prompt_data import build_prompt_datasets, prompt_texts
 from flaxalign.generate import decode_responses
-from flaxalign.losses.rl import (
-    GRPO_LOSS_TYPES,
+from flaxalign.losses.group_rl import (
+    ADVANTAGE_ESTIMATORS,
+    IMPORTANCE_LEVELS,
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    SAMPLER_CORRECTIONS,
     SCALE_REWARDS,
-    grpo_advantages,
+    Episodes,
+    EstimatorHyper,
     grpo_policy_loss,
-    kl_penalty,
-    rloo_advantages,
+    informative_groups,
+    overlong_penalty,
+    sampler_correction,
 )
+from flaxalign.losses.rl import kl_penalty
 from flaxalign.policy import ScalarModel, TrainableModel
 from flaxalign.rewards import resolve_reward_functions, score_completions
 from flaxalign.sampler import trim_left_padding
@@ -43,36 +53,57 @@ from flaxalign.stages.checks import check_rows
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
 
-ALGORITHMS = ("grpo", "rloo")
-
 
 @dataclasses.dataclass(frozen=True)
 class GrpoHyper:
-    """The `grpo` config block, validated (defaults: TRL 1.16 GRPOConfig; the paper's β is 0.04)."""
-    algorithm: str = "grpo"
+    """The `grpo` config block, validated (defaults: TRL 1.16 GRPOConfig; the paper's β is 0.04). The string fields
+    name entries of the `flaxalign.losses.group_rl` registries."""
+    algorithm: str = "grpo"  # the advantage estimator: grpo, rloo, reinforce_pp, reinforce_pp_baseline
     group_size: int = 8
     epochs: int = 1
     num_minibatches: int = 1
+    policy_loss: str = "clip"  # clip (PPO/GRPO/DAPO), cispo
+    importance_sampling_level: str = "token"  # token, or sequence (GSPO)
     clip_eps: float = 0.2
     clip_eps_high: float = 0.0  # 0 = clip_eps (symmetric); DAPO's clip-higher uses 0.28
-    beta: float = 0.04  # GRPO: k3 KL in the loss; RLOO: k1 KL in the reward
+    delta: float = 0.0  # clip: two-sided bound on the unclipped ratio (INTELLECT-2); 0 = off, else > 1
+    cispo_max_weight: float = 5.0  # cispo: the cap on the importance weight
+    beta: float = 0.04  # GRPO, REINFORCE++-baseline: k3 KL in the loss; RLOO, REINFORCE++: k1 KL in the reward
     loss_type: str = "dapo"
     scale_rewards: str = "group"
     rloo_normalize: bool = False
     missing_eos_penalty: float = 0.0
+    # truncated importance sampling for the sampler/learner log-prob mismatch (none, token_truncate, token_mask,
+    # sequence_truncate, sequence_mask) and its bounds [C_min, C_max]
+    sampler_correction: str = "none"
+    sampler_correction_min: float = 0.0
+    sampler_correction_max: float = 3.0
+    overlong_buffer: int = 0  # DAPO's soft overlong punishment over the last N of rollout.max_new_tokens; 0 = off
+    overlong_penalty: float = 1.0  # its largest penalty
+    dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards and refill the batch from new prompts
+    dynamic_sampling_max_rounds: int = 3  # rollouts per step at most (the first included) before filling
 
     def __post_init__(self):
-        checks = [(self.algorithm in ALGORITHMS, f"grpo.algorithm must be one of {', '.join(ALGORITHMS)}"),
-                  (self.group_size >= 2, "grpo.group_size must be >= 2 (the baseline needs other samples)"),
+        for registry, value in ((ADVANTAGE_ESTIMATORS, self.algorithm), (POLICY_LOSSES, self.policy_loss),
+                                (IMPORTANCE_LEVELS, self.importance_sampling_level),
+                                (LOSS_AGGREGATIONS, self.loss_type), (SAMPLER_CORRECTIONS, self.sampler_correction)):
+            registry.check(value)
+        checks = [(self.group_size >= 2, "grpo.group_size must be >= 2 (the baseline needs other samples)"),
                   (self.epochs >= 1, "grpo.epochs must be >= 1"),
                   (self.num_minibatches >= 1, "grpo.num_minibatches must be >= 1"),
                   (self.clip_eps > 0, "grpo.clip_eps must be > 0"),
                   (self.clip_eps_high >= 0, "grpo.clip_eps_high must be >= 0"),
+                  (self.delta == 0 or self.delta > 1, "grpo.delta must be 0 (off) or > 1"),
+                  (self.cispo_max_weight > 0, "grpo.cispo_max_weight must be > 0"),
                   (self.beta >= 0, "grpo.beta must be >= 0"),
-                  (self.loss_type in GRPO_LOSS_TYPES, f"grpo.loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}"),
                   (self.scale_rewards in SCALE_REWARDS,
                    f"grpo.scale_rewards must be one of {', '.join(SCALE_REWARDS)}"),
-                  (self.missing_eos_penalty >= 0, "grpo.missing_eos_penalty must be >= 0")]
+                  (self.missing_eos_penalty >= 0, "grpo.missing_eos_penalty must be >= 0"),
+                  (0 <= self.sampler_correction_min < self.sampler_correction_max,
+                   "grpo.sampler_correction_min must be >= 0 and < grpo.sampler_correction_max"),
+                  (self.overlong_buffer >= 0, "grpo.overlong_buffer must be >= 0"),
+                  (self.overlong_penalty >= 0, "grpo.overlong_penalty must be >= 0"),
+                  (self.dynamic_sampling_max_rounds >= 1, "grpo.dynamic_sampling_max_rounds must be >= 1")]
         for ok, message in checks:
             if not ok:
                 raise errors.ConfigError(f"{message}.")
@@ -80,6 +111,14 @@ class GrpoHyper:
     @property
     def needs_reference(self) -> bool:
         return self.beta > 0
+
+    @property
+    def estimator(self):
+        return ADVANTAGE_ESTIMATORS[self.algorithm]
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.needs_reference and not self.estimator.kl_in_reward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +134,15 @@ def repeat_prompts(prompts: dict, group_size: int) -> dict:
 
 def grpo_score(state: TrainState, rollout: dict, index, *, m: GrpoModels, with_reference: bool,
                learner_logps: bool = True) -> dict:
-    """A sampled rollout (the `sampler` contract) with each row's record `index`, the reward model's raw
+    """A sampled rollout (the `sampler` contract, its `logps` kept as `sampler_logps`) with each row's record
+    `index`, the reward model's raw
     `rm_scores` (zeros without one) and, when `learner_logps`, the learner's `old_logps` and `ref_logps` (zeros
     without a reference), recomputed here rather than taken from the sampler. Sharded by rows, so that each process
     scores the rows it holds."""
     batch = {k: rollout[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
     batch["index"] = index
     mask = batch["response_mask"] > 0
+    batch["sampler_logps"] = jnp.where(mask, jnp.asarray(rollout["logps"], jnp.float32), 0.0)
     if m.reward is not None:
         batch["rm_scores"] = onpolicy.reward_model_scores(m.reward, state.frozen, batch["tokens"], batch["mask"])
     else:
@@ -122,11 +163,12 @@ def grpo_score(state: TrainState, rollout: dict, index, *, m: GrpoModels, with_r
 def grpo_loss(trainable, frozen, batch, rng, *, m: GrpoModels, h: GrpoHyper, max_completion_length: int):
     mask = batch["response_mask"] > 0
     logps, _, _ = onpolicy.response_logps(m.policy.forward(trainable, frozen, rng), batch, m.policy)
-    in_loss_kl = h.algorithm == "grpo" and h.needs_reference
     loss_sum, count, metrics = grpo_policy_loss(
-        logps, batch["old_logps"], batch["ref_logps"] if in_loss_kl else None, batch["advantages"], mask,
-        clip_eps=h.clip_eps, clip_eps_high=h.clip_eps_high or None, beta=h.beta if in_loss_kl else 0.0,
-        loss_type=h.loss_type, max_completion_length=max_completion_length)
+        logps, batch["old_logps"], batch["ref_logps"] if h.kl_in_loss else None, batch["advantages"], mask,
+        clip_eps=h.clip_eps, clip_eps_high=h.clip_eps_high or None, beta=h.beta if h.kl_in_loss else 0.0,
+        loss_type=h.loss_type, max_completion_length=max_completion_length, policy_loss=h.policy_loss,
+        importance_sampling_level=h.importance_sampling_level, delta=h.delta or None,
+        cispo_max_weight=h.cispo_max_weight, is_weights=batch.get("is_weights"))
     # accumulated_gradients divides the sums by the minibatch's loss count: weight each token mean by this count
     sums = {k: v * count for k, v in metrics.items() if k != "tokens"}
     return loss_sum, (count, {"policy_loss": loss_sum, **sums})
@@ -134,18 +176,19 @@ def grpo_loss(trainable, frozen, batch, rng, *, m: GrpoModels, h: GrpoHyper, max
 
 def sequence_kl(batch) -> jax.Array:
     """Σ_t k1(π_old, π_ref) per response `[B]`."""
+    return jnp.sum(token_kl(batch), axis=1)
+
+
+def token_kl(batch) -> jax.Array:
+    """k1(π_old, π_ref) per response token `[B, T]`, 0 where masked."""
     mask = batch["response_mask"] > 0
-    return jnp.sum(jnp.where(mask, kl_penalty(batch["old_logps"], batch["ref_logps"], "k1"), 0.0), axis=1)
+    return jnp.where(mask, kl_penalty(batch["old_logps"], batch["ref_logps"], "k1"), 0.0)
 
 
-def grpo_advantages_of(batch, h: GrpoHyper):
-    """Sequence advantages `[B]` from the rollout's `rewards`: GRPO's group normalisation, or RLOO's leave-one-out
-    baseline on the KL-penalised reward."""
-    rewards = batch["rewards"]
-    if h.algorithm == "rloo":
-        rewards = rewards - h.beta * sequence_kl(batch)
-        return rloo_advantages(rewards, h.group_size, normalize=h.rloo_normalize)
-    return grpo_advantages(rewards, h.group_size, scale_rewards=h.scale_rewards)
+def grpo_advantages_of(batch, rewards, h: GrpoHyper):
+    """Advantages `[B]` or `[B, T]` of `grpo.algorithm`'s estimator (`ADVANTAGE_ESTIMATORS`)."""
+    episodes = Episodes(rewards, token_kl(batch), batch["response_mask"] > 0, h.group_size)
+    return h.estimator.advantages(episodes, EstimatorHyper(h.beta, h.scale_rewards, h.rloo_normalize))
 
 
 def grpo_step(state: TrainState, batch: dict, *, m: GrpoModels, h: GrpoHyper, optimizer, grad_accum: int):
@@ -155,20 +198,36 @@ def grpo_step(state: TrainState, batch: dict, *, m: GrpoModels, h: GrpoHyper, op
 
 
 def _grpo_update(state, batch, *, m, h, optimizer, grad_accum):
-    advantages = grpo_advantages_of(batch, h)
+    mask = batch["response_mask"] > 0
+    lengths = jnp.sum(mask, axis=1)
+    rewards = batch["rewards"]
+    if h.overlong_buffer:
+        penalty = overlong_penalty(lengths, max_length=mask.shape[1], buffer=min(h.overlong_buffer, mask.shape[1]),
+                                   factor=h.overlong_penalty)
+        rewards = rewards + penalty
+    advantages = grpo_advantages_of(batch, rewards, h)
     train = {k: batch[k] for k in ("tokens", "mask", "response", "response_mask", "old_logps", "ref_logps")}
     train["advantages"] = advantages
+    is_weights, sampler_metrics = sampler_correction(
+        batch["old_logps"], batch["sampler_logps"], mask, mode=h.sampler_correction,
+        clip_min=h.sampler_correction_min, clip_max=h.sampler_correction_max)
+    if is_weights is not None:
+        train["is_weights"] = jnp.broadcast_to(is_weights, mask.shape)
     loss_fn = functools.partial(grpo_loss, m=m, h=h, max_completion_length=batch["response"].shape[1])
     state, per_update = onpolicy.minibatch_updates(state, train, loss_fn, optimizer=optimizer, epochs=h.epochs,
                                                    num_minibatches=h.num_minibatches, grad_accum=grad_accum)
-    mask = batch["response_mask"].astype(jnp.float32)
     grouped = batch["rewards"].reshape(-1, h.group_size)
+    token_advantages = jnp.broadcast_to(advantages[:, None] if advantages.ndim == 1 else advantages, mask.shape)
     metrics = {k: jnp.mean(v) for k, v in per_update.items()}
     metrics.update({
         "reward": jnp.mean(batch["rewards"]), "reward_std": jnp.std(batch["rewards"]),
         "frac_reward_zero_std": jnp.mean((jnp.std(grouped, axis=1) == 0).astype(jnp.float32)),
-        "response_length": jnp.mean(jnp.sum(mask, axis=1)),
-        "eos_rate": jnp.mean(batch["ended"].astype(jnp.float32)), "advantage_abs": jnp.mean(jnp.abs(advantages))})
+        "response_length": jnp.mean(lengths.astype(jnp.float32)),
+        "eos_rate": jnp.mean(batch["ended"].astype(jnp.float32)),
+        "advantage_abs": jnp.sum(jnp.where(mask, jnp.abs(token_advantages), 0)) / jnp.maximum(jnp.sum(mask), 1),
+        **sampler_metrics})
+    if h.overlong_buffer:
+        metrics["overlong_penalty"] = jnp.mean(penalty)
     if h.needs_reference:  # Σ_t k1 per response; without a reference there is nothing to compare with
         metrics["kl"] = jnp.mean(sequence_kl(batch))
     return state, metrics
@@ -230,23 +289,27 @@ class Scorer:
 class GrpoRollouts:
     """`Task.prepare`: the prompts (cut to their bucket's width, `trim_left_padding`) repeated G times, sampled by
     `engine` (default: the policy's KV-cache sampler; rng fold_in(state.rng, 1)), scored by the learner
-    (`grpo_score`), rewarded on the host (`Scorer`)."""
+    (`grpo_score`), rewarded on the host (`Scorer`).
+
+    With `grpo.dynamic_sampling` (DAPO), groups whose G rewards are all equal are dropped and the batch is refilled
+    with the informative groups of further rollouts of the next prompt batches (`draw`, rng fold_in(…, round)), at most
+    `dynamic_sampling_max_rounds` rollouts in all; slots still empty then keep the first rollout's dropped groups
+    (which teach nothing but their KL term). Logged: `dynamic_sampling/rounds`, `/dropped_groups`, `/filled_groups`;
+    the per-function reward means are the first rollout's."""
 
     def __init__(self, mesh, scorer: Scorer, h: GrpoHyper, *, m: GrpoModels, sampling: onpolicy.Sampling,
                  eos_id: int, pad_id: int, with_reference: bool, engine=None):
-        self.mesh, self.scorer, self.sampling, self.m = mesh, scorer, sampling, m
+        self.mesh, self.scorer, self.sampling, self.m, self.h = mesh, scorer, sampling, m, h
         self.engine = engine or m.policy.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
         self.repeat = jax.jit(functools.partial(repeat_prompts, group_size=h.group_size))
         self.score = jax.jit(functools.partial(grpo_score, m=m, with_reference=with_reference))
+        self.select = jax.jit(select_rows)
 
-    def __call__(self, state, step, batch):
-        with jax.set_mesh(self.mesh):
-            prompts = self.repeat(trim_left_padding({k: batch[k] for k in (*onpolicy.PROMPT_KEYS, "index")}))
-            weights = self.m.policy.weights(state.params, state.frozen)
-            sampled = self.engine.sample(weights, {k: prompts[k] for k in onpolicy.PROMPT_KEYS},
-                                         jax.random.fold_in(state.rng, 1), self.sampling)
-            rollout = self.score(state, sampled, prompts["index"])
-        rewards, logged = self.scorer(rollout)
+    def __call__(self, state, step, batch, draw=None):
+        rollout, rewards, logged = self._rollout(state, batch, 0)
+        if self.h.dynamic_sampling:
+            rollout, rewards, counts = self._refill(state, rollout, rewards, draw)
+            logged.update(counts)
         bad = int(np.sum(~np.isfinite(rewards)))
         if bad:
             logging.warning("step %d: %d of %d rewards are not finite; this update is skipped.", step, bad,
@@ -255,6 +318,55 @@ class GrpoRollouts:
         rollout["rewards"] = jax.make_array_from_callback(rewards.shape, rows,
                                                           lambda index: rewards[index].astype(np.float32))
         return rollout, logged
+
+    def _rollout(self, state, batch, round_: int):
+        rng = jax.random.fold_in(state.rng, 1)
+        with jax.set_mesh(self.mesh):
+            prompts = self.repeat(trim_left_padding({k: batch[k] for k in (*onpolicy.PROMPT_KEYS, "index")}))
+            weights = self.m.policy.weights(state.params, state.frozen)
+            sampled = self.engine.sample(weights, {k: prompts[k] for k in onpolicy.PROMPT_KEYS},
+                                         jax.random.fold_in(rng, round_) if round_ else rng, self.sampling)
+            rollout = self.score(state, sampled, prompts["index"])
+        rewards, logged = self.scorer(rollout)
+        return rollout, rewards, logged
+
+    def _refill(self, state, rollout, rewards, draw):
+        g = self.h.group_size
+        groups = rewards.size // g
+        rollouts, kept, dropped = [rollout], [], []
+        for round_ in range(self.h.dynamic_sampling_max_rounds):
+            if round_:
+                if draw is None or len(kept) >= groups:
+                    break
+                more, more_rewards, _ = self._rollout(state, draw(), round_)
+                rollouts.append(more)
+                rewards = np.concatenate([rewards, more_rewards])
+            start = round_ * groups
+            # a non-finite reward keeps its group: the step is then skipped as without dynamic sampling
+            informative = np.asarray(informative_groups(np.nan_to_num(rewards[start * g:], nan=np.inf), g))
+            kept += [start + i for i in np.flatnonzero(informative)]
+            dropped += [start + i for i in np.flatnonzero(~informative)]
+        filled = dropped[: max(groups - len(kept), 0)]  # the first rollout's dropped groups come first
+        chosen = np.asarray((kept[:groups] + filled)[:groups])
+        rows = (chosen[:, None] * g + np.arange(g)).reshape(-1)
+        with jax.set_mesh(self.mesh):
+            selected = self.select(rollouts, rows)
+        counts = {"dynamic_sampling/rounds": float(len(rollouts)), "dynamic_sampling/dropped_groups": float(
+            len(dropped)), "dynamic_sampling/filled_groups": float(len(filled))}
+        return selected, rewards[rows], counts
+
+
+def select_rows(rollouts: list[dict], rows) -> dict:
+    """Rows `rows` of the rollouts stacked in order; prompts of different bucket widths are left-padded (mask 0) to
+    the widest, which changes no log-prob. Sharded by rows."""
+    width = max(r["tokens"].shape[1] for r in rollouts)
+
+    def left_pad(x):
+        return jnp.pad(x, ((0, 0), (width - x.shape[1], 0)))
+
+    stacked = {k: jnp.concatenate([left_pad(r[k]) if k in ("tokens", "mask") else r[k] for r in rollouts])
+               for k in rollouts[0]}
+    return sharding.constrain_rows({k: v[rows] for k, v in stacked.items()})
 
 
 class GrpoEval:

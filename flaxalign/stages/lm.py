@@ -104,6 +104,6 @@ def make_task(name: str, policy: TrainableModel, optim_cfg, *, grad_accum: int =
                                      grad_accum=grad_accum, **step_kwargs),
         eval_step=functools.partial(lm_eval_step, **step_kwargs),
         train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens_per_step,
-        flops_per_step=flops_per_step,
+        flops_per_step=flops_per_step, eval_loss_is_token_nll=True,
         metadata={"stage": name, **policy.metadata(), "resume_identity": policy.identity(), **(metadata or {})},
         **policy.layout(init_base))

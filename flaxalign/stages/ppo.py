@@ -206,7 +206,7 @@ class Rollouts:
             weights = self.m.policy.weights(state.params["policy"], state.frozen)
             return self.score(state, self.engine.sample(weights, prompts, rng, self.sampling))
 
-    def __call__(self, state, step, batch):
+    def __call__(self, state, step, batch, draw=None):  # PPO reads no extra prompt batch
         prompts = trim_left_padding({k: batch[k] for k in onpolicy.PROMPT_KEYS})
         return self.rollout(state, prompts, jax.random.fold_in(state.rng, 1)), {}
 

@@ -200,7 +200,7 @@ def train(task: Task, cfg, workdir: str, mesh: Mesh) -> LoopResult:
             batch, prepared = next(data), {}
             if task.prepare is not None:
                 try:
-                    batch, prepared = task.prepare(state, step, batch)
+                    batch, prepared = task.prepare(state, step, batch, lambda: next(data))
                 except errors.FlaxalignError:
                     # keep what was learnt so far; resuming re-reads this batch (the step it failed in is redone)
                     if checkpointer.latest_step() != step:
@@ -266,7 +266,7 @@ def evaluate(eval_fn: CompiledEval | None, state, task: Task, mesh: Mesh) -> dic
             totals[key] = totals.get(key, 0.0) + float(value)
     count = max(totals.pop("count", 0.0), 1.0)
     out = {f"eval_{k}": v / count for k, v in totals.items()}
-    if "eval_loss" in out and task.name in ("clm", "sft"):
+    if "eval_loss" in out and task.eval_loss_is_token_nll:
         out["eval_perplexity"] = float(np.exp(min(out["eval_loss"], 50.0)))
     if task.eval_extra is not None:
         out.update({f"eval_{k}": v for k, v in task.eval_extra(state).items()})

@@ -37,9 +37,13 @@ class Task:
     init_frozen: Callable[[Any], Any] = lambda shardings: {}
     # run once after the last step of a finished run (not a preempted one), e.g. a reward model's normalisation
     finalize: Callable[[Any], dict] | None = None
+    # the eval loss is a mean token negative log-likelihood: the loop also reports eval_perplexity = exp(eval_loss)
+    eval_loss_is_token_nll: bool = False
     # extra evaluation beyond the batched eval_step (e.g. sampling from the policy): state -> {name: mean}
     eval_extra: Callable[[Any], dict] | None = None
     # host-side work between reading a batch and the train step, e.g. an RL rollout scored by Python reward
-    # functions: (state, step, global batch) -> (batch for train_step, {name: value} to log). It sees the state
-    # before the step; a FlaxalignError it raises stops the run after a checkpoint of that state.
-    prepare: Callable[[Any, int, dict], tuple[dict, dict]] | None = None
+    # functions: (state, step, global batch, draw) -> (batch for train_step, {name: value} to log), where draw()
+    # reads the next global batch (e.g. DAPO's dynamic sampling refills with new prompts; the data position saved with
+    # the checkpoint counts what it read). It sees the state before the step; a FlaxalignError it raises stops the
+    # run after a checkpoint of that state.
+    prepare: Callable[[Any, int, dict, Callable[[], dict]], tuple[dict, dict]] | None = None

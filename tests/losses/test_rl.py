@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flaxalign import losses
-from flaxalign.losses import rl
+from flaxalign.losses import group_rl, rl
 from tests.losses import rl_reference as ref
 
 RTOL = {jnp.float64: 1e-9, jnp.float32: 1e-5}
@@ -240,7 +240,7 @@ def _everything(logps, old, ref_logps, adv, rewards, values, old_values, returns
         out = [losses.ppo_policy_loss(lp, old, adv, MASK, aggregation=agg) for agg in rl.AGGREGATIONS]
         out.append(losses.ppo_value_loss(v, old_values, returns, MASK))
         out += [losses.grpo_policy_loss(lp, old, ref_logps, adv, MASK, beta=0.04, loss_type=t)
-                for t in rl.GRPO_LOSS_TYPES]
+                for t in group_rl.GRPO_LOSS_TYPES]
         return sum(o[0] for o in out), out
 
     (_, out), grads = jax.value_and_grad(policy, argnums=(0, 1), has_aux=True)(logps, values)
@@ -291,7 +291,7 @@ def test_ppo_value_loss_is_micro_batch_invariant():
     _assert_micro_batch_invariant(losses.ppo_value_loss, [X["values"], X["old_values"], X["returns"], MASK], split=3)
 
 
-@pytest.mark.parametrize("loss_type", rl.GRPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", group_rl.GRPO_LOSS_TYPES)
 def test_grpo_policy_loss_is_micro_batch_invariant(loss_type):
     fn = functools.partial(losses.grpo_policy_loss, beta=0.04, loss_type=loss_type, max_completion_length=9)
     _assert_micro_batch_invariant(fn, [X["logps"], X["old_logps"], X["ref_logps"], X["seq_advantages"], MASK])
@@ -321,7 +321,7 @@ def test_micro_batch_sums_give_the_same_gradient():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", [2, 3])
-@pytest.mark.parametrize("scale_rewards", rl.SCALE_REWARDS)
+@pytest.mark.parametrize("scale_rewards", group_rl.SCALE_REWARDS)
 def test_grpo_advantages_match_reference(scale_rewards, group_size, dtype):
     (rewards,) = _rounded(dtype, X["seq_rewards"])
     out = _call(functools.partial(losses.grpo_advantages, group_size=group_size, scale_rewards=scale_rewards), dtype,
@@ -360,7 +360,7 @@ def test_rloo_is_scaled_group_centering():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("loss_type", rl.GRPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", group_rl.GRPO_LOSS_TYPES)
 @pytest.mark.parametrize("beta, clip_eps_high", [(0.0, None), (0.04, 0.28)])
 def test_grpo_policy_loss_matches_reference(beta, clip_eps_high, loss_type, dtype):
     logps, old, ref_logps, adv = _rounded(dtype, X["logps"], X["old_logps"], X["ref_logps"], X["seq_advantages"])
@@ -397,7 +397,7 @@ def test_grpo_policy_loss_variants():
 def test_grpo_on_policy_at_reference():
     """π = π_old = π_ref: ratio 1, KL exactly 0, no clipping, and every loss type is −Σ m·A / its count."""
     adv = X["seq_advantages"]
-    for loss_type in rl.GRPO_LOSS_TYPES:
+    for loss_type in group_rl.GRPO_LOSS_TYPES:
         loss_sum, _, metrics = _call(functools.partial(losses.grpo_policy_loss, beta=0.5, loss_type=loss_type),
                                      jnp.float64, X["logps"], X["logps"], X["logps"], adv, MASK)
         assert metrics["kl"] == 0 and metrics["clip_ratio/region_mean"] == 0

@@ -11,6 +11,7 @@ import pytest
 
 from flaxalign import errors, models, sharding
 from flaxalign.data.batching import left_pad_prompts, unstack_pairs
+from flaxalign.losses import preference
 from flaxalign.models import adapters
 from flaxalign.peft import lora, quant
 from flaxalign.policy import TrainableModel
@@ -284,8 +285,34 @@ def test_bad_method_settings_fail_with_one_sentence():
         dpo.Method(loss_type="dpo2")
     with pytest.raises(errors.ConfigError, match="beta must be > 0"):
         dpo.Method(beta=0.0)
-    with pytest.raises(errors.ConfigError, match="needs 0 < loss.label_smoothing"):
-        dpo.Method(loss_type="robust")
+    with pytest.raises(errors.ConfigError, match="'exo_pair' needs 0 < label_smoothing < 1"):
+        dpo.Method(loss_type="exo_pair")
+    with pytest.raises(errors.ConfigError, match="discopop_tau must be > 0"):
+        dpo.Method(loss_type="discopop", hyper=(("discopop_tau", 0.0),))
+    with pytest.raises(errors.ConfigError, match="Unknown DPO hyper-parameter gamma; known: label_smoothing, "):
+        dpo.Method(hyper=(("gamma", 1.0),))
+
+
+def test_a_new_dpo_family_loss_is_its_function_and_one_registration(monkeypatch):
+    """What adding a DPO-family loss with its own hyper-parameter takes: the function and one registry entry in
+    `losses/preference.py` (stood in for here by monkeypatching the registry and the defaults its registration fills).
+    The config's `loss` block then has the field, `make_method` and `Method` carry it, and `dpo_loss` gets it: no
+    stage or config file changes."""
+    def scaled_sigmoid(p, h):
+        return -jax.nn.log_sigmoid(h.beta * h.scale * (p.chosen - p.rejected))
+
+    monkeypatch.setitem(preference.DPO_LOSSES._entries, "scaled_sigmoid",
+                        preference.PairLoss(scaled_sigmoid, {"scale": 2.0}))
+    monkeypatch.setitem(preference.DPO_HYPER_DEFAULTS, "scale", 2.0)
+    assert stage_config("dpo").loss.scale == 2.0
+    method = dpo.make_method(stage_config("dpo", {"loss.loss_type": "scaled_sigmoid", "loss.scale": 3.0}))
+    chosen, rejected = jnp.array([-4.0, -2.0]), jnp.array([-3.0, -6.0])
+    zeros = jnp.zeros(2)
+    ours, _ = preference.dpo_loss(chosen, rejected, zeros, zeros, beta=method.beta, loss_type=method.loss_type,
+                                  **method.dpo_hyper)
+    expected, _ = preference.dpo_loss(chosen, rejected, zeros, zeros, beta=3.0 * method.beta)
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    assert not np.allclose(ours, preference.dpo_loss(chosen, rejected, zeros, zeros, beta=method.beta)[0])
 
 
 def test_training_flops_count_the_reference_passes():

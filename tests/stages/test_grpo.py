@@ -2,6 +2,7 @@
 skipped, sharding and micro-batch invariance; and through the CLI: a raising reward function (named, run
 checkpointed), NaN rewards (update skipped and logged), over-long prompts (left-truncated and counted)."""
 
+import dataclasses
 import functools
 import math
 import os
@@ -101,7 +102,7 @@ def test_advantages_match_numpy(tmp_path, algorithm, beta):
     else:  # the policy is still the reference, so Σ k1 = 0 and the reward is unchanged
         np.testing.assert_array_equal(batch["old_logps"], batch["ref_logps"])
         expected = r - (r.sum(1, keepdims=True) - r) / (G - 1)
-    advantages = grpo.grpo_advantages_of(batch, h)
+    advantages = grpo.grpo_advantages_of(batch, batch["rewards"], h)
     np.testing.assert_allclose(advantages, expected.reshape(-1), rtol=1e-5, atol=1e-6)
 
 
@@ -159,6 +160,109 @@ def test_step_sharded_micro_batched_and_nonfinite_skip(tmp_path):
     skipped, skipped_metrics = run(task, mesh, "nan", dict(batch, rewards=np.where(
         np.arange(len(REWARDS)) == 5, np.nan, batch["rewards"]).astype(np.float32)))
     assert skipped_metrics["skipped"] == 1 and diff(skipped, start) == 0 and int(skipped.step) == 1
+
+
+# The issue-19 pieces through the stage: GSPO with the sampler correction and the overlong penalty; REINFORCE++ with
+# CISPO (per-token advantages, KL in the reward) over 2 epochs × 2 minibatches
+FAMILY = {
+    "gspo": dict(importance_sampling_level="sequence", loss_type="grpo", sampler_correction="token_truncate",
+                 overlong_buffer=3, overlong_penalty=0.5, beta=0.04, num_minibatches=2, epochs=2),
+    "reinforce_pp+cispo": dict(algorithm="reinforce_pp", policy_loss="cispo", cispo_max_weight=1.5, beta=0.05,
+                               num_minibatches=2, epochs=2),
+}
+
+
+@pytest.mark.parametrize("variant", list(FAMILY))
+def test_family_step_is_sharding_and_micro_batch_invariant_and_uses_its_pieces(tmp_path, variant):
+    tmp = str(tmp_path)
+    h = grpo.GrpoHyper(group_size=G, **FAMILY[variant])
+    task, m = _task(h)
+    rollout = _rollout_with_eos(task, m, h, tmp)
+    free = rollout(-1)["response"]  # the same rng samples the same tokens: an EOS cuts rows where it occurs
+    eos_id = max(set(free[:, :5].ravel()), key=lambda token: int(np.sum((free[:, :5] == token).any(1))))
+    batch = {**rollout(int(eos_id)), "rewards": np.asarray(REWARDS, np.float32)}
+    assert len(set(batch["response_mask"].sum(1))) > 2  # responses of several lengths
+    mesh = helpers.mesh((1, 1, 1))
+
+    def run(task, mesh, name):
+        state, shardings = _state(task, mesh, tmp, name)
+        new_state, metrics = CompiledStep(task.train_step, mesh, shardings)(state, batch)
+        return jax.device_get(new_state.params), jax.device_get(metrics)
+
+    def diff(a, b):
+        return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    start = jax.device_get(_state(task, mesh, tmp, "start")[0].params)
+    reference, metrics = run(task, mesh, "unsharded")
+    assert diff(reference, start) > 1e-3 and metrics["skipped"] == 0
+    assert diff(reference, run(task, helpers.mesh((2, 2, 2)), "sharded")[0]) < 1e-6
+    assert diff(reference, run(_task(h, grad_accum=2)[0], mesh, "micro")[0]) < 1e-6
+    plain = grpo.GrpoHyper(group_size=G, beta=h.beta, num_minibatches=h.num_minibatches, epochs=h.epochs)
+    assert diff(reference, run(_task(plain)[0], mesh, "plain")[0]) > 1e-4  # the variant's pieces change the update
+    # the sampler and the learner are the same float32 model here: their log-probs agree to rounding
+    assert metrics["sampler/logp_gap_max"] < 1e-4
+    if h.sampler_correction != "none":
+        assert abs(metrics["sampler/is_weight_mean"] - 1) < 1e-4
+    if h.overlong_buffer:  # rows reaching into the last 3 of 6 tokens are penalised by up to 0.5
+        lengths = batch["response_mask"].sum(1)
+        expected = 0.5 * np.where(lengths > 3, (3 - lengths) / 3, 0)
+        np.testing.assert_allclose(metrics["overlong_penalty"], expected.mean(), rtol=1e-5)
+        assert metrics["overlong_penalty"] < 0
+
+
+class _GroupScorer:
+    """Rewards from the record index: even records get 4 equal rewards (an uninformative group), odd ones 0,1,2,3.
+    Keeps every rollout it scores."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, rollout):
+        index = np.asarray(jax.device_get(rollout["index"]))
+        self.seen.append(jax.device_get(rollout))
+        return np.where(index % 2 == 0, 1.0, np.tile(np.arange(G, dtype=np.float64), len(index) // G)), {}
+
+
+def test_dynamic_sampling_keeps_informative_groups_and_refills_from_new_prompts(tmp_path):
+    """Round 0 holds records 0-3 (groups 1, 3 informative), the draws records 4-7 (5, 7) and 8-11 (9, 11): the
+    batch of 4 groups is 1, 3, 5, 7 — rows copied from the rollouts that sampled them, prompts of a narrower bucket
+    left-padded — after 2 rollouts; with a single round allowed, the first rollout's dropped groups 0, 2 fill in."""
+    h = grpo.GrpoHyper(group_size=G, beta=0.0, dynamic_sampling=True, dynamic_sampling_max_rounds=3)
+    task, m = _task(h)
+    mesh = helpers.mesh((1, 1, 1))
+    state, _ = _state(task, mesh, str(tmp_path), "dynamic")
+    widths = [10, 3, 6]  # the second batch's prompts are shorter: a narrower bucket
+
+    def prompts(first, width):
+        ids = [list(np.random.default_rng(first + i).integers(4, 512, size=width - i % 2)) for i in range(PROMPTS)]
+        return {**left_pad_prompts(ids, pad_id=0), "index": np.arange(first, first + PROMPTS)}
+
+    batches = iter([prompts(4, widths[1]), prompts(8, widths[2])])
+    scorer = _GroupScorer()
+    rollouts = grpo.GrpoRollouts(mesh, scorer, h, m=m, sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=-1,
+                                 pad_id=0, with_reference=False)
+    out, logged = rollouts(state, 0, prompts(0, widths[0]), lambda: next(batches))
+    out = jax.device_get(out)
+    assert logged == {"dynamic_sampling/rounds": 2.0, "dynamic_sampling/dropped_groups": 4.0,
+                      "dynamic_sampling/filled_groups": 0.0}
+    np.testing.assert_array_equal(out["index"], np.repeat([1, 3, 5, 7], G))
+    np.testing.assert_array_equal(out["rewards"], np.tile(np.arange(G), 4))
+    for slot, (round_, group) in enumerate([(0, 1), (0, 3), (1, 1), (1, 3)]):
+        source, rows = scorer.seen[round_], slice(group * G, (group + 1) * G)
+        mine = slice(slot * G, (slot + 1) * G)
+        for key in ("response", "response_mask", "old_logps", "sampler_logps"):
+            np.testing.assert_array_equal(out[key][mine], source[key][rows], err_msg=key)
+        pad = out["tokens"].shape[1] - source["tokens"].shape[1]
+        np.testing.assert_array_equal(out["tokens"][mine, pad:], source["tokens"][rows])
+        assert (out["mask"][mine, :pad] == 0).all()
+    assert scorer.seen[1]["tokens"].shape[1] < out["tokens"].shape[1]  # the left padding was exercised
+
+    one_round = grpo.GrpoRollouts(mesh, _GroupScorer(), dataclasses.replace(h, dynamic_sampling_max_rounds=1), m=m,
+                                  sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=-1, pad_id=0,
+                                  with_reference=False)
+    out, logged = one_round(state, 0, prompts(0, widths[0]), lambda: pytest.fail("no second round was allowed"))
+    assert logged["dynamic_sampling/filled_groups"] == 2.0
+    np.testing.assert_array_equal(jax.device_get(out["index"]), np.repeat([1, 3, 0, 2], G))
 
 
 # ----------------------------------------------------------------------------------------------------------------
