@@ -30,7 +30,16 @@ from flaxalign import errors, models, plan_rollout, sampler, sharding, weights
 from flaxalign.data.batching import PREFERENCE_KEYS, SFT_KEYS
 from flaxalign.models import attention, heads
 from flaxalign.policy import UNUSED_BY_SCALAR, ScalarModel
-from flaxalign.stages import dpo, grpo, lm, onpolicy, ppo, reward
+from flaxalign.stages import (
+    dpo,
+    group_rollout,
+    grpo,
+    lm,
+    online_dpo,
+    onpolicy,
+    ppo,
+    reward,
+)
 from flaxalign.stages.checks import check_shapes
 from flaxalign.train.jit import CompiledStep, state_shardings
 from flaxalign.train.state import create_state
@@ -281,12 +290,32 @@ def _grpo_task(config, mesh):
     task = _rl_task("grpo", core, functools.partial(grpo.grpo_step, m=core.models, h=h, optimizer=core.optimizer,
                                                     grad_accum=config.grad_accum))
     sampled = sampler.rollout_shapes(rows, config.data.max_prompt_len, sampling)
-    score = functools.partial(grpo.grpo_score, m=core.models, with_reference=h.needs_reference)
+    score = functools.partial(group_rollout.score_rollout, m=core.models, with_reference=h.needs_reference)
     batch = jax.eval_shape(score, _abstract_state(task, config.seed), sampled, _struct((rows,), np.int32))
     batch["rewards"] = _struct((rows,), np.float32)
     rollout = plan_rollout.RolloutSpec(core.models.policy, sampling, rows, config.data.max_prompt_len,
                                        policy_params=lambda params: params,
                                        scoring_forwards=1 + int(h.needs_reference) + int(rm is not None))
+    return task, model_config, batch, rollout
+
+
+def _online_dpo_task(config, mesh):
+    h = online_dpo.OnlineDpoHyper.from_config(config)
+    sampling = onpolicy.Sampling(**config.rollout.to_dict())
+    model_config, _, _ = weights.resolve_model(config)
+    rows = 2 * config.data.batch_size
+    onpolicy.check_budget(config, model_config, sampling, config.data.batch_size, 1, "data.batch_size (pairs)")
+    rm = _reward_model(config, model_config) if config.get("reward_from") else None
+    core = online_dpo.online_dpo_core(config, weights.trainable_model(config, model_config), h, sampling, rm,
+                                      init_base=_never)
+    task = _rl_task("online_dpo", core, functools.partial(online_dpo.online_dpo_step, m=core.models, h=h,
+                                                          optimizer=core.optimizer, grad_accum=config.grad_accum))
+    sampled = sampler.rollout_shapes(rows, config.data.max_prompt_len, sampling)
+    score = functools.partial(group_rollout.score_rollout, m=core.models, with_reference=True)
+    batch = jax.eval_shape(score, _abstract_state(task, config.seed), sampled, _struct((rows,), np.int32))
+    batch["rewards"] = _struct((rows,), np.float32)
+    rollout = plan_rollout.RolloutSpec(core.models.policy, sampling, rows, config.data.max_prompt_len,
+                                       policy_params=lambda params: params, scoring_forwards=2 + int(rm is not None))
     return task, model_config, batch, rollout
 
 
@@ -296,7 +325,8 @@ def _rl_task(name, core, train_step):
 
 
 TASKS = {"clm": functools.partial(_lm_task, name="clm"), "sft": functools.partial(_lm_task, name="sft"),
-         "dpo": _dpo_task, "reward": _reward_task, "ppo": _ppo_task, "grpo": _grpo_task}
+         "dpo": _dpo_task, "reward": _reward_task, "ppo": _ppo_task, "grpo": _grpo_task,
+         "online_dpo": _online_dpo_task}
 
 
 def abstract_task(config, mesh):

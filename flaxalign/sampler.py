@@ -19,7 +19,8 @@ log-probs with their own jitted function (`onpolicy.response_logps`); GRPO logs 
 weight the loss by their ratio (`grpo.sampler_correction`). An engine with another numeric path — a bf16
 cache, paged attention, an external server — therefore changes which tokens are drawn, never the consistency of the
 loss. Another engine implements `sample` with this contract (numpy or jax arrays) and is given to the RL stages'
-rollout objects (`engine=` of `ppo.Rollouts`, `grpo.GrpoRollouts`, `grpo.GrpoEval`; the config has no selector yet).
+rollout objects (`engine=` of `ppo.Rollouts`, `group_rollout.GroupRollouts`, `group_rollout.GroupEval`; the config
+has no selector yet).
 
 `generate` is the KV-cache engine's algorithm: one prefill pass over the prompts, then one token per step inside
 `jax.lax.while_loop` (which stops once every row has ended), with fixed shapes so it compiles once for a (batch,

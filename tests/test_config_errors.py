@@ -103,6 +103,8 @@ BASE = {  # a valid run of each stage on 8 devices; each case changes a few fiel
     "grpo": {"data.tokenizer": "{tok}", "model.vocab_size": 1024, "data.train": "builtin:arithmetic_prompts?n=32",
              "data.batch_size": 8, "grpo.group_size": 2, "grpo.num_minibatches": 2, "eval_prompts": 0, "steps": 0,
              **QUIET},
+    "online_dpo": {"data.tokenizer": "{tok}", "model.vocab_size": 1024, "data.train": "builtin:arithmetic_prompts?n=32",
+                   "data.batch_size": 8, "eval_prompts": 0, "steps": 0, **QUIET},
 }
 # (stage, changed fields, the message). README: "bad flag, unknown config field or preset, missing or empty corpus,
 # a mesh that does not divide the devices"; DPO's "loss_type that does not exist, beta <= 0, reference_from with
@@ -308,6 +310,17 @@ STAGE_CASES = {
     "GRPO group of one": (
         "grpo", {"grpo.group_size": 1},
         "grpo.group_size must be >= 2 (the baseline needs other samples)."),
+    "online DPO with a reference-free loss": (
+        "online_dpo", {"loss.loss_type": "orpo"},
+        "Unknown DPO loss_type 'orpo'; valid ones: sigmoid, robust, hinge, ipo, sigmoid_norm, exo_pair, nca_pair, "
+        "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop."),
+    "online DPO without rewards": (
+        "online_dpo", {"rewards": ""},
+        "Online DPO needs rewards: name reward functions in `rewards` and/or set reward_from."),
+    "online DPO pairs that do not divide the mesh": (
+        "online_dpo", {"data.batch_size": 4},
+        "data.batch_size / grad_accum (the pairs of a micro-batch) = 4 rows do not split over the mesh: global batch "
+        "size dimension 4 (act_batch) is not divisible by mesh axes data of size 8."),
     "unknown GRPO algorithm": (
         "grpo", {"grpo.algorithm": "ppo"},
         "Unknown grpo.algorithm 'ppo'; valid ones: grpo, rloo, reinforce_pp, reinforce_pp_baseline."),

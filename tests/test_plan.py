@@ -183,7 +183,7 @@ def test_the_report_names_the_attention_the_step_traced():
 
 
 @pytest.mark.parametrize("stage, lora", [("clm", 0), ("sft", 8), ("reward", 0), ("dpo", 8), ("dpo", 0),
-                                         ("ppo", 0), ("ppo", 8), ("grpo", 8)])
+                                         ("ppo", 0), ("ppo", 8), ("grpo", 8), ("online_dpo", 8)])
 def test_abstract_tasks_need_no_data(stage, lora):
     """Every stage's task and global batch are built from the config alone (no data, tokenizer, checkpoint or
     weights), with the batch layout its step takes; arguments get the loop's shardings."""
@@ -196,13 +196,13 @@ def test_abstract_tasks_need_no_data(stage, lora):
     elif stage in ("reward", "dpo"):
         assert batch["inputs"].shape == (b, 2, config.data.seq_len)
     else:
-        rows = b * (config.grpo.group_size if stage == "grpo" else 1)
+        rows = b * {"grpo": config.get("grpo", {}).get("group_size"), "online_dpo": 2}.get(stage, 1)
         width = config.data.max_prompt_len + config.rollout.max_new_tokens
         assert batch["tokens"].shape == (rows, width) and batch["response_mask"].shape[0] == rows
-        assert "rewards" in batch if stage == "grpo" else "scores" in batch
+        assert "scores" in batch if stage == "ppo" else "rewards" in batch
         assert (rollout.rows, rollout.prompt_len) == (rows, config.data.max_prompt_len)
         assert rollout.sampling.max_new_tokens == config.rollout.max_new_tokens
-    assert (rollout is None) == (stage not in ("ppo", "grpo"))
+    assert (rollout is None) == (stage not in ("ppo", "grpo", "online_dpo"))
     assert model_config.dtype == "bfloat16" and task.flops_per_step > 0 and task.tokens_per_step > 0
     state, batch, _ = plan.abstract_arguments(task, batch, mesh, config.seed)
     assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None

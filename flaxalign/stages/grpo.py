@@ -24,12 +24,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from absl import logging
 
-from flaxalign import errors, host_rows, sharding, weights
-from flaxalign.data.prompt_data import build_prompt_datasets, prompt_texts
-from flaxalign.generate import decode_responses
+from flaxalign import errors, weights
+from flaxalign.data.prompt_data import build_prompt_datasets
 from flaxalign.losses.group_rl import (
     ADVANTAGE_ESTIMATORS,
     IMPORTANCE_LEVELS,
@@ -40,15 +37,12 @@ from flaxalign.losses.group_rl import (
     Episodes,
     EstimatorHyper,
     grpo_policy_loss,
-    informative_groups,
     overlong_penalty,
     sampler_correction,
 )
 from flaxalign.losses.rl import kl_penalty
-from flaxalign.policy import ScalarModel, TrainableModel
-from flaxalign.rewards import resolve_reward_functions, score_completions
-from flaxalign.sampler import trim_left_padding
-from flaxalign.stages import lm, onpolicy
+from flaxalign.policy import TrainableModel
+from flaxalign.stages import group_rollout, lm, onpolicy
 from flaxalign.stages.checks import check_rows
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
@@ -121,46 +115,8 @@ class GrpoHyper:
         return self.needs_reference and not self.estimator.kl_in_reward
 
 
-@dataclasses.dataclass(frozen=True)
-class GrpoModels:
-    policy: onpolicy.Policy
-    reward: ScalarModel | None = None  # None: no reward model
-
-
-def repeat_prompts(prompts: dict, group_size: int) -> dict:
-    """Each prompt row (and its `index`) `group_size` times, consecutively; sharded by rows."""
-    return sharding.constrain_rows({k: jnp.repeat(v, group_size, axis=0) for k, v in prompts.items()})
-
-
-def grpo_score(state: TrainState, rollout: dict, index, *, m: GrpoModels, with_reference: bool,
-               learner_logps: bool = True) -> dict:
-    """A sampled rollout (the `sampler` contract, its `logps` kept as `sampler_logps`) with each row's record
-    `index`, the reward model's raw
-    `rm_scores` (zeros without one) and, when `learner_logps`, the learner's `old_logps` and `ref_logps` (zeros
-    without a reference), recomputed here rather than taken from the sampler. Sharded by rows, so that each process
-    scores the rows it holds."""
-    batch = {k: rollout[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
-    batch["index"] = index
-    mask = batch["response_mask"] > 0
-    batch["sampler_logps"] = jnp.where(mask, jnp.asarray(rollout["logps"], jnp.float32), 0.0)
-    if m.reward is not None:
-        batch["rm_scores"] = onpolicy.reward_model_scores(m.reward, state.frozen, batch["tokens"], batch["mask"])
-    else:
-        batch["rm_scores"] = jnp.zeros(mask.shape[:1], jnp.float32)
-    if learner_logps:
-        zero = jnp.zeros((), jnp.float32)
-        logps, _, _ = onpolicy.response_logps(m.policy.forward(state.params, state.frozen), batch, m.policy)
-        batch["old_logps"] = jnp.where(mask, logps, zero)
-        if with_reference:
-            reference = m.policy.reference(state.params, state.frozen)
-            ref_logps, _, _ = onpolicy.response_logps(reference, batch, m.policy)
-            batch["ref_logps"] = jnp.where(mask, ref_logps, zero)
-        else:
-            batch["ref_logps"] = jnp.zeros_like(batch["old_logps"])
-    return sharding.constrain_rows(batch)
-
-
-def grpo_loss(trainable, frozen, batch, rng, *, m: GrpoModels, h: GrpoHyper, max_completion_length: int):
+def grpo_loss(trainable, frozen, batch, rng, *, m: group_rollout.RolloutModels, h: GrpoHyper,
+              max_completion_length: int):
     mask = batch["response_mask"] > 0
     logps, _, _ = onpolicy.response_logps(m.policy.forward(trainable, frozen, rng), batch, m.policy)
     loss_sum, count, metrics = grpo_policy_loss(
@@ -191,7 +147,8 @@ def grpo_advantages_of(batch, rewards, h: GrpoHyper):
     return h.estimator.advantages(episodes, EstimatorHyper(h.beta, h.scale_rewards, h.rloo_normalize))
 
 
-def grpo_step(state: TrainState, batch: dict, *, m: GrpoModels, h: GrpoHyper, optimizer, grad_accum: int):
+def grpo_step(state: TrainState, batch: dict, *, m: group_rollout.RolloutModels, h: GrpoHyper, optimizer,
+              grad_accum: int):
     """One GRPO/RLOO iteration on a scored rollout; non-finite rewards change nothing but the step count."""
     update = functools.partial(_grpo_update, m=m, h=h, optimizer=optimizer, grad_accum=grad_accum)
     return onpolicy.unless_nonfinite(update, state, batch, batch["rewards"])
@@ -234,169 +191,6 @@ def _grpo_update(state, batch, *, m, h, optimizer, grad_accum):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Host side: decoding and the reward functions
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class Scorer:
-    """Reward functions (+ the optional reward model) over one rollout: total reward `[B]` and per-function means.
-
-    Each process decodes and scores the rollout rows it owns, and the per-row rewards are all-gathered
-    (`host_rows`), so every process returns the same totals: reward functions are Python on the host, and a
-    multi-process run splits that work instead of leaving it to one process."""
-
-    def __init__(self, functions, weights, tokenizer, records, *, reward_model_weight: float, gain: float,
-                 bias: float, missing_eos_penalty: float):
-        self.functions, self.weights, self.tokenizer, self.records = functions, weights, tokenizer, records
-        self.rm_weight, self.gain, self.bias, self.penalty = reward_model_weight, gain, bias, missing_eos_penalty
-        # decided over all records, so that every process passes the functions the same columns
-        self.with_answers = any("answer" in r for r in records)
-
-    def __call__(self, rollout: dict) -> tuple[np.ndarray, dict]:
-        """`rollout`: `grpo_score`'s, whose `index` is each row's record."""
-        rows = host_rows.owned_rows(rollout["response"])
-        host = {k: host_rows.local_rows(rollout[k], rows)
-                for k in ("response", "response_mask", "ended", "rm_scores", "index")}
-        failure, columns = None, np.zeros((len(rows), len(self.functions) + 2))
-        try:
-            if len(rows):  # a process holding only rows another process owns has nothing to score
-                columns = self._score(host)
-        except Exception as error:  # noqa: BLE001 - every process stops, none waits for the failed one
-            failure = error
-        host_rows.raise_together(failure)
-        columns = host_rows.gather_rows(columns, rows, rollout["response"].shape[0])
-        total, rm, per_function = columns[:, 0], columns[:, 1], columns[:, 2:]
-        logged = {f"rewards/{name}": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-                  for (name, _), v in zip(self.functions, per_function.T)}
-        if self.rm_weight:
-            logged["rewards/reward_model"] = float(np.mean(rm))
-        return total, logged
-
-    def _score(self, host: dict) -> np.ndarray:
-        """`[rows, 2 + functions]`: total reward, normalised reward-model score, each function's rewards."""
-        records = [self.records[int(i)] for i in host["index"]]
-        completions = decode_responses(self.tokenizer, host["response"], host["response_mask"])
-        columns = {"answer": [r.get("answer") for r in records]} if self.with_answers else {}
-        total, per_function = score_completions(self.functions, self.weights, prompt_texts(records), completions,
-                                                columns)
-        rm = self.gain * np.asarray(host["rm_scores"], np.float64) + self.bias
-        if self.rm_weight:
-            total = total + self.rm_weight * rm
-        total = total - self.penalty * (1.0 - np.asarray(host["ended"], np.float64))
-        return np.stack([total, rm, *per_function.values()], axis=1)
-
-
-class GrpoRollouts:
-    """`Task.prepare`: the prompts (cut to their bucket's width, `trim_left_padding`) repeated G times, sampled by
-    `engine` (default: the policy's KV-cache sampler; rng fold_in(state.rng, 1)), scored by the learner
-    (`grpo_score`), rewarded on the host (`Scorer`).
-
-    With `grpo.dynamic_sampling` (DAPO), groups whose G rewards are all equal are dropped and the batch is refilled
-    with the informative groups of further rollouts of the next prompt batches (`draw`, rng fold_in(…, round)), at most
-    `dynamic_sampling_max_rounds` rollouts in all; slots still empty then keep the first rollout's dropped groups
-    (which teach nothing but their KL term). Logged: `dynamic_sampling/rounds`, `/dropped_groups`, `/filled_groups`;
-    the per-function reward means are the first rollout's."""
-
-    def __init__(self, mesh, scorer: Scorer, h: GrpoHyper, *, m: GrpoModels, sampling: onpolicy.Sampling,
-                 eos_id: int, pad_id: int, with_reference: bool, engine=None):
-        self.mesh, self.scorer, self.sampling, self.m, self.h = mesh, scorer, sampling, m, h
-        self.engine = engine or m.policy.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
-        self.repeat = jax.jit(functools.partial(repeat_prompts, group_size=h.group_size))
-        self.score = jax.jit(functools.partial(grpo_score, m=m, with_reference=with_reference))
-        self.select = jax.jit(select_rows)
-
-    def __call__(self, state, step, batch, draw=None):
-        rollout, rewards, logged = self._rollout(state, batch, 0)
-        if self.h.dynamic_sampling:
-            rollout, rewards, counts = self._refill(state, rollout, rewards, draw)
-            logged.update(counts)
-        bad = int(np.sum(~np.isfinite(rewards)))
-        if bad:
-            logging.warning("step %d: %d of %d rewards are not finite; this update is skipped.", step, bad,
-                            rewards.size)
-        rows = sharding.batch_sharding(self.mesh, rewards.size, 1)
-        rollout["rewards"] = jax.make_array_from_callback(rewards.shape, rows,
-                                                          lambda index: rewards[index].astype(np.float32))
-        return rollout, logged
-
-    def _rollout(self, state, batch, round_: int):
-        rng = jax.random.fold_in(state.rng, 1)
-        with jax.set_mesh(self.mesh):
-            prompts = self.repeat(trim_left_padding({k: batch[k] for k in (*onpolicy.PROMPT_KEYS, "index")}))
-            weights = self.m.policy.weights(state.params, state.frozen)
-            sampled = self.engine.sample(weights, {k: prompts[k] for k in onpolicy.PROMPT_KEYS},
-                                         jax.random.fold_in(rng, round_) if round_ else rng, self.sampling)
-            rollout = self.score(state, sampled, prompts["index"])
-        rewards, logged = self.scorer(rollout)
-        return rollout, rewards, logged
-
-    def _refill(self, state, rollout, rewards, draw):
-        g = self.h.group_size
-        groups = rewards.size // g
-        rollouts, kept, dropped = [rollout], [], []
-        for round_ in range(self.h.dynamic_sampling_max_rounds):
-            if round_:
-                if draw is None or len(kept) >= groups:
-                    break
-                more, more_rewards, _ = self._rollout(state, draw(), round_)
-                rollouts.append(more)
-                rewards = np.concatenate([rewards, more_rewards])
-            start = round_ * groups
-            # a non-finite reward keeps its group: the step is then skipped as without dynamic sampling
-            informative = np.asarray(informative_groups(np.nan_to_num(rewards[start * g:], nan=np.inf), g))
-            kept += [start + i for i in np.flatnonzero(informative)]
-            dropped += [start + i for i in np.flatnonzero(~informative)]
-        filled = dropped[: max(groups - len(kept), 0)]  # the first rollout's dropped groups come first
-        chosen = np.asarray((kept[:groups] + filled)[:groups])
-        rows = (chosen[:, None] * g + np.arange(g)).reshape(-1)
-        with jax.set_mesh(self.mesh):
-            selected = self.select(rollouts, rows)
-        counts = {"dynamic_sampling/rounds": float(len(rollouts)), "dynamic_sampling/dropped_groups": float(
-            len(dropped)), "dynamic_sampling/filled_groups": float(len(filled))}
-        return selected, rewards[rows], counts
-
-
-def select_rows(rollouts: list[dict], rows) -> dict:
-    """Rows `rows` of the rollouts stacked in order; prompts of different bucket widths are left-padded (mask 0) to
-    the widest, which changes no log-prob. Sharded by rows."""
-    width = max(r["tokens"].shape[1] for r in rollouts)
-
-    def left_pad(x):
-        return jnp.pad(x, ((0, 0), (width - x.shape[1], 0)))
-
-    stacked = {k: jnp.concatenate([left_pad(r[k]) if k in ("tokens", "mask") else r[k] for r in rollouts])
-               for k in rollouts[0]}
-    return sharding.constrain_rows({k: v[rows] for k, v in stacked.items()})
-
-
-class GrpoEval:
-    """`Task.eval_extra`: each reward function's mean over held-out prompts, for greedy responses and for one
-    sampled response per prompt at the rollout temperature (fixed rng)."""
-
-    def __init__(self, mesh, prompts: dict, scorer: Scorer, seed: int, *, m: GrpoModels,
-                 sampling: onpolicy.Sampling, eos_id: int, pad_id: int, with_reference: bool, engine=None):
-        self.mesh, self.scorer, self.rng = mesh, scorer, jax.random.PRNGKey(seed + 1)
-        self.prompts = trim_left_padding(prompts)
-        self.m, self.settings = m, {"greedy": sampling.greedy(), "sampled": sampling}
-        self.engine = engine or m.policy.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
-        self.score = jax.jit(functools.partial(grpo_score, m=m, with_reference=with_reference, learner_logps=False))
-
-    def __call__(self, state) -> dict:
-        prompts = {k: self.prompts[k] for k in onpolicy.PROMPT_KEYS}
-        out = {}
-        for name, sampling in self.settings.items():
-            with jax.set_mesh(self.mesh):
-                sampled = self.engine.sample(self.m.policy.weights(state.params, state.frozen), prompts, self.rng,
-                                             sampling)
-                rollout = self.score(state, sampled, self.prompts["index"])
-            total, logged = self.scorer(rollout)
-            out[f"reward_{name}"] = float(np.nanmean(total))
-            out.update({f"{key.split('/', 1)[1]}_{name}": value for key, value in logged.items()})
-            out[f"response_length_{name}"] = float(jnp.mean(jnp.sum(rollout["response_mask"], axis=1)))
-        return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Task wiring
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -408,10 +202,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     sampling = onpolicy.Sampling(**config.rollout.to_dict())
     model_config, meta, init_path = weights.resolve_model(config)
     tokenizer = lm.stage_tokenizer(config, meta, model_config, "GRPO")
-    functions = resolve_reward_functions(config.rewards) if config.rewards.strip() else []
-    if not functions and not config.reward_from:
-        raise errors.ConfigError("GRPO needs rewards: name reward functions in `rewards` and/or set reward_from.")
-    weights_of_rewards = _weights(config.reward_weights)
+    rewards = group_rollout.reward_setup(config, meta, model_config, tokenizer, "GRPO")
     policy = weights.trainable_model(config, model_config)
 
     data_cfg = config.data
@@ -427,35 +218,32 @@ def build_task(config, workdir: str, mesh) -> Task:
         check_rows(mesh, min(config.eval_prompts, len(data.eval["input_ids"])),
                    "eval_prompts (held-out prompts, at most the data.eval set)")
 
-    rm = None
-    normalization = {"gain": 1.0, "bias": 0.0}
-    if config.reward_from:
-        reward_path = weights.parse_source(config.reward_from, "reward_from")
-        rm = weights.reward_from(reward_path, meta or {"tokenizer": tokenizer.model_path}, model_config)
-        normalization = weights.reward_normalization(reward_path)
+    rm = rewards.reward_model
     with_reference = h.needs_reference
     core = grpo_core(config, policy, h, sampling, rm, init_base=weights.initializer(model_config, init_path))
     m, layout, optimizer = core.models, core.layout, core.optimizer
     rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
                       "with_reference": with_reference}
-    scorer = functools.partial(Scorer, functions, weights_of_rewards, tokenizer, reward_model_weight=float(
-        config.reward_model_weight) if rm else 0.0, gain=float(normalization["gain"]),
-        bias=float(normalization["bias"]), missing_eos_penalty=h.missing_eos_penalty)
+    scorer = functools.partial(rewards.scorer, tokenizer, reward_model_weight=float(config.reward_model_weight),
+                               missing_eos_penalty=h.missing_eos_penalty)
     eval_extra = None
     if config.eval_prompts:
         eval_prompts = {k: v[: config.eval_prompts] for k, v in data.eval.items()}
-        eval_extra = GrpoEval(mesh, eval_prompts, scorer(data.records["eval"]), config.seed, **rollout_kwargs)
+        eval_extra = group_rollout.GroupEval(mesh, eval_prompts, scorer(data.records["eval"]), config.seed,
+                                             **rollout_kwargs)
+    prepare = group_rollout.GroupRollouts(
+        mesh, scorer(data.records["train"]), group_size=h.group_size,
+        dynamic_sampling_rounds=h.dynamic_sampling_max_rounds if h.dynamic_sampling else 0, **rollout_kwargs)
     identity = {**policy.identity(), "algorithm": h.algorithm, "reference": with_reference,
                 "reward_model": rm[0].checkpoint_identity() if rm else None}
     return Task(
         name="grpo", optimizer=optimizer,
         train_step=functools.partial(grpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
         eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=core.tokens,
-        flops_per_step=core.flops, prepare=GrpoRollouts(mesh, scorer(data.records["train"]), h, **rollout_kwargs),
-        eval_extra=eval_extra,
+        flops_per_step=core.flops, prepare=prepare, eval_extra=eval_extra,
         metadata={"stage": "grpo", **policy.metadata(), "resume_identity": identity, "tokenizer": tokenizer.model_path,
                   "init_from": config.init_from, "model_params": "params", "model_frozen": "frozen/policy",
-                  "reward_from": config.reward_from, "rewards": [name for name, _ in functions],
+                  "reward_from": config.reward_from, "rewards": [name for name, _ in rewards.functions],
                   "grpo": dataclasses.asdict(h), "rollout": dataclasses.asdict(sampling), "data": data.stats,
                   **lm.chat_metadata(config, meta, data.stats)},
         **layout)
@@ -466,9 +254,9 @@ def grpo_core(config, policy: TrainableModel, h: GrpoHyper, sampling, reward_mod
     """The models, param layout, optimizer and cost of a GRPO/RLOO task; `reward_model` = (config, abstract,
     logical, loader) of the optional reward model, or None."""
     rm = reward_model
-    m = GrpoModels(policy=onpolicy.Policy(policy, sampling.temperature, config.loss_chunk),
+    m = group_rollout.RolloutModels(policy=onpolicy.Policy(policy, sampling.temperature, config.loss_chunk),
                    reward=onpolicy.reward_scorer(rm[0]) if rm else None)
-    layout = grpo_layout(policy, init_base=init_base, reference=h.needs_reference,
+    layout = group_rollout.rollout_layout(policy, init_base=init_base, reference=h.needs_reference,
                          reward_model=rm[1:] if rm else None)
     optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
     seq = config.data.max_prompt_len + sampling.max_new_tokens
@@ -478,31 +266,3 @@ def grpo_core(config, policy: TrainableModel, h: GrpoHyper, sampling, reward_mod
                            (forwards / 3 + h.epochs))
 
 
-def _weights(text: str):
-    if not text.strip():
-        return None
-    try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        raise errors.ConfigError(f"reward_weights={text!r} must be comma-separated numbers.") from None
-
-
-def grpo_layout(policy: TrainableModel, *, init_base, reference: bool, reward_model) -> dict:
-    """Trained: the policy's trained part. Frozen: `{"policy"}` — its frozen base, or with a reference and full
-    fine-tuning the reference copy; absent when neither exists — plus `{"reward"}` when a reward model scores too."""
-    own = policy.layout_with_reference(init_base) if reference else policy.layout(init_base)
-    parts = {}  # frozen key -> (abstract, logical, init)
-    if jax.tree.leaves(own["abstract_frozen"]):
-        parts["policy"] = (own["abstract_frozen"], own["frozen_logical"], own["init_frozen"])
-    if reward_model is not None:
-        parts["reward"] = reward_model
-
-    def init_frozen(shardings):
-        return {key: init(shardings[key]) for key, (_, _, init) in parts.items()}
-
-    def init_params(shardings, frozen):
-        return own["init_params"](shardings, frozen.get("policy", {}))
-
-    return {**own, "abstract_frozen": {key: part[0] for key, part in parts.items()},
-            "frozen_logical": {key: part[1] for key, part in parts.items()}, "init_frozen": init_frozen,
-            "init_params": init_params}

@@ -2,7 +2,6 @@
 skipped, sharding and micro-batch invariance; and through the CLI: a raising reward function (named, run
 checkpointed), NaN rewards (update skipped and logged), over-long prompts (left-truncated and counted)."""
 
-import dataclasses
 import functools
 import math
 import os
@@ -16,7 +15,7 @@ from flaxalign import models
 from flaxalign.data.batching import left_pad_prompts
 from flaxalign.models import heads
 from flaxalign.policy import TrainableModel
-from flaxalign.stages import grpo, onpolicy
+from flaxalign.stages import group_rollout, grpo, onpolicy
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
 from flaxalign.train.jit import CompiledStep
@@ -44,9 +43,9 @@ def _reward_model():
 
 def _task(h, grad_accum=1, optimizer=None, with_reward_model=False, lora_config=None):
     policy = TrainableModel(CONFIG, lora_config)
-    m = grpo.GrpoModels(policy=onpolicy.Policy(policy, 1.0, 16),
+    m = group_rollout.RolloutModels(policy=onpolicy.Policy(policy, 1.0, 16),
                         reward=onpolicy.reward_scorer(CONFIG) if with_reward_model else None)
-    layout = grpo.grpo_layout(
+    layout = group_rollout.rollout_layout(
         policy, init_base=lambda shardings: jax.device_put(helpers.random_params(CONFIG, 0), shardings),
         reference=h.needs_reference, reward_model=_reward_model() if with_reward_model else None)
     optimizer = optimizer or optax.sgd(0.05)
@@ -70,12 +69,12 @@ def _rollout_with_eos(task, m, h, tmp, greedy=False):
 
     @jax.jit
     def fn(state, prompts, rng, eos_id):  # the stage's pieces: repeat, the policy's sampler, the learner's scores
-        prompts = grpo.repeat_prompts({**prompts, "index": np.arange(PROMPTS)}, G)
+        prompts = group_rollout.repeat_prompts({**prompts, "index": np.arange(PROMPTS)}, G)
         engine = m.policy.rollout_sampler(eos_id=eos_id, pad_id=0)
         sampled = engine.traced(m.policy.weights(state.params, state.frozen),
                                 {k: prompts[k] for k in onpolicy.PROMPT_KEYS}, rng,
                                 sampling.greedy() if greedy else sampling)
-        return grpo.grpo_score(state, sampled, prompts["index"], m=m, with_reference=h.needs_reference,
+        return group_rollout.score_rollout(state, sampled, prompts["index"], m=m, with_reference=h.needs_reference,
                                learner_logps=not greedy)
 
     def rollout(eos_id):
@@ -227,7 +226,7 @@ def test_dynamic_sampling_keeps_informative_groups_and_refills_from_new_prompts(
     """Round 0 holds records 0-3 (groups 1, 3 informative), the draws records 4-7 (5, 7) and 8-11 (9, 11): the
     batch of 4 groups is 1, 3, 5, 7 — rows copied from the rollouts that sampled them, prompts of a narrower bucket
     left-padded — after 2 rollouts; with a single round allowed, the first rollout's dropped groups 0, 2 fill in."""
-    h = grpo.GrpoHyper(group_size=G, beta=0.0, dynamic_sampling=True, dynamic_sampling_max_rounds=3)
+    h = grpo.GrpoHyper(group_size=G, beta=0.0)
     task, m = _task(h)
     mesh = helpers.mesh((1, 1, 1))
     state, _ = _state(task, mesh, str(tmp_path), "dynamic")
@@ -239,8 +238,9 @@ def test_dynamic_sampling_keeps_informative_groups_and_refills_from_new_prompts(
 
     batches = iter([prompts(4, widths[1]), prompts(8, widths[2])])
     scorer = _GroupScorer()
-    rollouts = grpo.GrpoRollouts(mesh, scorer, h, m=m, sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=-1,
-                                 pad_id=0, with_reference=False)
+    rollouts = group_rollout.GroupRollouts(mesh, scorer, group_size=G, dynamic_sampling_rounds=3, m=m,
+                                           sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=-1, pad_id=0,
+                                           with_reference=False)
     out, logged = rollouts(state, 0, prompts(0, widths[0]), lambda: next(batches))
     out = jax.device_get(out)
     assert logged == {"dynamic_sampling/rounds": 2.0, "dynamic_sampling/dropped_groups": 4.0,
@@ -257,9 +257,9 @@ def test_dynamic_sampling_keeps_informative_groups_and_refills_from_new_prompts(
         assert (out["mask"][mine, :pad] == 0).all()
     assert scorer.seen[1]["tokens"].shape[1] < out["tokens"].shape[1]  # the left padding was exercised
 
-    one_round = grpo.GrpoRollouts(mesh, _GroupScorer(), dataclasses.replace(h, dynamic_sampling_max_rounds=1), m=m,
-                                  sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=-1, pad_id=0,
-                                  with_reference=False)
+    one_round = group_rollout.GroupRollouts(mesh, _GroupScorer(), group_size=G, dynamic_sampling_rounds=1, m=m,
+                                            sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=-1, pad_id=0,
+                                            with_reference=False)
     out, logged = one_round(state, 0, prompts(0, widths[0]), lambda: pytest.fail("no second round was allowed"))
     assert logged["dynamic_sampling/filled_groups"] == 2.0
     np.testing.assert_array_equal(jax.device_get(out["index"]), np.repeat([1, 3, 0, 2], G))

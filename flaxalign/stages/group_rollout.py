@@ -1,0 +1,285 @@
+"""What the stages that sample groups of responses and reward them on the host share (GRPO and its family, online
+DPO): prompts repeated G times, sampled by the policy's engine, scored by the learner (old and reference log-probs,
+the reward model) in one jitted program, rewarded by Python functions over the decoded text on each process's own
+rows (`Scorer`), DAPO's dynamic sampling, the held-out evaluation, the state layout, and reading the reward settings
+(`rewards`, `reward_weights`, `reward_from`) from a config.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from flaxalign import errors, host_rows, sharding, weights
+from flaxalign.data.prompt_data import prompt_texts
+from flaxalign.generate import decode_responses
+from flaxalign.losses.group_rl import informative_groups
+from flaxalign.policy import ScalarModel, TrainableModel
+from flaxalign.rewards import resolve_reward_functions, score_completions
+from flaxalign.sampler import trim_left_padding
+from flaxalign.stages import onpolicy
+from flaxalign.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutModels:
+    """The models a sampled-and-scored rollout needs."""
+    policy: onpolicy.Policy
+    reward: ScalarModel | None = None  # None: no reward model
+
+
+def repeat_prompts(prompts: dict, group_size: int) -> dict:
+    """Each prompt row (and its `index`) `group_size` times, consecutively; sharded by rows."""
+    return sharding.constrain_rows({k: jnp.repeat(v, group_size, axis=0) for k, v in prompts.items()})
+
+
+def score_rollout(state: TrainState, rollout: dict, index, *, m: RolloutModels, with_reference: bool,
+                  learner_logps: bool = True) -> dict:
+    """A sampled rollout (the `sampler` contract, its `logps` kept as `sampler_logps`) with each row's record
+    `index`, the reward model's raw `rm_scores` (zeros without one) and, when `learner_logps`, the learner's
+    `old_logps` and `ref_logps` (zeros without a reference), recomputed here rather than taken from the sampler.
+    Sharded by rows, so that each process scores the rows it holds."""
+    batch = {k: rollout[k] for k in ("tokens", "mask", "response", "response_mask", "ended")}
+    batch["index"] = index
+    mask = batch["response_mask"] > 0
+    batch["sampler_logps"] = jnp.where(mask, jnp.asarray(rollout["logps"], jnp.float32), 0.0)
+    if m.reward is not None:
+        batch["rm_scores"] = onpolicy.reward_model_scores(m.reward, state.frozen, batch["tokens"], batch["mask"])
+    else:
+        batch["rm_scores"] = jnp.zeros(mask.shape[:1], jnp.float32)
+    if learner_logps:
+        zero = jnp.zeros((), jnp.float32)
+        logps, _, _ = onpolicy.response_logps(m.policy.forward(state.params, state.frozen), batch, m.policy)
+        batch["old_logps"] = jnp.where(mask, logps, zero)
+        if with_reference:
+            reference = m.policy.reference(state.params, state.frozen)
+            ref_logps, _, _ = onpolicy.response_logps(reference, batch, m.policy)
+            batch["ref_logps"] = jnp.where(mask, ref_logps, zero)
+        else:
+            batch["ref_logps"] = jnp.zeros_like(batch["old_logps"])
+    return sharding.constrain_rows(batch)
+
+
+
+
+class Scorer:
+    """Reward functions (+ the optional reward model) over one rollout: total reward `[B]` and per-function means.
+
+    Each process decodes and scores the rollout rows it owns, and the per-row rewards are all-gathered
+    (`host_rows`), so every process returns the same totals: reward functions are Python on the host, and a
+    multi-process run splits that work instead of leaving it to one process."""
+
+    def __init__(self, functions, weights, tokenizer, records, *, reward_model_weight: float, gain: float,
+                 bias: float, missing_eos_penalty: float):
+        self.functions, self.weights, self.tokenizer, self.records = functions, weights, tokenizer, records
+        self.rm_weight, self.gain, self.bias, self.penalty = reward_model_weight, gain, bias, missing_eos_penalty
+        # decided over all records, so that every process passes the functions the same columns
+        self.with_answers = any("answer" in r for r in records)
+
+    def __call__(self, rollout: dict) -> tuple[np.ndarray, dict]:
+        """`rollout`: `score_rollout`'s, whose `index` is each row's record."""
+        rows = host_rows.owned_rows(rollout["response"])
+        host = {k: host_rows.local_rows(rollout[k], rows)
+                for k in ("response", "response_mask", "ended", "rm_scores", "index")}
+        failure, columns = None, np.zeros((len(rows), len(self.functions) + 2))
+        try:
+            if len(rows):  # a process holding only rows another process owns has nothing to score
+                columns = self._score(host)
+        except Exception as error:  # noqa: BLE001 - every process stops, none waits for the failed one
+            failure = error
+        host_rows.raise_together(failure)
+        columns = host_rows.gather_rows(columns, rows, rollout["response"].shape[0])
+        total, rm, per_function = columns[:, 0], columns[:, 1], columns[:, 2:]
+        logged = {f"rewards/{name}": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+                  for (name, _), v in zip(self.functions, per_function.T)}
+        if self.rm_weight:
+            logged["rewards/reward_model"] = float(np.mean(rm))
+        return total, logged
+
+    def _score(self, host: dict) -> np.ndarray:
+        """`[rows, 2 + functions]`: total reward, normalised reward-model score, each function's rewards."""
+        records = [self.records[int(i)] for i in host["index"]]
+        completions = decode_responses(self.tokenizer, host["response"], host["response_mask"])
+        columns = {"answer": [r.get("answer") for r in records]} if self.with_answers else {}
+        total, per_function = score_completions(self.functions, self.weights, prompt_texts(records), completions,
+                                                columns)
+        rm = self.gain * np.asarray(host["rm_scores"], np.float64) + self.bias
+        if self.rm_weight:
+            total = total + self.rm_weight * rm
+        total = total - self.penalty * (1.0 - np.asarray(host["ended"], np.float64))
+        return np.stack([total, rm, *per_function.values()], axis=1)
+
+
+class GroupRollouts:
+    """`Task.prepare`: the prompts (cut to their bucket's width, `trim_left_padding`) repeated G times, sampled by
+    `engine` (default: the policy's KV-cache sampler; rng fold_in(state.rng, 1)), scored by the learner
+    (`score_rollout`), rewarded on the host (`Scorer`).
+
+    With `dynamic_sampling_rounds` > 0 (DAPO's dynamic sampling), groups whose G rewards are all equal are dropped
+    and the batch is refilled with the informative groups of further rollouts of the next prompt batches (`draw`,
+    rng fold_in(…, round)), at most `dynamic_sampling_rounds` rollouts in all; slots still empty then keep the first
+    rollout's dropped groups (which teach nothing but their KL term). Logged: `dynamic_sampling/rounds`,
+    `/dropped_groups`, `/filled_groups`; the per-function reward means are the first rollout's."""
+
+    def __init__(self, mesh, scorer: Scorer, *, group_size: int, m: RolloutModels, sampling: onpolicy.Sampling,
+                 eos_id: int, pad_id: int, with_reference: bool, dynamic_sampling_rounds: int = 0, engine=None):
+        self.mesh, self.scorer, self.sampling, self.m = mesh, scorer, sampling, m
+        self.group_size, self.dynamic_sampling_rounds = group_size, dynamic_sampling_rounds
+        self.engine = engine or m.policy.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
+        self.repeat = jax.jit(functools.partial(repeat_prompts, group_size=group_size))
+        self.score = jax.jit(functools.partial(score_rollout, m=m, with_reference=with_reference))
+        self.select = jax.jit(select_rows)
+
+    def __call__(self, state, step, batch, draw=None):
+        rollout, rewards, logged = self._rollout(state, batch, 0)
+        if self.dynamic_sampling_rounds:
+            rollout, rewards, counts = self._refill(state, rollout, rewards, draw)
+            logged.update(counts)
+        bad = int(np.sum(~np.isfinite(rewards)))
+        if bad:
+            logging.warning("step %d: %d of %d rewards are not finite; this update is skipped.", step, bad,
+                            rewards.size)
+        rows = sharding.batch_sharding(self.mesh, rewards.size, 1)
+        rollout["rewards"] = jax.make_array_from_callback(rewards.shape, rows,
+                                                          lambda index: rewards[index].astype(np.float32))
+        return rollout, logged
+
+    def _rollout(self, state, batch, round_: int):
+        rng = jax.random.fold_in(state.rng, 1)
+        with jax.set_mesh(self.mesh):
+            prompts = self.repeat(trim_left_padding({k: batch[k] for k in (*onpolicy.PROMPT_KEYS, "index")}))
+            weights = self.m.policy.weights(state.params, state.frozen)
+            sampled = self.engine.sample(weights, {k: prompts[k] for k in onpolicy.PROMPT_KEYS},
+                                         jax.random.fold_in(rng, round_) if round_ else rng, self.sampling)
+            rollout = self.score(state, sampled, prompts["index"])
+        rewards, logged = self.scorer(rollout)
+        return rollout, rewards, logged
+
+    def _refill(self, state, rollout, rewards, draw):
+        g = self.group_size
+        groups = rewards.size // g
+        rollouts, kept, dropped = [rollout], [], []
+        for round_ in range(self.dynamic_sampling_rounds):
+            if round_:
+                if draw is None or len(kept) >= groups:
+                    break
+                more, more_rewards, _ = self._rollout(state, draw(), round_)
+                rollouts.append(more)
+                rewards = np.concatenate([rewards, more_rewards])
+            start = round_ * groups
+            # a non-finite reward keeps its group: the step is then skipped as without dynamic sampling
+            informative = np.asarray(informative_groups(np.nan_to_num(rewards[start * g:], nan=np.inf), g))
+            kept += [start + i for i in np.flatnonzero(informative)]
+            dropped += [start + i for i in np.flatnonzero(~informative)]
+        filled = dropped[: max(groups - len(kept), 0)]  # the first rollout's dropped groups come first
+        chosen = np.asarray((kept[:groups] + filled)[:groups])
+        rows = (chosen[:, None] * g + np.arange(g)).reshape(-1)
+        with jax.set_mesh(self.mesh):
+            selected = self.select(rollouts, rows)
+        counts = {"dynamic_sampling/rounds": float(len(rollouts)), "dynamic_sampling/dropped_groups": float(
+            len(dropped)), "dynamic_sampling/filled_groups": float(len(filled))}
+        return selected, rewards[rows], counts
+
+
+def select_rows(rollouts: list[dict], rows) -> dict:
+    """Rows `rows` of the rollouts stacked in order; prompts of different bucket widths are left-padded (mask 0) to
+    the widest, which changes no log-prob. Sharded by rows."""
+    width = max(r["tokens"].shape[1] for r in rollouts)
+
+    def left_pad(x):
+        return jnp.pad(x, ((0, 0), (width - x.shape[1], 0)))
+
+    stacked = {k: jnp.concatenate([left_pad(r[k]) if k in ("tokens", "mask") else r[k] for r in rollouts])
+               for k in rollouts[0]}
+    return sharding.constrain_rows({k: v[rows] for k, v in stacked.items()})
+
+
+class GroupEval:
+    """`Task.eval_extra`: each reward function's mean over held-out prompts, for greedy responses and for one
+    sampled response per prompt at the rollout temperature (fixed rng)."""
+
+    def __init__(self, mesh, prompts: dict, scorer: Scorer, seed: int, *, m: RolloutModels,
+                 sampling: onpolicy.Sampling, eos_id: int, pad_id: int, with_reference: bool, engine=None):
+        self.mesh, self.scorer, self.rng = mesh, scorer, jax.random.PRNGKey(seed + 1)
+        self.prompts = trim_left_padding(prompts)
+        self.m, self.settings = m, {"greedy": sampling.greedy(), "sampled": sampling}
+        self.engine = engine or m.policy.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
+        self.score = jax.jit(functools.partial(score_rollout, m=m, with_reference=with_reference, learner_logps=False))
+
+    def __call__(self, state) -> dict:
+        prompts = {k: self.prompts[k] for k in onpolicy.PROMPT_KEYS}
+        out = {}
+        for name, sampling in self.settings.items():
+            with jax.set_mesh(self.mesh):
+                sampled = self.engine.sample(self.m.policy.weights(state.params, state.frozen), prompts, self.rng,
+                                             sampling)
+                rollout = self.score(state, sampled, self.prompts["index"])
+            total, logged = self.scorer(rollout)
+            out[f"reward_{name}"] = float(np.nanmean(total))
+            out.update({f"{key.split('/', 1)[1]}_{name}": value for key, value in logged.items()})
+            out[f"response_length_{name}"] = float(jnp.mean(jnp.sum(rollout["response_mask"], axis=1)))
+        return out
+
+
+def reward_weights(text: str):
+    if not text.strip():
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise errors.ConfigError(f"reward_weights={text!r} must be comma-separated numbers.") from None
+
+
+def rollout_layout(policy: TrainableModel, *, init_base, reference: bool, reward_model) -> dict:
+    """Trained: the policy's trained part. Frozen: `{"policy"}` — its frozen base, or with a reference and full
+    fine-tuning the reference copy; absent when neither exists — plus `{"reward"}` when a reward model scores too."""
+    own = policy.layout_with_reference(init_base) if reference else policy.layout(init_base)
+    parts = {}  # frozen key -> (abstract, logical, init)
+    if jax.tree.leaves(own["abstract_frozen"]):
+        parts["policy"] = (own["abstract_frozen"], own["frozen_logical"], own["init_frozen"])
+    if reward_model is not None:
+        parts["reward"] = reward_model
+
+    def init_frozen(shardings):
+        return {key: init(shardings[key]) for key, (_, _, init) in parts.items()}
+
+    def init_params(shardings, frozen):
+        return own["init_params"](shardings, frozen.get("policy", {}))
+
+    return {**own, "abstract_frozen": {key: part[0] for key, part in parts.items()},
+            "frozen_logical": {key: part[1] for key, part in parts.items()}, "init_frozen": init_frozen,
+            "init_params": init_params}
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSetup:
+    """The reward settings of a config: Python functions (name, fn), their weights, the optional reward model
+    ((config, abstract, logical, loader) as `weights.reward_from` gives it) and its normalisation."""
+    functions: list
+    weights: list | None
+    reward_model: tuple | None
+    gain: float = 1.0
+    bias: float = 0.0
+
+    def scorer(self, tokenizer, records, *, reward_model_weight: float, missing_eos_penalty: float) -> Scorer:
+        return Scorer(self.functions, self.weights, tokenizer, records, gain=self.gain, bias=self.bias,
+                      reward_model_weight=reward_model_weight if self.reward_model else 0.0,
+                      missing_eos_penalty=missing_eos_penalty)
+
+
+def reward_setup(config, meta, model_config, tokenizer, stage: str) -> RewardSetup:
+    """`rewards` (comma-separated function names), `reward_weights` and `reward_from` of a config; one of the two
+    sources is required."""
+    functions = resolve_reward_functions(config.rewards) if config.rewards.strip() else []
+    if not functions and not config.reward_from:
+        raise errors.ConfigError(f"{stage} needs rewards: name reward functions in `rewards` and/or set reward_from.")
+    if not config.reward_from:
+        return RewardSetup(functions, reward_weights(config.reward_weights), None)
+    path = weights.parse_source(config.reward_from, "reward_from")
+    rm = weights.reward_from(path, meta or {"tokenizer": tokenizer.model_path}, model_config)
+    normalization = weights.reward_normalization(path)
+    return RewardSetup(functions, reward_weights(config.reward_weights), rm, float(normalization["gain"]),
+                       float(normalization["bias"]))
