@@ -233,15 +233,15 @@ def reward_weights(text: str):
         raise errors.ConfigError(f"reward_weights={text!r} must be comma-separated numbers.") from None
 
 
-def rollout_layout(policy: TrainableModel, *, init_base, reference: bool, reward_model) -> dict:
+def rollout_layout(policy: TrainableModel, *, init_base, reference: bool, frozen_models: dict | None = None) -> dict:
     """Trained: the policy's trained part. Frozen: `{"policy"}` — its frozen base, or with a reference and full
-    fine-tuning the reference copy; absent when neither exists — plus `{"reward"}` when a reward model scores too."""
+    fine-tuning the reference copy; absent when neither exists — plus each of `frozen_models` (key → (abstract,
+    logical axes, loader)), e.g. `{"reward": …}` when a reward model scores, `{"teacher": …}` when one teaches."""
     own = policy.layout_with_reference(init_base) if reference else policy.layout(init_base)
     parts = {}  # frozen key -> (abstract, logical, init)
     if jax.tree.leaves(own["abstract_frozen"]):
         parts["policy"] = (own["abstract_frozen"], own["frozen_logical"], own["init_frozen"])
-    if reward_model is not None:
-        parts["reward"] = reward_model
+    parts.update(frozen_models or {})
 
     def init_frozen(shardings):
         return {key: init(shardings[key]) for key, (_, _, init) in parts.items()}

@@ -257,7 +257,7 @@ def grpo_core(config, policy: TrainableModel, h: GrpoHyper, sampling, reward_mod
     m = group_rollout.RolloutModels(policy=onpolicy.Policy(policy, sampling.temperature, config.loss_chunk),
                    reward=onpolicy.reward_scorer(rm[0]) if rm else None)
     layout = group_rollout.rollout_layout(policy, init_base=init_base, reference=h.needs_reference,
-                         reward_model=rm[1:] if rm else None)
+                                          frozen_models={"reward": rm[1:]} if rm else None)
     optimizer = onpolicy.update_optimizer(config, h.epochs * h.num_minibatches)
     seq = config.data.max_prompt_len + sampling.max_new_tokens
     tokens = config.data.batch_size * h.group_size * seq

@@ -118,7 +118,7 @@ def online_dpo_core(config, policy: TrainableModel, h: OnlineDpoHyper, sampling,
     m = group_rollout.RolloutModels(policy=onpolicy.Policy(policy, 1.0, config.loss_chunk),
                                     reward=onpolicy.reward_scorer(rm[0]) if rm else None)
     layout = group_rollout.rollout_layout(policy, init_base=init_base, reference=True,
-                                          reward_model=rm[1:] if rm else None)
+                                          frozen_models={"reward": rm[1:]} if rm else None)
     optimizer = onpolicy.update_optimizer(config, 1)
     seq = config.data.max_prompt_len + sampling.max_new_tokens
     tokens = config.data.batch_size * 2 * seq

@@ -44,10 +44,10 @@ def _reward_model():
 def _task(h, grad_accum=1, optimizer=None, with_reward_model=False, lora_config=None):
     policy = TrainableModel(CONFIG, lora_config)
     m = group_rollout.RolloutModels(policy=onpolicy.Policy(policy, 1.0, 16),
-                        reward=onpolicy.reward_scorer(CONFIG) if with_reward_model else None)
+                                    reward=onpolicy.reward_scorer(CONFIG) if with_reward_model else None)
     layout = group_rollout.rollout_layout(
         policy, init_base=lambda shardings: jax.device_put(helpers.random_params(CONFIG, 0), shardings),
-        reference=h.needs_reference, reward_model=_reward_model() if with_reward_model else None)
+        reference=h.needs_reference, frozen_models={"reward": _reward_model()} if with_reward_model else None)
     optimizer = optimizer or optax.sgd(0.05)
     task = Task(name="grpo", optimizer=optimizer, eval_step=None, train_data=None, eval_batches=None,
                 train_step=functools.partial(grpo.grpo_step, m=m, h=h, optimizer=optimizer, grad_accum=grad_accum),

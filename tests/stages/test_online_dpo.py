@@ -33,7 +33,7 @@ def _task(h, grad_accum=1):
     m = group_rollout.RolloutModels(policy=onpolicy.Policy(policy, 1.0, 16))
     layout = group_rollout.rollout_layout(
         policy, init_base=lambda shardings: jax.device_put(helpers.random_params(CONFIG, 0), shardings),
-        reference=True, reward_model=None)
+        reference=True)
     optimizer = optax.sgd(LR)
     task = Task(name="online_dpo", optimizer=optimizer, eval_step=None, train_data=None, eval_batches=None,
                 train_step=functools.partial(online_dpo.online_dpo_step, m=m, h=h, optimizer=optimizer,
