@@ -31,6 +31,7 @@ from flaxalign.data.batching import PREFERENCE_KEYS, SFT_KEYS
 from flaxalign.models import attention, heads
 from flaxalign.policy import UNUSED_BY_SCALAR, ScalarModel
 from flaxalign.stages import (
+    distill,
     dpo,
     group_rollout,
     grpo,
@@ -319,6 +320,24 @@ def _online_dpo_task(config, mesh):
     return task, model_config, batch, rollout
 
 
+def _distill_task(config, mesh):
+    h = distill.DistillHyper(**config.distill.to_dict())
+    sampling = onpolicy.Sampling(**config.rollout.to_dict())
+    model_config, _, _ = weights.resolve_model(config)
+    rows = config.data.batch_size
+    onpolicy.check_budget(config, model_config, sampling, rows, 1, "data.batch_size")
+    teacher = distill.teacher_from(config, {}, model_config)  # its metadata: nothing is read until a loader runs
+    core = distill.distill_core(config, weights.trainable_model(config, model_config), h, sampling, teacher,
+                                init_base=_never)
+    task = _rl_task("distill", core, functools.partial(distill.distill_step, m=core.models, h=h,
+                                                       optimizer=core.optimizer, grad_accum=config.grad_accum))
+    sampled = sampler.rollout_shapes(rows, config.data.max_prompt_len, sampling)
+    batch = {k: sampled[k] for k in distill.ROLLOUT_KEYS}
+    rollout = plan_rollout.RolloutSpec(core.models.student, sampling, rows, config.data.max_prompt_len,
+                                       policy_params=lambda params: params, scoring_forwards=1)
+    return task, model_config, batch, rollout
+
+
 def _rl_task(name, core, train_step):
     return Task(name=name, optimizer=core.optimizer, train_step=train_step, eval_step=None, train_data=None,
                 eval_batches=None, tokens_per_step=core.tokens, flops_per_step=core.flops, metadata={}, **core.layout)
@@ -326,7 +345,7 @@ def _rl_task(name, core, train_step):
 
 TASKS = {"clm": functools.partial(_lm_task, name="clm"), "sft": functools.partial(_lm_task, name="sft"),
          "dpo": _dpo_task, "reward": _reward_task, "ppo": _ppo_task, "grpo": _grpo_task,
-         "online_dpo": _online_dpo_task}
+         "online_dpo": _online_dpo_task, "distill": _distill_task}
 
 
 def abstract_task(config, mesh):

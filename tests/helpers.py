@@ -14,6 +14,12 @@ def tiny_model_config(**overrides) -> models.ModelConfig:
     return models.ModelConfig.from_dict({**models.preset("tiny"), **overrides})
 
 
+def max_difference(a, b) -> float:
+    """The largest |a − b| over the leaves of two pytrees of arrays."""
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a),
+                                                                                    jax.tree.leaves(b)))
+
+
 def optim_config(**overrides) -> ml_collections.ConfigDict:
     values = dict(lr=1e-2, warmup_steps=2, total_steps=20, schedule="cosine", final_lr_fraction=0.1, b1=0.9,
                   b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0)

@@ -105,6 +105,9 @@ BASE = {  # a valid run of each stage on 8 devices; each case changes a few fiel
              **QUIET},
     "online_dpo": {"data.tokenizer": "{tok}", "model.vocab_size": 1024, "data.train": "builtin:arithmetic_prompts?n=32",
                    "data.batch_size": 8, "eval_prompts": 0, "steps": 0, **QUIET},
+    # a student from scratch taught by the CLM run (its tokenizer)
+    "distill": {"teacher_from": "checkpoint:{clm_run}", "data.train": "builtin:arithmetic_prompts?n=32",
+                "data.batch_size": 8, "eval_prompts": 0, "steps": 0, **QUIET},
 }
 # (stage, changed fields, the message). README: "bad flag, unknown config field or preset, missing or empty corpus,
 # a mesh that does not divide the devices"; DPO's "loss_type that does not exist, beta <= 0, reference_from with
@@ -146,7 +149,7 @@ STAGE_CASES = {
         "data.seq_len=257 exceeds model.max_seq_len=256."),
     "unknown stage": (
         "clm", {"stage": "rlhf"},
-        "unknown stage 'rlhf'; known stages: ['clm', 'dpo', 'grpo', 'ppo', 'reward', 'sft']."),
+        "unknown stage 'rlhf'; known stages: ['clm', 'distill', 'dpo', 'grpo', 'online_dpo', 'ppo', 'reward', 'sft']."),
     "init_from of an unknown kind": (
         "clm", {"init_from": "s3:bucket/run"},
         "init_from='s3:bucket/run' is not supported; use checkpoint:DIR (a flaxalign run), hf:DIR (a transformers "
@@ -310,6 +313,13 @@ STAGE_CASES = {
     "GRPO group of one": (
         "grpo", {"grpo.group_size": 1},
         "grpo.group_size must be >= 2 (the baseline needs other samples)."),
+    "distillation without a teacher": (
+        "distill", {"teacher_from": ""},
+        "distillation needs a teacher: set teacher_from=checkpoint:DIR, hf:DIR or gguf:FILE."),
+    "a teacher with another vocabulary": (
+        "distill", {"teacher_from": "checkpoint:{rm_run}"},
+        "the teacher checkpoint {rm_run} has vocab_size=1024 but the policy has 512; the teacher model must use the "
+        "policy's vocabulary."),
     "online DPO with a reference-free loss": (
         "online_dpo", {"loss.loss_type": "orpo"},
         "Unknown DPO loss_type 'orpo'; valid ones: sigmoid, robust, hinge, ipo, sigmoid_norm, exo_pair, nca_pair, "

@@ -6,6 +6,8 @@
 * GRPO with the exact-answer reward from an SFT run on the single-digit arithmetic task: held-out exact-answer
   accuracy (one sample per prompt at the rollout temperature, and greedy) rises by at least 15 points; likewise
   GSPO (sequence-level importance ratios and clipping, the GSPO paper's ε = 3e-4 / 4e-4).
+* On-policy distillation (GKD) of that SFT model into a one-layer student trained from scratch: the held-out
+  teacher–student divergence (JSD_0.5 and forward KL per token, on the student's own samples) falls to a quarter.
 """
 
 import pytest
@@ -85,3 +87,18 @@ def test_grpo_family_raises_exact_answer_accuracy(arithmetic_sft_run, tmp_path, 
         for step, row in evals))
     assert end["eval_exact_answer_sampled"] - start["eval_exact_answer_sampled"] >= 0.15
     assert end["eval_exact_answer_greedy"] - start["eval_exact_answer_greedy"] >= 0.15
+
+
+@pytest.mark.timeout(DEMO_TIMEOUT + 2 * STAGE_TIMEOUT + MARGIN)  # arithmetic_sft_run + the distillation run
+def test_gkd_lowers_the_held_out_teacher_student_divergence(arithmetic_sft_run, tmp_path):
+    workdir = str(tmp_path / "gkd")
+    rc, _, err = cli.run(["--config=configs/distill.py:tiny", f"--workdir={workdir}",
+                          f"--config.teacher_from=checkpoint:{arithmetic_sft_run}"], cpu_devices=1,
+                         timeout=STAGE_TIMEOUT)
+    assert rc == 0, err[-2000:]
+    evals = _evals(workdir, "eval_jsd")
+    start, end = evals[0][1], evals[-1][1]
+    print("GKD held-out JSD / KL(teacher ‖ student) per token: " + ", ".join(
+        f"step {step}: {row['eval_jsd']:.4f}/{row['eval_kl_teacher_student']:.4f}" for step, row in evals))
+    assert end["eval_jsd"] <= 0.25 * start["eval_jsd"]
+    assert end["eval_kl_teacher_student"] <= 0.25 * start["eval_kl_teacher_student"]

@@ -222,17 +222,11 @@ def build_task(config, workdir: str, mesh) -> Task:
     with_reference = h.needs_reference
     core = grpo_core(config, policy, h, sampling, rm, init_base=weights.initializer(model_config, init_path))
     m, layout, optimizer = core.models, core.layout, core.optimizer
-    rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
-                      "with_reference": with_reference}
-    scorer = functools.partial(rewards.scorer, tokenizer, reward_model_weight=float(config.reward_model_weight),
-                               missing_eos_penalty=h.missing_eos_penalty)
-    eval_extra = None
-    if config.eval_prompts:
-        eval_prompts = {k: v[: config.eval_prompts] for k, v in data.eval.items()}
-        eval_extra = group_rollout.GroupEval(mesh, eval_prompts, scorer(data.records["eval"]), config.seed,
-                                             **rollout_kwargs)
+    scorer, eval_extra, rollout_kwargs = group_rollout.rollout_parts(
+        mesh, config, rewards, tokenizer, data, m=m, sampling=sampling, with_reference=with_reference,
+        missing_eos_penalty=h.missing_eos_penalty)
     prepare = group_rollout.GroupRollouts(
-        mesh, scorer(data.records["train"]), group_size=h.group_size,
+        mesh, scorer, group_size=h.group_size,
         dynamic_sampling_rounds=h.dynamic_sampling_max_rounds if h.dynamic_sampling else 0, **rollout_kwargs)
     identity = {**policy.identity(), "algorithm": h.algorithm, "reference": with_reference,
                 "reward_model": rm[0].checkpoint_identity() if rm else None}

@@ -151,15 +151,9 @@ def build_task(config, workdir: str, mesh) -> Task:
     rm = rewards.reward_model
     core = online_dpo_core(config, policy, h, sampling, rm, init_base=weights.initializer(model_config, init_path))
     m, optimizer = core.models, core.optimizer
-    rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
-                      "with_reference": True}
-    scorer = functools.partial(rewards.scorer, tokenizer, reward_model_weight=float(config.reward_model_weight),
-                               missing_eos_penalty=h.missing_eos_penalty)
-    eval_extra = None
-    if config.eval_prompts:
-        eval_prompts = {k: v[: config.eval_prompts] for k, v in data.eval.items()}
-        eval_extra = group_rollout.GroupEval(mesh, eval_prompts, scorer(data.records["eval"]), config.seed,
-                                             **rollout_kwargs)
+    scorer, eval_extra, rollout_kwargs = group_rollout.rollout_parts(
+        mesh, config, rewards, tokenizer, data, m=m, sampling=sampling, with_reference=True,
+        missing_eos_penalty=h.missing_eos_penalty)
     identity = {**policy.identity(), "loss_type": h.loss_type,
                 "reward_model": rm[0].checkpoint_identity() if rm else None}
     return Task(
@@ -167,7 +161,7 @@ def build_task(config, workdir: str, mesh) -> Task:
         train_step=functools.partial(online_dpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
         eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=core.tokens,
         flops_per_step=core.flops, eval_extra=eval_extra,
-        prepare=group_rollout.GroupRollouts(mesh, scorer(data.records["train"]), group_size=2, **rollout_kwargs),
+        prepare=group_rollout.GroupRollouts(mesh, scorer, group_size=2, **rollout_kwargs),
         metadata={"stage": "online_dpo", **policy.metadata(), "resume_identity": identity,
                   "tokenizer": tokenizer.model_path, "init_from": config.init_from, "model_params": "params",
                   "model_frozen": "frozen/policy", "reward_from": config.reward_from,

@@ -140,13 +140,10 @@ def test_sharded_and_micro_batched_steps_equal_one_device(setup, tmp_path):
         state, shardings = _state(task, mesh, tmp, name)
         return jax.device_get(CompiledStep(task.train_step, mesh, shardings)(state, batch)[0].params)
 
-    def diff(a, b):
-        return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
     task, _ = _task(h)
     reference = run(task, helpers.mesh((1, 1, 1)), "one")
-    assert diff(reference, run(task, helpers.mesh((2, 2, 1)), "sharded")) < 1e-6
-    assert diff(reference, run(_task(h, grad_accum=2)[0], helpers.mesh((1, 1, 1)), "micro")) < 1e-6
+    assert helpers.max_difference(reference, run(task, helpers.mesh((2, 2, 1)), "sharded")) < 1e-6
+    assert helpers.max_difference(reference, run(_task(h, grad_accum=2)[0], helpers.mesh((1, 1, 1)), "micro")) < 1e-6
 
 
 def test_nonfinite_reward_skips_the_update(setup, tmp_path):

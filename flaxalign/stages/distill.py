@@ -1,0 +1,216 @@
+"""Knowledge distillation into a student: on-policy GKD (Agarwal et al. 2024; TRL `GKDTrainer` with lmbda = 1) and
+sequence-level KD (Kim & Rush 2016; `seq_kd`).
+
+One train step on a batch of P prompts:
+  1. rollout (`Task.prepare`): one response per prompt, sampled from the student itself (on-policy: the student
+     learns on the states it visits) or, with `distill.seq_kd`, from the teacher; cut after EOS.
+  2. `distill_step` (pure): one update of the generalized Jensen–Shannon divergence JSD_β between the student's and
+     the teacher's next-token distributions at temperature τ over the whole vocabulary, at every response token
+     (`losses.distill`, chunked: no `[B, T, V]` float32 logits): β = 0 forward KL(teacher ‖ student), β = 1 reverse
+     KL, between them the mixture divergence.
+The teacher (`teacher_from=checkpoint:|hf:|gguf:`) is frozen in `state.frozen["teacher"]`; its architecture may differ
+from the student's (a smaller student), its vocabulary and tokenizer must be the student's (checked). Evaluation
+samples the student on held-out prompts (fixed rng) and reports the divergence and the forward KL there.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxalign import errors, models, sampler, weights
+from flaxalign.data.prompt_data import build_prompt_datasets
+from flaxalign.losses.distill import chunked_generalized_jsd
+from flaxalign.policy import TrainableModel
+from flaxalign.stages import group_rollout, lm, onpolicy
+from flaxalign.stages.checks import check_rows
+from flaxalign.train.state import TrainState
+from flaxalign.train.task import Task
+
+ROLLOUT_KEYS = ("tokens", "mask", "response", "response_mask", "ended")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillHyper:
+    """The `distill` block, validated (defaults: TRL GKDConfig)."""
+    beta: float = 0.5
+    temperature: float = 0.9
+    seq_kd: bool = False  # responses sampled from the teacher (sequence-level KD) instead of the student
+
+    def __post_init__(self):
+        if not 0 <= self.beta <= 1:
+            raise errors.ConfigError(f"distill.beta must be in [0, 1], got {self.beta}.")
+        if not self.temperature > 0:
+            raise errors.ConfigError(f"distill.temperature must be > 0, got {self.temperature}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillModels:
+    student: onpolicy.Policy
+    teacher_graphdef: object  # the teacher's module structure; its weights are state.frozen["teacher"]
+    chunk_size: int = 256
+
+    def teacher(self, frozen: dict) -> models.CausalLM:
+        return models.merge(self.teacher_graphdef, frozen["teacher"])
+
+
+def divergences(student, teacher, batch, *, beta: float, temperature: float, chunk_size: int) -> jax.Array:
+    """JSD_β `[B, N]` at the response tokens of `batch`, 0 where masked (the teacher side without gradient)."""
+    width = batch["response"].shape[1]
+    student_hidden = onpolicy.response_hidden(student, batch["tokens"], batch["mask"], width)
+    teacher_hidden = jax.lax.stop_gradient(onpolicy.response_hidden(teacher, batch["tokens"], batch["mask"], width))
+    jsd = chunked_generalized_jsd(student_hidden, student.output_head(), teacher_hidden, teacher.output_head(),
+                                  beta=beta, temperature=temperature, chunk_size=chunk_size)
+    return jnp.where(batch["response_mask"] > 0, jsd, 0.0)
+
+
+def distill_loss(trainable, frozen, batch, rng, *, m: DistillModels, h: DistillHyper):
+    """(Σ_t JSD_β over real response tokens, (their count, {"jsd": the same sum}))."""
+    jsd = divergences(m.student.forward(trainable, frozen, rng), m.teacher(frozen), batch, beta=h.beta,
+                      temperature=h.temperature, chunk_size=m.chunk_size)
+    loss_sum = jnp.sum(jsd)
+    return loss_sum, (jnp.sum(batch["response_mask"] > 0).astype(jnp.float32), {"jsd": loss_sum})
+
+
+def distill_step(state: TrainState, batch: dict, *, m: DistillModels, h: DistillHyper, optimizer, grad_accum: int):
+    loss_fn = functools.partial(distill_loss, m=m, h=h)
+    train = {k: batch[k] for k in ("tokens", "mask", "response", "response_mask")}
+    state, per_update = onpolicy.minibatch_updates(state, train, loss_fn, optimizer=optimizer, epochs=1,
+                                                   num_minibatches=1, grad_accum=grad_accum)
+    metrics = {k: jnp.mean(v) for k, v in per_update.items()}
+    metrics["response_length"] = jnp.mean(jnp.sum(batch["response_mask"], axis=1).astype(jnp.float32))
+    metrics["eos_rate"] = jnp.mean(batch["ended"].astype(jnp.float32))
+    return state, metrics
+
+
+class DistillRollouts:
+    """`Task.prepare`: the prompts (cut to their bucket) answered once each by the student, or by the teacher with
+    `seq_kd` (rng fold_in(state.rng, 1))."""
+
+    def __init__(self, mesh, m: DistillModels, h: DistillHyper, *, sampling: onpolicy.Sampling, eos_id: int,
+                 pad_id: int):
+        self.mesh, self.m, self.sampling, self.seq_kd = mesh, m, sampling, h.seq_kd
+        if h.seq_kd:
+            self.engine = sampler.KVCacheSampler(lambda w: models.merge(m.teacher_graphdef, w), eos_id=eos_id,
+                                                 pad_id=pad_id)
+        else:
+            self.engine = m.student.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
+
+    def __call__(self, state, step, batch, draw=None):
+        weights_ = state.frozen["teacher"] if self.seq_kd else self.m.student.weights(state.params, state.frozen)
+        with jax.set_mesh(self.mesh):
+            prompts = sampler.trim_left_padding({k: batch[k] for k in onpolicy.PROMPT_KEYS})
+            sampled = self.engine.sample(weights_, prompts, jax.random.fold_in(state.rng, 1), self.sampling)
+        return {k: sampled[k] for k in ROLLOUT_KEYS}, {}
+
+
+class DistillEval:
+    """`Task.eval_extra`: the student answers held-out prompts (fixed rng, the rollout's sampling); reported: the mean
+    per-token JSD_β and forward KL(teacher ‖ student) on those responses, and their length."""
+
+    def __init__(self, mesh, prompts: dict, seed: int, m: DistillModels, h: DistillHyper, *,
+                 sampling: onpolicy.Sampling, eos_id: int, pad_id: int):
+        self.mesh, self.m, self.sampling, self.rng = mesh, m, sampling, jax.random.PRNGKey(seed + 1)
+        self.prompts = sampler.trim_left_padding({k: prompts[k] for k in onpolicy.PROMPT_KEYS})
+        self.engine = m.student.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
+
+        def measure(state, rollout):
+            student, teacher = m.student.forward(state.params, state.frozen), m.teacher(state.frozen)
+            kw = {"temperature": h.temperature, "chunk_size": m.chunk_size}
+            tokens = jnp.maximum(jnp.sum(rollout["response_mask"] > 0), 1)
+            return {"jsd": jnp.sum(divergences(student, teacher, rollout, beta=h.beta, **kw)) / tokens,
+                    "kl_teacher_student": jnp.sum(divergences(student, teacher, rollout, beta=0.0, **kw)) / tokens,
+                    "response_length": jnp.mean(jnp.sum(rollout["response_mask"], axis=1).astype(jnp.float32))}
+
+        self.measure = jax.jit(measure)
+
+    def __call__(self, state) -> dict:
+        with jax.set_mesh(self.mesh):
+            rollout = self.engine.sample(self.m.student.weights(state.params, state.frozen), self.prompts, self.rng,
+                                         self.sampling)
+            return {k: float(v) for k, v in jax.device_get(self.measure(state, rollout)).items()}
+
+
+def _teacher_source(config) -> str:
+    if not config.get("teacher_from"):
+        raise errors.ConfigError("distillation needs a teacher: set teacher_from=checkpoint:DIR, hf:DIR or gguf:FILE.")
+    return weights.parse_source(config.teacher_from, "teacher_from")
+
+
+def teacher_from(config, policy_meta: dict, model_config: models.ModelConfig):
+    """(teacher config, graphdef, abstract params, logical axes, loader) of `teacher_from`, whose vocabulary and
+    tokenizer must be the student's."""
+    source = _teacher_source(config)
+    teacher_config = models.ModelConfig.from_dict(
+        weights.same_vocabulary(policy_meta, source, model_config, "teacher"))
+    graphdef, abstract, logical = models.abstract_model(teacher_config)
+    return teacher_config, graphdef, abstract, logical, weights.initializer(teacher_config, source)
+
+
+def distill_core(config, student: TrainableModel, h: DistillHyper, sampling, teacher, *,
+                 init_base) -> onpolicy.RlCore:
+    """The models, param layout (the student trained, the teacher frozen), optimizer and cost of a task;
+    `teacher` = `teacher_from`'s tuple."""
+    teacher_config, graphdef, abstract, logical, loader = teacher
+    m = DistillModels(onpolicy.Policy(student, sampling.temperature, config.loss_chunk), graphdef, config.loss_chunk)
+    layout = group_rollout.rollout_layout(student, init_base=init_base, reference=False,
+                                          frozen_models={"teacher": (abstract, logical, loader)})
+    seq = config.data.max_prompt_len + sampling.max_new_tokens
+    tokens = config.data.batch_size * seq
+    # training FLOPs per token (forward + backward = 3 forwards): the student's update, the teacher's forward, and
+    # the sampler's forward pass of whichever model samples
+    student_flops, teacher_flops = student.config.flops_per_token(seq), teacher_config.flops_per_token(seq)
+    sampling_flops = teacher_flops if h.seq_kd else student_flops
+    flops = tokens * (student_flops + teacher_flops / 3 + sampling_flops / 3)
+    return onpolicy.RlCore(m, layout, onpolicy.update_optimizer(config, 1), tokens, flops)
+
+
+def build_task(config, workdir: str, mesh) -> Task:
+    """The student from `init_from` (or a random `model`), the teacher from `teacher_from`, prompts from
+    `data.train`; the tokenizer is `data.tokenizer`, else the student's, else the teacher's."""
+    h = DistillHyper(**config.distill.to_dict())
+    sampling = onpolicy.Sampling(**config.rollout.to_dict())
+    model_config, meta, init_path = weights.resolve_model(config)
+    meta_for_tokenizer = meta
+    if not meta:  # a student from scratch speaks the teacher's tokenizer
+        teacher_meta = weights.metadata(_teacher_source(config))
+        meta_for_tokenizer = {"tokenizer": teacher_meta.get("tokenizer", "")}
+    tokenizer = lm.stage_tokenizer(config, meta_for_tokenizer, model_config, "Distillation")
+    teacher = teacher_from(config, {"tokenizer": tokenizer.model_path}, model_config)
+    student = weights.trainable_model(config, model_config)
+
+    data_cfg = config.data
+    onpolicy.check_budget(config, model_config, sampling, data_cfg.batch_size, 1, "data.batch_size")
+    if data_cfg.max_prompt_len + sampling.max_new_tokens > teacher[0].max_seq_len:
+        raise errors.ConfigError(f"data.max_prompt_len + rollout.max_new_tokens exceeds the teacher's max_seq_len="
+                                 f"{teacher[0].max_seq_len}.")
+    lm.resolve_chat_template(config, meta, tokenizer)
+    data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
+    train_data, _ = lm.data_iterators(data.train, data.eval, config)
+    check_rows(mesh, data_cfg.batch_size // config.grad_accum, "data.batch_size / grad_accum (a micro-batch)")
+    if config.eval_prompts:
+        check_rows(mesh, min(config.eval_prompts, len(data.eval["input_ids"])),
+                   "eval_prompts (held-out prompts, at most the data.eval set)")
+
+    core = distill_core(config, student, h, sampling, teacher,
+                        init_base=weights.initializer(model_config, init_path))
+    m, optimizer = core.models, core.optimizer
+    kwargs = {"sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
+    eval_extra = None
+    if config.eval_prompts:
+        eval_prompts = {k: np.asarray(v[: config.eval_prompts]) for k, v in data.eval.items()}
+        eval_extra = DistillEval(mesh, eval_prompts, config.seed, m, h, **kwargs)
+    identity = {**student.identity(), "teacher_from": config.teacher_from, "seq_kd": h.seq_kd}
+    return Task(
+        name="distill", optimizer=optimizer,
+        train_step=functools.partial(distill_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
+        eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=core.tokens,
+        flops_per_step=core.flops, prepare=DistillRollouts(mesh, m, h, **kwargs), eval_extra=eval_extra,
+        metadata={"stage": "distill", **student.metadata(), "resume_identity": identity,
+                  "tokenizer": tokenizer.model_path, "init_from": config.init_from,
+                  "teacher_from": config.teacher_from, "model_params": "params", "model_frozen": "frozen/policy",
+                  "distill": dataclasses.asdict(h), "rollout": dataclasses.asdict(sampling), "data": data.stats,
+                  **lm.chat_metadata(config, meta, data.stats)},
+        **core.layout)
