@@ -14,7 +14,7 @@ from flaxalign import config_blocks
 from flaxalign.losses import preference
 
 PRESETS = {
-    "tiny": dict(steps=300, lr=1e-4, batch_size=16, max_prompt_len=24, max_new_tokens=12, beta=0.1),
+    "tiny": dict(steps=300, lr=5e-4, batch_size=16, max_prompt_len=24, max_new_tokens=12, beta=0.1),
     "smollm2_135m": dict(steps=100, lr=5e-5, batch_size=8, max_prompt_len=64, max_new_tokens=32, beta=0.1,
                          lora_rank=8, eval_every=25, eval_prompts=32,
                          init_from=f"gguf:{config_blocks.smollm2_gguf()}"),
