@@ -282,6 +282,7 @@ def _ppo_task(config, mesh):
 def _grpo_task(config, mesh):
     h = grpo.GrpoHyper(**config.grpo.to_dict())
     sampling = onpolicy.Sampling(**config.rollout.to_dict())
+    grpo.check_overlong(h, sampling)
     model_config, _, _ = weights.resolve_model(config)
     b = config.data.batch_size
     rows = b * h.group_size

@@ -331,6 +331,13 @@ STAGE_CASES = {
         "online_dpo", {"data.batch_size": 4},
         "data.batch_size / grad_accum (the pairs of a micro-batch) = 4 rows do not split over the mesh: global batch "
         "size dimension 4 (act_batch) is not divisible by mesh axes data of size 8."),
+    "GRPO overlong buffer longer than the response": (
+        "grpo", {"grpo.overlong_buffer": 64},
+        "grpo.overlong_buffer=64 exceeds rollout.max_new_tokens=12: the penalty ramps over the last tokens of a "
+        "response."),
+    "GRPO delta with CISPO": (
+        "grpo", {"grpo.policy_loss": "cispo", "grpo.delta": 2.0},
+        "grpo.delta bounds the clipped surrogate's ratio; policy_loss=cispo caps it with cispo_max_weight."),
     "unknown GRPO algorithm": (
         "grpo", {"grpo.algorithm": "ppo"},
         "Unknown grpo.algorithm 'ppo'; valid ones: grpo, rloo, reinforce_pp, reinforce_pp_baseline."),

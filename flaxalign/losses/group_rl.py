@@ -250,7 +250,8 @@ def per_sequence_mean(per_token, m, max_completion_length):
 
 @LOSS_AGGREGATIONS.register("bnpo")
 def local_token_mean(per_token, m, max_completion_length):
-    """Σ m·ℓ and Σ m, divided per call (TRL: the local batch's token count)."""
+    """Σ m·ℓ and Σ m (TRL divides per micro-batch by its local token count; a caller that sums the counts over
+    micro-batches, as the GRPO stage does, gets `dapo`)."""
     return _aggregate(per_token, m, "token")
 
 

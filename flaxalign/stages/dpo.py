@@ -82,6 +82,11 @@ class Method:
     def dpo_hyper(self) -> dict:
         return {**DPO_HYPER_DEFAULTS, **dict(self.hyper)}
 
+    def settings(self) -> dict:
+        """Every field, the DPO family's own ones flat (JSON scalars: a checkpoint's identity must read back equal)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "hyper"}
+        return {**fields, **self.dpo_hyper}
+
     @property
     def label_smoothing(self) -> float:  # also SimPO's and CPO's
         return self.dpo_hyper["label_smoothing"]
@@ -303,7 +308,7 @@ def make_task(policy: TrainableModel, optim_cfg, method: Method, *, reference: s
         layout = policy.layout(init_base)
     m = Models(policy, reference, chunk_size)
     optimizer = make_optimizer(optim_cfg)
-    identity = {**policy.identity(), "loss": dataclasses.asdict(method), "reference": reference}
+    identity = {**policy.identity(), "loss": method.settings(), "reference": reference}
     return Task(
         name="dpo" if method.loss_type != "kto" else "kto", optimizer=optimizer,
         train_step=functools.partial(dpo_step, method=method, m=m, optimizer=optimizer,
@@ -312,7 +317,7 @@ def make_task(policy: TrainableModel, optim_cfg, method: Method, *, reference: s
         train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens_per_step,
         flops_per_step=flops_per_step, eval_extra=eval_extra(m) if eval_extra else None,
         metadata={"stage": "dpo", **policy.metadata(), "resume_identity": identity,
-                  "loss": dataclasses.asdict(method), "reference": reference, **(metadata or {})},
+                  "loss": method.settings(), "reference": reference, **(metadata or {})},
         **layout)
 
 

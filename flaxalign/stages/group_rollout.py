@@ -131,12 +131,13 @@ class GroupRollouts:
         self.engine = engine or m.policy.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
         self.repeat = jax.jit(functools.partial(repeat_prompts, group_size=group_size))
         self.score = jax.jit(functools.partial(score_rollout, m=m, with_reference=with_reference))
+        self.pad = jax.jit(left_pad_rollout, static_argnames="width")
         self.select = jax.jit(select_rows)
 
     def __call__(self, state, step, batch, draw=None):
         rollout, rewards, logged = self._rollout(state, batch, 0)
         if self.dynamic_sampling_rounds:
-            rollout, rewards, counts = self._refill(state, rollout, rewards, draw)
+            rollout, rewards, counts = self._refill(state, rollout, rewards, draw, batch["input_ids"].shape[1])
             logged.update(counts)
         bad = int(np.sum(~np.isfinite(rewards)))
         if bad:
@@ -158,42 +159,54 @@ class GroupRollouts:
         rewards, logged = self.scorer(rollout)
         return rollout, rewards, logged
 
-    def _refill(self, state, rollout, rewards, draw):
+    def _refill(self, state, rollout, rewards, draw, prompt_width: int):
         g = self.group_size
         groups = rewards.size // g
         rollouts, kept, dropped = [rollout], [], []
+        widths = [prompt_width + self.sampling.max_new_tokens]  # untrimmed prompt + response, per round
         for round_ in range(self.dynamic_sampling_rounds):
             if round_:
                 if draw is None or len(kept) >= groups:
                     break
-                more, more_rewards, _ = self._rollout(state, draw(), round_)
+                batch = draw()
+                widths.append(batch["input_ids"].shape[1] + self.sampling.max_new_tokens)
+                more, more_rewards, _ = self._rollout(state, batch, round_)
                 rollouts.append(more)
                 rewards = np.concatenate([rewards, more_rewards])
-            start = round_ * groups
-            # a non-finite reward keeps its group: the step is then skipped as without dynamic sampling
-            informative = np.asarray(informative_groups(np.nan_to_num(rewards[start * g:], nan=np.inf), g))
-            kept += [start + i for i in np.flatnonzero(informative)]
-            dropped += [start + i for i in np.flatnonzero(~informative)]
+            grouped = rewards[round_ * groups * g:].reshape(-1, g)
+            # a group with a non-finite reward is kept: the step is then skipped, as without dynamic sampling
+            finite = np.isfinite(grouped).all(axis=1)
+            informative = np.asarray(informative_groups(np.where(np.isfinite(grouped), grouped, 0).reshape(-1), g))
+            informative = informative | ~finite
+            kept += [round_ * groups + i for i in np.flatnonzero(informative)]
+            dropped += [round_ * groups + i for i in np.flatnonzero(~informative)]
         filled = dropped[: max(groups - len(kept), 0)]  # the first rollout's dropped groups come first
         chosen = np.asarray((kept[:groups] + filled)[:groups])
-        rows = (chosen[:, None] * g + np.arange(g)).reshape(-1)
-        with jax.set_mesh(self.mesh):
-            selected = self.select(rollouts, rows)
         counts = {"dynamic_sampling/rounds": float(len(rollouts)), "dynamic_sampling/dropped_groups": float(
             len(dropped)), "dynamic_sampling/filled_groups": float(len(filled))}
+        if len(rollouts) == 1 and np.array_equal(chosen, np.arange(groups)):
+            return rollout, rewards, counts  # every group of the first rollout is kept, in order
+        rows = (chosen[:, None] * g + np.arange(g)).reshape(-1)
+        # one width for every round (the widest untrimmed prompt + response): one compile of the selection per
+        # number of rounds, whatever the prompt buckets
+        width = max(max(widths), *(r["tokens"].shape[1] for r in rollouts))
+        with jax.set_mesh(self.mesh):
+            selected = self.select([self.pad(r, width=width) for r in rollouts], rows)
         return selected, rewards[rows], counts
 
 
-def select_rows(rollouts: list[dict], rows) -> dict:
-    """Rows `rows` of the rollouts stacked in order; prompts of different bucket widths are left-padded (mask 0) to
-    the widest, which changes no log-prob. Sharded by rows."""
-    width = max(r["tokens"].shape[1] for r in rollouts)
-
-    def left_pad(x):
+def left_pad_rollout(rollout: dict, *, width: int) -> dict:
+    """`tokens` and `mask` left-padded (mask 0) to `width` columns, which changes no log-prob (positions come from the
+    mask)."""
+    def pad(x):
         return jnp.pad(x, ((0, 0), (width - x.shape[1], 0)))
+    return {k: pad(v) if k in ("tokens", "mask") else v for k, v in rollout.items()}
 
-    stacked = {k: jnp.concatenate([left_pad(r[k]) if k in ("tokens", "mask") else r[k] for r in rollouts])
-               for k in rollouts[0]}
+
+def select_rows(rollouts: list[dict], rows) -> dict:
+    """Rows `rows` of same-width rollouts stacked in order, sharded by rows. (The indices are replicated: each
+    device gathers from the whole stacked rollout — a host-side choice of at most a few rollouts' rows.)"""
+    stacked = {k: jnp.concatenate([r[k] for r in rollouts]) for k in rollouts[0]}
     return sharding.constrain_rows({k: v[rows] for k, v in stacked.items()})
 
 

@@ -97,7 +97,9 @@ class GrpoHyper:
                    "grpo.sampler_correction_min must be >= 0 and < grpo.sampler_correction_max"),
                   (self.overlong_buffer >= 0, "grpo.overlong_buffer must be >= 0"),
                   (self.overlong_penalty >= 0, "grpo.overlong_penalty must be >= 0"),
-                  (self.dynamic_sampling_max_rounds >= 1, "grpo.dynamic_sampling_max_rounds must be >= 1")]
+                  (self.dynamic_sampling_max_rounds >= 1, "grpo.dynamic_sampling_max_rounds must be >= 1"),
+                  (self.policy_loss != "cispo" or self.delta == 0,
+                   "grpo.delta bounds the clipped surrogate's ratio; policy_loss=cispo caps it with cispo_max_weight")]
         for ok, message in checks:
             if not ok:
                 raise errors.ConfigError(f"{message}.")
@@ -159,7 +161,7 @@ def _grpo_update(state, batch, *, m, h, optimizer, grad_accum):
     lengths = jnp.sum(mask, axis=1)
     rewards = batch["rewards"]
     if h.overlong_buffer:
-        penalty = overlong_penalty(lengths, max_length=mask.shape[1], buffer=min(h.overlong_buffer, mask.shape[1]),
+        penalty = overlong_penalty(lengths, max_length=mask.shape[1], buffer=h.overlong_buffer,
                                    factor=h.overlong_penalty)
         rewards = rewards + penalty
     advantages = grpo_advantages_of(batch, rewards, h)
@@ -206,6 +208,7 @@ def build_task(config, workdir: str, mesh) -> Task:
     policy = weights.trainable_model(config, model_config)
 
     data_cfg = config.data
+    check_overlong(h, sampling)
     rows = data_cfg.batch_size * h.group_size
     onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")
     lm.resolve_chat_template(config, meta, tokenizer)
@@ -241,6 +244,12 @@ def build_task(config, workdir: str, mesh) -> Task:
                   "grpo": dataclasses.asdict(h), "rollout": dataclasses.asdict(sampling), "data": data.stats,
                   **lm.chat_metadata(config, meta, data.stats)},
         **layout)
+
+
+def check_overlong(h: GrpoHyper, sampling) -> None:
+    if h.overlong_buffer > sampling.max_new_tokens:
+        raise errors.ConfigError(f"grpo.overlong_buffer={h.overlong_buffer} exceeds rollout.max_new_tokens="
+                                 f"{sampling.max_new_tokens}: the penalty ramps over the last tokens of a response.")
 
 
 def grpo_core(config, policy: TrainableModel, h: GrpoHyper, sampling, reward_model, *,

@@ -88,9 +88,12 @@ def pair_loss(trainable, frozen, pairs, rng, *, m: group_rollout.RolloutModels, 
 
 
 def online_dpo_step(state: TrainState, batch: dict, *, m, h: OnlineDpoHyper, optimizer, grad_accum: int):
-    """One update on a scored rollout of pairs; non-finite rewards change nothing but the step count."""
+    """One update on a scored rollout of pairs; non-finite rewards — or, with `skip_ties`, only tied pairs — change
+    nothing but the step count (no optimizer update: Adam's momentum would still move the weights)."""
     update = functools.partial(_update, m=m, h=h, optimizer=optimizer, grad_accum=grad_accum)
-    return onpolicy.unless_nonfinite(update, state, batch, batch["rewards"])
+    rewards = batch["rewards"].reshape(-1, 2)
+    decisive = jnp.any(rewards[:, 0] != rewards[:, 1]) if h.skip_ties else True
+    return onpolicy.unless_nonfinite(update, state, batch, batch["rewards"], informative=decisive)
 
 
 def _update(state, batch, *, m, h, optimizer, grad_accum):

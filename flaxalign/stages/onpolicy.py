@@ -166,10 +166,11 @@ def minibatch_updates(state: TrainState, batch: dict, loss_fn, *, optimizer, epo
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), per_update
 
 
-def unless_nonfinite(update, state: TrainState, batch: dict, rewards):
-    """`update(state, batch) -> (state, metrics)` when every reward is finite; otherwise the state only counts the
-    step (params, optimizer and frozen state unchanged), the metrics are zeros, and `skipped` = 1 says so."""
-    finite = jnp.all(jnp.isfinite(rewards))
+def unless_nonfinite(update, state: TrainState, batch: dict, rewards, informative=True):
+    """`update(state, batch) -> (state, metrics)` when every reward is finite (and `informative`, a traced bool);
+    otherwise the state only counts the step (params, optimizer and frozen state unchanged), the metrics are zeros,
+    and `skipped` = 1 says so."""
+    finite = jnp.all(jnp.isfinite(rewards)) & informative
 
     def skip(state, batch):
         shapes = jax.eval_shape(update, state, batch)[1]

@@ -2,6 +2,7 @@
 adapter reference, precomputed reference log-probs, micro-batch and sharding invariance, and config errors."""
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -291,6 +292,16 @@ def test_bad_method_settings_fail_with_one_sentence():
         dpo.Method(loss_type="discopop", hyper=(("discopop_tau", 0.0),))
     with pytest.raises(errors.ConfigError, match="Unknown DPO hyper-parameter gamma; known: label_smoothing, "):
         dpo.Method(hyper=(("gamma", 1.0),))
+
+
+def test_the_resume_identity_reads_back_equal_from_json():
+    """A checkpoint's metadata is JSON: the identity a resume compares must survive the round trip (a tuple of
+    hyper-parameter pairs would come back as lists and refuse every resume). The DPO family's own fields stay flat,
+    under the names runs saved before the registry."""
+    task = _task(dpo.Method(loss_type="discopop", hyper=(("discopop_tau", 0.1),)))
+    identity = task.metadata["resume_identity"]
+    assert json.loads(json.dumps(identity)) == identity
+    assert identity["loss"]["discopop_tau"] == 0.1 and identity["loss"]["label_smoothing"] == 0.0
 
 
 def test_a_new_dpo_family_loss_is_its_function_and_one_registration(monkeypatch):

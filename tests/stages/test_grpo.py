@@ -265,6 +265,33 @@ def test_dynamic_sampling_keeps_informative_groups_and_refills_from_new_prompts(
     np.testing.assert_array_equal(jax.device_get(out["index"]), np.repeat([1, 3, 0, 2], G))
 
 
+class _NanGroupScorer:
+    """Group 0's rewards are all NaN (a reward function that cannot score that prompt), the others 0, 1, 2, 3."""
+
+    def __call__(self, rollout):
+        index = np.asarray(jax.device_get(rollout["index"]))
+        return np.where(index == 0, np.nan, np.tile(np.arange(G, dtype=np.float64), len(index) // G)), {}
+
+
+def test_dynamic_sampling_keeps_a_non_finite_group_and_leaves_a_full_batch_alone(tmp_path):
+    """A group with a NaN reward is kept (the step is then skipped and logged, as without dynamic sampling), so this
+    batch needs no refill: nothing is drawn, and the first rollout comes back as it was."""
+    h = grpo.GrpoHyper(group_size=G, beta=0.0)
+    task, m = _task(h)
+    mesh = helpers.mesh((1, 1, 1))
+    state, _ = _state(task, mesh, str(tmp_path), "nan_group")
+    prompts = {**left_pad_prompts(PROMPT_IDS, pad_id=0), "index": np.arange(PROMPTS)}
+    rollouts = group_rollout.GroupRollouts(mesh, _NanGroupScorer(), group_size=G, dynamic_sampling_rounds=3, m=m,
+                                           sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=-1, pad_id=0,
+                                           with_reference=False)
+    out, logged = rollouts(state, 0, prompts, lambda: pytest.fail("a full batch drew more prompts"))
+    assert logged == {"dynamic_sampling/rounds": 1.0, "dynamic_sampling/dropped_groups": 0.0,
+                      "dynamic_sampling/filled_groups": 0.0}
+    rewards = jax.device_get(out["rewards"])
+    assert np.isnan(rewards[:G]).all() and (rewards[G:] == np.tile(np.arange(G), PROMPTS - 1)).all()
+    np.testing.assert_array_equal(jax.device_get(out["index"]), np.repeat(np.arange(PROMPTS), G))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Through the CLI, from the demo's SFT run (reward functions are looked up as tests.stages.test_grpo:NAME)
 # ----------------------------------------------------------------------------------------------------------------

@@ -157,6 +157,20 @@ def test_nonfinite_reward_skips_the_update(setup, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, new_state.params, params)
 
 
+def test_a_rollout_of_ties_only_updates_nothing(setup, tmp_path):
+    """With `skip_ties`, a step whose pairs all tie is skipped (no optimizer update that momentum could drive);
+    without it, TRL's way, the first sample of each pair is trained as chosen."""
+    h, batch, _, params = setup
+    ties = dict(batch, rewards=np.ones(8, np.float32))
+    mesh = helpers.mesh((1, 1, 1))
+    for skip_ties, skipped in ((True, 1), (False, 0)):
+        task, _ = _task(dataclasses.replace(h, skip_ties=skip_ties))
+        state, shardings = _state(task, mesh, str(tmp_path), f"ties_{skip_ties}")
+        new_state, metrics = jax.device_get(CompiledStep(task.train_step, mesh, shardings)(state, ties))
+        assert metrics["skipped"] == skipped and int(new_state.step) == 1
+        assert (helpers.max_difference(new_state.params, params) == 0) == bool(skipped)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(loss_type="orpo"), "Unknown DPO loss_type 'orpo'; valid ones: sigmoid, robust"),
     (dict(beta=0.0), "loss.beta must be > 0, got 0.0."),
