@@ -9,8 +9,8 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flaxalign")
 STAGES_DIR = os.path.join(ROOT, "stages")
-STAGE_MODULES = ("clm", "sft", "reward", "dpo", "ppo", "grpo", "online_dpo", "distill")  # the peers; lm, onpolicy, group_rollout, checks are
-# shared helpers
+# the peers; lm, onpolicy, group_rollout and checks are shared helpers
+STAGE_MODULES = ("clm", "sft", "reward", "dpo", "ppo", "grpo", "online_dpo", "distill")
 # Words that name a PEFT method or what it decides; a condition that reads one of them is a method branch.
 METHOD_WORDS = ("lora", "adapter", "quant", "frozen_base", "peft")
 
