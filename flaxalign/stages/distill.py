@@ -18,10 +18,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flaxalign import errors, models, sampler, weights
-from flaxalign.data.prompt_data import build_prompt_datasets
 from flaxalign.losses.distill import chunked_generalized_jsd
 from flaxalign.policy import TrainableModel
 from flaxalign.stages import group_rollout, lm, onpolicy
@@ -186,22 +184,14 @@ def build_task(config, workdir: str, mesh) -> Task:
     if data_cfg.max_prompt_len + sampling.max_new_tokens > teacher[0].max_seq_len:
         raise errors.ConfigError(f"data.max_prompt_len + rollout.max_new_tokens exceeds the teacher's max_seq_len="
                                  f"{teacher[0].max_seq_len}.")
-    lm.resolve_chat_template(config, meta, tokenizer)
-    data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
-    train_data, _ = lm.data_iterators(data.train, data.eval, config)
     check_rows(mesh, data_cfg.batch_size // config.grad_accum, "data.batch_size / grad_accum (a micro-batch)")
-    if config.eval_prompts:
-        check_rows(mesh, min(config.eval_prompts, len(data.eval["input_ids"])),
-                   "eval_prompts (held-out prompts, at most the data.eval set)")
+    data, train_data, eval_prompts = onpolicy.prompt_data(config, meta, tokenizer, mesh)
 
     core = distill_core(config, student, h, sampling, teacher,
                         init_base=weights.initializer(model_config, init_path))
     m, optimizer = core.models, core.optimizer
     kwargs = {"sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
-    eval_extra = None
-    if config.eval_prompts:
-        eval_prompts = {k: np.asarray(v[: config.eval_prompts]) for k, v in data.eval.items()}
-        eval_extra = DistillEval(mesh, eval_prompts, config.seed, m, h, **kwargs)
+    eval_extra = None if eval_prompts is None else DistillEval(mesh, eval_prompts, config.seed, m, h, **kwargs)
     identity = {**student.identity(), "teacher_from": config.teacher_from, "seq_kd": h.seq_kd}
     return Task(
         name="distill", optimizer=optimizer,

@@ -283,17 +283,16 @@ class RewardSetup:
                       missing_eos_penalty=missing_eos_penalty)
 
 
-def rollout_parts(mesh, config, rewards: RewardSetup, tokenizer, data, *, m: RolloutModels, sampling,
-                  with_reference: bool, missing_eos_penalty: float):
-    """What a group-rollout stage wires the same way: (the training records' `Scorer`, the held-out `GroupEval` of
-    `eval_prompts` prompts or None, the keyword arguments of `GroupRollouts`)."""
+def rollout_parts(mesh, config, rewards: RewardSetup, tokenizer, data, eval_prompts: dict | None, *,
+                  m: RolloutModels, sampling, with_reference: bool, missing_eos_penalty: float):
+    """What a group-rollout stage wires the same way: (the training records' `Scorer`, the `GroupEval` of the held-out
+    `eval_prompts` (`onpolicy.prompt_data`) or None, the keyword arguments of `GroupRollouts`)."""
     kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
               "with_reference": with_reference}
     scorer = functools.partial(rewards.scorer, tokenizer, reward_model_weight=float(config.reward_model_weight),
                                missing_eos_penalty=missing_eos_penalty)
     eval_extra = None
-    if config.eval_prompts:
-        eval_prompts = {k: v[: config.eval_prompts] for k, v in data.eval.items()}
+    if eval_prompts is not None:
         eval_extra = GroupEval(mesh, eval_prompts, scorer(data.records["eval"]), config.seed, **kwargs)
     return scorer(data.records["train"]), eval_extra, kwargs
 

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from flaxalign import errors, weights
-from flaxalign.data.prompt_data import build_prompt_datasets
 from flaxalign.losses.group_rl import (
     ADVANTAGE_ESTIMATORS,
     IMPORTANCE_LEVELS,
@@ -211,22 +210,17 @@ def build_task(config, workdir: str, mesh) -> Task:
     check_overlong(h, sampling)
     rows = data_cfg.batch_size * h.group_size
     onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")
-    lm.resolve_chat_template(config, meta, tokenizer)
-    data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
-    train_data, _ = lm.data_iterators(data.train, data.eval, config)
     check_rows(mesh, data_cfg.batch_size, "data.batch_size (the prompts of a rollout)")
     check_rows(mesh, rows // h.num_minibatches // config.grad_accum,
                "data.batch_size × grpo.group_size / grpo.num_minibatches / grad_accum (a micro-batch)")
-    if config.eval_prompts:
-        check_rows(mesh, min(config.eval_prompts, len(data.eval["input_ids"])),
-                   "eval_prompts (held-out prompts, at most the data.eval set)")
+    data, train_data, eval_prompts = onpolicy.prompt_data(config, meta, tokenizer, mesh)
 
     rm = rewards.reward_model
     with_reference = h.needs_reference
     core = grpo_core(config, policy, h, sampling, rm, init_base=weights.initializer(model_config, init_path))
     m, layout, optimizer = core.models, core.layout, core.optimizer
     scorer, eval_extra, rollout_kwargs = group_rollout.rollout_parts(
-        mesh, config, rewards, tokenizer, data, m=m, sampling=sampling, with_reference=with_reference,
+        mesh, config, rewards, tokenizer, data, eval_prompts, m=m, sampling=sampling, with_reference=with_reference,
         missing_eos_penalty=h.missing_eos_penalty)
     prepare = group_rollout.GroupRollouts(
         mesh, scorer, group_size=h.group_size,

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 
 from flaxalign import errors, weights
-from flaxalign.data.prompt_data import build_prompt_datasets
 from flaxalign.losses.preference import DPO_LOSSES, dpo_hyper, dpo_loss
 from flaxalign.policy import TrainableModel
 from flaxalign.stages import group_rollout, lm, onpolicy
@@ -142,20 +141,15 @@ def build_task(config, workdir: str, mesh) -> Task:
 
     data_cfg = config.data
     onpolicy.check_budget(config, model_config, sampling, data_cfg.batch_size, 1, "data.batch_size (pairs)")
-    lm.resolve_chat_template(config, meta, tokenizer)
-    data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
-    train_data, _ = lm.data_iterators(data.train, data.eval, config)
     check_rows(mesh, data_cfg.batch_size // config.grad_accum,
                "data.batch_size / grad_accum (the pairs of a micro-batch)")
-    if config.eval_prompts:
-        check_rows(mesh, min(config.eval_prompts, len(data.eval["input_ids"])),
-                   "eval_prompts (held-out prompts, at most the data.eval set)")
+    data, train_data, eval_prompts = onpolicy.prompt_data(config, meta, tokenizer, mesh)
 
     rm = rewards.reward_model
     core = online_dpo_core(config, policy, h, sampling, rm, init_base=weights.initializer(model_config, init_path))
     m, optimizer = core.models, core.optimizer
     scorer, eval_extra, rollout_kwargs = group_rollout.rollout_parts(
-        mesh, config, rewards, tokenizer, data, m=m, sampling=sampling, with_reference=True,
+        mesh, config, rewards, tokenizer, data, eval_prompts, m=m, sampling=sampling, with_reference=True,
         missing_eos_penalty=h.missing_eos_penalty)
     identity = {**policy.identity(), "loss_type": h.loss_type,
                 "reward_model": rm[0].checkpoint_identity() if rm else None}

@@ -18,12 +18,15 @@ import jax
 import jax.numpy as jnp
 
 from flaxalign import errors, models, sampler
+from flaxalign.data.prompt_data import build_prompt_datasets
 from flaxalign.losses.lm import (
     chunked_token_entropy,
     chunked_token_kl,
     chunked_token_logps,
 )
 from flaxalign.policy import UNUSED_BY_SCALAR, ScalarModel, TrainableModel
+from flaxalign.stages import lm
+from flaxalign.stages.checks import check_rows
 from flaxalign.train.optim import make_optimizer
 from flaxalign.train.state import TrainState
 from flaxalign.train.step import accumulated_gradients, finite_update
@@ -92,6 +95,19 @@ def check_budget(config, model_config, sampling: Sampling, rows: int, num_miniba
         raise errors.ConfigError(
             f"{what} = {rows} rollout rows must split into {num_minibatches} minibatches of a multiple of "
             f"grad_accum={config.grad_accum} rows.")
+
+
+def prompt_data(config, meta: dict, tokenizer, mesh):
+    """The prompts of a stage that samples (`data` block, chat template resolved): (datasets, the train iterator, the
+    first `eval_prompts` held-out prompts checked against the mesh — or None when `eval_prompts` is 0)."""
+    lm.resolve_chat_template(config, meta, tokenizer)
+    data = build_prompt_datasets(config.data, tokenizer, max_prompt_len=int(config.data.max_prompt_len))
+    train_data, _ = lm.data_iterators(data.train, data.eval, config)
+    if not config.eval_prompts:
+        return data, train_data, None
+    eval_prompts = {k: v[: config.eval_prompts] for k, v in data.eval.items()}
+    check_rows(mesh, len(eval_prompts["input_ids"]), "eval_prompts (held-out prompts, at most the data.eval set)")
+    return data, train_data, eval_prompts
 
 
 def update_optimizer(config, updates_per_step: int):
