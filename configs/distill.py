@@ -1,5 +1,6 @@
-"""Distillation into a student: on-policy GKD (the student's own samples, generalized JSD to the teacher over the whole
-vocabulary) or sequence-level KD (`distill.seq_kd`: the teacher's samples). Presets: `tiny` (CPU tests: a one-layer
+"""Distillation into a student: GKD (generalized JSD to the teacher over the whole vocabulary) on the student's own
+samples (`distill.lmbda` of the steps), the dataset's completions or — `distill.seq_kd` — the teacher's samples
+(sequence-level KD). Presets: `tiny` (CPU tests: a one-layer
 student from scratch, the tiny teacher's tokenizer).
 
     flaxalign train --config=configs/distill.py:tiny --workdir=runs/gkd --config.teacher_from=checkpoint:runs/sft
@@ -35,8 +36,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=0.9, top_k=0,
                                                top_p=1.0))
     # beta: 0 = forward KL(teacher ‖ student), 1 = reverse KL, between = generalized JSD; temperature of both
-    # distributions in the loss; seq_kd: the teacher samples the responses (sequence-level KD)
-    c.distill = ml_collections.ConfigDict(dict(beta=0.5, temperature=0.9, seq_kd=False))
+    # distributions in the loss; lmbda: the share of steps on the student's own samples (TRL's default is 0.5); the
+    # other steps train on the teacher's samples with seq_kd (sequence-level KD), else on the dataset's completions
+    # (then data.train holds sft records: prompt/completion or messages)
+    c.distill = ml_collections.ConfigDict(dict(beta=0.5, temperature=0.9, lmbda=1.0, seq_kd=False))
 
     c.lora = config_blocks.lora()
     c.lora.rank = p.get("lora_rank", 0)

@@ -11,6 +11,7 @@
 import ml_collections
 
 from flaxalign import config_blocks
+from flaxalign.losses import group_rl
 
 PRESETS = {
     "tiny": dict(steps=1200, lr=3e-4, batch_size=16, group_size=16, max_prompt_len=24, max_new_tokens=12),
@@ -54,10 +55,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.grpo = ml_collections.ConfigDict(dict(
         algorithm="grpo", group_size=p["group_size"], epochs=1, num_minibatches=p.get("num_minibatches", 2),
         policy_loss="clip", importance_sampling_level="token", clip_eps=0.2, clip_eps_high=0.0, delta=0.0,
-        cispo_max_weight=5.0, beta=p.get("beta", 0.0), loss_type="dapo", scale_rewards="group",
-        rloo_normalize=False, missing_eos_penalty=0.0, sampler_correction="none", sampler_correction_min=0.0,
-        sampler_correction_max=3.0, overlong_buffer=0, overlong_penalty=1.0, dynamic_sampling=False,
-        dynamic_sampling_max_rounds=3))
+        cispo_max_weight=5.0, beta=p.get("beta", 0.0), loss_type="dapo", missing_eos_penalty=0.0,
+        sampler_correction="none", sampler_correction_min=0.0, sampler_correction_max=3.0, overlong_buffer=0,
+        overlong_penalty=1.0, dynamic_sampling=False, dynamic_sampling_max_rounds=3,
+        # the advantage estimators' own fields, from their registry entries: scale_rewards (grpo), rloo_normalize
+        **group_rl.estimator_hyper_defaults()))
 
     c.lora = config_blocks.lora()
     c.lora.rank = p.get("lora_rank", 0)

@@ -247,7 +247,7 @@ def train(config, workdir: str) -> None:
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         logging.info("Mesh %s on %d devices (%d processes).", dict(mesh.shape), jax.device_count(),
                      jax.process_count())
-        task = STAGES[config.stage](config, workdir, mesh)
+        task = STAGES[config.stage].build_task(config, workdir, mesh)
         task.metadata.update(weights.inherited_metadata(config))
         _startup_fault("after_task")
         if preemption.any_process_requested():

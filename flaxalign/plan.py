@@ -7,15 +7,14 @@ model. The compiler's `memory_analysis()` gives the HBM each chip needs; its `co
 
     flaxalign plan --config=configs/dpo.py:tiny --config.lora.rank=8 --topology=v5e:2x4 [--mfu=0.4]
 
-The task is built from the config the way the stage's `build_task` builds it, minus the data: the model comes from
-`config.model` (or the architecture in `init_from`'s metadata — never its weights), the batch shapes from
-`data.batch_size` and `data.seq_len` (RL stages: the rollout's shapes, from `jax.eval_shape` of the rollout, with
-`data.max_prompt_len` + `rollout.max_new_tokens`). Compute dtype "auto" means bfloat16, as on a TPU.
+The task is the stage's own description (`STAGES[stage].describe`, the task its `build_task` adds the data to): the
+model comes from `config.model` (or the architecture in `init_from`'s metadata — never its weights), the batch
+shapes from `data.batch_size` and `data.seq_len` (RL stages: the rollout's shapes, from `jax.eval_shape` of the
+rollout, with `data.max_prompt_len` + `rollout.max_new_tokens`). Compute dtype "auto" means bfloat16, as on a TPU.
 """
 
 import contextlib
 import dataclasses
-import functools
 import importlib.util
 import math
 import os
@@ -23,25 +22,10 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from flaxalign import errors, models, plan_rollout, sampler, sharding, weights
-from flaxalign.data.batching import PREFERENCE_KEYS, SFT_KEYS
-from flaxalign.models import attention, heads
-from flaxalign.policy import UNUSED_BY_SCALAR, ScalarModel
-from flaxalign.stages import (
-    distill,
-    dpo,
-    group_rollout,
-    grpo,
-    lm,
-    online_dpo,
-    onpolicy,
-    ppo,
-    reward,
-)
-from flaxalign.stages.checks import check_shapes
+from flaxalign import errors, plan_rollout, sharding
+from flaxalign.models import attention
+from flaxalign.stages import STAGES
 from flaxalign.train.jit import CompiledStep, state_shardings
 from flaxalign.train.state import create_state
 from flaxalign.train.task import Task
@@ -175,14 +159,6 @@ def _first_line(e: Exception) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _struct(shape, dtype) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
-
-
-def _never(*_):
-    raise RuntimeError("flaxalign plan never initialises weights")
-
-
 def _tpu_config(config):
     """A copy of the config whose "auto" settings are what they resolve to on a TPU: compute dtype bfloat16 and the
     splash attention kernel (this process's own backend, the CPU, would pick blockwise)."""
@@ -195,166 +171,18 @@ def _tpu_config(config):
     return config
 
 
-def _lm_task(config, mesh, name: str):
-    model_config, _, _ = weights.resolve_model(config)
-    check_shapes(config, model_config, mesh)
-    b, t = config.data.batch_size, config.data.seq_len
-    task = lm.make_task(name, weights.trainable_model(config, model_config), config.optim,
-                        grad_accum=config.grad_accum, chunk_size=config.loss_chunk, init_base=_never,
-                        tokens_per_step=b * t, flops_per_step=b * t * model_config.flops_per_token(t))
-    batch = {k: _struct((b, t), np.float32 if k == "loss_mask" else np.int32) for k in SFT_KEYS}
-    return task, model_config, batch, None
-
-
-def _pairs_batch(config) -> dict:
-    b, t = config.data.batch_size, config.data.seq_len
-    return {k: _struct((b, 2, t), np.float32 if k == "completion_mask" else np.int32) for k in PREFERENCE_KEYS}
-
-
-def _dpo_task(config, mesh):
-    method = dpo.make_method(config)
-    model_config, _, _ = weights.resolve_model(config)
-    check_shapes(config, model_config, mesh)
-    policy = weights.trainable_model(config, model_config)
-    reference = dpo.resolve_reference(config, method, policy)
-    b, t = config.data.batch_size, config.data.seq_len
-    tokens = 2 * b * t
-    task = dpo.make_task(policy, config.optim, method, reference=reference, grad_accum=config.grad_accum,
-                         chunk_size=config.loss_chunk, init_base=_never, tokens_per_step=tokens,
-                         flops_per_step=dpo.training_passes(method, reference) * tokens
-                         * model_config.flops_per_token(t))
-    batch = _pairs_batch(config)
-    if method.loss_type == "kto":
-        batch["label"] = _struct((b,), np.float32)
-    if reference == "precomputed":
-        batch["ref_logps"] = _struct((b, 2), np.float32)
-    return task, model_config, batch, None
-
-
-def _reward_task(config, mesh):
-    model_config, _, _ = weights.resolve_model(config)
-    check_shapes(config, model_config, mesh)
-    b, t = config.data.batch_size, config.data.seq_len
-    tokens = 2 * b * (t + 1)
-    rm = ScalarModel(weights.trainable_model(config, model_config, drop=UNUSED_BY_SCALAR))
-    task = reward.make_task(rm, config.optim, grad_accum=config.grad_accum, center_coef=config.center_coef,
-                            init_base=_never, tokens_per_step=tokens,
-                            flops_per_step=tokens * model_config.flops_per_token(t + 1))
-    return task, model_config, _pairs_batch(config), None
-
-
-def _reward_model(config, model_config):
-    """(config, abstract params, logical axes, loader) of the RL stages' reward model: `reward_from`'s architecture
-    (its metadata only), else the policy's."""
-    if config.get("reward_from"):
-        return weights.reward_from(weights.parse_source(config.reward_from, "reward_from"), {}, model_config)
-    _, abstract, logical = models.abstract_model(model_config.without_adapters())
-    return (model_config.without_adapters(),
-            {"model": {k: v for k, v in abstract.items() if k not in UNUSED_BY_SCALAR},
-             "head": heads.abstract_scalar_head(model_config.d_model)},
-            {"model": {k: v for k, v in logical.items() if k not in UNUSED_BY_SCALAR}, "head": heads.HEAD_LOGICAL},
-            _never)
+def abstract_task(config, mesh):
+    """(Task without data, model config, abstract global batch, `description.RolloutSpec` of an RL stage's rollout
+    or None) of `config`'s stage on `mesh`: the stage's own `describe`, which its training builds on too."""
+    if config.stage not in STAGES:
+        raise errors.ConfigError(f"flaxalign plan knows the stages {sorted(STAGES)}, not {config.stage!r}.")
+    d = STAGES[config.stage].describe(config, mesh)
+    return d.task, d.model_config, d.abstract_batch(_abstract_state(d.task, config.seed)), d.rollout
 
 
 def _abstract_state(task, seed: int):
     return jax.eval_shape(lambda p, f: create_state(p, task.optimizer, seed, f), task.abstract_params,
                           task.abstract_frozen)
-
-
-def _ppo_task(config, mesh):
-    h = ppo.PpoHyper(**config.ppo.to_dict())
-    sampling = onpolicy.Sampling(**config.rollout.to_dict())
-    model_config, _, _ = weights.resolve_model(config)
-    b = config.data.batch_size
-    onpolicy.check_budget(config, model_config, sampling, b, h.num_minibatches, "data.batch_size")
-    core = ppo.ppo_core(config, weights.trainable_model(config, model_config), h, sampling,
-                        _reward_model(config, model_config), init_base=_never)
-    task = _rl_task("ppo", core, functools.partial(ppo.ppo_step, m=core.models, h=h, optimizer=core.optimizer,
-                                                   grad_accum=config.grad_accum))
-    sampled = sampler.rollout_shapes(b, config.data.max_prompt_len, sampling)
-    batch = jax.eval_shape(functools.partial(ppo.ppo_score, m=core.models), _abstract_state(task, config.seed),
-                           sampled)
-    rollout = plan_rollout.RolloutSpec(core.models.policy, sampling, b, config.data.max_prompt_len,
-                                       policy_params=lambda params: params["policy"], scoring_forwards=4)
-    return task, model_config, batch, rollout
-
-
-def _grpo_task(config, mesh):
-    h = grpo.GrpoHyper(**config.grpo.to_dict())
-    sampling = onpolicy.Sampling(**config.rollout.to_dict())
-    grpo.check_overlong(h, sampling)
-    model_config, _, _ = weights.resolve_model(config)
-    b = config.data.batch_size
-    rows = b * h.group_size
-    onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")
-    rm = _reward_model(config, model_config) if config.get("reward_from") else None
-    core = grpo.grpo_core(config, weights.trainable_model(config, model_config), h, sampling, rm, init_base=_never)
-    task = _rl_task("grpo", core, functools.partial(grpo.grpo_step, m=core.models, h=h, optimizer=core.optimizer,
-                                                    grad_accum=config.grad_accum))
-    sampled = sampler.rollout_shapes(rows, config.data.max_prompt_len, sampling)
-    score = functools.partial(group_rollout.score_rollout, m=core.models, with_reference=h.needs_reference)
-    batch = jax.eval_shape(score, _abstract_state(task, config.seed), sampled, _struct((rows,), np.int32))
-    batch["rewards"] = _struct((rows,), np.float32)
-    rollout = plan_rollout.RolloutSpec(core.models.policy, sampling, rows, config.data.max_prompt_len,
-                                       policy_params=lambda params: params,
-                                       scoring_forwards=1 + int(h.needs_reference) + int(rm is not None))
-    return task, model_config, batch, rollout
-
-
-def _online_dpo_task(config, mesh):
-    h = online_dpo.OnlineDpoHyper.from_config(config)
-    sampling = onpolicy.Sampling(**config.rollout.to_dict())
-    model_config, _, _ = weights.resolve_model(config)
-    rows = 2 * config.data.batch_size
-    onpolicy.check_budget(config, model_config, sampling, config.data.batch_size, 1, "data.batch_size (pairs)")
-    rm = _reward_model(config, model_config) if config.get("reward_from") else None
-    core = online_dpo.online_dpo_core(config, weights.trainable_model(config, model_config), h, sampling, rm,
-                                      init_base=_never)
-    task = _rl_task("online_dpo", core, functools.partial(online_dpo.online_dpo_step, m=core.models, h=h,
-                                                          optimizer=core.optimizer, grad_accum=config.grad_accum))
-    sampled = sampler.rollout_shapes(rows, config.data.max_prompt_len, sampling)
-    score = functools.partial(group_rollout.score_rollout, m=core.models, with_reference=True)
-    batch = jax.eval_shape(score, _abstract_state(task, config.seed), sampled, _struct((rows,), np.int32))
-    batch["rewards"] = _struct((rows,), np.float32)
-    rollout = plan_rollout.RolloutSpec(core.models.policy, sampling, rows, config.data.max_prompt_len,
-                                       policy_params=lambda params: params, scoring_forwards=2 + int(rm is not None))
-    return task, model_config, batch, rollout
-
-
-def _distill_task(config, mesh):
-    h = distill.DistillHyper(**config.distill.to_dict())
-    sampling = onpolicy.Sampling(**config.rollout.to_dict())
-    model_config, _, _ = weights.resolve_model(config)
-    rows = config.data.batch_size
-    onpolicy.check_budget(config, model_config, sampling, rows, 1, "data.batch_size")
-    teacher = distill.teacher_from(config, {}, model_config)  # its metadata: nothing is read until a loader runs
-    core = distill.distill_core(config, weights.trainable_model(config, model_config), h, sampling, teacher,
-                                init_base=_never)
-    task = _rl_task("distill", core, functools.partial(distill.distill_step, m=core.models, h=h,
-                                                       optimizer=core.optimizer, grad_accum=config.grad_accum))
-    sampled = sampler.rollout_shapes(rows, config.data.max_prompt_len, sampling)
-    batch = {k: sampled[k] for k in distill.ROLLOUT_KEYS}
-    rollout = plan_rollout.RolloutSpec(core.models.student, sampling, rows, config.data.max_prompt_len,
-                                       policy_params=lambda params: params, scoring_forwards=1)
-    return task, model_config, batch, rollout
-
-
-def _rl_task(name, core, train_step):
-    return Task(name=name, optimizer=core.optimizer, train_step=train_step, eval_step=None, train_data=None,
-                eval_batches=None, tokens_per_step=core.tokens, flops_per_step=core.flops, metadata={}, **core.layout)
-
-
-TASKS = {"clm": functools.partial(_lm_task, name="clm"), "sft": functools.partial(_lm_task, name="sft"),
-         "dpo": _dpo_task, "reward": _reward_task, "ppo": _ppo_task, "grpo": _grpo_task,
-         "online_dpo": _online_dpo_task, "distill": _distill_task}
-
-
-def abstract_task(config, mesh):
-    """(Task without data, model config, abstract global batch, `plan_rollout.RolloutSpec` of an RL stage's rollout
-    or None) of `config`'s stage on `mesh`."""
-    if config.stage not in TASKS:
-        raise errors.ConfigError(f"flaxalign plan knows the stages {sorted(TASKS)}, not {config.stage!r}.")
-    return TASKS[config.stage](config, mesh)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -480,7 +308,8 @@ def plan(config, topology: str, *, mfu: float = 0.4) -> dict:
 
 def _plan_rollout(report: dict, spec, state, task, model_config, mesh, config, started: float) -> None:
     """Adds the RL rollout to `report` (`plan_rollout.rollout_report`): `rollout`, `update_s`, `step_time_s` =
-    rollout + update, and `fits` / `message` for the rollout phase too."""
+    rollout + update, `step_time_max_s` = `rollout.rounds` rollouts + update (dynamic sampling's refills), and
+    `fits` / `message` for the rollout phase too."""
     chip = CHIPS[report["topology"].split(":")[0]]
     try:
         rollout = plan_rollout.rollout_report(spec, state, model_config, mesh, memory_of=_memory, chip=chip,
@@ -496,7 +325,7 @@ def _plan_rollout(report: dict, spec, state, task, model_config, mesh, config, s
     update_s = max(task.flops_per_step - rollout["rollout_flops"], 0.0) / (
         report["chips"] * chip.peak_flops * report["mfu"])
     report.update(rollout=rollout, update_s=update_s, step_time_s=rollout["rollout_s"] + update_s,
-                  compile_s=time.time() - started)
+                  step_time_max_s=spec.rounds * rollout["rollout_s"] + update_s, compile_s=time.time() - started)
     if rollout["phase_total"] > chip.usable_bytes:
         report["fits"] = False
         report.setdefault("message", rollout_overflow_message(report, rollout["phase_total"], config))
@@ -619,6 +448,9 @@ def format_report(report: dict) -> str:
                      f"decode {rollout['decode_s']:.3g} s (each token reads the weights and the KV cache at "
                      f"{rollout['hbm_bandwidth'] / 1e9:,.0f} GB/s, or computes at the MFU below) + scoring "
                      f"{rollout['scoring_s']:.3g} s; update {report['update_s']:.3g} s")
+        if rollout["rounds"] > 1:
+            lines.append(f"  dynamic sampling   up to {rollout['rounds']} rollouts per step: a step takes up to "
+                         f"{report['step_time_max_s']:.3g} s")
     lines.append(f"  step time          {step:.3g} s at {100 * report['mfu']:.0f}% MFU of "
                  f"{report['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 per chip "
                  f"({report['tokens_per_step'] / step:,.0f} tokens/s)")

@@ -13,34 +13,20 @@ bandwidth; a lower bound where FSDP's gathers are slower than HBM), or compute-b
 enough; prefill and scoring at the configured MFU.
 """
 
-import dataclasses
 import functools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flaxalign import sharding
-from flaxalign.sampler import Sampling
 from flaxalign.stages import onpolicy
+from flaxalign.stages.description import RolloutSpec
 
 # HBM bandwidth per chip, bytes/s (the "System architecture" tables of cloud.google.com/tpu/docs/<version>):
 # v4 1,200 GB/s, v5e 819 GB/s, v5p 2,765 GB/s, v6e 1,640 GB/s.
 HBM_BANDWIDTH = {"v4": 1.2e12, "v5e": 8.19e11, "v5p": 2.765e12, "v6e": 1.64e12}
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutSpec:
-    """What an RL stage's rollout samples: with which policy, how, how many rows of which prompt width, and where
-    the policy's trained part sits in the train state's params."""
-    policy: onpolicy.Policy
-    sampling: Sampling
-    rows: int
-    prompt_len: int
-    policy_params: Callable  # state.params -> the policy's trained part
-    scoring_forwards: int  # forward passes of the learner's scoring: old log-probs, reference, value, reward model
 
 
 def per_chip_bytes(tree) -> int:
@@ -97,8 +83,8 @@ def compile_sampler(spec: RolloutSpec, state, mesh):
 def rollout_report(spec: RolloutSpec, state, model_config, mesh, *, memory_of, chip, mfu: float) -> dict:
     """`rollout` part of the plan: per-role bytes, the KV cache, the sampler program's memory (`memory_of(compiled)`,
     plan's `_memory`), the rollout phase's peak (sampler program + what the sampler does not read of the state),
-    the predicted rollout time and `rollout_flops` (sampling and scoring forward passes, the part of the step's
-    FLOPs that is not the update)."""
+    the predicted time of one rollout, `rollout_flops` (its sampling and scoring forward passes, the part of the
+    step's FLOPs that is not the update) and `rounds`, the most rollouts a step may run."""
     roles = role_bytes(spec, state)
     compiled = compile_sampler(spec, state, mesh)
     sampler_memory = memory_of(compiled)
@@ -121,4 +107,5 @@ def rollout_report(spec: RolloutSpec, state, model_config, mesh, *, memory_of, c
             "sampler_memory": sampler_memory, "resident": resident,
             "phase_total": sampler_memory["total"] + resident, "prefill_s": prefill_s,
             "decode_s": new * decode_step_s, "scoring_s": scoring_s,
-            "rollout_s": prefill_s + new * decode_step_s + scoring_s, "hbm_bandwidth": HBM_BANDWIDTH[chip.kind]}
+            "rollout_s": prefill_s + new * decode_step_s + scoring_s, "hbm_bandwidth": HBM_BANDWIDTH[chip.kind],
+            "rounds": spec.rounds}

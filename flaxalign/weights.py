@@ -130,7 +130,15 @@ def same_vocabulary(policy_meta: dict, source: str, model_config: models.ModelCo
     return {**model_config.without_adapters().to_dict(), **theirs_model}
 
 
+def policy_tokenizer(config, meta: dict) -> dict:
+    """{"tokenizer": the path of the tokenizer a stage speaks} (`data.tokenizer`, else the `init_from` source's, else
+    ""), the `policy_meta` `same_vocabulary` compares a reference, reward model or teacher with."""
+    return {"tokenizer": config.data.get("tokenizer", "") or meta.get("tokenizer", "")}
+
+
 def _file_digest(path: str) -> str:
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        path = os.path.join(path, "tokenizer.json")  # a tokenizer folder is its tokenizer.json (`load_tokenizer`)
     if not os.path.isfile(path):
         return path
     with open(path, "rb") as f:

@@ -57,7 +57,8 @@ def _run_directory(stage: str, values: dict, workdir: str) -> None:
     from flaxalign.train.checkpoint import Checkpointer
 
     config = stage_config(stage, values)
-    task = STAGES[stage](config, workdir, sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor))
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    task = STAGES[stage].build_task(config, workdir, mesh)
     saver = Checkpointer(os.path.join(workdir, "checkpoints"))
     saver.save(0, {"placeholder": np.zeros((), np.float32)}, task.train_data.get_state(), task.metadata)
     saver.close()
@@ -320,6 +321,16 @@ STAGE_CASES = {
         "distill", {"teacher_from": "checkpoint:{rm_run}"},
         "the teacher checkpoint {rm_run} has vocab_size=1024 but the policy has 512; the teacher model must use the "
         "policy's vocabulary."),
+    "distillation on dataset completions from prompt records": (
+        "distill", {"distill.lmbda": 0.5},
+        "builtin:arithmetic_prompts holds prompt records, not sft records."),
+    "sequence-level KD with every step on-policy": (
+        "distill", {"distill.seq_kd": True},
+        "distill.seq_kd samples from the teacher on the 1 − lmbda share of steps that are not on-policy: set "
+        "distill.lmbda < 1 (0: always the teacher's samples)."),
+    "GRPO with an unknown scale_rewards": (
+        "grpo", {"grpo.scale_rewards": "max"},
+        "Unknown grpo.scale_rewards 'max'; valid ones: group, batch, none."),
     "online DPO with a reference-free loss": (
         "online_dpo", {"loss.loss_type": "orpo"},
         "Unknown DPO loss_type 'orpo'; valid ones: sigmoid, robust, hinge, ipo, sigmoid_norm, exo_pair, nca_pair, "

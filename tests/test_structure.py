@@ -204,3 +204,17 @@ def test_the_cycle_detector_finds_a_lazy_and_a_package_cycle():
         (["pkg.a", "pkg.c"], "pkg.a -> pkg.c -> pkg.a"),
         (["pkg.b", "pkg.d"], "pkg.b -> pkg.d -> pkg.b"),
     ]
+
+
+@pytest.mark.parametrize("stage", STAGE_MODULES)
+def test_every_stage_is_described_once_for_training_and_plan(stage):
+    """Each stage module has `describe` (what plan compiles) and `build_task` (that plus data)."""
+    tree = _source(os.path.join(STAGES_DIR, f"{stage}.py"))
+    assert {"describe", "build_task"} <= {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+
+def test_plan_builds_no_stage_itself():
+    """`plan.py` reaches the stages only through their `STAGES` entries (no second copy of a stage)."""
+    imported = _imported_modules(_source(os.path.join(ROOT, "plan.py")))
+    assert "flaxalign.stages.STAGES" in imported
+    assert not [m for m in imported if m.startswith("flaxalign.stages.") and m != "flaxalign.stages.STAGES"]

@@ -1,4 +1,6 @@
-"""Prompt data for the RL stages (PPO, GRPO): `prompt` records → left-padded [N, L] prompt arrays.
+"""Prompt data for the stages that sample (PPO, GRPO, online DPO, distillation): `prompt` records → left-padded
+[N, L] prompt arrays; for distillation on dataset completions, `sft` records → the same prompt arrays plus the
+completions (`build_prompt_completion_datasets`).
 
 A record is `{"prompt": str | message list, "answer": str}` (answer optional; see `flaxalign.data.sources`).
 Prompts are encoded like the prompt side of `preference_example`: a string prompt is `[bos] prompt`, a message
@@ -16,6 +18,7 @@ import numpy as np
 
 from flaxalign.data.batching import left_pad_prompts
 from flaxalign.data.chat import is_conversation, leading_ids, render_chat
+from flaxalign.data.sft_data import sft_example
 from flaxalign.data.splits import read_splits
 from flaxalign.errors import ConfigError, DataError
 
@@ -113,3 +116,56 @@ def prompt_texts(records: list[dict]) -> list[str]:
         users = [message for message in prompt if message["role"] == "user"]
         texts.append((users[-1] if users else prompt[-1])["content"])
     return texts
+
+
+def split_completion(ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+    """(prompt, completion) of an SFT example's ids and loss mask: the completion is the last run of loss tokens
+    (the last assistant turn with its end-of-turn token, or `completion [eos]`), the prompt everything before it."""
+    end = max(i for i, m in enumerate(mask) if m) + 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return list(ids[:start]), list(ids[start:end])
+
+
+def build_prompt_completion_datasets(data_cfg, tokenizer, *, max_prompt_len: int, max_completion_len: int,
+                                     log=print) -> PromptData:
+    """`sft` records (prompt/completion or messages) → the prompt arrays of `build_prompt_datasets` plus int32
+    `completion` and `completion_mask` [N, max_completion_len] and `completion_ended` [N] (1: not cut): each
+    record's last assistant turn (or completion and eos) as SFT trains on it, right-padded and cut to
+    `max_completion_len` (counted). Records keep their "prompt"
+    (for messages: the conversation before the last assistant turn)."""
+    max_prompt_len = int(max_prompt_len)
+    if max_prompt_len < 2:
+        raise ConfigError(f"max_prompt_len must be at least 2 (a bos and one prompt token), got {max_prompt_len}.")
+    splits, records_by_split, stats = {}, {}, {}
+    for name, (spec, records) in read_splits(data_cfg, "sft").items():
+        if not records:
+            raise DataError(f"the {name} split of '{spec}' has no records; give it at least one sft record.")
+        prompts, completions, full, truncated, cut = [], [], [], 0, 0
+        for index, record in enumerate(records):
+            ids, mask = sft_example(record, tokenizer, data_cfg.chat_template, source=f"{name} record {index}")
+            prompt, completion = split_completion(ids, mask)
+            kept = truncate_prompt_left(prompt, max_prompt_len, tokenizer.bos_id)
+            truncated += len(kept) < len(prompt)
+            cut += len(completion) > max_completion_len
+            prompts.append(kept)
+            full.append(completion)
+            completions.append(completion[:max_completion_len])
+        arrays = left_pad_prompts(prompts, pad_id=tokenizer.pad_id, length=max_prompt_len)
+        arrays["index"] = np.arange(len(prompts), dtype=np.int32)
+        arrays["completion"] = np.full((len(prompts), max_completion_len), tokenizer.pad_id, np.int32)
+        arrays["completion_mask"] = np.zeros((len(prompts), max_completion_len), np.int32)
+        arrays["completion_ended"] = np.array([len(c) <= max_completion_len for c in full], np.int32)
+        for row, completion in enumerate(completions):
+            arrays["completion"][row, :len(completion)] = completion
+            arrays["completion_mask"][row, :len(completion)] = 1
+        splits[name] = arrays
+        records_by_split[name] = [{"prompt": r["prompt"]} if "prompt" in r else
+                                  {"prompt": r["messages"][:max(i for i, m in enumerate(r["messages"])
+                                                                if m["role"] == "assistant")]}
+                                  for r in records]
+        stats.update({f"{name}_prompts": len(prompts), f"{name}_truncated": int(truncated),
+                      f"{name}_completions_cut": int(cut), f"{name}_conversations": sum(map(is_conversation, records))})
+    log("data: " + ", ".join(f"{key}={value}" for key, value in stats.items()))
+    return PromptData(train=splits["train"], eval=splits["eval"], records=records_by_split, stats=stats)

@@ -4,7 +4,7 @@ A GRPO-stage update is `advantages → per-token policy loss (× sampler-mismatc
 arrow is a table keyed by the config's string (`flaxalign.registry.Registry`), so a new method is one registered
 function here plus its test:
   ADVANTAGE_ESTIMATORS  `grpo.algorithm`: grpo, rloo, reinforce_pp, reinforce_pp_baseline (+ whether β·KL goes into the
-                        reward or into the loss)
+                        reward or into the loss, and the estimator's own hyper-parameters: `grpo` config fields)
   POLICY_LOSSES         `grpo.policy_loss`: clip (PPO/GRPO/DAPO, optional two-sided δ), cispo
   IMPORTANCE_LEVELS     `grpo.importance_sampling_level`: token, sequence (GSPO)
   LOSS_AGGREGATIONS     `grpo.loss_type`: grpo, bnpo, dr_grpo, dapo
@@ -19,6 +19,7 @@ of one prompt. Semantics follow TRL 1.16 `GRPOTrainer` / `RLOOTrainer` where TRL
 
 import dataclasses
 import numbers
+import types
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -154,28 +155,55 @@ class Episodes(NamedTuple):
     group_size: int
 
 
-@dataclasses.dataclass(frozen=True)
-class EstimatorHyper:
-    beta: float = 0.0  # the KL coefficient, used here only by the estimators that put KL in the reward
-    scale_rewards: str = "group"  # grpo
-    normalize: bool = False  # rloo: TRL's normalize_advantages
-
-
 class Estimator(NamedTuple):
-    advantages: Callable[[Episodes, EstimatorHyper], jax.Array]  # [B] or [B, T]
+    """An advantage estimator: `advantages(episodes, h) -> [B] or [B, T]`, where `h` holds β (`h.beta`) and the
+    estimator's own hyper-parameters (`hyper`: name → default; the `grpo` config block gets one field per name),
+    validated by `check(h)`."""
+    advantages: Callable[[Episodes, types.SimpleNamespace], jax.Array]
     kl_in_reward: bool  # True: β·KL shapes the reward inside `advantages`; False: the loss adds β·k3 per token
+    hyper: dict = {}
+    check: Callable | None = None
+
+
+def _check_scale_rewards(h):
+    _one_of(h.scale_rewards, SCALE_REWARDS, "grpo.scale_rewards")
 
 
 ADVANTAGE_ESTIMATORS = Registry("grpo.algorithm", RLLossError)
 ADVANTAGE_ESTIMATORS.register("grpo", Estimator(
-    lambda e, h: grpo_advantages(e.rewards, e.group_size, scale_rewards=h.scale_rewards), kl_in_reward=False))
+    lambda e, h: grpo_advantages(e.rewards, e.group_size, scale_rewards=h.scale_rewards), kl_in_reward=False,
+    hyper={"scale_rewards": "group"}, check=_check_scale_rewards))
 ADVANTAGE_ESTIMATORS.register("rloo", Estimator(  # TRL RLOO: r − β·Σ_t k1 before the leave-one-out baseline
     lambda e, h: rloo_advantages(e.rewards - h.beta * jnp.sum(_where(_bool(e.mask), e.kl), axis=-1), e.group_size,
-                                 normalize=h.normalize), kl_in_reward=True))
+                                 normalize=h.rloo_normalize), kl_in_reward=True, hyper={"rloo_normalize": False}))
 ADVANTAGE_ESTIMATORS.register("reinforce_pp", Estimator(
     lambda e, h: reinforce_pp_advantages(e.rewards, e.kl, e.mask, beta=h.beta), kl_in_reward=True))
 ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline", Estimator(
     lambda e, h: reinforce_pp_baseline_advantages(e.rewards, e.mask, e.group_size), kl_in_reward=False))
+
+
+def estimator_hyper_defaults() -> dict:
+    """name → default of every registered estimator's own hyper-parameters (the `grpo` config block's fields)."""
+    defaults = {}
+    for _, entry in ADVANTAGE_ESTIMATORS.items():
+        for name, default in entry.hyper.items():
+            defaults.setdefault(name, default)
+    return defaults
+
+
+def estimator_hyper(algorithm: str, beta: float, **hyper) -> types.SimpleNamespace:
+    """`algorithm`'s hyper-parameters: β, then its own (`Estimator.hyper`) from `hyper` or their defaults,
+    validated. Names that belong to another estimator are accepted and ignored; any other name is refused."""
+    entry = ADVANTAGE_ESTIMATORS[algorithm]
+    known = estimator_hyper_defaults()
+    unknown = sorted(set(hyper) - set(known))
+    if unknown:
+        raise RLLossError(f"Unknown advantage-estimator hyper-parameter {', '.join(unknown)}; known: "
+                          f"{', '.join(known)}.")
+    h = types.SimpleNamespace(beta=beta, **{name: hyper.get(name, default) for name, default in entry.hyper.items()})
+    if entry.check is not None:
+        entry.check(h)
+    return h
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""Knowledge distillation into a student: on-policy GKD (Agarwal et al. 2024; TRL `GKDTrainer` with lmbda = 1) and
-sequence-level KD (Kim & Rush 2016; `seq_kd`).
+"""Knowledge distillation into a student: GKD (Agarwal et al. 2024; TRL `GKDTrainer`), on-policy, on dataset
+completions or mixed (`lmbda`), and sequence-level KD (Kim & Rush 2016; `seq_kd`).
 
 One train step on a batch of P prompts:
-  1. rollout (`Task.prepare`): one response per prompt, sampled from the student itself (on-policy: the student
-     learns on the states it visits) or, with `distill.seq_kd`, from the teacher; cut after EOS.
+  1. responses (`Task.prepare`): with probability `distill.lmbda` (drawn per step from (seed, step), so a resumed
+     run draws the same) one response per prompt sampled from the student itself (on-policy: the student learns on
+     the states it visits); otherwise the teacher's samples with `distill.seq_kd`, else the dataset's completions
+     (`sft` records: each record's completion or last assistant turn, as SFT trains on it). Samples are cut after
+     EOS. TRL's order, and its default lmbda = 0.5; ours is 1 (on-policy), which needs no completions.
   2. `distill_step` (pure): one update of the generalized Jensen–Shannon divergence JSD_β between the student's and
      the teacher's next-token distributions at temperature τ over the whole vocabulary, at every response token
      (`losses.distill`, chunked: no `[B, T, V]` float32 logits): β = 0 forward KL(teacher ‖ student), β = 1 reverse
@@ -18,12 +21,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxalign import errors, models, sampler, weights
 from flaxalign.losses.distill import chunked_generalized_jsd
 from flaxalign.policy import TrainableModel
 from flaxalign.stages import group_rollout, lm, onpolicy
 from flaxalign.stages.checks import check_rows
+from flaxalign.stages.description import Description, RolloutSpec
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
 
@@ -35,13 +40,28 @@ class DistillHyper:
     """The `distill` block, validated (defaults: TRL GKDConfig)."""
     beta: float = 0.5
     temperature: float = 0.9
-    seq_kd: bool = False  # responses sampled from the teacher (sequence-level KD) instead of the student
+    seq_kd: bool = False  # the off-policy steps use the teacher's samples (sequence-level KD), not the dataset's
+    lmbda: float = 1.0  # the probability that a step's responses are the student's own samples (TRL: 0.5)
 
     def __post_init__(self):
         if not 0 <= self.beta <= 1:
             raise errors.ConfigError(f"distill.beta must be in [0, 1], got {self.beta}.")
+        if not 0 <= self.lmbda <= 1:
+            raise errors.ConfigError(f"distill.lmbda must be in [0, 1], got {self.lmbda}.")
+        if self.seq_kd and self.lmbda == 1:
+            raise errors.ConfigError("distill.seq_kd samples from the teacher on the 1 − lmbda share of steps that "
+                                     "are not on-policy: set distill.lmbda < 1 (0: always the teacher's samples).")
         if not self.temperature > 0:
             raise errors.ConfigError(f"distill.temperature must be > 0, got {self.temperature}.")
+
+    @property
+    def dataset_completions(self) -> bool:
+        """Whether some steps train on the dataset's completions (the data must then be `sft` records)."""
+        return self.lmbda < 1 and not self.seq_kd
+
+    def on_policy(self, seed: int, step: int) -> bool:
+        """Whether step `step`'s responses are the student's samples: u < lmbda, u uniform from (seed, step)."""
+        return self.lmbda == 1 or float(np.random.default_rng([seed, step]).random()) < self.lmbda
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,24 +104,40 @@ def distill_step(state: TrainState, batch: dict, *, m: DistillModels, h: Distill
 
 
 class DistillRollouts:
-    """`Task.prepare`: the prompts (cut to their bucket) answered once each by the student, or by the teacher with
-    `seq_kd` (rng fold_in(state.rng, 1))."""
+    """`Task.prepare`: the responses of a step (see the module docstring) — the student's samples (rng
+    fold_in(state.rng, 1)) with probability lmbda, else the teacher's (`seq_kd`) or the batch's dataset completions;
+    logs `on_policy` (1 or 0)."""
 
     def __init__(self, mesh, m: DistillModels, h: DistillHyper, *, sampling: onpolicy.Sampling, eos_id: int,
-                 pad_id: int):
-        self.mesh, self.m, self.sampling, self.seq_kd = mesh, m, sampling, h.seq_kd
-        if h.seq_kd:
-            self.engine = sampler.KVCacheSampler(lambda w: models.merge(m.teacher_graphdef, w), eos_id=eos_id,
-                                                 pad_id=pad_id)
-        else:
-            self.engine = m.student.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
+                 pad_id: int, seed: int = 0):
+        self.mesh, self.m, self.h, self.sampling, self.seed = mesh, m, h, sampling, seed
+        self.student = m.student.rollout_sampler(eos_id=eos_id, pad_id=pad_id)
+        self.teacher = sampler.KVCacheSampler(lambda w: models.merge(m.teacher_graphdef, w), eos_id=eos_id,
+                                              pad_id=pad_id) if h.seq_kd else None
+        self.completed = jax.jit(functools.partial(completion_rollout, pad_id=pad_id))
 
     def __call__(self, state, step, batch, draw=None):
-        weights_ = state.frozen["teacher"] if self.seq_kd else self.m.student.weights(state.params, state.frozen)
+        on_policy = self.h.on_policy(self.seed, step)
         with jax.set_mesh(self.mesh):
             prompts = sampler.trim_left_padding({k: batch[k] for k in onpolicy.PROMPT_KEYS})
-            sampled = self.engine.sample(weights_, prompts, jax.random.fold_in(state.rng, 1), self.sampling)
-        return {k: sampled[k] for k in ROLLOUT_KEYS}, {}
+            if on_policy or self.teacher is not None:
+                engine, weights_ = ((self.student, self.m.student.weights(state.params, state.frozen)) if on_policy
+                                    else (self.teacher, state.frozen["teacher"]))
+                sampled = engine.sample(weights_, prompts, jax.random.fold_in(state.rng, 1), self.sampling)
+            else:
+                sampled = self.completed(prompts, batch["completion"], batch["completion_mask"],
+                                         batch["completion_ended"])
+        return {k: sampled[k] for k in ROLLOUT_KEYS}, {"on_policy": float(on_policy)}
+
+
+def completion_rollout(prompts: dict, completion, completion_mask, completion_ended, *, pad_id: int) -> dict:
+    """The dataset's completions of left-padded `prompts` as a rollout (the `sampler` contract less `logps`):
+    `tokens`/`mask` `[B, L + N]` = prompt then completion, `response`/`response_mask` `[B, N]`, `ended` (not cut)."""
+    real = completion_mask > 0
+    response = jnp.where(real, completion, pad_id).astype(jnp.int32)
+    return {"tokens": jnp.concatenate([prompts["input_ids"], response], axis=1),
+            "mask": jnp.concatenate([prompts["attention_mask"], real.astype(jnp.int32)], axis=1),
+            "response": response, "response_mask": real.astype(jnp.int32), "ended": completion_ended > 0}
 
 
 class DistillEval:
@@ -158,49 +194,61 @@ def distill_core(config, student: TrainableModel, h: DistillHyper, sampling, tea
     seq = config.data.max_prompt_len + sampling.max_new_tokens
     tokens = config.data.batch_size * seq
     # training FLOPs per token (forward + backward = 3 forwards): the student's update, the teacher's forward, and
-    # the sampler's forward pass of whichever model samples
+    # the sampler's forward pass of whichever model samples, in expectation over lmbda (dataset completions: none)
     student_flops, teacher_flops = student.config.flops_per_token(seq), teacher_config.flops_per_token(seq)
-    sampling_flops = teacher_flops if h.seq_kd else student_flops
+    sampling_flops = h.lmbda * student_flops + (1 - h.lmbda) * (teacher_flops if h.seq_kd else 0.0)
     flops = tokens * (student_flops + teacher_flops / 3 + sampling_flops / 3)
     return onpolicy.RlCore(m, layout, onpolicy.update_optimizer(config, 1), tokens, flops)
+
+
+def describe(config, mesh) -> Description:
+    """The distillation task of `config` before data: `data.batch_size` sampled responses (the student's, or the
+    teacher's with `seq_kd`) that the student learns the teacher's distributions on."""
+    h = DistillHyper(**config.distill.to_dict())
+    sampling = onpolicy.Sampling(**config.rollout.to_dict())
+    model_config, meta, init_path = weights.resolve_model(config)
+    rows = config.data.batch_size
+    onpolicy.check_budget(config, model_config, sampling, rows, 1, "data.batch_size")
+    teacher = teacher_from(config, weights.policy_tokenizer(config, meta), model_config)
+    if config.data.max_prompt_len + sampling.max_new_tokens > teacher[0].max_seq_len:
+        raise errors.ConfigError(f"data.max_prompt_len + rollout.max_new_tokens exceeds the teacher's max_seq_len="
+                                 f"{teacher[0].max_seq_len}.")
+    student = weights.trainable_model(config, model_config)
+    core = distill_core(config, student, h, sampling, teacher, init_base=weights.initializer(model_config, init_path))
+    m, optimizer = core.models, core.optimizer
+    identity = {**student.identity(), "teacher_from": config.teacher_from, "seq_kd": h.seq_kd,
+                "lmbda": h.lmbda}
+    task = Task(
+        name="distill", optimizer=optimizer,
+        train_step=functools.partial(distill_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
+        eval_step=None, train_data=None, eval_batches=None, tokens_per_step=core.tokens, flops_per_step=core.flops,
+        metadata={"stage": "distill", **student.metadata(), "resume_identity": identity,
+                  "init_from": config.init_from, "teacher_from": config.teacher_from, "model_params": "params",
+                  "model_frozen": "frozen/policy", "distill": dataclasses.asdict(h),
+                  "rollout": dataclasses.asdict(sampling)},
+        **core.layout)
+    sampled = sampler.rollout_shapes(rows, config.data.max_prompt_len, sampling)
+    return Description(
+        task, model_config, meta, init_path, abstract_batch=lambda _: {k: sampled[k] for k in ROLLOUT_KEYS},
+        rollout=RolloutSpec(m.student, sampling, rows, config.data.max_prompt_len,
+                            policy_params=lambda params: params, scoring_forwards=1),
+        parts={"hyper": h, "sampling": sampling, "models": m})
 
 
 def build_task(config, workdir: str, mesh) -> Task:
     """The student from `init_from` (or a random `model`), the teacher from `teacher_from`, prompts from
     `data.train`; the tokenizer is `data.tokenizer`, else the student's, else the teacher's."""
-    h = DistillHyper(**config.distill.to_dict())
-    sampling = onpolicy.Sampling(**config.rollout.to_dict())
-    model_config, meta, init_path = weights.resolve_model(config)
-    meta_for_tokenizer = meta
-    if not meta:  # a student from scratch speaks the teacher's tokenizer
-        teacher_meta = weights.metadata(_teacher_source(config))
-        meta_for_tokenizer = {"tokenizer": teacher_meta.get("tokenizer", "")}
-    tokenizer = lm.stage_tokenizer(config, meta_for_tokenizer, model_config, "Distillation")
-    teacher = teacher_from(config, {"tokenizer": tokenizer.model_path}, model_config)
-    student = weights.trainable_model(config, model_config)
-
-    data_cfg = config.data
-    onpolicy.check_budget(config, model_config, sampling, data_cfg.batch_size, 1, "data.batch_size")
-    if data_cfg.max_prompt_len + sampling.max_new_tokens > teacher[0].max_seq_len:
-        raise errors.ConfigError(f"data.max_prompt_len + rollout.max_new_tokens exceeds the teacher's max_seq_len="
-                                 f"{teacher[0].max_seq_len}.")
-    check_rows(mesh, data_cfg.batch_size // config.grad_accum, "data.batch_size / grad_accum (a micro-batch)")
-    data, train_data, eval_prompts = onpolicy.prompt_data(config, meta, tokenizer, mesh)
-
-    core = distill_core(config, student, h, sampling, teacher,
-                        init_base=weights.initializer(model_config, init_path))
-    m, optimizer = core.models, core.optimizer
+    d = describe(config, mesh)
+    h, m = d.parts["hyper"], d.parts["models"]
+    meta_for_tokenizer = d.meta or {"tokenizer": weights.metadata(_teacher_source(config)).get("tokenizer", "")}
+    tokenizer = lm.stage_tokenizer(config, meta_for_tokenizer, d.model_config, "Distillation")
+    check_rows(mesh, config.data.batch_size // config.grad_accum, "data.batch_size / grad_accum (a micro-batch)")
+    sampling = d.parts["sampling"]
+    data, train_data, eval_prompts = onpolicy.prompt_data(
+        config, d.meta, tokenizer, mesh, completions=sampling.max_new_tokens if h.dataset_completions else 0)
     kwargs = {"sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
     eval_extra = None if eval_prompts is None else DistillEval(mesh, eval_prompts, config.seed, m, h, **kwargs)
-    identity = {**student.identity(), "teacher_from": config.teacher_from, "seq_kd": h.seq_kd}
-    return Task(
-        name="distill", optimizer=optimizer,
-        train_step=functools.partial(distill_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
-        eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=core.tokens,
-        flops_per_step=core.flops, prepare=DistillRollouts(mesh, m, h, **kwargs), eval_extra=eval_extra,
-        metadata={"stage": "distill", **student.metadata(), "resume_identity": identity,
-                  "tokenizer": tokenizer.model_path, "init_from": config.init_from,
-                  "teacher_from": config.teacher_from, "model_params": "params", "model_frozen": "frozen/policy",
-                  "distill": dataclasses.asdict(h), "rollout": dataclasses.asdict(sampling), "data": data.stats,
-                  **lm.chat_metadata(config, meta, data.stats)},
-        **core.layout)
+    return d.with_data(train_data=train_data, prepare=DistillRollouts(mesh, m, h, seed=config.seed, **kwargs),
+                       eval_extra=eval_extra,
+                       metadata={"tokenizer": tokenizer.model_path, "data": data.stats,
+                                 **lm.chat_metadata(config, d.meta, data.stats)})

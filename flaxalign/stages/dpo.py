@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxalign import errors, sharding, weights
-from flaxalign.data.batching import left_pad_prompts, pair_prompts, unstack_pairs
+from flaxalign.data.batching import PREFERENCE_KEYS, left_pad_prompts, pair_prompts, unstack_pairs
 from flaxalign.data.preference_data import build_kto_datasets, build_preference_datasets
 from flaxalign.losses.lm import chunked_token_kl, sequence_logps
 from flaxalign.losses.preference import (
@@ -43,6 +43,7 @@ from flaxalign.policy import TrainableModel
 from flaxalign.sampler import KVCacheSampler, Sampling
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_rows, check_shapes
+from flaxalign.stages.description import Description, abstract_rows
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
 from flaxalign.train.state import TrainState
 from flaxalign.train.step import gradient_step
@@ -297,11 +298,10 @@ def make_method(config) -> Method:
 
 def make_task(policy: TrainableModel, optim_cfg, method: Method, *, reference: str, grad_accum: int = 1,
               chunk_size: int = 256, init_base=None, init_reference=None, train_data=None, eval_batches=None,
-              eval_extra=None, tokens_per_step: int = 0, flops_per_step: float = 0.0,
+              tokens_per_step: int = 0, flops_per_step: float = 0.0,
               metadata: dict | None = None) -> Task:
     """The DPO-family task. `init_base(shardings)` gives the starting policy weights (random if None);
-    `init_reference(shardings)`, for reference="copy", a reference other than the starting weights;
-    `eval_extra(models) -> (state -> {name: mean})` adds evaluation beyond the batched eval step."""
+    `init_reference(shardings)`, for reference="copy", a reference other than the starting weights."""
     if reference in ("copy", "base"):
         layout = policy.layout_with_reference(init_base, init_reference)
     else:
@@ -315,33 +315,58 @@ def make_task(policy: TrainableModel, optim_cfg, method: Method, *, reference: s
                                      schedule=learning_rate_schedule(optim_cfg), grad_accum=grad_accum),
         eval_step=functools.partial(dpo_eval_step, method=method, m=m),
         train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens_per_step,
-        flops_per_step=flops_per_step, eval_extra=eval_extra(m) if eval_extra else None,
+        flops_per_step=flops_per_step,
         metadata={"stage": "dpo", **policy.metadata(), "resume_identity": identity,
                   "loss": method.settings(), "reference": reference, **(metadata or {})},
         **layout)
 
 
-def build_task(config, workdir: str, mesh) -> Task:
-    """Policy and tokenizer from `init_from` (an SFT run), pairs (or KTO examples) from `data.train`."""
-    data_cfg = config.data
+def describe(config, mesh) -> Description:
+    """The DPO-family task of `config` before data: batches of `data.batch_size` pairs (KTO: examples with their KL
+    rows), with the reference's log-probs when they are precomputed."""
     method = make_method(config)
     model_config, meta, init_path = weights.resolve_model(config)
-    tokenizer = lm.stage_tokenizer(config, meta, model_config, "DPO")
     check_shapes(config, model_config, mesh)
     policy = weights.trainable_model(config, model_config)
     reference = resolve_reference(config, method, policy)
     reference_path = weights.parse_source(config.reference_from, "reference_from") if config.reference_from else ""
     if reference_path:
-        weights.same_vocabulary(meta or {"tokenizer": tokenizer.model_path}, reference_path, model_config,
-                                "reference")
+        weights.same_vocabulary(weights.policy_tokenizer(config, meta), reference_path, model_config, "reference")
     init_base = weights.initializer(model_config, init_path)
     init_reference = weights.initializer(model_config, reference_path) if reference_path else None
+    b, t = config.data.batch_size, config.data.seq_len
+    tokens = 2 * b * t  # two rows per example: (chosen, rejected) or (y, KL y')
+    task = make_task(policy, config.optim, method, reference=reference, grad_accum=config.grad_accum,
+                     chunk_size=config.loss_chunk, init_base=init_base, init_reference=init_reference,
+                     tokens_per_step=tokens,
+                     flops_per_step=training_passes(method, reference) * tokens * model_config.flops_per_token(t))
 
-    lm.resolve_chat_template(config, meta, tokenizer)
-    data = (build_kto_datasets if method.loss_type == "kto" else build_preference_datasets)(data_cfg, tokenizer)
+    def abstract_batch(_):
+        batch = abstract_rows(PREFERENCE_KEYS, (b, 2, t), float_keys=("completion_mask",))
+        if method.loss_type == "kto":
+            batch["label"] = jax.ShapeDtypeStruct((b,), jnp.float32)
+        if reference == "precomputed":
+            batch["ref_logps"] = jax.ShapeDtypeStruct((b, 2), jnp.float32)
+        return batch
+
+    return Description(task, model_config, meta, init_path, abstract_batch,
+                       parts={"method": method, "policy": policy, "reference": reference,
+                              "reference_path": reference_path, "init_base": init_base,
+                              "init_reference": init_reference})
+
+
+def build_task(config, workdir: str, mesh) -> Task:
+    """Policy and tokenizer from `init_from` (an SFT run), pairs (or KTO examples) from `data.train`."""
+    d = describe(config, mesh)
+    method, policy, reference = d.parts["method"], d.parts["policy"], d.parts["reference"]
+    model_config = d.model_config
+    tokenizer = lm.stage_tokenizer(config, d.meta, model_config, "DPO")
+    lm.resolve_chat_template(config, d.meta, tokenizer)
+    data = (build_kto_datasets if method.loss_type == "kto" else build_preference_datasets)(config.data, tokenizer)
     if reference == "precomputed":
-        ref = attach_reference_logps(data, workdir=workdir, reference_path=reference_path or init_path, policy=policy,
-                                     mesh=mesh, config=config, init_base=init_base, init_reference=init_reference)
+        ref = attach_reference_logps(data, workdir=workdir, reference_path=d.parts["reference_path"] or d.init_path,
+                                     policy=policy, mesh=mesh, config=config, init_base=d.parts["init_base"],
+                                     init_reference=d.parts["init_reference"])
         data.train["ref_logps"], data.eval["ref_logps"] = ref["train"], ref["eval"]
         print(f"reference log-probs: {'read from' if ref['cached'] else 'computed into'} "
               f"{os.path.join(workdir, REF_LOGPS_FILE)}")
@@ -356,20 +381,13 @@ def build_task(config, workdir: str, mesh) -> Task:
             raise errors.ConfigError(
                 f"eval_kl: prompts of {prompts['input_ids'].shape[1]} tokens + max_new_tokens="
                 f"{kl_cfg.max_new_tokens} exceed model.max_seq_len={model_config.max_seq_len}.")
-        eval_extra = functools.partial(
-            SampledKlEval, prompts=prompts, mesh=mesh, seed=config.seed, max_new_tokens=kl_cfg.max_new_tokens,
-            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-
-    tokens = 2 * data_cfg.batch_size * data_cfg.seq_len  # two rows per example: (chosen, rejected) or (y, KL y')
-    passes = training_passes(method, reference)
-    return make_task(
-        policy, config.optim, method, reference=reference, grad_accum=config.grad_accum,
-        chunk_size=config.loss_chunk, init_base=init_base, init_reference=init_reference, train_data=train_data,
-        eval_batches=eval_batches, tokens_per_step=tokens,
-        flops_per_step=passes * tokens * model_config.flops_per_token(data_cfg.seq_len),
-        metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from,
-                  "reference_from": config.reference_from, "data": data.stats,
-                  **lm.chat_metadata(config, meta, data.stats)}, eval_extra=eval_extra)
+        eval_extra = SampledKlEval(Models(policy, reference, config.loss_chunk), prompts=prompts, mesh=mesh,
+                                   seed=config.seed, max_new_tokens=kl_cfg.max_new_tokens, eos_id=tokenizer.eos_id,
+                                   pad_id=tokenizer.pad_id)
+    return d.with_data(train_data=train_data, eval_batches=eval_batches, eval_extra=eval_extra,
+                       metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from,
+                                 "reference_from": config.reference_from, "data": data.stats,
+                                 **lm.chat_metadata(config, d.meta, data.stats)})
 
 
 def training_passes(method: Method, reference: str) -> float:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from flaxalign import errors, host_rows, sharding, weights
+from flaxalign import errors, host_rows, sampler, sharding, weights
 from flaxalign.data.prompt_data import prompt_texts
 from flaxalign.generate import decode_responses
 from flaxalign.losses.group_rl import informative_groups
@@ -63,6 +63,17 @@ def score_rollout(state: TrainState, rollout: dict, index, *, m: RolloutModels, 
     return sharding.constrain_rows(batch)
 
 
+def abstract_rollout_batch(m: RolloutModels, sampling, rows: int, prompt_len: int, *, with_reference: bool):
+    """abstract train state -> the abstract train batch of a group-rollout stage: `score_rollout`'s output of a
+    rollout of `rows` rows of prompts `prompt_len` wide, with its `rewards`."""
+
+    def batch(state) -> dict:
+        score = functools.partial(score_rollout, m=m, with_reference=with_reference)
+        out = jax.eval_shape(score, state, sampler.rollout_shapes(rows, prompt_len, sampling),
+                             jax.ShapeDtypeStruct((rows,), jnp.int32))
+        return {**out, "rewards": jax.ShapeDtypeStruct((rows,), jnp.float32)}
+
+    return batch
 
 
 class Scorer:
@@ -297,16 +308,14 @@ def rollout_parts(mesh, config, rewards: RewardSetup, tokenizer, data, eval_prom
     return scorer(data.records["train"]), eval_extra, kwargs
 
 
-def reward_setup(config, meta, model_config, tokenizer, stage: str) -> RewardSetup:
-    """`rewards` (comma-separated function names), `reward_weights` and `reward_from` of a config; one of the two
-    sources is required."""
+def reward_setup(config, reward_model, stage: str) -> RewardSetup:
+    """`rewards` (comma-separated function names), `reward_weights` and the reward model of a config
+    (`onpolicy.reward_model_of`, or None) with its normalisation; one of the two sources is required."""
     functions = resolve_reward_functions(config.rewards) if config.rewards.strip() else []
     if not functions and not config.reward_from:
         raise errors.ConfigError(f"{stage} needs rewards: name reward functions in `rewards` and/or set reward_from.")
-    if not config.reward_from:
+    if reward_model is None:
         return RewardSetup(functions, reward_weights(config.reward_weights), None)
-    path = weights.parse_source(config.reward_from, "reward_from")
-    rm = weights.reward_from(path, meta or {"tokenizer": tokenizer.model_path}, model_config)
-    normalization = weights.reward_normalization(path)
-    return RewardSetup(functions, reward_weights(config.reward_weights), rm, float(normalization["gain"]),
+    normalization = weights.reward_normalization(weights.parse_source(config.reward_from, "reward_from"))
+    return RewardSetup(functions, reward_weights(config.reward_weights), reward_model, float(normalization["gain"]),
                        float(normalization["bias"]))

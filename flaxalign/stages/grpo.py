@@ -32,9 +32,9 @@ from flaxalign.losses.group_rl import (
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
     SAMPLER_CORRECTIONS,
-    SCALE_REWARDS,
     Episodes,
-    EstimatorHyper,
+    estimator_hyper,
+    estimator_hyper_defaults,
     grpo_policy_loss,
     overlong_penalty,
     sampler_correction,
@@ -43,6 +43,7 @@ from flaxalign.losses.rl import kl_penalty
 from flaxalign.policy import TrainableModel
 from flaxalign.stages import group_rollout, lm, onpolicy
 from flaxalign.stages.checks import check_rows
+from flaxalign.stages.description import Description, RolloutSpec
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
 
@@ -50,7 +51,9 @@ from flaxalign.train.task import Task
 @dataclasses.dataclass(frozen=True)
 class GrpoHyper:
     """The `grpo` config block, validated (defaults: TRL 1.16 GRPOConfig; the paper's β is 0.04). The string fields
-    name entries of the `flaxalign.losses.group_rl` registries."""
+    name entries of the `flaxalign.losses.group_rl` registries; the advantage estimators' own hyper-parameters
+    (`group_rl.estimator_hyper_defaults`: scale_rewards, rloo_normalize, …) are `estimator_hyper`, (name, value)
+    pairs (`from_config` splits them out of the block)."""
     algorithm: str = "grpo"  # the advantage estimator: grpo, rloo, reinforce_pp, reinforce_pp_baseline
     group_size: int = 8
     epochs: int = 1
@@ -63,8 +66,6 @@ class GrpoHyper:
     cispo_max_weight: float = 5.0  # cispo: the cap on the importance weight
     beta: float = 0.04  # GRPO, REINFORCE++-baseline: k3 KL in the loss; RLOO, REINFORCE++: k1 KL in the reward
     loss_type: str = "dapo"
-    scale_rewards: str = "group"
-    rloo_normalize: bool = False
     missing_eos_penalty: float = 0.0
     # truncated importance sampling for the sampler/learner log-prob mismatch (none, token_truncate, token_mask,
     # sequence_truncate, sequence_mask) and its bounds [C_min, C_max]
@@ -75,6 +76,13 @@ class GrpoHyper:
     overlong_penalty: float = 1.0  # its largest penalty
     dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards and refill the batch from new prompts
     dynamic_sampling_max_rounds: int = 3  # rollouts per step at most (the first included) before filling
+    estimator_hyper: tuple = ()  # ((name, value), …) of the estimators' own hyper-parameters; defaults otherwise
+
+    @classmethod
+    def from_config(cls, block) -> "GrpoHyper":
+        values = block.to_dict()
+        own = {name: values.pop(name) for name in estimator_hyper_defaults() if name in values}
+        return cls(**values, estimator_hyper=tuple(sorted(own.items())))
 
     def __post_init__(self):
         for registry, value in ((ADVANTAGE_ESTIMATORS, self.algorithm), (POLICY_LOSSES, self.policy_loss),
@@ -89,8 +97,6 @@ class GrpoHyper:
                   (self.delta == 0 or self.delta > 1, "grpo.delta must be 0 (off) or > 1"),
                   (self.cispo_max_weight > 0, "grpo.cispo_max_weight must be > 0"),
                   (self.beta >= 0, "grpo.beta must be >= 0"),
-                  (self.scale_rewards in SCALE_REWARDS,
-                   f"grpo.scale_rewards must be one of {', '.join(SCALE_REWARDS)}"),
                   (self.missing_eos_penalty >= 0, "grpo.missing_eos_penalty must be >= 0"),
                   (0 <= self.sampler_correction_min < self.sampler_correction_max,
                    "grpo.sampler_correction_min must be >= 0 and < grpo.sampler_correction_max"),
@@ -102,6 +108,16 @@ class GrpoHyper:
         for ok, message in checks:
             if not ok:
                 raise errors.ConfigError(f"{message}.")
+        self.advantage_hyper()  # validated here, once
+
+    def advantage_hyper(self):
+        """β and the chosen estimator's own hyper-parameters (`group_rl.estimator_hyper`)."""
+        return estimator_hyper(self.algorithm, self.beta, **dict(self.estimator_hyper))
+
+    def settings(self) -> dict:
+        """The block as flat JSON scalars (run metadata)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "estimator_hyper"}
+        return {**fields, **dict(self.estimator_hyper)}
 
     @property
     def needs_reference(self) -> bool:
@@ -145,7 +161,7 @@ def token_kl(batch) -> jax.Array:
 def grpo_advantages_of(batch, rewards, h: GrpoHyper):
     """Advantages `[B]` or `[B, T]` of `grpo.algorithm`'s estimator (`ADVANTAGE_ESTIMATORS`)."""
     episodes = Episodes(rewards, token_kl(batch), batch["response_mask"] > 0, h.group_size)
-    return h.estimator.advantages(episodes, EstimatorHyper(h.beta, h.scale_rewards, h.rloo_normalize))
+    return h.estimator.advantages(episodes, h.advantage_hyper())
 
 
 def grpo_step(state: TrainState, batch: dict, *, m: group_rollout.RolloutModels, h: GrpoHyper, optimizer,
@@ -196,48 +212,60 @@ def _grpo_update(state, batch, *, m, h, optimizer, grad_accum):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def describe(config, mesh) -> Description:
+    """The GRPO task of `config` before data: the rollout of `data.batch_size` prompts × `grpo.group_size` samples,
+    scored by `group_rollout.score_rollout` and rewarded."""
+    h = GrpoHyper.from_config(config.grpo)
+    sampling = onpolicy.Sampling(**config.rollout.to_dict())
+    check_overlong(h, sampling)
+    model_config, meta, init_path = weights.resolve_model(config)
+    rows = config.data.batch_size * h.group_size
+    onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")
+    policy = weights.trainable_model(config, model_config)
+    rm = onpolicy.reward_model_of(config, meta, model_config)
+    core = grpo_core(config, policy, h, sampling, rm, init_base=weights.initializer(model_config, init_path))
+    m, optimizer = core.models, core.optimizer
+    identity = {**policy.identity(), "algorithm": h.algorithm, "reference": h.needs_reference,
+                "reward_model": rm[0].checkpoint_identity() if rm else None}
+    task = Task(
+        name="grpo", optimizer=optimizer,
+        train_step=functools.partial(grpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
+        eval_step=None, train_data=None, eval_batches=None, tokens_per_step=core.tokens, flops_per_step=core.flops,
+        metadata={"stage": "grpo", **policy.metadata(), "resume_identity": identity, "init_from": config.init_from,
+                  "model_params": "params", "model_frozen": "frozen/policy", "reward_from": config.reward_from,
+                  "grpo": h.settings(), "rollout": dataclasses.asdict(sampling)},
+        **core.layout)
+    return Description(
+        task, model_config, meta, init_path,
+        abstract_batch=group_rollout.abstract_rollout_batch(m, sampling, rows, config.data.max_prompt_len,
+                                                            with_reference=h.needs_reference),
+        rollout=RolloutSpec(m.policy, sampling, rows, config.data.max_prompt_len, policy_params=lambda params: params,
+                            scoring_forwards=1 + int(h.needs_reference) + int(rm is not None),
+                            rounds=1 + (h.dynamic_sampling_max_rounds if h.dynamic_sampling else 0)),
+        parts={"hyper": h, "sampling": sampling, "models": m, "reward_model": rm})
+
+
 def build_task(config, workdir: str, mesh) -> Task:
     """Policy and tokenizer from `init_from` (an SFT run), prompts (with answers) from `data.train`, rewards from
     `rewards` (and `reward_from`)."""
-    h = GrpoHyper(**config.grpo.to_dict())
-    sampling = onpolicy.Sampling(**config.rollout.to_dict())
-    model_config, meta, init_path = weights.resolve_model(config)
-    tokenizer = lm.stage_tokenizer(config, meta, model_config, "GRPO")
-    rewards = group_rollout.reward_setup(config, meta, model_config, tokenizer, "GRPO")
-    policy = weights.trainable_model(config, model_config)
-
-    data_cfg = config.data
-    check_overlong(h, sampling)
-    rows = data_cfg.batch_size * h.group_size
-    onpolicy.check_budget(config, model_config, sampling, rows, h.num_minibatches, "data.batch_size × group_size")
-    check_rows(mesh, data_cfg.batch_size, "data.batch_size (the prompts of a rollout)")
+    d = describe(config, mesh)
+    h, sampling, m = d.parts["hyper"], d.parts["sampling"], d.parts["models"]
+    tokenizer = lm.stage_tokenizer(config, d.meta, d.model_config, "GRPO")
+    rewards = group_rollout.reward_setup(config, d.parts["reward_model"], "GRPO")
+    rows = config.data.batch_size * h.group_size
+    check_rows(mesh, config.data.batch_size, "data.batch_size (the prompts of a rollout)")
     check_rows(mesh, rows // h.num_minibatches // config.grad_accum,
                "data.batch_size × grpo.group_size / grpo.num_minibatches / grad_accum (a micro-batch)")
-    data, train_data, eval_prompts = onpolicy.prompt_data(config, meta, tokenizer, mesh)
-
-    rm = rewards.reward_model
-    with_reference = h.needs_reference
-    core = grpo_core(config, policy, h, sampling, rm, init_base=weights.initializer(model_config, init_path))
-    m, layout, optimizer = core.models, core.layout, core.optimizer
+    data, train_data, eval_prompts = onpolicy.prompt_data(config, d.meta, tokenizer, mesh)
     scorer, eval_extra, rollout_kwargs = group_rollout.rollout_parts(
-        mesh, config, rewards, tokenizer, data, eval_prompts, m=m, sampling=sampling, with_reference=with_reference,
-        missing_eos_penalty=h.missing_eos_penalty)
+        mesh, config, rewards, tokenizer, data, eval_prompts, m=m, sampling=sampling,
+        with_reference=h.needs_reference, missing_eos_penalty=h.missing_eos_penalty)
     prepare = group_rollout.GroupRollouts(
         mesh, scorer, group_size=h.group_size,
         dynamic_sampling_rounds=h.dynamic_sampling_max_rounds if h.dynamic_sampling else 0, **rollout_kwargs)
-    identity = {**policy.identity(), "algorithm": h.algorithm, "reference": with_reference,
-                "reward_model": rm[0].checkpoint_identity() if rm else None}
-    return Task(
-        name="grpo", optimizer=optimizer,
-        train_step=functools.partial(grpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
-        eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=core.tokens,
-        flops_per_step=core.flops, prepare=prepare, eval_extra=eval_extra,
-        metadata={"stage": "grpo", **policy.metadata(), "resume_identity": identity, "tokenizer": tokenizer.model_path,
-                  "init_from": config.init_from, "model_params": "params", "model_frozen": "frozen/policy",
-                  "reward_from": config.reward_from, "rewards": [name for name, _ in rewards.functions],
-                  "grpo": dataclasses.asdict(h), "rollout": dataclasses.asdict(sampling), "data": data.stats,
-                  **lm.chat_metadata(config, meta, data.stats)},
-        **layout)
+    return d.with_data(train_data=train_data, prepare=prepare, eval_extra=eval_extra,
+                       metadata={"tokenizer": tokenizer.model_path, "rewards": [name for name, _ in rewards.functions],
+                                 "data": data.stats, **lm.chat_metadata(config, d.meta, data.stats)})
 
 
 def check_overlong(h: GrpoHyper, sampling) -> None:

@@ -10,12 +10,15 @@ import math
 
 import jax
 
-from flaxalign import errors
+from flaxalign import errors, weights
+from flaxalign.data.batching import SFT_KEYS
 from flaxalign.data.chat import resolve_template, trained_template
 from flaxalign.data.loader import BatchIterator
 from flaxalign.data.tokenizer import load_tokenizer
 from flaxalign.losses.lm import token_cross_entropy
 from flaxalign.policy import TrainableModel
+from flaxalign.stages.checks import check_shapes
+from flaxalign.stages.description import Description, abstract_rows
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
 from flaxalign.train.step import gradient_step
 from flaxalign.train.task import Task
@@ -107,3 +110,16 @@ def make_task(name: str, policy: TrainableModel, optim_cfg, *, grad_accum: int =
         flops_per_step=flops_per_step, eval_loss_is_token_nll=True,
         metadata={"stage": name, **policy.metadata(), "resume_identity": policy.identity(), **(metadata or {})},
         **policy.layout(init_base))
+
+
+def describe(name: str, config, mesh) -> Description:
+    """The LM stage `name` ("clm", "sft") of `config` before data: batches of `data.batch_size` rows of
+    `data.seq_len` tokens."""
+    model_config, meta, init_path = weights.resolve_model(config)
+    check_shapes(config, model_config, mesh)
+    b, t = config.data.batch_size, config.data.seq_len
+    task = make_task(name, weights.trainable_model(config, model_config), config.optim, grad_accum=config.grad_accum,
+                     chunk_size=config.loss_chunk, init_base=weights.initializer(model_config, init_path),
+                     tokens_per_step=b * t, flops_per_step=b * t * model_config.flops_per_token(t))
+    return Description(task, model_config, meta, init_path,
+                       abstract_batch=lambda _: abstract_rows(SFT_KEYS, (b, t), float_keys=("loss_mask",)))

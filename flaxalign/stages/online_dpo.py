@@ -24,6 +24,7 @@ from flaxalign.losses.preference import DPO_LOSSES, dpo_hyper, dpo_loss
 from flaxalign.policy import TrainableModel
 from flaxalign.stages import group_rollout, lm, onpolicy
 from flaxalign.stages.checks import check_rows
+from flaxalign.stages.description import Description, RolloutSpec
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
 
@@ -129,40 +130,52 @@ def online_dpo_core(config, policy: TrainableModel, h: OnlineDpoHyper, sampling,
                            (forwards / 3 + 1))
 
 
-def build_task(config, workdir: str, mesh) -> Task:
-    """Policy and tokenizer from `init_from` (an SFT run), prompts from `data.train`, the ranking from `reward_from`
-    and/or `rewards`."""
+def describe(config, mesh) -> Description:
+    """The online-DPO task of `config` before data: two samples of each of `data.batch_size` prompts, scored by
+    `group_rollout.score_rollout` and rewarded."""
     h = OnlineDpoHyper.from_config(config)
     sampling = onpolicy.Sampling(**config.rollout.to_dict())
     model_config, meta, init_path = weights.resolve_model(config)
-    tokenizer = lm.stage_tokenizer(config, meta, model_config, "online DPO")
-    rewards = group_rollout.reward_setup(config, meta, model_config, tokenizer, "Online DPO")
+    onpolicy.check_budget(config, model_config, sampling, config.data.batch_size, 1, "data.batch_size (pairs)")
     policy = weights.trainable_model(config, model_config)
-
-    data_cfg = config.data
-    onpolicy.check_budget(config, model_config, sampling, data_cfg.batch_size, 1, "data.batch_size (pairs)")
-    check_rows(mesh, data_cfg.batch_size // config.grad_accum,
-               "data.batch_size / grad_accum (the pairs of a micro-batch)")
-    data, train_data, eval_prompts = onpolicy.prompt_data(config, meta, tokenizer, mesh)
-
-    rm = rewards.reward_model
+    rm = onpolicy.reward_model_of(config, meta, model_config)
     core = online_dpo_core(config, policy, h, sampling, rm, init_base=weights.initializer(model_config, init_path))
     m, optimizer = core.models, core.optimizer
+    identity = {**policy.identity(), "loss_type": h.loss_type,
+                "reward_model": rm[0].checkpoint_identity() if rm else None}
+    task = Task(
+        name="online_dpo", optimizer=optimizer,
+        train_step=functools.partial(online_dpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
+        eval_step=None, train_data=None, eval_batches=None, tokens_per_step=core.tokens, flops_per_step=core.flops,
+        metadata={"stage": "online_dpo", **policy.metadata(), "resume_identity": identity,
+                  "init_from": config.init_from, "model_params": "params", "model_frozen": "frozen/policy",
+                  "reward_from": config.reward_from, "loss": dataclasses.asdict(h),
+                  "rollout": dataclasses.asdict(sampling)},
+        **core.layout)
+    rows = 2 * config.data.batch_size
+    return Description(
+        task, model_config, meta, init_path,
+        abstract_batch=group_rollout.abstract_rollout_batch(m, sampling, rows, config.data.max_prompt_len,
+                                                            with_reference=True),
+        rollout=RolloutSpec(m.policy, sampling, rows, config.data.max_prompt_len, policy_params=lambda params: params,
+                            scoring_forwards=2 + int(rm is not None)),
+        parts={"hyper": h, "sampling": sampling, "models": m, "reward_model": rm})
+
+
+def build_task(config, workdir: str, mesh) -> Task:
+    """Policy and tokenizer from `init_from` (an SFT run), prompts from `data.train`, the ranking from `reward_from`
+    and/or `rewards`."""
+    d = describe(config, mesh)
+    h, sampling, m = d.parts["hyper"], d.parts["sampling"], d.parts["models"]
+    tokenizer = lm.stage_tokenizer(config, d.meta, d.model_config, "online DPO")
+    rewards = group_rollout.reward_setup(config, d.parts["reward_model"], "Online DPO")
+    check_rows(mesh, config.data.batch_size // config.grad_accum,
+               "data.batch_size / grad_accum (the pairs of a micro-batch)")
+    data, train_data, eval_prompts = onpolicy.prompt_data(config, d.meta, tokenizer, mesh)
     scorer, eval_extra, rollout_kwargs = group_rollout.rollout_parts(
         mesh, config, rewards, tokenizer, data, eval_prompts, m=m, sampling=sampling, with_reference=True,
         missing_eos_penalty=h.missing_eos_penalty)
-    identity = {**policy.identity(), "loss_type": h.loss_type,
-                "reward_model": rm[0].checkpoint_identity() if rm else None}
-    return Task(
-        name="online_dpo", optimizer=optimizer,
-        train_step=functools.partial(online_dpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
-        eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=core.tokens,
-        flops_per_step=core.flops, eval_extra=eval_extra,
-        prepare=group_rollout.GroupRollouts(mesh, scorer, group_size=2, **rollout_kwargs),
-        metadata={"stage": "online_dpo", **policy.metadata(), "resume_identity": identity,
-                  "tokenizer": tokenizer.model_path, "init_from": config.init_from, "model_params": "params",
-                  "model_frozen": "frozen/policy", "reward_from": config.reward_from,
-                  "rewards": [name for name, _ in rewards.functions], "loss": dataclasses.asdict(h),
-                  "rollout": dataclasses.asdict(sampling), "data": data.stats,
-                  **lm.chat_metadata(config, meta, data.stats)},
-        **core.layout)
+    return d.with_data(train_data=train_data, eval_extra=eval_extra,
+                       prepare=group_rollout.GroupRollouts(mesh, scorer, group_size=2, **rollout_kwargs),
+                       metadata={"tokenizer": tokenizer.model_path, "rewards": [name for name, _ in rewards.functions],
+                                 "data": data.stats, **lm.chat_metadata(config, d.meta, data.stats)})

@@ -17,13 +17,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from flaxalign import errors, models, sampler
-from flaxalign.data.prompt_data import build_prompt_datasets
+from flaxalign import errors, models, sampler, weights
+from flaxalign.data.prompt_data import build_prompt_completion_datasets, build_prompt_datasets
 from flaxalign.losses.lm import (
     chunked_token_entropy,
     chunked_token_kl,
     chunked_token_logps,
 )
+from flaxalign.models import heads
 from flaxalign.policy import UNUSED_BY_SCALAR, ScalarModel, TrainableModel
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_rows
@@ -85,6 +86,27 @@ class Sampling(sampler.Sampling):
         super().__post_init__()
 
 
+def reward_model_of(config, meta: dict, model_config, *, required: bool = False):
+    """(config, abstract params, logical axes, loader) of `reward_from` (`weights.reward_from`; its metadata only,
+    nothing is read until the loader runs), or None without one. `required` (PPO): without `reward_from`, a reward
+    model of the policy's architecture whose loader refuses to run — what `plan` prices for a preset."""
+    if config.get("reward_from"):
+        return weights.reward_from(weights.parse_source(config.reward_from, "reward_from"),
+                                   weights.policy_tokenizer(config, meta), model_config)
+    if not required:
+        return None
+    rm_config = model_config.without_adapters()
+    _, abstract, logical = models.abstract_model(rm_config)
+
+    def no_weights(*_):
+        raise errors.ConfigError("this stage needs a reward model: set reward_from=checkpoint:DIR.")
+
+    return (rm_config, {"model": {k: v for k, v in abstract.items() if k not in UNUSED_BY_SCALAR},
+                        "head": heads.abstract_scalar_head(rm_config.d_model)},
+            {"model": {k: v for k, v in logical.items() if k not in UNUSED_BY_SCALAR}, "head": heads.HEAD_LOGICAL},
+            no_weights)
+
+
 def check_budget(config, model_config, sampling: Sampling, rows: int, num_minibatches: int, what: str) -> None:
     """Prompt + response fit the model; `rows` rollout rows split into minibatches of whole micro-batches."""
     if config.data.max_prompt_len + sampling.max_new_tokens > model_config.max_seq_len:
@@ -97,11 +119,18 @@ def check_budget(config, model_config, sampling: Sampling, rows: int, num_miniba
             f"grad_accum={config.grad_accum} rows.")
 
 
-def prompt_data(config, meta: dict, tokenizer, mesh):
+def prompt_data(config, meta: dict, tokenizer, mesh, *, completions: int = 0):
     """The prompts of a stage that samples (`data` block, chat template resolved): (datasets, the train iterator, the
-    first `eval_prompts` held-out prompts checked against the mesh — or None when `eval_prompts` is 0)."""
+    first `eval_prompts` held-out prompts checked against the mesh — or None when `eval_prompts` is 0). With
+    `completions` > 0 the records are `sft` records and each row also carries its completion, cut to that many
+    tokens (`build_prompt_completion_datasets`)."""
     lm.resolve_chat_template(config, meta, tokenizer)
-    data = build_prompt_datasets(config.data, tokenizer, max_prompt_len=int(config.data.max_prompt_len))
+    max_prompt_len = int(config.data.max_prompt_len)
+    if completions:
+        data = build_prompt_completion_datasets(config.data, tokenizer, max_prompt_len=max_prompt_len,
+                                                max_completion_len=completions)
+    else:
+        data = build_prompt_datasets(config.data, tokenizer, max_prompt_len=max_prompt_len)
     train_data, _ = lm.data_iterators(data.train, data.eval, config)
     if not config.eval_prompts:
         return data, train_data, None

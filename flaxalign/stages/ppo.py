@@ -28,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flaxalign import errors, weights
+from flaxalign import errors, sampler, weights
 from flaxalign.data.prompt_data import build_prompt_datasets
 from flaxalign.losses.lm import chunked_token_entropy
 from flaxalign.losses.rl import (
@@ -47,6 +47,7 @@ from flaxalign.policy import ScalarModel, TrainableModel, value_model
 from flaxalign.sampler import trim_left_padding
 from flaxalign.stages import lm, onpolicy
 from flaxalign.stages.checks import check_rows
+from flaxalign.stages.description import Description, RolloutSpec
 from flaxalign.train.state import TrainState
 from flaxalign.train.task import Task
 
@@ -235,23 +236,48 @@ def _prompt_arrays(split: dict) -> dict:
     return {k: split[k] for k in onpolicy.PROMPT_KEYS}
 
 
-def build_task(config, workdir: str, mesh) -> Task:
-    """Policy and tokenizer from `init_from` (an SFT run), reward model from `reward_from`, prompts from
-    `data.train` (`prompt` records)."""
+def describe(config, mesh) -> Description:
+    """The PPO task of `config` before data: the rollout of `data.batch_size` prompts scored by `ppo_score`."""
     h = PpoHyper(**config.ppo.to_dict())
     sampling = onpolicy.Sampling(**config.rollout.to_dict())
     model_config, meta, init_path = weights.resolve_model(config)
+    b = config.data.batch_size
+    onpolicy.check_budget(config, model_config, sampling, b, h.num_minibatches, "data.batch_size")
+    policy = weights.trainable_model(config, model_config)
+    core = ppo_core(config, policy, h, sampling, onpolicy.reward_model_of(config, meta, model_config, required=True),
+                    init_base=weights.initializer(model_config, init_path))
+    m, optimizer = core.models, core.optimizer
+    identity = {**policy.identity(), "value_from": core.value_from,
+                "reward_model": m.reward.backbone.config.checkpoint_identity()}
+    task = Task(
+        name="ppo", optimizer=optimizer,
+        train_step=functools.partial(ppo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
+        eval_step=None, train_data=None, eval_batches=None, tokens_per_step=core.tokens, flops_per_step=core.flops,
+        metadata={"stage": "ppo", **policy.metadata(), "resume_identity": identity,
+                  "model_params": "params/policy", "model_frozen": "frozen/policy", "init_from": config.init_from,
+                  "reward_from": config.reward_from, "ppo": dataclasses.asdict(h),
+                  "rollout": dataclasses.asdict(sampling)},
+        **core.layout)
+    sampled = sampler.rollout_shapes(b, config.data.max_prompt_len, sampling)
+    return Description(
+        task, model_config, meta, init_path,
+        abstract_batch=lambda state: jax.eval_shape(functools.partial(ppo_score, m=m), state, sampled),
+        rollout=RolloutSpec(m.policy, sampling, b, config.data.max_prompt_len,
+                            policy_params=lambda params: params["policy"], scoring_forwards=4),
+        parts={"hyper": h, "sampling": sampling, "models": m})
+
+
+def build_task(config, workdir: str, mesh) -> Task:
+    """Policy and tokenizer from `init_from` (an SFT run), reward model from `reward_from`, prompts from
+    `data.train` (`prompt` records)."""
     if not config.reward_from:
         raise errors.ConfigError("PPO needs a reward model: set reward_from=checkpoint:DIR (a configs/reward.py run).")
-    tokenizer = lm.stage_tokenizer(config, meta, model_config, "PPO")
-    policy = weights.trainable_model(config, model_config)
-    reward_path = weights.parse_source(config.reward_from, "reward_from")
-    reward_model = weights.reward_from(reward_path, meta or {"tokenizer": tokenizer.model_path}, model_config)
-    normalization = weights.reward_normalization(reward_path)
-
+    d = describe(config, mesh)
+    h, sampling, m = d.parts["hyper"], d.parts["sampling"], d.parts["models"]
+    tokenizer = lm.stage_tokenizer(config, d.meta, d.model_config, "PPO")
+    normalization = weights.reward_normalization(weights.parse_source(config.reward_from, "reward_from"))
     data_cfg = config.data
-    onpolicy.check_budget(config, model_config, sampling, data_cfg.batch_size, h.num_minibatches, "data.batch_size")
-    lm.resolve_chat_template(config, meta, tokenizer)
+    lm.resolve_chat_template(config, d.meta, tokenizer)
     data = build_prompt_datasets(data_cfg, tokenizer, max_prompt_len=int(data_cfg.max_prompt_len))
     train_data, _ = lm.data_iterators(data.train, data.eval, config)
     eval_prompts = {k: v[: config.eval_prompts] for k, v in _prompt_arrays(data.eval).items()}
@@ -260,27 +286,14 @@ def build_task(config, workdir: str, mesh) -> Task:
                "data.batch_size / ppo.num_minibatches / grad_accum (a micro-batch)")
     if config.eval_prompts:
         check_rows(mesh, len(eval_prompts["input_ids"]), "eval_prompts (held-out prompts, at most the data.eval set)")
-
-    core = ppo_core(config, policy, h, sampling, reward_model, init_base=weights.initializer(model_config, init_path))
-    m, layout, optimizer, value_from = core.models, core.layout, core.optimizer, core.value_from
     rollout_kwargs = {"m": m, "sampling": sampling, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
                       "gain": float(normalization["gain"]), "bias": float(normalization["bias"]),
                       "missing_eos_penalty": h.missing_eos_penalty}
-    identity = {**policy.identity(), "value_from": value_from,
-                "reward_model": m.reward.backbone.config.checkpoint_identity()}
-    return Task(
-        name="ppo", optimizer=optimizer,
-        train_step=functools.partial(ppo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
-        eval_step=None, train_data=train_data, eval_batches=None, tokens_per_step=core.tokens,
-        flops_per_step=core.flops, prepare=Rollouts(mesh, **rollout_kwargs),
+    return d.with_data(
+        train_data=train_data, prepare=Rollouts(mesh, **rollout_kwargs),
         eval_extra=RolloutEval(mesh, eval_prompts, config.seed, **rollout_kwargs) if config.eval_prompts else None,
-        metadata={"stage": "ppo", **policy.metadata(), "resume_identity": identity,
-                  "model_params": "params/policy", "model_frozen": "frozen/policy",
-                  "tokenizer": tokenizer.model_path, "init_from": config.init_from,
-                  "reward_from": config.reward_from, "ppo": dataclasses.asdict(h),
-                  "rollout": dataclasses.asdict(sampling), "data": data.stats,
-                  **lm.chat_metadata(config, meta, data.stats)},
-        **layout)
+        metadata={"tokenizer": tokenizer.model_path, "data": data.stats,
+                  **lm.chat_metadata(config, d.meta, data.stats)})
 
 
 def ppo_core(config, policy: TrainableModel, h: PpoHyper, sampling, reward_model, *, init_base) -> onpolicy.RlCore:

@@ -19,13 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxalign import models, sharding, weights
-from flaxalign.data.batching import left_pad_prompts, pair_prompts, unstack_pairs
+from flaxalign.data.batching import PREFERENCE_KEYS, left_pad_prompts, pair_prompts, unstack_pairs
 from flaxalign.data.preference_data import build_preference_datasets
 from flaxalign.losses import bradley_terry_loss
 from flaxalign.policy import UNUSED_BY_SCALAR, ScalarModel
 from flaxalign.sampler import KVCacheSampler, Sampling
 from flaxalign.stages import lm
 from flaxalign.stages.checks import check_rows, check_shapes
+from flaxalign.stages.description import Description, abstract_rows
 from flaxalign.train.optim import learning_rate_schedule, make_optimizer
 from flaxalign.train.step import gradient_step
 from flaxalign.train.task import Task
@@ -80,31 +81,38 @@ def make_task(rm: ScalarModel, optim_cfg, *, grad_accum: int = 1, center_coef: f
         **rm.layout(init_base))
 
 
-def build_task(config, workdir: str, mesh) -> Task:
-    """Backbone and tokenizer from `init_from` (an SFT run), preference pairs from `data.train`."""
-    data_cfg = config.data
+def describe(config, mesh) -> Description:
+    """The reward model of `config` before data: batches of `data.batch_size` (chosen, rejected) pairs."""
     model_config, meta, init_path = weights.resolve_model(config)
-    tokenizer = lm.stage_tokenizer(config, meta, model_config, "the reward model")
     check_shapes(config, model_config, mesh)
     rm = ScalarModel(weights.trainable_model(config, model_config, drop=UNUSED_BY_SCALAR))
-    lm.resolve_chat_template(config, meta, tokenizer)
-    data = build_preference_datasets(data_cfg, tokenizer)
+    b, t = config.data.batch_size, config.data.seq_len
+    tokens = 2 * b * (t + 1)
+    task = make_task(rm, config.optim, grad_accum=config.grad_accum, center_coef=config.center_coef,
+                     init_base=weights.initializer(model_config, init_path, drop=UNUSED_BY_SCALAR),
+                     tokens_per_step=tokens, flops_per_step=tokens * model_config.flops_per_token(t + 1))
+    return Description(task, model_config, meta, init_path, parts={"rm": rm},
+                       abstract_batch=lambda _: abstract_rows(PREFERENCE_KEYS, (b, 2, t), ("completion_mask",)))
+
+
+def build_task(config, workdir: str, mesh) -> Task:
+    """Backbone and tokenizer from `init_from` (an SFT run), preference pairs from `data.train`."""
+    d = describe(config, mesh)
+    tokenizer = lm.stage_tokenizer(config, d.meta, d.model_config, "the reward model")
+    lm.resolve_chat_template(config, d.meta, tokenizer)
+    data = build_preference_datasets(config.data, tokenizer)
     train_data, eval_batches = lm.data_iterators(data.train, data.eval, config)
-    tokens = 2 * data_cfg.batch_size * (data_cfg.seq_len + 1)
     finalize = None
-    if config.normalize.num_prompts and init_path:
+    if config.normalize.num_prompts and d.init_path:
         prompts = pair_prompts(data.eval)[: config.normalize.num_prompts]
         check_rows(mesh, len(prompts), "normalize.num_prompts (held-out prompts, at most the data.eval set)")
         finalize = functools.partial(
-            normalize_rewards, workdir=workdir, mesh=mesh, policy_path=init_path, model_config=model_config, rm=rm,
-            prompts=prompts, tokenizer=tokenizer, max_new_tokens=config.normalize.max_new_tokens, seed=config.seed)
-    return make_task(
-        rm, config.optim, grad_accum=config.grad_accum, center_coef=config.center_coef,
-        init_base=weights.initializer(model_config, init_path, drop=UNUSED_BY_SCALAR),
-        train_data=train_data, eval_batches=eval_batches, tokens_per_step=tokens,
-        flops_per_step=tokens * model_config.flops_per_token(data_cfg.seq_len + 1), finalize=finalize,
-        metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from, "data": data.stats,
-                  **lm.chat_metadata(config, meta, data.stats)})
+            normalize_rewards, workdir=workdir, mesh=mesh, policy_path=d.init_path, model_config=d.model_config,
+            rm=d.parts["rm"], prompts=prompts, tokenizer=tokenizer, max_new_tokens=config.normalize.max_new_tokens,
+            seed=config.seed)
+    return d.with_data(train_data=train_data, eval_batches=eval_batches, finalize=finalize,
+                       metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from, "data": data.stats,
+                                 **lm.chat_metadata(config, d.meta, data.stats)})
 
 
 def normalize_rewards(state, *, workdir, mesh, policy_path, model_config, rm: ScalarModel, prompts, tokenizer,

@@ -5,10 +5,9 @@ the loss, steps and task builder are the LM stages' (`stages/lm.py`)."""
 
 import functools
 
-from flaxalign import weights
 from flaxalign.data.sft_data import build_sft_datasets
 from flaxalign.stages import lm
-from flaxalign.stages.checks import check_shapes
+from flaxalign.stages.description import Description
 from flaxalign.train.task import Task
 
 sft_loss = lm.lm_loss
@@ -17,22 +16,17 @@ sft_eval_step = lm.lm_eval_step
 make_task = functools.partial(lm.make_task, "sft")
 
 
+def describe(config, mesh) -> Description:
+    return lm.describe("sft", config, mesh)
+
+
 def build_task(config, workdir: str, mesh) -> Task:
     """Model and tokenizer from `init_from` (a CLM/SFT run), SFT data from `data.train`, LoRA from `lora`."""
-    data_cfg = config.data
-    model_config, meta, init_path = weights.resolve_model(config)
-    tokenizer = lm.stage_tokenizer(config, meta, model_config, "SFT")
-    check_shapes(config, model_config, mesh)
-    policy = weights.trainable_model(config, model_config)
-
-    lm.resolve_chat_template(config, meta, tokenizer)
-    data = build_sft_datasets(data_cfg, tokenizer)
+    d = describe(config, mesh)
+    tokenizer = lm.stage_tokenizer(config, d.meta, d.model_config, "SFT")
+    lm.resolve_chat_template(config, d.meta, tokenizer)
+    data = build_sft_datasets(config.data, tokenizer)
     train_data, eval_batches = lm.data_iterators(data.train, data.eval, config)
-
-    tokens = data_cfg.batch_size * data_cfg.seq_len
-    return make_task(
-        policy, config.optim, grad_accum=config.grad_accum, chunk_size=config.loss_chunk,
-        init_base=weights.initializer(model_config, init_path), train_data=train_data, eval_batches=eval_batches,
-        tokens_per_step=tokens, flops_per_step=tokens * model_config.flops_per_token(data_cfg.seq_len),
-        metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from, "data": data.stats,
-                  **lm.chat_metadata(config, meta, data.stats)})
+    return d.with_data(train_data=train_data, eval_batches=eval_batches,
+                       metadata={"tokenizer": tokenizer.model_path, "init_from": config.init_from, "data": data.stats,
+                                 **lm.chat_metadata(config, d.meta, data.stats)})

@@ -240,3 +240,44 @@ def test_wrong_record_kind_is_a_data_error(tokenizer):
     with pytest.raises(DataError, match="holds preference records, not prompt records"):
         build_prompt_datasets(_data_cfg("builtin:arithmetic_preferences?n=8"), tokenizer, max_prompt_len=8,
                               log=_silent)
+
+
+# ----------------------------------------------------------------------------
+# build_prompt_completion_datasets (distillation on dataset completions)
+
+
+def test_completions_are_what_sft_trains_on_after_the_generation_prompt(tokenizer, tmp_path):
+    """A prompt/completion record splits into `[bos] prompt` and `completion [eos]`; a conversation into the chatml
+    generation prompt of the turns before its last assistant turn and that turn with its `<|im_end|>`; completions
+    longer than the width are cut (counted, not ended); prompts are left-padded as for the RL stages."""
+    answer_2 = {"role": "assistant", "content": "It is 6."}
+    records = [{"prompt": "What is 2 + 3?", "completion": " The answer is 5."},
+               {"messages": [SYSTEM, QUESTION, ANSWER, FOLLOW_UP, answer_2]},
+               {"prompt": "Say a lot.", "completion": " one two three four five six seven eight nine ten"}]
+    path = _write(tmp_path, "sft.jsonl", records)
+    width = 12
+    data = prompt_data.build_prompt_completion_datasets(_data_cfg(path, path), tokenizer, max_prompt_len=128,
+                                                        max_completion_len=width, log=_silent)
+    arrays = data.eval
+    end = tokenizer.token_to_id("<|im_end|>")
+    expected_prompts = [[tokenizer.bos_id] + tokenizer.encode("What is 2 + 3?"),
+                        _chatml_prompt(tokenizer, [SYSTEM, QUESTION, ANSWER, FOLLOW_UP]),
+                        [tokenizer.bos_id] + tokenizer.encode("Say a lot.")]
+    long_completion = tokenizer.encode(" one two three four five six seven eight nine ten") + [tokenizer.eos_id]
+    expected_completions = [tokenizer.encode(" The answer is 5.") + [tokenizer.eos_id], None, long_completion[:width]]
+    for row in range(3):
+        assert _real(row, arrays) == expected_prompts[row]
+        completion = arrays["completion"][row][arrays["completion_mask"][row] == 1].tolist()
+        if expected_completions[row] is not None:
+            assert completion == expected_completions[row]
+        assert (arrays["completion"][row][arrays["completion_mask"][row] == 0] == tokenizer.pad_id).all()
+    conversation = arrays["completion"][1][arrays["completion_mask"][1] == 1].tolist()
+    assert conversation[-1] == end and tokenizer.decode(conversation[:-1]).strip().endswith("It is 6.")
+    assert len(long_completion) > width
+    assert arrays["completion_ended"].tolist() == [1, 1, 0] and data.stats["eval_completions_cut"] == 1
+    assert data.records["eval"][1] == {"prompt": [SYSTEM, QUESTION, ANSWER, FOLLOW_UP]}
+
+
+def test_split_completion_takes_the_last_run_of_loss_tokens():
+    assert prompt_data.split_completion([1, 2, 3, 4, 5, 6], [0, 1, 0, 0, 1, 1]) == ([1, 2, 3, 4], [5, 6])
+    assert prompt_data.split_completion([1, 2, 3, 4], [0, 1, 1, 0]) == ([1], [2, 3])

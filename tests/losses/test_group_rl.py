@@ -365,13 +365,29 @@ def test_advantage_estimators_dispatch():
         "reinforce_pp_baseline": (gref.reinforce_pp_baseline_advantages(rewards, mask, 3), False),
     }
     assert group_rl.ADVANTAGE_ESTIMATORS.names == tuple(expected)
-    hyper = group_rl.EstimatorHyper(beta=beta, scale_rewards="batch", normalize=True)
     with jax.enable_x64(True):
         episodes = group_rl.Episodes(jnp.asarray(rewards), jnp.asarray(kl), jnp.asarray(mask), 3)
         for name, (advantages, kl_in_reward) in expected.items():
             estimator = group_rl.ADVANTAGE_ESTIMATORS[name]
+            hyper = group_rl.estimator_hyper(name, beta, scale_rewards="batch", rloo_normalize=True)
             _close(np.asarray(estimator.advantages(episodes, hyper)), advantages, jnp.float64)
             assert estimator.kl_in_reward is kl_in_reward, name
+
+
+def test_estimator_hyper_parameters_belong_to_their_estimator():
+    """Each estimator gets β and its own fields (defaults filled in); another estimator's field is accepted and
+    ignored, an unknown one or an invalid value is refused with the valid ones."""
+    assert group_rl.estimator_hyper_defaults() == {"scale_rewards": "group", "rloo_normalize": False}
+    assert vars(group_rl.estimator_hyper("grpo", 0.1)) == {"beta": 0.1, "scale_rewards": "group"}
+    assert vars(group_rl.estimator_hyper("rloo", 0.1, scale_rewards="batch", rloo_normalize=True)) == {
+        "beta": 0.1, "rloo_normalize": True}
+    assert vars(group_rl.estimator_hyper("reinforce_pp", 0.2, scale_rewards="none")) == {"beta": 0.2}
+    with pytest.raises(group_rl.RLLossError, match="scale_rewards.*group, batch, none"):
+        group_rl.estimator_hyper("grpo", 0.0, scale_rewards="max")
+    with pytest.raises(group_rl.RLLossError, match="known: scale_rewards, rloo_normalize"):
+        group_rl.estimator_hyper("grpo", 0.0, normalise=True)
+    with pytest.raises(group_rl.RLLossError, match="grpo, rloo, reinforce_pp"):
+        group_rl.estimator_hyper("ppo", 0.0)
 
 
 # ------------------------------------------------------------------------------------------------------------------

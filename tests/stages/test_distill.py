@@ -132,7 +132,7 @@ def test_sequence_level_kd_samples_from_the_teacher(setup, tmp_path):
     task, m = _task(h)
     mesh = helpers.mesh((1, 1, 1))
     state, _ = _state(task, mesh, str(tmp_path), "seq_kd")
-    teacher_rollout = _rollout(m, distill.DistillHyper(beta=BETA, seq_kd=True), state, mesh, eos_id)
+    teacher_rollout = _rollout(m, distill.DistillHyper(beta=BETA, seq_kd=True, lmbda=0.0), state, mesh, eos_id)
     student_rollout = _rollout(m, h, state, mesh, eos_id)
     prompts = sampler.trim_left_padding(
         {k: v for k, v in left_pad_prompts(PROMPT_IDS, pad_id=0).items() if k in onpolicy.PROMPT_KEYS})
@@ -144,9 +144,79 @@ def test_sequence_level_kd_samples_from_the_teacher(setup, tmp_path):
     assert (teacher_rollout["response"] != student_rollout["response"]).any()
 
 
+def _completion_batch(eos_id):
+    """The left-padded prompts with dataset completions (as `build_prompt_completion_datasets` lays them out): two end
+    with EOS, one fills the width without it (cut: not ended), one is the EOS alone."""
+    tokens = [t for t in range(300, 340) if t != eos_id]
+    completions = [tokens[:2] + [eos_id], [eos_id], tokens[2:2 + NEW_TOKENS], tokens[10:13] + [eos_id]]
+    batch = {k: v for k, v in left_pad_prompts(PROMPT_IDS, pad_id=0).items() if k in onpolicy.PROMPT_KEYS}
+    batch["completion"] = np.zeros((len(completions), NEW_TOKENS), np.int32)
+    batch["completion_mask"] = np.zeros((len(completions), NEW_TOKENS), np.int32)
+    for row, completion in enumerate(completions):
+        batch["completion"][row, :len(completion)] = completion
+        batch["completion_mask"][row, :len(completion)] = 1
+    batch["completion_ended"] = np.array([1, 1, 0, 1], np.int32)
+    return batch, completions
+
+
+def test_a_dataset_completion_step_trains_on_the_records_completions(setup, tmp_path):
+    """lmbda = 0 without seq_kd: the step's responses are the batch's completions after their prompts, and one update
+    on them equals generalized JSD written from scratch on those rows."""
+    h, _, eos_id, start = setup
+    task, m = _task(h)
+    mesh = helpers.mesh((1, 1, 1))
+    state, shardings = _state(task, mesh, str(tmp_path), "dataset")
+    batch, completions = _completion_batch(eos_id)
+    rollouts = distill.DistillRollouts(mesh, m, distill.DistillHyper(beta=BETA, lmbda=0.0),
+                                       sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=eos_id, pad_id=0)
+    rollout, logged = rollouts(state, 0, batch)
+    rollout = jax.device_get(rollout)
+    assert logged == {"on_policy": 0.0}
+    for row, completion in enumerate(completions):
+        real = rollout["tokens"][row][rollout["mask"][row] == 1].tolist()
+        assert real == [int(t) for t in PROMPT_IDS[row]] + completion
+        assert rollout["response"][row][: len(completion)].tolist() == completion
+        assert rollout["response_mask"][row].sum() == len(completion)
+    assert rollout["ended"].tolist() == [True, True, False, True]
+
+    new_state, metrics = jax.device_get(CompiledStep(task.train_step, mesh, shardings)(state, rollout))
+    value, expected = _reference_update(start.params, start.frozen["teacher"], rollout, eos_id)
+    assert metrics["loss"] == pytest.approx(value, rel=1e-5)
+    assert helpers.max_difference(expected, new_state.params) < 1e-6
+
+
+def test_lmbda_is_the_share_of_on_policy_steps_drawn_from_the_seed_and_the_step(setup, tmp_path):
+    mixed = distill.DistillHyper(lmbda=0.3)
+    draws = [mixed.on_policy(0, step) for step in range(4000)]
+    assert abs(np.mean(draws) - 0.3) < 0.03
+    assert draws == [mixed.on_policy(0, step) for step in range(4000)]  # a resumed run draws the same
+    assert draws != [mixed.on_policy(1, step) for step in range(4000)]
+    assert all(distill.DistillHyper(lmbda=1.0).on_policy(0, s) for s in range(200))
+    assert not any(distill.DistillHyper(lmbda=0.0).on_policy(0, s) for s in range(200))
+
+    # an on-policy step of a mixed run samples the student exactly as lmbda = 1 does; the others are the dataset's
+    h, _, eos_id, _ = setup
+    task, m = _task(h)
+    mesh = helpers.mesh((1, 1, 1))
+    state, _ = _state(task, mesh, str(tmp_path), "mixed")
+    batch, _ = _completion_batch(eos_id)
+    half = distill.DistillHyper(beta=BETA, lmbda=0.5)
+    on, off = (next(s for s in range(100) if half.on_policy(0, s) is flag) for flag in (True, False))
+    rollouts = distill.DistillRollouts(mesh, m, half, sampling=onpolicy.Sampling(NEW_TOKENS, 1.0), eos_id=eos_id,
+                                       pad_id=0)
+    sampled, logged = rollouts(state, on, batch)
+    assert logged == {"on_policy": 1.0}
+    np.testing.assert_array_equal(jax.device_get(sampled)["tokens"], _rollout(m, h, state, mesh, eos_id)["tokens"])
+    dataset, logged = rollouts(state, off, batch)
+    assert logged == {"on_policy": 0.0}
+    np.testing.assert_array_equal(jax.device_get(dataset)["response"], batch["completion"])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(beta=1.5), "distill.beta must be in [0, 1], got 1.5."),
     (dict(temperature=0.0), "distill.temperature must be > 0, got 0.0."),
+    (dict(lmbda=1.5), "distill.lmbda must be in [0, 1], got 1.5."),
+    (dict(seq_kd=True), "distill.seq_kd samples from the teacher on the 1 − lmbda share of steps"),
 ])
 def test_bad_settings_are_one_line(kwargs, message):
     with pytest.raises(errors.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -109,7 +109,7 @@ class Chains:
             values.update({f"model.{k}": v for k, v in FAMILIES[family].items()})
         config = stage_config(stage, values)
         workdir = self.workdir(family, stage)
-        task = BUILDERS[stage](config, workdir, self.mesh)
+        task = BUILDERS[stage].build_task(config, workdir, self.mesh)
         task.metadata.update(weights.inherited_metadata(config))  # as `flaxalign train` does
 
         state, shardings, restored = loop.initial_state(task, 0, self.mesh,

@@ -13,6 +13,7 @@ import pytest
 
 from flaxalign import models
 from flaxalign.data.batching import left_pad_prompts
+from flaxalign.losses import group_rl
 from flaxalign.models import heads
 from flaxalign.policy import TrainableModel
 from flaxalign.stages import group_rollout, grpo, onpolicy
@@ -22,6 +23,7 @@ from flaxalign.train.jit import CompiledStep
 from flaxalign.train.task import Task
 from tests import cli_helpers as cli
 from tests import helpers, rollout_reference
+from tests.config_files import stage_config
 
 CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2)
 G, PROMPTS, NEW_TOKENS = 4, 4, 6
@@ -220,6 +222,30 @@ class _GroupScorer:
         index = np.asarray(jax.device_get(rollout["index"]))
         self.seen.append(jax.device_get(rollout))
         return np.where(index % 2 == 0, 1.0, np.tile(np.arange(G, dtype=np.float64), len(index) // G)), {}
+
+
+def test_a_new_advantage_estimator_is_its_function_and_one_registration(monkeypatch):
+    """What adding an advantage estimator with its own hyper-parameter takes: the function and one registry entry in
+    `losses/group_rl.py` (stood in for here by monkeypatching the registry). The `grpo` config block then has the
+    field, `GrpoHyper.from_config` carries it and the stage's advantages use it: no stage or config file changes."""
+    def scaled(e, h):
+        return h.advantage_scale * group_rl.grpo_advantages(e.rewards, e.group_size)
+
+    monkeypatch.setitem(group_rl.ADVANTAGE_ESTIMATORS._entries, "scaled_grpo",
+                        group_rl.Estimator(scaled, kl_in_reward=False, hyper={"advantage_scale": 2.0}))
+    assert stage_config("grpo").grpo.advantage_scale == 2.0
+    h = grpo.GrpoHyper.from_config(stage_config("grpo", {"grpo.algorithm": "scaled_grpo",
+                                                         "grpo.advantage_scale": 3.0, "grpo.group_size": 2}).grpo)
+    assert dict(h.estimator_hyper)["advantage_scale"] == 3.0 and h.settings()["advantage_scale"] == 3.0
+    rewards = np.array([1.0, 0.0, 0.5, 2.0], np.float32)
+    batch = {"response_mask": np.ones((4, 3), np.int32), "old_logps": np.zeros((4, 3), np.float32),
+             "ref_logps": np.zeros((4, 3), np.float32)}
+    ours = grpo.grpo_advantages_of(batch, rewards, h)
+    expected = 3.0 * np.asarray(group_rl.grpo_advantages(rewards, 2))
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    assert np.abs(expected).max() > 0.5
+    with pytest.raises(group_rl.RLLossError, match="advantage_scale"):
+        group_rl.estimator_hyper("grpo", 0.0, advantage_scal=1.0)
 
 
 def test_dynamic_sampling_keeps_informative_groups_and_refills_from_new_prompts(tmp_path):
