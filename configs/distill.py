@@ -36,10 +36,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=0.9, top_k=0,
                                                top_p=1.0))
     # beta: 0 = forward KL(teacher ‖ student), 1 = reverse KL, between = generalized JSD; temperature of both
-    # distributions in the loss; lmbda: the share of steps on the student's own samples (TRL's default is 0.5); the
-    # other steps train on the teacher's samples with seq_kd (sequence-level KD), else on the dataset's completions
-    # (then data.train holds sft records: prompt/completion or messages)
-    c.distill = ml_collections.ConfigDict(dict(beta=0.5, temperature=0.9, lmbda=1.0, seq_kd=False))
+    # distributions in the loss (1, as TRL's GKD loss; the samples are drawn at rollout.temperature, TRL's 0.9);
+    # lmbda: the share of steps on the student's own samples (TRL's default is 0.5); the other steps train on the
+    # teacher's samples with seq_kd (sequence-level KD), else on the dataset's completions (then data.train holds
+    # sft records: prompt/completion or messages)
+    c.distill = ml_collections.ConfigDict(dict(beta=0.5, temperature=1.0, lmbda=1.0, seq_kd=False))
 
     c.lora = config_blocks.lora()
     c.lora.rank = p.get("lora_rank", 0)

@@ -5,12 +5,14 @@
   reward rises by at least one standard deviation of its initial distribution while the KL stays below a budget.
 * GRPO with the exact-answer reward from an SFT run on the single-digit arithmetic task: held-out exact-answer
   accuracy (one sample per prompt at the rollout temperature, and greedy) rises by at least 15 points; likewise
-  GSPO (sequence-level importance ratios and clipping, the GSPO paper's ε = 3e-4 / 4e-4).
+  GSPO (sequence-level importance ratios and clipping, the GSPO paper's ε = 3e-4 / 4e-4), CISPO, REINFORCE++ and
+  DAPO (clip-higher, dynamic sampling, overlong shaping).
 * Online DPO from that SFT model, pairs ranked by a reward model trained from it on the built-in preference pairs:
   the held-out reward-model score of sampled responses rises by at least 0.15 (the score is normalised to mean 0,
   std 1 on the SFT model's samples).
 * On-policy distillation (GKD) of that SFT model into a one-layer student trained from scratch: the held-out
-  teacher–student divergence (JSD_0.5 and forward KL per token, on the student's own samples) falls to a quarter.
+  teacher–student divergence (JSD_0.5 and forward KL per token, on the student's own samples) falls to a quarter;
+  likewise with half the steps on the teacher's own SFT completions (lmbda = 0.5).
 """
 
 import pytest
@@ -73,10 +75,14 @@ def arithmetic_sft_run(clm_demo_run, tmp_path_factory):
 
 GSPO = ["--config.grpo.importance_sampling_level=sequence", "--config.grpo.loss_type=grpo",
         "--config.grpo.clip_eps=3e-4", "--config.grpo.clip_eps_high=4e-4"]
+CISPO = ["--config.grpo.policy_loss=cispo"]
+REINFORCE_PP = ["--config.grpo.algorithm=reinforce_pp"]
+DAPO = ["--config.grpo.clip_eps_high=0.28", "--config.grpo.dynamic_sampling=true", "--config.grpo.overlong_buffer=4"]
 
 
 @pytest.mark.timeout(DEMO_TIMEOUT + STAGE_TIMEOUT + GRPO_TIMEOUT + MARGIN)  # arithmetic_sft_run + GRPO
-@pytest.mark.parametrize("method, flags", [("GRPO", []), ("GSPO", GSPO)])
+@pytest.mark.parametrize("method, flags", [("GRPO", []), ("GSPO", GSPO), ("CISPO", CISPO),
+                                           ("REINFORCE++", REINFORCE_PP), ("DAPO", DAPO)])
 def test_grpo_family_raises_exact_answer_accuracy(arithmetic_sft_run, tmp_path, method, flags):
     workdir = str(tmp_path / method)
     rc, _, err = cli.run(["--config=configs/grpo.py:tiny", f"--workdir={workdir}",
@@ -93,15 +99,19 @@ def test_grpo_family_raises_exact_answer_accuracy(arithmetic_sft_run, tmp_path, 
 
 
 @pytest.mark.timeout(DEMO_TIMEOUT + 2 * STAGE_TIMEOUT + MARGIN)  # arithmetic_sft_run + the distillation run
-def test_gkd_lowers_the_held_out_teacher_student_divergence(arithmetic_sft_run, tmp_path):
+@pytest.mark.parametrize("mix, flags", [
+    ("on-policy", []),
+    ("half on the teacher's SFT completions", ["--config.distill.lmbda=0.5",
+                                                "--config.data.train=builtin:arithmetic_sft?seed=1&max=9"])])
+def test_gkd_lowers_the_held_out_teacher_student_divergence(arithmetic_sft_run, tmp_path, mix, flags):
     workdir = str(tmp_path / "gkd")
     rc, _, err = cli.run(["--config=configs/distill.py:tiny", f"--workdir={workdir}",
-                          f"--config.teacher_from=checkpoint:{arithmetic_sft_run}"], cpu_devices=1,
+                          f"--config.teacher_from=checkpoint:{arithmetic_sft_run}", *flags], cpu_devices=1,
                          timeout=STAGE_TIMEOUT)
     assert rc == 0, err[-2000:]
     evals = _evals(workdir, "eval_jsd")
     start, end = evals[0][1], evals[-1][1]
-    print("GKD held-out JSD / KL(teacher ‖ student) per token: " + ", ".join(
+    print(f"GKD ({mix}) held-out JSD / KL(teacher ‖ student) per token: " + ", ".join(
         f"step {step}: {row['eval_jsd']:.4f}/{row['eval_kl_teacher_student']:.4f}" for step, row in evals))
     assert end["eval_jsd"] <= 0.25 * start["eval_jsd"]
     assert end["eval_kl_teacher_student"] <= 0.25 * start["eval_kl_teacher_student"]

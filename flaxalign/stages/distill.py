@@ -39,7 +39,7 @@ ROLLOUT_KEYS = ("tokens", "mask", "response", "response_mask", "ended")
 class DistillHyper:
     """The `distill` block, validated (defaults: TRL GKDConfig)."""
     beta: float = 0.5
-    temperature: float = 0.9
+    temperature: float = 1.0  # of both distributions in the loss (TRL: 1; the rollout samples at its own)
     seq_kd: bool = False  # the off-policy steps use the teacher's samples (sequence-level KD), not the dataset's
     lmbda: float = 1.0  # the probability that a step's responses are the student's own samples (TRL: 0.5)
 
