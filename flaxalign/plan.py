@@ -308,8 +308,8 @@ def plan(config, topology: str, *, mfu: float = 0.4) -> dict:
 
 def _plan_rollout(report: dict, spec, state, task, model_config, mesh, config, started: float) -> None:
     """Adds the RL rollout to `report` (`plan_rollout.rollout_report`): `rollout`, `update_s`, `step_time_s` =
-    rollout + update, `step_time_max_s` = `rollout.rounds` rollouts + update (dynamic sampling's refills), and
-    `fits` / `message` for the rollout phase too."""
+    rollout × the share of steps that sample + update, `step_time_max_s` = `rollout.rounds` rollouts + update
+    (dynamic sampling's refills), and `fits` / `message` for the rollout phase too."""
     chip = CHIPS[report["topology"].split(":")[0]]
     try:
         rollout = plan_rollout.rollout_report(spec, state, model_config, mesh, memory_of=_memory, chip=chip,
@@ -322,9 +322,10 @@ def _plan_rollout(report: dict, spec, state, task, model_config, mesh, config, s
                       compile_s=time.time() - started)
         report.setdefault("message", rollout_overflow_message(report, oom["needed"], config, at_least=True))
         return
-    update_s = max(task.flops_per_step - rollout["rollout_flops"], 0.0) / (
+    # a step samples with probability `spec.share` (else it reads its responses from the data): expected costs
+    update_s = max(task.flops_per_step - spec.share * rollout["rollout_flops"], 0.0) / (
         report["chips"] * chip.peak_flops * report["mfu"])
-    report.update(rollout=rollout, update_s=update_s, step_time_s=rollout["rollout_s"] + update_s,
+    report.update(rollout=rollout, update_s=update_s, step_time_s=spec.share * rollout["rollout_s"] + update_s,
                   step_time_max_s=spec.rounds * rollout["rollout_s"] + update_s, compile_s=time.time() - started)
     if rollout["phase_total"] > chip.usable_bytes:
         report["fits"] = False

@@ -120,7 +120,9 @@ def same_vocabulary(policy_meta: dict, source: str, model_config: models.ModelCo
             f"the {field} checkpoint {source} has vocab_size={vocab} but the policy has {model_config.vocab_size}; "
             f"the {field} model must use the policy's vocabulary.")
     theirs, ours = meta.get("tokenizer", ""), policy_meta.get("tokenizer", "")
-    if theirs and ours and _file_digest(theirs) != _file_digest(ours):
+    # compared only when the policy's tokenizer is on this machine (`plan` may run where it is not; training then
+    # stops at loading it, with its own error)
+    if theirs and ours and os.path.exists(ours) and _file_digest(theirs) != _file_digest(ours):
         raise errors.ConfigError(
             f"the {field} checkpoint {source} was trained with tokenizer {theirs}, which differs from the policy's "
             f"{ours}; the {field} model must use the policy's vocabulary.")

@@ -4,6 +4,7 @@ ahead-of-time compiles for TPU topologies need libtpu and are marked `tpu` (./la
 import importlib.util
 import math
 import os
+import types
 
 import jax
 import ml_collections
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from flaxalign import errors, models, plan, sharding
+from flaxalign.stages.description import RolloutSpec
 from tests import cli_helpers as cli
 
 GIB = 2 ** 30
@@ -135,6 +137,24 @@ def test_format_report():
     oom = plan.format_report(report(memory=None, fits=False, compile_error="RESOURCE_EXHAUSTED: …",
                                     xla_flops_per_chip=None))
     assert "the compile ran out of HBM: RESOURCE_EXHAUSTED" in oom and "XLA cost" not in oom
+
+
+def test_rl_step_time_counts_the_sampled_share_and_dynamic_sampling_rounds(monkeypatch):
+    """The expected step time counts one rollout on the share of steps that sample (distillation's lmbda), the
+    longest one every rollout dynamic sampling may run; the update is the step's FLOPs less the expected rollout's."""
+    rollout = {"rollout_flops": 4e14, "rollout_s": 2.0, "phase_total": GIB, "roles": {"policy (trained)": GIB},
+               "kv_cache": GIB, "sampler_memory": {"total": GIB, "argument": GIB, "temp": GIB}, "resident": 0,
+               "prefill_s": 0.5, "decode_s": 1.0, "scoring_s": 0.5, "hbm_bandwidth": 8.19e11, "rounds": 3}
+    monkeypatch.setattr(plan.plan_rollout, "rollout_report", lambda *a, **k: dict(rollout))
+    spec = RolloutSpec(policy=None, sampling=None, rows=8, prompt_len=16, policy_params=None, scoring_forwards=1,
+                       rounds=3, share=0.25)
+    result = report(stage="grpo")
+    plan._plan_rollout(result, spec, None, types.SimpleNamespace(flops_per_step=1e15), None, None, None, 0.0)
+    update = (1e15 - 0.25 * 4e14) / (8 * 197e12 * 0.4)
+    assert result["update_s"] == pytest.approx(update)
+    assert result["step_time_s"] == pytest.approx(0.25 * 2.0 + update)
+    assert result["step_time_max_s"] == pytest.approx(3 * 2.0 + update)
+    assert f"up to 3 rollouts per step: a step takes up to {3 * 2.0 + update:.3g} s" in plan.format_report(result)
 
 
 def test_require_fit():

@@ -142,12 +142,13 @@ def build_prompt_completion_datasets(data_cfg, tokenizer, *, max_prompt_len: int
     for name, (spec, records) in read_splits(data_cfg, "sft").items():
         if not records:
             raise DataError(f"the {name} split of '{spec}' has no records; give it at least one sft record.")
-        prompts, completions, full, truncated, cut = [], [], [], 0, 0
+        prompts, completions, full, truncated, removed, cut = [], [], [], 0, 0, 0
         for index, record in enumerate(records):
             ids, mask = sft_example(record, tokenizer, data_cfg.chat_template, source=f"{name} record {index}")
             prompt, completion = split_completion(ids, mask)
             kept = truncate_prompt_left(prompt, max_prompt_len, tokenizer.bos_id)
             truncated += len(kept) < len(prompt)
+            removed += len(prompt) - len(kept)
             cut += len(completion) > max_completion_len
             prompts.append(kept)
             full.append(completion)
@@ -166,6 +167,6 @@ def build_prompt_completion_datasets(data_cfg, tokenizer, *, max_prompt_len: int
                                                                 if m["role"] == "assistant")]}
                                   for r in records]
         stats.update({f"{name}_prompts": len(prompts), f"{name}_truncated": int(truncated),
-                      f"{name}_completions_cut": int(cut), f"{name}_conversations": sum(map(is_conversation, records))})
+                      f"{name}_tokens_removed": int(removed), f"{name}_completions_cut": int(cut), f"{name}_conversations": sum(map(is_conversation, records))})
     log("data: " + ", ".join(f"{key}={value}" for key, value in stats.items()))
     return PromptData(train=splits["train"], eval=splits["eval"], records=records_by_split, stats=stats)

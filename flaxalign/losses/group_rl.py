@@ -192,18 +192,23 @@ def estimator_hyper_defaults() -> dict:
 
 
 def estimator_hyper(algorithm: str, beta: float, **hyper) -> types.SimpleNamespace:
-    """`algorithm`'s hyper-parameters: β, then its own (`Estimator.hyper`) from `hyper` or their defaults,
-    validated. Names that belong to another estimator are accepted and ignored; any other name is refused."""
-    entry = ADVANTAGE_ESTIMATORS[algorithm]
+    """`algorithm`'s hyper-parameters: β, then its own (`Estimator.hyper`) from `hyper` or their defaults. Every
+    value is validated by the check of the estimator it belongs to; names that belong to another estimator are
+    then ignored, any other name is refused."""
     known = estimator_hyper_defaults()
     unknown = sorted(set(hyper) - set(known))
     if unknown:
         raise RLLossError(f"Unknown advantage-estimator hyper-parameter {', '.join(unknown)}; known: "
                           f"{', '.join(known)}.")
-    h = types.SimpleNamespace(beta=beta, **{name: hyper.get(name, default) for name, default in entry.hyper.items()})
-    if entry.check is not None:
-        entry.check(h)
-    return h
+
+    def filled(entry):
+        return types.SimpleNamespace(beta=beta, **{name: hyper.get(name, default)
+                                                   for name, default in entry.hyper.items()})
+
+    for _, entry in ADVANTAGE_ESTIMATORS.items():
+        if entry.check is not None:
+            entry.check(filled(entry))
+    return filled(ADVANTAGE_ESTIMATORS[algorithm])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ class RolloutSpec:
     prompt_len: int
     policy_params: Callable  # state.params -> the policy's trained part
     scoring_forwards: int  # forward passes of the learner's scoring: old log-probs, reference, value, reward model
-    rounds: int = 1  # the most sampling rounds a step may run (DAPO's dynamic sampling refills with more)
+    rounds: int = 1  # the most rollouts a step may run, the first included (DAPO's dynamic sampling refills)
+    share: float = 1.0  # the expected share of steps that sample (distillation's lmbda; the others read the data)
 
 
 @dataclasses.dataclass(frozen=True)

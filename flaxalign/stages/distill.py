@@ -216,8 +216,7 @@ def describe(config, mesh) -> Description:
     student = weights.trainable_model(config, model_config)
     core = distill_core(config, student, h, sampling, teacher, init_base=weights.initializer(model_config, init_path))
     m, optimizer = core.models, core.optimizer
-    identity = {**student.identity(), "teacher_from": config.teacher_from, "seq_kd": h.seq_kd,
-                "lmbda": h.lmbda}
+    identity = {**student.identity(), "teacher_from": config.teacher_from, "seq_kd": h.seq_kd}
     task = Task(
         name="distill", optimizer=optimizer,
         train_step=functools.partial(distill_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
@@ -231,7 +230,8 @@ def describe(config, mesh) -> Description:
     return Description(
         task, model_config, meta, init_path, abstract_batch=lambda _: {k: sampled[k] for k in ROLLOUT_KEYS},
         rollout=RolloutSpec(m.student, sampling, rows, config.data.max_prompt_len,
-                            policy_params=lambda params: params, scoring_forwards=1),
+                            policy_params=lambda params: params, scoring_forwards=1,
+                            share=1.0 if h.seq_kd else h.lmbda),
         parts={"hyper": h, "sampling": sampling, "models": m})
 
 

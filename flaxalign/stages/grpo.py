@@ -241,7 +241,7 @@ def describe(config, mesh) -> Description:
                                                             with_reference=h.needs_reference),
         rollout=RolloutSpec(m.policy, sampling, rows, config.data.max_prompt_len, policy_params=lambda params: params,
                             scoring_forwards=1 + int(h.needs_reference) + int(rm is not None),
-                            rounds=1 + (h.dynamic_sampling_max_rounds if h.dynamic_sampling else 0)),
+                            rounds=h.dynamic_sampling_max_rounds if h.dynamic_sampling else 1),
         parts={"hyper": h, "sampling": sampling, "models": m, "reward_model": rm})
 
 
