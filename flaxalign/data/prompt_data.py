@@ -167,6 +167,7 @@ def build_prompt_completion_datasets(data_cfg, tokenizer, *, max_prompt_len: int
                                                                 if m["role"] == "assistant")]}
                                   for r in records]
         stats.update({f"{name}_prompts": len(prompts), f"{name}_truncated": int(truncated),
-                      f"{name}_tokens_removed": int(removed), f"{name}_completions_cut": int(cut), f"{name}_conversations": sum(map(is_conversation, records))})
+                      f"{name}_tokens_removed": int(removed), f"{name}_completions_cut": int(cut),
+                      f"{name}_conversations": sum(map(is_conversation, records))})
     log("data: " + ", ".join(f"{key}={value}" for key, value in stats.items()))
     return PromptData(train=splits["train"], eval=splits["eval"], records=records_by_split, stats=stats)
