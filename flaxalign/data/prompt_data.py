@@ -128,6 +128,15 @@ def split_completion(ids: list[int], mask: list[int]) -> tuple[list[int], list[i
     return list(ids[:start]), list(ids[start:end])
 
 
+def _prompt_of(record: dict) -> dict:
+    """The `prompt` record of an `sft` record: its prompt, or its messages before the last assistant turn."""
+    if "prompt" in record:
+        return {"prompt": record["prompt"]}
+    messages = record["messages"]
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    return {"prompt": messages[:last]}
+
+
 def build_prompt_completion_datasets(data_cfg, tokenizer, *, max_prompt_len: int, max_completion_len: int,
                                      log=print) -> PromptData:
     """`sft` records (prompt/completion or messages) → the prompt arrays of `build_prompt_datasets` plus int32
@@ -162,10 +171,7 @@ def build_prompt_completion_datasets(data_cfg, tokenizer, *, max_prompt_len: int
             arrays["completion"][row, :len(completion)] = completion
             arrays["completion_mask"][row, :len(completion)] = 1
         splits[name] = arrays
-        records_by_split[name] = [{"prompt": r["prompt"]} if "prompt" in r else
-                                  {"prompt": r["messages"][:max(i for i, m in enumerate(r["messages"])
-                                                                if m["role"] == "assistant")]}
-                                  for r in records]
+        records_by_split[name] = [_prompt_of(record) for record in records]
         stats.update({f"{name}_prompts": len(prompts), f"{name}_truncated": int(truncated),
                       f"{name}_tokens_removed": int(removed), f"{name}_completions_cut": int(cut),
                       f"{name}_conversations": sum(map(is_conversation, records))})
