@@ -53,6 +53,8 @@ def role_bytes(spec: RolloutSpec, state) -> dict[str, int]:
         out[label] = per_chip_bytes(frozen["policy"])
     if "reward" in frozen:
         out["reward model"] = per_chip_bytes(frozen["reward"])
+    if "teacher" in frozen:
+        out["teacher (frozen)"] = per_chip_bytes(frozen["teacher"])
     out["optimizer state"] = per_chip_bytes(state.opt_state)
     return out
 

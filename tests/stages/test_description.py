@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxalign import sharding
+from flaxalign import plan, plan_rollout, sharding
 from flaxalign.stages import STAGES
 from flaxalign.train import loop
 from flaxalign.train.checkpoint import Checkpointer
@@ -79,3 +79,16 @@ def test_training_adds_data_to_the_description_that_plan_compiles(files, case, t
             assert width <= expected[key][0][1] and width > real["response"].shape[1]
             got[key] = ((rows, expected[key][0][1]), dtype)
     assert got == expected
+
+
+def test_the_distillation_plan_names_the_teacher_among_the_roles(files):  # noqa: F811
+    """What `plan` reports per role for distillation: the trained student, the frozen teacher (the CLM run's
+    architecture, from its metadata only) and the optimizer state, each as the bytes one chip holds."""
+    config = stage_config("distill", {k: v.format(**files) if isinstance(v, str) else v
+                                      for k, v in BASE["distill"].items()})
+    mesh = sharding.make_mesh(-1, 1, 1)
+    task, _, batch, rollout = plan.abstract_task(config, mesh)
+    state, _, _ = plan.abstract_arguments(task, batch, mesh, config.seed)
+    roles = plan_rollout.role_bytes(rollout, state)
+    assert list(roles) == ["policy (trained)", "teacher (frozen)", "optimizer state"]
+    assert roles["teacher (frozen)"] == plan_rollout.per_chip_bytes(state.frozen["teacher"]) > 0
