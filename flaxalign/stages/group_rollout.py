@@ -65,13 +65,14 @@ def score_rollout(state: TrainState, rollout: dict, index, *, m: RolloutModels, 
 
 def abstract_rollout_batch(m: RolloutModels, sampling, rows: int, prompt_len: int, *, with_reference: bool):
     """abstract train state -> the abstract train batch of a group-rollout stage: `score_rollout`'s output of a
-    rollout of `rows` rows of prompts `prompt_len` wide, with its `rewards`."""
+    rollout of `rows` rows of prompts `prompt_len` wide, with its `rewards` and `group_weight`."""
 
     def batch(state) -> dict:
         score = functools.partial(score_rollout, m=m, with_reference=with_reference)
         out = jax.eval_shape(score, state, sampler.rollout_shapes(rows, prompt_len, sampling),
                              jax.ShapeDtypeStruct((rows,), jnp.int32))
-        return {**out, "rewards": jax.ShapeDtypeStruct((rows,), jnp.float32)}
+        return {**out, "rewards": jax.ShapeDtypeStruct((rows,), jnp.float32),
+                "group_weight": jax.ShapeDtypeStruct((rows,), jnp.float32)}
 
     return batch
 
@@ -132,8 +133,10 @@ class GroupRollouts:
     With `dynamic_sampling_rounds` > 0 (DAPO's dynamic sampling), groups whose G rewards are all equal are dropped
     and the batch is refilled with the informative groups of further rollouts of the next prompt batches (`draw`,
     rng fold_in(…, round)), at most `dynamic_sampling_rounds` rollouts in all; slots still empty then keep the first
-    rollout's dropped groups (which teach nothing but their KL term). Logged: `dynamic_sampling/rounds`,
-    `/dropped_groups`, `/filled_groups`; the per-function reward means are the first rollout's."""
+    rollout's dropped groups with `group_weight` 0 (the step zeroes their advantages: they teach nothing but their KL
+    term, even where reward shaping in the step would tell their samples apart). Logged: `dynamic_sampling/rounds`,
+    `/dropped_groups`, `/filled_groups`; the per-function reward means are the first rollout's. The rollout carries
+    `rewards` and `group_weight` (1 for every row without dynamic sampling), both `[B]`."""
 
     def __init__(self, mesh, scorer: Scorer, *, group_size: int, m: RolloutModels, sampling: onpolicy.Sampling,
                  eos_id: int, pad_id: int, with_reference: bool, dynamic_sampling_rounds: int = 0, engine=None):
@@ -147,16 +150,19 @@ class GroupRollouts:
 
     def __call__(self, state, step, batch, draw=None):
         rollout, rewards, logged = self._rollout(state, batch, 0)
+        group_weight = np.ones(rewards.size, np.float32)
         if self.dynamic_sampling_rounds:
-            rollout, rewards, counts = self._refill(state, rollout, rewards, draw, batch["input_ids"].shape[1])
+            rollout, rewards, group_weight, counts = self._refill(state, rollout, rewards, draw,
+                                                                  batch["input_ids"].shape[1])
             logged.update(counts)
         bad = int(np.sum(~np.isfinite(rewards)))
         if bad:
             logging.warning("step %d: %d of %d rewards are not finite; this update is skipped.", step, bad,
                             rewards.size)
         rows = sharding.batch_sharding(self.mesh, rewards.size, 1)
-        rollout["rewards"] = jax.make_array_from_callback(rewards.shape, rows,
-                                                          lambda index: rewards[index].astype(np.float32))
+        for name, values in (("rewards", rewards), ("group_weight", group_weight)):
+            rollout[name] = jax.make_array_from_callback(values.shape, rows,
+                                                         lambda index, v=values: v[index].astype(np.float32))
         return rollout, logged
 
     def _rollout(self, state, batch, round_: int):
@@ -195,15 +201,17 @@ class GroupRollouts:
         chosen = np.asarray((kept[:groups] + filled)[:groups])
         counts = {"dynamic_sampling/rounds": float(len(rollouts)), "dynamic_sampling/dropped_groups": float(
             len(dropped)), "dynamic_sampling/filled_groups": float(len(filled))}
+        # 1 for the informative (or non-finite) groups, 0 for the fill
+        group_weight = np.repeat((np.arange(groups) < min(len(kept), groups)).astype(np.float32), g)
         if len(rollouts) == 1 and np.array_equal(chosen, np.arange(groups)):
-            return rollout, rewards, counts  # every group of the first rollout is kept, in order
+            return rollout, rewards, group_weight, counts  # every group of the first rollout is kept, in order
         rows = (chosen[:, None] * g + np.arange(g)).reshape(-1)
         # one width for every round (the widest untrimmed prompt + response): one compile of the selection per
         # number of rounds, whatever the prompt buckets
         width = max(max(widths), *(r["tokens"].shape[1] for r in rollouts))
         with jax.set_mesh(self.mesh):
             selected = self.select([self.pad(r, width=width) for r in rollouts], rows)
-        return selected, rewards[rows], counts
+        return selected, rewards[rows], group_weight, counts
 
 
 def left_pad_rollout(rollout: dict, *, width: int) -> dict:

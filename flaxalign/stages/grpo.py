@@ -180,6 +180,8 @@ def _grpo_update(state, batch, *, m, h, optimizer, grad_accum):
                                    factor=h.overlong_penalty)
         rewards = rewards + penalty
     advantages = grpo_advantages_of(batch, rewards, h)
+    if "group_weight" in batch:  # dynamic sampling's fill: no policy gradient (the shaping would tell them apart)
+        advantages = advantages * batch["group_weight"].reshape((-1,) + (1,) * (advantages.ndim - 1))
     train = {k: batch[k] for k in ("tokens", "mask", "response", "response_mask", "old_logps", "ref_logps")}
     train["advantages"] = advantages
     is_weights, sampler_metrics = sampler_correction(

@@ -289,6 +289,21 @@ def test_dynamic_sampling_keeps_informative_groups_and_refills_from_new_prompts(
     out, logged = one_round(state, 0, prompts(0, widths[0]), lambda: pytest.fail("no second round was allowed"))
     assert logged["dynamic_sampling/filled_groups"] == 2.0
     np.testing.assert_array_equal(jax.device_get(out["index"]), np.repeat([1, 3, 0, 2], G))
+    np.testing.assert_array_equal(jax.device_get(out["group_weight"]), np.repeat([1.0, 1.0, 0.0, 0.0], G))
+
+    # the fill gets no policy gradient: with rewards that would tell its samples apart (as reward shaping in the step
+    # can), the update equals the one where the filled groups' rewards are equal
+    out = dict(jax.device_get(out))
+    spread, flat = dict(out), dict(out)
+    spread["rewards"] = np.tile(np.arange(G, dtype=np.float32), 4)
+    flat["rewards"] = np.concatenate([spread["rewards"][: 2 * G], np.zeros(2 * G, np.float32)])
+    ones = {**spread, "group_weight": np.ones(4 * G, np.float32)}
+    new = {}
+    for name, batch in (("spread", spread), ("flat", flat), ("ones", ones)):
+        fresh, shardings = _state(task, mesh, str(tmp_path), f"fill_{name}")  # the step donates its state
+        new[name] = jax.device_get(CompiledStep(task.train_step, mesh, shardings)(fresh, batch)[0].params)
+    assert helpers.max_difference(new["spread"], new["flat"]) < 1e-7
+    assert helpers.max_difference(new["spread"], new["ones"]) > 1e-5
 
 
 class _NanGroupScorer:
