@@ -217,15 +217,12 @@ def describe(config, mesh) -> Description:
     core = distill_core(config, student, h, sampling, teacher, init_base=weights.initializer(model_config, init_path))
     m, optimizer = core.models, core.optimizer
     identity = {**student.identity(), "teacher_from": config.teacher_from, "seq_kd": h.seq_kd}
-    task = Task(
-        name="distill", optimizer=optimizer,
-        train_step=functools.partial(distill_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
-        eval_step=None, train_data=None, eval_batches=None, tokens_per_step=core.tokens, flops_per_step=core.flops,
-        metadata={"stage": "distill", **student.metadata(), "resume_identity": identity,
-                  "init_from": config.init_from, "teacher_from": config.teacher_from, "model_params": "params",
-                  "model_frozen": "frozen/policy", "distill": dataclasses.asdict(h),
-                  "rollout": dataclasses.asdict(sampling)},
-        **core.layout)
+    task = onpolicy.rl_task(
+        "distill", core, functools.partial(distill_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
+        {"stage": "distill", **student.metadata(), "resume_identity": identity,
+         "init_from": config.init_from, "teacher_from": config.teacher_from, "model_params": "params",
+         "model_frozen": "frozen/policy", "distill": dataclasses.asdict(h),
+         "rollout": dataclasses.asdict(sampling)})
     sampled = sampler.rollout_shapes(rows, config.data.max_prompt_len, sampling)
     return Description(
         task, model_config, meta, init_path, abstract_batch=lambda _: {k: sampled[k] for k in ROLLOUT_KEYS},

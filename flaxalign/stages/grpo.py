@@ -229,14 +229,11 @@ def describe(config, mesh) -> Description:
     m, optimizer = core.models, core.optimizer
     identity = {**policy.identity(), "algorithm": h.algorithm, "reference": h.needs_reference,
                 "reward_model": rm[0].checkpoint_identity() if rm else None}
-    task = Task(
-        name="grpo", optimizer=optimizer,
-        train_step=functools.partial(grpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
-        eval_step=None, train_data=None, eval_batches=None, tokens_per_step=core.tokens, flops_per_step=core.flops,
-        metadata={"stage": "grpo", **policy.metadata(), "resume_identity": identity, "init_from": config.init_from,
-                  "model_params": "params", "model_frozen": "frozen/policy", "reward_from": config.reward_from,
-                  "grpo": h.settings(), "rollout": dataclasses.asdict(sampling)},
-        **core.layout)
+    task = onpolicy.rl_task(
+        "grpo", core, functools.partial(grpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
+        {"stage": "grpo", **policy.metadata(), "resume_identity": identity, "init_from": config.init_from,
+         "model_params": "params", "model_frozen": "frozen/policy", "reward_from": config.reward_from,
+         "grpo": h.settings(), "rollout": dataclasses.asdict(sampling)})
     return Description(
         task, model_config, meta, init_path,
         abstract_batch=group_rollout.abstract_rollout_batch(m, sampling, rows, config.data.max_prompt_len,

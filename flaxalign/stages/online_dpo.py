@@ -143,15 +143,13 @@ def describe(config, mesh) -> Description:
     m, optimizer = core.models, core.optimizer
     identity = {**policy.identity(), "loss_type": h.loss_type,
                 "reward_model": rm[0].checkpoint_identity() if rm else None}
-    task = Task(
-        name="online_dpo", optimizer=optimizer,
-        train_step=functools.partial(online_dpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
-        eval_step=None, train_data=None, eval_batches=None, tokens_per_step=core.tokens, flops_per_step=core.flops,
-        metadata={"stage": "online_dpo", **policy.metadata(), "resume_identity": identity,
-                  "init_from": config.init_from, "model_params": "params", "model_frozen": "frozen/policy",
-                  "reward_from": config.reward_from, "loss": dataclasses.asdict(h),
-                  "rollout": dataclasses.asdict(sampling)},
-        **core.layout)
+    task = onpolicy.rl_task(
+        "online_dpo", core,
+        functools.partial(online_dpo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
+        {"stage": "online_dpo", **policy.metadata(), "resume_identity": identity,
+         "init_from": config.init_from, "model_params": "params", "model_frozen": "frozen/policy",
+         "reward_from": config.reward_from, "loss": dataclasses.asdict(h),
+         "rollout": dataclasses.asdict(sampling)})
     rows = 2 * config.data.batch_size
     return Description(
         task, model_config, meta, init_path,

@@ -31,6 +31,7 @@ from flaxalign.stages.checks import check_rows
 from flaxalign.train.optim import make_optimizer
 from flaxalign.train.state import TrainState
 from flaxalign.train.step import accumulated_gradients, finite_update
+from flaxalign.train.task import Task
 
 PROMPT_KEYS = ("input_ids", "attention_mask", "positions")  # a batch of left-padded prompts
 
@@ -233,8 +234,7 @@ def token_sums(metrics: dict, skip=("tokens",)) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class RlCore:
-    """What an RL stage's task is made of, apart from data, tokenizer and host-side rollouts: shared by `build_task`
-    and `flaxalign plan` (which compiles the step without data)."""
+    """What an RL stage's task is made of, apart from its step, data, tokenizer and host-side rollouts (`rl_task`)."""
 
     models: Any
     layout: dict
@@ -242,3 +242,10 @@ class RlCore:
     tokens: int
     flops: float
     value_from: str = ""
+
+
+def rl_task(name: str, core: RlCore, train_step, metadata: dict) -> Task:
+    """The task of an RL stage before data (its `describe`): the step, and `core`'s layout, optimizer and cost."""
+    return Task(name=name, optimizer=core.optimizer, train_step=train_step, eval_step=None, train_data=None,
+                eval_batches=None, tokens_per_step=core.tokens, flops_per_step=core.flops, metadata=metadata,
+                **core.layout)

@@ -249,15 +249,12 @@ def describe(config, mesh) -> Description:
     m, optimizer = core.models, core.optimizer
     identity = {**policy.identity(), "value_from": core.value_from,
                 "reward_model": m.reward.backbone.config.checkpoint_identity()}
-    task = Task(
-        name="ppo", optimizer=optimizer,
-        train_step=functools.partial(ppo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
-        eval_step=None, train_data=None, eval_batches=None, tokens_per_step=core.tokens, flops_per_step=core.flops,
-        metadata={"stage": "ppo", **policy.metadata(), "resume_identity": identity,
-                  "model_params": "params/policy", "model_frozen": "frozen/policy", "init_from": config.init_from,
-                  "reward_from": config.reward_from, "ppo": dataclasses.asdict(h),
-                  "rollout": dataclasses.asdict(sampling)},
-        **core.layout)
+    task = onpolicy.rl_task(
+        "ppo", core, functools.partial(ppo_step, m=m, h=h, optimizer=optimizer, grad_accum=config.grad_accum),
+        {"stage": "ppo", **policy.metadata(), "resume_identity": identity,
+         "model_params": "params/policy", "model_frozen": "frozen/policy", "init_from": config.init_from,
+         "reward_from": config.reward_from, "ppo": dataclasses.asdict(h),
+         "rollout": dataclasses.asdict(sampling)})
     sampled = sampler.rollout_shapes(b, config.data.max_prompt_len, sampling)
     return Description(
         task, model_config, meta, init_path,
