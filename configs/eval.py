@@ -53,6 +53,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.max_prompt_len = p["max_prompt_len"]  # longer prompts are cut on the left
     c.max_new_tokens = p["max_new_tokens"]
     c.temperature = 0.7  # 0 = greedy
+    c.greedy_exact_match = True  # prompts with an answer are also answered greedily: exact_match/greedy_accuracy
     c.top_k = 0
     c.top_p = 1.0
     c.batch_size = p["batch_size"]  # rows per forward pass (sampling, scoring)
@@ -62,6 +63,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # and with reward_from the reward model's win rate of the policy over it.
     c.reference = ""
     c.reward_from = ""  # a reward model (checkpoint:DIR of a configs/reward.py run, or hf:DIR): mean score
+    # a second, independent reward model (the gold judge): gold/ scores and gold_win_rate/ against the reference
+    c.gold_reward_from = ""
     c.tie_margin = 0.0  # |score − reference score| ≤ margin is a tie
 
     # Perplexity: comma-separated text specs (files, folders, globs, JSONL text records, builtin:stdlib).

@@ -200,8 +200,8 @@ def arithmetic_tasks(n: int, seed: int = DEFAULT_ARITHMETIC_SEED, max_operand: i
             for a, op, b, value in (_problem(rng, max_operand) for _ in range(n))]
 
 
-def arithmetic_preferences(n: int, seed: int = DEFAULT_ARITHMETIC_SEED) -> list[dict]:
-    """Returns n preference records about the questions of `arithmetic_tasks(n, seed)`.
+def arithmetic_preferences(n: int, seed: int = DEFAULT_ARITHMETIC_SEED, max_operand: int = 99) -> list[dict]:
+    """Returns n preference records about the questions of `arithmetic_tasks(n, seed, max_operand)`.
 
     chosen is "The answer is {correct}."; rejected is, half the time, the same
     sentence with an answer off by 1 to 3, else a hedging sentence with an
@@ -211,7 +211,7 @@ def arithmetic_preferences(n: int, seed: int = DEFAULT_ARITHMETIC_SEED) -> list[
     # A second generator, so that the questions equal arithmetic_tasks'.
     wrong_rng = random.Random(f"wrong answers {seed}")
     records = []
-    for a, op, b, value in (_problem(rng) for _ in range(n)):
+    for a, op, b, value in (_problem(rng, max_operand) for _ in range(n)):
         records.append({
             "prompt": _question(a, op, b),
             "chosen": f"The answer is {value}.",
@@ -287,8 +287,8 @@ def builtin_records(spec: str, kind: str) -> list[dict]:
         return [{"prompt": t["prompt"], "completion": f"The answer is {t['answer']}."}
                 for t in arithmetic_tasks(n, seed, max_operand)]
     if base == "builtin:arithmetic_kto":
-        return unpair_preferences(arithmetic_preferences(n, seed))
-    return arithmetic_preferences(n, seed)
+        return unpair_preferences(arithmetic_preferences(n, seed, max_operand))
+    return arithmetic_preferences(n, seed, max_operand)
 
 
 _BUILTIN_PARAMS = {
@@ -296,8 +296,8 @@ _BUILTIN_PARAMS = {
     "builtin:sft": ("n",),
     "builtin:arithmetic_prompts": ("n", "seed", "max"),
     "builtin:arithmetic_sft": ("n", "seed", "max"),
-    "builtin:arithmetic_preferences": ("n", "seed"),
-    "builtin:arithmetic_kto": ("n", "seed"),
+    "builtin:arithmetic_preferences": ("n", "seed", "max"),
+    "builtin:arithmetic_kto": ("n", "seed", "max"),
 }
 
 

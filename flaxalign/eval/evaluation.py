@@ -4,13 +4,19 @@ Every part runs only when its config field is set:
 
 * `prompts` — the policy samples one response per prompt (the first `num_prompts` records; `temperature`, `top_k`,
   `top_p`, `max_new_tokens`, `seed`). From these: response lengths and EOS rate; distinct-1/2, repeated-trigram
-  rate and self-BLEU (`text_metrics`); exact-match accuracy on the records that have an `answer`.
+  rate and self-BLEU (`text_metrics`); exact-match accuracy on the records that have an `answer`, sampled and
+  (`greedy_exact_match`) greedy.
 * `reference` (a second policy): KL(π‖π_ref) on the policy's samples, Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)) over
   each response's tokens with the full-vocabulary KL of the untempered distributions (as `stages.dpo.sampled_kl`,
   but with two separate models: ≥ 0, and exactly 0 when both are the same weights).
 * `reward_from` (a reward model, normalised with its run's gain/bias): the mean score of the policy's responses;
   with a reference too, the reference also answers each prompt and the reward model judges the pair (win, tie and
   loss rates with `tie_margin`, and both mean scores and lengths).
+* `gold_reward_from` (a second reward model, e.g. one trained on pairs the policy's reward model never saw): the
+  same scores and win rates under `gold/` and `gold_win_rate/`, so that a policy's gain under the reward model it
+  was optimised against can be told from a gain under an independent judge (reward over-optimisation).
+* the exact-answer checker as a gold judge: with a `reference` and prompts that have an `answer`, the reference's
+  accuracy and the policy's win rate over it, per prompt (`exact_match/win_…`: a right answer beats a wrong one).
 * `text_files` — perplexity (`likelihood.perplexity`) of each comma-separated text spec and pooled.
 * `mc_file` — multiple-choice acc / acc_norm (`likelihood.multiple_choice`).
 * `refusal_prompts` — the refusal rate (`text_metrics.refusal_rate`) of the policy's responses to those prompts.
@@ -146,11 +152,12 @@ def prompt_arrays(records: list[dict], tokenizer, *, chat_template: str, max_pro
     return left_pad_prompts(ids, pad_id=tokenizer.pad_id, length=max_prompt_len)
 
 
-def make_sampler(model: Model, config, *, eos_id: int, pad_id: int):
+def make_sampler(model: Model, config, *, eos_id: int, pad_id: int, temperature: float | None = None):
     """`sample(prompts, rng)`: the model's responses from its `KVCacheSampler` (one compile per prompt shape) at
-    the evaluation's sampling settings, the `SAMPLE_KEYS` of the rollout."""
+    the evaluation's sampling settings (or another `temperature`; 0 = greedy), the `SAMPLE_KEYS` of the rollout."""
     engine = KVCacheSampler(functools.partial(models.merge, model.graphdef), eos_id=eos_id, pad_id=pad_id)
-    sampling = Sampling(config.max_new_tokens, config.temperature, config.top_k, config.top_p)
+    temperature = config.temperature if temperature is None else temperature
+    sampling = Sampling(config.max_new_tokens, temperature, config.top_k, config.top_p)
 
     def sample(prompts, rng):
         return {k: v for k, v in engine.sample(model.params, prompts, rng, sampling).items() if k in SAMPLE_KEYS}
@@ -316,12 +323,16 @@ def evaluate(config, checkpoint: str, mesh=None, *, workdir: str = "") -> dict:
             reference = load_policy(ref_source, mesh)
         if config.reward_from:
             rm = load_reward_model(config.reward_from, meta, policy.config, mesh)
-        metrics, per_spec, examples = run_parts(config, policy, reference, rm, tokenizer)
+        gold = None
+        if config.gold_reward_from:
+            gold = load_reward_model(config.gold_reward_from, meta, policy.config, mesh)
+        metrics, per_spec, examples = run_parts(config, policy, reference, rm, tokenizer, gold)
 
     step = checkpoint_step(source)
     out_dir = workdir or default_output_dir(checkpoint)
     result = {"checkpoint": checkpoint, "source": source, "step": step, "reference": config.reference,
-              "reward_from": config.reward_from, "output_dir": out_dir, "metrics": _plain(metrics),
+              "reward_from": config.reward_from, "gold_reward_from": config.gold_reward_from, "output_dir": out_dir,
+              "metrics": _plain(metrics),
               "perplexity_files": per_spec, "examples": examples, "settings": config.to_dict(),
               "wall_time_s": round(time.time() - started, 2)}
     if jax.process_index() == 0:
@@ -329,22 +340,26 @@ def evaluate(config, checkpoint: str, mesh=None, *, workdir: str = "") -> dict:
     return result
 
 
-def run_parts(config, policy: Model, reference, rm, tokenizer) -> tuple[dict, dict, list]:
-    """(flat metrics, per-spec perplexities, examples) of the parts the config sets (see the module docstring)."""
+def run_parts(config, policy: Model, reference, rm, tokenizer, gold=None) -> tuple[dict, dict, list]:
+    """(flat metrics, per-spec perplexities, examples) of the parts the config sets (see the module docstring);
+    `gold`: the gold reward model of `gold_reward_from`, or None."""
     metrics, per_spec, examples = {}, {}, []
     rng = jax.random.PRNGKey(config.seed)
     samplers = {}
     if config.prompts or config.refusal_prompts:
         check_length(policy, config, "policy")
         samplers["policy"] = make_sampler(policy, config, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    if config.prompts and rm is not None:
-        check_length(rm, config, "reward model")
+        if config.prompts and config.greedy_exact_match and config.temperature > 0:
+            samplers["greedy"] = make_sampler(policy, config, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                              temperature=0.0)
+    for judge, name in ((rm, "reward model"), (gold, "gold reward model")):
+        if config.prompts and judge is not None:
+            check_length(judge, config, name)
     if config.prompts and reference is not None:
         check_length(reference, config, "reference")
-        if rm is not None:
-            samplers["reference"] = make_sampler(reference, config, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        samplers["reference"] = make_sampler(reference, config, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     if config.prompts:
-        metrics_part, examples = sampled_part(config, policy, reference, rm, tokenizer, samplers, rng)
+        metrics_part, examples = sampled_part(config, policy, reference, rm, tokenizer, samplers, rng, gold=gold)
         metrics.update(metrics_part)
     elif reference is not None or rm is not None:
         logging.warning("eval: reference / reward_from are set but prompts is empty; nothing is sampled.")
@@ -368,9 +383,11 @@ def run_parts(config, policy: Model, reference, rm, tokenizer) -> tuple[dict, di
     return metrics, per_spec, examples
 
 
-def sampled_part(config, policy: Model, reference, rm, tokenizer, samplers: dict, rng) -> tuple[dict, list]:
-    """The metrics of the policy's responses to `prompts` (and the reference's, and their KL and reward), and the
-    first `num_examples` of them. `samplers`: `make_sampler` of the policy (and of the reference)."""
+def sampled_part(config, policy: Model, reference, rm, tokenizer, samplers: dict, rng,
+                 gold=None) -> tuple[dict, list]:
+    """The metrics of the policy's responses to `prompts` (and the reference's, and their KL, reward and gold
+    judgements), and the first `num_examples` of them. `samplers`: `make_sampler` of the policy (and "greedy", and
+    the reference's)."""
     records = read_prompts(config.prompts, config.num_prompts,
                            formats.from_config(config.get("prompts_format"), "prompts_format"))
     prompts = prompt_arrays(records, tokenizer, chat_template=config.chat_template,
@@ -379,9 +396,14 @@ def sampled_part(config, policy: Model, reference, rm, tokenizer, samplers: dict
     texts = samples["texts"]
     metrics = {**sample_metrics(samples), **diversity_metrics(texts)}
     answers = [r.get("answer") for r in records]
-    if any(a is not None for a in answers):
+    has_answers = any(a is not None for a in answers)
+    if has_answers:
         accuracy, n = text_metrics.exact_match_rate(texts, answers)
         metrics.update({"exact_match/accuracy": accuracy, "exact_match/n": n})
+        if config.greedy_exact_match:
+            greedy = texts if "greedy" not in samplers else sample_responses(
+                samplers["greedy"], prompts, tokenizer, rng, config.batch_size)["texts"]
+            metrics["exact_match/greedy_accuracy"] = text_metrics.exact_match_rate(greedy, answers)[0]
     shown = min(int(config.num_examples), len(records))
     examples = [{"prompt": p, "response": t} for p, t in zip(prompt_texts(records[:shown]), texts[:shown])]
     for example, answer in zip(examples, answers):
@@ -394,21 +416,35 @@ def sampled_part(config, policy: Model, reference, rm, tokenizer, samplers: dict
         metrics.update({"kl/mean": float(np.mean(kl)), "kl/std": float(np.std(kl)),
                         "kl/per_token": float(kl.sum() / tokens)})
         logging.info("eval: KL(policy || reference) = %.4f per response.", metrics["kl/mean"])
-    if rm is not None:
-        scores = reward_scores(rm, samples, config.batch_size)
-        metrics.update({"reward/score_mean": float(scores.mean()), "reward/score_std": float(scores.std())})
+    ref_samples = None
+    if reference is not None and (rm is not None or gold is not None or has_answers):
+        ref_samples = sample_responses(samplers["reference"], prompts, tokenizer, jax.random.fold_in(rng, 1),
+                                       config.batch_size)
+        metrics.update(sample_metrics(ref_samples, "reference"))
+        for example, text in zip(examples, ref_samples["texts"]):
+            example["reference_response"] = text
+    if ref_samples is not None and has_answers:
+        # the exact-answer checker as a judge: right beats wrong, two right or two wrong answers tie
+        correct, ref_correct = (text_metrics.exact_answer_scores(t, answers) for t in (texts, ref_samples["texts"]))
+        metrics["exact_match/reference_accuracy"] = float(np.mean(ref_correct)) if ref_correct else 0.0
+        metrics.update({f"exact_match/win_{k}": v for k, v in text_metrics.win_rate(correct, ref_correct).items()})
+    # (judge, metric prefix, win-rate prefix, example keys of the policy's and the reference's score)
+    for judge, prefix, win_prefix, keys in ((rm, "reward", "win_rate", ("score", "reference_score")),
+                                            (gold, "gold", "gold_win_rate", ("gold_score", "reference_gold_score"))):
+        if judge is None:
+            continue
+        scores = reward_scores(judge, samples, config.batch_size)
+        metrics.update({f"{prefix}/score_mean": float(scores.mean()), f"{prefix}/score_std": float(scores.std())})
         for example, score in zip(examples, scores):
-            example["score"] = float(score)
-        if reference is not None:
-            ref_samples = sample_responses(samplers["reference"], prompts, tokenizer, jax.random.fold_in(rng, 1),
-                                           config.batch_size)
-            ref_scores = reward_scores(rm, ref_samples, config.batch_size)
-            metrics.update(sample_metrics(ref_samples, "reference"))
-            metrics["reward/reference_score_mean"] = float(ref_scores.mean())
-            metrics.update({f"win_rate/{k}": v for k, v in text_metrics.win_rate(
-                scores, ref_scores, config.tie_margin).items()})
-            for example, text, score in zip(examples, ref_samples["texts"], ref_scores):
-                example.update(reference_response=text, reference_score=float(score))
+            example[keys[0]] = float(score)
+        if ref_samples is None:
+            continue
+        ref_scores = reward_scores(judge, ref_samples, config.batch_size)
+        metrics[f"{prefix}/reference_score_mean"] = float(ref_scores.mean())
+        metrics.update({f"{win_prefix}/{k}": v for k, v in text_metrics.win_rate(
+            scores, ref_scores, config.tie_margin).items()})
+        for example, score in zip(examples, ref_scores):
+            example[keys[1]] = float(score)
     return metrics, examples
 
 

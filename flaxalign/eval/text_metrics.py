@@ -138,11 +138,16 @@ def refusal_rate(texts: list[str]) -> float:
     return sum(map(refusal, texts)) / len(texts) if texts else 0.0
 
 
+def exact_answer_scores(completions: list[str], answers: list) -> list[float]:
+    """1.0 or 0.0 per completion whose record has an answer (`rewards.exact_answer`); None answers are left out."""
+    return [s for s in exact_answer(None, list(completions), answer=list(answers)) if not math.isnan(s)]
+
+
 def exact_match_rate(completions: list[str], answers: list) -> tuple[float, int]:
     """(accuracy, n): the fraction of completions whose answer equals the reference (`rewards.exact_answer`:
     integers compared after extraction and normalisation, other answers as the text after "answer is"), over the
     n completions that have an answer (None answers are left out). (0.0, 0) when none has."""
-    scores = [s for s in exact_answer(None, list(completions), answer=list(answers)) if not math.isnan(s)]
+    scores = exact_answer_scores(completions, answers)
     return (sum(scores) / len(scores) if scores else 0.0), len(scores)
 
 

@@ -178,3 +178,12 @@ def test_arithmetic_sft_and_max_operand():
     assert read_records("builtin:arithmetic_prompts?n=30&max=99", "prompt") == embedded.arithmetic_tasks(30, 0)
     with pytest.raises(DataError, match="parameter 'max' must be a positive integer"):
         read_records("builtin:arithmetic_prompts?max=0", "prompt")
+
+
+def test_arithmetic_preferences_and_kto_take_max_operand_and_ask_the_prompts_questions():
+    pairs = read_records("builtin:arithmetic_preferences?n=40&seed=2&max=9", "preference")
+    tasks = embedded.arithmetic_tasks(40, 2, 9)
+    assert [p["prompt"] for p in pairs] == [t["prompt"] for t in tasks]
+    assert [p["chosen"] for p in pairs] == [f"The answer is {t['answer']}." for t in tasks]
+    assert read_records("builtin:arithmetic_kto?n=40&seed=2&max=9", "kto") == embedded.unpair_preferences(pairs)
+    assert read_records("builtin:arithmetic_preferences?n=30", "preference") == embedded.arithmetic_preferences(30)

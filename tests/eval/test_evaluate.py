@@ -5,7 +5,6 @@ end-to-end `evaluate` (in process) plus one through the CLI."""
 import importlib.util
 import json
 import os
-import re
 import shutil
 import types
 
@@ -204,7 +203,8 @@ def test_evaluate_end_to_end_writes_eval_json_and_tensorboard(tiny, tmp_path):
                          max_prompt_len=16, max_new_tokens=8, reference=f"hf:{tiny.dirs['b']}",
                          reward_from=f"hf:{tiny.dirs['rm']}", text_files=str(text), perplexity_window=32,
                          perplexity_max_tokens=0, mc_file="builtin:arithmetic_mc?n=3&max=9",
-                         refusal_prompts=str(refusal), num_examples=2, loss_chunk=16)
+                         refusal_prompts=str(refusal), num_examples=2, loss_chunk=16,
+                         gold_reward_from=f"hf:{tiny.dirs['rm']}")
     out = str(tmp_path / "out")
     result = ev.evaluate(config, f"hf:{tiny.dirs['a']}", workdir=out)
     with open(os.path.join(out, "eval.json")) as f:
@@ -215,18 +215,69 @@ def test_evaluate_end_to_end_writes_eval_json_and_tensorboard(tiny, tmp_path):
                 "kl/mean", "kl/per_token", "reward/score_mean", "reward/reference_score_mean",
                 "reference/response_tokens_mean", "win_rate/win_rate", "win_rate/tie_rate", "win_rate/loss_rate",
                 "win_rate/win_rate_ties_half", "win_rate/n", "perplexity/perplexity", "perplexity/tokens",
-                "mc/acc", "mc/acc_norm", "mc/questions", "refusal/rate", "refusal/prompts"}
+                "mc/acc", "mc/acc_norm", "mc/questions", "refusal/rate", "refusal/prompts",
+                "exact_match/greedy_accuracy", "exact_match/reference_accuracy", "exact_match/win_win_rate_ties_half",
+                "gold/score_mean", "gold/reference_score_mean", "gold_win_rate/win_rate_ties_half"}
     assert expected <= set(m)
+    # the gold judge here is the same reward model, so it must judge exactly as the reward model does
+    for key in ("score_mean", "score_std", "reference_score_mean"):
+        assert m[f"gold/{key}"] == m[f"reward/{key}"]
+    assert {k: v for k, v in m.items() if k.startswith("gold_win_rate/")} == {
+        f"gold_win_rate/{k[len('win_rate/'):]}": v for k, v in m.items() if k.startswith("win_rate/")}
+    assert m["exact_match/win_win_rate"] + m["exact_match/win_tie_rate"] + m["exact_match/win_loss_rate"] == (
+        pytest.approx(1.0))
     assert m["exact_match/n"] == m["win_rate/n"] == 6 and m["mc/questions"] == 3 and m["refusal/prompts"] == 3
     assert m["kl/mean"] > 0 and m["perplexity/perplexity"] > 1
     assert m["win_rate/win_rate"] + m["win_rate/tie_rate"] + m["win_rate/loss_rate"] == pytest.approx(1.0)
     assert result["perplexity_files"][str(text)]["tokens"] == m["perplexity/tokens"]
     assert [sorted(e) for e in result["examples"]] == [
-        ["answer", "prompt", "reference_response", "reference_score", "response", "score"]] * 2
+        ["answer", "gold_score", "prompt", "reference_gold_score", "reference_response", "reference_score",
+         "response", "score"]] * 2
     assert result["step"] == 0 and result["settings"]["reference"] == f"hf:{tiny.dirs['b']}"
     assert result["settings"]["chat_template"] == "plain"  # "auto" with no template recorded (pretrained weights)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(out, "tensorboard")))
     assert cli.metrics(out) == [{"step": 0, **m}]
+
+
+def test_greedy_accuracy_is_the_accuracy_at_temperature_zero_and_the_answer_checker_judges_pairs(tiny, tmp_path):
+    def run(**overrides):
+        config = eval_config(prompts="builtin:arithmetic_prompts?n=8&max=9", num_prompts=8, batch_size=4,
+                             max_prompt_len=16, max_new_tokens=6, text_files="", mc_file="", num_examples=8,
+                             **overrides)
+        return ev.evaluate(config, f"hf:{tiny.dirs['a']}", workdir=str(tmp_path / "out"))
+
+    sampled = run(temperature=1.0, seed=3)["metrics"]
+    greedy = run(temperature=0.0)["metrics"]
+    assert sampled["exact_match/greedy_accuracy"] == greedy["exact_match/accuracy"] == (
+        greedy["exact_match/greedy_accuracy"])
+
+
+def test_the_answer_checker_judges_the_policy_against_the_reference_per_prompt(tiny, tmp_path, monkeypatch):
+    # random models never answer right, so the responses' texts are replaced: the policy answers prompts 0–4 right,
+    # the reference the even ones (calls at temperature 0: the policy's, then the reference's)
+    records = read_records("builtin:arithmetic_prompts?n=8&max=9", "prompt")
+    right = {"policy": {0, 1, 2, 3, 4}, "reference": {0, 2, 4, 6}}
+    calls = []
+    real = ev.sample_responses
+
+    def sample_responses(*args, **kwargs):
+        out = real(*args, **kwargs)
+        who = ["policy", "reference"][len(calls)]
+        calls.append(who)
+        out["texts"] = [f"The answer is {int(r['answer']) + (0 if i in right[who] else 1)}."
+                        for i, r in enumerate(records)]
+        return out
+
+    monkeypatch.setattr(ev, "sample_responses", sample_responses)
+    config = eval_config(prompts="builtin:arithmetic_prompts?n=8&max=9", num_prompts=8, batch_size=4,
+                         max_prompt_len=16, max_new_tokens=6, text_files="", mc_file="", temperature=0.0,
+                         reference=f"hf:{tiny.dirs['b']}")
+    m = ev.evaluate(config, f"hf:{tiny.dirs['a']}", workdir=str(tmp_path / "out"))["metrics"]
+    assert calls == ["policy", "reference"]
+    assert (m["exact_match/accuracy"], m["exact_match/reference_accuracy"]) == (5 / 8, 4 / 8)
+    assert (m["exact_match/win_win_rate"], m["exact_match/win_loss_rate"], m["exact_match/win_tie_rate"]) == (
+        2 / 8, 1 / 8, 5 / 8)  # wins on 1 and 3, a loss on 6
+    assert m["exact_match/win_win_rate_ties_half"] == (2 + 5 / 2) / 8
 
 
 def test_eval_command_prints_metrics_and_writes_to_the_checkpoint_s_eval_folder(tiny):
