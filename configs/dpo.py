@@ -54,7 +54,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # family's own hyper-parameters (label_smoothing, discopop_tau, …) come from its registry.
     c.loss = ml_collections.ConfigDict(dict(
         loss_type="sigmoid", beta=0.1, **preference.DPO_HYPER_DEFAULTS, simpo_gamma=0.5, cpo_alpha=1.0,
-        desirable_weight=1.0, undesirable_weight=1.0))
+        desirable_weight=1.0, undesirable_weight=1.0,
+        rpo_alpha=0.0))  # > 0: RPO, + α · the chosen response's NLL per token (TRL's rpo_alpha)
     c.reference = "auto"  # auto | copy (frozen copy) | base (LoRA/adapters off) | precomputed (log-probs stored once)
     c.reference_from = ""  # checkpoint:DIR of another reference model (same vocabulary); "" = the starting policy
 

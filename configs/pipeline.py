@@ -1,38 +1,56 @@
-"""The whole pipeline in one command: tokenizer + CLM → SFT → reward model → PPO and DPO (per seed) → evaluation →
-report. Presets: `tiny` (the demo: embedded data, 2 CPU cores, ≤ 15 minutes with 3 seeds).
+"""The whole pipeline in one command: tokenizer + CLM → SFT → reward model (+ a gold reward model) → PPO, DPO and
+GRPO (per seed, all from the SFT checkpoint) → evaluation → report. Presets: `tiny` (the demo: embedded data, 2 CPU
+cores, ≤ 10 minutes with 3 seeds).
 
     flaxalign pipeline --config=configs/pipeline.py:tiny --workdir=runs/pipeline [--seeds=3]
 
 Each stage block names a stage config (`configs/FILE.py:PRESET`) and extra `--config.*` flags as one string;
-`init_from`, `reward_from`, `reference` and `seed` are set by the pipeline.
+`init_from`, `reward_from`, `reference`, `gold_reward_from` and `seed` are set by the pipeline. A method block also
+says whether its stage trains against the pipeline's reward model (`reward_model`).
+
+`tiny` is one task with a ground truth: single-digit arithmetic ("What is 7 + 5?" → "The answer is 12."). SFT
+teaches the answer format and a little of the arithmetic; the reward model learns correctness from preference pairs
+(chosen = the right answer, rejected = a wrong answer in the same sentence, a near miss or a hedge); PPO optimises
+that reward model, DPO learns from the pairs directly (with RPO's NLL term), GRPO from the exact-answer reward. Every
+policy is judged on held-out prompts by the exact-answer checker and by a gold reward model trained on pairs of
+another seed, which the PPO reward model never saw.
 """
 
 import ml_collections
 
 from flaxalign import config_blocks
 
+TASK = "max=9"  # single-digit operands: every builtin:arithmetic_* spec of the demo
+PAIRS = f"builtin:arithmetic_preferences?{TASK}&far=1"
 PRESETS = {
-    # PPO: 150 of the preset's 250 iterations (time); DPO: β 0.3 and lr 5e-4 move the sampled answers further from
-    # SFT (held-out RM win rate 0.58 vs 0.54 with the preset's β 0.1, lr 2e-4); 128 evaluation prompts.
-    "tiny": dict(ppo_args="--config.steps=150", dpo_args="--config.loss.beta=0.3 --config.optim.lr=5e-4",
-                 eval_args="--config.num_prompts=128"),
+    "tiny": dict(
+        sft_args=f"--config.data.train=builtin:arithmetic_sft?seed=1&{TASK} --config.steps=150 --config.eval_every=0",
+        reward_args=f"--config.data.train={PAIRS}&seed=0 --config.steps=600",
+        gold_reward_args=f"--config.data.train={PAIRS}&seed=2 --config.steps=600",
+        ppo_args=f"--config.data.train=builtin:arithmetic_prompts?{TASK} --config.steps=150",
+        dpo_args=f"--config.data.train={PAIRS}&seed=0 --config.loss.rpo_alpha=1.0",
+        grpo_args="--config.steps=300",
+        eval_args="--config.num_prompts=128 --config.num_examples=6"),
 }
 
 
-def _stage(config: str, args: str = "") -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(config=config, args=args))
+def _stage(config: str, args: str = "", **fields) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(config=config, args=args, **fields))
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     p = config_blocks.preset_values(arg, PRESETS, "configs/pipeline.py")
     c = ml_collections.ConfigDict()
-    c.seeds = 3  # PPO and DPO runs per method (their spread is the stability row of the report)
+    c.seeds = 3  # runs per method (their spread is the stability row of the report)
     c.cpu_devices = 0  # > 0: emulate this many CPU devices in every stage
     c.stop_after = ""  # a stage name (e.g. "sft", "reward", "eval/sft"): run up to it, no report
+    c.methods = "ppo,dpo,grpo"  # the method blocks below to run, in this order
     c.clm = _stage(f"configs/clm.py:{arg}")
-    c.sft = _stage(f"configs/sft.py:{arg}")
-    c.reward = _stage(f"configs/reward.py:{arg}")
-    c.ppo = _stage(f"configs/ppo.py:{arg}", p["ppo_args"])
-    c.dpo = _stage(f"configs/dpo.py:{arg}", p["dpo_args"])
+    c.sft = _stage(f"configs/sft.py:{arg}", p["sft_args"])
+    c.reward = _stage(f"configs/reward.py:{arg}", p["reward_args"])  # the proxy: PPO optimises it
+    c.gold_reward = _stage(f"configs/reward.py:{arg}", p["gold_reward_args"])  # the judge only; config "" = none
+    c.ppo = _stage(f"configs/ppo.py:{arg}", p["ppo_args"], reward_model=True)
+    c.dpo = _stage(f"configs/dpo.py:{arg}", p["dpo_args"], reward_model=False)
+    c.grpo = _stage(f"configs/grpo.py:{arg}", p["grpo_args"], reward_model=False)  # the exact-answer reward
     c.eval = _stage(f"configs/eval.py:{arg}", p["eval_args"])
     return c

@@ -41,7 +41,7 @@ COMMAND_HELP = {
                 ("from", "to", "format", "gguf_type", "overwrite", "merge_parent", "cpu_devices")),
     "eval": ("evaluate a run's policy (win rate, KL, perplexity, …) into eval.json",
              ("config", "checkpoint", "workdir", "cpu_devices")),
-    "pipeline": ("run the whole adaptation pipeline (CLM → SFT → reward → PPO/DPO → eval → report)",
+    "pipeline": ("run the whole adaptation pipeline (CLM → SFT → reward → PPO/DPO/GRPO → eval → report)",
                  ("config", "workdir", "seeds")),
     "constitutional": ("constitutional AI: critique-and-revise SFT data and AI preference pairs",
                        ("config", "workdir", "cpu_devices")),
@@ -71,7 +71,7 @@ flags.DEFINE_string("system", "", "generate: a system message before each prompt
 flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
 flags.DEFINE_integer("refine_rounds", 0, "generate: self-refine rounds (feedback → refined answer, Madaan et al. "
                      "2023); 0 = answer once.")
-flags.DEFINE_integer("seeds", 0, "pipeline: PPO and DPO runs per method (0 = the config's `seeds`).")
+flags.DEFINE_integer("seeds", 0, "pipeline: runs per method (0 = the config's `seeds`).")
 flags.DEFINE_string("from", None, "convert: a run directory, hf:DIR (or a directory with config.json) or gguf:FILE.")
 flags.DEFINE_string("to", None, "convert: the output directory (new or empty); for --format=gguf the output file "
                     "(FILE.gguf).")

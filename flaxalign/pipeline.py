@@ -1,7 +1,8 @@
 """`flaxalign pipeline --config=configs/pipeline.py:tiny --workdir=W [--seeds=N]`: the whole adaptation pipeline.
 
-    tokenizer + CLM pretraining → SFT → reward model → PPO and DPO (both from the SFT checkpoint, one run per seed)
-    → evaluation of base (CLM), SFT, PPO and DPO against SFT → W/report.md with plots and the PPO-vs-DPO table
+    tokenizer + CLM pretraining → SFT → reward model (the proxy that PPO optimises) and a gold reward model (trained
+    on other pairs, only to judge) → the `methods` (e.g. PPO, DPO, GRPO; all from the SFT checkpoint, one run per
+    seed) → evaluation of base (CLM), SFT and every policy against SFT → W/report.md with plots and the methods table
 
 Every stage is a `flaxalign train` (or `eval`) subprocess with its own run directory under W, its log in W/logs/, and
 its `run_summary.json` (wall-clock, FLOPs, peak memory) written when it ends. A re-run skips every stage whose
@@ -33,24 +34,42 @@ class Stage:
     args: tuple[str, ...]  # --config.* overrides and flags
 
 
+def methods(pcfg) -> list[str]:
+    """The policy-optimisation stages of `pcfg.methods` ("ppo,dpo,grpo"), each a stage block of the config."""
+    names = [name.strip() for name in str(pcfg.methods).split(",") if name.strip()]
+    for name in names:
+        block = pcfg.get(name)
+        if block is None or "reward_model" not in block:  # only method blocks say whether they use the RM
+            raise errors.ConfigError(f"methods={pcfg.methods!r}: {name!r} is not a method block of the pipeline "
+                                     "config (e.g. ppo, dpo, grpo).")
+    if len(set(names)) != len(names) or not names:
+        raise errors.ConfigError(f"methods={pcfg.methods!r} must name each method once, and at least one.")
+    return names
+
+
 def plan(pcfg, workdir: str, seeds: int) -> list[Stage]:
-    """The stages in order. PPO and DPO of seed s use `--config.seed=s`; everything before them runs once."""
+    """The stages in order. Method runs of seed s use `--config.seed=s`; everything before them runs once."""
     def run(name):
         return f"checkpoint:{os.path.join(workdir, name)}"
 
     def stage(name, block, *extra, command="train"):
         return Stage(name, command, block.config, tuple(shlex.split(block.args)) + extra)
 
-    stages = [stage("clm", pcfg.clm),
-              stage("sft", pcfg.sft, f"--config.init_from={run('clm')}"),
-              stage("reward", pcfg.reward, f"--config.init_from={run('sft')}")]
+    judges = ["reward"] + (["gold_reward"] if pcfg.gold_reward.config else [])
+    stages = [stage("clm", pcfg.clm), stage("sft", pcfg.sft, f"--config.init_from={run('clm')}")]
+    stages += [stage(judge, pcfg[judge], f"--config.init_from={run('sft')}") for judge in judges]
+    policies = []
     for seed in range(seeds):
-        stages.append(stage(f"ppo_s{seed}", pcfg.ppo, f"--config.init_from={run('sft')}",
-                            f"--config.reward_from={run('reward')}", f"--config.seed={seed}"))
-        stages.append(stage(f"dpo_s{seed}", pcfg.dpo, f"--config.init_from={run('sft')}", f"--config.seed={seed}"))
-    for policy in ["clm", "sft"] + [f"{m}_s{seed}" for seed in range(seeds) for m in ("ppo", "dpo")]:
+        for method in methods(pcfg):
+            block = pcfg[method]
+            reward = (f"--config.reward_from={run('reward')}",) if block.reward_model else ()
+            policies.append(f"{method}_s{seed}")
+            stages.append(stage(policies[-1], block, f"--config.init_from={run('sft')}", *reward,
+                                f"--config.seed={seed}"))
+    gold = (f"--config.gold_reward_from={run('gold_reward')}",) if "gold_reward" in judges else ()
+    for policy in ["clm", "sft"] + policies:
         stages.append(stage(f"eval/{policy}", pcfg.eval, f"--checkpoint={os.path.join(workdir, policy)}",
-                            f"--config.reference={run('sft')}", f"--config.reward_from={run('reward')}",
+                            f"--config.reference={run('sft')}", f"--config.reward_from={run('reward')}", *gold,
                             command="eval"))
     return stages
 
@@ -77,7 +96,7 @@ def run_stage(stage: Stage, workdir: str, cpu_devices: int) -> float:
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=stage_env(workdir))
         # SIGTERM to the pipeline reaches the running stage, which checkpoints and exits (the loop's preemption path)
         previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
         try:
@@ -91,6 +110,16 @@ def run_stage(stage: Stage, workdir: str, cpu_devices: int) -> float:
         raise errors.FlaxalignError(f"pipeline stage {stage.name} stopped before its last step (preempted); run the "
                                     "same command again to resume it.")
     return time.time() - started
+
+
+def stage_env(workdir: str) -> dict:
+    """The stages' environment: a persistent XLA compilation cache under W (unless the caller chose one), so that
+    the seeds of a method and the evaluations, which compile the same programs, read them from disk after the first
+    compile (a cached program is the one a fresh compile gives)."""
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, ".jax_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    return env
 
 
 def _last_line(path: str) -> str:
@@ -112,7 +141,8 @@ def run_pipeline(pcfg, workdir: str, seeds: int | None = None) -> str:
             raise errors.ConfigError(f"stop_after={pcfg.stop_after!r} is not a stage; stages: {names}.")
         stages = stages[:names.index(pcfg.stop_after) + 1]
     with open(os.path.join(workdir, "pipeline.json"), "w") as f:
-        json.dump({"seeds": seeds, "stages": [dataclasses.asdict(s) for s in stages]}, f, indent=2)
+        json.dump({"seeds": seeds, "methods": methods(pcfg), "stages": [dataclasses.asdict(s) for s in stages]}, f,
+                  indent=2)
     for i, stage in enumerate(stages, 1):
         if is_finished(stage, workdir):
             print(f"pipeline [{i}/{len(stages)}] {stage.name}: done earlier (skipped)", flush=True)
@@ -122,4 +152,4 @@ def run_pipeline(pcfg, workdir: str, seeds: int | None = None) -> str:
         print(f"pipeline [{i}/{len(stages)}] {stage.name}: {seconds:.0f} s", flush=True)
     if pcfg.stop_after:
         return ""
-    return write_pipeline_report(workdir, seeds)
+    return write_pipeline_report(workdir, seeds, methods(pcfg), gold=bool(pcfg.gold_reward.config))

@@ -1,5 +1,6 @@
-"""The pipeline's `report.md`: per-stage cost, plots, the evaluation of base/SFT/PPO/DPO and the PPO-vs-DPO table
-(the textbook's §5.4.4 summary, with measured numbers: mean ± std over seeds)."""
+"""The pipeline's `report.md`: per-stage cost, the evaluation of base / SFT / every method against SFT judged by the
+gold judges (the exact-answer checker, a gold reward model) beside the proxy reward model PPO optimised, the methods
+table (the textbook's §5.4.4 summary, with measured numbers: mean ± std over seeds), example answers, and plots."""
 
 import json
 import math
@@ -9,21 +10,38 @@ from flaxalign.train import plots, report
 
 # eval.json `metrics` keys (flaxalign/eval/evaluation.py)
 WIN_RATE, SCORE, KL = "win_rate/win_rate_ties_half", "reward/score_mean", "kl/mean"
-# (row label, eval.json key, format) of the per-policy evaluation table, in order.
+GREEDY, SAMPLED = "exact_match/greedy_accuracy", "exact_match/accuracy"
+EXACT_WIN, GOLD_WIN, GOLD_SCORE = "exact_match/win_win_rate_ties_half", "gold_win_rate/win_rate_ties_half", \
+    "gold/score_mean"
+# (row label, eval.json key, format) of the per-policy evaluation table, in order: the gold judges first.
 EVAL_ROWS = (
-    ("RM win rate vs SFT (ties ½)", WIN_RATE, "{:.3f}"),
-    ("RM wins / ties / losses vs SFT", ("win_rate/win_rate", "win_rate/tie_rate", "win_rate/loss_rate"),
+    ("**exact-answer accuracy, greedy** (gold)", GREEDY, "{:.3f}"),
+    ("**exact-answer accuracy, sampled** (gold)", SAMPLED, "{:.3f}"),
+    ("exact-answer win rate vs SFT (gold, ties ½)", EXACT_WIN, "{:.3f}"),
+    ("gold RM win rate vs SFT (ties ½)", GOLD_WIN, "{:.3f}"),
+    ("proxy RM win rate vs SFT (ties ½)", WIN_RATE, "{:.3f}"),
+    ("proxy RM wins / ties / losses vs SFT", ("win_rate/win_rate", "win_rate/tie_rate", "win_rate/loss_rate"),
      "{:.2f} / {:.2f} / {:.2f}"),
-    ("RM score (normalised)", SCORE, "{:.3f}"),
+    ("proxy RM score (normalised)", SCORE, "{:.3f}"),
+    ("gold RM score (normalised)", GOLD_SCORE, "{:.3f}"),
     ("KL to SFT (nats / response)", KL, "{:.2f}"),
     ("response length (tokens)", "policy/response_tokens_mean", "{:.1f}"),
     ("EOS rate", "policy/eos_rate", "{:.2f}"),
     ("distinct-2", "diversity/distinct_2", "{:.3f}"),
     ("self-BLEU", "diversity/self_bleu", "{:.3f}"),
-    ("exact-answer accuracy", "exact_match/accuracy", "{:.3f}"),
     ("perplexity (held-out text)", "perplexity/perplexity", "{:.1f}"),
     ("multiple-choice accuracy", "mc/acc", "{:.3f}"),
 )
+# What a method is, for the methods table: (its reward signal, rollouts while training, how it optimises)
+METHOD_FACTS = {
+    "ppo": ("the proxy reward model scores every rollout", "yes", "clipped policy gradient + value model, KL penalty"),
+    "dpo": ("none (the pairs themselves)", "no", "logistic loss on log-ratio margins (+ chosen NLL with RPO)"),
+    "grpo": ("the exact-answer checker", "yes (a group per prompt)", "clipped policy gradient, group-relative "
+             "advantages"),
+}
+# (title, metric) of a method's training-curve panel
+METHOD_CURVES = {"ppo": ("held-out proxy RM score", "score"), "dpo": ("DPO loss", "loss"),
+                 "grpo": ("exact-answer accuracy", "exact_answer")}
 
 
 def _read_json(path: str) -> dict | None:
@@ -41,10 +59,12 @@ def _metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _eval_metrics(path: str) -> dict:
-    """The numeric `metrics` of an eval.json ({} when the evaluation has not run); null (non-finite) values left out."""
+def _eval(path: str) -> tuple[dict, list]:
+    """The numeric `metrics` and the `examples` of an eval.json ({}, [] when the evaluation has not run); null
+    (non-finite) values left out."""
     result = _read_json(path) or {}
-    return {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, int | float)}
+    metrics = {k: v for k, v in result.get("metrics", {}).items() if isinstance(v, int | float)}
+    return metrics, result.get("examples", [])
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -72,19 +92,31 @@ def _cell(result: dict, key, fmt: str) -> str:
     return fmt.format(*(result[k] for k in keys))
 
 
-def write_pipeline_report(workdir: str, seeds: int) -> str:
-    names = {"ppo": [f"ppo_s{s}" for s in range(seeds)], "dpo": [f"dpo_s{s}" for s in range(seeds)]}
+def _label(method: str) -> str:
+    return method.upper()
+
+
+def write_pipeline_report(workdir: str, seeds: int, methods=("ppo", "dpo"), gold: bool = False) -> str:
+    names = {m: [f"{m}_s{s}" for s in range(seeds)] for m in methods}
+    policies = [n for m in methods for n in names[m]]
+    judges = ["reward"] + (["gold_reward"] if gold else [])
     summaries = {name: report.read_summary(os.path.join(workdir, name)) or {}
-                 for name in ["clm", "sft", "reward", *names["ppo"], *names["dpo"]]}
-    evals = {name: _eval_metrics(os.path.join(workdir, "eval", name, "eval.json"))
-             for name in ["clm", "sft", *names["ppo"], *names["dpo"]]}
+                 for name in ["clm", "sft", *judges, *policies]}
+    evals, examples = {}, {}
+    for name in ["clm", "sft", *policies]:
+        evals[name], examples[name] = _eval(os.path.join(workdir, "eval", name, "eval.json"))
     metrics = {name: _metrics(os.path.join(workdir, name)) for name in summaries}
     figures = _figures(workdir, metrics, evals, names)
+    columns = ["base (CLM)", "SFT"] + [_label(m) for m in methods]
 
     lines = ["# flaxalign pipeline report", "",
-             (f"Workdir `{os.path.abspath(workdir)}`; PPO and DPO ran with {seeds} seed(s) from the same SFT "
-              "checkpoint; every policy is evaluated on the same held-out prompts against SFT's responses, judged by "
-              "the pipeline's reward model."), "", "## Stages", "",
+             (f"Workdir `{os.path.abspath(workdir)}`; {', '.join(_label(m) for m in methods)} ran with {seeds} "
+              "seed(s) from the same SFT checkpoint; every policy answers the same held-out prompts, and its answers "
+              "are judged against SFT's by the gold judges (the exact-answer checker"
+              + (", a gold reward model trained on pairs the proxy never saw" if gold else "")
+              + ") and by the proxy reward model that PPO optimised. Where the proxy's verdict rises and the gold "
+              "judges' does not, the policy learnt the proxy's blind spots (reward over-optimisation)."),
+             "", "## Stages", "",
              "| stage | steps | wall-clock (s) | model FLOPs | peak RSS (MB) | final train loss |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, summary in summaries.items():
@@ -93,43 +125,80 @@ def write_pipeline_report(workdir: str, seeds: int) -> str:
                      f"{summary.get('flops', math.nan):.3g} | {summary.get('peak_rss_mb', math.nan):.0f} | "
                      + (f"{losses[-1]:.4f} |" if losses else "— |"))
 
-    lines += ["", "## Evaluation (held-out prompts; reference = SFT)", "",
-              "| metric | base (CLM) | SFT | PPO | DPO |", "|---|---:|---:|---:|---:|"]
+    lines += ["", "## Evaluation (held-out prompts; reference = SFT; mean ± std over seeds)", "",
+              "| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, key, fmt in EVAL_ROWS:
         row = [_cell(evals["clm"], key, fmt), _cell(evals["sft"], key, fmt)]
-        for method in ("ppo", "dpo"):
+        for method in methods:
             if isinstance(key, tuple):
                 row.append(_cell(evals[names[method][0]], key, fmt) + (" (seed 0)" if seeds > 1 else ""))
             else:
                 row.append(_pm([evals[n].get(key) for n in names[method]], fmt))
         lines.append(f"| {label} | " + " | ".join(row) + " |")
 
-    lines += ["", "## PPO vs DPO (§5.4.4, measured)", "", "| aspect | PPO (RLHF) | DPO |", "|---|---|---|",
-              "| uses a reward model | yes (scores every rollout) | no (only to evaluate here) |",
-              "| policy rollouts during training | yes | no |",
-              "| optimisation | clipped policy gradient + value model | direct likelihood (logistic loss) |"]
-    for label, key, fmt in (("RM win rate vs SFT (ties ½)", WIN_RATE, "{:.3f}"),
-                            ("RM score (normalised)", SCORE, "{:.3f}"),
-                            ("KL to SFT (nats / response)", KL, "{:.2f}")):
-        lines.append(f"| {label} | " + " | ".join(
-            _pm([evals[n].get(key) for n in names[m]], fmt) for m in ("ppo", "dpo")) + " |")
-    for label, key, fmt in (("wall-clock (s)", "seconds", "{:.0f}"), ("model FLOPs", "flops", "{:.3g}"),
-                            ("peak memory (RSS, MB)", "peak_rss_mb", "{:.0f}")):
-        lines.append(f"| {label} | " + " | ".join(
-            _pm([summaries[n].get(key) for n in names[m]], fmt) for m in ("ppo", "dpo")) + " |")
-    spread = []
-    for m in ("ppo", "dpo"):
-        rates = [evals[n].get(WIN_RATE) for n in names[m]]
-        rates = [r for r in rates if r is not None]
-        spread.append(f"{max(rates) - min(rates):.3f} (min {min(rates):.3f}, max {max(rates):.3f})" if rates else "—")
-    lines.append(f"| stability: win-rate spread over {seeds} seed(s) | {spread[0]} | {spread[1]} |")
+    lines += ["", "## Gain over SFT on the ground truth (exact-answer accuracy, points)", "",
+              "| method | greedy: mean ± std | greedy: mean − std | sampled: mean ± std | sampled: mean − std |",
+              "|---|---:|---:|---:|---:|"]
+    for method in methods:
+        cells = []
+        for key in (GREEDY, SAMPLED):
+            gains = [100 * (evals[n][key] - evals["sft"][key]) for n in names[method]
+                     if key in evals[n] and key in evals["sft"]]
+            mean, std = mean_std(gains)
+            cells += ["—", "—"] if math.isnan(mean) else [f"{mean:+.1f} ± {std:.1f}", f"{mean - std:+.1f}"]
+        lines.append(f"| {_label(method)} | " + " | ".join(cells) + " |")
 
+    lines += _methods_table(methods, names, evals, summaries, seeds)
+    lines += _examples_table(methods, names, examples)
     lines += ["", "## Plots", ""] + [f"![{title}]({os.path.basename(path)})" for title, path in figures]
     lines += ["", "Per-stage reports: `*/report.md`; logs: `logs/`; evaluation results: `eval/*/eval.json`.", ""]
     out = os.path.join(workdir, "report.md")
     with open(out, "w") as f:
         f.write("\n".join(lines))
     return out
+
+
+def _methods_table(methods, names, evals, summaries, seeds) -> list[str]:
+    lines = ["", "## " + " vs ".join(_label(m) for m in methods) + " (§5.4.4, measured)", "",
+             "| aspect | " + " | ".join(_label(m) for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    for i, label in enumerate(("reward signal", "policy rollouts during training", "optimisation")):
+        lines.append(f"| {label} | " + " | ".join(METHOD_FACTS.get(m, ("—",) * 3)[i] for m in methods) + " |")
+    for label, key, fmt in (("exact-answer accuracy, greedy (gold)", GREEDY, "{:.3f}"),
+                            ("gold RM win rate vs SFT (ties ½)", GOLD_WIN, "{:.3f}"),
+                            ("proxy RM win rate vs SFT (ties ½)", WIN_RATE, "{:.3f}"),
+                            ("KL to SFT (nats / response)", KL, "{:.2f}")):
+        lines.append(f"| {label} | " + " | ".join(
+            _pm([evals[n].get(key) for n in names[m]], fmt) for m in methods) + " |")
+    for label, key, fmt in (("wall-clock (s)", "seconds", "{:.0f}"), ("model FLOPs", "flops", "{:.3g}"),
+                            ("peak memory (RSS, MB)", "peak_rss_mb", "{:.0f}")):
+        lines.append(f"| {label} | " + " | ".join(
+            _pm([summaries[n].get(key) for n in names[m]], fmt) for m in methods) + " |")
+    spread = []
+    for m in methods:
+        values = [evals[n][GREEDY] for n in names[m] if GREEDY in evals[n]]
+        spread.append(f"{max(values) - min(values):.3f} (min {min(values):.3f}, max {max(values):.3f})"
+                      if values else "—")
+    lines.append(f"| stability: greedy-accuracy spread over {seeds} seed(s) | " + " | ".join(spread) + " |")
+    return lines
+
+
+def _examples_table(methods, names, examples) -> list[str]:
+    """Each held-out prompt's expected answer, SFT's answer and each method's (seed 0), as sampled in evaluation."""
+    shown = examples["sft"]
+    if not shown:
+        return []
+    lines = ["", "## Example answers (sampled; seed 0)", "",
+             "| prompt | answer | SFT | " + " | ".join(_label(m) for m in methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+
+    def text(name, i):
+        rows = examples.get(name) or []
+        return rows[i]["response"].replace("|", "\\|").replace("\n", " ") if i < len(rows) else "—"
+
+    for i, example in enumerate(shown):
+        lines.append(f"| {example['prompt']} | {example.get('answer', '—')} | {text('sft', i)} | "
+                     + " | ".join(text(names[m][0], i) for m in methods) + " |")
+    return lines
 
 
 def _figures(workdir: str, metrics: dict, evals: dict, names: dict) -> list[tuple[str, str]]:
@@ -139,36 +208,42 @@ def _figures(workdir: str, metrics: dict, evals: dict, names: dict) -> list[tupl
         if path:
             figures.append((title, path))
 
-    add("loss curves", plots.plot_runs(
-        os.path.join(workdir, "loss_curves.png"),
-        {n: metrics[n] for n in ("clm", "sft", "reward", names["dpo"][0]) if metrics.get(n)},
-        ["loss"], title="training loss per stage (DPO: seed 0)"))
-    add("PPO reward and KL", plots.plot_runs(
-        os.path.join(workdir, "ppo_reward_kl.png"), {n: metrics[n] for n in names["ppo"]},
-        [("score (train / held-out)", "score"), ("KL to SFT", "kl"), ("rlhf_reward", "rlhf_reward")],
-        title="PPO"))
-    add("DPO margins and accuracy", plots.plot_runs(
-        os.path.join(workdir, "dpo_margins.png"), {n: metrics[n] for n in names["dpo"]},
-        [("reward margin", "rewards/margins"), ("preference accuracy", "rewards/accuracies"), ("KL", "kl")],
-        title="DPO"))
-    series = {}
-    for method in ("ppo", "dpo"):
-        points = [(evals[n][KL], evals[n][SCORE]) for n in names[method] if KL in evals[n] and SCORE in evals[n]]
-        if points:
-            series[f"{method.upper()} (one point per seed)"] = ([p[0] for p in points], [p[1] for p in points])
-    joined = {label: False for label in series}
-    for name in names["ppo"]:
-        points = [(r["eval_kl"], r["eval_score"]) for r in metrics.get(name, [])
-                  if "eval_kl" in r and "eval_score" in r]
-        if points:
-            series[f"{name} during training"] = ([p[0] for p in points], [p[1] for p in points])
-    for name, label in (("sft", "SFT"), ("clm", "base (CLM)")):
-        if KL in evals[name] and SCORE in evals[name]:
-            series[label] = ([evals[name][KL]], [evals[name][SCORE]])
-            joined[label] = False
-    if series:
-        add("reward vs KL frontier", plots.plot_xy(
-            os.path.join(workdir, "frontier.png"), series, xlabel="KL(policy ‖ SFT), nats / response",
-            ylabel="RM score (normalised)", title="reward-vs-KL frontier",
-            lines={label: joined.get(label, True) for label in series}))
+    panels = [("CLM loss", "loss", ["clm"]), ("SFT loss", "loss", ["sft"]),
+              ("reward model loss", "loss", ["reward"]), ("reward model accuracy", "accuracy", ["reward"])]
+    panels += [(f"{_label(m)}: {METHOD_CURVES.get(m, ('loss', 'loss'))[0]}", METHOD_CURVES.get(m, ("", "loss"))[1],
+                names[m]) for m in names]
+    add("training curves, one panel per stage (methods: every seed)", plots.plot_runs(
+        os.path.join(workdir, "stage_curves.png"), {n: metrics.get(n, []) for n in ["clm", "sft", "reward", *[
+            n for m in names for n in names[m]]]}, panels))
+    if "ppo" in names:
+        add("PPO reward and KL", plots.plot_runs(
+            os.path.join(workdir, "ppo_reward_kl.png"), {n: metrics[n] for n in names["ppo"]},
+            [("score (train / held-out)", "score"), ("KL to SFT", "kl"), ("rlhf_reward", "rlhf_reward")],
+            title="PPO"))
+    if "dpo" in names:
+        add("DPO margins and accuracy", plots.plot_runs(
+            os.path.join(workdir, "dpo_margins.png"), {n: metrics[n] for n in names["dpo"]},
+            [("reward margin", "rewards/margins"), ("preference accuracy", "rewards/accuracies"), ("KL", "kl")],
+            title="DPO"))
+    for path, key, ylabel, title in (
+            ("frontier.png", None, "RM score (normalised)", "reward vs KL: proxy and gold RM"),
+            ("accuracy_frontier.png", GREEDY, "exact-answer accuracy (greedy)", "ground truth vs KL")):
+        series = _frontier(evals, names, key)
+        if series:
+            add(title, plots.plot_xy(os.path.join(workdir, path), series, xlabel="KL(policy ‖ SFT), nats / response",
+                                     ylabel=ylabel, title=title, lines=False))
     return figures
+
+
+def _frontier(evals: dict, names: dict, key) -> dict:
+    """{label: (KLs, values)}: one point per seed of each method, SFT and base; `key` None = the proxy and gold RM
+    scores (two series per policy), else that metric."""
+    keys = [(SCORE, "proxy RM"), (GOLD_SCORE, "gold RM")] if key is None else [(key, "")]
+    groups = {_label(m): names[m] for m in names} | {"SFT": ["sft"], "base (CLM)": ["clm"]}
+    series = {}
+    for label, runs in groups.items():
+        for metric, judge in keys:
+            points = [(evals[n][KL], evals[n][metric]) for n in runs if KL in evals[n] and metric in evals[n]]
+            if points:
+                series[f"{label} {judge}".strip()] = ([p[0] for p in points], [p[1] for p in points])
+    return series

@@ -27,19 +27,35 @@ def _config(**overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def test_plan_runs_ppo_and_dpo_per_seed_from_the_same_sft_and_evaluates_every_policy():
+def test_plan_runs_every_method_per_seed_from_the_same_sft_and_evaluates_every_policy_with_the_gold_judge():
     stages = {s.name: s for s in plan(_config(), "/w", seeds=2)}
-    assert list(stages)[:3] == ["clm", "sft", "reward"]
+    assert list(stages)[:4] == ["clm", "sft", "reward", "gold_reward"]
     assert "--config.init_from=checkpoint:/w/clm" in stages["sft"].args
+    assert "--config.init_from=checkpoint:/w/sft" in stages["gold_reward"].args
+    # the two reward models learn from pairs of different seeds: the gold judge's pairs are not the proxy's
+    data = {name: next(a for a in stages[name].args if a.startswith("--config.data.train=")) for name in
+            ("reward", "gold_reward")}
+    assert data["reward"] != data["gold_reward"] and "seed=2" in data["gold_reward"]
     for seed in (0, 1):
-        ppo, dpo = stages[f"ppo_s{seed}"], stages[f"dpo_s{seed}"]
-        assert {"--config.init_from=checkpoint:/w/sft", f"--config.seed={seed}"} <= set(ppo.args) & set(dpo.args)
-        assert "--config.reward_from=checkpoint:/w/reward" in ppo.args
-        assert "--config.steps=150" in ppo.args  # the preset's extra flags
+        runs = [stages[f"{m}_s{seed}"] for m in ("ppo", "dpo", "grpo")]
+        for run in runs:
+            assert {"--config.init_from=checkpoint:/w/sft", f"--config.seed={seed}"} <= set(run.args)
+        assert ["--config.reward_from=checkpoint:/w/reward" in run.args for run in runs] == [True, False, False]
+        assert "--config.steps=150" in runs[0].args  # the preset's extra flags
     evals = [s for s in stages.values() if s.command == "eval"]
-    assert [s.name for s in evals] == ["eval/clm", "eval/sft", "eval/ppo_s0", "eval/dpo_s0", "eval/ppo_s1",
-                                       "eval/dpo_s1"]
-    assert all("--config.reference=checkpoint:/w/sft" in s.args for s in evals)
+    assert [s.name for s in evals] == ["eval/clm", "eval/sft"] + [
+        f"eval/{m}_s{seed}" for seed in (0, 1) for m in ("ppo", "dpo", "grpo")]
+    assert all({"--config.reference=checkpoint:/w/sft", "--config.reward_from=checkpoint:/w/reward",
+                "--config.gold_reward_from=checkpoint:/w/gold_reward"} <= set(s.args) for s in evals)
+    only_dpo = plan(_config(methods="dpo", gold_reward=ml_collections.ConfigDict(dict(config="", args=""))), "/w", 1)
+    assert [s.name for s in only_dpo] == ["clm", "sft", "reward", "dpo_s0", "eval/clm", "eval/sft", "eval/dpo_s0"]
+    assert not any("gold_reward_from" in a for s in only_dpo for a in s.args)
+
+
+@pytest.mark.parametrize("methods", ["ppo,eval", "ppo,ppo", "", "ppo,nosuch"])
+def test_methods_must_name_method_blocks_once(methods):
+    with pytest.raises(errors.ConfigError, match="methods="):
+        plan(_config(methods=methods), "/w", 1)
 
 
 def test_mean_std_is_the_sample_standard_deviation():
@@ -55,33 +71,54 @@ def _write_run(workdir, name, summary, rows):
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def _write_eval(workdir, name, values):
+def _write_eval(workdir, name, values, examples=()):
     os.makedirs(os.path.join(workdir, "eval", name), exist_ok=True)
     with open(os.path.join(workdir, "eval", name, "eval.json"), "w") as f:
-        json.dump({"metrics": values}, f)
+        json.dump({"metrics": values, "examples": list(examples)}, f)
 
 
-def test_report_fills_the_ppo_vs_dpo_table_from_the_runs(tmp_path):
+def test_report_fills_the_tables_from_the_runs(tmp_path):
     w = str(tmp_path)
-    for i, name in enumerate(["clm", "sft", "reward", "ppo_s0", "ppo_s1", "dpo_s0", "dpo_s1"]):
+    runs = ["clm", "sft", "reward", "gold_reward", "ppo_s0", "ppo_s1", "dpo_s0", "dpo_s1", "grpo_s0", "grpo_s1"]
+    for i, name in enumerate(runs):
         rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
         if name.startswith("ppo"):
             rows += [{"step": 0, "eval_score": 0.0, "eval_kl": 0.0}, {"step": 2, "eval_score": 1.0, "eval_kl": 3.0}]
         if name.startswith("dpo"):
             rows += [{"step": 2, "rewards/margins": 0.5, "rewards/accuracies": 0.75}]
+        if name.startswith("grpo"):
+            rows += [{"step": 2, "eval_exact_answer_greedy": 0.5, "eval_exact_answer_sampled": 0.4}]
         _write_run(w, name, {"finished": True, "final_step": 2, "seconds": 10.0 * (i + 1), "flops": 1e9,
                              "peak_rss_mb": 500.0 + i}, rows)
-    win = {"clm": 0.2, "sft": 0.5, "ppo_s0": 0.7, "ppo_s1": 0.9, "dpo_s0": 0.6, "dpo_s1": 0.8}
+    win = {"clm": 0.2, "sft": 0.5, "ppo_s0": 0.7, "ppo_s1": 0.9, "dpo_s0": 0.6, "dpo_s1": 0.8, "grpo_s0": 0.65,
+           "grpo_s1": 0.75}
+    accuracy = {"clm": 0.0, "sft": 0.25, "ppo_s0": 0.3, "ppo_s1": 0.4, "dpo_s0": 0.35, "dpo_s1": 0.45,
+                "grpo_s0": 0.5, "grpo_s1": 0.6}
     for name, rate in win.items():
         _write_eval(w, name, {"win_rate/win_rate_ties_half": rate, "win_rate/win_rate": rate, "win_rate/tie_rate": 0.0,
-                              "win_rate/loss_rate": 1 - rate, "reward/score_mean": rate - 0.5, "kl/mean": 2 * rate})
-    with open(write_pipeline_report(w, seeds=2)) as f:
+                              "win_rate/loss_rate": 1 - rate, "reward/score_mean": rate - 0.5, "kl/mean": 2 * rate,
+                              "gold/score_mean": rate - 0.4, "gold_win_rate/win_rate_ties_half": rate - 0.1,
+                              "exact_match/greedy_accuracy": accuracy[name],
+                              "exact_match/accuracy": accuracy[name] / 2},
+                    examples=[{"prompt": "What is 2 + 2?", "answer": "4", "response": f"The answer is {name}."}])
+    with open(write_pipeline_report(w, seeds=2, methods=("ppo", "dpo", "grpo"), gold=True)) as f:
         text = f.read()
-    assert "| RM win rate vs SFT (ties ½) | 0.800 ± 0.141 | 0.700 ± 0.141 |" in text  # PPO, DPO over 2 seeds
-    assert "| wall-clock (s) | 45 ± 7 | 65 ± 7 |" in text  # PPO 40, 50; DPO 60, 70
-    assert "| RM win rate vs SFT (ties ½) | 0.200 | 0.500 | 0.800 ± 0.141 | 0.700 ± 0.141 |" in text
-    assert "0.200 (min 0.700, max 0.900)" in text
-    for png in ("loss_curves.png", "ppo_reward_kl.png", "dpo_margins.png", "frontier.png"):
+    table = "PPO vs DPO vs GRPO (§5.4.4, measured)"
+    assert _report_row(text, table, "proxy RM win rate vs SFT (ties ½)") == ["0.800 ± 0.141", "0.700 ± 0.141",
+                                                                              "0.700 ± 0.071"]
+    assert _report_row(text, table, "wall-clock (s)") == ["55 ± 7", "75 ± 7", "95 ± 7"]  # 50, 60; 70, 80; 90, 100
+    assert _report_row(text, table, "stability: greedy-accuracy spread over 2 seed(s)")[0] == (
+        "0.100 (min 0.300, max 0.400)")
+    evaluation = "Evaluation (held-out prompts; reference = SFT; mean ± std over seeds)"
+    assert _report_row(text, evaluation, "gold RM win rate vs SFT (ties ½)") == [
+        "0.100", "0.400", "0.700 ± 0.141", "0.600 ± 0.141", "0.600 ± 0.071"]
+    assert _report_row(text, evaluation, "**exact-answer accuracy, greedy** (gold)")[:3] == ["0.000", "0.250",
+                                                                                         "0.350 ± 0.071"]
+    # greedy gains over SFT's 0.25: PPO +5, +15 points → +10.0 ± 7.1, mean − std +2.9
+    assert _report_row(text, "Gain over SFT on the ground truth", "PPO")[:2] == ["+10.0 ± 7.1", "+2.9"]
+    assert _report_row(text, "Example answers", "What is 2 + 2?") == [
+        "4", "The answer is sft.", "The answer is ppo_s0.", "The answer is dpo_s0.", "The answer is grpo_s0."]
+    for png in ("stage_curves.png", "ppo_reward_kl.png", "dpo_margins.png", "frontier.png", "accuracy_frontier.png"):
         assert os.path.exists(os.path.join(w, png)) and f"({png})" in text
 
 
@@ -123,7 +160,7 @@ def test_killed_pipeline_resumes_the_interrupted_stage_and_skips_finished_ones(t
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The whole pipeline at tiny sizes: every stage runs (3 steps each, 8 evaluation prompts), one seed: 9 subprocesses,
+# The whole pipeline at tiny sizes: every stage runs (3 steps each, 8 evaluation prompts), one seed: 12 subprocesses,
 # mostly start-up and compiles, ≈ 2¼ min of CPU time in all (measured: user + sys of the pipeline and its stages).
 
 REDUCED_STAGES = {
@@ -134,12 +171,17 @@ REDUCED_STAGES = {
     "reward": "--config.steps=3 --config.eval_every=0 --config.eval_at_start=False --config.data.seq_len=64 "
               "--config.data.batch_size=8 --config.normalize.num_prompts=8 --config.normalize.max_new_tokens=8 "
               "--config.log_every=1",
+    "gold_reward": "--config.steps=3 --config.eval_every=0 --config.eval_at_start=False --config.data.seq_len=64 "
+                   "--config.data.batch_size=8 --config.normalize.num_prompts=8 --config.normalize.max_new_tokens=8 "
+                   "--config.log_every=1 --config.data.train=builtin:arithmetic_preferences?seed=2",
     # evaluated at the start and at the end (one compile), on 8 held-out prompts
     "ppo": "--config.steps=3 --config.data.batch_size=8 --config.rollout.max_new_tokens=8 "
            "--config.ppo.num_minibatches=2 --config.ppo.epochs=2 --config.eval_prompts=8 --config.eval_every=3 "
            "--config.log_every=1",
     "dpo": "--config.steps=3 --config.data.seq_len=64 --config.data.batch_size=8 --config.eval_every=0 "
-           "--config.eval_at_start=False --config.log_every=1",
+           "--config.eval_at_start=False --config.log_every=1 --config.loss.rpo_alpha=1.0",
+    "grpo": "--config.steps=3 --config.data.batch_size=2 --config.grpo.group_size=4 --config.rollout.max_new_tokens=8 "
+            "--config.eval_prompts=8 --config.eval_every=3 --config.log_every=1",
     # sampled responses only: KL, reward and win rate (what the PPO-vs-DPO table reads); no perplexity, no MC
     "eval": "--config.num_prompts=8 --config.max_new_tokens=8 --config.batch_size=8 --config.text_files='' "
             "--config.mc_file=''",
@@ -172,16 +214,16 @@ def _report_row(text: str, section: str, label: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(PIPELINE_TIMEOUT + 300)
-def test_pipeline_runs_every_stage_and_reports_ppo_against_dpo_with_the_measured_numbers(tiny_pipeline):
+def test_pipeline_runs_every_stage_and_reports_the_methods_with_the_measured_numbers(tiny_pipeline):
     """Every planned stage ran to its last step (train: run_summary.json says finished at step 3; eval: eval.json),
-    and report.md's PPO-vs-DPO table holds the numbers of eval/ppo_s0 and eval/dpo_s0 and of the two runs'
-    summaries, read here from their own files."""
+    and report.md's methods table holds the numbers of eval/{ppo,dpo,grpo}_s0 and of the runs' summaries, read here
+    from their own files; every policy was judged by the gold reward model and the exact-answer checker."""
     workdir, out = tiny_pipeline
     stages = plan(_config(), workdir, seeds=1)
-    assert len(stages) == 9 and "flaxalign: pipeline finished; report" in out
+    assert len(stages) == 12 and "flaxalign: pipeline finished; report" in out
     evals = {}
     for i, stage in enumerate(stages, 1):
-        assert f"pipeline [{i}/9] {stage.name}: " in out
+        assert f"pipeline [{i}/12] {stage.name}: " in out
         if stage.command == "train":
             summary = _read_json(workdir, stage.name, "run_summary.json")
             assert summary["finished"] and summary["final_step"] == 3, (stage.name, summary)
@@ -189,17 +231,22 @@ def test_pipeline_runs_every_stage_and_reports_ppo_against_dpo_with_the_measured
             evals[stage.name.split("/")[1]] = _read_json(workdir, stage.name, "eval.json")["metrics"]
     assert evals["sft"]["kl/mean"] == 0.0  # SFT against itself: the same weights
     assert evals["ppo_s0"]["kl/mean"] > 0  # PPO's updates moved the policy away from SFT
+    for name, metrics in evals.items():
+        assert {"gold_win_rate/win_rate_ties_half", "exact_match/win_win_rate_ties_half",
+                "exact_match/greedy_accuracy"} <= set(metrics), name
     with open(os.path.join(workdir, "report.md")) as f:
         text = f.read()
-    table = "PPO vs DPO (§5.4.4, measured)"
-    for label, key, fmt in (("RM win rate vs SFT (ties ½)", "win_rate/win_rate_ties_half", "{:.3f}"),
-                            ("RM score (normalised)", "reward/score_mean", "{:.3f}"),
+    table = "PPO vs DPO vs GRPO (§5.4.4, measured)"
+    policies = ("ppo_s0", "dpo_s0", "grpo_s0")
+    for label, key, fmt in (("proxy RM win rate vs SFT (ties ½)", "win_rate/win_rate_ties_half", "{:.3f}"),
+                            ("gold RM win rate vs SFT (ties ½)", "gold_win_rate/win_rate_ties_half", "{:.3f}"),
+                            ("exact-answer accuracy, greedy (gold)", "exact_match/greedy_accuracy", "{:.3f}"),
                             ("KL to SFT (nats / response)", "kl/mean", "{:.2f}")):
-        assert _report_row(text, table, label) == [fmt.format(evals["ppo_s0"][key]), fmt.format(evals["dpo_s0"][key])]
-    summaries = {name: _read_json(workdir, name, "run_summary.json") for name in ("ppo_s0", "dpo_s0")}
+        assert _report_row(text, table, label) == [fmt.format(evals[n][key]) for n in policies]
+    summaries = {name: _read_json(workdir, name, "run_summary.json") for name in policies}
     for label, key, fmt in (("wall-clock (s)", "seconds", "{:.0f}"), ("model FLOPs", "flops", "{:.3g}")):
-        assert _report_row(text, table, label) == [fmt.format(summaries[n][key]) for n in ("ppo_s0", "dpo_s0")]
-    for png in ("loss_curves.png", "ppo_reward_kl.png", "dpo_margins.png", "frontier.png"):
+        assert _report_row(text, table, label) == [fmt.format(summaries[n][key]) for n in policies]
+    for png in ("stage_curves.png", "ppo_reward_kl.png", "dpo_margins.png", "frontier.png", "accuracy_frontier.png"):
         assert os.path.getsize(os.path.join(workdir, png)) > 0 and f"({png})" in text
 
 

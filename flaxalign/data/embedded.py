@@ -200,23 +200,28 @@ def arithmetic_tasks(n: int, seed: int = DEFAULT_ARITHMETIC_SEED, max_operand: i
             for a, op, b, value in (_problem(rng, max_operand) for _ in range(n))]
 
 
-def arithmetic_preferences(n: int, seed: int = DEFAULT_ARITHMETIC_SEED, max_operand: int = 99) -> list[dict]:
+def arithmetic_preferences(n: int, seed: int = DEFAULT_ARITHMETIC_SEED, max_operand: int = 99,
+                           far: bool = False) -> list[dict]:
     """Returns n preference records about the questions of `arithmetic_tasks(n, seed, max_operand)`.
 
     chosen is "The answer is {correct}."; rejected is, half the time, the same
     sentence with an answer off by 1 to 3, else a hedging sentence with an
-    answer off by 4 to 10.
+    answer off by 4 to 10. `far`: a third of the rejected answers are instead
+    the chosen sentence with any other answer the task can have (0 to the
+    largest sum or product), the mistakes of a model that has not learnt the
+    arithmetic yet, so that a reward model learns to check the number.
     """
     rng = random.Random(seed)
     # A second generator, so that the questions equal arithmetic_tasks'.
     wrong_rng = random.Random(f"wrong answers {seed}")
     records = []
+    largest = max(2 * max_operand, min(12, max_operand) ** 2)
     for a, op, b, value in (_problem(rng, max_operand) for _ in range(n)):
-        records.append({
-            "prompt": _question(a, op, b),
-            "chosen": f"The answer is {value}.",
-            "rejected": _wrong_answer(wrong_rng, a, op, b, value),
-        })
+        if far and wrong_rng.random() < 1 / 3:
+            rejected = f"The answer is {wrong_rng.choice([v for v in range(largest + 1) if v != value])}."
+        else:
+            rejected = _wrong_answer(wrong_rng, a, op, b, value)
+        records.append({"prompt": _question(a, op, b), "chosen": f"The answer is {value}.", "rejected": rejected})
     return records
 
 
@@ -287,8 +292,8 @@ def builtin_records(spec: str, kind: str) -> list[dict]:
         return [{"prompt": t["prompt"], "completion": f"The answer is {t['answer']}."}
                 for t in arithmetic_tasks(n, seed, max_operand)]
     if base == "builtin:arithmetic_kto":
-        return unpair_preferences(arithmetic_preferences(n, seed, max_operand))
-    return arithmetic_preferences(n, seed, max_operand)
+        return unpair_preferences(arithmetic_preferences(n, seed, max_operand, bool(params.get("far", 0))))
+    return arithmetic_preferences(n, seed, max_operand, bool(params.get("far", 0)))
 
 
 _BUILTIN_PARAMS = {
@@ -296,8 +301,8 @@ _BUILTIN_PARAMS = {
     "builtin:sft": ("n",),
     "builtin:arithmetic_prompts": ("n", "seed", "max"),
     "builtin:arithmetic_sft": ("n", "seed", "max"),
-    "builtin:arithmetic_preferences": ("n", "seed", "max"),
-    "builtin:arithmetic_kto": ("n", "seed", "max"),
+    "builtin:arithmetic_preferences": ("n", "seed", "max", "far"),
+    "builtin:arithmetic_kto": ("n", "seed", "max", "far"),
 }
 
 

@@ -66,6 +66,7 @@ class Method:
     cpo_alpha: float = 1.0
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    rpo_alpha: float = 0.0  # RPO: + α · (the chosen response's NLL per token), pair losses only
     hyper: tuple = ()
 
     def __post_init__(self):
@@ -76,6 +77,9 @@ class Method:
             raise errors.ConfigError(f"loss.beta must be > 0, got {self.beta}.")
         if not 0 <= self.label_smoothing < 1:
             raise errors.ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if not self.rpo_alpha >= 0 or (self.rpo_alpha and self.loss_type == "kto"):
+            raise errors.ConfigError(f"loss.rpo_alpha must be >= 0 and is for paired losses (not kto), got "
+                                     f"{self.rpo_alpha} with loss_type={self.loss_type}.")
         if self.loss_type in DPO_LOSSES:
             dpo_hyper(self.loss_type, self.beta, **self.dpo_hyper)
 
@@ -152,6 +156,12 @@ def pair_loss(trainable, frozen, batch, rng, *, method: Method, m: Models):
             ref_chosen, ref_rejected = jnp.split(reference_logps(trainable, frozen, rows, m), 2)
         losses, metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=method.beta, loss_type=t,
                                    chosen_lengths=chosen_len, rejected_lengths=rejected_len, **method.dpo_hyper)
+    if method.rpo_alpha:
+        # RPO (Pang et al. 2024; TRL's rpo_alpha): the chosen response's NLL keeps its likelihood from falling while
+        # the margin grows. Per pair, averaged over the pair's tokens; TRL averages over the batch's chosen tokens
+        # (equal when the chosen responses have equal lengths), which would depend on how a batch is split.
+        losses = losses + method.rpo_alpha * -chosen_avg
+        metrics = {**metrics, "nll_loss": -chosen_avg}
     # The policy's own ranking of the pair — comparable across models, and defined for the SFT model, whose implicit
     # reward against itself is 0: by total log-likelihood, and per token (free of the bias towards short answers).
     metrics = {**metrics, "pref_accuracy": (chosen > rejected).astype(jnp.float32),
@@ -292,7 +302,7 @@ def make_method(config) -> Method:
     block = config.loss
     return Method(loss_type=block.loss_type, beta=float(block.beta), simpo_gamma=float(block.simpo_gamma),
                   cpo_alpha=float(block.cpo_alpha), desirable_weight=float(block.desirable_weight),
-                  undesirable_weight=float(block.undesirable_weight),
+                  undesirable_weight=float(block.undesirable_weight), rpo_alpha=float(block.rpo_alpha),
                   hyper=tuple((name, float(block[name])) for name in DPO_HYPER_DEFAULTS))
 
 

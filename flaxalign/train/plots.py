@@ -35,13 +35,16 @@ def plot_curves(path: str, rows: list[dict], panels, title: str = "") -> str | N
 
 def plot_runs(path: str, runs: dict[str, list[dict]], panels, title: str = "") -> str | None:
     """Like `plot_curves` for several runs at once (e.g. one per seed): each panel overlays every run's series,
-    labelled "run: series"; a panel is `(title, metric name)` with the run names as keys of `runs`, or just a
-    metric name. Returns the path, or None when there is nothing to draw."""
+    labelled "run: series"; a panel is `(title, metric name)` with the run names as keys of `runs`, `(title, metric
+    name, run names)` to draw only those runs, or just a metric name. Returns the path, or None when there is
+    nothing to draw."""
     drawn = []
     for panel in panels:
-        panel_title, name = panel if isinstance(panel, tuple) else (panel, panel)
+        panel_title, name, *only = panel if isinstance(panel, tuple) else (panel, panel)
         series = {}
         for run, rows in runs.items():
+            if only and run not in only[0]:
+                continue
             for label, points in panel_series(rows, name).items():
                 series[f"{run}: {label}" if run else label] = points
         if series:

@@ -5,6 +5,7 @@ end-to-end `evaluate` (in process) plus one through the CLI."""
 import importlib.util
 import json
 import os
+import re
 import shutil
 import types
 

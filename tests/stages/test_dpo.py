@@ -348,3 +348,23 @@ def test_token_kl_equals_the_full_vocabulary_sum():
     expected = (np.exp(logp) * (logp - logq)).sum(-1)
     np.testing.assert_allclose(np.asarray(chunked_token_kl(h, w, h_ref, w_ref, chunk_size=3)), expected, rtol=1e-5)
     assert float(jnp.max(jnp.abs(chunked_token_kl(h, w, h, w, chunk_size=4)))) == 0.0
+
+
+def test_rpo_adds_alpha_times_the_chosen_nll_per_token(tmp_path):
+    """RPO = the DPO loss + α · (−Σ chosen log-probs / chosen tokens), mean over pairs, from float64 log-probs."""
+    task = _task(method=dpo.Method(rpo_alpha=0.5), init_reference=_other_reference)
+    mesh = helpers.mesh((1, 1, 1))
+    state, shardings = _state(task, mesh, str(tmp_path))
+    batch = helpers.pair_batch()
+    sums = jax.device_get(CompiledEval(task.eval_step, mesh, shardings)(state, batch))
+    policy, ref = _naive_logps(CONFIG, state.params, batch), _naive_logps(CONFIG, state.frozen, batch)
+    (pc, pr), (rc, rr) = np.split(policy, 2), np.split(ref, 2)
+    chosen_tokens = unstack_pairs(batch)["completion_mask"].sum(-1)[:len(pc)]
+    nll = -pc / chosen_tokens
+    expected = np.log1p(np.exp(-0.1 * ((pc - rc) - (pr - rr)))) + 0.5 * nll
+    np.testing.assert_allclose(sums["loss"] / 8, expected.mean(), rtol=1e-5)
+    np.testing.assert_allclose(sums["nll_loss"] / 8, nll.mean(), rtol=1e-5)
+    with pytest.raises(errors.ConfigError, match="rpo_alpha"):
+        dpo.Method(loss_type="kto", rpo_alpha=1.0)
+    with pytest.raises(errors.ConfigError, match="rpo_alpha"):
+        dpo.Method(rpo_alpha=-1.0)
