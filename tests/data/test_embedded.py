@@ -187,3 +187,19 @@ def test_arithmetic_preferences_and_kto_take_max_operand_and_ask_the_prompts_que
     assert [p["chosen"] for p in pairs] == [f"The answer is {t['answer']}." for t in tasks]
     assert read_records("builtin:arithmetic_kto?n=40&seed=2&max=9", "kto") == embedded.unpair_preferences(pairs)
     assert read_records("builtin:arithmetic_preferences?n=30", "preference") == embedded.arithmetic_preferences(30)
+
+
+def test_far_pairs_add_wrong_answers_in_the_chosen_sentence_from_the_whole_answer_range():
+    def far_share(spec):
+        pairs = read_records(spec, "preference")
+        far = 0
+        for pair in pairs:
+            assert pair["rejected"] != pair["chosen"]
+            if pair["rejected"].startswith("The answer is "):
+                right, wrong = (int(p[len("The answer is "):-1]) for p in (pair["chosen"], pair["rejected"]))
+                assert -3 <= wrong <= 81 if "far=1" in spec else abs(wrong - right) <= 3  # near misses of 0 are < 0
+                far += abs(wrong - right) > 3
+        return far / len(pairs)
+
+    assert far_share("builtin:arithmetic_preferences?n=600&max=9") == 0
+    assert 0.2 < far_share("builtin:arithmetic_preferences?n=600&max=9&far=1") < 0.4
