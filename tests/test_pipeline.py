@@ -41,7 +41,7 @@ def test_plan_runs_every_method_per_seed_from_the_same_sft_and_evaluates_every_p
         for run in runs:
             assert {"--config.init_from=checkpoint:/w/sft", f"--config.seed={seed}"} <= set(run.args)
         assert ["--config.reward_from=checkpoint:/w/reward" in run.args for run in runs] == [True, False, False]
-        assert "--config.steps=150" in runs[0].args  # the preset's extra flags
+        assert "--config.steps=100" in runs[0].args  # the preset's extra flags
     evals = [s for s in stages.values() if s.command == "eval"]
     assert [s.name for s in evals] == ["eval/clm", "eval/sft"] + [
         f"eval/{m}_s{seed}" for seed in (0, 1) for m in ("ppo", "dpo", "grpo")]
