@@ -13,7 +13,11 @@
 * On-policy distillation (GKD) of that SFT model into a one-layer student trained from scratch: the held-out
   teacher–student divergence (JSD_0.5 and forward KL per token, on the student's own samples) falls to a quarter;
   likewise with half the steps on the teacher's own SFT completions (lmbda = 0.5).
+* The demo pipeline (one seed): SFT, then DPO and GRPO judged on the ground truth (exact-answer accuracy of held-out
+  questions) against SFT.
 """
+
+import json
 
 import pytest
 
@@ -146,3 +150,33 @@ def test_online_dpo_raises_the_held_out_reward_model_score(arithmetic_sft_run, a
         f"step {step}: {row['eval_reward_model_sampled']:.3f}/{row['eval_reward_model_greedy']:.3f}"
         for step, row in evals))
     assert end["eval_reward_model_sampled"] - start["eval_reward_model_sampled"] >= 0.15
+
+
+PIPELINE_TIMEOUT = 1500  # measured ≈ 4 min for one seed on 2 idle cores
+
+
+@pytest.mark.timeout(PIPELINE_TIMEOUT + MARGIN)
+def test_demo_pipeline_methods_against_sft_on_the_ground_truth(tmp_path):
+    """The demo's pipeline (configs/pipeline.py:tiny) with one seed: SFT answers at least 20 % of the held-out
+    questions (greedy); DPO (with RPO) and GRPO answer more of them than SFT does, judged by the exact-answer checker,
+    by the margins below; PPO keeps its held-out perplexity within 1.5× SFT's. Issue 20's bars (mean − std over 3
+    seeds: DPO and PPO ≥ SFT + 10 points, GRPO ≥ SFT + 15) are not all met, so not all are asserted: PPO against the
+    proxy reward model loses accuracy (BUILD_NOTES, "The ground-truth demo")."""
+    workdir = str(tmp_path / "pipeline")
+    rc, out, err = cli.run(["--config=configs/pipeline.py:tiny", f"--workdir={workdir}", "--seeds=1"],
+                           cpu_devices=1, command="pipeline", timeout=PIPELINE_TIMEOUT)
+    assert rc == 0, err[-3000:]
+    evals = {}
+    for name in ("sft", "ppo_s0", "dpo_s0", "grpo_s0"):
+        with open(f"{workdir}/eval/{name}/eval.json") as f:
+            evals[name] = json.load(f)["metrics"]
+    greedy, sampled = "exact_match/greedy_accuracy", "exact_match/accuracy"
+    print("exact-answer accuracy (greedy / sampled): " + ", ".join(
+        f"{name} {m[greedy]:.3f} / {m[sampled]:.3f}" for name, m in evals.items()))
+    sft = evals["sft"]
+    assert sft[greedy] >= 0.20
+    assert evals["dpo_s0"][greedy] - sft[greedy] >= DPO_GREEDY_GAIN
+    assert evals["dpo_s0"][sampled] - sft[sampled] >= DPO_SAMPLED_GAIN
+    assert evals["grpo_s0"][sampled] - sft[sampled] >= GRPO_SAMPLED_GAIN
+    assert evals["grpo_s0"][greedy] - sft[greedy] >= GRPO_GREEDY_GAIN
+    assert evals["ppo_s0"]["perplexity/perplexity"] <= 1.5 * sft["perplexity/perplexity"]
