@@ -29,7 +29,7 @@ EVAL_ROWS = (
     ("EOS rate", "policy/eos_rate", "{:.2f}"),
     ("distinct-2", "diversity/distinct_2", "{:.3f}"),
     ("self-BLEU", "diversity/self_bleu", "{:.3f}"),
-    ("perplexity (held-out text)", "perplexity/perplexity", "{:.1f}"),
+    ("perplexity of the eval text (tiny: the CLM's own text)", "perplexity/perplexity", "{:.1f}"),
     ("multiple-choice accuracy", "mc/acc", "{:.3f}"),
 )
 # What a method is, for the methods table: (its reward signal, rollouts while training, how it optimises)

@@ -152,7 +152,12 @@ def test_online_dpo_raises_the_held_out_reward_model_score(arithmetic_sft_run, a
     assert end["eval_reward_model_sampled"] - start["eval_reward_model_sampled"] >= 0.15
 
 
-PIPELINE_TIMEOUT = 1500  # measured ≈ 4 min for one seed on 2 idle cores
+PIPELINE_TIMEOUT = 1500  # one seed: ≈ 5 min on 2 idle cores
+# Gains over SFT (fractions) the one-seed run must reach. Its runs equal the demo's seed 0 (CPU training here is
+# deterministic: two fresh-clone demos gave equal numbers), measured +18.7 / +7.8 points greedy / sampled for DPO and
+# +17.9 / +27.3 for GRPO; DPO's seed 0 is its best of three (mean − std over the 3 seeds: +2.2 / +8.1).
+DPO_GREEDY_GAIN, DPO_SAMPLED_GAIN = 0.10, 0.05
+GRPO_GREEDY_GAIN, GRPO_SAMPLED_GAIN = 0.15, 0.15
 
 
 @pytest.mark.timeout(PIPELINE_TIMEOUT + MARGIN)
