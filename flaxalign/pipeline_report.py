@@ -236,10 +236,11 @@ def _figures(workdir: str, metrics: dict, evals: dict, names: dict) -> list[tupl
 
 
 def _frontier(evals: dict, names: dict, key) -> dict:
-    """{label: (KLs, values)}: one point per seed of each method, SFT and base; `key` None = the proxy and gold RM
-    scores (two series per policy), else that metric."""
+    """{label: (KLs, values)}: one point per seed of each method, and SFT; `key` None = the proxy and gold RM scores
+    (two series per policy), else that metric. The base model is left out: its KL to SFT (tens of nats) would squeeze
+    the policies into one corner."""
     keys = [(SCORE, "proxy RM"), (GOLD_SCORE, "gold RM")] if key is None else [(key, "")]
-    groups = {_label(m): names[m] for m in names} | {"SFT": ["sft"], "base (CLM)": ["clm"]}
+    groups = {_label(m): names[m] for m in names} | {"SFT": ["sft"]}
     series = {}
     for label, runs in groups.items():
         for metric, judge in keys:
