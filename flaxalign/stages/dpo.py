@@ -88,8 +88,10 @@ class Method:
         return {**DPO_HYPER_DEFAULTS, **dict(self.hyper)}
 
     def settings(self) -> dict:
-        """Every field, the DPO family's own ones flat (JSON scalars: a checkpoint's identity must read back equal)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "hyper"}
+        """Every field, the DPO family's own ones flat (JSON scalars: a checkpoint's identity must read back equal).
+        `rpo_alpha` only when it is set, so that checkpoints saved before the field existed still resume."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k != "hyper" and not (k == "rpo_alpha" and v == 0)}
         return {**fields, **self.dpo_hyper}
 
     @property

@@ -302,6 +302,9 @@ def test_the_resume_identity_reads_back_equal_from_json():
     identity = task.metadata["resume_identity"]
     assert json.loads(json.dumps(identity)) == identity
     assert identity["loss"]["discopop_tau"] == 0.1 and identity["loss"]["label_smoothing"] == 0.0
+    # rpo_alpha joins the identity only when set: runs saved before it existed resume, and turning it on is a change
+    assert "rpo_alpha" not in identity["loss"]
+    assert _task(dpo.Method(rpo_alpha=0.5)).metadata["resume_identity"]["loss"]["rpo_alpha"] == 0.5
 
 
 def test_a_new_dpo_family_loss_is_its_function_and_one_registration(monkeypatch):
