@@ -53,17 +53,19 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.max_prompt_len = p["max_prompt_len"]  # longer prompts are cut on the left
     c.max_new_tokens = p["max_new_tokens"]
     c.temperature = 0.7  # 0 = greedy
-    c.greedy_exact_match = True  # prompts with an answer are also answered greedily: exact_match/greedy_accuracy
+    # prompts with an answer are also answered greedily (one more pass at temperature > 0): exact_match/greedy_accuracy
+    c.greedy_exact_match = True
     c.top_k = 0
     c.top_p = 1.0
     c.batch_size = p["batch_size"]  # rows per forward pass (sampling, scoring)
     c.num_examples = 4  # sampled responses kept in eval.json
 
-    # A second policy (checkpoint:DIR, hf:DIR, gguf:FILE or a run directory): KL(policy ‖ reference) on the samples,
-    # and with reward_from the reward model's win rate of the policy over it.
+    # A second policy (checkpoint:DIR, hf:DIR, gguf:FILE or a run directory): KL(policy ‖ reference) on the samples;
+    # with reward_from / gold_reward_from, or prompts that have answers, the reference also answers every prompt (one
+    # more sampling pass) and the judges compare the two answers (win rates).
     c.reference = ""
     c.reward_from = ""  # a reward model (checkpoint:DIR of a configs/reward.py run, or hf:DIR): mean score
-    # a second, independent reward model (the gold judge): gold/ scores and gold_win_rate/ against the reference
+    # a second reward model (the gold judge, e.g. trained on other pairs): gold/ scores, gold_win_rate/ vs the reference
     c.gold_reward_from = ""
     c.tie_margin = 0.0  # |score − reference score| ≤ margin is a tie
 

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+import ml_collections
+
 from flaxalign import errors
 from flaxalign.pipeline_report import write_pipeline_report
 from flaxalign.train import report
@@ -39,7 +41,8 @@ def methods(pcfg) -> list[str]:
     names = [name.strip() for name in str(pcfg.methods).split(",") if name.strip()]
     for name in names:
         block = pcfg.get(name)
-        if block is None or "reward_model" not in block:  # only method blocks say whether they use the RM
+        if not isinstance(block, ml_collections.ConfigDict) or "reward_model" not in block:  # only method blocks
+            # say whether they train against the reward model
             raise errors.ConfigError(f"methods={pcfg.methods!r}: {name!r} is not a method block of the pipeline "
                                      "config (e.g. ppo, dpo, grpo).")
     if len(set(names)) != len(names) or not names:

@@ -40,7 +40,7 @@ METHOD_FACTS = {
              "advantages"),
 }
 # (title, metric) of a method's training-curve panel
-METHOD_CURVES = {"ppo": ("held-out proxy RM score", "score"), "dpo": ("DPO loss", "loss"),
+METHOD_CURVES = {"ppo": ("proxy RM score (train / eval)", "score"), "dpo": ("DPO loss", "loss"),
                  "grpo": ("exact-answer accuracy", "exact_answer")}
 
 
@@ -96,7 +96,7 @@ def _label(method: str) -> str:
     return method.upper()
 
 
-def write_pipeline_report(workdir: str, seeds: int, methods=("ppo", "dpo"), gold: bool = False) -> str:
+def write_pipeline_report(workdir: str, seeds: int, methods, gold: bool) -> str:
     names = {m: [f"{m}_s{s}" for s in range(seeds)] for m in methods}
     policies = [n for m in methods for n in names[m]]
     judges = ["reward"] + (["gold_reward"] if gold else [])
@@ -111,9 +111,9 @@ def write_pipeline_report(workdir: str, seeds: int, methods=("ppo", "dpo"), gold
 
     lines = ["# flaxalign pipeline report", "",
              (f"Workdir `{os.path.abspath(workdir)}`; {', '.join(_label(m) for m in methods)} ran with {seeds} "
-              "seed(s) from the same SFT checkpoint; every policy answers the same held-out prompts, and its answers "
+              "seed(s) from the same SFT checkpoint; every policy answers the same evaluation prompts, and its answers "
               "are judged against SFT's by the gold judges (the exact-answer checker"
-              + (", a gold reward model trained on pairs the proxy never saw" if gold else "")
+              + (", a gold reward model trained on pairs drawn with another seed" if gold else "")
               + ") and by the proxy reward model that PPO optimised. Where the proxy's verdict rises and the gold "
               "judges' does not, the policy learnt the proxy's blind spots (reward over-optimisation)."),
              "", "## Stages", "",
@@ -125,7 +125,7 @@ def write_pipeline_report(workdir: str, seeds: int, methods=("ppo", "dpo"), gold
                      f"{summary.get('flops', math.nan):.3g} | {summary.get('peak_rss_mb', math.nan):.0f} | "
                      + (f"{losses[-1]:.4f} |" if losses else "— |"))
 
-    lines += ["", "## Evaluation (held-out prompts; reference = SFT; mean ± std over seeds)", "",
+    lines += ["", "## Evaluation (evaluation prompts; reference = SFT; mean ± std over seeds)", "",
               "| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, key, fmt in EVAL_ROWS:
         row = [_cell(evals["clm"], key, fmt), _cell(evals["sft"], key, fmt)]
@@ -183,7 +183,7 @@ def _methods_table(methods, names, evals, summaries, seeds) -> list[str]:
 
 
 def _examples_table(methods, names, examples) -> list[str]:
-    """Each held-out prompt's expected answer, SFT's answer and each method's (seed 0), as sampled in evaluation."""
+    """Each evaluation prompt's expected answer, SFT's answer and each method's (seed 0), as sampled in evaluation."""
     shown = examples["sft"]
     if not shown:
         return []
@@ -191,12 +191,15 @@ def _examples_table(methods, names, examples) -> list[str]:
              "| prompt | answer | SFT | " + " | ".join(_label(m) for m in methods) + " |",
              "|---|---|---|" + "---|" * len(methods)]
 
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
     def text(name, i):
         rows = examples.get(name) or []
-        return rows[i]["response"].replace("|", "\\|").replace("\n", " ") if i < len(rows) else "—"
+        return cell(rows[i]["response"]) if i < len(rows) else "—"
 
     for i, example in enumerate(shown):
-        lines.append(f"| {example['prompt']} | {example.get('answer', '—')} | {text('sft', i)} | "
+        lines.append(f"| {cell(example['prompt'])} | {cell(example.get('answer', '—'))} | {text('sft', i)} | "
                      + " | ".join(text(names[m][0], i) for m in methods) + " |")
     return lines
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data (no download): the whole adaptation pipeline in one command —
-#   tokenizer + CLM pretraining on Python's own documentation → SFT on the built-in pairs → reward model on the
-#   arithmetic preference pairs → PPO (against that reward model) and DPO (on the pairs), both from the SFT
-#   checkpoint, 3 seeds each → evaluation of base/SFT/PPO/DPO against SFT → report.md with plots and the measured
-#   PPO-vs-DPO table (about 15 minutes on 2 CPU cores). Re-running with the same WORKDIR resumes: finished stages
-#   are skipped, an interrupted one continues from its last checkpoint.
-# More stages on the same runs (LoRA SFT/DPO, arithmetic SFT → GRPO): ./launch/demo_extras.sh WORKDIR
+#   tokenizer + CLM pretraining on Python's own documentation → SFT on single-digit arithmetic → a proxy reward model
+#   and a gold reward model on arithmetic preference pairs → PPO (against the proxy), DPO (on the pairs, with RPO)
+#   and GRPO (exact-answer reward), all from the SFT checkpoint, 3 seeds each → evaluation of base/SFT/every policy
+#   against SFT, judged by the exact-answer checker and both reward models → report.md with plots and the measured
+#   PPO-vs-DPO-vs-GRPO table (about 10 minutes on 2 CPU cores, install included). Re-running with the same WORKDIR
+#   resumes: finished stages are skipped, an interrupted one continues from its last checkpoint.
+# More stages on the same runs (LoRA SFT/DPO): ./launch/demo_extras.sh WORKDIR
 # Usage: [WORKDIR=dir] ./launch/demo.sh [extra flaxalign pipeline flags, e.g. --seeds=1]
 set -euo pipefail
 # shellcheck source=launch/_venv.sh
@@ -15,4 +16,4 @@ flaxalign pipeline --config=configs/pipeline.py:tiny --workdir="$root" "$@"
 echo
 cat "$root/report.md"
 echo
-echo "demo: report $root/report.md (plots next to it); stage runs in $root/{clm,sft,reward,ppo_s*,dpo_s*}, evaluations in $root/eval/"
+echo "demo: report $root/report.md (plots next to it); stage runs in $root/{clm,sft,reward,gold_reward,ppo_s*,dpo_s*,grpo_s*}, evaluations in $root/eval/"

@@ -52,7 +52,7 @@ def test_plan_runs_every_method_per_seed_from_the_same_sft_and_evaluates_every_p
     assert not any("gold_reward_from" in a for s in only_dpo for a in s.args)
 
 
-@pytest.mark.parametrize("methods", ["ppo,eval", "ppo,ppo", "", "ppo,nosuch"])
+@pytest.mark.parametrize("methods", ["ppo,eval", "ppo,ppo", "", "ppo,nosuch", "seeds"])
 def test_methods_must_name_method_blocks_once(methods):
     with pytest.raises(errors.ConfigError, match="methods="):
         plan(_config(methods=methods), "/w", 1)
@@ -109,7 +109,7 @@ def test_report_fills_the_tables_from_the_runs(tmp_path):
     assert _report_row(text, table, "wall-clock (s)") == ["55 ± 7", "75 ± 7", "95 ± 7"]  # 50, 60; 70, 80; 90, 100
     assert _report_row(text, table, "stability: greedy-accuracy spread over 2 seed(s)")[0] == (
         "0.100 (min 0.300, max 0.400)")
-    evaluation = "Evaluation (held-out prompts; reference = SFT; mean ± std over seeds)"
+    evaluation = "Evaluation (evaluation prompts; reference = SFT; mean ± std over seeds)"
     assert _report_row(text, evaluation, "gold RM win rate vs SFT (ties ½)") == [
         "0.100", "0.400", "0.700 ± 0.141", "0.600 ± 0.141", "0.600 ± 0.071"]
     assert _report_row(text, evaluation, "**exact-answer accuracy, greedy** (gold)")[:3] == ["0.000", "0.250",
@@ -161,7 +161,7 @@ def test_killed_pipeline_resumes_the_interrupted_stage_and_skips_finished_ones(t
 
 # ---------------------------------------------------------------------------------------------------------------
 # The whole pipeline at tiny sizes: every stage runs (3 steps each, 8 evaluation prompts), one seed: 12 subprocesses,
-# mostly start-up and compiles, ≈ 2¼ min of CPU time in all (measured: user + sys of the pipeline and its stages).
+# mostly start-up and compiles.
 
 REDUCED_STAGES = {
     "clm": "--config.steps=3 --config.eval_every=0 --config.data.max_chars=100000 --config.data.seq_len=64 "

@@ -361,8 +361,9 @@ def run_parts(config, policy: Model, reference, rm, tokenizer, gold=None) -> tup
     if config.prompts:
         metrics_part, examples = sampled_part(config, policy, reference, rm, tokenizer, samplers, rng, gold=gold)
         metrics.update(metrics_part)
-    elif reference is not None or rm is not None:
-        logging.warning("eval: reference / reward_from are set but prompts is empty; nothing is sampled.")
+    elif reference is not None or rm is not None or gold is not None:
+        logging.warning("eval: reference / reward_from / gold_reward_from are set but prompts is empty; nothing is "
+                        "sampled.")
 
     scorer = likelihood.make_scorer(policy.graphdef, int(config.loss_chunk))
     if config.text_files:

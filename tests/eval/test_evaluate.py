@@ -37,19 +37,20 @@ def eval_config(**overrides):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Two random tiny policies ("a", "b") and a random reward model ("rm") as HF directories sharing one
+    """Two random tiny policies ("a", "b") and two random reward models ("rm", "rm2") as HF directories sharing one
     SentencePiece tokenizer, and the numpy params of "a" and "b"."""
     root = tmp_path_factory.mktemp("eval_models")
     tokenizer = Tokenizer.train(stdlib_corpus(max_chars=20_000), str(root / "tokenizer.model"), vocab_size=400)
     config = helpers.tiny_model_config()
     params = {"a": helpers.random_params(config, seed=0), "b": helpers.random_params(config, seed=1)}
     dirs = {}
-    for name in ("a", "b", "rm"):
+    for name in ("a", "b", "rm", "rm2"):
         dirs[name] = str(root / name)
-        if name == "rm":
-            head = {"kernel": np.random.default_rng(3).normal(size=config.d_model).astype(np.float32) * 0.3,
+        if name.startswith("rm"):
+            seed = 2 if name == "rm" else 4
+            head = {"kernel": np.random.default_rng(seed + 1).normal(size=config.d_model).astype(np.float32) * 0.3,
                     "bias": np.float32(0.1)}
-            interop.save_hf(config, helpers.random_params(config, seed=2), dirs[name], score_head=head,
+            interop.save_hf(config, helpers.random_params(config, seed=seed), dirs[name], score_head=head,
                             pad_token_id=tokenizer.pad_id)
         else:
             interop.save_hf(config, params[name], dirs[name])
@@ -205,7 +206,7 @@ def test_evaluate_end_to_end_writes_eval_json_and_tensorboard(tiny, tmp_path):
                          reward_from=f"hf:{tiny.dirs['rm']}", text_files=str(text), perplexity_window=32,
                          perplexity_max_tokens=0, mc_file="builtin:arithmetic_mc?n=3&max=9",
                          refusal_prompts=str(refusal), num_examples=2, loss_chunk=16,
-                         gold_reward_from=f"hf:{tiny.dirs['rm']}")
+                         gold_reward_from=f"hf:{tiny.dirs['rm2']}")
     out = str(tmp_path / "out")
     result = ev.evaluate(config, f"hf:{tiny.dirs['a']}", workdir=out)
     with open(os.path.join(out, "eval.json")) as f:
@@ -220,11 +221,15 @@ def test_evaluate_end_to_end_writes_eval_json_and_tensorboard(tiny, tmp_path):
                 "exact_match/greedy_accuracy", "exact_match/reference_accuracy", "exact_match/win_win_rate_ties_half",
                 "gold/score_mean", "gold/reference_score_mean", "gold_win_rate/win_rate_ties_half"}
     assert expected <= set(m)
-    # the gold judge here is the same reward model, so it must judge exactly as the reward model does
+    # the gold judge (rm2) must judge as rm2 does when it is the reward model of the same evaluation (same samples)
+    as_reward = ev.evaluate(eval_config(**{**config.to_dict(), "reward_from": f"hf:{tiny.dirs['rm2']}",
+                                           "gold_reward_from": ""}), f"hf:{tiny.dirs['a']}",
+                            workdir=str(tmp_path / "as_reward"))["metrics"]
     for key in ("score_mean", "score_std", "reference_score_mean"):
-        assert m[f"gold/{key}"] == m[f"reward/{key}"]
+        assert m[f"gold/{key}"] == as_reward[f"reward/{key}"]
+        assert m[f"gold/{key}"] != m[f"reward/{key}"]  # and differently from rm
     assert {k: v for k, v in m.items() if k.startswith("gold_win_rate/")} == {
-        f"gold_win_rate/{k[len('win_rate/'):]}": v for k, v in m.items() if k.startswith("win_rate/")}
+        f"gold_win_rate/{k[len('win_rate/'):]}": v for k, v in as_reward.items() if k.startswith("win_rate/")}
     assert m["exact_match/win_win_rate"] + m["exact_match/win_tie_rate"] + m["exact_match/win_loss_rate"] == (
         pytest.approx(1.0))
     assert m["exact_match/n"] == m["win_rate/n"] == 6 and m["mc/questions"] == 3 and m["refusal/prompts"] == 3
@@ -240,17 +245,38 @@ def test_evaluate_end_to_end_writes_eval_json_and_tensorboard(tiny, tmp_path):
     assert cli.metrics(out) == [{"step": 0, **m}]
 
 
-def test_greedy_accuracy_is_the_accuracy_at_temperature_zero_and_the_answer_checker_judges_pairs(tiny, tmp_path):
+def test_greedy_accuracy_comes_from_a_temperature_zero_sampler(tiny, tmp_path, monkeypatch):
+    # random models never answer right, so the texts are replaced: the temperature-0 sampler's answers are right, the
+    # evaluation temperature's wrong; the samplers are told apart by the temperature each was made with
+    records = read_records("builtin:arithmetic_prompts?n=8&max=9", "prompt")
+    made, real_make, real_sample = {}, ev.make_sampler, ev.sample_responses
+
+    def make_sampler(model, config, *, temperature=None, **kwargs):
+        sampler = real_make(model, config, temperature=temperature, **kwargs)
+        made[sampler] = config.temperature if temperature is None else temperature
+        return sampler
+
+    def sample_responses(sample, *args, **kwargs):
+        out = real_sample(sample, *args, **kwargs)
+        out["texts"] = [f"The answer is {int(r['answer']) + (made[sample] > 0)}." for r in records]
+        return out
+
+    monkeypatch.setattr(ev, "make_sampler", make_sampler)
+    monkeypatch.setattr(ev, "sample_responses", sample_responses)
+
     def run(**overrides):
         config = eval_config(prompts="builtin:arithmetic_prompts?n=8&max=9", num_prompts=8, batch_size=4,
-                             max_prompt_len=16, max_new_tokens=6, text_files="", mc_file="", num_examples=8,
-                             **overrides)
-        return ev.evaluate(config, f"hf:{tiny.dirs['a']}", workdir=str(tmp_path / "out"))
+                             max_prompt_len=16, max_new_tokens=6, text_files="", mc_file="", **overrides)
+        return ev.evaluate(config, f"hf:{tiny.dirs['a']}", workdir=str(tmp_path / "out"))["metrics"]
 
-    sampled = run(temperature=1.0, seed=3)["metrics"]
-    greedy = run(temperature=0.0)["metrics"]
-    assert sampled["exact_match/greedy_accuracy"] == greedy["exact_match/accuracy"] == (
-        greedy["exact_match/greedy_accuracy"])
+    sampled = run(temperature=0.7)
+    assert (sampled["exact_match/accuracy"], sampled["exact_match/greedy_accuracy"]) == (0.0, 1.0)
+    assert sorted(made.values()) == [0.0, 0.7]
+    made.clear()
+    greedy = run(temperature=0.0)  # greedy already: no second pass
+    assert (greedy["exact_match/accuracy"], greedy["exact_match/greedy_accuracy"]) == (1.0, 1.0)
+    assert list(made.values()) == [0.0]
+    assert "exact_match/greedy_accuracy" not in run(temperature=0.7, greedy_exact_match=False)
 
 
 def test_the_answer_checker_judges_the_policy_against_the_reference_per_prompt(tiny, tmp_path, monkeypatch):
