@@ -41,8 +41,8 @@ def methods(pcfg) -> list[str]:
     names = [name.strip() for name in str(pcfg.methods).split(",") if name.strip()]
     for name in names:
         block = pcfg.get(name)
-        if not isinstance(block, ml_collections.ConfigDict) or "reward_model" not in block:  # only method blocks
-            # say whether they train against the reward model
+        # a method block is a stage block that says whether it trains against the reward model
+        if not isinstance(block, ml_collections.ConfigDict) or "reward_model" not in block:
             raise errors.ConfigError(f"methods={pcfg.methods!r}: {name!r} is not a method block of the pipeline "
                                      "config (e.g. ppo, dpo, grpo).")
     if len(set(names)) != len(names) or not names:
@@ -62,8 +62,9 @@ def plan(pcfg, workdir: str, seeds: int) -> list[Stage]:
     stages = [stage("clm", pcfg.clm), stage("sft", pcfg.sft, f"--config.init_from={run('clm')}")]
     stages += [stage(judge, pcfg[judge], f"--config.init_from={run('sft')}") for judge in judges]
     policies = []
+    names = methods(pcfg)
     for seed in range(seeds):
-        for method in methods(pcfg):
+        for method in names:
             block = pcfg[method]
             reward = (f"--config.reward_from={run('reward')}",) if block.reward_model else ()
             policies.append(f"{method}_s{seed}")
@@ -143,9 +144,9 @@ def run_pipeline(pcfg, workdir: str, seeds: int | None = None) -> str:
         if pcfg.stop_after not in names:
             raise errors.ConfigError(f"stop_after={pcfg.stop_after!r} is not a stage; stages: {names}.")
         stages = stages[:names.index(pcfg.stop_after) + 1]
+    names = methods(pcfg)
     with open(os.path.join(workdir, "pipeline.json"), "w") as f:
-        json.dump({"seeds": seeds, "methods": methods(pcfg), "stages": [dataclasses.asdict(s) for s in stages]}, f,
-                  indent=2)
+        json.dump({"seeds": seeds, "methods": names, "stages": [dataclasses.asdict(s) for s in stages]}, f, indent=2)
     for i, stage in enumerate(stages, 1):
         if is_finished(stage, workdir):
             print(f"pipeline [{i}/{len(stages)}] {stage.name}: done earlier (skipped)", flush=True)
@@ -155,4 +156,4 @@ def run_pipeline(pcfg, workdir: str, seeds: int | None = None) -> str:
         print(f"pipeline [{i}/{len(stages)}] {stage.name}: {seconds:.0f} s", flush=True)
     if pcfg.stop_after:
         return ""
-    return write_pipeline_report(workdir, seeds, methods(pcfg), gold=bool(pcfg.gold_reward.config))
+    return write_pipeline_report(workdir, seeds, names, gold=bool(pcfg.gold_reward.config))

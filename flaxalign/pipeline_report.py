@@ -213,8 +213,9 @@ def _figures(workdir: str, metrics: dict, evals: dict, names: dict) -> list[tupl
 
     panels = [("CLM loss", "loss", ["clm"]), ("SFT loss", "loss", ["sft"]),
               ("reward model loss", "loss", ["reward"]), ("reward model accuracy", "accuracy", ["reward"])]
-    panels += [(f"{_label(m)}: {METHOD_CURVES.get(m, ('loss', 'loss'))[0]}", METHOD_CURVES.get(m, ("", "loss"))[1],
-                names[m]) for m in names]
+    for m in names:
+        title, metric = METHOD_CURVES.get(m, ("loss", "loss"))
+        panels.append((f"{_label(m)}: {title}", metric, names[m]))
     add("training curves, one panel per stage (methods: every seed)", plots.plot_runs(
         os.path.join(workdir, "stage_curves.png"), {n: metrics.get(n, []) for n in ["clm", "sft", "reward", *[
             n for m in names for n in names[m]]]}, panels))

@@ -291,9 +291,8 @@ def builtin_records(spec: str, kind: str) -> list[dict]:
     if base == "builtin:arithmetic_sft":
         return [{"prompt": t["prompt"], "completion": f"The answer is {t['answer']}."}
                 for t in arithmetic_tasks(n, seed, max_operand)]
-    if base == "builtin:arithmetic_kto":
-        return unpair_preferences(arithmetic_preferences(n, seed, max_operand, bool(params.get("far", 0))))
-    return arithmetic_preferences(n, seed, max_operand, bool(params.get("far", 0)))
+    pairs = arithmetic_preferences(n, seed, max_operand, far=bool(params.get("far", 0)))
+    return unpair_preferences(pairs) if base == "builtin:arithmetic_kto" else pairs
 
 
 _BUILTIN_PARAMS = {

@@ -12,9 +12,9 @@ Every part runs only when its config field is set:
 * `reward_from` (a reward model, normalised with its run's gain/bias): the mean score of the policy's responses;
   with a reference too, the reference also answers each prompt and the reward model judges the pair (win, tie and
   loss rates with `tie_margin`, and both mean scores and lengths).
-* `gold_reward_from` (a second reward model, e.g. one trained on pairs the policy's reward model never saw): the
-  same scores and win rates under `gold/` and `gold_win_rate/`, so that a policy's gain under the reward model it
-  was optimised against can be told from a gain under an independent judge (reward over-optimisation).
+* `gold_reward_from` (a second reward model, e.g. one trained on other pairs): the same scores and win rates under
+  `gold/` and `gold_win_rate/`, so that a policy's gain under the reward model it was optimised against can be told
+  from a gain under another judge (reward over-optimisation; a judge trained the same way may share its blind spots).
 * the exact-answer checker as a gold judge: with a `reference` and prompts that have an `answer`, the reference's
   accuracy and the policy's win rate over it, per prompt (`exact_match/win_…`: a right answer beats a wrong one).
 * `text_files` — perplexity (`likelihood.perplexity`) of each comma-separated text spec and pooled.
