@@ -1,5 +1,6 @@
 """GRPO and RLOO with verifiable rewards (Python functions over the decoded text) and/or a reward model. Presets:
-`tiny` (CPU tests, the demo), `llama3_8b` (LoRA GRPO of Llama-3-8B on a TPU pod slice).
+`tiny` (CPU tests, the demo), `smollm2_135m` (LoRA GRPO of a SmolLM2-135M-Instruct SFT run on chat-form arithmetic;
+init_from=checkpoint:DIR), `llama3_8b` (LoRA GRPO of Llama-3-8B on a TPU pod slice).
 
     flaxalign train --config=configs/grpo.py:tiny --workdir=runs/grpo --config.init_from=checkpoint:runs/sft
     flaxalign train --config=configs/grpo.py:tiny --workdir=runs/rloo --config.init_from=checkpoint:runs/sft \
@@ -15,6 +16,10 @@ from flaxalign.losses import group_rl
 
 PRESETS = {
     "tiny": dict(steps=1200, lr=3e-4, batch_size=16, group_size=16, max_prompt_len=24, max_new_tokens=12),
+    # 4 questions × 8 answers per iteration; chatml prompts of two-digit questions take ≈ 20 tokens
+    "smollm2_135m": dict(steps=30, lr=1e-4, batch_size=4, group_size=8, max_prompt_len=48, max_new_tokens=16,
+                         lora_rank=8, eval_every=0, eval_prompts=0,
+                         prompts="builtin:arithmetic_prompts?max=99&chat=1&split=train"),
     # Llama-3-8B(-Instruct) GRPO with LoRA on a TPU pod slice (weights from init_from=hf:DIR, prompts with answers in
     # data.train): 32 prompts × 8 samples of up to 512 tokens after prompts of up to 256; the frozen base (which is
     # also the reference) and the optimizer sharded over every chip, activations recomputed, each update over
@@ -43,9 +48,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.reward_from = ""  # optional checkpoint:DIR of a configs/reward.py run, added with reward_model_weight
     c.reward_model_weight = 1.0
 
-    # single-digit arithmetic with answers; batch_size prompts per rollout (× group_size responses)
-    c.data = config_blocks.prompt_data("builtin:arithmetic_prompts?max=9", max_prompt_len=p["max_prompt_len"],
-                                       batch_size=p["batch_size"])
+    # arithmetic with answers (tiny: single digits); batch_size prompts per rollout (× group_size responses)
+    c.data = config_blocks.prompt_data(p.get("prompts", "builtin:arithmetic_prompts?max=9"),
+                                       max_prompt_len=p["max_prompt_len"], batch_size=p["batch_size"])
 
     c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=1.0, top_k=0,
                                                top_p=1.0))

@@ -1,6 +1,8 @@
 """The whole pipeline in one command: tokenizer + CLM → SFT → reward model (+ a gold reward model) → PPO, DPO and
 GRPO (per seed, all from the SFT checkpoint) → evaluation → report. Presets: `tiny` (the demo: embedded data, 2 CPU
-cores, ≤ 10 minutes with 3 seeds).
+cores, ≤ 10 minutes with 3 seeds), `smollm2_135m` (launch/demo_real.sh: LoRA SFT, DPO and GRPO of
+SmolLM2-135M-Instruct from its GGUF file — no CLM stage, no reward models — on two-digit arithmetic in chat form,
+judged on questions no stage trained on).
 
     flaxalign pipeline --config=configs/pipeline.py:tiny --workdir=runs/pipeline [--seeds=3]
 
@@ -24,12 +26,15 @@ from flaxalign import config_blocks
 
 TASK = "max=9"  # single-digit operands: every builtin:arithmetic_* spec of the demo
 PAIRS = f"builtin:arithmetic_preferences?{TASK}&far=1"
+REAL_TASK = "max=99&chat=1"  # two-digit operands, the questions as user messages (SmolLM2 is a chat model)
+REAL_PAIRS = f"builtin:arithmetic_preferences?{REAL_TASK}&far=1"
 PRESETS = {
     # Sizes measured on 2 CPU cores (BUILD_NOTES, issue 20): SFT stops at 200 steps (≈ 34 % greedy accuracy; 600 steps
     # reach 100 %, which would leave the methods nothing to show); PPO 100 and GRPO 350 iterations and 400-step reward
     # models keep the demo near 10 minutes; DPO uses RPO (α = 1, lr 1e-3): plain DPO (β 0.1, lr 2e-4) lowered the
     # accuracy in every variant tried.
     "tiny": dict(
+        seeds=3, methods="ppo,dpo,grpo",
         sft_args=f"--config.data.train=builtin:arithmetic_sft?seed=1&{TASK} --config.steps=200 --config.eval_every=0",
         reward_args=f"--config.data.train={PAIRS}&seed=0 --config.steps=400",
         gold_reward_args=f"--config.data.train={PAIRS}&seed=2 --config.steps=400",
@@ -37,6 +42,18 @@ PRESETS = {
         dpo_args=f"--config.data.train={PAIRS}&seed=0 --config.loss.rpo_alpha=1.0 --config.optim.lr=1e-3",
         grpo_args="--config.steps=350",
         eval_args="--config.num_prompts=128 --config.num_examples=6"),
+    # SmolLM2-135M-Instruct (launch/fetch_smollm2.sh), LoRA rank 8 in every stage, one seed, ≈ 25 minutes on 2 CPU
+    # cores (BUILD_NOTES): the "train" questions (`split=train`) for SFT, DPO and GRPO; DPO's held-out preference
+    # accuracy and every evaluation on "test" questions, a tenth of all that no stage sees.
+    "smollm2_135m": dict(
+        seeds=1, methods="dpo,grpo", base=f"gguf:{config_blocks.smollm2_gguf()}", reward=False,
+        sft_args=f"--config.data.train=builtin:arithmetic_sft?{REAL_TASK}&split=train --config.steps=40 "
+                 "--config.optim.lr=1e-3 --config.eval_every=0",
+        dpo_args=f"--config.data.train={REAL_PAIRS}&split=train --config.data.eval={REAL_PAIRS}&split=test&n=64 "
+                 "--config.steps=40 --config.loss.rpo_alpha=1.0 --config.optim.lr=5e-4 --config.eval_every=20",
+        grpo_args="",
+        eval_args=f"--config.prompts=builtin:arithmetic_prompts?{REAL_TASK}&seed=101&split=test "
+                  "--config.num_prompts=64 --config.num_examples=6"),
 }
 
 
@@ -47,15 +64,19 @@ def _stage(config: str, args: str = "", **fields) -> ml_collections.ConfigDict:
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     p = config_blocks.preset_values(arg, PRESETS, "configs/pipeline.py")
     c = ml_collections.ConfigDict()
-    c.seeds = 3  # runs per method (their spread is the stability row of the report)
+    c.seeds = p["seeds"]  # runs per method (their spread is the stability row of the report)
     c.cpu_devices = 0  # > 0: emulate this many CPU devices in every stage
     c.stop_after = ""  # a stage name (e.g. "sft", "reward", "eval/sft"): run up to it, no report
-    c.methods = "ppo,dpo,grpo"  # the method blocks below to run, in this order
-    c.clm = _stage(f"configs/clm.py:{arg}")
+    c.methods = p["methods"]  # the method blocks below to run, in this order
+    # pretrained weights to start from (gguf:FILE, hf:DIR, checkpoint:DIR) instead of the CLM stage; "" = pretrain
+    c.base = p.get("base", "")
+    c.clm = _stage(f"configs/clm.py:{arg}" if not c.base else "")
     c.sft = _stage(f"configs/sft.py:{arg}", p["sft_args"])
-    c.reward = _stage(f"configs/reward.py:{arg}", p["reward_args"])  # the proxy: PPO optimises it
-    c.gold_reward = _stage(f"configs/reward.py:{arg}", p["gold_reward_args"])  # the judge only; config "" = none
-    c.ppo = _stage(f"configs/ppo.py:{arg}", p["ppo_args"], reward_model=True)
+    reward = p.get("reward", True)
+    # the proxy, which PPO optimises, and the gold judge (trained on other pairs); config "" = none
+    c.reward = _stage(f"configs/reward.py:{arg}" if reward else "", p.get("reward_args", ""))
+    c.gold_reward = _stage(f"configs/reward.py:{arg}" if reward else "", p.get("gold_reward_args", ""))
+    c.ppo = _stage(f"configs/ppo.py:{arg}" if reward else "", p.get("ppo_args", ""), reward_model=True)
     c.dpo = _stage(f"configs/dpo.py:{arg}", p["dpo_args"], reward_model=False)
     c.grpo = _stage(f"configs/grpo.py:{arg}", p["grpo_args"], reward_model=False)  # the exact-answer reward
     c.eval = _stage(f"configs/eval.py:{arg}", p["eval_args"])

@@ -47,6 +47,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "builtin:sft"  # sft records: prompt+completion or messages (JSONL, tfds:NAME, builtin:sft)
+    # more sft record specs (comma-separated, TRL layout) mixed into train in proportion to their sizes, e.g.
+    # builtin:sft?n=1000 to keep a task-tuned model a language model
+    c.data.mix = ""
     c.data.eval = ""  # "" = hold out eval_fraction of the training records
     c.data.eval_fraction = 0.05
     c.data.max_examples = 0  # 0 = all

@@ -45,6 +45,9 @@ def methods(pcfg) -> list[str]:
         if not isinstance(block, ml_collections.ConfigDict) or "reward_model" not in block:
             raise errors.ConfigError(f"methods={pcfg.methods!r}: {name!r} is not a method block of the pipeline "
                                      "config (e.g. ppo, dpo, grpo).")
+        if block.reward_model and not pcfg.reward.config:
+            raise errors.ConfigError(f"methods={pcfg.methods!r}: {name} trains against the reward model, but "
+                                     "reward.config is empty (no reward model); leave it out of methods.")
     if len(set(names)) != len(names) or not names:
         raise errors.ConfigError(f"methods={pcfg.methods!r} must name each method once, and at least one.")
     return names
@@ -58,8 +61,10 @@ def plan(pcfg, workdir: str, seeds: int) -> list[Stage]:
     def stage(name, block, *extra, command="train"):
         return Stage(name, command, block.config, tuple(shlex.split(block.args)) + extra)
 
-    judges = ["reward"] + (["gold_reward"] if pcfg.gold_reward.config else [])
-    stages = [stage("clm", pcfg.clm), stage("sft", pcfg.sft, f"--config.init_from={run('clm')}")]
+    judges = [judge for judge in ("reward", "gold_reward") if pcfg[judge].config]
+    base = base_name(pcfg)
+    stages = [stage("clm", pcfg.clm)] if base == "clm" else []
+    stages.append(stage("sft", pcfg.sft, f"--config.init_from={pcfg.base or run('clm')}"))
     stages += [stage(judge, pcfg[judge], f"--config.init_from={run('sft')}") for judge in judges]
     policies = []
     names = methods(pcfg)
@@ -70,12 +75,18 @@ def plan(pcfg, workdir: str, seeds: int) -> list[Stage]:
             policies.append(f"{method}_s{seed}")
             stages.append(stage(policies[-1], block, f"--config.init_from={run('sft')}", *reward,
                                 f"--config.seed={seed}"))
-    gold = (f"--config.gold_reward_from={run('gold_reward')}",) if "gold_reward" in judges else ()
-    for policy in ["clm", "sft"] + policies:
-        stages.append(stage(f"eval/{policy}", pcfg.eval, f"--checkpoint={os.path.join(workdir, policy)}",
-                            f"--config.reference={run('sft')}", f"--config.reward_from={run('reward')}", *gold,
-                            command="eval"))
+    judged = [f"--config.{judge}_from={run(judge)}" for judge in judges]
+    for policy in [base, "sft"] + policies:
+        checkpoint = pcfg.base if policy == "base" else os.path.join(workdir, policy)
+        stages.append(stage(f"eval/{policy}", pcfg.eval, f"--checkpoint={checkpoint}",
+                            f"--config.reference={run('sft')}", *judged, command="eval"))
     return stages
+
+
+def base_name(pcfg) -> str:
+    """"clm" when the pipeline pretrains its base model, "base" when it starts from `pcfg.base` (pretrained
+    weights); the base model's evaluation is eval/NAME."""
+    return "base" if pcfg.base else "clm"
 
 
 def is_finished(stage: Stage, workdir: str) -> bool:
@@ -156,4 +167,5 @@ def run_pipeline(pcfg, workdir: str, seeds: int | None = None) -> str:
         print(f"pipeline [{i}/{len(stages)}] {stage.name}: {seconds:.0f} s", flush=True)
     if pcfg.stop_after:
         return ""
-    return write_pipeline_report(workdir, seeds, names, gold=bool(pcfg.gold_reward.config))
+    return write_pipeline_report(workdir, seeds, names, judges=[j for j in ("reward", "gold_reward") if pcfg[j].config],
+                                 base=base_name(pcfg))

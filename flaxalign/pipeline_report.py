@@ -29,7 +29,7 @@ EVAL_ROWS = (
     ("EOS rate", "policy/eos_rate", "{:.2f}"),
     ("distinct-2", "diversity/distinct_2", "{:.3f}"),
     ("self-BLEU", "diversity/self_bleu", "{:.3f}"),
-    ("perplexity of the eval text (tiny: the CLM's own text)", "perplexity/perplexity", "{:.1f}"),
+    ("perplexity of the eval preset's text_files (tiny: the CLM's own text)", "perplexity/perplexity", "{:.1f}"),
     ("multiple-choice accuracy", "mc/acc", "{:.3f}"),
 )
 # What a method is, for the methods table: (its reward signal, rollouts while training, how it optimises)
@@ -96,26 +96,30 @@ def _label(method: str) -> str:
     return method.upper()
 
 
-def write_pipeline_report(workdir: str, seeds: int, methods, gold: bool) -> str:
+def write_pipeline_report(workdir: str, seeds: int, methods, judges=("reward", "gold_reward"),
+                          base: str = "clm") -> str:
+    """Writes W/report.md (and its plots) from the runs and evaluations under W; returns its path. `judges`: the
+    reward models the pipeline trained ("reward" = the proxy, "gold_reward"); `base`: the base model's run name,
+    "clm" (pretrained by the pipeline) or "base" (pretrained weights, evaluated only)."""
     names = {m: [f"{m}_s{s}" for s in range(seeds)] for m in methods}
     policies = [n for m in methods for n in names[m]]
-    judges = ["reward"] + (["gold_reward"] if gold else [])
+    trained = [base] if base == "clm" else []
     summaries = {name: report.read_summary(os.path.join(workdir, name)) or {}
-                 for name in ["clm", "sft", *judges, *policies]}
+                 for name in [*trained, "sft", *judges, *policies]}
     evals, examples = {}, {}
-    for name in ["clm", "sft", *policies]:
+    for name in [base, "sft", *policies]:
         evals[name], examples[name] = _eval(os.path.join(workdir, "eval", name, "eval.json"))
     metrics = {name: _metrics(os.path.join(workdir, name)) for name in summaries}
-    figures = _figures(workdir, metrics, evals, names)
-    columns = ["base (CLM)", "SFT"] + [_label(m) for m in methods]
-
+    figures = _figures(workdir, metrics, evals, names, trained + ["sft", *judges])
+    columns = ["base (CLM)" if base == "clm" else "base (pretrained)", "SFT"] + [_label(m) for m in methods]
+    gold = ", a gold reward model trained on pairs drawn with another seed" if "gold_reward" in judges else ""
+    proxy = " and by the proxy reward model that PPO optimised" if "reward" in judges else ""
     lines = ["# flaxalign pipeline report", "",
              (f"Workdir `{os.path.abspath(workdir)}`; {', '.join(_label(m) for m in methods)} ran with {seeds} "
               "seed(s) from the same SFT checkpoint; every policy answers the same evaluation prompts, and its answers "
-              "are judged against SFT's by the gold judges (the exact-answer checker"
-              + (", a gold reward model trained on pairs drawn with another seed" if gold else "")
-              + ") and by the proxy reward model that PPO optimised. Where the proxy's verdict rises and the gold "
-              "judges' does not, the policy learnt the proxy's blind spots (reward over-optimisation)."),
+              f"are judged against SFT's by the gold judges (the exact-answer checker{gold}){proxy}."
+              + (" Where the proxy's verdict rises and the gold judges' does not, the policy learnt the proxy's blind "
+                 "spots (reward over-optimisation)." if proxy else "")),
              "", "## Stages", "",
              "| stage | steps | wall-clock (s) | model FLOPs | peak RSS (MB) | final train loss |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -128,12 +132,14 @@ def write_pipeline_report(workdir: str, seeds: int, methods, gold: bool) -> str:
     lines += ["", "## Evaluation (evaluation prompts; reference = SFT; mean ± std over seeds)", "",
               "| metric | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, key, fmt in EVAL_ROWS:
-        row = [_cell(evals["clm"], key, fmt), _cell(evals["sft"], key, fmt)]
+        row = [_cell(evals[base], key, fmt), _cell(evals["sft"], key, fmt)]
         for method in methods:
             if isinstance(key, tuple):
                 row.append(_cell(evals[names[method][0]], key, fmt) + (" (seed 0)" if seeds > 1 else ""))
             else:
                 row.append(_pm([evals[n].get(key) for n in names[method]], fmt))
+        if all(cell.startswith("—") for cell in row):
+            continue  # a judge or metric this pipeline did not have
         lines.append(f"| {label} | " + " | ".join(row) + " |")
 
     lines += ["", "## Gain over SFT on the ground truth (exact-answer accuracy, points)", "",
@@ -148,7 +154,7 @@ def write_pipeline_report(workdir: str, seeds: int, methods, gold: bool) -> str:
             cells += ["—", "—"] if math.isnan(mean) else [f"{mean:+.1f} ± {std:.1f}", f"{mean - std:+.1f}"]
         lines.append(f"| {_label(method)} | " + " | ".join(cells) + " |")
 
-    lines += _methods_table(methods, names, evals, summaries, seeds)
+    lines += _methods_table(methods, names, evals, summaries, metrics, seeds)
     lines += _examples_table(methods, names, examples)
     lines += ["", "## Plots", ""] + [f"![{title}]({os.path.basename(path)})" for title, path in figures]
     lines += ["", "Per-stage reports: `*/report.md`; logs: `logs/`; evaluation results: `eval/*/eval.json`.", ""]
@@ -158,7 +164,7 @@ def write_pipeline_report(workdir: str, seeds: int, methods, gold: bool) -> str:
     return out
 
 
-def _methods_table(methods, names, evals, summaries, seeds) -> list[str]:
+def _methods_table(methods, names, evals, summaries, metrics, seeds) -> list[str]:
     lines = ["", "## " + " vs ".join(_label(m) for m in methods) + " (§5.4.4, measured)", "",
              "| aspect | " + " | ".join(_label(m) for m in methods) + " |", "|---|" + "---|" * len(methods)]
     for i, label in enumerate(("reward signal", "policy rollouts during training", "optimisation")):
@@ -167,8 +173,13 @@ def _methods_table(methods, names, evals, summaries, seeds) -> list[str]:
                             ("gold RM win rate vs SFT (ties ½)", GOLD_WIN, "{:.3f}"),
                             ("proxy RM win rate vs SFT (ties ½)", WIN_RATE, "{:.3f}"),
                             ("KL to SFT (nats / response)", KL, "{:.2f}")):
-        lines.append(f"| {label} | " + " | ".join(
-            _pm([evals[n].get(key) for n in names[m]], fmt) for m in methods) + " |")
+        cells = [_pm([evals[n].get(key) for n in names[m]], fmt) for m in methods]
+        if any(cell != "—" for cell in cells):  # a judge this pipeline did not have
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    held_out = [_pm([_last(metrics[n], "eval_rewards/accuracies") for n in names[m]]) for m in methods]
+    if any(cell != "—" for cell in held_out):
+        lines.append("| held-out pair accuracy (implicit reward, the run's last evaluation) | " + " | ".join(held_out)
+                     + " |")
     for label, key, fmt in (("wall-clock (s)", "seconds", "{:.0f}"), ("model FLOPs", "flops", "{:.3g}"),
                             ("peak memory (RSS, MB)", "peak_rss_mb", "{:.0f}")):
         lines.append(f"| {label} | " + " | ".join(
@@ -180,6 +191,11 @@ def _methods_table(methods, names, evals, summaries, seeds) -> list[str]:
                       if values else "—")
     lines.append(f"| stability: greedy-accuracy spread over {seeds} seed(s) | " + " | ".join(spread) + " |")
     return lines
+
+
+def _last(rows: list[dict], key: str):
+    """The last logged value of `key` in a run's metrics rows, or None."""
+    return next((row[key] for row in reversed(rows) if key in row), None)
 
 
 def _examples_table(methods, names, examples) -> list[str]:
@@ -204,21 +220,23 @@ def _examples_table(methods, names, examples) -> list[str]:
     return lines
 
 
-def _figures(workdir: str, metrics: dict, evals: dict, names: dict) -> list[tuple[str, str]]:
+def _figures(workdir: str, metrics: dict, evals: dict, names: dict, stages: list[str]) -> list[tuple[str, str]]:
+    """The report's plots: `stages` are the trained runs before the methods (clm?, sft, the reward models)."""
     figures = []
 
     def add(title, path):
         if path:
             figures.append((title, path))
 
-    panels = [("CLM loss", "loss", ["clm"]), ("SFT loss", "loss", ["sft"]),
-              ("reward model loss", "loss", ["reward"]), ("reward model accuracy", "accuracy", ["reward"])]
+    panels = [panel for panel in (("CLM loss", "loss", ["clm"]), ("SFT loss", "loss", ["sft"]),
+                                  ("reward model loss", "loss", ["reward"]),
+                                  ("reward model accuracy", "accuracy", ["reward"])) if panel[2][0] in stages]
     for m in names:
         title, metric = METHOD_CURVES.get(m, ("loss", "loss"))
         panels.append((f"{_label(m)}: {title}", metric, names[m]))
+    runs = [n for n in stages if n != "gold_reward"] + [n for m in names for n in names[m]]
     add("training curves, one panel per stage (methods: every seed)", plots.plot_runs(
-        os.path.join(workdir, "stage_curves.png"), {n: metrics.get(n, []) for n in ["clm", "sft", "reward", *[
-            n for m in names for n in names[m]]]}, panels))
+        os.path.join(workdir, "stage_curves.png"), {n: metrics.get(n, []) for n in runs}, panels))
     if "ppo" in names:
         add("PPO reward and KL", plots.plot_runs(
             os.path.join(workdir, "ppo_reward_kl.png"), {n: metrics[n] for n in names["ppo"]},

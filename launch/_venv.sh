@@ -12,9 +12,22 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 extras="${1:-}"
-stamp=".venv/.installed-${extras:-base}"
-if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# Whether an install newer than the package's metadata covered every extra in $1 (comma-separated; "" = the package
+# alone, which every install covers), so that e.g. demo.sh after test.sh installs nothing.
+installed() {
+  local stamp want covered
+  for stamp in .venv/.installed-*; do
+    if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then continue; fi
+    covered=1
+    for want in ${1//,/ }; do
+      [[ ",${stamp#.venv/.installed-}," == *",$want,"* ]] || covered=0
+    done
+    if [ "$covered" = 1 ]; then return 0; fi
+  done
+  return 1
+}
+if ! installed "$extras"; then
   echo "launch: installing flaxalign${extras:+[$extras]} into .venv"
   python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
-  touch "$stamp"
+  touch ".venv/.installed-${extras:-base}"
 fi

@@ -10,7 +10,7 @@
 # Usage: [WORKDIR=dir] ./launch/demo.sh [extra flaxalign pipeline flags, e.g. --seeds=1]
 set -euo pipefail
 # shellcheck source=launch/_venv.sh
-. "$(dirname "$0")/_venv.sh"
+. "$(dirname "$0")/_venv.sh" ""  # "" = no extras (sourced without one, it would read this script's flags as extras)
 root="${WORKDIR:-runs/demo-$(date +%Y%m%d-%H%M%S)}"
 flaxalign pipeline --config=configs/pipeline.py:tiny --workdir="$root" "$@"
 echo

@@ -7,7 +7,7 @@ set -euo pipefail
 root="${1:?usage: ./launch/demo_extras.sh WORKDIR (a finished ./launch/demo.sh workdir)}"
 shift
 # shellcheck source=launch/_venv.sh
-. "$(dirname "$0")/_venv.sh"
+. "$(dirname "$0")/_venv.sh" ""  # "" = no extras (sourced without one, it would read this script's flags as extras)
 flaxalign train --config=configs/sft.py:tiny --workdir="$root/sft_lora" --config.init_from="checkpoint:$root/clm" \
   '--config.data.train=builtin:arithmetic_sft?seed=1&max=9' --config.lora.rank=8 --config.optim.lr=1e-2 \
   --config.steps=200 --config.eval_every=0 "$@"

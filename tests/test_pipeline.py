@@ -16,13 +16,13 @@ from flaxalign.pipeline_report import mean_std, write_pipeline_report
 from tests import cli_helpers as cli
 
 
-def _config(**overrides) -> ml_collections.ConfigDict:
+def _config(preset="tiny", **overrides) -> ml_collections.ConfigDict:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("pipeline_config", "configs/pipeline.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = module.get_config(preset)
     config.update(overrides)
     return config
 
@@ -50,6 +50,21 @@ def test_plan_runs_every_method_per_seed_from_the_same_sft_and_evaluates_every_p
     only_dpo = plan(_config(methods="dpo", gold_reward=ml_collections.ConfigDict(dict(config="", args=""))), "/w", 1)
     assert [s.name for s in only_dpo] == ["clm", "sft", "reward", "dpo_s0", "eval/clm", "eval/sft", "eval/dpo_s0"]
     assert not any("gold_reward_from" in a for s in only_dpo for a in s.args)
+
+
+def test_plan_from_pretrained_weights_has_no_clm_stage_and_evaluates_the_base_on_held_out_questions():
+    stages = {s.name: s for s in plan(_config("smollm2_135m"), "/w", seeds=1)}
+    assert list(stages) == ["sft", "dpo_s0", "grpo_s0", "eval/base", "eval/sft", "eval/dpo_s0", "eval/grpo_s0"]
+    base = _config("smollm2_135m").base
+    assert base.startswith("gguf:") and f"--config.init_from={base}" in stages["sft"].args
+    assert f"--checkpoint={base}" in stages["eval/base"].args
+    assert not any("reward_from" in a for s in stages.values() for a in s.args)  # no reward models
+    flags = {name: " ".join(stages[name].args) for name in stages}
+    # trained on split=train questions, judged on split=test ones (DPO's held-out pairs too), all in chat form
+    assert all("split=train" in flags[n] and "chat=1" in flags[n] for n in ("sft", "dpo_s0"))
+    assert "split=test" in flags["dpo_s0"] and "split=test" in flags["eval/base"]
+    with pytest.raises(errors.ConfigError, match="ppo trains against the reward model, but reward.config is empty"):
+        plan(_config("smollm2_135m", methods="ppo,dpo"), "/w", 1)
 
 
 @pytest.mark.parametrize("methods", ["ppo,eval", "ppo,ppo", "", "ppo,nosuch", "seeds"])
@@ -101,7 +116,7 @@ def test_report_fills_the_tables_from_the_runs(tmp_path):
                               "exact_match/greedy_accuracy": accuracy[name],
                               "exact_match/accuracy": accuracy[name] / 2},
                     examples=[{"prompt": "What is 2 + 2?", "answer": "4", "response": f"The answer is {name}."}])
-    with open(write_pipeline_report(w, seeds=2, methods=("ppo", "dpo", "grpo"), gold=True)) as f:
+    with open(write_pipeline_report(w, seeds=2, methods=("ppo", "dpo", "grpo"))) as f:
         text = f.read()
     table = "PPO vs DPO vs GRPO (§5.4.4, measured)"
     assert _report_row(text, table, "proxy RM win rate vs SFT (ties ½)") == ["0.800 ± 0.141", "0.700 ± 0.141",
@@ -120,6 +135,27 @@ def test_report_fills_the_tables_from_the_runs(tmp_path):
         "4", "The answer is sft.", "The answer is ppo_s0.", "The answer is dpo_s0.", "The answer is grpo_s0."]
     for png in ("stage_curves.png", "ppo_reward_kl.png", "dpo_margins.png", "frontier.png", "accuracy_frontier.png"):
         assert os.path.exists(os.path.join(w, png)) and f"({png})" in text
+
+
+def test_report_of_a_pipeline_from_pretrained_weights_without_reward_models(tmp_path):
+    w = str(tmp_path)
+    for name in ("sft", "dpo_s0"):
+        _write_run(w, name, {"finished": True, "final_step": 2, "seconds": 10.0, "flops": 1e9, "peak_rss_mb": 500.0},
+                   [{"step": 1, "loss": 2.0}, {"step": 1, "eval_rewards/accuracies": 0.5},
+                    {"step": 2, "loss": 1.0}, {"step": 2, "eval_rewards/accuracies": 0.75}])
+    for name, accuracy in (("base", 0.05), ("sft", 0.5), ("dpo_s0", 0.625)):
+        _write_eval(w, name, {"exact_match/greedy_accuracy": accuracy, "kl/mean": 1.0})
+    with open(write_pipeline_report(w, seeds=1, methods=("dpo",), judges=(), base="base")) as f:
+        text = f.read()
+    evaluation = "Evaluation (evaluation prompts; reference = SFT; mean ± std over seeds)"
+    assert "| metric | base (pretrained) | SFT | DPO |" in text
+    assert _report_row(text, evaluation, "**exact-answer accuracy, greedy** (gold)") == ["0.050", "0.500", "0.625"]
+    assert "proxy RM" not in text.split("## Evaluation")[1].split("## Gain")[0]  # rows no policy has are left out
+    assert "| clm |" not in text and "| reward |" not in text
+    assert _report_row(text, "Gain over SFT on the ground truth", "DPO")[:2] == ["+12.5 ± 0.0", "+12.5"]
+    table = "DPO (§5.4.4, measured)"
+    assert _report_row(text, table, "held-out pair accuracy (implicit reward, the run's last evaluation)") == ["0.750"]
+    assert "| gold RM win rate vs SFT (ties ½) |" not in text
 
 
 def test_unknown_stop_after_is_named(tmp_path):

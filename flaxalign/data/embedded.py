@@ -20,7 +20,9 @@
 Everything depends only on the arguments and the Python build.  `read_records`
 reads them through `builtin:` specs (`BUILTIN_KINDS`); the arithmetic specs
 and `builtin:sft` take optional parameters, e.g.
-`builtin:arithmetic_prompts?n=512&seed=1` or `builtin:sft?n=1000`.
+`builtin:arithmetic_prompts?n=512&seed=1` or `builtin:sft?n=1000`; `chat=1` on
+the prompt, sft and preference specs writes the question as a user message
+and the answers as assistant messages, for chat-tuned models.
 """
 
 import functools
@@ -31,9 +33,16 @@ import random
 import re
 import urllib.parse
 import warnings
+import zlib
 
 from flaxalign.data.atomic import write_atomically
-from flaxalign.data.corpus import PATCHED_ELSEWHERE, STDLIB_MODULES, _defined_in, _import_quietly, stdlib_corpus
+from flaxalign.data.corpus import (
+    PATCHED_ELSEWHERE,
+    STDLIB_MODULES,
+    _defined_in,
+    _import_quietly,
+    stdlib_corpus,
+)
 from flaxalign.errors import DataError
 
 BUILTIN_PREFIX = "builtin:"
@@ -188,21 +197,23 @@ def first_sentence(doc: str) -> str:
     return sentence
 
 
-def arithmetic_tasks(n: int, seed: int = DEFAULT_ARITHMETIC_SEED, max_operand: int = 99) -> list[dict]:
+def arithmetic_tasks(n: int, seed: int = DEFAULT_ARITHMETIC_SEED, max_operand: int = 99,
+                     split: str = "") -> list[dict]:
     """Returns n prompt records {"prompt": "What is 37 + 58?", "answer": "95"}.
 
     Operations are a + b and a - b with 0 <= b <= a <= 99 (answers are never
     negative) and a * b with 2 <= a, b <= 12, each a third of the time; `max_operand` < 99 gives an easier task
-    (e.g. 9: single digits and factors up to 9).
+    (e.g. 9: single digits and factors up to 9). `split`: "" = any problem, "train" = never a problem of "test", a
+    fixed tenth of the questions (chosen by a hash of the question), so that accuracy on "test" is held out.
     """
     rng = random.Random(seed)
     return [{"prompt": _question(a, op, b), "answer": str(value)}
-            for a, op, b, value in (_problem(rng, max_operand) for _ in range(n))]
+            for a, op, b, value in _problems(rng, n, max_operand, split)]
 
 
 def arithmetic_preferences(n: int, seed: int = DEFAULT_ARITHMETIC_SEED, max_operand: int = 99,
-                           far: bool = False) -> list[dict]:
-    """Returns n preference records about the questions of `arithmetic_tasks(n, seed, max_operand)`.
+                           far: bool = False, split: str = "") -> list[dict]:
+    """Returns n preference records about the questions of `arithmetic_tasks(n, seed, max_operand, split)`.
 
     chosen is "The answer is {correct}."; rejected is, half the time, the same
     sentence with an answer off by 1 to 3, else a hedging sentence with an
@@ -216,7 +227,7 @@ def arithmetic_preferences(n: int, seed: int = DEFAULT_ARITHMETIC_SEED, max_oper
     wrong_rng = random.Random(f"wrong answers {seed}")
     records = []
     largest = max(2 * max_operand, min(12, max_operand) ** 2)
-    for a, op, b, value in (_problem(rng, max_operand) for _ in range(n)):
+    for a, op, b, value in _problems(rng, n, max_operand, split):
         if far and wrong_rng.random() < 1 / 3:
             rejected = f"The answer is {wrong_rng.choice([v for v in range(largest + 1) if v != value])}."
         else:
@@ -243,6 +254,20 @@ def unpair_preferences(records) -> list[dict]:
         unpaired.append({"prompt": prompt, "completion": chosen, "label": True})
         unpaired.append({"prompt": prompt, "completion": rejected, "label": False})
     return unpaired
+
+
+def _problems(rng, n, max_operand, split):
+    """n random problems of `_problem`, those of the other split redrawn (see `arithmetic_tasks`)."""
+    problems = []
+    while len(problems) < n:
+        problem = _problem(rng, max_operand)
+        if not split or (split == "test") == _is_test_question(_question(*problem[:3])):
+            problems.append(problem)
+    return problems
+
+
+def _is_test_question(question):
+    return zlib.crc32(question.encode()) % 10 == 0
 
 
 def _problem(rng, max_operand=99):
@@ -286,32 +311,54 @@ def builtin_records(spec: str, kind: str) -> list[dict]:
     n = params.get("n", DEFAULT_ARITHMETIC_N)
     seed = params.get("seed", DEFAULT_ARITHMETIC_SEED)
     max_operand = params.get("max", 99)
+    split = params.get("split", "")
     if base == "builtin:arithmetic_prompts":
-        return arithmetic_tasks(n, seed, max_operand)
+        tasks = arithmetic_tasks(n, seed, max_operand, split)
+        return [t | {"prompt": _user(t["prompt"])} for t in tasks] if params.get("chat") else tasks
     if base == "builtin:arithmetic_sft":
-        return [{"prompt": t["prompt"], "completion": f"The answer is {t['answer']}."}
-                for t in arithmetic_tasks(n, seed, max_operand)]
-    pairs = arithmetic_preferences(n, seed, max_operand, far=bool(params.get("far", 0)))
-    return unpair_preferences(pairs) if base == "builtin:arithmetic_kto" else pairs
+        pairs = [(t["prompt"], f"The answer is {t['answer']}.") for t in arithmetic_tasks(n, seed, max_operand, split)]
+        if params.get("chat"):
+            return [{"messages": _user(prompt) + _assistant(completion)} for prompt, completion in pairs]
+        return [{"prompt": prompt, "completion": completion} for prompt, completion in pairs]
+    pairs = arithmetic_preferences(n, seed, max_operand, far=bool(params.get("far", 0)), split=split)
+    if base == "builtin:arithmetic_kto":
+        return unpair_preferences(pairs)
+    if params.get("chat"):
+        return [{"prompt": _user(r["prompt"]), "chosen": _assistant(r["chosen"]),
+                 "rejected": _assistant(r["rejected"])} for r in pairs]
+    return pairs
+
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text):
+    return [{"role": "assistant", "content": text}]
 
 
 _BUILTIN_PARAMS = {
     "builtin:stdlib": (),
     "builtin:sft": ("n",),
-    "builtin:arithmetic_prompts": ("n", "seed", "max"),
-    "builtin:arithmetic_sft": ("n", "seed", "max"),
-    "builtin:arithmetic_preferences": ("n", "seed", "max", "far"),
-    "builtin:arithmetic_kto": ("n", "seed", "max", "far"),
+    "builtin:arithmetic_prompts": ("n", "seed", "max", "chat", "split"),
+    "builtin:arithmetic_sft": ("n", "seed", "max", "chat", "split"),
+    "builtin:arithmetic_preferences": ("n", "seed", "max", "far", "chat", "split"),
+    "builtin:arithmetic_kto": ("n", "seed", "max", "far", "split"),
 }
 
 
 def _builtin_params(spec, query, allowed):
-    """Parses "n=512&seed=1" into ints, rejecting names not in `allowed`."""
+    """Parses "n=512&seed=1" into ints (`split` stays a name), rejecting names not in `allowed`."""
     params = {}
     for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
         if name not in allowed:
             accepted = ", ".join(allowed) if allowed else "none"
             raise DataError(f"{spec}: unknown parameter {name!r} (accepted: {accepted}).")
+        if name == "split":
+            if value not in ("train", "test"):
+                raise DataError(f"{spec}: parameter 'split' must be train or test, got {value!r}.")
+            params[name] = value
+            continue
         if not re.fullmatch(r"\d+", value) or (name in ("n", "max") and int(value) == 0):
             sign = "positive" if name in ("n", "max") else "non-negative"
             raise DataError(f"{spec}: parameter {name!r} must be a {sign} integer, got {value!r}.")

@@ -161,6 +161,7 @@ def test_builtin_stdlib_is_text_records():
     ("builtin:sft?seed=1", "sft", "builtin:sft?seed=1: unknown parameter 'seed' (accepted: n)."),
     ("builtin:arithmetic_prompts?n=0", "prompt", "parameter 'n' must be a positive integer, got '0'."),
     ("builtin:arithmetic_prompts?seed=x", "prompt", "parameter 'seed' must be a non-negative integer, got 'x'."),
+    ("builtin:arithmetic_sft?split=eval", "sft", "parameter 'split' must be train or test, got 'eval'."),
 ])
 def test_bad_builtin_specs(spec, kind, message):
     with pytest.raises(DataError) as info:
@@ -203,3 +204,43 @@ def test_far_pairs_add_wrong_answers_in_the_chosen_sentence_from_the_whole_answe
 
     assert far_share("builtin:arithmetic_preferences?n=600&max=9") == 0
     assert 0.2 < far_share("builtin:arithmetic_preferences?n=600&max=9&far=1") < 0.4
+
+
+def test_split_test_questions_never_appear_in_split_train_and_are_a_tenth_of_all():
+    for max_operand in (9, 99):
+        train = read_records(f"builtin:arithmetic_sft?n=3000&max={max_operand}&split=train", "sft")
+        test = read_records(f"builtin:arithmetic_prompts?n=300&seed=5&max={max_operand}&split=test", "prompt")
+        train_questions = {r["prompt"] for r in train}
+        test_questions = {r["prompt"] for r in test}
+        assert test_questions and not train_questions & test_questions
+        for record in test:  # still right answers
+            a, op, b = record["prompt"][len("What is "):-1].split(" ")
+            assert int(record["answer"]) == {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}[op](int(a), int(b))
+    everything = {r["prompt"] for r in read_records("builtin:arithmetic_prompts?n=20000&max=9", "prompt")}
+    train = read_records("builtin:arithmetic_prompts?n=3000&max=9&split=train", "prompt")  # every train question
+    held_out = everything - {r["prompt"] for r in train}
+    assert 0.05 < len(held_out) / len(everything) < 0.15
+    pairs = read_records("builtin:arithmetic_preferences?n=500&max=9&split=test&far=1", "preference")
+    assert {p["prompt"] for p in pairs} <= held_out
+    kto = read_records("builtin:arithmetic_kto?n=500&max=9&split=train", "kto")
+    assert not {r["prompt"] for r in kto} & held_out
+
+
+def test_chat_records_are_the_plain_records_as_messages():
+    def user(text):
+        return [{"role": "user", "content": text}]
+
+    def assistant(text):
+        return [{"role": "assistant", "content": text}]
+
+    spec = "?n=30&seed=3&max=9&split=train"
+    plain = read_records("builtin:arithmetic_prompts" + spec, "prompt")
+    chat = read_records("builtin:arithmetic_prompts" + spec + "&chat=1", "prompt")
+    assert chat == [{"prompt": user(r["prompt"]), "answer": r["answer"]} for r in plain]
+    plain = read_records("builtin:arithmetic_sft" + spec, "sft")
+    chat = read_records("builtin:arithmetic_sft" + spec + "&chat=1", "sft")
+    assert chat == [{"messages": user(r["prompt"]) + assistant(r["completion"])} for r in plain]
+    plain = read_records("builtin:arithmetic_preferences" + spec, "preference")
+    chat = read_records("builtin:arithmetic_preferences" + spec + "&chat=1", "preference")
+    assert chat == [{"prompt": user(r["prompt"]), "chosen": assistant(r["chosen"]),
+                     "rejected": assistant(r["rejected"])} for r in plain]
