@@ -42,9 +42,10 @@ PRESETS = {
         dpo_args=f"--config.data.train={PAIRS}&seed=0 --config.loss.rpo_alpha=1.0 --config.optim.lr=1e-3",
         grpo_args="--config.steps=350",
         eval_args="--config.num_prompts=128 --config.num_examples=6"),
-    # SmolLM2-135M-Instruct (launch/fetch_smollm2.sh), LoRA rank 8 in every stage, one seed, ≈ 25 minutes on 2 CPU
+    # SmolLM2-135M-Instruct (launch/fetch_smollm2.sh), LoRA rank 8 in every stage, one seed, ≈ 26 minutes on 2 CPU
     # cores (BUILD_NOTES): the "train" questions (`split=train`) for SFT, DPO and GRPO; DPO's held-out preference
-    # accuracy and every evaluation on "test" questions, a tenth of all that no stage sees.
+    # accuracy and the evaluations' sampled answers on "test" questions, a tenth of all that no stage sees (the
+    # eval preset's multiple-choice questions are single-digit ones, not held out).
     "smollm2_135m": dict(
         seeds=1, methods="dpo,grpo", base=f"gguf:{config_blocks.smollm2_gguf()}", reward=False,
         sft_args=f"--config.data.train=builtin:arithmetic_sft?{REAL_TASK}&split=train --config.steps=40 "

@@ -61,8 +61,11 @@ def plan(pcfg, workdir: str, seeds: int) -> list[Stage]:
     def stage(name, block, *extra, command="train"):
         return Stage(name, command, block.config, tuple(shlex.split(block.args)) + extra)
 
-    judges = [judge for judge in ("reward", "gold_reward") if pcfg[judge].config]
+    judges = reward_models(pcfg)
     base = base_name(pcfg)
+    if base == "clm" and not pcfg.clm.config:
+        raise errors.ConfigError("base is empty and clm.config is empty: set base (pretrained weights: gguf:FILE, "
+                                 "hf:DIR, checkpoint:DIR) or a CLM stage config to start from.")
     stages = [stage("clm", pcfg.clm)] if base == "clm" else []
     stages.append(stage("sft", pcfg.sft, f"--config.init_from={pcfg.base or run('clm')}"))
     stages += [stage(judge, pcfg[judge], f"--config.init_from={run('sft')}") for judge in judges]
@@ -81,6 +84,12 @@ def plan(pcfg, workdir: str, seeds: int) -> list[Stage]:
         stages.append(stage(f"eval/{policy}", pcfg.eval, f"--checkpoint={checkpoint}",
                             f"--config.reference={run('sft')}", *judged, command="eval"))
     return stages
+
+
+def reward_models(pcfg) -> list[str]:
+    """The reward-model stages the pipeline trains: "reward" (the proxy) and "gold_reward", each unless its
+    config is empty."""
+    return [judge for judge in ("reward", "gold_reward") if pcfg[judge].config]
 
 
 def base_name(pcfg) -> str:
@@ -167,5 +176,4 @@ def run_pipeline(pcfg, workdir: str, seeds: int | None = None) -> str:
         print(f"pipeline [{i}/{len(stages)}] {stage.name}: {seconds:.0f} s", flush=True)
     if pcfg.stop_after:
         return ""
-    return write_pipeline_report(workdir, seeds, names, judges=[j for j in ("reward", "gold_reward") if pcfg[j].config],
-                                 base=base_name(pcfg))
+    return write_pipeline_report(workdir, seeds, names, judges=reward_models(pcfg), base=base_name(pcfg))

@@ -13,7 +13,7 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the comparison is float32 on the host, whatever accelerator is there
-import jax  # noqa: E402
+import jax
 import numpy as np
 import peft
 import torch

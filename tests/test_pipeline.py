@@ -14,6 +14,7 @@ from flaxalign import errors, weights
 from flaxalign.pipeline import is_finished, plan, run_pipeline
 from flaxalign.pipeline_report import mean_std, write_pipeline_report
 from tests import cli_helpers as cli
+from tests.config_files import stage_config
 
 
 def _config(preset="tiny", **overrides) -> ml_collections.ConfigDict:
@@ -62,9 +63,12 @@ def test_plan_from_pretrained_weights_has_no_clm_stage_and_evaluates_the_base_on
     flags = {name: " ".join(stages[name].args) for name in stages}
     # trained on split=train questions, judged on split=test ones (DPO's held-out pairs too), all in chat form
     assert all("split=train" in flags[n] and "chat=1" in flags[n] for n in ("sft", "dpo_s0"))
+    assert stage_config("grpo", preset="smollm2_135m").data.train.endswith("chat=1&split=train")
     assert "split=test" in flags["dpo_s0"] and "split=test" in flags["eval/base"]
     with pytest.raises(errors.ConfigError, match="ppo trains against the reward model, but reward.config is empty"):
         plan(_config("smollm2_135m", methods="ppo,dpo"), "/w", 1)
+    with pytest.raises(errors.ConfigError, match="base is empty and clm.config is empty"):
+        plan(_config("smollm2_135m", base=""), "/w", 1)
 
 
 @pytest.mark.parametrize("methods", ["ppo,eval", "ppo,ppo", "", "ppo,nosuch", "seeds"])

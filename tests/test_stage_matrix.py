@@ -1,12 +1,13 @@
-"""Every stage × {full fine-tuning, LoRA, bottleneck adapters, QLoRA} through `flaxalign train`: each trains 4 steps with a
-checkpoint at step 2, and a second process, started from a copy of that run with its step-4 checkpoint removed (the
-state a crash after step 2 leaves), resumes at step 2 and logs steps 3 and 4 with metrics bitwise equal to the
+"""Every stage × {full fine-tuning, LoRA, bottleneck adapters, QLoRA} (a covering set of the pairs: PEFT_CASES)
+through `flaxalign train`: each trains 4 steps with a checkpoint at step 2, and a second process, started from a
+copy of that run with its step-4 checkpoint removed (the state a crash after step 2 leaves), resumes at step 2 and
+logs steps 3 and 4 with metrics bitwise equal to the
 uninterrupted run's — every logged number, not only the loss, so the data position, the RNG, the optimizer and (PPO)
 the KL coefficient all have to come back. A combination refused by design (a quantized base with full fine-tuning)
 exits 2 with one line instead.
 
 The upstream runs are the matrix's own full runs (CLM → SFT → reward model → PPO/GRPO), at tiny shapes, so the
-whole matrix is ~30 short processes. They run a few at a time (`FLAXALIGN_TEST_PARALLEL`, default min(4, CPUs)), each
+whole matrix is ~35 short processes. They run a few at a time (`FLAXALIGN_TEST_PARALLEL`, default min(4, CPUs)), each
 after the runs it reads from, and share a persistent XLA compilation cache, so a resumed process does not compile
 again what its uninterrupted twin compiled.
 """
@@ -54,7 +55,12 @@ UPSTREAM = {"clm": {}, "sft": {"sft_from": "clm-full"}, "reward": {"from_sft": "
 QFULL = ("quantization.base='nf4' stores the frozen base quantized, but full fine-tuning trains every weight: add "
          "LoRA (lora.rank > 0) or adapters, or set quantization.base='none'.")
 REFUSED = {(stage, "qfull"): QFULL for stage in ("sft", "ppo")}
-TRAINED = [f"{stage}-{method}" for stage in STAGE_FLAGS for method in METHODS if method != "qfull"]
+# Every stage with full fine-tuning (the other runs' upstream), and each PEFT method in three or four stages — a
+# covering design rather than the whole product, for CI time: every stage resumes with a PEFT method, and LoRA,
+# adapters and QLoRA each resume in a supervised stage and in an RL stage.
+PEFT_CASES = {"clm": ("lora",), "sft": ("adapters", "qlora"), "reward": ("lora",), "dpo": ("lora", "qlora"),
+              "ppo": ("adapters", "qlora"), "grpo": ("lora", "adapters")}
+TRAINED = [f"{stage}-{method}" for stage in STAGE_FLAGS for method in ("full", *PEFT_CASES[stage])]
 
 
 def _flags(name: str, root: str, data: dict) -> list[str]:

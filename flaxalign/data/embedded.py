@@ -258,16 +258,33 @@ def unpair_preferences(records) -> list[dict]:
 
 def _problems(rng, n, max_operand, split):
     """n random problems of `_problem`, those of the other split redrawn (see `arithmetic_tasks`)."""
+    if split and not _split_sizes(max_operand)[split]:
+        raise DataError(f"operands up to max={max_operand} give no question of split={split}; use a larger max.")
     problems = []
     while len(problems) < n:
         problem = _problem(rng, max_operand)
-        if not split or (split == "test") == _is_test_question(_question(*problem[:3])):
+        if not split or (split == "test") == _is_test_question(*problem[:3]):
             problems.append(problem)
     return problems
 
 
-def _is_test_question(question):
-    return zlib.crc32(question.encode()) % 10 == 0
+def _is_test_question(a, op, b):
+    """Whether a problem is a "test" one: by a hash of its question with the operands of + and * in order, so that
+    "What is 58 + 37?" is held out with "What is 37 + 58?"."""
+    if op in "+*":
+        a, b = sorted((a, b))
+    return zlib.crc32(_question(a, op, b).encode()) % 10 == 0
+
+
+@functools.cache
+def _split_sizes(max_operand):
+    """{"train": n, "test": n}: how many of the questions `_problem` can draw fall in each split."""
+    top = max(2, min(12, max_operand))
+    problems = [(a, "+", b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    problems += [(a, "-", b) for a in range(max_operand + 1) for b in range(a + 1)]
+    problems += [(a, "*", b) for a in range(2, top + 1) for b in range(2, top + 1)]
+    test = sum(_is_test_question(*problem) for problem in problems)
+    return {"train": len(problems) - test, "test": test}
 
 
 def _problem(rng, max_operand=99):

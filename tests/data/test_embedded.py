@@ -162,6 +162,7 @@ def test_builtin_stdlib_is_text_records():
     ("builtin:arithmetic_prompts?n=0", "prompt", "parameter 'n' must be a positive integer, got '0'."),
     ("builtin:arithmetic_prompts?seed=x", "prompt", "parameter 'seed' must be a non-negative integer, got 'x'."),
     ("builtin:arithmetic_sft?split=eval", "sft", "parameter 'split' must be train or test, got 'eval'."),
+    ("builtin:arithmetic_prompts?max=1&split=test", "prompt", "operands up to max=1 give no question of split=test"),
 ])
 def test_bad_builtin_specs(spec, kind, message):
     with pytest.raises(DataError) as info:
@@ -213,6 +214,12 @@ def test_split_test_questions_never_appear_in_split_train_and_are_a_tenth_of_all
         train_questions = {r["prompt"] for r in train}
         test_questions = {r["prompt"] for r in test}
         assert test_questions and not train_questions & test_questions
+
+        def swapped(question):  # "What is 37 + 58?" → "What is 58 + 37?"
+            a, op, b = question[len("What is "):-1].split(" ")
+            return f"What is {b} {op} {a}?"
+
+        assert not {swapped(q) for q in test_questions if "-" not in q} & train_questions  # nor their commuted form
         for record in test:  # still right answers
             a, op, b = record["prompt"][len("What is "):-1].split(" ")
             assert int(record["answer"]) == {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}[op](int(a), int(b))
