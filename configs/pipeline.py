@@ -44,8 +44,8 @@ PRESETS = {
         eval_args="--config.num_prompts=128 --config.num_examples=6"),
     # SmolLM2-135M-Instruct (launch/fetch_smollm2.sh), LoRA rank 8 in every stage, one seed, ≈ 26 minutes on 2 CPU
     # cores (BUILD_NOTES): the "train" questions (`split=train`) for SFT, DPO and GRPO; DPO's held-out preference
-    # accuracy and the evaluations' sampled answers on "test" questions, a tenth of all that no stage sees (the
-    # eval preset's multiple-choice questions are single-digit ones, not held out).
+    # accuracy and the evaluations on "test" questions, a tenth of all that no stage sees; perplexity on 4,096 tokens
+    # of the stdlib docs, and no multiple choice (the eval preset's are single-digit questions, not held out).
     "smollm2_135m": dict(
         seeds=1, methods="dpo,grpo", base=f"gguf:{config_blocks.smollm2_gguf()}", reward=False,
         sft_args=f"--config.data.train=builtin:arithmetic_sft?{REAL_TASK}&split=train --config.steps=40 "
@@ -54,7 +54,8 @@ PRESETS = {
                  "--config.steps=40 --config.loss.rpo_alpha=1.0 --config.optim.lr=5e-4 --config.eval_every=20",
         grpo_args="",
         eval_args=f"--config.prompts=builtin:arithmetic_prompts?{REAL_TASK}&seed=101&split=test "
-                  "--config.num_prompts=64 --config.num_examples=6"),
+                  "--config.num_prompts=64 --config.num_examples=6 --config.perplexity_max_tokens=4096 "
+                  "--config.mc_file="),
 }
 
 
