@@ -14,7 +14,7 @@ def read_splits(data_cfg, kind):
     record_format = formats.from_config(data_cfg)
     sources = [(data_cfg.train, read_records(data_cfg.train, kind, record_format=record_format))]
     sources += [(spec, read_records(spec, kind)) for spec in
-                (s.strip() for s in str(data_cfg.get("mix", "")).split(",")) if spec]
+                (s.strip() for s in str(getattr(data_cfg, "mix", "")).split(",")) if spec]
     if data_cfg.eval:
         eval_spec, eval_records = data_cfg.eval, read_records(data_cfg.eval, kind, record_format=record_format)
         train_records = interleave([records for _, records in sources])
