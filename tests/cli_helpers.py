@@ -22,10 +22,20 @@ TIMEOUT = 300
 POLL_SECONDS = 0.2
 
 
-def env(**extra) -> dict:
+# XLA flags for programs that run a few times: at the tests' tiny shapes LLVM's optimisation passes are ~40 % of a
+# compile and buy nothing back, and XLA CPU's classic elemental emitters compile fusions faster than its MLIR fusion
+# emitters (BUILD_NOTES, "Test-suite time"). The test process compiles with them (conftest.py), and so do the CLI
+# runs it starts, unless `optimized=True`: a run of hundreds of steps executes ~2× slower unoptimised.
+QUICK_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+def env(optimized: bool = False, **extra) -> dict:
+    """The environment of a CLI run: CPU only, unbuffered output, the quick-compile flags unless `optimized`
+    (XLA as users run it). A device count comes from --cpu_devices, never from the test process's XLA_FLAGS."""
     out = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **extra}
-    # a device count comes from --cpu_devices, and the test process's compile flag (conftest.py) is not for CLI runs
     out.pop("XLA_FLAGS", None)
+    if not optimized:
+        out["XLA_FLAGS"] = QUICK_COMPILE_FLAGS
     return out
 
 

@@ -12,13 +12,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".cache",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# Tests compile far more than they compute: at these tiny shapes LLVM's optimisation passes are ~40 % of a compile
-# and buy nothing back at run time, and with them off XLA CPU's MLIR fusion emitters take about a third of what is
-# left; the classic elemental emitters compile the same fusions faster (measured in BUILD_NOTES: the default group
-# 16.1 → 9.3 min). The CLI runs the tests start do not get these flags (`cli_helpers.env`): they train for hundreds
-# of steps, where unoptimised code is slower, and it rounds differently from what users' `flaxalign train` computes.
-XLA_TEST_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-for _flag in XLA_TEST_FLAGS.split():
+from tests.cli_helpers import QUICK_COMPILE_FLAGS  # noqa: E402  (no jax import there)
+
+# Tests compile far more than they compute: see QUICK_COMPILE_FLAGS.
+for _flag in QUICK_COMPILE_FLAGS.split():
     if _flag not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
@@ -35,7 +32,7 @@ from tests import cli_helpers as cli  # noqa: E402
 def clm_demo_run(tmp_path_factory):
     """The demo's CLM run: tiny preset, built-in corpus, 300 steps, one CPU device. Returns (workdir, stdout)."""
     workdir = str(tmp_path_factory.mktemp("clm_demo"))
-    rc, out, err = cli.run(["--config=configs/clm.py:tiny", f"--workdir={workdir}"], cpu_devices=1)
+    rc, out, err = cli.run(["--config=configs/clm.py:tiny", f"--workdir={workdir}"], cpu_devices=1, optimized=True)
     assert rc == 0, err[-2000:]
     return workdir, out
 
@@ -45,7 +42,7 @@ def sft_demo_run(clm_demo_run, tmp_path_factory):
     """The demo's SFT run from the CLM checkpoint (tiny preset, 400 steps, full fine-tuning). Returns its workdir."""
     workdir = str(tmp_path_factory.mktemp("sft_demo"))
     rc, _, err = cli.run(["--config=configs/sft.py:tiny", f"--workdir={workdir}",
-                          f"--config.init_from=checkpoint:{clm_demo_run[0]}"], cpu_devices=1)
+                          f"--config.init_from=checkpoint:{clm_demo_run[0]}"], cpu_devices=1, optimized=True)
     assert rc == 0, err[-2000:]
     return workdir
 

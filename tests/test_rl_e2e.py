@@ -36,10 +36,15 @@ DEMO_TIMEOUT = 2 * cli.TIMEOUT  # the session's clm_demo_run and sft_demo_run (c
 MARGIN = 300
 
 
+def opt_run(args, **kwargs):
+    """`cli.run` with XLA optimising as for users: these runs train for hundreds of steps and assert what they learn."""
+    return cli.run(args, optimized=True, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def reward_run(sft_demo_run, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("rm"))
-    rc, _, err = cli.run(["--config=configs/reward.py:tiny", f"--workdir={workdir}",
+    rc, _, err = opt_run(["--config=configs/reward.py:tiny", f"--workdir={workdir}",
                           f"--config.init_from=checkpoint:{sft_demo_run}"], cpu_devices=1, timeout=STAGE_TIMEOUT)
     assert rc == 0, err[-2000:]
     return workdir
@@ -52,7 +57,7 @@ def _evals(workdir, key):
 @pytest.mark.timeout(DEMO_TIMEOUT + 2 * STAGE_TIMEOUT + MARGIN)  # reward_run + the PPO run
 def test_ppo_raises_reward_by_one_initial_std_within_kl_budget(sft_demo_run, reward_run, tmp_path):
     workdir = str(tmp_path / "ppo")
-    rc, _, err = cli.run(["--config=configs/ppo.py:tiny", f"--workdir={workdir}",
+    rc, _, err = opt_run(["--config=configs/ppo.py:tiny", f"--workdir={workdir}",
                           f"--config.init_from=checkpoint:{sft_demo_run}",
                           f"--config.reward_from=checkpoint:{reward_run}"], cpu_devices=1, timeout=STAGE_TIMEOUT)
     assert rc == 0, err[-2000:]
@@ -69,7 +74,7 @@ def test_ppo_raises_reward_by_one_initial_std_within_kl_budget(sft_demo_run, rew
 @pytest.fixture(scope="module")
 def arithmetic_sft_run(clm_demo_run, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("sft_arithmetic"))
-    rc, _, err = cli.run(["--config=configs/sft.py:tiny", f"--workdir={workdir}",
+    rc, _, err = opt_run(["--config=configs/sft.py:tiny", f"--workdir={workdir}",
                           f"--config.init_from=checkpoint:{clm_demo_run[0]}",
                           "--config.data.train=builtin:arithmetic_sft?seed=1&max=9", "--config.steps=150",
                           "--config.eval_every=0"], cpu_devices=1, timeout=STAGE_TIMEOUT)
@@ -94,7 +99,7 @@ DAPO = ["--config.grpo.clip_eps_high=0.28", "--config.grpo.dynamic_sampling=true
 def test_grpo_family_raises_exact_answer_accuracy(arithmetic_sft_run, tmp_path, method, flags, sampled_gain,
                                                   greedy_gain):
     workdir = str(tmp_path / method)
-    rc, _, err = cli.run(["--config=configs/grpo.py:tiny", f"--workdir={workdir}",
+    rc, _, err = opt_run(["--config=configs/grpo.py:tiny", f"--workdir={workdir}",
                           f"--config.init_from=checkpoint:{arithmetic_sft_run}", *flags,
                           ], cpu_devices=1, timeout=GRPO_TIMEOUT)  # the tiny preset: 1200 steps, G = 16, β = 0
     assert rc == 0, err[-2000:]
@@ -115,7 +120,7 @@ def test_grpo_family_raises_exact_answer_accuracy(arithmetic_sft_run, tmp_path, 
                                                 "--config.data.train=builtin:arithmetic_sft?seed=1&max=9"])])
 def test_gkd_lowers_the_held_out_teacher_student_divergence(arithmetic_sft_run, tmp_path, mix, flags):
     workdir = str(tmp_path / "gkd")
-    rc, _, err = cli.run(["--config=configs/distill.py:tiny", f"--workdir={workdir}",
+    rc, _, err = opt_run(["--config=configs/distill.py:tiny", f"--workdir={workdir}",
                           f"--config.teacher_from=checkpoint:{arithmetic_sft_run}", *flags], cpu_devices=1,
                          timeout=STAGE_TIMEOUT)
     assert rc == 0, err[-2000:]
@@ -130,7 +135,7 @@ def test_gkd_lowers_the_held_out_teacher_student_divergence(arithmetic_sft_run, 
 @pytest.fixture(scope="module")
 def arithmetic_reward_run(arithmetic_sft_run, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("rm_arithmetic"))
-    rc, _, err = cli.run(["--config=configs/reward.py:tiny", f"--workdir={workdir}",
+    rc, _, err = opt_run(["--config=configs/reward.py:tiny", f"--workdir={workdir}",
                           f"--config.init_from=checkpoint:{arithmetic_sft_run}"], cpu_devices=1, timeout=STAGE_TIMEOUT)
     assert rc == 0, err[-2000:]
     return workdir
@@ -139,7 +144,7 @@ def arithmetic_reward_run(arithmetic_sft_run, tmp_path_factory):
 @pytest.mark.timeout(DEMO_TIMEOUT + 3 * STAGE_TIMEOUT + MARGIN)  # the SFT and reward runs + online DPO
 def test_online_dpo_raises_the_held_out_reward_model_score(arithmetic_sft_run, arithmetic_reward_run, tmp_path):
     workdir = str(tmp_path / "online_dpo")
-    rc, _, err = cli.run(["--config=configs/online_dpo.py:tiny", f"--workdir={workdir}",
+    rc, _, err = opt_run(["--config=configs/online_dpo.py:tiny", f"--workdir={workdir}",
                           f"--config.init_from=checkpoint:{arithmetic_sft_run}",
                           f"--config.reward_from=checkpoint:{arithmetic_reward_run}", "--config.rewards="],
                          cpu_devices=1, timeout=STAGE_TIMEOUT)
@@ -169,7 +174,7 @@ def test_demo_pipeline_methods_against_sft_on_the_ground_truth(tmp_path):
     against the proxy reward model loses accuracy, and DPO clears +10 on its seed 0 only (BUILD_NOTES, "The
     ground-truth demo"). The margins rest on this CPU's deterministic training: another XLA version may move them."""
     workdir = str(tmp_path / "pipeline")
-    rc, out, err = cli.run(["--config=configs/pipeline.py:tiny", f"--workdir={workdir}", "--seeds=1"],
+    rc, out, err = opt_run(["--config=configs/pipeline.py:tiny", f"--workdir={workdir}", "--seeds=1"],
                            cpu_devices=1, command="pipeline", timeout=PIPELINE_TIMEOUT)
     assert rc == 0, err[-3000:]
     evals = {}
