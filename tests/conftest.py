@@ -15,8 +15,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 from tests.cli_helpers import QUICK_COMPILE_FLAGS  # noqa: E402  (no jax import there)
 
 # Tests compile far more than they compute: see QUICK_COMPILE_FLAGS.
-for _flag in QUICK_COMPILE_FLAGS.split():
-    if _flag not in os.environ.get("XLA_FLAGS", ""):
+for _flag in QUICK_COMPILE_FLAGS.split():  # a flag the developer set (with any value) is left as set
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
 import jax  # noqa: E402

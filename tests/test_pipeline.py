@@ -235,8 +235,9 @@ def tiny_pipeline(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("tiny_pipeline") / "w")
     args = ["--config=configs/pipeline.py:tiny", f"--workdir={workdir}", "--seeds=1"] + [
         f"--config.{stage}.args={flags}" for stage, flags in REDUCED_STAGES.items()]
-    # XLA as users run it: the PPO test below asserts a KL of exactly 0 between the policy and its identical reference,
-    # which holds for the optimised programs (unoptimised ones round the two log-prob passes apart by ~1e-7)
+    # XLA as users run it: the tests below assert a KL of exactly 0 between identical policies (SFT's evaluation against
+    # itself, PPO's first evaluation), which holds for the optimised programs; unoptimised ones round the two log-prob
+    # passes apart by ~1e-7
     rc, out, err = cli.run(args, cpu_devices=1, command="pipeline", timeout=PIPELINE_TIMEOUT, optimized=True)
     assert rc == 0, err[-3000:]
     return workdir, out
