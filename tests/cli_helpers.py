@@ -24,18 +24,17 @@ POLL_SECONDS = 0.2
 
 # XLA flags for programs that run a few times: at the tests' tiny shapes LLVM's optimisation passes are ~40 % of a
 # compile and buy nothing back, and XLA CPU's classic elemental emitters compile fusions faster than its MLIR fusion
-# emitters (BUILD_NOTES, "Test-suite time"). The test process compiles with them (conftest.py), and so do the CLI
-# runs it starts, unless `optimized=True`: a run of hundreds of steps executes ~2× slower unoptimised.
+# emitters (BUILD_NOTES, "Test-suite time"). conftest.py sets them in the test process's XLA_FLAGS, and the CLI runs
+# it starts inherit them, unless `optimized=True`: a run of hundreds of steps executes ~2× slower unoptimised.
 QUICK_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
 def env(optimized: bool = False, **extra) -> dict:
-    """The environment of a CLI run: CPU only, unbuffered output, the quick-compile flags unless `optimized`
-    (XLA as users run it). A device count comes from --cpu_devices, never from the test process's XLA_FLAGS."""
+    """The environment of a CLI run: CPU only, unbuffered output, and the test process's XLA_FLAGS (conftest.py: the
+    quick-compile flags) unless `optimized`, which runs XLA as users do. A device count comes from --cpu_devices."""
     out = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **extra}
-    out.pop("XLA_FLAGS", None)
-    if not optimized:
-        out["XLA_FLAGS"] = QUICK_COMPILE_FLAGS
+    if optimized:
+        out.pop("XLA_FLAGS", None)
     return out
 
 

@@ -1,6 +1,7 @@
 """Every test sees 8 emulated CPU devices; this must run before JAX initialises its backends."""
 
 import os
+import re
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA compiles dominate this suite's time, and many tests (and the CLI runs they start, which inherit the environment)
@@ -11,13 +12,6 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".cache", "jax-tests"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
-from tests.cli_helpers import QUICK_COMPILE_FLAGS  # noqa: E402  (no jax import there)
-
-# Tests compile far more than they compute: see QUICK_COMPILE_FLAGS.
-for _flag in QUICK_COMPILE_FLAGS.split():  # a flag the developer set (with any value) is left as set
-    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
 import jax  # noqa: E402
 
@@ -60,6 +54,20 @@ def rl_upstream(tmp_path_factory):
             f"--config.{k}={v}" for k, v in {**quick, **extra}.items()], cpu_devices=1)
         assert rc == 0, err[-2000:]
     return runs
+
+
+def pytest_configure(config):
+    """Tests compile far more than they compute: the quick-compile flags (`cli_helpers.QUICK_COMPILE_FLAGS`) for this
+    process and, through its environment, the CLI runs it starts. XLA reads XLA_FLAGS when JAX creates its first
+    backend, which no test module does at import. A session that runs `tpu` tests leaves out the XLA CPU flags:
+    libtpu parses XLA_FLAGS too, and a flag its XLA does not define ends the process without a word."""
+    expr = config.getoption("markexpr") or ""
+    tpu = "tpu" in re.findall(r"\w+", expr) and "not tpu" not in expr
+    for flag in cli.QUICK_COMPILE_FLAGS.split():
+        name = flag.split("=")[0]
+        if name in os.environ.get("XLA_FLAGS", "") or (tpu and name.startswith("--xla_cpu_")):
+            continue  # a flag the developer set (with any value) is left as set
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 
 
 def pytest_addoption(parser):

@@ -43,7 +43,9 @@ def test_demo_real_runs_the_pipeline_from_the_gguf_and_exports_what_transformers
     preset = _preset()
     flags = [f"--config.{stage}.args={preset[stage].args} {extra}" for stage, extra in REDUCED.items()]
     workdir = tmp_path / "demo_real"
-    proc = subprocess.Popen(["bash", "launch/demo_real.sh", *flags], cwd=REPO, env=cli.env(WORKDIR=str(workdir)),
+    # optimised XLA: at SmolLM2-135M's size running outweighs compiling (BUILD_NOTES, "Test-suite time, stop 35")
+    proc = subprocess.Popen(["bash", "launch/demo_real.sh", *flags], cwd=REPO,
+                            env=cli.env(optimized=True, WORKDIR=str(workdir)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=TIMEOUT)

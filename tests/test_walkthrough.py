@@ -81,7 +81,8 @@ def test_readme_walkthrough_from_gguf_to_transformers(tmp_path):
             line += " --max_new_tokens=24"
         flags = [re.sub(r"=(runs|exports|my_)", lambda m: f"={tmp_path}/{m.group(1)}", flag)
                  .replace("checkpoint:runs", f"checkpoint:{tmp_path}/runs") for flag in _flags(line)]
-        code, out, err = cli.run(flags, cpu_devices=1, command=command, timeout=600)
+        # optimised XLA: at SmolLM2-135M's size running outweighs compiling (BUILD_NOTES, "Test-suite time, stop 35")
+        code, out, err = cli.run(flags, cpu_devices=1, command=command, timeout=600, optimized=True)
         assert code == 0, f"step {index} ({command}) failed:\n{err[-3000:]}"
         outputs.append(out + err)
     run_sft, run_dpo = tmp_path / "runs/my_sft", tmp_path / "runs/my_dpo"
