@@ -446,7 +446,7 @@ def format_report(report: dict) -> str:
     if report.get("update_s") is not None:
         rollout = report["rollout"]
         lines.append(f"  rollout time       {rollout['rollout_s']:.3g} s = prefill {rollout['prefill_s']:.3g} s + "
-                     f"decode {rollout['decode_s']:.3g} s (each token reads the weights and the KV cache at "
+                     f"decode {rollout['decode_s']:.3g} s (each token reads the weights and the filled KV cache at "
                      f"{rollout['hbm_bandwidth'] / 1e9:,.0f} GB/s, or computes at the MFU below) + scoring "
                      f"{rollout['scoring_s']:.3g} s; update {report['update_s']:.3g} s")
         if rollout["rounds"] > 1:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxalign import sharding
+from flaxalign import sampler, sharding
 from flaxalign.stages import onpolicy
 from flaxalign.stages.description import RolloutSpec
 
@@ -98,9 +98,12 @@ def rollout_report(spec: RolloutSpec, state, model_config, mesh, *, memory_of, c
     seq = prompt_len + new
     flops_per_token = model_config.flops_per_token(seq) / 3  # a forward pass: a third of forward + backward
     prefill_s = rows * prompt_len * flops_per_token / (chips * chip.peak_flops * mfu)
-    # every decode step reads the whole cache and all the weights a chip computes with: its tensor-parallel share,
-    # gathered whole when they are sharded over fsdp (rows are split over data × fsdp, weights are not)
-    read_per_token = _bytes(weights) // mesh.shape.get("tensor", 1) + cache
+    # every decode step reads all the weights a chip computes with — its tensor-parallel share, gathered whole when
+    # they are sharded over fsdp (rows are split over data × fsdp, weights are not) — and the cache slots up to the
+    # end of its decoding segment
+    ends = sampler.decode_segments(new)
+    cache_share = sum((end - start) * (prompt_len + end) for start, end in zip([0] + ends, ends)) / (new * seq)
+    read_per_token = _bytes(weights) // mesh.shape.get("tensor", 1) + cache * cache_share
     decode_step_s = max(read_per_token / HBM_BANDWIDTH[chip.kind],
                         rows * flops_per_token / (chips * chip.peak_flops * mfu))
     scoring_flops = spec.scoring_forwards * rows * seq * flops_per_token

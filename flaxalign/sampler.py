@@ -23,9 +23,11 @@ rollout objects (`engine=` of `ppo.Rollouts`, `group_rollout.GroupRollouts`, `gr
 has no selector yet).
 
 `generate` is the KV-cache engine's algorithm: one prefill pass over the prompts, then one token per step inside
-`jax.lax.while_loop` (which stops once every row has ended), with fixed shapes so it compiles once for a (batch,
-prompt length, max_new_tokens) shape. `generate_recompute` runs the whole prefix again for every new token (no
-cache): the slow, obviously-correct reference the tests and `bench/generate.py` compare against.
+`jax.lax.while_loop`s (which stop once every row has ended), with fixed shapes so it compiles once for a (batch,
+prompt length, max_new_tokens) shape. Long generations decode in up to four segments whose steps attend to the
+cache's filled prefix rounded up to the segment's end (`decode_segments`), not to every slot. `generate_recompute`
+runs the whole prefix again for every new token (no cache): the slow, obviously-correct reference the tests and
+`bench/generate.py` compare against.
 """
 
 import dataclasses
@@ -85,11 +87,11 @@ def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad
     head = model.output_head()
     key_mask = jnp.pad(prompts["attention_mask"], ((0, 0), (0, max_new_tokens)))
     hidden, cache = model.decode(prompts["input_ids"], prompts["positions"], model.init_cache(batch, total), 0,
-                                 key_mask)
+                                 key_mask, span=prompt_len)
     logits = head.logits(hidden[:, -1])
     next_position = prompts["positions"][:, -1] + 1
 
-    def step(carry):
+    def step(carry, span):
         i, logits, cache, key_mask, done, rng, response, logps = carry
         rng, key = jax.random.split(rng)
         token, logp = _pick(logits, key, temperature, top_k, top_p)
@@ -98,17 +100,35 @@ def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad
         logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
         slot = prompt_len + i
         key_mask = key_mask.at[:, slot].set(1)
-        hidden, cache = model.decode(token[:, None], (next_position + i)[:, None], cache, slot, key_mask)
+        hidden, cache = model.decode(token[:, None], (next_position + i)[:, None], cache, slot, key_mask, span=span)
         logits = head.logits(hidden[:, -1])
         return i + 1, logits, cache, key_mask, done | (token == eos_id), rng, response, logps
 
-    def unfinished(carry):  # stop early once every row has ended: what is left would be pad
-        return (carry[0] < max_new_tokens) & ~jnp.all(carry[4])
+    def unfinished(carry, end):  # stop early once every row has ended: what is left would be pad
+        return (carry[0] < end) & ~jnp.all(carry[4])
 
-    init = (jnp.zeros((), jnp.int32), logits, cache, key_mask, jnp.zeros((batch,), bool), rng,
-            jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.float32))
-    *_, done, _, response, logps = jax.lax.while_loop(unfinished, step, init)
+    carry = (jnp.zeros((), jnp.int32), logits, cache, key_mask, jnp.zeros((batch,), bool), rng,
+             jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch, max_new_tokens), jnp.float32))
+    for end in decode_segments(max_new_tokens):  # step i writes slot prompt_len + i and reads the slots up to it
+        carry = jax.lax.while_loop(functools.partial(unfinished, end=end),
+                                   functools.partial(step, span=prompt_len + end), carry)
+    *_, done, _, response, logps = carry
     return _outputs(prompts, response, logps, done, eos_id)
+
+
+DECODE_SEGMENT_MIN = 32  # new tokens per decoding segment at least
+DECODE_SEGMENTS_MAX = 4
+
+
+def decode_segments(max_new_tokens: int) -> list[int]:
+    """The ends (in new tokens) of `generate`'s decoding segments. A step of segment j attends to the cache slots
+    up to the segment's last step only — a static length, so the step reads the filled prefix rounded up to the
+    segment instead of the whole cache (on average ≈ (J + 1) / 2J of the generated part for J equal segments), at
+    the price of one compiled decoding step per segment: at most `DECODE_SEGMENTS_MAX`, each of at least
+    `DECODE_SEGMENT_MIN` tokens (short generations run as one segment, as before)."""
+    count = max(1, min(DECODE_SEGMENTS_MAX, max_new_tokens // DECODE_SEGMENT_MIN))
+    size = -(-max_new_tokens // count)
+    return [min(max_new_tokens, size * (j + 1)) for j in range(count)]
 
 
 def _outputs(prompts, response, logps, ended, eos_id):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from flaxalign import models
+from flaxalign import sampler as sampler_module
 from flaxalign.data.batching import left_pad_prompts
-from flaxalign.sampler import filter_logits, generate, generate_recompute
+from flaxalign.sampler import decode_segments, filter_logits, generate, generate_recompute
 from tests import helpers
 
 CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2, vocab_size=64)
@@ -33,6 +34,41 @@ def test_kv_cache_equals_recomputing_the_prefix(sampling):
     cached, recomputed = _run(generate, **sampling), _run(generate_recompute, **sampling)
     np.testing.assert_array_equal(cached["tokens"], recomputed["tokens"])
     np.testing.assert_array_equal(cached["response_mask"], recomputed["response_mask"])
+    np.testing.assert_allclose(cached["logps"], recomputed["logps"], atol=2e-5)
+
+
+def test_decode_segments():
+    assert decode_segments(12) == [12] and decode_segments(63) == [63]
+    assert decode_segments(64) == [32, 64] and decode_segments(128) == [32, 64, 96, 128]
+    assert decode_segments(513) == [129, 258, 387, 513]
+
+
+@pytest.mark.parametrize("new_tokens", [12, 13])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_segmented_decoding_reads_the_filled_prefix_and_equals_recomputing(monkeypatch, new_tokens, temperature):
+    """Four segments of 3–4 tokens (the minimum lowered from 32): each step's attention reads the cache slots up
+    to its segment's end — seen in the traced program's cache reads — and the tokens are still those of
+    recomputing the prefix, across the segment boundaries and the rows that end early."""
+    monkeypatch.setattr(sampler_module, "DECODE_SEGMENT_MIN", 3)
+    batch = left_pad_prompts(PROMPTS, pad_id=PAD)
+    prompt_len = batch["input_ids"].shape[1]
+    spans = {prompt_len + end for end in decode_segments(new_tokens)}
+    assert len(spans) == 4
+    traced = jax.make_jaxpr(lambda params: generate(models.merge(GRAPHDEF, params), batch, jax.random.PRNGKey(0),
+                                                    max_new_tokens=new_tokens, eos_id=EOS, pad_id=PAD))(PARAMS)
+    reads = set()
+
+    def walk(jaxpr):
+        reads.update(eqn.params["slice_sizes"][3] for eqn in jaxpr.eqns
+                     if eqn.primitive.name == "dynamic_slice" and len(eqn.params["slice_sizes"]) == 5)
+        for sub in jax.extend.core.subjaxprs(jaxpr):
+            walk(sub)
+
+    walk(traced.jaxpr)
+    assert reads == spans | {prompt_len}  # the prefill reads the prompt's slots
+    cached = _run(generate, temperature=temperature, seed=3, max_new_tokens=new_tokens)
+    recomputed = _run(generate_recompute, temperature=temperature, seed=3, max_new_tokens=new_tokens)
+    np.testing.assert_array_equal(cached["tokens"], recomputed["tokens"])
     np.testing.assert_allclose(cached["logps"], recomputed["logps"], atol=2e-5)
 
 
@@ -62,9 +98,9 @@ class _CountingDecodes:
     def init_cache(self, *args):
         return self.model.init_cache(*args)
 
-    def decode(self, *args):
+    def decode(self, *args, **kwargs):
         jax.debug.callback(self._count, ordered=True)
-        return self.model.decode(*args)
+        return self.model.decode(*args, **kwargs)
 
 
 def test_decoding_stops_once_every_row_has_ended():

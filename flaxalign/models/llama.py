@@ -132,11 +132,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxD, cos, sin, masking: Masking, kv_cache=None):
         """Self-attention over the T positions of `x`, keys visible per `masking`; with `kv_cache = (k, v, index,
-        layer)` (the whole stacked cache, `[L, B, K, S, H]` each, S the cache length) the new keys/values are written
-        at slots index…index+T−1 of `layer` and the queries attend to that layer's cache; then returns (out, (k, v)),
-        the stacked cache updated. The stack (not a layer's slice) goes in and out so that the write is one in-place
-        update of the loop-carried buffer, not a copy of the cache per token (`CausalLM.decode`); a decoding step
-        (T = 1) reads the heads-first cache as it lies (`attention.single_query`)."""
+        layer, span)` (the whole stacked cache, `[L, B, K, S, H]` each, S the cache length) the new keys/values are
+        written at slots index…index+T−1 of `layer` and the queries attend to that layer's first `span` slots (the
+        filled prefix; `masking.k_valid` is `[B, span]`); then returns (out, (k, v)), the stacked cache updated.
+        The stack (not a layer's slice) goes in and out so that the write is one in-place update of the loop-carried
+        buffer, not a copy of the cache per token (`CausalLM.decode`); a decoding step (T = 1) reads the heads-first
+        cache as it lies (`attention.single_query`)."""
         c = self.config
         b, t, d = x_BxTxD.shape
         dtype = x_BxTxD.dtype
@@ -158,11 +159,13 @@ class Attention(nnx.Module):
         k = constrain(apply_rope(k, cos, sin), ("act_batch", "act_length", "act_kv_heads", None))
         out = None
         if kv_cache is not None:
-            cache_k, cache_v, index, layer = kv_cache
+            cache_k, cache_v, index, layer, span = kv_cache
             start = (layer, 0, 0, index, 0)
             cache_k = jax.lax.dynamic_update_slice(cache_k, jnp.swapaxes(k, 1, 2).astype(cache_k.dtype)[None], start)
             cache_v = jax.lax.dynamic_update_slice(cache_v, jnp.swapaxes(v, 1, 2).astype(cache_v.dtype)[None], start)
-            k, v = cache_k[layer].astype(dtype), cache_v[layer].astype(dtype)  # [B, K, S, H]
+            prefix = (1,) + cache_k.shape[1:3] + (span, cache_k.shape[4])
+            k, v = (jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), prefix)[0].astype(dtype)  # [B, K, span, H]
+                    for c in (cache_k, cache_v))
             if t == 1:
                 out = single_query(q[:, 0], k, v, masking, softcap=c.attn_softcap)[:, None]
             else:  # the prefill attends like training, over [B, S, K, H]
@@ -303,16 +306,18 @@ class CausalLM(nnx.Module):
         shape = (c.n_layers, batch, c.n_kv_heads, length, c.head_dim)
         return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
 
-    def decode(self, tokens_BxT, positions_BxT, cache: dict, index, key_mask_BxS):
+    def decode(self, tokens_BxT, positions_BxT, cache: dict, index, key_mask_BxS, span: int | None = None):
         """Runs T new tokens at cache slots index…index+T−1 (T = the prompt for prefill, 1 per decode step) and
         returns (final hidden states `[B, T, D]`, the updated cache). Query t attends to slot s when
         `key_mask[b, s]` (a real token, already written or written now), s ≤ index + t and, with a window W,
         index + t − s < W (the real tokens of a row sit in consecutive slots). RoPE uses `positions`, so left padding
-        (masked slots) does not shift the real tokens' positions."""
+        (masked slots) does not shift the real tokens' positions. Attention reads only the first `span` slots
+        (static; None = all S): the caller promises index + T ≤ span, so the slots left out are empty."""
         c = self.config
         x = constrain(self.embed_tokens(tokens_BxT), BATCH_LENGTH_EMBED)
         tables = _rope_tables(positions_BxT, c)
-        masking = Masking(q_start=index, k_valid=key_mask_BxS)
+        span = key_mask_BxS.shape[1] if span is None else span
+        masking = Masking(q_start=index, k_valid=key_mask_BxS[:, :span])
         graphdef, stacked = nnx.split(self.layers)
         window, windows = _layer_windows(c)
 
@@ -324,7 +329,7 @@ class CausalLM(nnx.Module):
             layer_masking = masking._replace(window=window if windows is None else layer_window)
             cos, sin = _layer_rope(tables, window, layer_window)
             x, (cache_k, cache_v) = nnx.merge(graphdef, layer_params)(x, cos, sin, layer_masking,
-                                                                     (cache_k, cache_v, index, layer))
+                                                                     (cache_k, cache_v, index, layer, span))
             return (x, cache_k, cache_v), None
 
         layers = jnp.arange(c.n_layers, dtype=jnp.int32)
