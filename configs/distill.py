@@ -33,8 +33,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # prompts (prompt records); batch_size prompts per step
     c.data = config_blocks.prompt_data("builtin:arithmetic_prompts?max=9", max_prompt_len=p["max_prompt_len"],
                                        batch_size=p["batch_size"])
-    c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=0.9, top_k=0,
-                                               top_p=1.0))
+    c.rollout = config_blocks.rollout(p["max_new_tokens"], temperature=0.9)
     # beta: 0 = forward KL(teacher ‖ student), 1 = reverse KL, between = generalized JSD; temperature of both
     # distributions in the loss (1, as TRL's GKD loss; the samples are drawn at rollout.temperature, TRL's 0.9);
     # lmbda: the share of steps on the student's own samples (TRL's default is 0.5); the other steps train on the

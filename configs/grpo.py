@@ -52,8 +52,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data = config_blocks.prompt_data(p.get("prompts", "builtin:arithmetic_prompts?max=9"),
                                        max_prompt_len=p["max_prompt_len"], batch_size=p["batch_size"])
 
-    c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=1.0, top_k=0,
-                                               top_p=1.0))
+    c.rollout = config_blocks.rollout(p["max_new_tokens"], temperature=1.0)
     # algorithm: the advantage estimator (grpo, rloo, reinforce_pp, reinforce_pp_baseline); policy_loss: clip or
     # cispo; importance_sampling_level: token, or sequence (GSPO); loss_type: dapo, bnpo, grpo, dr_grpo. README
     # "GRPO family" lists every field and the recipes (GSPO, CISPO, DAPO, REINFORCE++).

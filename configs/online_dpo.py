@@ -43,8 +43,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data = config_blocks.prompt_data("builtin:arithmetic_prompts?max=9", max_prompt_len=p["max_prompt_len"],
                                        batch_size=p["batch_size"])
 
-    c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=1.0, top_k=0,
-                                               top_p=1.0))
+    c.rollout = config_blocks.rollout(p["max_new_tokens"], temperature=1.0)
     # a DPO-family loss (the `DPO_LOSSES` registry) and its own hyper-parameters; the reference is the starting policy
     c.loss = ml_collections.ConfigDict(dict(loss_type="sigmoid", beta=p["beta"], **preference.DPO_HYPER_DEFAULTS))
     c.missing_eos_penalty = 0.0  # subtracted from the reward of a response without EOS (TRL's missing_eos_penalty)

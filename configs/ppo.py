@@ -31,7 +31,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data = config_blocks.prompt_data("builtin:arithmetic_prompts", max_prompt_len=p["max_prompt_len"],
                                        batch_size=p["batch_size"])
 
-    c.rollout = ml_collections.ConfigDict(dict(max_new_tokens=p["max_new_tokens"], temperature=0.7, top_k=0, top_p=1.0))
+    c.rollout = config_blocks.rollout(p["max_new_tokens"], temperature=0.7)
     # TRL PPOConfig defaults, but for minibatches (4 per rollout here) and a missing-EOS penalty
     c.ppo = ml_collections.ConfigDict(dict(
         epochs=4, num_minibatches=4, clip_eps=0.2, vf_clip=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, kl_coef=0.05,

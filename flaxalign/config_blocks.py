@@ -67,6 +67,14 @@ def quantization() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(base="none", block_size=64, double_quant=False))
 
 
+def rollout(max_new_tokens: int, temperature: float) -> ml_collections.ConfigDict:
+    """How an RL stage samples (`onpolicy.Sampling`): up to `max_new_tokens` at `temperature`, top-k / top-p off;
+    `cache_dtype` the KV cache's dtype (auto = the compute dtype; bfloat16 halves what each decoding step reads of
+    the cache under float32 compute, and the learner still recomputes its log-probs in the compute dtype)."""
+    return ml_collections.ConfigDict(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
+                                          cache_dtype="auto"))
+
+
 def mesh() -> ml_collections.ConfigDict:
     """Mesh axis sizes; -1 = all remaining devices."""
     return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -60,13 +60,14 @@ def role_bytes(spec: RolloutSpec, state) -> dict[str, int]:
 
 
 def kv_cache_bytes(model_config, spec: RolloutSpec, mesh) -> int:
-    """Per-chip bytes of the sampler's KV cache `[L, B, K, S, H]` (k and v) in the compute dtype, its rows split
+    """Per-chip bytes of the sampler's KV cache `[L, B, K, S, H]` (k and v) in `rollout.cache_dtype`, its rows split
     over data × fsdp as the rollout's are."""
     c = model_config
     total = 2 * c.n_layers * spec.rows * c.n_kv_heads * (spec.prompt_len + spec.sampling.max_new_tokens) * c.head_dim
     axes = sharding.batch_sharding(mesh, spec.rows, 1).spec[0]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return total * jnp.dtype(c.dtype).itemsize // math.prod(mesh.shape[a] for a in axes)
+    itemsize = jnp.dtype(spec.sampling.cache_jnp_dtype or c.dtype).itemsize
+    return total * itemsize // math.prod(mesh.shape[a] for a in axes)
 
 
 def compile_sampler(spec: RolloutSpec, state, mesh):

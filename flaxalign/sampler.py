@@ -56,22 +56,31 @@ def filter_logits(logits_BxV, *, top_k: int = 0, top_p: float = 1.0):
     return logits_BxV
 
 
+def first_max_index(x_BxV):
+    """`jnp.argmax(x, axis=-1)` — the first index of each row's maximum (a row with a NaN gives 0) — as a max, a
+    compare and a min. XLA CPU runs argmax's (value, index) reduce 2–4× slower than these three passes: drawing a
+    token for 256 rows over 512 logits takes 2.0 ms with `jax.random.categorical` and 0.9 ms this way."""
+    v = x_BxV.shape[-1]
+    hit = x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1) % v
+
+
 def _pick(logits_BxV, key, temperature, top_k, top_p):
     """(token, log p(token)) with p the distribution the token is drawn from: softmax(logits / temperature) after
     top-k/top-p filtering (temperature 0: greedy, log-probs of the unscaled logits), so that importance weights
     against the learner's unfiltered log-probs see the filtering."""
-    if temperature > 0:
+    if temperature > 0:  # jax.random.categorical's Gumbel-max draw, token for token
         scaled = filter_logits(logits_BxV / temperature, top_k=top_k, top_p=top_p)
-        token = jax.random.categorical(key, scaled, axis=-1)
+        token = first_max_index(jax.random.gumbel(key, scaled.shape, scaled.dtype) + scaled)
     else:
         scaled = logits_BxV
-        token = jnp.argmax(logits_BxV, axis=-1)
+        token = first_max_index(logits_BxV)
     logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
     return token, logp
 
 
 def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad_id: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> dict:
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cache_dtype=None) -> dict:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
     `model`: a `CausalLM` built inside the traced function (`models.merge(graphdef, params)`, or a trainable model's
@@ -80,14 +89,16 @@ def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad
     Returns `tokens` `[B, L + N]` (prompt, response, pad after the end), `mask` `[B, L + N]` (1 on real tokens),
     `response` `[B, N]`, `response_mask` `[B, N]` (EOS + 1 convention), `logps` `[B, N]` (log-probability of
     each sampled token under softmax(logits / temperature), 0 where masked) and `ended` `[B]` (the row emitted EOS).
+    `cache_dtype`: the KV cache's dtype (None: the compute dtype; `bfloat16` under float32 compute halves the bytes
+    every decoding step reads, and the tokens then differ from the recompute reference's).
     Sampling settings are static: each combination compiles its own program.
     """
     batch, prompt_len = prompts["input_ids"].shape
     total = prompt_len + max_new_tokens
     head = model.output_head()
     key_mask = jnp.pad(prompts["attention_mask"], ((0, 0), (0, max_new_tokens)))
-    hidden, cache = model.decode(prompts["input_ids"], prompts["positions"], model.init_cache(batch, total), 0,
-                                 key_mask, span=prompt_len)
+    cache = model.init_cache(batch, total, cache_dtype)
+    hidden, cache = model.decode(prompts["input_ids"], prompts["positions"], cache, 0, key_mask, span=prompt_len)
     logits = head.logits(hidden[:, -1])
     next_position = prompts["positions"][:, -1] + 1
 
@@ -168,22 +179,33 @@ def generate_recompute(model, prompts: dict, rng, *, max_new_tokens: int, eos_id
     return _outputs(prompts, tokens[:, prompt_len:], logps, done, eos_id)
 
 
+CACHE_DTYPES = ("auto", "bfloat16", "float32")
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How responses are drawn: up to `max_new_tokens` tokens at `temperature` (0: greedy), after top-k / top-p
-    filtering (0 / 1: off)."""
+    filtering (0 / 1: off), with the KV cache in `cache_dtype` (auto: the model's compute dtype)."""
     max_new_tokens: int = 24
     temperature: float = 0.7
     top_k: int = 0
     top_p: float = 1.0
+    cache_dtype: str = "auto"
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise errors.ConfigError(f"sampling needs max_new_tokens >= 1, temperature >= 0, top_k >= 0 and "
                                      f"0 < top_p <= 1, got {self}.")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise errors.ConfigError(f"cache_dtype={self.cache_dtype!r} is not one of {list(CACHE_DTYPES)}.")
+
+    @property
+    def cache_jnp_dtype(self):
+        """The cache dtype for `generate` (None: the compute dtype)."""
+        return None if self.cache_dtype == "auto" else jnp.dtype(self.cache_dtype)
 
     def greedy(self) -> "Sampling":
-        return Sampling(self.max_new_tokens, 0.0, self.top_k, self.top_p)
+        return Sampling(**{**dataclasses.asdict(self), "temperature": 0.0})  # the base class: RL's refuses T = 0
 
 
 def prompt_bucket(length: int, cap: int) -> int:
@@ -235,5 +257,5 @@ class KVCacheSampler:
         """`sample` inside a caller's own traced program."""
         out = generate(self.build(weights), prompts, rng, max_new_tokens=sampling.max_new_tokens,
                        eos_id=self.eos_id, pad_id=self.pad_id, temperature=sampling.temperature,
-                       top_k=sampling.top_k, top_p=sampling.top_p)
+                       top_k=sampling.top_k, top_p=sampling.top_p, cache_dtype=sampling.cache_jnp_dtype)
         return sharding.constrain_rows(out, strict=False)  # rows that do not divide the mesh stay replicated

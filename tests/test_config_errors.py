@@ -283,6 +283,9 @@ STAGE_CASES = {
     "greedy rollouts": (
         "ppo", {"rollout.temperature": 0.0},
         "rollout.temperature must be > 0 for on-policy RL, got 0.0."),
+    "an unknown KV-cache dtype": (
+        "grpo", {"rollout.cache_dtype": "int4"},
+        "rollout.cache_dtype='int4' is not one of ['auto', 'bfloat16', 'float32']."),
     "PPO prompt + response longer than the model": (
         "ppo", {"data.max_prompt_len": 250},
         "data.max_prompt_len=250 + rollout.max_new_tokens=16 exceeds model.max_seq_len=256."),

@@ -1,16 +1,25 @@
 """Sampling with a KV cache: equal to recomputing the prefix, padding-invariant, greedy limits, log-probs of the
 sampled tokens, one compile per shape."""
 
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxalign import models
+from flaxalign import errors, models
 from flaxalign import sampler as sampler_module
 from flaxalign.data.batching import left_pad_prompts
-from flaxalign.sampler import decode_segments, filter_logits, generate, generate_recompute
+from flaxalign.sampler import (
+    KVCacheSampler,
+    Sampling,
+    decode_segments,
+    filter_logits,
+    first_max_index,
+    generate,
+    generate_recompute,
+)
 from tests import helpers
 
 CONFIG = helpers.tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2, vocab_size=64)
@@ -35,6 +44,36 @@ def test_kv_cache_equals_recomputing_the_prefix(sampling):
     np.testing.assert_array_equal(cached["tokens"], recomputed["tokens"])
     np.testing.assert_array_equal(cached["response_mask"], recomputed["response_mask"])
     np.testing.assert_allclose(cached["logps"], recomputed["logps"], atol=2e-5)
+
+
+def test_first_max_index_is_argmax_and_the_draw_is_jax_categorical():
+    x = np.array(jax.random.normal(jax.random.PRNGKey(0), (64, 50)))
+    x[1, [3, 7]] = 9.0  # a tie: the first index wins, as with argmax
+    x[2, :10] = -np.inf
+    np.testing.assert_array_equal(first_max_index(jnp.asarray(x)), np.argmax(x, axis=-1))
+    assert int(first_max_index(jnp.asarray([[0.0, np.nan, 1.0]]))[0]) == 0
+    logits = jnp.asarray(x)
+    for seed in range(20):
+        key = jax.random.PRNGKey(seed)
+        token, _ = sampler_module._pick(logits, key, 1.0, 0, 1.0)
+        np.testing.assert_array_equal(token, jax.random.categorical(key, logits, axis=-1))
+
+
+def test_a_bfloat16_cache_is_carried_in_bfloat16_and_samples_close_to_the_float32_one():
+    batch = left_pad_prompts(PROMPTS, pad_id=PAD)
+    engine = KVCacheSampler(functools.partial(models.merge, GRAPHDEF), eos_id=EOS, pad_id=PAD)  # as the stages do
+    sampling = Sampling(12, 1.0, cache_dtype="bfloat16")
+    traced = jax.make_jaxpr(lambda params: engine.traced(params, batch, jax.random.PRNGKey(0), sampling))(PARAMS)
+    carried = {str(v.aval.dtype) for eqn in traced.jaxpr.eqns if eqn.primitive.name == "while"
+               for v in eqn.outvars if v.aval.ndim == 5}
+    assert carried == {"bfloat16"}
+    half = _run(generate, temperature=0.0, cache_dtype=jnp.bfloat16)
+    full = _run(generate, temperature=0.0)
+    gap = np.abs(half["logps"] - full["logps"])[full["response_mask"] > 0]
+    assert 0 < gap.max() < 0.05  # keys and values rounded to 8 bits of mantissa: close, not equal
+    with pytest.raises(errors.ConfigError, match="cache_dtype='int8' is not one of"):
+        Sampling(cache_dtype="int8")
+    assert Sampling(cache_dtype="bfloat16").greedy().cache_dtype == "bfloat16"
 
 
 def test_decode_segments():

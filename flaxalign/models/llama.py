@@ -299,12 +299,13 @@ class CausalLM(nnx.Module):
                 x, _ = layer_step(x, jax.tree.map(lambda w: w[i], (stacked, windows)))
         return self.final_norm(x)
 
-    def init_cache(self, batch: int, length: int) -> dict:
+    def init_cache(self, batch: int, length: int, dtype=None) -> dict:
         """An empty KV cache for `decode`: `k`, `v` of shape `[L, B, K, S, H]` (heads first: a decoding step reads
-        it in place) in the compute dtype."""
+        it in place) in `dtype` (None: the compute dtype; keys and values are rounded to it as they are written and
+        read back in the compute dtype)."""
         c = self.config
         shape = (c.n_layers, batch, c.n_kv_heads, length, c.head_dim)
-        return {"k": jnp.zeros(shape, c.dtype), "v": jnp.zeros(shape, c.dtype)}
+        return {"k": jnp.zeros(shape, dtype or c.dtype), "v": jnp.zeros(shape, dtype or c.dtype)}
 
     def decode(self, tokens_BxT, positions_BxT, cache: dict, index, key_mask_BxS, span: int | None = None):
         """Runs T new tokens at cache slots index…index+T−1 (T = the prompt for prefill, 1 per decode step) and

@@ -84,6 +84,9 @@ class Sampling(sampler.Sampling):
             raise errors.ConfigError(f"rollout.temperature must be > 0 for on-policy RL, got {self.temperature}.")
         if self.max_new_tokens < 1:
             raise errors.ConfigError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.cache_dtype not in sampler.CACHE_DTYPES:
+            raise errors.ConfigError(f"rollout.cache_dtype={self.cache_dtype!r} is not one of "
+                                     f"{list(sampler.CACHE_DTYPES)}.")
         super().__post_init__()
 
 
