@@ -48,8 +48,10 @@ def child(args) -> None:
         start = time.perf_counter()
         jax.block_until_ready(run(params, prompts, jax.random.PRNGKey(i)))
         times.append(time.perf_counter() - start)
-    print(json.dumps({"compile_s": compile_s, "seconds_per_call": min(times),
-                      "tokens": int(first["response_mask"].sum())}))
+    tokens = int(first["response_mask"].sum())
+    if tokens != args.batch * args.new_tokens:  # EOS_ID is never drawn: every call samples the same count
+        raise SystemExit(f"bench: a row stopped early ({tokens} of {args.batch * args.new_tokens} tokens)")
+    print(json.dumps({"compile_s": compile_s, "seconds_per_call": min(times), "tokens": tokens}))
 
 
 def main() -> None:

@@ -69,8 +69,9 @@ def quantization() -> ml_collections.ConfigDict:
 
 def rollout(max_new_tokens: int, temperature: float) -> ml_collections.ConfigDict:
     """How an RL stage samples (`onpolicy.Sampling`): up to `max_new_tokens` at `temperature`, top-k / top-p off;
-    `cache_dtype` the KV cache's dtype (auto = the compute dtype; bfloat16 halves what each decoding step reads of
-    the cache under float32 compute, and the learner still recomputes its log-probs in the compute dtype)."""
+    `cache_dtype` the KV cache's dtype (auto = the compute dtype; bfloat16 halves the cache's memory under float32
+    compute — slower on a CPU, which converts bfloat16 in software — and the learner still recomputes its log-probs
+    in the compute dtype)."""
     return ml_collections.ConfigDict(dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
                                           cache_dtype="auto"))
 

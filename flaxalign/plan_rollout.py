@@ -66,7 +66,8 @@ def kv_cache_bytes(model_config, spec: RolloutSpec, mesh) -> int:
     total = 2 * c.n_layers * spec.rows * c.n_kv_heads * (spec.prompt_len + spec.sampling.max_new_tokens) * c.head_dim
     axes = sharding.batch_sharding(mesh, spec.rows, 1).spec[0]
     axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    itemsize = jnp.dtype(spec.sampling.cache_jnp_dtype or c.dtype).itemsize
+    cache_dtype = spec.sampling.cache_jnp_dtype
+    itemsize = jnp.dtype(c.dtype if cache_dtype is None else cache_dtype).itemsize
     return total * itemsize // math.prod(mesh.shape[a] for a in axes)
 
 

@@ -69,7 +69,7 @@ def _pick(logits_BxV, key, temperature, top_k, top_p):
     """(token, log p(token)) with p the distribution the token is drawn from: softmax(logits / temperature) after
     top-k/top-p filtering (temperature 0: greedy, log-probs of the unscaled logits), so that importance weights
     against the learner's unfiltered log-probs see the filtering."""
-    if temperature > 0:  # jax.random.categorical's Gumbel-max draw, token for token
+    if temperature > 0:  # jax.random.categorical's Gumbel-max draw, token for token (for finite logits)
         scaled = filter_logits(logits_BxV / temperature, top_k=top_k, top_p=top_p)
         token = first_max_index(jax.random.gumbel(key, scaled.shape, scaled.dtype) + scaled)
     else:
@@ -89,8 +89,9 @@ def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad
     Returns `tokens` `[B, L + N]` (prompt, response, pad after the end), `mask` `[B, L + N]` (1 on real tokens),
     `response` `[B, N]`, `response_mask` `[B, N]` (EOS + 1 convention), `logps` `[B, N]` (log-probability of
     each sampled token under softmax(logits / temperature), 0 where masked) and `ended` `[B]` (the row emitted EOS).
-    `cache_dtype`: the KV cache's dtype (None: the compute dtype; `bfloat16` under float32 compute halves the bytes
-    every decoding step reads, and the tokens then differ from the recompute reference's).
+    `cache_dtype`: the KV cache's dtype (None: the compute dtype). `bfloat16` under float32 compute halves the
+    cache's memory, and the tokens then differ from the recompute reference's; on a CPU it decodes slower, since
+    XLA CPU converts bfloat16 in software.
     Sampling settings are static: each combination compiles its own program.
     """
     batch, prompt_len = prompts["input_ids"].shape

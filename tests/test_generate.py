@@ -142,8 +142,11 @@ class _CountingDecodes:
         return self.model.decode(*args, **kwargs)
 
 
-def test_decoding_stops_once_every_row_has_ended():
+@pytest.mark.parametrize("segment_min", [32, 3])  # one decoding segment; four, which must not start once all ended
+def test_decoding_stops_once_every_row_has_ended(monkeypatch, segment_min):
     """Both rows' greedy first token is made the EOS: the loop ends after one token, with the outputs of 12."""
+    monkeypatch.setattr(sampler_module, "DECODE_SEGMENT_MIN", segment_min)
+    assert len(decode_segments(12)) == (1 if segment_min == 32 else 4)
     prompts = [PROMPTS[0]] * 2
     first = int(_run(generate, prompts=prompts, temperature=0.0)["response"][0, 0])
     counted = {}

@@ -164,8 +164,8 @@ class Attention(nnx.Module):
             cache_k = jax.lax.dynamic_update_slice(cache_k, jnp.swapaxes(k, 1, 2).astype(cache_k.dtype)[None], start)
             cache_v = jax.lax.dynamic_update_slice(cache_v, jnp.swapaxes(v, 1, 2).astype(cache_v.dtype)[None], start)
             prefix = (1,) + cache_k.shape[1:3] + (span, cache_k.shape[4])
-            k, v = (jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), prefix)[0].astype(dtype)  # [B, K, span, H]
-                    for c in (cache_k, cache_v))
+            k, v = (jax.lax.dynamic_slice(cache, (layer, 0, 0, 0, 0), prefix)[0].astype(dtype)  # [B, K, span, H]
+                    for cache in (cache_k, cache_v))
             if t == 1:
                 out = single_query(q[:, 0], k, v, masking, softcap=c.attn_softcap)[:, None]
             else:  # the prefill attends like training, over [B, S, K, H]
@@ -305,7 +305,8 @@ class CausalLM(nnx.Module):
         read back in the compute dtype)."""
         c = self.config
         shape = (c.n_layers, batch, c.n_kv_heads, length, c.head_dim)
-        return {"k": jnp.zeros(shape, dtype or c.dtype), "v": jnp.zeros(shape, dtype or c.dtype)}
+        dtype = c.dtype if dtype is None else dtype
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def decode(self, tokens_BxT, positions_BxT, cache: dict, index, key_mask_BxS, span: int | None = None):
         """Runs T new tokens at cache slots index…index+T−1 (T = the prompt for prefill, 1 per decode step) and

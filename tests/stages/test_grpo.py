@@ -100,8 +100,8 @@ def test_advantages_match_numpy(tmp_path, algorithm, beta):
     r = np.asarray(REWARDS, np.float64).reshape(PROMPTS, G)
     if algorithm == "grpo":
         expected = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + 1e-4)
-    else:  # the policy is still the reference, so Σ k1 = 0 (to float rounding: the two forward passes are compiled
-        # separately inside the sampler's program) and the reward is unchanged
+    else:  # the policy is still the reference, so Σ k1 = 0 (to float rounding: two forward passes over two copies
+        # of the weights in one jitted program need not agree bit for bit) and the reward is unchanged
         np.testing.assert_allclose(batch["old_logps"], batch["ref_logps"], rtol=1e-6, atol=1e-6)
         expected = r - (r.sum(1, keepdims=True) - r) / (G - 1)
     advantages = grpo.grpo_advantages_of(batch, batch["rewards"], h)
