@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 
+from ab_rounds import best_of_rounds
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,17 +71,16 @@ def main() -> None:
         return child(args)
     trees = {"this tree": REPO, "baseline": os.path.abspath(args.baseline_tree)}
     flags = [f"--{k}={getattr(args, k)}" for k in ("preset", "batch", "prompt_len", "new_tokens", "calls")]
-    best = {}
-    for _ in range(args.rounds):
-        for name, tree in trees.items():
-            env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": tree}
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--baseline_tree=.", "--child", *flags],
-                                  cwd=tree, env=env, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"bench: the run in {tree} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            if name not in best or result["seconds_per_call"] < best[name]["seconds_per_call"]:
-                best[name] = result
+
+    def run(name, tree, round_):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": tree}
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), "--baseline_tree=.", "--child", *flags],
+                              cwd=tree, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"bench: the run in {tree} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    best = best_of_rounds(trees, args.rounds, run, "seconds_per_call")
     print(f"KV-cache sampling, {args.preset}: {args.batch} prompts of ≤ {args.prompt_len} tokens × {args.new_tokens} "
           f"new tokens, T = 1, best of {args.calls} calls × {args.rounds} rounds, 1 CPU device")
     for name, r in best.items():

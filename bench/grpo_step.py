@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 
+from ab_rounds import best_of_rounds
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,12 +64,8 @@ def main() -> None:
     trees = {"this tree": REPO, **({"baseline": os.path.abspath(args.baseline_tree)} if args.baseline_tree else {})}
     with tempfile.TemporaryDirectory() as tmp:
         init_from = args.init_from or policy(tmp)
-        best = {}
-        for round_ in range(args.rounds):
-            for name, tree in trees.items():
-                result = grpo_seconds_per_step(tree, init_from, args.steps, os.path.join(tmp, f"{name}_{round_}"))
-                if name not in best or result["seconds_per_step"] < best[name]["seconds_per_step"]:
-                    best[name] = result
+        best = best_of_rounds(trees, args.rounds, lambda name, tree, round_: grpo_seconds_per_step(
+            tree, init_from, args.steps, os.path.join(tmp, f"{name}_{round_}")), "seconds_per_step")
     print(f"GRPO tiny (configs/grpo.py:tiny: 16 prompts × 16 samples, ≤ 12 new tokens), {args.steps} steps, "
           f"best of {args.rounds} rounds, 1 CPU device")
     for name, result in best.items():
