@@ -103,9 +103,8 @@ def rollout_report(spec: RolloutSpec, state, model_config, mesh, *, memory_of, c
     # every decode step reads all the weights a chip computes with — its tensor-parallel share, gathered whole when
     # they are sharded over fsdp (rows are split over data × fsdp, weights are not) — and the cache slots up to the
     # end of its decoding segment
-    ends = sampler.decode_segments(new)
-    cache_share = sum((end - start) * (prompt_len + end) for start, end in zip([0] + ends, ends)) / (new * seq)
-    read_per_token = _bytes(weights) // mesh.shape.get("tensor", 1) + cache * cache_share
+    read_per_token = (_bytes(weights) // mesh.shape.get("tensor", 1)
+                      + cache * sampler.decode_cache_share(prompt_len, new))
     decode_step_s = max(read_per_token / HBM_BANDWIDTH[chip.kind],
                         rows * flops_per_token / (chips * chip.peak_flops * mfu))
     scoring_flops = spec.scoring_forwards * rows * seq * flops_per_token

@@ -143,6 +143,14 @@ def decode_segments(max_new_tokens: int) -> list[int]:
     return [min(max_new_tokens, size * (j + 1)) for j in range(count)]
 
 
+def decode_cache_share(prompt_len: int, max_new_tokens: int) -> float:
+    """The mean fraction of the cache's prompt_len + max_new_tokens slots that a decoding step of `generate` reads
+    (`decode_segments`): what `flaxalign plan` charges each token for the cache."""
+    ends = decode_segments(max_new_tokens)
+    read = sum((end - start) * (prompt_len + end) for start, end in zip([0] + ends, ends))
+    return read / (max_new_tokens * (prompt_len + max_new_tokens))
+
+
 def _outputs(prompts, response, logps, ended, eos_id):
     after_eos = jnp.cumsum(response == eos_id, axis=1) - (response == eos_id)  # EOSes strictly before each token
     response_mask = (after_eos == 0).astype(jnp.int32)

@@ -80,6 +80,9 @@ def test_decode_segments():
     assert decode_segments(12) == [12] and decode_segments(63) == [63]
     assert decode_segments(64) == [32, 64] and decode_segments(128) == [32, 64, 96, 128]
     assert decode_segments(513) == [129, 258, 387, 513]
+    # four segments of 128 after a 256-token prompt read 384, 512, 640 and 768 of the 768 slots
+    assert sampler_module.decode_cache_share(256, 512) == pytest.approx(0.75)
+    assert sampler_module.decode_cache_share(16, 12) == 1.0
 
 
 @pytest.mark.parametrize("new_tokens", [12, 13])
