@@ -6,6 +6,7 @@ import dataclasses
 import functools
 
 import jax
+import numpy as np
 
 from flaxalign import errors
 from flaxalign.sampler import KVCacheSampler, Sampling, prompt_bucket
@@ -24,9 +25,11 @@ def respond(workdir: str, prompts: list[str], *, chat_template: str = "auto", sy
 
 
 def decode_responses(tokenizer, response, response_mask) -> list[str]:
-    """The text of each sampled response `[B, N]`, up to (not including) its EOS."""
-    return [tokenizer.decode([int(t) for t, keep in zip(row, row_mask) if keep and t != tokenizer.eos_id])
-            for row, row_mask in zip(response, response_mask)]
+    """The text of each sampled response `[B, N]`, up to (not including) its EOS, decoded in one batch (GRPO decodes
+    every rollout row on the host each step)."""
+    response = np.asarray(response)
+    keep = (np.asarray(response_mask) > 0) & (response != tokenizer.eos_id)
+    return tokenizer.decode_batch([row[row_keep].tolist() for row, row_keep in zip(response, keep)])
 
 
 @dataclasses.dataclass

@@ -126,6 +126,10 @@ class HFTokenizer:
         """Returns the text of token ids, special tokens included (numpy arrays are accepted)."""
         return self._tokenizer.decode([int(token) for token in ids], skip_special_tokens=False)
 
+    def decode_batch(self, rows) -> list[str]:
+        """`decode` of each row (lists of ints) in one call into the Rust tokenizer."""
+        return self._tokenizer.decode_batch([list(row) for row in rows], skip_special_tokens=False)
+
     def token_to_id(self, token: str) -> int | None:
         """Returns the id of a token (e.g. "<|im_start|>"), or None if there is none."""
         return self._tokenizer.token_to_id(token)

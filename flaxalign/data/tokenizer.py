@@ -79,6 +79,8 @@ class TextTokenizer(Protocol):
 
     def decode(self, ids) -> str: ...
 
+    def decode_batch(self, rows) -> list[str]: ...
+
     def token_to_id(self, token: str) -> int | None: ...
 
 
@@ -202,6 +204,10 @@ class Tokenizer:
         such as "<|im_end|>" decode to their text.
         """
         return self._processor.decode([int(token) for token in ids])
+
+    def decode_batch(self, rows) -> list[str]:
+        """`decode` of each row (lists of ints) in one call into SentencePiece, without a Python loop per token."""
+        return self._processor.decode([list(row) for row in rows])
 
     def token_to_id(self, token: str) -> int | None:
         """Returns the id of a piece (e.g. "<|im_start|>", "</s>"), or None if there is none."""
