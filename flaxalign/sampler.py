@@ -58,24 +58,54 @@ def filter_logits(logits_BxV, *, top_k: int = 0, top_p: float = 1.0):
 
 def first_max_index(x_BxV):
     """`jnp.argmax(x, axis=-1)` — the first index of each row's maximum (a row with a NaN gives 0) — as a max, a
-    compare and a min. XLA CPU runs argmax's (value, index) reduce 2–4× slower than these three passes: drawing a
-    token for 256 rows over 512 logits takes 2.0 ms with `jax.random.categorical` and 0.9 ms this way."""
+    compare and a min (greedy decoding's pick). XLA CPU runs argmax's (value, index) reduce 2–4× slower than these
+    three passes."""
     v = x_BxV.shape[-1]
     hit = x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)
     return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1) % v
+
+
+def draw_token(scaled_BxV, key):
+    """(token, log p(token)): one draw per row from p = softmax(scaled) — the exact categorical distribution, as
+    `jax.random.categorical` draws it, but by inverting the CDF with one uniform number per row instead of V Gumbel
+    numbers (`torch.multinomial`'s method). The V threefry draws per row cost more than the rest of a small model's
+    decoding step on a CPU: for 256 rows × 512 logits, 1.0–1.6 ms against 0.2–0.3 ms for this search.
+
+    The search is two-level, so that no cumulative sum runs over the whole vocabulary: the cumulative mass of blocks
+    of ≈ √V tokens picks the block, the cumulative mass inside it the token. Tokens of probability 0 (filtered,
+    −inf) are never drawn, even where float rounding puts u past the last cumulative sum."""
+    rows, vocab = scaled_BxV.shape
+    width = 1 << ((vocab - 1).bit_length() + 1) // 2  # ≈ √V, a power of two
+    blocks = -(-vocab // width)
+    top = jnp.max(scaled_BxV, axis=-1, keepdims=True)
+    weight = jnp.exp(scaled_BxV - top)  # unnormalised p, 0 where filtered
+    blocked = jnp.pad(weight, ((0, 0), (0, blocks * width - vocab))).reshape(rows, blocks, width)
+    mass = jnp.sum(blocked, axis=2)
+    upto = jnp.cumsum(mass, axis=1)
+    u = jax.random.uniform(key, (rows,), weight.dtype) * upto[:, -1]
+    block = _last_positive(mass, jnp.sum(upto <= u[:, None], axis=1))
+    inner = jnp.take_along_axis(blocked, block[:, None, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(upto - mass, block[:, None], axis=1)[:, 0]
+    index = _last_positive(inner, jnp.sum(jnp.cumsum(inner, axis=1) <= (u - before)[:, None], axis=1))
+    token = (block * width + index).astype(jnp.int32)
+    logp = jnp.take_along_axis(scaled_BxV - top, token[:, None], axis=-1)[:, 0] - jnp.log(upto[:, -1])
+    return token, logp
+
+
+def _last_positive(weight_BxN, index_B):
+    """`index`, or the last entry of positive weight where `index` is past it."""
+    last = jnp.max(jnp.where(weight_BxN > 0, jnp.arange(weight_BxN.shape[1]), -1), axis=1)
+    return jnp.minimum(index_B, last)
 
 
 def _pick(logits_BxV, key, temperature, top_k, top_p):
     """(token, log p(token)) with p the distribution the token is drawn from: softmax(logits / temperature) after
     top-k/top-p filtering (temperature 0: greedy, log-probs of the unscaled logits), so that importance weights
     against the learner's unfiltered log-probs see the filtering."""
-    if temperature > 0:  # jax.random.categorical's Gumbel-max draw, token for token (for finite logits)
-        scaled = filter_logits(logits_BxV / temperature, top_k=top_k, top_p=top_p)
-        token = first_max_index(jax.random.gumbel(key, scaled.shape, scaled.dtype) + scaled)
-    else:
-        scaled = logits_BxV
-        token = first_max_index(logits_BxV)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+    if temperature > 0:
+        return draw_token(filter_logits(logits_BxV / temperature, top_k=top_k, top_p=top_p), key)
+    token = first_max_index(logits_BxV)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV, axis=-1), token[:, None], axis=-1)[:, 0]
     return token, logp
 
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from flaxalign import errors, models
 from flaxalign import sampler as sampler_module
@@ -15,6 +16,7 @@ from flaxalign.sampler import (
     KVCacheSampler,
     Sampling,
     decode_segments,
+    draw_token,
     filter_logits,
     first_max_index,
     generate,
@@ -46,17 +48,43 @@ def test_kv_cache_equals_recomputing_the_prefix(sampling):
     np.testing.assert_allclose(cached["logps"], recomputed["logps"], atol=2e-5)
 
 
-def test_first_max_index_is_argmax_and_the_draw_is_jax_categorical():
+def test_first_max_index_is_argmax():
     x = np.array(jax.random.normal(jax.random.PRNGKey(0), (64, 50)))
     x[1, [3, 7]] = 9.0  # a tie: the first index wins, as with argmax
     x[2, :10] = -np.inf
     np.testing.assert_array_equal(first_max_index(jnp.asarray(x)), np.argmax(x, axis=-1))
     assert int(first_max_index(jnp.asarray([[0.0, np.nan, 1.0]]))[0]) == 0
-    logits = jnp.asarray(x)
-    for seed in range(20):
-        key = jax.random.PRNGKey(seed)
-        token, _ = sampler_module._pick(logits, key, 1.0, 0, 1.0)
-        np.testing.assert_array_equal(token, jax.random.categorical(key, logits, axis=-1))
+
+
+@pytest.mark.parametrize("vocab", [1, 3, 50, 512, 1000])  # blocks of 1, 2, 8, 32, 32 tokens; 1000 leaves a part block
+def test_the_draw_is_the_softmax_distribution(vocab):
+    """200,000 draws from one row of logits (filtered tokens among them) against softmax's probabilities: a χ² test
+    (fixed seeds: deterministic), no filtered token ever drawn, and log p(token) = log_softmax."""
+    x = 2 * np.array(jax.random.normal(jax.random.PRNGKey(vocab), (vocab,)))
+    if vocab >= 50:
+        x[[0, 5, 17, vocab - 1]] = -np.inf
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(x)), np.float64)
+    draws = 200_000
+    token, logp = jax.jit(draw_token)(jnp.broadcast_to(jnp.asarray(x, jnp.float32), (draws, vocab)),
+                                      jax.random.PRNGKey(7))
+    counts = np.bincount(np.asarray(token), minlength=vocab)
+    assert counts[probs == 0].sum() == 0
+    expected = draws * probs
+    tested = expected > 5
+    if tested.sum() > 1:
+        chi2 = np.sum((counts[tested] - expected[tested]) ** 2 / expected[tested])
+        assert scipy_stats.chi2.sf(chi2, tested.sum() - 1) > 1e-3
+    np.testing.assert_allclose(logp, np.log(probs[np.asarray(token)]), atol=2e-6)
+
+
+def test_the_draw_never_lands_on_a_filtered_token_when_u_rounds_past_the_total(monkeypatch):
+    """u = (1 − 2⁻²⁴) × total can round up to the total: the search must still stop at the last token that can be
+    drawn, not run into the −inf tail or the padding of the last block."""
+    x = jnp.asarray([[0.0, 1.0, 2.0, -jnp.inf, -jnp.inf] + [-jnp.inf] * 45,  # 50 tokens: 7 blocks of 8
+                     [3.0] * 48 + [-jnp.inf, 0.5]])
+    monkeypatch.setattr(jax.random, "uniform", lambda key, shape, dtype: jnp.full(shape, 1 - 2.0**-24, dtype))
+    token, _ = draw_token(x, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(token, [2, 49])
 
 
 def test_a_bfloat16_cache_is_carried_in_bfloat16_and_samples_close_to_the_float32_one():
