@@ -11,6 +11,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from flaxalign.data.corpus import stdlib_corpus
 from flaxalign.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 from flaxalign.errors import DataError
+from flaxalign.generate import decode_responses
 
 # Llama-3's pre-tokenizer split pattern (from its tokenizer.json).
 LLAMA3_PATTERN = (
@@ -92,6 +93,23 @@ def test_decode_round_trips_text(hf, documents):
     for text in SAMPLES + documents:
         assert hf.decode(hf.encode(text)) == text
     assert hf.decode(np.array(hf.encode("numpy ids"), np.int32)) == "numpy ids"
+
+
+def test_decode_responses_batches_what_decode_gives_row_by_row(hf, documents, tmp_path):
+    """Both tokenizer kinds: `decode_batch` equals `decode` per row, and `decode_responses` keeps the masked tokens
+    before the first EOS (EOS itself and what follows the mask drop out)."""
+    sentencepiece = Tokenizer.train(documents, str(tmp_path / "sp.model"), vocab_size=400)
+    for tokenizer in (hf, sentencepiece):
+        rows = [tokenizer.encode(text)[:12] for text in SAMPLES[:3] + ["a"]]
+        assert tokenizer.decode_batch(rows) == [tokenizer.decode(row) for row in rows]
+        response = np.full((4, 14), tokenizer.pad_id, np.int32)
+        mask = np.zeros((4, 14), np.int32)
+        for i, row in enumerate(rows):
+            response[i, :len(row)], response[i, len(row)] = row, tokenizer.eos_id
+            mask[i, :len(row) + 1] = 1
+        mask[3, 0] = 0  # a masked-out token is not decoded
+        texts = decode_responses(tokenizer, response, mask)
+        assert texts == [tokenizer.decode(row) for row in rows[:3]] + [""]
 
 
 def test_special_tokens_are_single_ids(hf):
