@@ -66,36 +66,41 @@ def first_max_index(x_BxV):
 
 
 def draw_token(scaled_BxV, key):
-    """(token, log p(token)): one draw per row from p = softmax(scaled) — the exact categorical distribution, as
-    `jax.random.categorical` draws it, but by inverting the CDF with one uniform number per row instead of V Gumbel
-    numbers (`torch.multinomial`'s method). The V threefry draws per row cost more than the rest of a small model's
-    decoding step on a CPU: for 256 rows × 512 logits, 1.0–1.6 ms against 0.2–0.3 ms for this search.
+    """(token, log p(token)): one draw per row from p = softmax(scaled), by inverting the CDF with two uniform numbers
+    per row (`torch.multinomial`'s method) instead of jax.random.categorical's V Gumbel numbers. The V threefry draws
+    per row cost more than the rest of a small model's decoding step on a CPU: for 256 rows × 512 logits, 1.9 ms with
+    the log-softmax against 0.26 ms for this search (best of 80 calls).
 
-    The search is two-level, so that no cumulative sum runs over the whole vocabulary: the cumulative mass of blocks
-    of ≈ √V tokens picks the block, the cumulative mass inside it the token. Tokens of probability 0 (filtered,
-    −inf) are never drawn, even where float rounding puts u past the last cumulative sum."""
+    The search is two-level, so that no cumulative sum runs over the whole vocabulary: the first number picks a block
+    of ≈ √V tokens by the blocks' cumulative mass, the second a token by the cumulative mass inside that block —
+    P(block) · P(token | block) = p(token). A float32 uniform then resolves each level to 2⁻²⁴ of its mass, not the
+    whole vocabulary's. A token of probability 0 (filtered, −inf) is never drawn: each search stops at the first
+    cumulative sum above u, which belongs to a token of positive mass, and where rounding puts u at the top of a
+    level, at the last token of positive mass. A row without any (NaN, all −inf) gives token 0."""
+    scaled_BxV = scaled_BxV.astype(jnp.float32)
     rows, vocab = scaled_BxV.shape
     width = 1 << ((vocab - 1).bit_length() + 1) // 2  # ≈ √V, a power of two
     blocks = -(-vocab // width)
     top = jnp.max(scaled_BxV, axis=-1, keepdims=True)
     weight = jnp.exp(scaled_BxV - top)  # unnormalised p, 0 where filtered
     blocked = jnp.pad(weight, ((0, 0), (0, blocks * width - vocab))).reshape(rows, blocks, width)
+    u = jax.random.uniform(key, (2, rows), jnp.float32)
     mass = jnp.sum(blocked, axis=2)
-    upto = jnp.cumsum(mass, axis=1)
-    u = jax.random.uniform(key, (rows,), weight.dtype) * upto[:, -1]
-    block = _last_positive(mass, jnp.sum(upto <= u[:, None], axis=1))
+    block = _search(mass, u[0])
     inner = jnp.take_along_axis(blocked, block[:, None, None], axis=1)[:, 0]
-    before = jnp.take_along_axis(upto - mass, block[:, None], axis=1)[:, 0]
-    index = _last_positive(inner, jnp.sum(jnp.cumsum(inner, axis=1) <= (u - before)[:, None], axis=1))
-    token = (block * width + index).astype(jnp.int32)
-    logp = jnp.take_along_axis(scaled_BxV - top, token[:, None], axis=-1)[:, 0] - jnp.log(upto[:, -1])
+    token = (block * width + _search(inner, u[1])).astype(jnp.int32)
+    total = jnp.sum(mass, axis=1)
+    logp = jnp.take_along_axis(scaled_BxV - top, token[:, None], axis=-1)[:, 0] - jnp.log(total)
     return token, logp
 
 
-def _last_positive(weight_BxN, index_B):
-    """`index`, or the last entry of positive weight where `index` is past it."""
-    last = jnp.max(jnp.where(weight_BxN > 0, jnp.arange(weight_BxN.shape[1]), -1), axis=1)
-    return jnp.minimum(index_B, last)
+def _search(weight_BxN, u_B):
+    """The index whose cumulative-weight interval holds u × the row's total weight (u in [0, 1)), kept at or before
+    the row's last positive weight (and at 0 in a row without one)."""
+    upto = jnp.cumsum(weight_BxN, axis=1)
+    index = jnp.sum(upto <= (u_B * upto[:, -1])[:, None], axis=1)
+    last = jnp.max(jnp.where(weight_BxN > 0, jnp.arange(weight_BxN.shape[1]), 0), axis=1)
+    return jnp.minimum(index, last)
 
 
 def _pick(logits_BxV, key, temperature, top_k, top_p):

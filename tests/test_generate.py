@@ -58,33 +58,41 @@ def test_first_max_index_is_argmax():
 
 @pytest.mark.parametrize("vocab", [1, 3, 50, 512, 1000])  # blocks of 1, 2, 8, 32, 32 tokens; 1000 leaves a part block
 def test_the_draw_is_the_softmax_distribution(vocab):
-    """200,000 draws from one row of logits (filtered tokens among them) against softmax's probabilities: a χ² test
-    (fixed seeds: deterministic), no filtered token ever drawn, and log p(token) = log_softmax."""
-    x = 2 * np.array(jax.random.normal(jax.random.PRNGKey(vocab), (vocab,)))
+    """100,000 draws from each of two rows of logits (filtered tokens among them), the rows interleaved so that a
+    search mixing up rows would show: a χ² test against softmax's probabilities (fixed seeds: deterministic), no
+    filtered token ever drawn, and log p(token) = log_softmax."""
+    x = 2 * np.array(jax.random.normal(jax.random.PRNGKey(vocab), (2, vocab)))
     if vocab >= 50:
-        x[[0, 5, 17, vocab - 1]] = -np.inf
-    probs = np.asarray(jax.nn.softmax(jnp.asarray(x)), np.float64)
-    draws = 200_000
-    token, logp = jax.jit(draw_token)(jnp.broadcast_to(jnp.asarray(x, jnp.float32), (draws, vocab)),
-                                      jax.random.PRNGKey(7))
-    counts = np.bincount(np.asarray(token), minlength=vocab)
-    assert counts[probs == 0].sum() == 0
-    expected = draws * probs
-    tested = expected > 5
-    if tested.sum() > 1:
-        chi2 = np.sum((counts[tested] - expected[tested]) ** 2 / expected[tested])
-        assert scipy_stats.chi2.sf(chi2, tested.sum() - 1) > 1e-3
-    np.testing.assert_allclose(logp, np.log(probs[np.asarray(token)]), atol=2e-6)
+        x[0, [0, 5, 17, vocab - 1]] = -np.inf
+        x[1, 8:16] = -np.inf  # a whole block of 8 (V = 50) or the start of one
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(x), axis=-1), np.float64)
+    draws = 100_000
+    token, logp = jax.jit(lambda x, key: draw_token(jnp.tile(x, (draws, 1)), key))(jnp.asarray(x, jnp.float32),
+                                                                                   jax.random.PRNGKey(7))
+    token, logp = np.asarray(token).reshape(draws, 2), np.asarray(logp).reshape(draws, 2)
+    for row in range(2):
+        counts = np.bincount(token[:, row], minlength=vocab)
+        assert counts[probs[row] == 0].sum() == 0
+        expected = draws * probs[row]
+        tested = expected > 5
+        if tested.sum() > 1:
+            chi2 = np.sum((counts[tested] - expected[tested]) ** 2 / expected[tested])
+            assert scipy_stats.chi2.sf(chi2, tested.sum() - 1) > 1e-3
+        np.testing.assert_allclose(logp[:, row], np.log(probs[row][token[:, row]]), atol=2e-6)
 
 
-def test_the_draw_never_lands_on_a_filtered_token_when_u_rounds_past_the_total(monkeypatch):
-    """u = (1 − 2⁻²⁴) × total can round up to the total: the search must still stop at the last token that can be
-    drawn, not run into the −inf tail or the padding of the last block."""
-    x = jnp.asarray([[0.0, 1.0, 2.0, -jnp.inf, -jnp.inf] + [-jnp.inf] * 45,  # 50 tokens: 7 blocks of 8
-                     [3.0] * 48 + [-jnp.inf, 0.5]])
-    monkeypatch.setattr(jax.random, "uniform", lambda key, shape, dtype: jnp.full(shape, 1 - 2.0**-24, dtype))
+@pytest.mark.parametrize("u, expected", [(0.0, [3, 16, 0]), (1.0, [4, 49, 0])])
+def test_the_draw_stops_at_tokens_of_positive_mass(monkeypatch, u, expected):
+    """u at either end of [0, 1] (1 stands for float rounding at the top of a level): the searches land on the first
+    or last token of positive mass — past −inf runs at a row's start, inside a block and at its end — never on a
+    filtered token or the last block's padding; a row without finite logits gives token 0."""
+    inf = np.inf
+    x = jnp.asarray([[-inf, -inf, -inf, 0.0, 1.0] + [-inf] * 45,  # 50 tokens: 7 blocks of 8, the last one padded
+                     [-inf] * 16 + [3.0] * 32 + [-inf, 0.5],
+                     [np.nan] * 50])
+    monkeypatch.setattr(jax.random, "uniform", lambda key, shape, dtype: jnp.full(shape, u, dtype))
     token, _ = draw_token(x, jax.random.PRNGKey(0))
-    np.testing.assert_array_equal(token, [2, 49])
+    np.testing.assert_array_equal(token, expected)
 
 
 def test_a_bfloat16_cache_is_carried_in_bfloat16_and_samples_close_to_the_float32_one():

@@ -207,7 +207,8 @@ class Tokenizer:
 
     def decode_batch(self, rows) -> list[str]:
         """`decode` of each row (lists of ints) in one call into SentencePiece, without a Python loop per token."""
-        return self._processor.decode([list(row) for row in rows])
+        rows = [list(row) for row in rows]
+        return self._processor.decode(rows) if rows else []  # SentencePiece decodes an empty batch to ""
 
     def token_to_id(self, token: str) -> int | None:
         """Returns the id of a piece (e.g. "<|im_start|>", "</s>"), or None if there is none."""

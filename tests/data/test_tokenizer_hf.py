@@ -102,6 +102,7 @@ def test_decode_responses_batches_what_decode_gives_row_by_row(hf, documents, tm
     for tokenizer in (hf, sentencepiece):
         rows = [tokenizer.encode(text)[:12] for text in SAMPLES[:3] + ["a"]]
         assert tokenizer.decode_batch(rows) == [tokenizer.decode(row) for row in rows]
+        assert tokenizer.decode_batch([]) == []
         response = np.full((4, 14), tokenizer.pad_id, np.int32)
         mask = np.zeros((4, 14), np.int32)
         for i, row in enumerate(rows):

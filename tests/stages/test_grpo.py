@@ -181,7 +181,12 @@ def test_family_step_is_sharding_and_micro_batch_invariant_and_uses_its_pieces(t
     task, m = _task(h)
     rollout = _rollout_with_eos(task, m, h, tmp)
     free = rollout(-1)["response"]  # the same rng samples the same tokens: an EOS cuts rows where it occurs
-    eos_id = max(set(free[:, :5].ravel()), key=lambda token: int(np.sum((free[:, :5] == token).any(1))))
+
+    def lengths(token):  # the response lengths (EOS + 1) that `token` as the EOS would give
+        hit = free == token
+        return np.where(hit.any(1), np.argmax(hit, axis=1) + 1, free.shape[1])
+
+    eos_id = max(sorted(set(free[:, :5].ravel())), key=lambda token: len(set(lengths(token))))
     batch = {**rollout(int(eos_id)), "rewards": np.asarray(REWARDS, np.float32)}
     assert len(set(batch["response_mask"].sum(1))) > 2  # responses of several lengths
     mesh = helpers.mesh((1, 1, 1))
