@@ -160,9 +160,10 @@ def test_online_dpo_raises_the_held_out_reward_model_score(arithmetic_sft_run, a
 
 PIPELINE_TIMEOUT = 1500  # one seed: ≈ 5 min on 2 idle cores
 # Gains over SFT (fractions) the one-seed run must reach. Its runs equal the demo's seed 0 (CPU training here is
-# deterministic: two fresh-clone demos gave equal numbers), measured at cc024bd (the inverse-CDF draw) +10.9 / +3.1
-# points greedy / sampled for DPO and +25.0 / +17.9 for GRPO. A sampled accuracy over 128 prompts has a standard error
+# deterministic: two fresh-clone demos gave equal numbers), measured at 9a26714 (the inverse-CDF draw) +10.9 / +12.5
+# points greedy / sampled for DPO and +28.1 / +29.7 for GRPO. A sampled accuracy over 128 prompts has a standard error
 # of ≈ 4 points, so DPO's sampled bar only asks that it is not below SFT's (issue 20's +10 is not met: BUILD_NOTES).
+# At 9a26714 seed 0's PPO perplexity is 1.74× SFT's: the last assert fails on it (BUILD_NOTES, "ground-truth demo").
 DPO_GREEDY_GAIN, DPO_SAMPLED_GAIN = 0.10, 0.0
 GRPO_GREEDY_GAIN, GRPO_SAMPLED_GAIN = 0.15, 0.15
 
