@@ -13,6 +13,7 @@ import logging as pylogging
 import os
 import sys
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -115,23 +116,26 @@ class Checkpointer:
 
 def _read_arrays(read: Callable[[], Any], what: str) -> Any:
     """`read()` (an Orbax restore), with a failure turned into `Unreadable` naming `what` and the innermost cause."""
+    _silence_abandoned_reads()
     try:
         return read()
     except Exception as e:  # noqa: BLE001 — the layout was checked first: whatever fails now is the files
         message = _first_line(e)
-    _silence_abandoned_reads()
     gc.collect()
     raise Unreadable(f"the {what} ({message})")
 
 
 def _silence_abandoned_reads() -> None:
-    """Drops, for the rest of the process, the echoes of a failed Orbax read once its damage has been reported.
+    """Drops, for the rest of the process, the echoes that a failed Orbax read leaves after its damage is reported.
 
     When one array fails to read, Orbax closes its event loop with the sibling reads still in flight. Each of those
     later reports from a TensorStore thread — seconds after, at no predictable moment — as an unraisable "Event
     loop is closed" from `call_soon_threadsafe`, an "Exception ignored in <coroutine …>" with a page of TensorStore
-    spec when collected, or asyncio's "exception was never retrieved". A hook that is only held around the read
-    misses the late ones, so these three kinds (and nothing else) are silenced from the first failure on."""
+    spec when collected, asyncio's "exception was never retrieved", or — when a read's coroutines reach the closed
+    loop before they start — a RuntimeWarning "coroutine '…' was never awaited" at whichever line collects them. A
+    hook that is only held around the read misses the late ones, and one installed when the read fails misses the
+    sibling that reports while the failure is still unwinding through Orbax (seen in CI). So these four kinds, and
+    nothing else, are silenced from the first read on; flaxalign has no coroutines, so none of them is its own."""
     global _abandoned_reads_silenced
     if _abandoned_reads_silenced:
         return
@@ -145,6 +149,7 @@ def _silence_abandoned_reads() -> None:
             previous(unraisable)
 
     sys.unraisablehook = hook
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
     pylogging.getLogger("asyncio").addFilter(
         lambda record: "exception was never retrieved" not in str(record.msg))
 
