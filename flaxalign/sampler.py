@@ -1,13 +1,16 @@
 """The sampler seam: the one way the RL stages, DPO's sampled KL, reward normalisation, evaluation and
 `flaxalign generate` get responses from a model.
 
-    rollout = sampler.sample(weights, prompts, rng, sampling)
+    rollout = sampler.sample(weights, prompts, rng, sampling, group_size=1)
 
 - `weights`: the pytree the engine reads the model from. `KVCacheSampler(build)` calls `build(weights)` inside its
   traced program to make the module: a trainable model's LoRA runs in activation space, a quantized base is
   dequantized per layer, nothing is merged or copied.
 - `prompts`: int32 `input_ids`, `attention_mask`, `positions` `[B, L]`, left-padded (`left_pad_prompts`).
 - `rng`: a PRNG key; `sampling`: `Sampling` (static: each setting compiles its own program; temperature 0 = greedy).
+- `group_size`: the rows come in runs of that many identical prompts (GRPO/RLOO's G samples per prompt; B divides
+  by it). An engine may compute each run's prompt once (the KV-cache engine prefills B / G rows and repeats the
+  cache); each row is still drawn on its own, from the same distribution.
 - The rollout, a dict (`rollout_shapes` states it as code): `tokens` and `mask` `[B, L + N]` (prompt, response, pad
   after the end; mask 1 on real tokens), `response` `[B, N]`, `response_mask` `[B, N]` (1 up to and including the
   first EOS, "EOS + 1"), `logps` `[B, N]` float32 (the engine's log-probability of each drawn token under
@@ -115,7 +118,8 @@ def _pick(logits_BxV, key, temperature, top_k, top_p):
 
 
 def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad_id: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cache_dtype=None) -> dict:
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cache_dtype=None,
+             group_size: int = 1) -> dict:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
     `model`: a `CausalLM` built inside the traced function (`models.merge(graphdef, params)`, or a trainable model's
@@ -127,15 +131,26 @@ def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad
     `cache_dtype`: the KV cache's dtype (None: the compute dtype). `bfloat16` under float32 compute halves the
     cache's memory, and the tokens then differ from the recompute reference's; on a CPU it decodes slower, since
     XLA CPU converts bfloat16 in software.
+    `group_size`: the caller's promise that rows come in runs of that many identical prompts. Prefill then runs on
+    the first row of each run, and its cache slots and next-token logits are repeated to the run's rows: with GRPO's
+    16 samples per prompt, prefill costs 1/16 of the rows. The distribution is the same; XLA may round a matmul
+    over fewer rows differently (log-probs moved by ≈ 3e-6 on `tiny`), so a draw at a near-tie can differ.
     Sampling settings are static: each combination compiles its own program.
     """
     batch, prompt_len = prompts["input_ids"].shape
+    if group_size < 1 or batch % group_size:
+        raise ValueError(f"{batch} prompt rows do not come in runs of group_size={group_size}")
     total = prompt_len + max_new_tokens
     head = model.output_head()
     key_mask = jnp.pad(prompts["attention_mask"], ((0, 0), (0, max_new_tokens)))
-    cache = model.init_cache(batch, total, cache_dtype)
-    hidden, cache = model.decode(prompts["input_ids"], prompts["positions"], cache, 0, key_mask, span=prompt_len)
+    firsts = {k: prompts[k][::group_size] for k in ("input_ids", "positions")}
+    cache = model.init_cache(batch // group_size, total, cache_dtype)
+    hidden, cache = model.decode(firsts["input_ids"], firsts["positions"], cache, 0, key_mask[::group_size],
+                                 span=prompt_len)
     logits = head.logits(hidden[:, -1])
+    if group_size > 1:  # the cache is [L, B, K, S, H]
+        cache = {k: jnp.repeat(v, group_size, axis=1) for k, v in cache.items()}
+        logits = jnp.repeat(logits, group_size, axis=0)
     next_position = prompts["positions"][:, -1] + 1
 
     def step(carry, span):
@@ -272,7 +287,7 @@ def trim_left_padding(prompts: dict) -> dict:
 
 
 class Sampler(Protocol):
-    def sample(self, weights, prompts: dict, rng, sampling: Sampling) -> dict: ...
+    def sample(self, weights, prompts: dict, rng, sampling: Sampling, group_size: int = 1) -> dict: ...
 
 
 def rollout_shapes(batch: int, prompt_len: int, sampling: Sampling) -> dict:
@@ -290,16 +305,18 @@ class KVCacheSampler:
 
     def __init__(self, build: Callable, *, eos_id: int, pad_id: int):
         self.build, self.eos_id, self.pad_id = build, eos_id, pad_id
-        self._programs = {}  # one jitted program per sampling setting
+        self._programs = {}  # one jitted program per (sampling setting, group size)
 
-    def sample(self, weights, prompts: dict, rng, sampling: Sampling) -> dict:
-        if sampling not in self._programs:
-            self._programs[sampling] = jax.jit(functools.partial(self.traced, sampling=sampling))
-        return self._programs[sampling](weights, prompts, rng)
+    def sample(self, weights, prompts: dict, rng, sampling: Sampling, group_size: int = 1) -> dict:
+        if (sampling, group_size) not in self._programs:
+            self._programs[sampling, group_size] = jax.jit(functools.partial(self.traced, sampling=sampling,
+                                                                             group_size=group_size))
+        return self._programs[sampling, group_size](weights, prompts, rng)
 
-    def traced(self, weights, prompts: dict, rng, sampling: Sampling) -> dict:
+    def traced(self, weights, prompts: dict, rng, sampling: Sampling, group_size: int = 1) -> dict:
         """`sample` inside a caller's own traced program."""
         out = generate(self.build(weights), prompts, rng, max_new_tokens=sampling.max_new_tokens,
                        eos_id=self.eos_id, pad_id=self.pad_id, temperature=sampling.temperature,
-                       top_k=sampling.top_k, top_p=sampling.top_p, cache_dtype=sampling.cache_jnp_dtype)
+                       top_k=sampling.top_k, top_p=sampling.top_p, cache_dtype=sampling.cache_jnp_dtype,
+                       group_size=group_size)
         return sharding.constrain_rows(out, strict=False)  # rows that do not divide the mesh stay replicated

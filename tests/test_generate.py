@@ -48,6 +48,23 @@ def test_kv_cache_equals_recomputing_the_prefix(sampling):
     np.testing.assert_allclose(cached["logps"], recomputed["logps"], atol=2e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_shared_prefill_per_group_samples_as_the_recompute_reference_does(temperature):
+    """GRPO's rows: each prompt 3 times in a row. Prefill once per run of 3 and the repeated cache must give every
+    row its own prompt's continuation — the prompts differ in length, so a cache repeated in the wrong order
+    (tiled) would show."""
+    grouped = [p for p in PROMPTS for _ in range(3)]
+    shared = _run(functools.partial(generate, group_size=3), prompts=grouped, temperature=temperature)
+    recomputed = _run(generate_recompute, prompts=grouped, temperature=temperature)
+    np.testing.assert_array_equal(shared["tokens"], recomputed["tokens"])
+    np.testing.assert_array_equal(shared["response_mask"], recomputed["response_mask"])
+    np.testing.assert_allclose(shared["logps"], recomputed["logps"], atol=2e-5)
+    if temperature:  # the three samples of a prompt are drawn apart
+        assert len({tuple(row) for row in shared["response"][:3]}) > 1
+    with pytest.raises(ValueError, match="runs of group_size=5"):
+        _run(functools.partial(generate, group_size=5), prompts=grouped)
+
+
 def test_first_max_index_is_argmax():
     x = np.array(jax.random.normal(jax.random.PRNGKey(0), (64, 50)))
     x[1, [3, 7]] = 9.0  # a tie: the first index wins, as with argmax

@@ -171,7 +171,8 @@ class GroupRollouts:
             prompts = self.repeat(trim_left_padding({k: batch[k] for k in (*onpolicy.PROMPT_KEYS, "index")}))
             weights = self.m.policy.weights(state.params, state.frozen)
             sampled = self.engine.sample(weights, {k: prompts[k] for k in onpolicy.PROMPT_KEYS},
-                                         jax.random.fold_in(rng, round_) if round_ else rng, self.sampling)
+                                         jax.random.fold_in(rng, round_) if round_ else rng, self.sampling,
+                                         group_size=self.group_size)
             rollout = self.score(state, sampled, prompts["index"])
         rewards, logged = self.scorer(rollout)
         return rollout, rewards, logged

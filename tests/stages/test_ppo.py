@@ -136,7 +136,7 @@ class _HostEngine:
             pad_id=PAD, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p), static_argnums=3)
         self.seen, self.answers, self.frozen_given = [], [], []
 
-    def sample(self, weights, prompts, rng, sampling):
+    def sample(self, weights, prompts, rng, sampling, group_size=1):
         self.seen.append(sampling)
         self.frozen_given.append(weights["frozen"])
         self.answers.append(jax.device_get(self.run(weights, prompts, rng, sampling)))
