@@ -80,7 +80,8 @@ def compile_sampler(spec: RolloutSpec, state, mesh):
                for k in onpolicy.PROMPT_KEYS}
     rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(mesh))
     with jax.set_mesh(mesh):
-        lowered = jax.jit(functools.partial(engine.traced, sampling=spec.sampling)).lower(weights, prompts, rng)
+        lowered = jax.jit(functools.partial(engine.traced, sampling=spec.sampling, group_size=spec.group_size)).lower(
+            weights, prompts, rng)
         return lowered.compile()
 
 
@@ -99,7 +100,8 @@ def rollout_report(spec: RolloutSpec, state, model_config, mesh, *, memory_of, c
     chips = mesh.devices.size
     seq = prompt_len + new
     flops_per_token = model_config.flops_per_token(seq) / 3  # a forward pass: a third of forward + backward
-    prefill_s = rows * prompt_len * flops_per_token / (chips * chip.peak_flops * mfu)
+    prefilled = rows // spec.group_size * prompt_len  # one prefill per group of rows that share a prompt
+    prefill_s = prefilled * flops_per_token / (chips * chip.peak_flops * mfu)
     # every decode step reads all the weights a chip computes with — its tensor-parallel share, gathered whole when
     # they are sharded over fsdp (rows are split over data × fsdp, weights are not) — and the cache slots up to the
     # end of its decoding segment
@@ -109,8 +111,10 @@ def rollout_report(spec: RolloutSpec, state, model_config, mesh, *, memory_of, c
                         rows * flops_per_token / (chips * chip.peak_flops * mfu))
     scoring_flops = spec.scoring_forwards * rows * seq * flops_per_token
     scoring_s = scoring_flops / (chips * chip.peak_flops * mfu)
-    return {"rollout_flops": scoring_flops + rows * seq * flops_per_token, "roles": roles, "kv_cache": cache,
-            "sampler_memory": sampler_memory, "resident": resident,
+    # rollout_flops is the stage's own count (a model-FLOPs count: every row's prompt, shared prefill or not), so
+    # that the update's share of the step's FLOPs stays what the stage counts
+    return {"rollout_flops": scoring_flops + rows * seq * flops_per_token, "roles": roles,
+            "kv_cache": cache, "sampler_memory": sampler_memory, "resident": resident,
             "phase_total": sampler_memory["total"] + resident, "prefill_s": prefill_s,
             "decode_s": new * decode_step_s, "scoring_s": scoring_s,
             "rollout_s": prefill_s + new * decode_step_s + scoring_s, "hbm_bandwidth": HBM_BANDWIDTH[chip.kind],

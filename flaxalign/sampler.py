@@ -8,9 +8,9 @@
   dequantized per layer, nothing is merged or copied.
 - `prompts`: int32 `input_ids`, `attention_mask`, `positions` `[B, L]`, left-padded (`left_pad_prompts`).
 - `rng`: a PRNG key; `sampling`: `Sampling` (static: each setting compiles its own program; temperature 0 = greedy).
-- `group_size`: the rows come in runs of that many identical prompts (GRPO/RLOO's G samples per prompt; B divides
-  by it). An engine may compute each run's prompt once (the KV-cache engine prefills B / G rows and repeats the
-  cache); each row is still drawn on its own, from the same distribution.
+- `group_size`: the rows come in runs of that many identical prompts (GRPO/RLOO's G samples per prompt, online
+  DPO's 2; B divides by it). An engine may compute each run's prompt once (the KV-cache engine prefills B / G rows
+  and repeats the cache); each row is still drawn on its own, from the same distribution.
 - The rollout, a dict (`rollout_shapes` states it as code): `tokens` and `mask` `[B, L + N]` (prompt, response, pad
   after the end; mask 1 on real tokens), `response` `[B, N]`, `response_mask` `[B, N]` (1 up to and including the
   first EOS, "EOS + 1"), `logps` `[B, N]` float32 (the engine's log-probability of each drawn token under
@@ -21,9 +21,9 @@ What learns from a rollout never uses the engine's `logps` for its ratio: the RL
 log-probs with their own jitted function (`onpolicy.response_logps`); GRPO logs the gap between the two and may
 weight the loss by their ratio (`grpo.sampler_correction`). An engine with another numeric path — a bf16
 cache, paged attention, an external server — therefore changes which tokens are drawn, never the consistency of the
-loss. Another engine implements `sample` with this contract (numpy or jax arrays) and is given to the RL stages'
-rollout objects (`engine=` of `ppo.Rollouts`, `group_rollout.GroupRollouts`, `group_rollout.GroupEval`; the config
-has no selector yet).
+loss. Another engine implements `sample` with this contract, `group_size` keyword included (it may ignore it),
+with numpy or jax arrays, and is given to the RL stages' rollout objects (`engine=` of `ppo.Rollouts`,
+`group_rollout.GroupRollouts`, `group_rollout.GroupEval`; the config has no selector yet).
 
 `generate` is the KV-cache engine's algorithm: one prefill pass over the prompts, then one token per step inside
 `jax.lax.while_loop`s (which stop once every row has ended), with fixed shapes so it compiles once for a (batch,

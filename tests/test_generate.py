@@ -49,11 +49,19 @@ def test_kv_cache_equals_recomputing_the_prefix(sampling):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_a_shared_prefill_per_group_samples_as_the_recompute_reference_does(temperature):
-    """GRPO's rows: each prompt 3 times in a row. Prefill once per run of 3 and the repeated cache must give every
-    row its own prompt's continuation — the prompts differ in length, so a cache repeated in the wrong order
-    (tiled) would show."""
+def test_a_shared_prefill_per_group_samples_as_the_recompute_reference_does(temperature, monkeypatch):
+    """GRPO's rows: each prompt 3 times in a row. Prefill runs on one row per run of 3, and the repeated cache must
+    give every row its own prompt's continuation — the prompts differ in length, so a cache repeated in the wrong
+    order (tiled) would show."""
     grouped = [p for p in PROMPTS for _ in range(3)]
+    model = models.merge(GRAPHDEF, PARAMS)
+    decode, rows = type(model).decode, []
+    monkeypatch.setattr(type(model), "decode", lambda self, tokens, *a, **k: rows.append(tokens.shape[0]) or decode(
+        self, tokens, *a, **k))
+    jax.eval_shape(lambda batch: generate(model, batch, jax.random.PRNGKey(0), max_new_tokens=4, eos_id=EOS,
+                                          pad_id=PAD, group_size=3), left_pad_prompts(grouped, pad_id=PAD))
+    assert rows[0] == len(PROMPTS) and set(rows[1:]) == {len(grouped)}  # the prefill, then the decoding steps
+    monkeypatch.undo()
     shared = _run(functools.partial(generate, group_size=3), prompts=grouped, temperature=temperature)
     recomputed = _run(generate_recompute, prompts=grouped, temperature=temperature)
     np.testing.assert_array_equal(shared["tokens"], recomputed["tokens"])

@@ -29,6 +29,7 @@ class RolloutSpec:
     scoring_forwards: int  # forward passes of the learner's scoring: old log-probs, reference, value, reward model
     rounds: int = 1  # the most rollouts a step may run, the first included (DAPO's dynamic sampling refills)
     share: float = 1.0  # the expected share of steps that sample (distillation's lmbda; the others read the data)
+    group_size: int = 1  # rows per prompt (GRPO's G, online DPO's 2): the sampler prefills rows / group_size of them
 
 
 @dataclasses.dataclass(frozen=True)

@@ -240,7 +240,8 @@ def describe(config, mesh) -> Description:
                                                             with_reference=h.needs_reference),
         rollout=RolloutSpec(m.policy, sampling, rows, config.data.max_prompt_len, policy_params=lambda params: params,
                             scoring_forwards=1 + int(h.needs_reference) + int(rm is not None),
-                            rounds=h.dynamic_sampling_max_rounds if h.dynamic_sampling else 1),
+                            rounds=h.dynamic_sampling_max_rounds if h.dynamic_sampling else 1,
+                            group_size=h.group_size),
         parts={"hyper": h, "sampling": sampling, "models": m, "reward_model": rm})
 
 

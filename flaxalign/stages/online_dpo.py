@@ -156,7 +156,7 @@ def describe(config, mesh) -> Description:
         abstract_batch=group_rollout.abstract_rollout_batch(m, sampling, rows, config.data.max_prompt_len,
                                                             with_reference=True),
         rollout=RolloutSpec(m.policy, sampling, rows, config.data.max_prompt_len, policy_params=lambda params: params,
-                            scoring_forwards=2 + int(rm is not None)),
+                            scoring_forwards=2 + int(rm is not None), group_size=2),
         parts={"hyper": h, "sampling": sampling, "models": m, "reward_model": rm})
 
 

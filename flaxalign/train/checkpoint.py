@@ -8,10 +8,13 @@ that reads, and a resume moves the damaged newer ones aside to `checkpoints/corr
 checkpoint that reads but belongs to another model or optimizer is not damage: that stays an error.
 """
 
+import contextlib
 import gc
 import logging as pylogging
 import os
+import re
 import sys
+import threading
 import types
 import warnings
 from collections.abc import Callable
@@ -116,45 +119,78 @@ class Checkpointer:
 
 def _read_arrays(read: Callable[[], Any], what: str) -> Any:
     """`read()` (an Orbax restore), with a failure turned into `Unreadable` naming `what` and the innermost cause."""
-    _silence_abandoned_reads()
+    _READ_ECHOES.start()
     try:
-        return read()
+        result = read()
     except Exception as e:  # noqa: BLE001 — the layout was checked first: whatever fails now is the files
+        _READ_ECHOES.end(failed=True)
         message = _first_line(e)
+    else:
+        _READ_ECHOES.end(failed=False)
+        return result
     gc.collect()
     raise Unreadable(f"the {what} ({message})")
 
 
-def _silence_abandoned_reads() -> None:
-    """Drops, for the rest of the process, the echoes that a failed Orbax read leaves after its damage is reported.
+class _ReadEchoes:
+    """Drops the echoes of a failed Orbax read — while any read runs and, once one has failed, for the rest of the
+    process; a process whose reads all succeed keeps every message.
 
     When one array fails to read, Orbax closes its event loop with the sibling reads still in flight. Each of those
     later reports from a TensorStore thread — seconds after, at no predictable moment — as an unraisable "Event
     loop is closed" from `call_soon_threadsafe`, an "Exception ignored in <coroutine …>" with a page of TensorStore
     spec when collected, asyncio's "exception was never retrieved", or — when a read's coroutines reach the closed
-    loop before they start — a RuntimeWarning "coroutine '…' was never awaited" at whichever line collects them. A
-    hook that is only held around the read misses the late ones, and one installed when the read fails misses the
-    sibling that reports while the failure is still unwinding through Orbax (seen in CI). So these four kinds, and
-    nothing else, are silenced from the first read on; flaxalign has no coroutines, so none of them is its own."""
-    global _abandoned_reads_silenced
-    if _abandoned_reads_silenced:
-        return
-    _abandoned_reads_silenced = True
-    previous = sys.unraisablehook
+    loop before they start — a RuntimeWarning "coroutine '…' was never awaited" at whichever line collects them.
+    Silencing only after the failure missed a sibling that reported while the failure was still unwinding through
+    Orbax (CI, stop 37), so the filters go in before each read. These four kinds and nothing else are dropped."""
 
-    def hook(unraisable):
-        closed_loop = (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
-                       and "Event loop is closed" in str(unraisable.exc_value))
-        if not (closed_loop or isinstance(unraisable.object, types.CoroutineType)):
-            previous(unraisable)
+    UNAWAITED = r"coroutine '.*' was never awaited"
 
-    sys.unraisablehook = hook
-    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
-    pylogging.getLogger("asyncio").addFilter(
-        lambda record: "exception was never retrieved" not in str(record.msg))
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running = 0
+        self._failed = False
+        self._hook = None
+        self._logger_filtered = False
+
+    @property
+    def silenced(self) -> bool:
+        return self._failed or self._running > 0
+
+    def start(self) -> None:
+        with self._lock:
+            self._running += 1
+            if sys.unraisablehook is not self._hook:  # first read, or someone replaced the hook since
+                previous = sys.unraisablehook
+
+                def hook(unraisable):
+                    if not (self.silenced and _is_read_echo(unraisable)):
+                        previous(unraisable)
+
+                self._hook = sys.unraisablehook = hook
+            if not self._logger_filtered:
+                self._logger_filtered = True
+                pylogging.getLogger("asyncio").addFilter(
+                    lambda record: not (self.silenced and "exception was never retrieved" in str(record.msg)))
+            warnings.filterwarnings("ignore", message=self.UNAWAITED, category=RuntimeWarning)
+
+    def end(self, failed: bool) -> None:
+        with self._lock:
+            self._running -= 1
+            self._failed |= failed
+            if not self.silenced:  # the entry `filterwarnings` made; the version bump makes callers re-check filters
+                with contextlib.suppress(ValueError):
+                    warnings.filters.remove(("ignore", re.compile(self.UNAWAITED, re.I), RuntimeWarning, None, 0))
+                    warnings._filters_mutated()
 
 
-_abandoned_reads_silenced = False
+def _is_read_echo(unraisable) -> bool:
+    closed_loop = (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
+                   and "Event loop is closed" in str(unraisable.exc_value))
+    return closed_loop or isinstance(unraisable.object, types.CoroutineType)
+
+
+_READ_ECHOES = _ReadEchoes()
 
 
 def _first_line(e: BaseException) -> str:

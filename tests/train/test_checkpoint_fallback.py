@@ -5,10 +5,13 @@ step that reads (moving each damaged newer step aside to `corrupt-N`, bytes unto
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import types
+import warnings
 
 import jax
 import numpy as np
@@ -233,3 +236,50 @@ def test_a_failed_read_leaves_no_late_tracebacks_and_other_errors_still_show(tmp
     assert done.stdout.count("unreadable: the state item (ValueError: OUT_OF_RANGE") == 5, done.stdout
     assert "Event loop is closed" not in done.stderr and "coroutine" not in done.stderr, done.stderr[-3000:]
     assert "an unrelated error must still be reported" in done.stderr, done.stderr[-3000:]
+
+
+def _closed_loop_echo():
+    return types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"),
+                                 exc_traceback=None, err_msg=None, object=None)
+
+
+def _warned(text: str) -> list:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn(text, RuntimeWarning)
+    return [str(w.message) for w in caught]
+
+
+def test_read_echoes_are_dropped_during_a_read_and_after_a_failed_one_only(monkeypatch):
+    """Deterministic half of the test above: the filters are in place while `read` runs (the sibling that reports
+    while a failure unwinds), a successful read takes them away again, and a failed read leaves them for good —
+    never silencing another unraisable."""
+    reached = []
+    monkeypatch.setattr(sys, "unraisablehook", reached.append)
+    monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [])
+    monkeypatch.setattr(checkpoint, "_READ_ECHOES", checkpoint._ReadEchoes())
+    other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("not an echo"), exc_traceback=None,
+                                  err_msg=None, object=None)
+
+    def read():
+        sys.unraisablehook(_closed_loop_echo())
+        sys.unraisablehook(other)
+        return _warned("coroutine 'during' was never awaited")
+
+    assert checkpoint._read_arrays(read, "state item") == []
+    assert reached == [other]
+    after_success = _closed_loop_echo()
+    sys.unraisablehook(after_success)
+    assert reached[-1] is after_success
+    assert _warned("coroutine 'after_success' was never awaited") == ["coroutine 'after_success' was never awaited"]
+
+    def fail():
+        raise OSError("OUT_OF_RANGE: the file is cut")
+
+    with pytest.raises(checkpoint.Unreadable, match="OUT_OF_RANGE"):
+        checkpoint._read_arrays(fail, "state item")
+    count = len(reached)
+    sys.unraisablehook(_closed_loop_echo())
+    assert len(reached) == count
+    assert _warned("coroutine 'after_failure' was never awaited") == []
+    sys.unraisablehook(other)
+    assert reached[-1] is other
