@@ -119,14 +119,16 @@ class Checkpointer:
 
 def _read_arrays(read: Callable[[], Any], what: str) -> Any:
     """`read()` (an Orbax restore), with a failure turned into `Unreadable` naming `what` and the innermost cause."""
+    failed = True  # also when interrupted: an interrupted read abandons its siblings too
     _READ_ECHOES.start()
     try:
         result = read()
+        failed = False
     except Exception as e:  # noqa: BLE001 — the layout was checked first: whatever fails now is the files
-        _READ_ECHOES.end(failed=True)
         message = _first_line(e)
-    else:
-        _READ_ECHOES.end(failed=False)
+    finally:
+        _READ_ECHOES.end(failed=failed)
+    if not failed:
         return result
     gc.collect()
     raise Unreadable(f"the {what} ({message})")
@@ -142,7 +144,8 @@ class _ReadEchoes:
     spec when collected, asyncio's "exception was never retrieved", or — when a read's coroutines reach the closed
     loop before they start — a RuntimeWarning "coroutine '…' was never awaited" at whichever line collects them.
     Silencing only after the failure missed a sibling that reported while the failure was still unwinding through
-    Orbax (CI, stop 37), so the filters go in before each read. These four kinds and nothing else are dropped."""
+    Orbax (CI, stop 37), so the filters go in before each read. These four kinds and nothing else are dropped (the
+    unraisable ones only while this hook is in place: one installed later hides it until the next read)."""
 
     UNAWAITED = r"coroutine '.*' was never awaited"
 
@@ -179,8 +182,9 @@ class _ReadEchoes:
             self._running -= 1
             self._failed |= failed
             if not self.silenced:  # the entry `filterwarnings` made; the version bump makes callers re-check filters
+                filters = getattr(warnings, "_get_filters", lambda: warnings.filters)()  # 3.14: per context
                 with contextlib.suppress(ValueError):
-                    warnings.filters.remove(("ignore", re.compile(self.UNAWAITED, re.I), RuntimeWarning, None, 0))
+                    filters.remove(("ignore", re.compile(self.UNAWAITED, re.I), RuntimeWarning, None, 0))
                     warnings._filters_mutated()
 
 

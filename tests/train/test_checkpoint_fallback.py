@@ -2,6 +2,7 @@
 step that reads (moving each damaged newer step aside to `corrupt-N`, bytes untouched), starting from another run
 (`init_from`) falls back without changing that run's folder, and when nothing reads, nothing is moved."""
 
+import gc
 import glob
 import hashlib
 import json
@@ -249,37 +250,49 @@ def _warned(text: str) -> list:
     return [str(w.message) for w in caught]
 
 
-def test_read_echoes_are_dropped_during_a_read_and_after_a_failed_one_only(monkeypatch):
+def test_read_echoes_are_dropped_during_a_read_and_after_a_failed_one_only(monkeypatch, caplog):
     """Deterministic half of the test above: the filters are in place while `read` runs (the sibling that reports
     while a failure unwinds), a successful read takes them away again, and a failed read leaves them for good —
-    never silencing another unraisable."""
+    never silencing another unraisable. Only this test's own objects are looked for: a late echo of an earlier
+    test's failed read may arrive at any time."""
+    gc.collect()
     reached = []
     monkeypatch.setattr(sys, "unraisablehook", reached.append)
     monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [])
     monkeypatch.setattr(checkpoint, "_READ_ECHOES", checkpoint._ReadEchoes())
     other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("not an echo"), exc_traceback=None,
                                   err_msg=None, object=None)
+    during, after_success, after_failure = _closed_loop_echo(), _closed_loop_echo(), _closed_loop_echo()
+
+    def logged(text: str) -> bool:
+        logging.getLogger("asyncio").error(text)
+        return any(r.getMessage() == text for r in caplog.records)
 
     def read():
-        sys.unraisablehook(_closed_loop_echo())
+        sys.unraisablehook(during)
         sys.unraisablehook(other)
-        return _warned("coroutine 'during' was never awaited")
-
-    assert checkpoint._read_arrays(read, "state item") == []
-    assert reached == [other]
-    after_success = _closed_loop_echo()
-    sys.unraisablehook(after_success)
-    assert reached[-1] is after_success
-    assert _warned("coroutine 'after_success' was never awaited") == ["coroutine 'after_success' was never awaited"]
+        return _warned("coroutine 'during' was never awaited"), logged("Task exception was never retrieved: during")
 
     def fail():
         raise OSError("OUT_OF_RANGE: the file is cut")
 
-    with pytest.raises(checkpoint.Unreadable, match="OUT_OF_RANGE"):
-        checkpoint._read_arrays(fail, "state item")
-    count = len(reached)
-    sys.unraisablehook(_closed_loop_echo())
-    assert len(reached) == count
-    assert _warned("coroutine 'after_failure' was never awaited") == []
-    sys.unraisablehook(other)
-    assert reached[-1] is other
+    def reached_(item) -> bool:
+        return any(r is item for r in reached)
+
+    with warnings.catch_warnings():
+        assert checkpoint._read_arrays(read, "state item") == ([], False)
+        assert reached_(other) and not reached_(during)
+        sys.unraisablehook(after_success)
+        assert reached_(after_success)
+        assert _warned("coroutine 'after_success' was never awaited") == ["coroutine 'after_success' was never awaited"]
+        assert logged("Task exception was never retrieved: after success")
+        with pytest.raises(checkpoint.Unreadable, match="OUT_OF_RANGE"):
+            checkpoint._read_arrays(fail, "state item")
+        sys.unraisablehook(after_failure)
+        assert not reached_(after_failure)
+        assert _warned("coroutine 'after_failure' was never awaited") == []
+        assert not logged("Task exception was never retrieved: after failure")
+        other.exc_value = ValueError("still not an echo")
+        reached.clear()
+        sys.unraisablehook(other)
+        assert reached_(other)
