@@ -14,6 +14,8 @@ and `unembedding` ask it (`models/linear.py`). The layer scan slices either kind
 else from the model.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -193,8 +195,28 @@ class MLP(nnx.Module):
         dtype = x_BxTxD.dtype
         x_NxD = x_BxTxD.reshape(b * t, d)
         gate, up = dense(x_NxD, self.gate[...], dtype), dense(x_NxD, self.up[...], dtype)
-        hidden = constrain(self.act(gate) * up, ("act_batch", "act_mlp"))
+        hidden = constrain(gated(self.act, gate, up), ("act_batch", "act_mlp"))
         return dense(hidden, self.down[...], dtype).reshape(b, t, d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gated(act, gate, up):
+    """act(gate) ⊙ up, whose backward pass keeps only gate and up: autodiff would also keep act(gate) and the
+    activation's inner terms (sigmoid, products), each [N, d_ff] per layer, which the backward recomputes for free."""
+    return act(gate) * up
+
+
+def _gated_fwd(act, gate, up):
+    return act(gate) * up, (gate, up)
+
+
+def _gated_bwd(act, residuals, d_hidden):
+    gate, up = residuals
+    activated, act_vjp = jax.vjp(act, gate)
+    return act_vjp(d_hidden * up)[0], d_hidden * activated
+
+
+gated.defvjp(_gated_fwd, _gated_bwd)
 
 
 def _no_adapter(site, h):
@@ -353,6 +375,9 @@ class CausalLM(nnx.Module):
         """The LM-head object (`models.lm_head`): `output_head().logits(hidden)` = the float32 next-token logits,
         soft-capped by `final_softcap` (Gemma 2). Every consumer — losses, sampler, on-policy log-probs, evaluation
         — computes logits through it."""
+        if self.config.tie_embeddings:
+            embed = self.embed[...].astype(self.config.dtype)
+            return LMHead(embed, softcap=self.config.final_softcap, transposed=True)
         return LMHead(self.unembedding(), softcap=self.config.final_softcap)
 
     def logits(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):

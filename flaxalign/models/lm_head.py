@@ -19,19 +19,24 @@ import jax.numpy as jnp
 class LMHead:
     """logits(h) = cap(h · W) / T in float32, cap(s) = c·tanh(s / c) when c = `softcap` > 0 (else s).
 
-    A pytree: `weight` `[D, V]` is its leaf (gradients flow to it), `softcap` and `temperature` are static."""
+    A pytree: `weight` is its leaf (gradients flow to it): W `[D, V]`, or Wᵀ `[V, D]` when `transposed` (a tied
+    head is the embedding itself: multiplying by its transpose would make the backward pass keep a `[D, V]` copy);
+    `softcap`, `temperature` and `transposed` are static."""
 
     weight: jax.Array
     softcap: float = dataclasses.field(default=0.0, metadata=dict(static=True))
     temperature: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+    transposed: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     def logits(self, hidden_NxD) -> jax.Array:
         """Float32 logits `[..., V]` of hidden states `[..., D]` (pass 2-D `[N, D]` in training losses: XLA CPU's
         gradients of 3-D products are markedly slower)."""
         if hidden_NxD.ndim == 2:
-            scores = jnp.dot(hidden_NxD, self.weight, preferred_element_type=jnp.float32)
+            contract = ((1,), (1 if self.transposed else 0,)), ((), ())
+            scores = jax.lax.dot_general(hidden_NxD, self.weight, contract, preferred_element_type=jnp.float32)
         else:
-            scores = jnp.einsum("...d,dv->...v", hidden_NxD, self.weight, preferred_element_type=jnp.float32)
+            spec = "...d,vd->...v" if self.transposed else "...d,dv->...v"
+            scores = jnp.einsum(spec, hidden_NxD, self.weight, preferred_element_type=jnp.float32)
         if self.softcap:
             scores = self.softcap * jnp.tanh(scores / self.softcap)
         if self.temperature != 1.0:

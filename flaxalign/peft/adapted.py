@@ -11,8 +11,15 @@ A model's dense layer asks its weight for `dense(x, dtype)` when the weight is n
 Both are pytrees whose array leaves keep the stacked layer axis, so the layer scan slices them per layer and
 `jax.grad` reaches A, B and the DoRA magnitude through them. The frozen W only ever meets the activations: its
 backward is the [N, d_in] input gradient, never a [d_in, d_out] weight gradient.
+
+Plain LoRA (no dropout, no DoRA) has its own backward pass (`_lora_dense`): where the token rows outnumber the
+output features, the input gradient is one product dy·(W + s·A·B)ᵀ with the adapted weight formed per layer
+(a rank-r product, cheap next to the [N, d_in] passes the activation-space form dy·Wᵀ + s·(dy·Bᵀ)·Aᵀ adds), and
+A, B get xᵀ·(s·dy·Bᵀ) and (x·A)ᵀ·(s·dy). The forward stays x·W + s·(x·A)·B, which keeps the adapter's increment
+exact in bfloat16 where W + s·A·B rounded would not.
 """
 
+import functools
 import zlib
 from typing import Any
 
@@ -61,8 +68,10 @@ class LoraWeight(ReadWhole):
         PEFT computes it: g·(x·W + s·x·A·B) with g = m / sg(‖W + s·A·B‖), and with dropout active
         x·W + (g − 1)·x̃·W + g·s·x̃·A·B."""
         a, b = self._factors(dtype)
-        base_y = dense(x_NxI, self.base, dtype, self.n_in)
         dropped = self._dropped(x_NxI)
+        if self.magnitude is None and dropped is x_NxI:
+            return _lora_dense(x_NxI.astype(dtype), self.base, a, b, self.scale, dtype, self.n_in)
+        base_y = dense(x_NxI, self.base, dtype, self.n_in)
         low = (dropped.astype(dtype) @ a) @ b * jnp.asarray(self.scale, dtype)
         if self.magnitude is None:
             return base_y + low
@@ -85,6 +94,44 @@ class LoraWeight(ReadWhole):
         if self.magnitude is None:
             return lora.lora_weight(w, delta, self.scale).astype(dtype)
         return lora.dora_weight(w, delta, self.magnitude, self.scale, self.n_layers, self.n_in).astype(dtype)
+
+
+# The input gradient uses the adapted weight when N ≥ this × d_out: forming W + s·A·B writes and reads ≈ 3·d_in·d_out
+# values, the activation-space form's extra product and sum ≈ 4·N·d_in.
+MERGED_INPUT_GRADIENT_MIN_ROWS_PER_OUTPUT = 0.75
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _lora_dense(x_NxI, base, a_IxR, b_RxO, scale, dtype, n_in):
+    """x·W + s·(x·A)·B for x, A, B in the compute dtype; the backward pass is `_lora_dense_bwd`."""
+    return _lora_dense_fwd(x_NxI, base, a_IxR, b_RxO, scale, dtype, n_in)[0]
+
+
+def _lora_dense_fwd(x_NxI, base, a_IxR, b_RxO, scale, dtype, n_in):
+    xa_NxR = x_NxI @ a_IxR
+    y_NxO = dense(x_NxI, base, dtype, n_in) + (xa_NxR @ b_RxO) * jnp.asarray(scale, dtype)
+    return y_NxO, (x_NxI, base, a_IxR, b_RxO, xa_NxR)
+
+
+def _lora_dense_bwd(scale, dtype, n_in, residuals, dy_NxO):
+    x_NxI, base, a_IxR, b_RxO, xa_NxR = residuals
+    dy_NxO = dy_NxO.astype(dtype)
+    s = jnp.asarray(scale, dtype)
+    g_NxR = (dy_NxO @ b_RxO.T) * s
+    if x_NxI.shape[0] >= MERGED_INPUT_GRADIENT_MIN_ROWS_PER_OUTPUT * b_RxO.shape[1]:
+        w_IxO = materialize(base, dtype).reshape(a_IxR.shape[0], -1)
+        adapted_IxO = w_IxO + s * jnp.matmul(a_IxR, b_RxO, precision=jax.lax.Precision.HIGHEST)
+        dx_NxI = dy_NxO @ adapted_IxO.T
+    else:
+        dx_NxI = jax.vjp(lambda x: dense(x, base, dtype, n_in), x_NxI)[1](dy_NxO)[0] + g_NxR @ a_IxR.T
+    # W is frozen by construction (TrainableModel differentiates only the trained part): its cotangent is a zero
+    # that nothing reads, never computed (integer codes take float0).
+    no_grad = jax.tree.map(lambda w: jnp.zeros(w.shape, jax.dtypes.float0) if not jnp.issubdtype(w.dtype, jnp.inexact)
+                           else jnp.zeros_like(w), base)
+    return dx_NxI, no_grad, x_NxI.T @ g_NxR, xa_NxR.T @ (dy_NxO * s)
+
+
+_lora_dense.defvjp(_lora_dense_fwd, _lora_dense_bwd)
 
 
 def attach_lora(params: Any, lora_params: Any, config: lora.LoraConfig, rng: jax.Array | None = None) -> Any:

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -289,3 +290,54 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_each_query_and_key_head()
     sharper = {**params, "layers": {**params["layers"], "attn": {
         **attn, "q_norm": {"scale": attn["q_norm"]["scale"] * 3.0}}}}
     assert np.abs(np.asarray(_logits_fn(config)(sharper, tokens)) - logits).max() > 1e-3
+
+
+def _saved_residual_shapes(fn, *args, capsys) -> list[str]:
+    """The shapes (as JAX prints them, e.g. 'f32[8,16]') of the residuals autodiff keeps for fn's backward pass."""
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    return [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("act", [jax.nn.silu, functools.partial(jax.nn.gelu, approximate=True)], ids=["silu", "gelu"])
+def test_the_gated_activation_has_autodiffs_gradient_and_keeps_only_gate_and_up(act, capsys):
+    """act(gate) ⊙ up through `llama.gated`: the gradients of autodiff through the plain expression, while the
+    backward pass keeps two [N, F] residuals (gate, up) where autodiff keeps more."""
+    from flaxalign.models.llama import gated
+    gate, up, weight = jax.random.normal(jax.random.key(0), (3, 24, 40))
+
+    def loss(g, u, fn):
+        return jnp.sum(weight * jnp.tanh(fn(g, u)))
+
+    ours = jax.grad(loss, argnums=(0, 1))(gate, up, lambda g, u: gated(act, g, u))
+    plain = jax.grad(loss, argnums=(0, 1))(gate, up, lambda g, u: act(g) * u)
+    for got, want in zip(ours, plain, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    kept = _saved_residual_shapes(lambda g, u: jnp.sum(gated(act, g, u) ** 2), gate, up, capsys=capsys)
+    plain_kept = _saved_residual_shapes(lambda g, u: jnp.sum((act(g) * u) ** 2), gate, up, capsys=capsys)
+    assert kept.count("f32[24,40]") == 3, kept  # gate, up, and the product the square needs
+    assert plain_kept.count("f32[24,40]") > 3, plain_kept
+
+
+def test_a_tied_head_multiplies_the_embedding_without_keeping_its_transpose(capsys):
+    """LMHead(E, transposed=True) gives LMHead(Eᵀ)'s logits (2-D and 3-D hidden states, soft cap, temperature) and
+    gradients, and its backward pass keeps no [D, V] copy of the embedding."""
+    from flaxalign.models.lm_head import LMHead
+    embed_VxD = jax.random.normal(jax.random.key(1), (50, 16))
+    hidden = jax.random.normal(jax.random.key(2), (2, 6, 16))
+    for softcap, temperature in ((0.0, 1.0), (3.0, 0.7)):
+        tied = LMHead(embed_VxD, softcap=softcap, transposed=True).at_temperature(temperature)
+        plain = LMHead(embed_VxD.T, softcap=softcap).at_temperature(temperature)
+        np.testing.assert_allclose(tied.logits(hidden), plain.logits(hidden), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(tied.logits(hidden[0]), plain.logits(hidden[0]), rtol=1e-6, atol=1e-6)
+
+    def loss(e, h, transposed):
+        head = LMHead(e, transposed=True) if transposed else LMHead(e.T)
+        return jnp.sum(jax.nn.log_softmax(head.logits(h)) ** 2)
+
+    for got, want in zip(jax.grad(loss, argnums=(0, 1))(embed_VxD, hidden[0], True),
+                         jax.grad(loss, argnums=(0, 1))(embed_VxD, hidden[0], False), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    wrt_hidden = _saved_residual_shapes(lambda h: loss(embed_VxD, h, True), hidden[0], capsys=capsys)
+    assert "f32[16,50]" not in wrt_hidden, wrt_hidden
+    assert "f32[16,50]" in _saved_residual_shapes(lambda h: loss(embed_VxD, h, False), hidden[0], capsys=capsys)

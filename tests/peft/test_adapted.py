@@ -2,6 +2,7 @@
 its backward forms no weight-sized gradient for a frozen W, and its dropout is PEFT's (per token, per input)."""
 
 import dataclasses
+import math
 
 import jax
 import jax.extend
@@ -41,11 +42,18 @@ def _both_paths(policy, frozen, trained, batch):
     return activation, merged
 
 
-@pytest.mark.parametrize("variant", ["lora", "rslora", "dora"])
+# Values of MERGED_INPUT_GRADIENT_MIN_ROWS_PER_OUTPUT: which input gradient LoRA's backward pass uses.
+NEVER, ALWAYS = float("inf"), 0.0
+
+
 @pytest.mark.parametrize("quantized", [None, "nf4"])
-def test_activation_space_equals_merged_in_loss_and_gradients(variant, quantized):
+@pytest.mark.parametrize(("variant", "merged_input_gradient"), [
+    ("lora", NEVER), ("lora", ALWAYS), ("rslora", ALWAYS), ("dora", NEVER)])  # DoRA has no merged input gradient
+def test_activation_space_equals_merged_in_loss_and_gradients(variant, quantized, merged_input_gradient,
+                                                              monkeypatch):
     """f32: the same token-mean loss and the same A, B (and DoRA m) gradients to ≤ 1e-5 relative, including an
-    adapted LM head (merged form) and a quantized base."""
+    adapted LM head (merged form) and a quantized base, with either input gradient of LoRA's own backward pass."""
+    monkeypatch.setattr(adapted, "MERGED_INPUT_GRADIENT_MIN_ROWS_PER_OUTPUT", merged_input_gradient)
     config = lora.LoraConfig(rank=4, alpha=8, variant=variant, targets=["q", "k", "v", "o", "gate", "up", "down",
                                                                           "lm_head"])
     quant_config = quant.QuantConfig(quantized) if quantized else None
@@ -62,37 +70,49 @@ def test_activation_space_equals_merged_in_loss_and_gradients(variant, quantized
                                    err_msg=jax.tree_util.keystr(path))
 
 
-def _dot_output_shapes(fn, *args) -> list[tuple[int, ...]]:
-    """The output shapes of every dot_general in the jaxpr of `fn(*args)`, inner jaxprs (scan, remat) included."""
-    shapes = []
+def _dots(fn, *args) -> list[tuple[tuple[int, ...], int]]:
+    """(output shape, contracted size) of every dot_general in the jaxpr of `fn(*args)`, inner jaxprs (scan, remat,
+    custom VJP rules) included."""
+    dots = []
 
     def walk(jaxpr):
-        shapes.extend(tuple(eqn.outvars[0].aval.shape) for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general")
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+                contracted = math.prod(eqn.invars[0].aval.shape[i] for i in lhs_contracting)
+                dots.append((tuple(eqn.outvars[0].aval.shape), contracted))
         for sub in jax.extend.core.subjaxprs(jaxpr):
             walk(sub)
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return shapes
+    return dots
 
 
-def test_the_backward_pass_forms_no_weight_sized_gradient():
-    """LoRA on every linear weight of the layers: no dot_general of the training step (forward + backward) has the
-    shape of a frozen weight ([d_in, d_out] per layer), while the merged path forms one per weight — the full-size
-    gradient activation-space LoRA exists to skip."""
-    config = lora.LoraConfig(rank=4, alpha=8)
-    policy = TrainableModel(TINY, config)
+@pytest.mark.parametrize("merged_input_gradient", [NEVER, ALWAYS], ids=["dy·Wᵀ+dy·Bᵀ·Aᵀ", "dy·(W+sAB)ᵀ"])
+def test_the_backward_pass_forms_no_weight_sized_gradient(merged_input_gradient, monkeypatch):
+    """LoRA on every linear weight of the layers: no dot_general of the training step (forward + backward) is a
+    frozen weight's gradient — [d_in, d_out] contracted over the token rows — while the merged path forms one per
+    weight. With the merged input gradient the only weight-shaped products are the adapted weights A·B, contracted
+    over the rank."""
+    monkeypatch.setattr(adapted, "MERGED_INPUT_GRADIENT_MIN_ROWS_PER_OUTPUT", merged_input_gradient)
+    rank = 4
+    policy = TrainableModel(TINY, lora.LoraConfig(rank=rank, alpha=8))
     frozen = helpers.random_params(TINY)
     trained = _trained(policy, frozen)
     batch = helpers.packed_batch(2, 16)
+    rows = batch["inputs"].size
     d, f = TINY.d_model, TINY.d_ff
     weight_shapes = {(d, f), (f, d), (d, TINY.n_heads * TINY.head_dim), (TINY.n_heads * TINY.head_dim, d),
                      (d, TINY.n_kv_heads * TINY.head_dim)}
-    assert batch["inputs"].size not in {d, f}  # token rows ([N, ·] outputs) cannot be mistaken for weight rows
-    activation = _dot_output_shapes(jax.grad(lambda t: _loss(policy.model(t, frozen), batch)), trained)
-    merged = _dot_output_shapes(
-        jax.grad(lambda t: _loss(models.merge(policy.graphdef, policy.merged(t, frozen)), batch)), trained)
-    assert not [s for s in activation if s in weight_shapes], activation
-    assert len(weight_shapes & set(merged)) >= 3, merged  # the merged path's dW' = xᵀ·dy: the check can fail
+    assert rows not in {d, f, rank}  # token rows cannot be mistaken for weight rows or the rank
+    activation = _dots(jax.grad(lambda t: _loss(policy.model(t, frozen), batch)), trained)
+    merged = _dots(jax.grad(lambda t: _loss(models.merge(policy.graphdef, policy.merged(t, frozen)), batch)),
+                   trained)
+    weight_shaped = [(shape, k) for shape, k in activation if shape in weight_shapes]
+    assert not [k for _, k in weight_shaped if k != rank], weight_shaped
+    assert len(weight_shaped) == (7 if merged_input_gradient == ALWAYS else 0), weight_shaped
+    gradients = {shape for shape, k in merged if shape in weight_shapes and k == rows}
+    assert len(gradients) >= 3, merged  # the merged path's dW' = xᵀ·dy: the check can fail
 
 
 def test_dropout_masks_each_token_and_input_and_is_off_without_an_rng():
