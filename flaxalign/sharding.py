@@ -162,6 +162,17 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def row_shards() -> int:
+    """How many ways the active mesh (`jax.set_mesh`) splits activation rows ("act_batch"): a device's share of a
+    step's token rows is N / row_shards(). 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    shape = mesh_shape_of(mesh)
+    axes = [a for group in RULES["act_batch"] for a in ((group,) if isinstance(group, str) else group)]
+    return math.prod(shape.get(a, 1) for a in axes)
+
+
 def constrain_rows(tree, strict: bool = True):
     """Each `[batch, ...]` array of `tree` sharded by rows over data×fsdp (`constrain`). Not `strict`: an array whose
     rows do not divide data×fsdp is left as it is instead of refused."""

@@ -46,6 +46,13 @@ def test_batch_is_strict_and_uses_data_and_fsdp():
         sharding.logical_to_spec(("act_batch",), (6,), MESH_2x2x2, name="global batch size")
 
 
+def test_row_shards_count_the_data_and_fsdp_axes_of_the_active_mesh():
+    assert sharding.row_shards() == 1  # no mesh
+    for sizes, shards in (((2, 2, 2), 4), ((1, 1, 8), 1), ((8, 1, 1), 8), ((1, 4, 2), 4)):
+        with jax.set_mesh(sharding.make_mesh(*sizes)):
+            assert sharding.row_shards() == shards, sizes
+
+
 def test_every_tiny_parameter_is_placed_on_every_test_mesh():
     graphdef, abstract, logical = models.abstract_model(helpers.tiny_model_config())
     for shape in [(8, 1, 1), (2, 2, 2), (2, 1, 4), (1, 8, 1)]:

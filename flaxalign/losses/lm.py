@@ -1,7 +1,7 @@
 """Language-modelling losses, computed in chunks over the sequence so `[B, T, V]` float32 logits never exist.
 
-Logits come from an LM head (`models.lm_head.LMHead`: the `[D, V]` matrix, the family's final soft cap, a sampling
-temperature; `model.output_head()`), or a raw `[D, V]` matrix taken as an uncapped head.
+Logits come from an LM head (`models.lm_head.LMHead`: the `[D, V]` matrix or a tied `[V, D]` embedding, the family's
+final soft cap, a sampling temperature; `model.output_head()`), or a raw `[D, V]` matrix taken as an uncapped head.
 
 Every loss returns `(sum, count)` rather than a mean: the caller divides by the global token count once, so that
 gradient accumulation and data-parallel sharding give exactly the update of one big batch.
@@ -32,7 +32,7 @@ def _over_chunks(per_chunk, chunk_size: int, *arrays_BxTx):
 
 
 def _logits(hidden_BxLxD, head: LMHead | jax.Array):
-    # a 2-D [B·L, D] × [D, V] matmul: XLA CPU's gradients of 3-D einsums are markedly slower
+    # a 2-D [B·L, D] × head matmul: XLA CPU's gradients of 3-D einsums are markedly slower
     return as_head(head).logits(hidden_BxLxD.reshape(-1, hidden_BxLxD.shape[-1]))
 
 

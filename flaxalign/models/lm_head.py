@@ -1,7 +1,8 @@
 """The LM-head object: what turns final hidden states into next-token logits, for every consumer (losses, sampler,
 on-policy log-probs, evaluation).
 
-`CausalLM.output_head()` gives an `LMHead`: the `[D, V]` matrix in the compute dtype plus static numerics — the
+`CausalLM.output_head()` gives an `LMHead`: the `[D, V]` matrix (a tied head: the `[V, D]` embedding, multiplied
+transposed) in the compute dtype plus static numerics — the
 final logit soft cap (Gemma 2: logits ← c·tanh(logits / c)) and a sampling temperature. `logits(hidden)` applies
 them in float32, in the order transformers does: the cap is part of the model, the sampler divides by T afterwards.
 Consumers never multiply by the raw matrix themselves, so a family's head numerics live here only; the losses call
@@ -44,8 +45,8 @@ class LMHead:
         return scores
 
     def at_temperature(self, temperature: float) -> "LMHead":
-        """The head of softmax(logits / T). Without a soft cap, 1/T is folded into the matrix (one `[D, V]` scale
-        in the compute dtype instead of one per logits chunk: the numbers flaxalign computed before this object
+        """The head of softmax(logits / T). Without a soft cap, 1/T is folded into the matrix (one scale of the
+        matrix in the compute dtype instead of one per logits chunk: the numbers flaxalign computed before this object
         existed); with one, logits are divided after the cap, as transformers' sampler does."""
         if self.softcap:
             return dataclasses.replace(self, temperature=self.temperature * temperature)

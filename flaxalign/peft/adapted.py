@@ -12,11 +12,12 @@ Both are pytrees whose array leaves keep the stacked layer axis, so the layer sc
 `jax.grad` reaches A, B and the DoRA magnitude through them. The frozen W only ever meets the activations: its
 backward is the [N, d_in] input gradient, never a [d_in, d_out] weight gradient.
 
-Plain LoRA (no dropout, no DoRA) has its own backward pass (`_lora_dense`): where the token rows outnumber the
-output features, the input gradient is one product dy·(W + s·A·B)ᵀ with the adapted weight formed per layer
-(a rank-r product, cheap next to the [N, d_in] passes the activation-space form dy·Wᵀ + s·(dy·Bᵀ)·Aᵀ adds), and
-A, B get xᵀ·(s·dy·Bᵀ) and (x·A)ᵀ·(s·dy). The forward stays x·W + s·(x·A)·B, which keeps the adapter's increment
-exact in bfloat16 where W + s·A·B rounded would not.
+Plain LoRA (no dropout, no DoRA, a frozen W) has its own backward pass (`_lora_dense`): where a device's token
+rows are at least 0.75× the output features, the input gradient is one product dy·(W + s·A·B)ᵀ with the adapted
+weight formed per layer (a rank-r product, cheap next to the [N, d_in] passes the activation-space form
+dy·Wᵀ + s·(dy·Bᵀ)·Aᵀ adds; in bfloat16 the adapter's share of dx is then as precise as one rounding of W, the size of
+rounding dx itself), and A, B get xᵀ·(s·dy·Bᵀ) and (x·A)ᵀ·(s·dy). The forward stays x·W + s·(x·A)·B, which keeps
+the adapter's increment exact in bfloat16 where W + s·A·B rounded would not.
 """
 
 import functools
@@ -27,6 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from flaxalign import sharding
 from flaxalign.models.linear import ReadWhole, dense, materialize
 from flaxalign.peft import lora
 from flaxalign.peft.quant import QuantizedWeight
@@ -44,6 +46,7 @@ class LoraWeight(ReadWhole):
     scale: float = flax.struct.field(pytree_node=False, default=1.0)
     dropout: float = flax.struct.field(pytree_node=False, default=0.0)
     n_in: int = flax.struct.field(pytree_node=False, default=1)
+    base_trained: bool = flax.struct.field(pytree_node=False, default=False)  # in lora.modules_to_save
 
     @property
     def n_layers(self) -> int:
@@ -69,7 +72,7 @@ class LoraWeight(ReadWhole):
         x·W + (g − 1)·x̃·W + g·s·x̃·A·B."""
         a, b = self._factors(dtype)
         dropped = self._dropped(x_NxI)
-        if self.magnitude is None and dropped is x_NxI:
+        if self.magnitude is None and dropped is x_NxI and not self.base_trained:
             return _lora_dense(x_NxI.astype(dtype), self.base, a, b, self.scale, dtype, self.n_in)
         base_y = dense(x_NxI, self.base, dtype, self.n_in)
         low = (dropped.astype(dtype) @ a) @ b * jnp.asarray(self.scale, dtype)
@@ -96,8 +99,9 @@ class LoraWeight(ReadWhole):
         return lora.dora_weight(w, delta, self.magnitude, self.scale, self.n_layers, self.n_in).astype(dtype)
 
 
-# The input gradient uses the adapted weight when N ≥ this × d_out: forming W + s·A·B writes and reads ≈ 3·d_in·d_out
-# values, the activation-space form's extra product and sum ≈ 4·N·d_in.
+# The input gradient uses the adapted weight when a device's rows N ≥ this × d_out: forming W + s·A·B writes and reads
+# ≈ 3·d_in·d_out values (the whole weight on each device under FSDP), the activation-space form's extra product and
+# sum ≈ 4·N·d_in.
 MERGED_INPUT_GRADIENT_MIN_ROWS_PER_OUTPUT = 0.75
 
 
@@ -118,13 +122,13 @@ def _lora_dense_bwd(scale, dtype, n_in, residuals, dy_NxO):
     dy_NxO = dy_NxO.astype(dtype)
     s = jnp.asarray(scale, dtype)
     g_NxR = (dy_NxO @ b_RxO.T) * s
-    if x_NxI.shape[0] >= MERGED_INPUT_GRADIENT_MIN_ROWS_PER_OUTPUT * b_RxO.shape[1]:
+    if x_NxI.shape[0] / sharding.row_shards() >= MERGED_INPUT_GRADIENT_MIN_ROWS_PER_OUTPUT * b_RxO.shape[1]:
         w_IxO = materialize(base, dtype).reshape(a_IxR.shape[0], -1)
         adapted_IxO = w_IxO + s * jnp.matmul(a_IxR, b_RxO, precision=jax.lax.Precision.HIGHEST)
         dx_NxI = dy_NxO @ adapted_IxO.T
     else:
         dx_NxI = jax.vjp(lambda x: dense(x, base, dtype, n_in), x_NxI)[1](dy_NxO)[0] + g_NxR @ a_IxR.T
-    # W is frozen by construction (TrainableModel differentiates only the trained part): its cotangent is a zero
+    # W is frozen here (a weight in lora.modules_to_save, trained, takes autodiff's path): its cotangent is a zero
     # that nothing reads, never computed (integer codes take float0).
     no_grad = jax.tree.map(lambda w: jnp.zeros(w.shape, jax.dtypes.float0) if not jnp.issubdtype(w.dtype, jnp.inexact)
                            else jnp.zeros_like(w), base)
@@ -141,6 +145,7 @@ def attach_lora(params: Any, lora_params: Any, config: lora.LoraConfig, rng: jax
     adapters = lora.weights_with_adapters(params, lora_params)
     if not adapters:
         return params
+    trained = set(lora.modules_to_save_paths(params, config))
     updated = {}
     for path, (w, adapter) in adapters.items():
         lora.check_dora(path, adapter, config)
@@ -154,7 +159,8 @@ def attach_lora(params: Any, lora_params: Any, config: lora.LoraConfig, rng: jax
                 key = jax.random.split(key, a.shape[:n_layers])  # one key per stacked layer (raw or typed keys)
         updated[path] = LoraWeight(
             base=w, a=a, b=b, magnitude=adapter.get("magnitude"), dropout_key=key, dropout=config.dropout,
-            scale=lora.lora_scale(lora.alpha_for(path, config), a.shape[-1], config.variant), n_in=n_in)
+            scale=lora.lora_scale(lora.alpha_for(path, config), a.shape[-1], config.variant), n_in=n_in,
+            base_trained=path in trained)
     return lora.replace_at_paths(params, updated)
 
 

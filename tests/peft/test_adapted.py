@@ -70,6 +70,22 @@ def test_activation_space_equals_merged_in_loss_and_gradients(variant, quantized
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_a_module_to_save_that_lora_also_targets_trains_through_its_base(monkeypatch):
+    """`modules_to_save=["o"]` with LoRA on every linear weight: o's base is trained (it is in the trained part), so
+    it takes autodiff's path and gets the merged path's gradient; the other targets take LoRA's own backward."""
+    monkeypatch.setattr(adapted, "MERGED_INPUT_GRADIENT_MIN_ROWS_PER_OUTPUT", ALWAYS)
+    policy = TrainableModel(UNTIED, lora.LoraConfig(rank=4, alpha=8, modules_to_save=["o"]))
+    frozen = helpers.random_params(UNTIED)
+    trained = _trained(policy, frozen)
+    (loss_a, grads_a), (loss_m, grads_m) = _both_paths(policy, frozen, trained, helpers.packed_batch(4, 32))
+    assert abs(float(loss_a) - float(loss_m)) <= 1e-5 * abs(float(loss_m))
+    saved = grads_a["saved"]["layers"]["attn"]["o"]
+    assert float(jnp.max(jnp.abs(saved))) > 0
+    for (path, got), want in zip(jax.tree.flatten_with_path(grads_a)[0], jax.tree.leaves(grads_m), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5 * float(np.max(np.abs(want))),
+                                   rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
 def _dots(fn, *args) -> list[tuple[tuple[int, ...], int]]:
     """(output shape, contracted size) of every dot_general in the jaxpr of `fn(*args)`, inner jaxprs (scan, remat,
     custom VJP rules) included."""
