@@ -124,7 +124,7 @@ def _lora_dense_bwd(scale, dtype, n_in, residuals, dy_NxO):
     g_NxR = (dy_NxO @ b_RxO.T) * s
     if x_NxI.shape[0] / sharding.row_shards() >= MERGED_INPUT_GRADIENT_MIN_ROWS_PER_OUTPUT * b_RxO.shape[1]:
         w_IxO = materialize(base, dtype).reshape(a_IxR.shape[0], -1)
-        adapted_IxO = w_IxO + s * jnp.matmul(a_IxR, b_RxO, precision=jax.lax.Precision.HIGHEST)
+        adapted_IxO = w_IxO + (scale * lora.low_rank_delta(a_IxR, b_RxO, 0)).astype(dtype)
         dx_NxI = dy_NxO @ adapted_IxO.T
     else:
         dx_NxI = jax.vjp(lambda x: dense(x, base, dtype, n_in), x_NxI)[1](dy_NxO)[0] + g_NxR @ a_IxR.T
