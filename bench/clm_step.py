@@ -42,7 +42,7 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attention", default="auto")
-    p.add_argument("--remat", default="none")
+    p.add_argument("--remat", default=models.ModelConfig.remat, help="model.remat (default: the model default)")
     p.add_argument("--loss_chunk", type=int, default=256)
     p.add_argument("--no_torch", action="store_true")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile reference")

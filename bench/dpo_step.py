@@ -104,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--loss_chunk", type=int, default=256)
     p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
-    p.add_argument("--remat", default="none")
+    p.add_argument("--remat", default=models.ModelConfig.remat, help="model.remat (default: the model default)")
     p.add_argument("--no_trl", action="store_true",
                    help="time flaxalign only (imports no torch itself; the training loop's TensorBoard writer, "
                         "tensorboardX, imports it where installed)")

@@ -72,7 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--presets", default="small,smollm2_135m", help="comma-separated model presets")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
-    p.add_argument("--remat", default="none", help="model.remat for every method: none (the presets') or full")
+    p.add_argument("--remat", default=models.ModelConfig.remat,
+                   help="model.remat for every method (default: the model default, minimal; none, full, ...)")
     p.add_argument("--steps", type=int, default=3,
                    help="timed rounds after the compile, one step of each method per round (the best is reported)")
     p.add_argument("--batch", type=int, default=0, help="override the preset's batch size")
@@ -222,7 +223,7 @@ def print_report(rows, ratio_table):
     device = jax.devices()[0]
     dtype = rows[0]["dtype"] if rows else "float32"
     print(f"SFT train step memory, {device.platform} ({device.device_kind}), compute {dtype}, remat "
-          f"{rows[0]['remat'] if rows else 'none'}, AdamW; MiB = 2^20 bytes")
+          f"{rows[0]['remat'] if rows else models.ModelConfig.remat}, AdamW; MiB = 2^20 bytes")
     head = (f"{'preset':<13}{'method':<11}{'batch×seq':>10}{'trainable':>12}{'train MiB':>11}{'optim MiB':>11}"
             f"{'frozen MiB':>11}{'args MiB':>10}{'out MiB':>10}{'alias MiB':>10}{'temp MiB':>10}{'code MiB':>9}"
             f"{'peak≈ MiB':>11}{'XLA peak':>10}{'compile s':>10}{'step ms':>10}")

@@ -28,7 +28,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.init_from = p.get("init_from", "")
     # the teacher (checkpoint:DIR, hf:DIR or gguf:FILE), frozen; same vocabulary and tokenizer as the student
     c.teacher_from = ""
-    c.model = config_blocks.model(arg, remat=p.get("remat", "none"), n_layers=p["n_layers"])
+    c.model = config_blocks.model(arg, remat=p.get("remat", "minimal"), n_layers=p["n_layers"])
 
     # prompts (prompt records); batch_size prompts per step
     c.data = config_blocks.prompt_data("builtin:arithmetic_prompts?max=9", max_prompt_len=p["max_prompt_len"],

@@ -47,7 +47,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.steps = p["steps"]
     # checkpoint:DIR of an SFT run, hf:DIR or gguf:FILE: the starting policy (and reference) and its tokenizer
     c.init_from = p.get("init_from", "")
-    c.model = config_blocks.model(p.get("model", arg), remat=p.get("remat", "none"))
+    c.model = config_blocks.model(p.get("model", arg), remat=p.get("remat", "minimal"))
 
     # sigmoid (DPO; label_smoothing > 0 = cDPO) robust hinge ipo sigmoid_norm exo_pair nca_pair bco_pair sppo_hard
     # aot aot_unpaired apo_zero apo_down discopop | orpo simpo cpo (no reference) | kto (unpaired data). The DPO

@@ -10,8 +10,8 @@ Every part is off when its field is empty ("" or 0); see flaxalign/eval/evaluati
 TensorBoard scalars) in `--workdir`, default `<checkpoint dir>/eval/`.
 
 `tiny`: the policy answers 32 single-digit arithmetic questions (drawn with seed 1; the demo's DPO data use seed 0),
-which give exact match, diversity and — with `reference` / `reward_from` set — KL, reward and win rate; perplexity on the
-first 4096 tokens of the built-in stdlib corpus (the demo's CLM training text, so a train-set perplexity); and
+which give exact match, diversity and — with `reference` / `reward_from` set — KL, reward and win rate; perplexity on
+the first 4096 tokens of the built-in stdlib corpus (the demo's CLM training text, so a train-set perplexity); and
 multiple choice on 32 arithmetic questions with "The answer is N." among near misses, in the demo's prompt format
 (the question as is, the answer right after). There is no built-in refusal set: point `refusal_prompts` at prompt
 records (JSONL) to measure refusals.
@@ -80,5 +80,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.mc_choice_prefix = p["mc_choice_prefix"]  # put before each choice (lm-eval-harness: " ")
 
     c.refusal_prompts = ""  # prompt records whose responses are checked for refusals; "" = off
-    c.loss_chunk = 256  # positions per logits chunk in scoring and KL
+    c.loss_chunk = 256  # token rows (of a device) per logits chunk in scoring and KL
     return c

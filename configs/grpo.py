@@ -38,7 +38,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.seed = 0
     c.steps = p["steps"]  # iterations: one rollout of data.batch_size prompts × group_size samples each
     c.init_from = ""  # checkpoint:DIR of an SFT run: the starting policy (and reference) and its tokenizer
-    c.model = config_blocks.model(arg, remat=p.get("remat", "none"))
+    c.model = config_blocks.model(arg, remat=p.get("remat", "minimal"))
 
     # reward functions, comma-separated: built-ins (exact_answer, answer_format, answer_closeness) or
     # "package.module:function", called as fn(prompts, completions, answer=[...]) -> floats; summed with

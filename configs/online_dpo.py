@@ -29,7 +29,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.steps = p["steps"]  # iterations: two samples of each of data.batch_size prompts, one update
     # checkpoint:DIR of an SFT run, hf:DIR or gguf:FILE: the starting policy (and reference) and its tokenizer
     c.init_from = p.get("init_from", "")
-    c.model = config_blocks.model(arg, remat=p.get("remat", "none"))
+    c.model = config_blocks.model(arg, remat=p.get("remat", "minimal"))
 
     # reward functions, comma-separated: built-ins (exact_answer, answer_format, answer_closeness) or
     # "package.module:function", called as fn(prompts, completions, answer=[...]) -> floats; summed with

@@ -43,7 +43,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # checkpoint:DIR of a CLM/SFT run, hf:DIR or gguf:FILE: the model, weights and tokenizer; "" = random init
     c.init_from = p.get("init_from", "")
     # used only without init_from; compute settings (dtype, remat, …) always apply
-    c.model = config_blocks.model(p.get("model", arg), remat=p.get("remat", "none"))
+    c.model = config_blocks.model(p.get("model", arg), remat=p.get("remat", "minimal"))
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "builtin:sft"  # sft records: prompt+completion or messages (JSONL, tfds:NAME, builtin:sft)

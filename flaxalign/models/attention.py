@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxalign import sharding
+from flaxalign.models import remat
 from flaxalign.models.config import LEGACY_ATTENTION as LEGACY
 
 MASKED = -1e30  # a finite "minus infinity": a row with no visible key stays finite (its output is unused)
@@ -106,13 +107,17 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking: Masking, *, impl: str = "au
         impl = "blockwise"
     for recorder in _RECORDERS:
         recorder.add(impl)
+    if impl == "blockwise":  # keeps its own residuals (`remat`)
+        return blockwise(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap, block=block)
+    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = (remat.keep(name, x) for name, x in
+                                       zip(("attn_q", "attn_k", "attn_v"), (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)))
     if impl == "splash":
-        return splash.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap, windows=windows)
-    if impl == "cudnn":
-        return _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking)
-    if impl == "xla":
-        return dense(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap)
-    return blockwise(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap, block=block)
+        out = splash.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap, windows=windows)
+    elif impl == "cudnn":
+        out = _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking)
+    else:
+        out = dense(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap)
+    return remat.keep("attn_out", out)
 
 
 # --- dense: the reference ----------------------------------------------------------------------------------------
@@ -221,6 +226,7 @@ def blockwise(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking: Masking, *, softcap: flo
     k = _pad(_heads_first(k_BxSxKxH, groups), 2, blocks.nk * blocks.bk)
     v = _pad(_heads_first(v_BxSxKxH, groups), 2, blocks.nk * blocks.bk)
     masking = _padded_masking(masking, blocks, t, s)
+    q, k, v = remat.keep("attn_q", q), remat.keep("attn_k", k), remat.keep("attn_v", v)
     out = _flash(q, k, v, masking, blocks, softcap)[:, :, :t]
     out = jnp.swapaxes(out, 1, 2)
     return out.astype(q_BxTxNxH.dtype)
@@ -279,6 +285,7 @@ def _flash_forward(q, k, v, masking, blocks: _Blocks, softcap: float):
 
 def _flash_fwd(q, k, v, masking, blocks, softcap):
     out, lse = _flash_forward(q, k, v, masking, blocks, softcap)
+    out, lse = remat.keep("attn_out", out), remat.keep("attn_lse", lse)
     return out, (q, k, v, masking, out, lse)
 
 

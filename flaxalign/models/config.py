@@ -42,7 +42,7 @@ class ModelConfig:
     # (quantization.base: its codes, with float32 embedding, LM head and norms).
     frozen_dtype: str = "auto"
     attention: str = "auto"  # auto | xla | blockwise | splash | cudnn (`flaxalign.models.attention`)
-    remat: str = "none"  # "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"
+    remat: str = "minimal"  # what a layer keeps for the backward pass: `models.remat` (none, minimal, full, dots_*)
     scan_layers: bool = True  # False unrolls the layer loop (longer compile; see BUILD_NOTES for when it is faster)
     # Sliding-window attention (Mistral, Qwen2, Gemma local layers): each query sees itself and the window − 1 keys
     # before it; 0 = full causal attention. Layers listed in `full_attention_layers` attend in full anyway.
@@ -243,7 +243,7 @@ ADAPTER_FIELDS = ("adapter_placement", "adapter_reduction", "adapter_activation"
 ADAPTER_SITES = {"none": (), "houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
 ADAPTER_ACTIVATIONS = ("relu", "silu", "gelu")
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = ("none", "minimal", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo: each jit compiles in seconds.

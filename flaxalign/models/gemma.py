@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxalign import errors
-from flaxalign.models import llama
+from flaxalign.models import llama, remat
 from flaxalign.models.config import ModelConfig
 from flaxalign.models.tensors import HFTensor
 
@@ -62,10 +62,10 @@ class DecoderLayer(llama.DecoderLayer):
         self.post_mlp_norm = RMSNorm(config.d_model, config.rms_eps, stack=stack)
 
     def post_attn(self, x):
-        return self.post_attn_norm(x)
+        return self.post_attn_norm(remat.keep("sublayer_out", x))
 
     def post_mlp(self, x):
-        return self.post_mlp_norm(x)
+        return self.post_mlp_norm(remat.keep("sublayer_out", x))
 
 
 class CausalLM(llama.CausalLM):

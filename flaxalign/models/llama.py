@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxalign.models import adapters
+from flaxalign.models import adapters, remat
 from flaxalign.models.attention import Masking, attend, single_query
 from flaxalign.models.config import ModelConfig
 from flaxalign.models.linear import dense, materialize
@@ -152,6 +152,7 @@ class Attention(nnx.Module):
             q, k, v = (q + self.q_bias[...].astype(dtype), k + self.k_bias[...].astype(dtype),
                        v + self.v_bias[...].astype(dtype))
         if c.qk_norm:
+            q, k = remat.keep("attn_qk_proj", q, k)
             q, k = self.q_norm(q), self.k_norm(k)
         # scores q·k / √query_pre_attn_scalar (Gemma) where `attend` divides by √head_dim: q is rotated by tables
         # scaled by √(head_dim / scalar), in float32 (RoPE is linear in cos and sin)
@@ -194,7 +195,8 @@ class MLP(nnx.Module):
         b, t, d = x_BxTxD.shape
         dtype = x_BxTxD.dtype
         x_NxD = x_BxTxD.reshape(b * t, d)
-        gate, up = dense(x_NxD, self.gate[...], dtype), dense(x_NxD, self.up[...], dtype)
+        gate = remat.keep("mlp_gate", dense(x_NxD, self.gate[...], dtype))
+        up = remat.keep("mlp_up", dense(x_NxD, self.up[...], dtype))
         hidden = constrain(gated(self.act, gate, up), ("act_batch", "act_mlp"))
         return dense(hidden, self.down[...], dtype).reshape(b, t, d)
 
@@ -246,7 +248,7 @@ class DecoderLayer(nnx.Module):
         adapter = self.adapters[self.active_adapter] if self.active_adapter else _no_adapter
         attn = self.attn(self.attn_norm(x_BxTxD), cos, sin, masking, kv_cache)
         attn, new_cache = attn if kv_cache is not None else (attn, None)
-        x = x_BxTxD + adapter("attn", self.post_attn(attn))
+        x = remat.keep("layer_mid", x_BxTxD + adapter("attn", self.post_attn(attn)))
         x = x + adapter("mlp", self.post_mlp(self.mlp(self.mlp_norm(x))))
         x = constrain(x, BATCH_LENGTH_EMBED)
         return x if kv_cache is None else (x, new_cache)
@@ -256,13 +258,6 @@ class DecoderLayer(nnx.Module):
 
     def post_mlp(self, x):
         return x
-
-
-_REMAT = {
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def _layer_windows(config: ModelConfig):
@@ -311,8 +306,7 @@ class CausalLM(nnx.Module):
             cos, sin = _layer_rope(tables, window, layer_window)
             return nnx.merge(graphdef, layer_params)(x, cos, sin, layer_masking), None
 
-        if c.remat != "none":
-            layer_step = jax.checkpoint(layer_step, policy=_REMAT[c.remat], prevent_cse=False)
+        layer_step = remat.wrap(layer_step, c.remat)
 
         if c.scan_layers:
             x, _ = jax.lax.scan(layer_step, x, (stacked, windows))

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxalign import sharding
+from flaxalign.models import remat
 from flaxalign.models.linear import ReadWhole, dense, materialize
 from flaxalign.peft import lora
 from flaxalign.peft.quant import QuantizedWeight
@@ -80,7 +81,7 @@ class LoraWeight(ReadWhole):
             return base_y + low
         g = self._norm_scale().astype(dtype)
         if dropped is x_NxI:
-            return g * (base_y + low)
+            return g * remat.keep("dora_y", base_y + low)
         return base_y + (g - 1) * dense(dropped, self.base, dtype, self.n_in) + g * low
 
     def _dropped(self, x_NxI: jax.Array) -> jax.Array:
@@ -112,7 +113,7 @@ def _lora_dense(x_NxI, base, a_IxR, b_RxO, scale, dtype, n_in):
 
 
 def _lora_dense_fwd(x_NxI, base, a_IxR, b_RxO, scale, dtype, n_in):
-    xa_NxR = x_NxI @ a_IxR
+    xa_NxR = remat.keep("lora_xa", x_NxI @ a_IxR)
     y_NxO = dense(x_NxI, base, dtype, n_in) + (xa_NxR @ b_RxO) * jnp.asarray(scale, dtype)
     return y_NxO, (x_NxI, base, a_IxR, b_RxO, xa_NxR)
 

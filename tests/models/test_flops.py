@@ -95,11 +95,22 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_flops_per_token_is_the_hand_count_and_the_traced_matmuls(variant):
-    c = helpers.tiny_model_config(**VARIANTS[variant])
+    c = helpers.tiny_model_config(**VARIANTS[variant], remat="none")
     forward, train = traced_flops_per_token(c, seq_len=32)
     assert c.flops_per_token(32) == hand_count(c, 32)
     assert train == 3 * forward  # the backward pass runs twice the forward's matmuls
     assert c.flops_per_token(32) == train  # exact: no matmul missing, none extra
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_minimal_remat_recomputes_only_the_attention_scores(variant):
+    """`remat=minimal` recomputes no weight's product: the only extra matmul is the dense attention's q·kᵀ (2·T·hd
+    per query token, head and layer), which its backward rebuilds from the kept q and k. MFU's count leaves it out."""
+    c = helpers.tiny_model_config(**VARIANTS[variant], remat="minimal")
+    forward, train = traced_flops_per_token(c, seq_len=32)
+    scores = c.n_layers * c.n_heads * 2 * 32 * c.head_dim
+    assert train == 3 * forward + scores
+    assert c.flops_per_token(32) == train - scores
 
 
 def test_tied_and_untied_embeddings_cost_the_same():
