@@ -58,7 +58,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.mesh = config_blocks.mesh()
     c.grad_accum = 1
-    c.loss_chunk = 256  # token rows (of a device) per chunk of the LM head + cross-entropy
+    c.loss_chunk = 256  # sequence positions per chunk of the LM-head + cross-entropy
 
     c.log_every = 10
     c.eval_every = 100

@@ -80,5 +80,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.mc_choice_prefix = p["mc_choice_prefix"]  # put before each choice (lm-eval-harness: " ")
 
     c.refusal_prompts = ""  # prompt records whose responses are checked for refusals; "" = off
-    c.loss_chunk = 256  # token rows (of a device) per logits chunk in scoring and KL
+    c.loss_chunk = 256  # positions per logits chunk in scoring and KL
     return c

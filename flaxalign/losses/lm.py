@@ -1,4 +1,4 @@
-"""Language-modelling losses, computed in chunks of token rows so `[B, T, V]` float32 logits never exist.
+"""Language-modelling losses, computed in chunks over the sequence so `[B, T, V]` float32 logits never exist.
 
 Logits come from an LM head (`models.lm_head.LMHead`: the `[D, V]` matrix or a tied `[V, D]` embedding, the family's
 final soft cap, a sampling temperature; `model.output_head()`), or a raw `[D, V]` matrix taken as an uncapped head.
@@ -10,18 +10,15 @@ gradient accumulation and data-parallel sharding give exactly the update of one 
 import jax
 import jax.numpy as jnp
 
-from flaxalign import sharding
 from flaxalign.models.lm_head import LMHead, as_head
 
 
 def _over_chunks(per_chunk, chunk_size: int, *arrays_BxTx):
-    """`per_chunk(*chunks_BxLx) -> [B, L]` applied to L positions at a time of `[B, T, ...]` arrays, in a
+    """`per_chunk(*chunks_BxLx) -> [B, L]` applied to `chunk_size` positions at a time of `[B, T, ...]` arrays, in a
     rematerialised scan: the forward pass holds one chunk's `[B, L, V]` logits and the backward pass recomputes them
-    chunk by chunk. L = `chunk_size` token rows over a device's share of the B rows (at least 1 position), so a chunk's
-    logits are ≈ chunk_size × V per device whatever the batch; the chunks keep every row so that they stay sharded
-    like the batch. The last chunk is zero-padded when L does not divide T; returns `[B, T]`."""
+    chunk by chunk. The last chunk is zero-padded when `chunk_size` does not divide T; returns `[B, T]`."""
     batch, length = arrays_BxTx[0].shape[:2]
-    chunk = min(max(1, chunk_size // -(-batch // sharding.row_shards())), length)
+    chunk = min(chunk_size, length)
     pad = -length % chunk
     n_chunks = (length + pad) // chunk
 

@@ -107,17 +107,17 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking: Masking, *, impl: str = "au
         impl = "blockwise"
     for recorder in _RECORDERS:
         recorder.add(impl)
-    if impl == "blockwise":  # keeps its own residuals (`remat`)
-        return blockwise(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap, block=block)
+    # `remat=minimal` keeps q, k, v as they come (k and v with their K heads, before any repeat or padding) and the
+    # output: the dense one here, flash's inside `_flash_fwd`, a kernel's through `remat.KERNEL_FORWARDS`
     q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = (remat.keep(name, x) for name, x in
                                        zip(("attn_q", "attn_k", "attn_v"), (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)))
     if impl == "splash":
-        out = splash.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap, windows=windows)
-    elif impl == "cudnn":
-        out = _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking)
-    else:
-        out = dense(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap)
-    return remat.keep("attn_out", out)
+        return splash.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap, windows=windows)
+    if impl == "cudnn":
+        return _cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking)
+    if impl == "xla":
+        return remat.keep("attn_out", dense(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap))
+    return blockwise(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap, block=block)
 
 
 # --- dense: the reference ----------------------------------------------------------------------------------------
@@ -226,7 +226,6 @@ def blockwise(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking: Masking, *, softcap: flo
     k = _pad(_heads_first(k_BxSxKxH, groups), 2, blocks.nk * blocks.bk)
     v = _pad(_heads_first(v_BxSxKxH, groups), 2, blocks.nk * blocks.bk)
     masking = _padded_masking(masking, blocks, t, s)
-    q, k, v = remat.keep("attn_q", q), remat.keep("attn_k", k), remat.keep("attn_v", v)
     out = _flash(q, k, v, masking, blocks, softcap)[:, :, :t]
     out = jnp.swapaxes(out, 1, 2)
     return out.astype(q_BxTxNxH.dtype)

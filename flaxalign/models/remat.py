@@ -3,13 +3,15 @@
     none      autodiff keeps every intermediate the backward pass reads (norm outputs, the activation's inputs and
               output, each dense layer's input in its own layout, weights reshaped, ...).
     minimal   the default: keeps what the backward pass cannot rebuild without a projection — the layer input
-              (always), the residual stream between the sub-layers, q, k, v and the attention output with its
-              log-sum-exp, the MLP's gate and up projections, LoRA's x·A (rank r), a sub-layer output that a
-              post-norm reads, and any product without batch dimensions that the backward pass reads (an adapter's
-              input) — and recomputes the elementwise rest (RMSNorm, RoPE, the gated activation and its product,
-              relayouts) in the backward pass. No weight's product is recomputed; the dense `xla` attention
-              recomputes its scores q·kᵀ from q and k, as flash attention does. (Of the splash and cuDNN kernels,
-              whose residuals carry no names, the forward kernel's outputs are kept: `KERNEL_FORWARDS`.)
+              (always), the residual stream between the sub-layers, q, k and v as the attention takes them (k and v
+              with their own K heads) and its output with the log-sum-exp, the MLP's gate and up projections,
+              LoRA's x·A (rank r), DoRA's column norms and pre-scale output, a sub-layer output that a post-norm
+              reads, q and k before a qk-norm, and any product without batch dimensions that the backward pass
+              reads (an adapter's input) — and recomputes the elementwise rest (RMSNorm, RoPE, the gated activation
+              and its product, relayouts, GQA's repeated heads) in the backward pass. No weight's product is
+              recomputed; the dense `xla` attention recomputes its scores q·kᵀ from q and k, as flash attention
+              does. (Of the splash and cuDNN kernels, whose residuals carry no names, the forward kernel's outputs
+              are kept: `KERNEL_FORWARDS`.)
     full      keeps the layer input only; the backward pass re-runs the whole layer (≈ +⅓ of the step's FLOPs).
     dots_saveable, dots_with_no_batch_dims_saveable   JAX's policies by kind of product.
 
@@ -21,10 +23,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 # Values `minimal` keeps (each `keep` site names one).
 KEPT = ("layer_mid", "attn_q", "attn_k", "attn_v", "attn_qk_proj", "attn_out", "attn_lse", "mlp_gate", "mlp_up",
-        "sublayer_out", "lora_xa", "dora_y")
-# Forward kernels of attention implementations whose residuals JAX cannot see by name (the Pallas splash kernel,
-# cuDNN's fused attention): their outputs (the attention output and its log-sum-exp) are kept whole.
-KERNEL_FORWARDS = ("pallas_call", "dot_product_attention_fwd")
+        "sublayer_out", "lora_xa", "dora_y", "dora_norm")
+# Primitives of attention kernels whose residuals carry no names (the Pallas splash kernel; the primitive JAX's cuDNN
+# attention binds in its forward rule, whose name `tests/models/test_remat.py` checks against JAX's module): their
+# outputs, the attention output and its softmax statistics, are kept whole.
+KERNEL_FORWARDS = ("pallas_call", "dot_product_attention_fwd_wrapper")
 
 
 def keep(name: str, *xs):

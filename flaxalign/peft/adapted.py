@@ -63,7 +63,9 @@ class LoraWeight(ReadWhole):
         """DoRA's m / sg(‖W + s·A·B‖) per output feature, flattened `[*L, O]` (float32)."""
         w = materialize(self.base, jnp.float32)
         delta = lora.low_rank_delta(self.a, self.b, self.n_layers)
-        norm = jax.lax.stop_gradient(lora.column_norm(w + self.scale * delta, self.n_layers, self.n_in))
+        # kept whole by `remat=minimal`: recomputing it would keep the [d_in, d_out] A·B instead
+        norm = remat.keep("dora_norm", jax.lax.stop_gradient(lora.column_norm(w + self.scale * delta, self.n_layers,
+                                                                               self.n_in)))
         ratio = self.magnitude.astype(jnp.float32) / norm
         return ratio.reshape(ratio.shape[:self.n_layers] + (-1,))
 

@@ -9,13 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxalign import losses, sharding
-from flaxalign.losses import lm
+from flaxalign import losses
 from flaxalign.models.lm_head import LMHead
 
 B, T, D, V = 2, 11, 8, 13
-# token rows per chunk over the B = 2 rows: 1 and 4 → 1 and 2 positions, 11 → 5 (the last chunk padded), 16 → 8
-CHUNKS = [1, 4, 11, 16]
+CHUNKS = [1, 4, 11, 16]  # 4 ∤ 11: the last chunk is padded; 16 > T
 
 
 def _inputs(seed=0):
@@ -143,20 +141,3 @@ def test_an_uncapped_head_computes_what_the_raw_matrix_did_bit_for_bit():
                                   losses.chunked_token_logps(h, before, targets, chunk_size=4))
     np.testing.assert_array_equal(LMHead(w).logits(h), jnp.einsum("btd,dv->btv", h, w,
                                                                   preferred_element_type=jnp.float32))
-
-
-def test_a_chunk_holds_chunk_size_token_rows_of_a_devices_share():
-    """The positions per chunk are chunk_size over the rows a device holds (at least one), so a chunk's logits stay
-    ≈ chunk_size × V per device whatever the batch; every row stays in each chunk (sharded like the batch)."""
-    seen = []
-
-    def per_chunk(x_BxLxD):
-        seen.append(x_BxLxD.shape)
-        return x_BxLxD[..., 0]
-
-    x = jnp.arange(8 * 64 * 3, dtype=jnp.float32).reshape(8, 64, 3)
-    np.testing.assert_array_equal(lm._over_chunks(per_chunk, 16, x), x[..., 0])
-    lm._over_chunks(per_chunk, 4, x)
-    with jax.set_mesh(sharding.make_mesh(2, 2, 2)):  # rows split 4 ways: 2 per device
-        lm._over_chunks(per_chunk, 16, x)
-    assert seen == [(8, 2, 3), (8, 1, 3), (8, 8, 3)]
