@@ -109,8 +109,8 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking: Masking, *, impl: str = "au
         recorder.add(impl)
     # `remat=minimal` keeps q, k, v as they come (k and v with their K heads, before any repeat or padding) and the
     # output: the dense one here, flash's inside `_flash_fwd`, a kernel's through `remat.KERNEL_FORWARDS`
-    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = (remat.keep(name, x) for name, x in
-                                       zip(("attn_q", "attn_k", "attn_v"), (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)))
+    q_BxTxNxH = remat.keep("attn_q", q_BxTxNxH)
+    k_BxSxKxH, v_BxSxKxH = remat.keep("attn_k", k_BxSxKxH), remat.keep("attn_v", v_BxSxKxH)
     if impl == "splash":
         return splash.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, masking, softcap=softcap, windows=windows)
     if impl == "cudnn":

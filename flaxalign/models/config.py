@@ -243,6 +243,7 @@ ADAPTER_FIELDS = ("adapter_placement", "adapter_reduction", "adapter_activation"
 ADAPTER_SITES = {"none": (), "houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
 ADAPTER_ACTIVATIONS = ("relu", "silu", "gelu")
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# `models.remat.POLICIES` plus "none", spelled here so that reading a config needs no JAX (a test checks they agree)
 REMAT_POLICIES = ("none", "minimal", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 PRESETS: dict[str, dict[str, Any]] = {
