@@ -1,5 +1,6 @@
 """Rollout speed: seconds and generated tokens/s of sampling `--new_tokens` tokens after a batch of left-padded prompts,
-for flaxalign's KV-cache sampler (`flaxalign.sampler.generate`), its no-cache reference that recomputes the whole
+for flaxalign's KV-cache sampler (`flaxalign.sampler.generate`, compiled with the engine's
+`decoding_compiler_options` as `KVCacheSampler` does), its no-cache reference that recomputes the whole
 prefix for every token (`generate_recompute`), and Hugging Face transformers' `model.generate` on the same weights
 when torch and transformers are importable.
 
@@ -49,7 +50,7 @@ import numpy as np
 
 from flaxalign import models
 from flaxalign.data.batching import left_pad_prompts
-from flaxalign.sampler import generate, generate_recompute
+from flaxalign.sampler import decoding_compiler_options, generate, generate_recompute
 
 PAD_ID = 0
 EOS_ID = -1  # never sampled: no row stops early
@@ -106,11 +107,12 @@ def time_calls(call, min_seconds):
 class FlaxalignSampler:
     """One jitted sampler (`generate` or `generate_recompute`) at fixed shapes and settings."""
 
-    def __init__(self, fn, graphdef, params, prompts, new_tokens, temperature):
+    def __init__(self, fn, graphdef, params, prompts, new_tokens, temperature, compiler_options=None):
         self.params, self.prompts = params, prompts
         settings = dict(max_new_tokens=new_tokens, eos_id=EOS_ID, pad_id=PAD_ID, temperature=temperature, top_k=0,
                         top_p=1.0)
-        self.run = jax.jit(lambda params, prompts, rng: fn(models.merge(graphdef, params), prompts, rng, **settings))
+        self.run = jax.jit(lambda params, prompts, rng: fn(models.merge(graphdef, params), prompts, rng, **settings),
+                           compiler_options=compiler_options)
         start = time.perf_counter()
         self.first = self(0)
         self.compile_seconds = time.perf_counter() - start
@@ -215,14 +217,16 @@ def main(argv=None):
     use_torch = not args.no_torch and torch_available()
 
     # correctness first: greedy KV == greedy recompute, token for token, on the bench shapes
-    greedy = {name: FlaxalignSampler(fn, graphdef, params, prompts, args.new_tokens, 0.0).first
-              for name, fn in (("kv", generate), ("recompute", generate_recompute))}
+    greedy = {name: FlaxalignSampler(fn, graphdef, params, prompts, args.new_tokens, 0.0, options).first
+              for name, fn, options in (("kv", generate, decoding_compiler_options(config)),
+                                        ("recompute", generate_recompute, None))}
     for out in greedy.values():
         assert int(out["response_mask"].sum()) == tokens_per_call, "a row stopped before new_tokens tokens"
     np.testing.assert_array_equal(greedy["kv"]["tokens"], greedy["recompute"]["tokens"],
                                   err_msg="greedy KV-cache output differs from the recompute output")
 
-    samplers = {"kv": FlaxalignSampler(generate, graphdef, params, prompts, args.new_tokens, 1.0),
+    kv_options = decoding_compiler_options(config)  # what `KVCacheSampler`, the engine, compiles `generate` with
+    samplers = {"kv": FlaxalignSampler(generate, graphdef, params, prompts, args.new_tokens, 1.0, kv_options),
                 "recompute": FlaxalignSampler(generate_recompute, graphdef, params, prompts, args.new_tokens, 1.0)}
     hf_check = {}
     if use_torch:

@@ -31,7 +31,7 @@ def child(args) -> None:
     from flaxalign import models
     if not os.path.abspath(flaxalign.__file__).startswith(os.getcwd() + os.sep):
         raise SystemExit(f"bench: imported {flaxalign.__file__}, not the flaxalign of {os.getcwd()}")
-    from flaxalign.sampler import generate
+    from flaxalign import sampler
     sys.path.insert(0, os.path.join(REPO, "bench"))
     from generate import EOS_ID, PAD_ID, make_prompts  # this checkout's, so both trees sample alike
 
@@ -40,8 +40,11 @@ def child(args) -> None:
     graphdef = models.abstract_model(config)[0]
     params = models.init_params(config, seed=0)
     prompts = make_prompts(config.vocab_size, args.batch, args.prompt_len)
-    run = jax.jit(lambda p, batch, rng: generate(models.merge(graphdef, p), batch, rng, max_new_tokens=args.new_tokens,
-                                                 eos_id=EOS_ID, pad_id=PAD_ID, temperature=1.0))
+    # the engine's compiler options where the tree has them (`KVCacheSampler` jits `generate` with them)
+    options = getattr(sampler, "decoding_compiler_options", lambda config: None)(config)
+    run = jax.jit(lambda p, batch, rng: sampler.generate(models.merge(graphdef, p), batch, rng,
+                                                         max_new_tokens=args.new_tokens, eos_id=EOS_ID, pad_id=PAD_ID,
+                                                         temperature=1.0), compiler_options=options)
     start = time.perf_counter()
     first = jax.device_get(run(params, prompts, jax.random.PRNGKey(0)))
     compile_s = time.perf_counter() - start

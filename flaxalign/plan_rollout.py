@@ -73,7 +73,8 @@ def kv_cache_bytes(model_config, spec: RolloutSpec, mesh) -> int:
 
 def compile_sampler(spec: RolloutSpec, state, mesh):
     """The sampler's program (prefill + decode loop) compiled for `mesh` from abstract arguments."""
-    engine = spec.policy.rollout_sampler(eos_id=0, pad_id=0)
+    # the stacked layers, as an accelerator decodes (the default would pick the layout of this host's CPU)
+    engine = spec.policy.rollout_sampler(eos_id=0, pad_id=0, unstacked_layers=False)
     weights = spec.policy.weights(spec.policy_params(state.params), state.frozen)
     rows = sharding.batch_sharding(mesh, spec.rows, 2)
     prompts = {k: jax.ShapeDtypeStruct((spec.rows, spec.prompt_len), np.int32, sharding=rows)

@@ -35,6 +35,7 @@ runs the whole prefix again for every new token (no cache): the slow, obviously-
 
 import dataclasses
 import functools
+import importlib.metadata
 from typing import Callable, Protocol
 
 import jax
@@ -119,7 +120,7 @@ def _pick(logits_BxV, key, temperature, top_k, top_p):
 
 def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cache_dtype=None,
-             group_size: int = 1) -> dict:
+             group_size: int = 1, unstacked_layers: bool | None = None) -> dict:
     """Samples up to `max_new_tokens` tokens after each prompt with a KV cache.
 
     `model`: a `CausalLM` built inside the traced function (`models.merge(graphdef, params)`, or a trainable model's
@@ -135,6 +136,9 @@ def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad
     the first row of each run, and its cache slots and next-token logits are repeated to the run's rows: with GRPO's
     16 samples per prompt, prefill costs 1/16 of the rows. The distribution is the same; XLA may round a matmul
     over fewer rows differently (log-probs moved by ≈ 3e-6 on `tiny`), so a draw at a near-tie can differ.
+    `unstacked_layers`: slice the layer weights out of their stack once, before the decoding loop, at the cost of a
+    second copy of them (`CausalLM.decoding_layers`; None: for a wide model on a CPU, `wide_on_cpu`, where XLA
+    would copy each layer out of the stack at every step).
     Sampling settings are static: each combination compiles its own program.
     """
     batch, prompt_len = prompts["input_ids"].shape
@@ -145,8 +149,11 @@ def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad
     key_mask = jnp.pad(prompts["attention_mask"], ((0, 0), (0, max_new_tokens)))
     firsts = {k: prompts[k][::group_size] for k in ("input_ids", "positions")}
     cache = model.init_cache(batch // group_size, total, cache_dtype)
+    if unstacked_layers is None:
+        unstacked_layers = wide_on_cpu(model.config)
+    layers = model.decoding_layers(unstacked_layers)
     hidden, cache = model.decode(firsts["input_ids"], firsts["positions"], cache, 0, key_mask[::group_size],
-                                 span=prompt_len)
+                                 span=prompt_len, layers=layers)
     logits = head.logits(hidden[:, -1])
     if group_size > 1:  # the cache is [L, B, K, S, H]
         cache = {k: jnp.repeat(v, group_size, axis=1) for k, v in cache.items()}
@@ -162,7 +169,8 @@ def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad
         logps = logps.at[:, i].set(jnp.where(done, 0.0, logp))
         slot = prompt_len + i
         key_mask = key_mask.at[:, slot].set(1)
-        hidden, cache = model.decode(token[:, None], (next_position + i)[:, None], cache, slot, key_mask, span=span)
+        hidden, cache = model.decode(token[:, None], (next_position + i)[:, None], cache, slot, key_mask, span=span,
+                                     layers=layers)
         logits = head.logits(hidden[:, -1])
         return i + 1, logits, cache, key_mask, done | (token == eos_id), rng, response, logps
 
@@ -299,24 +307,62 @@ def rollout_shapes(batch: int, prompt_len: int, sampling: Sampling) -> dict:
             "logps": struct((batch, new), jnp.float32), "ended": struct((batch,), jnp.bool_)}
 
 
+# A wide model decodes on a CPU from unstacked layers with Eigen's products: jaxlib 0.10 gives CPU matrix products to
+# YNNPACK fusions, which decode `small` (d_model 512, 8 rows) 1.4× slower than Eigen's products and `tiny` (d_model
+# 64, 64 rows) 1.3× faster, and a scanned layer's weights are copied out of the stack at every step, which costs
+# a bandwidth-bound model most (BUILD_NOTES, "Decoding a wide model on a CPU"). The option applies to the sampler's
+# own programs only; narrower models decode as before, bit for bit.
+WIDE_DECODING_MIN_WIDTH = 512
+EIGEN_PRODUCTS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusion
+YNN_OPTION_JAXLIB = ((0, 10), (0, 11))  # (major, minor) releases known to define the option
+
+
+def _jaxlib_release() -> tuple[int, int] | None:
+    try:
+        major, minor = importlib.metadata.version("jaxlib").split(".")[:2]
+        return int(major), int(minor)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def wide_on_cpu(config) -> bool:
+    """Whether a model with `config` decodes here as a wide model on a CPU (`WIDE_DECODING_MIN_WIDTH`)."""
+    return jax.default_backend() == "cpu" and config.d_model >= WIDE_DECODING_MIN_WIDTH
+
+
+def decoding_compiler_options(config) -> dict | None:
+    """XLA options for the sampler's program of a model with `config`: Eigen's products for a wide model on a CPU
+    (None: XLA's defaults; also for a jaxlib not known to define the option, which XLA would refuse)."""
+    if not wide_on_cpu(config) or _jaxlib_release() not in YNN_OPTION_JAXLIB:
+        return None
+    return dict(EIGEN_PRODUCTS)
+
+
 class KVCacheSampler:
     """The default engine: `generate` (KV cache, in-place cache updates, one compile per prompt shape and sampling
-    setting), jitted under the caller's mesh."""
+    setting), jitted under the caller's mesh with `decoding_compiler_options` of the model `build` makes."""
 
-    def __init__(self, build: Callable, *, eos_id: int, pad_id: int):
-        self.build, self.eos_id, self.pad_id = build, eos_id, pad_id
+    def __init__(self, build: Callable, *, eos_id: int, pad_id: int, unstacked_layers: bool | None = None):
+        self.build, self.eos_id, self.pad_id, self.unstacked_layers = build, eos_id, pad_id, unstacked_layers
         self._programs = {}  # one jitted program per (sampling setting, group size)
 
     def sample(self, weights, prompts: dict, rng, sampling: Sampling, group_size: int = 1) -> dict:
         if (sampling, group_size) not in self._programs:
-            self._programs[sampling, group_size] = jax.jit(functools.partial(self.traced, sampling=sampling,
-                                                                             group_size=group_size))
+            self._programs[sampling, group_size] = jax.jit(
+                functools.partial(self.traced, sampling=sampling, group_size=group_size),
+                compiler_options=decoding_compiler_options(self._model_config(weights)))
         return self._programs[sampling, group_size](weights, prompts, rng)
+
+    def _model_config(self, weights):
+        """The config of the model `build(weights)` makes (read while tracing `build` abstractly)."""
+        seen = []
+        jax.eval_shape(lambda w: seen.append(self.build(w).config), weights)
+        return seen[0]
 
     def traced(self, weights, prompts: dict, rng, sampling: Sampling, group_size: int = 1) -> dict:
         """`sample` inside a caller's own traced program."""
         out = generate(self.build(weights), prompts, rng, max_new_tokens=sampling.max_new_tokens,
                        eos_id=self.eos_id, pad_id=self.pad_id, temperature=sampling.temperature,
                        top_k=sampling.top_k, top_p=sampling.top_p, cache_dtype=sampling.cache_jnp_dtype,
-                       group_size=group_size)
+                       group_size=group_size, unstacked_layers=self.unstacked_layers)
         return sharding.constrain_rows(out, strict=False)  # rows that do not divide the mesh stay replicated

@@ -39,10 +39,12 @@ def _run(fn, prompts=PROMPTS, seed=0, **kwargs):
     return jax.device_get(out)
 
 
+@pytest.mark.parametrize("unstacked", [False, True])  # the accelerators' stacked layers; the CPU's slices
 @pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.0}, {"temperature": 0.7, "top_k": 5},
                                       {"temperature": 1.0, "top_p": 0.8}])
-def test_kv_cache_equals_recomputing_the_prefix(sampling):
-    cached, recomputed = _run(generate, **sampling), _run(generate_recompute, **sampling)
+def test_kv_cache_equals_recomputing_the_prefix(sampling, unstacked):
+    cached = _run(functools.partial(generate, unstacked_layers=unstacked), **sampling)
+    recomputed = _run(generate_recompute, **sampling)
     np.testing.assert_array_equal(cached["tokens"], recomputed["tokens"])
     np.testing.assert_array_equal(cached["response_mask"], recomputed["response_mask"])
     np.testing.assert_allclose(cached["logps"], recomputed["logps"], atol=2e-5)
@@ -175,6 +177,49 @@ def test_segmented_decoding_reads_the_filled_prefix_and_equals_recomputing(monke
     np.testing.assert_allclose(cached["logps"], recomputed["logps"], atol=2e-5)
 
 
+def _stacked_weight_shapes(config):
+    model = models.merge(models.abstract_model(config)[0], helpers.random_params(config))
+    return {tuple(w.shape) for w in jax.tree.leaves(model.decoding_layers()[1])}
+
+
+@pytest.mark.parametrize("unstacked", [False, True])
+def test_unstacked_layers_are_sliced_once_outside_the_decoding_loops(unstacked):
+    """What `unstacked_layers` is for: no decoding step reads the layer stack (XLA CPU would copy a layer's weights
+    out of it at every step); the stacked program's steps scan it."""
+    stacked_shapes = _stacked_weight_shapes(CONFIG)
+    batch = left_pad_prompts(PROMPTS, pad_id=PAD)
+    traced = jax.make_jaxpr(lambda params: generate(models.merge(GRAPHDEF, params), batch, jax.random.PRNGKey(0),
+                                                    max_new_tokens=4, eos_id=EOS, pad_id=PAD,
+                                                    unstacked_layers=unstacked))(PARAMS)
+    loops = [eqn for eqn in traced.jaxpr.eqns if eqn.primitive.name == "while"]
+    assert loops
+    stack_reads, scans = 0, 0
+
+    def walk(jaxpr):
+        nonlocal stack_reads, scans
+        for eqn in jaxpr.eqns:
+            scans += eqn.primitive.name == "scan"
+            stack_reads += any(tuple(getattr(v.aval, "shape", ())) in stacked_shapes for v in eqn.invars)
+        for sub in jax.extend.core.subjaxprs(jaxpr):
+            walk(sub)
+
+    for loop in loops:
+        walk(loop.params["body_jaxpr"].jaxpr)
+    assert (stack_reads == 0 and scans == 0) if unstacked else (stack_reads > 0 and scans == len(loops))
+
+
+def test_by_default_only_a_wide_model_on_a_cpu_decodes_from_unstacked_layers(monkeypatch):
+    chosen, decoding_layers = [], models.CausalLM.decoding_layers
+    monkeypatch.setattr(models.CausalLM, "decoding_layers",
+                        lambda self, unstacked=False: chosen.append(unstacked) or decoding_layers(self, unstacked))
+    batch = left_pad_prompts(PROMPTS, pad_id=PAD)
+    for min_width in (CONFIG.d_model + 1, CONFIG.d_model):
+        monkeypatch.setattr(sampler_module, "WIDE_DECODING_MIN_WIDTH", min_width)
+        jax.eval_shape(lambda params: generate(models.merge(GRAPHDEF, params), batch, jax.random.PRNGKey(0),
+                                               max_new_tokens=2, eos_id=EOS, pad_id=PAD), PARAMS)
+    assert chosen == [False, True]
+
+
 def test_some_rows_stop_at_eos_and_are_padded_after_it():
     out = _run(generate, temperature=1.0, seed=3, max_new_tokens=40)
     assert out["ended"].any(), "pick a seed where a row emits EOS"
@@ -200,6 +245,13 @@ class _CountingDecodes:
 
     def init_cache(self, *args):
         return self.model.init_cache(*args)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def decoding_layers(self, *args):
+        return self.model.decoding_layers(*args)
 
     def decode(self, *args, **kwargs):
         jax.debug.callback(self._count, ordered=True)
@@ -320,3 +372,30 @@ def test_generate_cli_talks_to_a_checkpoint(sft_demo_run):
     rc, _, err = cli.run([f"--checkpoint={sft_demo_run}", "--prompt=hi", "--chat_template=vicuna"], cpu_devices=1,
                          command="generate")
     assert rc == 2 and "--chat_template='vicuna' is not one of" in err.strip().splitlines()[-1]
+
+
+def test_wide_models_decode_with_eigen_products_on_a_cpu(monkeypatch):
+    """`decoding_compiler_options`: Eigen's products (no YNNPACK fusion) for models at least
+    `WIDE_DECODING_MIN_WIDTH` wide on a CPU, XLA's defaults otherwise; the engine compiles with them."""
+    wide = helpers.tiny_model_config(d_model=sampler_module.WIDE_DECODING_MIN_WIDTH)
+    assert sampler_module.wide_on_cpu(wide) and not sampler_module.wide_on_cpu(CONFIG)
+    assert sampler_module.decoding_compiler_options(wide) == sampler_module.EIGEN_PRODUCTS
+    assert sampler_module.decoding_compiler_options(CONFIG) is None  # 64 wide
+    with monkeypatch.context() as patched:
+        patched.setattr(sampler_module, "_jaxlib_release", lambda: (0, 9))  # a jaxlib that would refuse the option
+        assert sampler_module.decoding_compiler_options(wide) is None
+    with monkeypatch.context() as patched:
+        patched.setattr(jax, "default_backend", lambda: "tpu")
+        assert sampler_module.decoding_compiler_options(wide) is None
+
+    batch = left_pad_prompts(PROMPTS, pad_id=PAD)
+
+    def compiled_text():
+        engine = KVCacheSampler(functools.partial(models.merge, GRAPHDEF), eos_id=EOS, pad_id=PAD)
+        engine.sample(PARAMS, batch, jax.random.PRNGKey(0), Sampling(3, 1.0))
+        (program,) = engine._programs.values()
+        return program.lower(PARAMS, batch, jax.random.PRNGKey(0)).compile().as_text()
+
+    assert "ynn_fusion" in compiled_text()  # jaxlib's default for the 64-wide CONFIG
+    monkeypatch.setattr(sampler_module, "WIDE_DECODING_MIN_WIDTH", CONFIG.d_model)
+    assert "ynn_fusion" not in compiled_text()

@@ -324,34 +324,52 @@ class CausalLM(nnx.Module):
         dtype = c.dtype if dtype is None else dtype
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    def decode(self, tokens_BxT, positions_BxT, cache: dict, index, key_mask_BxS, span: int | None = None):
+    def decoding_layers(self, unstacked: bool = False):
+        """(graphdef, the layer weights `decode` reads): the stacked state, which the layer scan slices one layer at
+        a time, or with `unstacked` a list of per-layer states sliced here, once. XLA CPU copies a scanned layer's
+        weights out of the stack at every decoding step (a third of the op time of a `small` step); slicing them
+        once, outside the decoding loop, costs a second copy of the layer weights while sampling (`sampler`)."""
+        graphdef, stacked = nnx.split(self.layers)
+        if not unstacked:
+            return graphdef, stacked
+        return graphdef, [jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(self.config.n_layers)]
+
+    def decode(self, tokens_BxT, positions_BxT, cache: dict, index, key_mask_BxS, span: int | None = None,
+               layers=None):
         """Runs T new tokens at cache slots index…index+T−1 (T = the prompt for prefill, 1 per decode step) and
         returns (final hidden states `[B, T, D]`, the updated cache). Query t attends to slot s when
         `key_mask[b, s]` (a real token, already written or written now), s ≤ index + t and, with a window W,
         index + t − s < W (the real tokens of a row sit in consecutive slots). RoPE uses `positions`, so left padding
         (masked slots) does not shift the real tokens' positions. Attention reads only the first `span` slots
-        (static; None = all S): the caller promises index + T ≤ span, so the slots left out are empty."""
+        (static; None = all S): the caller promises index + T ≤ span, so the slots left out are empty. `layers`:
+        `decoding_layers()`, computed once by a caller that decodes in a loop (None: the stacked layers)."""
         c = self.config
         x = constrain(self.embed_tokens(tokens_BxT), BATCH_LENGTH_EMBED)
         tables = _rope_tables(positions_BxT, c)
         span = key_mask_BxS.shape[1] if span is None else span
         masking = Masking(q_start=index, k_valid=key_mask_BxS[:, :span])
-        graphdef, stacked = nnx.split(self.layers)
-        window, windows = _layer_windows(c)
+        graphdef, layer_params = self.decoding_layers() if layers is None else layers
 
         # The cache rides in the scan's carry and each layer writes its new slots in place: as scanned inputs and
         # outputs, the whole [L, B, S, K, H] cache would be read and written again at every token.
-        def layer_step(carry, xs):
+        def layer_step(carry, params, window, layer_window, layer):
             x, cache_k, cache_v = carry
-            layer_params, layer_window, layer = xs
-            layer_masking = masking._replace(window=window if windows is None else layer_window)
+            layer_masking = masking._replace(window=window if layer_window is None else layer_window)
             cos, sin = _layer_rope(tables, window, layer_window)
-            x, (cache_k, cache_v) = nnx.merge(graphdef, layer_params)(x, cos, sin, layer_masking,
-                                                                     (cache_k, cache_v, index, layer, span))
-            return (x, cache_k, cache_v), None
+            x, (cache_k, cache_v) = nnx.merge(graphdef, params)(x, cos, sin, layer_masking,
+                                                                (cache_k, cache_v, index, layer, span))
+            return x, cache_k, cache_v
 
-        layers = jnp.arange(c.n_layers, dtype=jnp.int32)
-        (x, new_k, new_v), _ = jax.lax.scan(layer_step, (x, cache["k"], cache["v"]), (stacked, windows, layers))
+        carry = (x, cache["k"], cache["v"])
+        if isinstance(layer_params, list):  # static windows and layer indices
+            for layer, (params, window) in enumerate(zip(layer_params, c.layer_windows())):
+                carry = layer_step(carry, params, window, None, layer)
+        else:
+            window, windows = _layer_windows(c)
+            layers_L = jnp.arange(c.n_layers, dtype=jnp.int32)
+            carry, _ = jax.lax.scan(lambda carry, xs: (layer_step(carry, xs[0], window, *xs[1:]), None), carry,
+                                    (layer_params, windows, layers_L))
+        x, new_k, new_v = carry
         return self.final_norm(x), {"k": new_k, "v": new_v}
 
     def embed_tokens(self, tokens_BxT):

@@ -57,10 +57,10 @@ class Policy:
         reference copy that full fine-tuning keeps in the same place, nor the reward or value models)."""
         return {"trainable": trainable, "frozen": {"policy": self.model.forward_frozen(frozen.get("policy", {}))}}
 
-    def rollout_sampler(self, *, eos_id: int, pad_id: int) -> sampler.Sampler:
-        """The rollout engine, reading `weights(...)`."""
+    def rollout_sampler(self, *, eos_id: int, pad_id: int, unstacked_layers: bool | None = None) -> sampler.Sampler:
+        """The rollout engine, reading `weights(...)` (`unstacked_layers`: `sampler.generate`'s)."""
         return sampler.KVCacheSampler(lambda w: self.forward(w["trainable"], w["frozen"]), eos_id=eos_id,
-                                      pad_id=pad_id)
+                                      pad_id=pad_id, unstacked_layers=unstacked_layers)
 
 
 def reward_scorer(config: models.ModelConfig) -> ScalarModel:

@@ -144,9 +144,11 @@ def test_kv_cache_sampling_equals_recomputing_the_prefix():
         return jax.device_get(jax.jit(lambda p, b: fn(models.merge(graphdef, p), b, jax.random.PRNGKey(0), **kwargs))(
             _random_params(GEMMA), batch))
 
-    cached, recomputed = run(generate), run(generate_recompute)
-    np.testing.assert_array_equal(cached["tokens"], recomputed["tokens"])
-    np.testing.assert_allclose(cached["logps"], recomputed["logps"], atol=2e-5)
+    recomputed = run(generate_recompute)
+    for unstacked in (False, True):  # per-layer windows: traced in the layer scan, static in the unstacked layers
+        cached = run(functools.partial(generate, unstacked_layers=unstacked))
+        np.testing.assert_array_equal(cached["tokens"], recomputed["tokens"])
+        np.testing.assert_allclose(cached["logps"], recomputed["logps"], atol=2e-5)
 
 
 # Gemma-2-shaped tiny model: no q/k norms, one RoPE base, even layers windowed, both soft caps
@@ -210,9 +212,11 @@ def test_gemma2_logits_are_soft_capped_and_the_cache_sampler_equals_recomputing(
         return jax.device_get(jax.jit(lambda p, b: fn(models.merge(graphdef, p), b, jax.random.PRNGKey(0), **kwargs))(
             params, batch))
 
-    cached, recomputed = run(generate), run(generate_recompute)
-    np.testing.assert_array_equal(cached["tokens"], recomputed["tokens"])
-    np.testing.assert_allclose(cached["logps"], recomputed["logps"], atol=2e-5)
+    recomputed = run(generate_recompute)
+    for unstacked in (False, True):  # per-layer windows: traced in the layer scan, static in the unstacked layers
+        cached = run(functools.partial(generate, unstacked_layers=unstacked))
+        np.testing.assert_array_equal(cached["tokens"], recomputed["tokens"])
+        np.testing.assert_allclose(cached["logps"], recomputed["logps"], atol=2e-5)
 
 
 def test_gemma2_sampler_and_on_policy_log_probs_are_those_of_the_capped_logits_over_t():
