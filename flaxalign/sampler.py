@@ -5,7 +5,8 @@
 
 - `weights`: the pytree the engine reads the model from. `KVCacheSampler(build)` calls `build(weights)` inside its
   traced program to make the module: a trainable model's LoRA runs in activation space, a quantized base is
-  dequantized per layer, nothing is merged or copied.
+  dequantized per layer, nothing is merged (a wide model on a CPU decodes from a copy of its layer weights sliced
+  once per call: `generate`'s `unstacked_layers`).
 - `prompts`: int32 `input_ids`, `attention_mask`, `positions` `[B, L]`, left-padded (`left_pad_prompts`).
 - `rng`: a PRNG key; `sampling`: `Sampling` (static: each setting compiles its own program; temperature 0 = greedy).
 - `group_size`: the rows come in runs of that many identical prompts (GRPO/RLOO's G samples per prompt, online
@@ -137,7 +138,7 @@ def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad
     16 samples per prompt, prefill costs 1/16 of the rows. The distribution is the same; XLA may round a matmul
     over fewer rows differently (log-probs moved by ≈ 3e-6 on `tiny`), so a draw at a near-tie can differ.
     `unstacked_layers`: slice the layer weights out of their stack once, before the decoding loop, at the cost of a
-    second copy of them (`CausalLM.decoding_layers`; None: for a wide model on a CPU, `wide_on_cpu`, where XLA
+    second copy of them (`CausalLM.decoding_layers`; None: `unstacked_by_default`, a wide model on a CPU, where XLA
     would copy each layer out of the stack at every step).
     Sampling settings are static: each combination compiles its own program.
     """
@@ -150,7 +151,7 @@ def generate(model, prompts: dict, rng, *, max_new_tokens: int, eos_id: int, pad
     firsts = {k: prompts[k][::group_size] for k in ("input_ids", "positions")}
     cache = model.init_cache(batch // group_size, total, cache_dtype)
     if unstacked_layers is None:
-        unstacked_layers = wide_on_cpu(model.config)
+        unstacked_layers = unstacked_by_default(model.config)
     layers = model.decoding_layers(unstacked_layers)
     hidden, cache = model.decode(firsts["input_ids"], firsts["positions"], cache, 0, key_mask[::group_size],
                                  span=prompt_len, layers=layers)
@@ -313,6 +314,7 @@ def rollout_shapes(batch: int, prompt_len: int, sampling: Sampling) -> dict:
 # a bandwidth-bound model most (BUILD_NOTES, "Decoding a wide model on a CPU"). The option applies to the sampler's
 # own programs only; narrower models decode as before, bit for bit.
 WIDE_DECODING_MIN_WIDTH = 512
+UNSTACKED_DECODING_MAX_BYTES = 1 << 30  # a bigger model on a CPU decodes stacked: no second GiB-sized copy
 EIGEN_PRODUCTS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusion
 YNN_OPTION_JAXLIB = ((0, 10), (0, 11))  # (major, minor) releases known to define the option
 
@@ -328,6 +330,12 @@ def _jaxlib_release() -> tuple[int, int] | None:
 def wide_on_cpu(config) -> bool:
     """Whether a model with `config` decodes here as a wide model on a CPU (`WIDE_DECODING_MIN_WIDTH`)."""
     return jax.default_backend() == "cpu" and config.d_model >= WIDE_DECODING_MIN_WIDTH
+
+
+def unstacked_by_default(config) -> bool:
+    """`generate`'s default `unstacked_layers`: a wide model on a CPU whose float32 weights take at most
+    `UNSTACKED_DECODING_MAX_BYTES` (a second copy of a multi-GB checkpoint could exhaust the host)."""
+    return wide_on_cpu(config) and 4 * config.num_params(include_embedding=False) <= UNSTACKED_DECODING_MAX_BYTES
 
 
 def decoding_compiler_options(config) -> dict | None:
@@ -360,7 +368,8 @@ class KVCacheSampler:
         return seen[0]
 
     def traced(self, weights, prompts: dict, rng, sampling: Sampling, group_size: int = 1) -> dict:
-        """`sample` inside a caller's own traced program."""
+        """`sample` inside a caller's own traced program (the caller's jit sets the compiler options:
+        `decoding_compiler_options` applies to `sample`'s own programs only)."""
         out = generate(self.build(weights), prompts, rng, max_new_tokens=sampling.max_new_tokens,
                        eos_id=self.eos_id, pad_id=self.pad_id, temperature=sampling.temperature,
                        top_k=sampling.top_k, top_p=sampling.top_p, cache_dtype=sampling.cache_jnp_dtype,

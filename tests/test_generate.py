@@ -379,23 +379,35 @@ def test_wide_models_decode_with_eigen_products_on_a_cpu(monkeypatch):
     `WIDE_DECODING_MIN_WIDTH` wide on a CPU, XLA's defaults otherwise; the engine compiles with them."""
     wide = helpers.tiny_model_config(d_model=sampler_module.WIDE_DECODING_MIN_WIDTH)
     assert sampler_module.wide_on_cpu(wide) and not sampler_module.wide_on_cpu(CONFIG)
-    assert sampler_module.decoding_compiler_options(wide) == sampler_module.EIGEN_PRODUCTS
-    assert sampler_module.decoding_compiler_options(CONFIG) is None  # 64 wide
     with monkeypatch.context() as patched:
-        patched.setattr(sampler_module, "_jaxlib_release", lambda: (0, 9))  # a jaxlib that would refuse the option
+        patched.setattr(sampler_module, "_jaxlib_release", lambda: (0, 10))
+        assert sampler_module.decoding_compiler_options(wide) == sampler_module.EIGEN_PRODUCTS
+        assert sampler_module.decoding_compiler_options(CONFIG) is None  # 64 wide
+        patched.setattr(jax, "default_backend", lambda: "tpu")
         assert sampler_module.decoding_compiler_options(wide) is None
     with monkeypatch.context() as patched:
-        patched.setattr(jax, "default_backend", lambda: "tpu")
+        patched.setattr(sampler_module, "_jaxlib_release", lambda: (0, 9))  # a jaxlib that would refuse the option
         assert sampler_module.decoding_compiler_options(wide) is None
 
     batch = left_pad_prompts(PROMPTS, pad_id=PAD)
 
     def compiled_text():
-        engine = KVCacheSampler(functools.partial(models.merge, GRAPHDEF), eos_id=EOS, pad_id=PAD)
+        engine = KVCacheSampler(functools.partial(models.merge, GRAPHDEF), eos_id=EOS, pad_id=PAD,
+                                unstacked_layers=False)  # only the option differs between the two programs
         engine.sample(PARAMS, batch, jax.random.PRNGKey(0), Sampling(3, 1.0))
         (program,) = engine._programs.values()
         return program.lower(PARAMS, batch, jax.random.PRNGKey(0)).compile().as_text()
 
-    assert "ynn_fusion" in compiled_text()  # jaxlib's default for the 64-wide CONFIG
+    default = compiled_text()  # the 64-wide CONFIG: jaxlib's defaults
+    if sampler_module._jaxlib_release() not in sampler_module.YNN_OPTION_JAXLIB or "ynn_fusion" not in default:
+        pytest.skip("this jaxlib does not fuse CPU products into YNNPACK by default")
     monkeypatch.setattr(sampler_module, "WIDE_DECODING_MIN_WIDTH", CONFIG.d_model)
     assert "ynn_fusion" not in compiled_text()
+
+
+def test_only_a_model_up_to_the_size_cap_decodes_from_a_second_copy(monkeypatch):
+    wide = helpers.tiny_model_config(d_model=sampler_module.WIDE_DECODING_MIN_WIDTH)
+    assert sampler_module.unstacked_by_default(wide)
+    layer_bytes = 4 * wide.num_params(include_embedding=False)
+    monkeypatch.setattr(sampler_module, "UNSTACKED_DECODING_MAX_BYTES", layer_bytes - 1)
+    assert sampler_module.wide_on_cpu(wide) and not sampler_module.unstacked_by_default(wide)

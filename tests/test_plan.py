@@ -281,13 +281,18 @@ def test_every_stage_compiles_for_v4(stage):
 @pytest.mark.parametrize("stage, overrides, roles", [
     ("grpo", {"lora.rank": 8, "grpo.beta": 0.04}, ["policy (trained)", "frozen base (policy, reference)"]),
     ("ppo", {}, ["policy (trained)", "value model (trained)", "reference (frozen copy)", "reward model"])])
-def test_rl_plan_reports_every_role_and_the_rollout(stage, overrides, roles):
+def test_rl_plan_reports_every_role_and_the_rollout(stage, overrides, roles, monkeypatch):
     """The RL plan also compiles the sampler (prefill + decode at the rollout's rows and lengths): memory per role,
     the KV cache (2 · L · rows · K · (prompt + response) · H in bfloat16, rows split over the 8 chips), the
-    rollout phase (the sampler program + the state it does not read) and step time = rollout + update."""
+    rollout phase (the sampler program + the state it does not read) and step time = rollout + update. The sampler
+    is planned with the stacked layers a TPU decodes with, not this CPU host's choice."""
     pytest.importorskip("libtpu")
+    from flaxalign import sampler
+    layouts, generate = [], sampler.generate
+    monkeypatch.setattr(sampler, "generate", lambda *a, **k: layouts.append(k["unstacked_layers"]) or generate(*a, **k))
     config = stage_config(stage, **overrides)
     result = plan.plan(config, "v5e:2x4")
+    assert layouts and not any(layouts)
     text = plan.format_report(result)
     print(text)
     rollout, c = result["rollout"], models.ModelConfig.from_dict(config.model.to_dict())

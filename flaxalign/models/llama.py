@@ -2,8 +2,9 @@
 build on (`models.families`; Gemma subclasses the norm, MLP, layer and `CausalLM` in `models/gemma.py`).
 
 Layers are stacked along a leading "layers" axis and run with `jax.lax.scan`, so compile time does not grow with
-depth. Every parameter carries `logical_axes` metadata that `flaxalign.sharding` maps onto the mesh. Parameters are
-float32; computation runs in `config.dtype` (norms, softmax and RoPE in float32).
+depth (except `decode` from per-layer weights, `CausalLM.decoding_layers`, which unrolls the layers). Every
+parameter carries `logical_axes` metadata that `flaxalign.sharding` maps onto the mesh. Parameters are float32;
+computation runs in `config.dtype` (norms, softmax and RoPE in float32).
 
 The module returns final hidden states; the LM head is applied by the loss in chunks (`flaxalign.losses.lm`) so
 that `[B, T, V]` float32 logits never exist at once during training.
