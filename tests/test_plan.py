@@ -292,7 +292,7 @@ def test_rl_plan_reports_every_role_and_the_rollout(stage, overrides, roles, mon
     monkeypatch.setattr(sampler, "generate", lambda *a, **k: layouts.append(k["unstacked_layers"]) or generate(*a, **k))
     config = stage_config(stage, **overrides)
     result = plan.plan(config, "v5e:2x4")
-    assert layouts and not any(layouts)
+    assert layouts and all(layout is False for layout in layouts)  # None would be this host's (CPU) default
     text = plan.format_report(result)
     print(text)
     rollout, c = result["rollout"], models.ModelConfig.from_dict(config.model.to_dict())
